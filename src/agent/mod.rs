@@ -1,0 +1,1 @@
+//! The on-robot daemon `logbookd`: ingest, ring buffer, sessions, local API.

@@ -1,0 +1,2 @@
+//! `logbook-hub` binary.
+fn main() {}

@@ -1,0 +1,2 @@
+//! `logbook` binary.
+fn main() {}

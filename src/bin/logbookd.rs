@@ -1,0 +1,2 @@
+//! `logbookd` binary.
+fn main() {}

@@ -1,0 +1,1 @@
+//! The fleet server `logbook-hub`: batch ingest, uploads, Sessions API.

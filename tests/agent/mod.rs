@@ -1,0 +1,1 @@
+//! Integration tests of `logbookd` and the `logbook` CLI against it.

@@ -1,0 +1,6 @@
+//! One integration-test binary: each `mod` is an area, each test starts the
+//! real binaries on a fresh temporary directory (see `util`).
+
+mod agent;
+mod hub;
+mod util;
