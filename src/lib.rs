@@ -7,6 +7,7 @@
 #![deny(unsafe_code)]
 
 pub mod agent;
+pub mod client;
 pub mod config;
 pub mod hub;
 pub mod wire;

@@ -1,0 +1,1 @@
+//! Sync from the agent to the hub: batches of records, session changes and gaps, and resumable tus artifact uploads.
