@@ -3,4 +3,5 @@
 
 mod agent;
 mod hub;
+mod sync;
 mod util;

@@ -1,1 +1,4 @@
 //! Sync from the agent to the hub: batches of records, session changes and gaps, and resumable tus artifact uploads.
+
+pub mod backoff;
+pub mod error;

@@ -1,0 +1,181 @@
+//! Errors of talking to the hub, each classifying itself: retry (with an
+//! optional server-given delay), stop and report (auth), split the batch
+//! (too large), or set the batch aside (the hub says it is invalid).
+
+use std::time::{Duration, SystemTime};
+
+use reqwest::header::{HeaderMap, RETRY_AFTER};
+use reqwest::StatusCode;
+
+/// What the uploader must do after a failed request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Transient: connection errors, timeouts, 5xx, 429. Retry forever with
+    /// backoff; `after` is the hub's `Retry-After`, which overrides backoff.
+    Retry { after: Option<Duration> },
+    /// 401/403: the token is wrong or revoked. Retrying cannot help; stop,
+    /// show `auth-failed`, and wait for a new token (or a restart).
+    Stop,
+    /// 413: the body is too large for the hub; send it in halves.
+    Split,
+    /// 400/422 and other 4xx: the hub will never take this body. Set it
+    /// aside, count its records as a gap, and go on with the next.
+    SetAside,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("cannot reach the hub: {0}")]
+    Transport(#[source] reqwest::Error),
+    #[error("hub answered {status}: {message}")]
+    Status {
+        status: StatusCode,
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    #[error("hub sent an answer this agent cannot read: {0}")]
+    BadResponse(String),
+    #[error("{0}")]
+    Local(String),
+}
+
+impl SyncError {
+    /// Builds a status error from a response's parts: `body` is the hub's
+    /// JSON error (`{"error":{"code","message"}}`) when it sent one.
+    pub fn from_response(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> SyncError {
+        let message = serde_json::from_slice::<crate::wire::ErrorBody>(body)
+            .map(|b| format!("{} ({})", b.error.message, b.error.code))
+            .unwrap_or_else(|_| {
+                let text = String::from_utf8_lossy(body);
+                let text = text.trim();
+                if text.is_empty() {
+                    status.canonical_reason().unwrap_or("no reason").to_owned()
+                } else {
+                    text.chars().take(200).collect()
+                }
+            });
+        SyncError::Status {
+            status,
+            message,
+            retry_after: retry_after(headers, SystemTime::now()),
+        }
+    }
+
+    pub fn action(&self) -> Action {
+        match self {
+            // A reply we cannot parse is most likely a proxy or a hub being
+            // upgraded: transient.
+            SyncError::Transport(_) | SyncError::BadResponse(_) => Action::Retry { after: None },
+            SyncError::Local(_) => Action::Retry { after: None },
+            SyncError::Status {
+                status,
+                retry_after,
+                ..
+            } => classify(*status, *retry_after),
+        }
+    }
+
+    /// True for errors where the hub could not be reached at all (as
+    /// opposed to answering with an error): the link is down.
+    pub fn is_offline(&self) -> bool {
+        matches!(self, SyncError::Transport(_))
+    }
+}
+
+/// Maps an HTTP status to the action the design prescribes.
+pub fn classify(status: StatusCode, retry_after: Option<Duration>) -> Action {
+    match status.as_u16() {
+        401 | 403 => Action::Stop,
+        413 => Action::Split,
+        // 408 Request Timeout and 429 Too Many Requests are transient.
+        408 | 429 => Action::Retry { after: retry_after },
+        400..=499 => Action::SetAside,
+        _ => Action::Retry { after: retry_after },
+    }
+}
+
+/// Parses `Retry-After` as delay-seconds or an HTTP date (RFC 9110), capped
+/// at one hour so a broken header cannot park the uploader for days.
+pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    const CAP: Duration = Duration::from_secs(3600);
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs).min(CAP));
+    }
+    let format = time::format_description::well_known::Rfc2822;
+    // HTTP dates are RFC 1123 with "GMT", which RFC 2822 parsing accepts.
+    let when = time::OffsetDateTime::parse(value, &format).ok()?;
+    let when = SystemTime::from(when);
+    Some(when.duration_since(now).unwrap_or(Duration::ZERO).min(CAP))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_map_to_the_designed_actions() {
+        let check = |code: u16, want: Action| {
+            let status = StatusCode::from_u16(code).unwrap();
+            assert_eq!(classify(status, None), want, "{code}");
+        };
+        check(401, Action::Stop);
+        check(403, Action::Stop);
+        check(413, Action::Split);
+        check(400, Action::SetAside);
+        check(422, Action::SetAside);
+        check(404, Action::SetAside);
+        check(408, Action::Retry { after: None });
+        check(429, Action::Retry { after: None });
+        check(500, Action::Retry { after: None });
+        check(502, Action::Retry { after: None });
+        check(503, Action::Retry { after: None });
+    }
+
+    fn headers(v: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(RETRY_AFTER, v.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_445_412_480); // Wed, 21 Oct 2015 07:28:00 GMT
+        assert_eq!(
+            retry_after(&headers("7"), now),
+            Some(Duration::from_secs(7))
+        );
+        assert_eq!(
+            retry_after(&headers("Wed, 21 Oct 2015 07:28:30 GMT"), now),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            retry_after(&headers("Wed, 21 Oct 2015 07:27:00 GMT"), now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(
+            retry_after(&headers("999999"), now),
+            Some(Duration::from_secs(3600))
+        );
+        assert_eq!(retry_after(&headers("soon"), now), None);
+        assert_eq!(retry_after(&HeaderMap::new(), now), None);
+    }
+
+    #[test]
+    fn error_body_becomes_the_message() {
+        let body = br#"{"error":{"code":"invalid_batch","message":"record 3: module too long"}}"#;
+        let e = SyncError::from_response(StatusCode::BAD_REQUEST, &headers("3"), body);
+        assert_eq!(
+            e.to_string(),
+            "hub answered 400 Bad Request: record 3: module too long (invalid_batch)"
+        );
+        assert_eq!(e.action(), Action::SetAside);
+        let e = SyncError::from_response(StatusCode::SERVICE_UNAVAILABLE, &headers("3"), b"");
+        assert_eq!(
+            e.action(),
+            Action::Retry {
+                after: Some(Duration::from_secs(3))
+            }
+        );
+    }
+}
