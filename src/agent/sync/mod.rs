@@ -2,4 +2,5 @@
 
 pub mod backoff;
 pub mod error;
+pub mod throttle;
 pub mod tus;
