@@ -225,14 +225,10 @@ fn decode_into(bytes: &[u8], limits: &Limits, frame: &mut Frame) -> Result<(), B
             let Ok(Head::Array(entries)) = r.head() else {
                 return Err(bad("truncated"));
             };
-            let body_start = r.pos;
-            for _ in 0..entries {
-                r.skip().map_err(|_| bad("truncated entries"))?;
-            }
+            // Entries first, in place; the options come after them.
+            entries_into(&mut r, Some(entries), limits, frame);
             let opts = options(&mut r, n, 3)?;
             ack(frame, &opts);
-            let mut body = Reader::new(&bytes[body_start..r.pos]);
-            entries_into(&mut body, Some(entries), limits, frame);
         }
         Head::Str(_) | Head::Bin(_) => {
             // PackedForward: [tag, <concatenated entries>, option?]
@@ -256,13 +252,16 @@ fn decode_into(bytes: &[u8], limits: &Limits, frame: &mut Frame) -> Result<(), B
                 return Err(bad("message mode needs a time and a record"));
             }
             let entry_start = r.pos;
-            r.skip().map_err(|_| bad("truncated"))?;
-            r.skip().map_err(|_| bad("truncated"))?;
-            let entry_end = r.pos;
+            let parsed = entry(&mut r, entry_start, &frame.tag, limits);
+            if parsed.is_err() {
+                // Find the option after the unusable entry.
+                r.pos = entry_start;
+                r.skip().map_err(|_| bad("truncated"))?;
+                r.skip().map_err(|_| bad("truncated"))?;
+            }
             let opts = options(&mut r, n, 4)?;
             ack(frame, &opts);
-            let mut e = Reader::new(&bytes[entry_start..entry_end]);
-            match entry(&mut e, entry_end - entry_start, &frame.tag, limits) {
+            match parsed {
                 Ok(rec) => frame.records.push(rec),
                 Err(what) => frame.fail(BadForward::BadEntry { index: 0, what }),
             }
@@ -327,33 +326,34 @@ fn entries_into(r: &mut Reader<'_>, count: Option<u32>, limits: &Limits, frame: 
     let mut index = 0usize;
     while count.map_or(!r.at_end(), |c| index < c as usize) {
         let start = r.pos;
-        let mut probe = r.clone();
-        if probe.skip().is_err() {
-            frame.fail(BadForward::BadEntry {
-                index,
-                what: "truncated or not msgpack",
-            });
-            return;
-        }
-        let end = probe.pos;
-        let mut e = Reader::new(&r.buf[start..end]);
-        let parsed = match e.head() {
-            Ok(Head::Array(2)) => entry(&mut e, end - start, &frame.tag, limits),
+        let parsed = match r.head() {
+            Ok(Head::Array(2)) => entry(r, start, &frame.tag, limits),
             _ => Err("not a [time, record] pair"),
         };
         match parsed {
             Ok(rec) => frame.records.push(rec),
-            Err(what) => frame.fail(BadForward::BadEntry { index, what }),
+            Err(what) => {
+                // Step over the whole unusable entry, if it can be framed.
+                r.pos = start;
+                if r.skip().is_err() {
+                    frame.fail(BadForward::BadEntry {
+                        index,
+                        what: "truncated or not msgpack",
+                    });
+                    return;
+                }
+                frame.fail(BadForward::BadEntry { index, what });
+            }
         }
-        r.pos = end;
         index += 1;
     }
 }
 
-/// Reads `time, record` (the array head already consumed) into a record.
+/// Reads `time, record` (the array head, if any, already consumed; the
+/// entry began at `start`) into a record.
 fn entry(
     r: &mut Reader<'_>,
-    encoded_len: usize,
+    start: usize,
     tag: &str,
     limits: &Limits,
 ) -> Result<Incoming, &'static str> {
@@ -386,7 +386,7 @@ fn entry(
         default_module: Some(tag),
         default_time_ns: time_ns,
         max_record_bytes: limits.max_record_bytes,
-        encoded_len,
+        encoded_len: r.pos - start,
     };
     Ok(fields::to_incoming(record, &cx))
 }

@@ -22,9 +22,12 @@
 //! December message read in early January lands in the old year.
 //!
 //! Invariant: a datagram never panics the parser and is never dropped for
-//! being odd: without a valid PRI it is a user.notice message (as RFC 3164
-//! relays do); the only errors are an empty datagram and an RFC 5424 header
-//! (announced by version `1`) that breaks its grammar.
+//! being odd, because a log line on a robot is worth more than grammar:
+//! without a valid PRI it is a user.notice message (as RFC 3164 relays do);
+//! an RFC 5424 header that breaks its grammar, or an impossible 3164 date,
+//! makes the rest of the datagram the message and names the problem in
+//! metadata under [`ERROR_KEY`] (as rsyslog falls back to the legacy
+//! parser). The only error is an empty datagram.
 
 use serde_json::{Map, Value};
 use time::{Date, Month, OffsetDateTime, PrimitiveDateTime, Time};
@@ -33,6 +36,9 @@ use super::truncate_message;
 use crate::agent::record::Incoming;
 use crate::wire::Level;
 
+/// Why a datagram is not a proper syslog message. Only [`BadSyslog::Empty`]
+/// is returned as an error; the others are kept with the record under
+/// [`ERROR_KEY`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BadSyslog {
     #[error("empty datagram")]
@@ -77,6 +83,10 @@ pub const FACILITIES: [&str; 24] = [
     "local7",
 ];
 
+/// Metadata key naming why a datagram was kept as plain text (a
+/// [`BadSyslog`] message); listeners may count these as malformed.
+pub const ERROR_KEY: &str = "syslog_error";
+
 /// PRI used when a datagram has none: user.notice, as RFC 3164 §4.3.3 says.
 const DEFAULT_PRI: u8 = 13;
 
@@ -117,8 +127,26 @@ pub fn parse_at(
     let level = Level::from_syslog_severity(severity).expect("severity is 0-7");
 
     let parsed = match rest.strip_prefix(b"1 ") {
-        Some(after_version) => rfc5424(after_version, &mut metadata)?,
-        None => rfc3164(rest, now, &mut metadata)?,
+        Some(after_version) => {
+            // Header fields go to a scratch map so a header that fails
+            // half-way leaves no half of itself behind.
+            let mut header = Map::new();
+            match rfc5424(after_version, &mut header) {
+                Ok(parsed) => {
+                    metadata.extend(header);
+                    parsed
+                }
+                Err(e) => {
+                    metadata.insert(ERROR_KEY.into(), Value::String(e.to_string()));
+                    Parsed {
+                        timestamp_ns: None,
+                        module: None,
+                        message: rest,
+                    }
+                }
+            }
+        }
+        None => rfc3164(rest, now, &mut metadata),
     };
     let mut message = text(strip_bom(parsed.message));
     let truncated = truncate_message(&mut message, max_record_bytes);
@@ -331,8 +359,12 @@ fn rfc3164<'a>(
     data: &'a [u8],
     now: OffsetDateTime,
     metadata: &mut Map<String, Value>,
-) -> Result<Parsed<'a>, BadSyslog> {
-    let (timestamp_ns, rest) = match bsd_timestamp(data, now)? {
+) -> Parsed<'a> {
+    let bsd = bsd_timestamp(data, now).unwrap_or_else(|e| {
+        metadata.insert(ERROR_KEY.into(), Value::String(e.to_string()));
+        None
+    });
+    let (timestamp_ns, rest) = match bsd {
         Some((ts, rest)) => (Some(ts), rest),
         None => match first_token(data).and_then(|(t, rest)| Some((rfc3339(t)?, rest))) {
             Some((ts, rest)) => (Some(ts), rest),
@@ -363,11 +395,11 @@ fn rfc3164<'a>(
             }
         }
     }
-    Ok(Parsed {
+    Parsed {
         timestamp_ns,
         module,
         message: rest,
-    })
+    }
 }
 
 /// The first space-separated token (printable ASCII, 1–255 bytes) and the
@@ -519,9 +551,16 @@ fn text(b: &[u8]) -> String {
 /// a record within the limit or an error, never a panic.
 pub fn fuzz_one(data: &[u8]) {
     let now = OffsetDateTime::from_unix_timestamp(1_764_119_000).expect("valid");
-    if let Ok(r) = parse_at(data, 256, now) {
-        assert!(r.message.len() <= 256);
-        assert!(r.metadata.contains_key("syslog_severity"));
+    match parse_at(data, 256, now) {
+        Ok(r) => {
+            assert!(r.message.len() <= 256);
+            assert!(r.metadata.contains_key("syslog_severity"));
+        }
+        // Only a datagram of nothing but terminators is refused.
+        Err(e) => {
+            assert_eq!(e, BadSyslog::Empty);
+            assert!(data.iter().all(|b| matches!(b, b'\0' | b'\n' | b'\r')));
+        }
     }
 }
 
@@ -789,64 +828,80 @@ mod tests {
         );
     }
 
-    fn check_err(input: &[u8], expected: BadSyslog) {
+    /// A malformed datagram is kept whole as the message, with the
+    /// problem named in metadata.
+    fn check_kept(input: &[u8], problem: BadSyslog) {
+        let r = parse_at(input, 1024, now()).unwrap();
+        let text = String::from_utf8_lossy(input);
+        let body = &text[text.find('>').unwrap() + 1..];
         assert_eq!(
-            parse_at(input, 1024, now()),
-            Err(expected),
-            "{:?}",
-            String::from_utf8_lossy(input)
+            (
+                r.message.as_str(),
+                r.metadata.get(ERROR_KEY),
+                r.module,
+                r.timestamp_ns
+            ),
+            (body, Some(&Value::String(problem.to_string())), None, None),
+            "{text:?}"
+        );
+        assert_eq!(
+            r.metadata.len(),
+            3,
+            "only facility, severity and the error: {:?}",
+            r.metadata
         );
     }
 
     #[test]
     fn malformed() {
+        assert_eq!(parse_at(b"", 1024, now()), Err(BadSyslog::Empty));
+        assert_eq!(parse_at(b"\0\n", 1024, now()), Err(BadSyslog::Empty));
         let h = |field, problem| BadSyslog::Header { field, problem };
-        check_err(b"", BadSyslog::Empty);
-        check_err(b"\0\n", BadSyslog::Empty);
-        check_err(b"<14>1 ", h("TIMESTAMP", "is missing"));
-        check_err(
+        check_kept(b"<14>1 ", h("TIMESTAMP", "is missing"));
+        check_kept(b"<14>1 item left", h("HOSTNAME", "is missing"));
+        check_kept(
             b"<14>1 2003-10-11T22:14:15Z host app",
             h("APP-NAME", "is missing"),
         );
-        check_err(
+        check_kept(
             b"<14>1 yesterday host app - - - m",
             h("TIMESTAMP", "is not an RFC 3339 time"),
         );
-        check_err(b"<14>1 -  app - - - m", h("HOSTNAME", "is empty"));
-        check_err(
+        check_kept(b"<14>1 -  app - - - m", h("HOSTNAME", "is empty"));
+        check_kept(
             b"<14>1 - h\xc3\xa9 app - - - m",
             h("HOSTNAME", "has a character outside printable ASCII"),
         );
-        check_err(
+        check_kept(
             &[&b"<14>1 - - - - "[..], &[b'm'; 33], b" - x"].concat(),
             h("MSGID", "is too long"),
         );
-        check_err(
-            b"<14>1 - - - - - x",
+        check_kept(
+            b"<14>1 - host - - - x",
             BadSyslog::StructuredData("is neither '-' nor '['"),
         );
-        check_err(
-            b"<14>1 - - - - - [id",
+        check_kept(
+            b"<14>1 - host - - - [id",
             BadSyslog::StructuredData("unterminated element"),
         );
-        check_err(
+        check_kept(
             b"<14>1 - - - - - [id a=\"open",
             BadSyslog::StructuredData("unterminated PARAM-VALUE"),
         );
-        check_err(
+        check_kept(
             b"<14>1 - - - - - [id a=1]",
             BadSyslog::StructuredData("expected =\" after a name"),
         );
-        check_err(
+        check_kept(
             b"<14>1 - - - - - []",
             BadSyslog::StructuredData("bad SD-ID"),
         );
-        check_err(
+        check_kept(
             b"<14>1 - - - - - -x",
             BadSyslog::StructuredData("no space before the message"),
         );
-        check_err(b"<14>Feb 30 01:02:03 t: m", BadSyslog::Timestamp);
-        check_err(b"<14>Nov 26 25:02:03 t: m", BadSyslog::Timestamp);
+        check_kept(b"<14>Feb 30 01:02:03 t: m", BadSyslog::Timestamp);
+        check_kept(b"<14>Nov 26 25:02:03 t: m", BadSyslog::Timestamp);
     }
 
     #[test]
