@@ -776,7 +776,7 @@ mod tests {
         }
         let payload = gz.finish().unwrap();
         let mut frame = vec![0x93, 0xa1, b't'];
-        frame.extend(rmp_serde::to_vec(&serde_bytes_like(&payload)).unwrap());
+        frame.extend(rmp_serde::to_vec(&Bin(&payload)).unwrap());
         frame.extend(enc(&json!({"compressed": "gzip", "chunk": "c1"})));
         let f = decode_frame(&frame, &limits);
         assert_eq!(
@@ -788,17 +788,12 @@ mod tests {
         assert!(f.ack.is_some());
     }
 
-    /// msgpack bin of `b` (rmp_serde writes `&[u8]` as an array otherwise).
-    fn serde_bytes_like(b: &[u8]) -> rmpv_free::Bin<'_> {
-        rmpv_free::Bin(b)
-    }
+    /// Serializes as msgpack bin (rmp_serde writes `&[u8]` as an array).
+    struct Bin<'a>(&'a [u8]);
 
-    mod rmpv_free {
-        pub struct Bin<'a>(pub &'a [u8]);
-        impl serde::Serialize for Bin<'_> {
-            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.serialize_bytes(self.0)
-            }
+    impl serde::Serialize for Bin<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_bytes(self.0)
         }
     }
 

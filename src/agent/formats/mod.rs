@@ -3,6 +3,26 @@
 //! functions from bytes to [`crate::agent::record::Incoming`]: no I/O, no
 //! clock reads except where a caller-supplied `now` is needed, no panics on
 //! any input (each parser has a `fuzz_one` entry point that proves it).
+//!
+//! How the listeners call them:
+//! - `syslog.sock` (SOCK_DGRAM): one `recvmsg` per datagram into a buffer of
+//!   `ingest.max_record_bytes` plus headroom, with `SO_PASSCRED` set so the
+//!   kernel attaches `SCM_CREDENTIALS` (pid, uid, gid) to every datagram,
+//!   even from senders that pass none; then [`syslog::parse`] (or
+//!   [`syslog::parse_at`] with a local-offset `now` when the agent knows
+//!   its zone). `Err` means an empty datagram: count it. A record whose
+//!   metadata has [`syslog::ERROR_KEY`] was kept as text: count it as
+//!   malformed too. A datagram cut by the buffer (`MSG_TRUNC`) is parsed
+//!   as received and marked truncated by the listener.
+//! - `forward.sock` (SOCK_STREAM): one [`forward::ForwardDecoder`] per
+//!   connection, fed every read; after each feed call
+//!   [`forward::ForwardDecoder::next_frame`] until `Ok(None)`. For each
+//!   frame: hand `records` to the pipeline (trusted fields from
+//!   `SO_PEERCRED` of the connection), count `bad`, report `first_error`,
+//!   then write `ack` back if present. A fatal `Err` closes this connection
+//!   only.
+//! - Both: never wait on SQLite; the records go into the same bounded
+//!   queue as JSON lines.
 
 pub mod fields;
 pub mod forward;
