@@ -243,3 +243,46 @@ fn flush_gives_up_when_no_agent_ever_listens() {
     assert!(handle.flush(Duration::from_secs(10)));
     assert_eq!(handle.dropped(), 1);
 }
+
+#[test]
+fn stalled_agent_never_blocks_the_caller() {
+    const CAPACITY: usize = 1000;
+    const BURST: usize = 50_000;
+    let (_dir, path) = socket_path("client-stalled");
+    // Accepts and never reads: the socket buffer fills, then the sender's
+    // write blocks; the caller must not notice.
+    let listener = UnixListener::bind(&path).unwrap();
+    let held: Arc<Mutex<Vec<UnixStream>>> = Arc::default();
+    let held2 = held.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            held2.lock().unwrap().push(conn);
+        }
+    });
+    let layer = LogbookLayer::builder()
+        .socket(&path)
+        .queue_capacity(CAPACITY)
+        .build();
+    let handle = layer.handle();
+    let dispatch = tracing::Dispatch::new(tracing_subscriber::registry().with(layer));
+    let filler = "x".repeat(1000);
+    let start = Instant::now();
+    tracing::dispatcher::with_default(&dispatch, || {
+        for i in 0..BURST {
+            tracing::info!(n = i as u64, "{filler}");
+        }
+    });
+    eprintln!(
+        "{BURST} events into a stalled agent took {:?}",
+        start.elapsed()
+    );
+    // At most the queue, the line held by the sender and what the kernel
+    // buffers for the socket (a few hundred KiB, so at most ~2000 lines of
+    // 1 KiB) escaped dropping.
+    let dropped = handle.dropped() as usize;
+    assert!(
+        dropped >= BURST - CAPACITY - 1 - 2000,
+        "only {dropped} of {BURST} dropped: the caller must have waited"
+    );
+    assert!(!handle.flush(Duration::from_millis(50)));
+}
