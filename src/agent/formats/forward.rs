@@ -383,7 +383,8 @@ fn entry(
         record.entry("fluent_metadata").or_insert(Value::Object(m));
     }
     let cx = Context {
-        default_module: Some(tag),
+        // An empty tag names nothing; the agent falls back as for JSON lines.
+        default_module: (!tag.is_empty()).then_some(tag),
         default_time_ns: time_ns,
         max_record_bytes: limits.max_record_bytes,
         encoded_len: r.pos - start,
