@@ -405,9 +405,10 @@ fn time(h: Head<'_>) -> Result<Option<i64>, &'static str> {
         Head::Int(i) => secs(i as i128),
         Head::F32(f) => float_secs(f as f64),
         Head::F64(f) => float_secs(f),
-        Head::Ext(t, data) => msgpack::event_time(t, data)
+        Head::Ext(0, data) if data.len() == 8 => msgpack::event_time(0, data)
             .map(Some)
-            .ok_or("time is an unknown extension type"),
+            .ok_or("EventTime nanoseconds over 999999999"),
+        Head::Ext(..) => Err("time is an unknown extension type"),
         Head::Nil => Ok(None),
         _ => Err("time is not a number or EventTime"),
     }
@@ -713,6 +714,51 @@ mod tests {
                 what: "truncated or not msgpack",
             },
         );
+    }
+
+    #[test]
+    fn event_time_forms() {
+        let time_of = |time: &[u8]| {
+            let mut f = vec![0x93, 0xa1, b't'];
+            f.extend_from_slice(time);
+            f.extend(enc(&json!({"m": 1})));
+            let frame = one_frame(&f);
+            (
+                frame.records.first().and_then(|r| r.timestamp_ns),
+                frame.first_error,
+            )
+        };
+        let ok = |ns: i64| (Some(ns), None);
+        let bad = |what| (None, Some(BadForward::BadEntry { index: 0, what }));
+        assert_eq!(
+            time_of(b"\xce\x69\x26\x51\xd8"),
+            ok(1_764_119_000_000_000_000)
+        );
+        assert_eq!(
+            time_of(&enc(&json!(1_764_119_000.5))),
+            ok(1_764_119_000_500_000_000)
+        );
+        // EventTime as fixext8 (what senders use) and as ext8 of length 8.
+        assert_eq!(
+            time_of(b"\xd7\x00\x69\x26\x51\xd8\x00\x00\x00\x07"),
+            ok(1_764_119_000_000_000_007)
+        );
+        assert_eq!(
+            time_of(b"\xc7\x08\x00\x69\x26\x51\xd8\x00\x00\x00\x07"),
+            ok(1_764_119_000_000_000_007)
+        );
+        // Nil: stamped on arrival by the agent.
+        assert_eq!(time_of(b"\xc0"), (None, None));
+        assert_eq!(
+            time_of(b"\xd7\x05\x69\x26\x51\xd8\x00\x00\x00\x07"),
+            bad("time is an unknown extension type")
+        );
+        assert_eq!(
+            time_of(b"\xd7\x00\x69\x26\x51\xd8\xff\xff\xff\xff"),
+            bad("EventTime nanoseconds over 999999999")
+        );
+        assert_eq!(time_of(&enc(&json!(f64::MAX))), bad("time out of range"));
+        assert_eq!(time_of(&enc(&json!(u64::MAX))), bad("time out of range"));
     }
 
     #[test]
