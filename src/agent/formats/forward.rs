@@ -506,7 +506,7 @@ mod tests {
 
     const SAMPLES: &[&str] = &[
         "fluent_logger_message_int_time",
-        "fluent_logger_eventtime_ack",
+        "fluent_logger_nanosecond_eventtime",
         "fluent_handler_logging",
         "docker_fluentd_message",
         "forward_mode_chunk",
@@ -567,7 +567,7 @@ mod tests {
             )],
         );
         // Python float time through EventTime keeps sub-microsecond digits.
-        let f = one_frame(&fixture("fluent_logger_eventtime_ack"));
+        let f = one_frame(&fixture("fluent_logger_nanosecond_eventtime"));
         assert_eq!(
             f.records[0].timestamp_ns.unwrap() / 1000,
             1_764_119_000_123_456
