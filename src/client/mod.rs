@@ -1,1 +1,34 @@
-//! Client library for programs on the robot: a `tracing` layer that logs to `logbookd` without ever blocking, and session control.
+//! Client library for programs on the robot: a `tracing` layer that logs to
+//! `logbookd` without ever blocking, and session control.
+//!
+//! ```no_run
+//! use tracing_subscriber::prelude::*;
+//!
+//! let layer = logbook::client::LogbookLayer::builder().build();
+//! let logbook = layer.handle();
+//! tracing_subscriber::registry().with(layer).init();
+//! tracing::info!(obstacles = 5, "perception up");
+//! // Before exiting, give queued events a moment to reach the agent.
+//! logbook.flush(std::time::Duration::from_secs(2));
+//! ```
+//!
+//! Invariant: nothing here runs on the caller's thread except formatting one
+//! JSON line and a non-blocking `try_send`; the socket lives on one plain
+//! std thread (no async runtime needed in the host program), and every
+//! event is either written or counted as dropped.
+
+mod layer;
+mod sender;
+
+pub use layer::{Builder, Handle, LogbookLayer};
+
+/// Where `logbookd` listens for JSON lines unless told otherwise.
+pub const DEFAULT_INGEST_SOCKET: &str = "/run/logbook/ingest.sock";
+/// Environment variable naming the ingest socket (used when the program
+/// does not set one with [`Builder::socket`]).
+pub const INGEST_SOCKET_ENV: &str = "LOGBOOK_INGEST_SOCKET";
+/// Module of the records the client itself writes (the drop count).
+pub const CLIENT_MODULE: &str = "logbook::client";
+
+#[cfg(test)]
+mod tests;

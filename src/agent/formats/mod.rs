@@ -1,1 +1,131 @@
-//! Parsers for the log formats robots already speak besides JSON lines: syslog (RFC 5424 / RFC 3164) and the Fluent Forward protocol. Pure functions from bytes to [`crate::agent::record::Incoming`].
+//! Parsers for the log formats robots already speak besides JSON lines:
+//! syslog (RFC 5424 / RFC 3164) and the Fluent Forward protocol. Pure
+//! functions from bytes to [`crate::agent::record::Incoming`]: no I/O, no
+//! clock reads except where a caller-supplied `now` is needed, no panics on
+//! any input (each parser has a `fuzz_one` entry point that proves it).
+//!
+//! How the listeners call them:
+//! - `syslog.sock` (SOCK_DGRAM): one `recvmsg` per datagram into a buffer of
+//!   `ingest.max_record_bytes` plus headroom, with `SO_PASSCRED` set so the
+//!   kernel attaches `SCM_CREDENTIALS` (pid, uid, gid) to every datagram,
+//!   even from senders that pass none; then [`syslog::parse`] (or
+//!   [`syslog::parse_at`] with a local-offset `now` when the agent knows
+//!   its zone). `Err` means an empty datagram: count it. A record whose
+//!   metadata has [`syslog::ERROR_KEY`] was kept as text: count it as
+//!   malformed too. A datagram cut by the buffer (`MSG_TRUNC`) is parsed
+//!   as received and marked truncated by the listener.
+//! - `forward.sock` (SOCK_STREAM): one [`forward::ForwardDecoder`] per
+//!   connection, fed every read; after each feed call
+//!   [`forward::ForwardDecoder::next_frame`] until `Ok(None)`. For each
+//!   frame: hand `records` to the pipeline (trusted fields from
+//!   `SO_PEERCRED` of the connection), count `bad`, report `first_error`,
+//!   then write `ack` back if present. A fatal `Err` closes this connection
+//!   only.
+//! - Both: never wait on SQLite; the records go into the same bounded
+//!   queue as JSON lines.
+
+pub mod fields;
+pub mod forward;
+mod msgpack;
+pub mod syslog;
+
+/// Appended to a message that was cut to fit `ingest.max_record_bytes`, so a
+/// reader sees the cut instead of silently missing text.
+pub const TRUNCATION_MARK: &str = " …[truncated]";
+
+/// Cuts `message` so that it, plus [`TRUNCATION_MARK`], fits in `max_bytes`,
+/// on a char boundary. Returns whether it cut anything.
+pub fn truncate_message(message: &mut String, max_bytes: usize) -> bool {
+    if message.len() <= max_bytes {
+        return false;
+    }
+    let mut keep = max_bytes.saturating_sub(TRUNCATION_MARK.len());
+    while keep > 0 && !message.is_char_boundary(keep) {
+        keep -= 1;
+    }
+    message.truncate(keep);
+    message.push_str(TRUNCATION_MARK);
+    true
+}
+
+/// Deterministic byte mutations of real samples, shared by the parsers'
+/// "never panics" tests: a tiny xorshift so no dependency and no flakiness.
+#[cfg(test)]
+pub(crate) mod mutate {
+    pub struct Rng(u64);
+
+    impl Rng {
+        pub fn new(seed: u64) -> Rng {
+            Rng(seed | 1)
+        }
+        pub fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        pub fn below(&mut self, n: usize) -> usize {
+            (self.next() % n.max(1) as u64) as usize
+        }
+    }
+
+    /// One to four flips, inserts or deletes at random places.
+    pub fn mutate(rng: &mut Rng, sample: &[u8]) -> Vec<u8> {
+        let mut v = sample.to_vec();
+        for _ in 0..1 + rng.below(4) {
+            let at = rng.below(v.len() + 1);
+            match rng.below(4) {
+                0 if at < v.len() => v[at] ^= 1 << rng.below(8),
+                1 => v.insert(at, rng.next() as u8),
+                2 if at < v.len() => {
+                    v.remove(at);
+                }
+                // Interesting bytes for both formats: delimiters and
+                // msgpack length markers.
+                _ => {
+                    const SPECIAL: &[u8] =
+                        b"<>[]\"\\= \0\xef\xc1\xdc\xdd\xde\xdf\xc6\xdb\xd7\x93\xff";
+                    let b = SPECIAL[rng.below(SPECIAL.len())];
+                    if at < v.len() {
+                        v[at] = b
+                    } else {
+                        v.push(b)
+                    }
+                }
+            }
+        }
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(input: &str, max: usize, expected: &str, cut: bool) {
+        let mut s = input.to_string();
+        assert_eq!(truncate_message(&mut s, max), cut, "{input:?}");
+        assert_eq!(s, expected);
+        assert!(s.len() <= max.max(TRUNCATION_MARK.len()));
+    }
+
+    #[test]
+    fn truncation() {
+        check("short", 100, "short", false);
+        check("exactly", 7, "exactly", false);
+        check(
+            &"a".repeat(40),
+            20,
+            &format!("{}{TRUNCATION_MARK}", "a".repeat(5)),
+            true,
+        );
+        // Never splits a UTF-8 sequence: "é" is two bytes.
+        check(
+            &"é".repeat(20),
+            22,
+            &format!("{}{TRUNCATION_MARK}", "é".repeat(3)),
+            true,
+        );
+        check("abcdef", 0, TRUNCATION_MARK, true);
+    }
+}
