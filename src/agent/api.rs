@@ -129,6 +129,12 @@ async fn blocking<R: Send + 'static>(
 async fn command(st: &ApiState, cmd: SessionCmd) -> Result<Response, ApiError> {
     let (tx, rx) = oneshot::channel();
     let gone = || ApiError::new(503, "unavailable", "the agent is shutting down".into());
+    if matches!(cmd, SessionCmd::Open(_) | SessionCmd::Stop { .. }) {
+        // Records a client sent before the session changed belong to the
+        // state before the change: get them queued ahead of the command.
+        let _ =
+            tokio::time::timeout(std::time::Duration::from_secs(5), st.pipeline.handover()).await;
+    }
     st.pipeline
         .writer()
         .send(Msg::Session(cmd, tx))

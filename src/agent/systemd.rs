@@ -75,6 +75,9 @@ pub fn watchdog_interval() -> Option<Duration> {
     (usec > 0).then(|| Duration::from_micros(usec / 2))
 }
 
+/// Socket names logbookd looks for.
+pub const KNOWN: &[&str] = &["ingest", "api", "syslog", "forward"];
+
 /// Listening Unix sockets passed by systemd, by `FileDescriptorName=`
 /// (unnamed ones are named after the socket path's file stem, e.g.
 /// `ingest` for `…/ingest.sock`).

@@ -34,8 +34,26 @@ pub struct Pipeline {
     pub stats: Arc<Stats>,
     /// Live stream connections, asked to hand over what they have read
     /// before a flush.
-    conns: Arc<Mutex<HashMap<u64, mpsc::Sender<oneshot::Sender<()>>>>>,
+    conns: Arc<Mutex<HashMap<u64, FlushAsk>>>,
+    /// Stream listeners, asked to accept their backlog before a flush (a
+    /// client may have connected and written before being accepted).
+    listeners: Arc<Mutex<Vec<FlushAsk>>>,
     next_conn: Arc<AtomicU64>,
+}
+
+/// Asks a task to hand over what it has; it answers by dropping the sender.
+type FlushAsk = mpsc::Sender<oneshot::Sender<()>>;
+
+async fn ask_all(asks: Vec<FlushAsk>) {
+    let mut waits = Vec::with_capacity(asks.len());
+    for a in asks {
+        let (tx, rx) = oneshot::channel();
+        if a.send(tx).await.is_ok() {
+            waits.push(rx);
+        }
+    }
+    // A task that went away meanwhile drops its sender: fine.
+    futures_util::future::join_all(waits).await;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +70,7 @@ impl Pipeline {
             tx,
             stats,
             conns: Arc::default(),
+            listeners: Arc::default(),
             next_conn: Arc::default(),
         }
     }
@@ -125,10 +144,12 @@ impl Pipeline {
         }
     }
 
-    /// Returns once every record received before the call is committed:
-    /// each connection first hands over what it has read, then the writer
-    /// commits. Returns the last committed seq.
-    pub async fn flush(&self) -> Result<u64, FlushError> {
+    /// Makes every stream listener accept its backlog and every connection
+    /// hand over the complete lines it can read now, so everything received
+    /// before this call is queued for the writer when it returns.
+    pub async fn handover(&self) {
+        let listeners = self.listeners.lock().expect("listeners").clone();
+        ask_all(listeners).await;
         let conns: Vec<_> = self
             .conns
             .lock()
@@ -136,16 +157,14 @@ impl Pipeline {
             .values()
             .cloned()
             .collect();
+        ask_all(conns).await;
+    }
+
+    /// Returns once every record received before the call is committed.
+    /// Returns the last committed seq.
+    pub async fn flush(&self) -> Result<u64, FlushError> {
         let work = async {
-            let mut waits = Vec::with_capacity(conns.len());
-            for c in conns {
-                let (tx, rx) = oneshot::channel();
-                if c.send(tx).await.is_ok() {
-                    waits.push(rx);
-                }
-            }
-            // A connection that went away meanwhile drops its sender: fine.
-            futures_util::future::join_all(waits).await;
+            self.handover().await;
             let (tx, rx) = oneshot::channel();
             self.tx
                 .send(Msg::Flush(tx))
@@ -195,9 +214,36 @@ pub async fn serve_json(
     tracker: TaskTracker,
 ) {
     let limit = Arc::new(Semaphore::new(max_connections));
+    let (ask, mut asked) = mpsc::channel(4);
+    pipeline.listeners.lock().expect("listeners").push(ask);
+    let start = |stream: UnixStream| {
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            tracing::warn!(
+                "refusing an ingest client: ingest.max_connections ({max_connections}) reached"
+            );
+            return;
+        };
+        // Registered here, before the task runs, so a flush sees it.
+        let conn = Connection::new(stream, pipeline.clone(), max_record_bytes);
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            conn.run(shutdown).await;
+            drop(permit);
+        });
+    };
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => return,
+            Some(ack) = asked.recv() => {
+                // Accept whatever the kernel already queued. A direct
+                // accept(2): tokio's own would wait for the reactor to have
+                // seen the connection, which may not have happened yet.
+                while let Some(s) = accept_now(&listener) {
+                    start(s);
+                }
+                drop(ack);
+                continue;
+            }
             r = listener.accept() => match r {
                 Ok((s, _)) => s,
                 Err(e) => {
@@ -208,20 +254,16 @@ pub async fn serve_json(
                 }
             },
         };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
-            tracing::warn!(
-                "refusing an ingest client: ingest.max_connections ({max_connections}) reached"
-            );
-            continue;
-        };
-        let pipeline = pipeline.clone();
-        let shutdown = shutdown.clone();
-        tracker.spawn(async move {
-            let conn = Connection::new(stream, pipeline, max_record_bytes);
-            conn.run(shutdown).await;
-            drop(permit);
-        });
+        start(stream);
     }
+}
+
+/// One non-blocking `accept(2)`, bypassing the reactor's readiness.
+fn accept_now(listener: &UnixListener) -> Option<UnixStream> {
+    use rustix::net::SocketFlags;
+    let fd =
+        rustix::net::accept_with(listener, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC).ok()?;
+    UnixStream::from_std(std::os::unix::net::UnixStream::from(fd)).ok()
 }
 
 struct Connection {
@@ -233,6 +275,7 @@ struct Connection {
     /// An over-long line being skipped: its kept start and total length.
     cut: Option<(Vec<u8>, usize)>,
     id: u64,
+    asked: mpsc::Receiver<oneshot::Sender<()>>,
 }
 
 impl Connection {
@@ -244,7 +287,10 @@ impl Connection {
             .stats
             .connections_open
             .fetch_add(1, Ordering::Relaxed);
+        let (ask, asked) = mpsc::channel(4);
+        pipeline.conns.lock().expect("conns").insert(id, ask);
         Connection {
+            asked,
             stream,
             pipeline,
             trusted,
@@ -256,12 +302,6 @@ impl Connection {
     }
 
     async fn run(mut self, shutdown: CancellationToken) {
-        let (flush_tx, mut flush_rx) = mpsc::channel::<oneshot::Sender<()>>(4);
-        self.pipeline
-            .conns
-            .lock()
-            .expect("conns")
-            .insert(self.id, flush_tx);
         loop {
             tokio::select! {
                 biased;
@@ -269,7 +309,7 @@ impl Connection {
                     self.drain().await;
                     break;
                 }
-                Some(ack) = flush_rx.recv() => {
+                Some(ack) = self.asked.recv() => {
                     let open = self.drain().await;
                     drop(ack);
                     if !open {
@@ -328,17 +368,41 @@ impl Connection {
     }
 
     /// Hands over everything already readable (a flush or shutdown asked).
-    /// Returns false once the client has closed.
+    /// Returns false once the client has closed. Reads with read(2)
+    /// directly: tokio's `try_read` reports WouldBlock until the reactor has
+    /// seen the data arrive, and a flush must not depend on that.
     async fn drain(&mut self) -> bool {
+        let mut open = true;
         loop {
-            let (open, more) = self.read_chunk().await;
-            if !open {
-                return false;
+            let len = self.buf.len();
+            self.buf.resize(len + READ_CHUNK, 0);
+            let r = rustix::io::read(&self.stream, &mut self.buf[len..]);
+            match r {
+                Ok(0) => {
+                    self.buf.truncate(len);
+                    open = false;
+                }
+                Ok(n) => {
+                    self.buf.truncate(len + n);
+                    let rows = self.lines(false);
+                    self.pipeline.submit_wait(rows).await;
+                    continue;
+                }
+                Err(rustix::io::Errno::INTR) => {
+                    self.buf.truncate(len);
+                    continue;
+                }
+                Err(rustix::io::Errno::AGAIN) => self.buf.truncate(len),
+                Err(_) => {
+                    self.buf.truncate(len);
+                    open = false;
+                }
             }
-            if !more {
-                return true;
-            }
+            break;
         }
+        let rows = self.lines(!open);
+        self.pipeline.submit_wait(rows).await;
+        open
     }
 
     /// Splits complete lines off the buffer and parses them. At EOF a final

@@ -220,12 +220,13 @@ impl Writer {
                 must_commit = self.handle(msg, &mut flushes, &mut records, &mut bytes);
             }
             self.commit();
+            // The bound first, so whoever waits on a flush sees it held.
+            if let Err(e) = self.enforce_bound() {
+                tracing::error!("keeping the buffer bound failed: {e}");
+            }
             let last = self.stats.last_seq.load(Ordering::Relaxed).max(0) as u64;
             for f in flushes.drain(..) {
                 let _ = f.send(last);
-            }
-            if let Err(e) = self.enforce_bound() {
-                tracing::error!("keeping the buffer bound failed: {e}");
             }
         }
         self.commit();
@@ -597,6 +598,9 @@ impl Writer {
     /// the lowest level up, oldest first, counting those as gaps per
     /// session and level.
     fn evict(&mut self, n: u64) -> Result<(), StoreError> {
+        if n == 0 {
+            return Ok(());
+        }
         let tx = self.conn.transaction()?;
         let mut left = n as i64;
         let mut synced_gone = 0i64;
