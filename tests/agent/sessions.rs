@@ -222,3 +222,84 @@ fn a_session_from_an_earlier_boot_is_failed_on_start() {
     // And a new session can open.
     assert_eq!(agent.api("POST", "/v1/sessions", Some("{}")).0, 201);
 }
+
+#[test]
+fn logs_follow_prints_new_records_and_a_closed_pipe_is_quiet() {
+    use std::io::BufRead;
+    let dir = TestDir::new("logs_follow");
+    let agent = Agent::start(&dir, &[]);
+    send_lines(&agent, &[r#"{"msg":"old one"}"#]);
+    agent.flush();
+    let mut child = agent
+        .cli()
+        .args(["logs", "--follow", "--json", "--level", "info"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let stdout = child.stdout.take().unwrap();
+    let _guard = Kill(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let mut wait_line = |want: &str| {
+        crate::util::wait_for(want, std::time::Duration::from_secs(20), || {
+            while let Ok(l) = rx.try_recv() {
+                seen.push(l);
+            }
+            seen.iter().any(|l| l.contains(want)).then_some(())
+        })
+    };
+    wait_line("old one");
+    send_lines(
+        &agent,
+        &[
+            r#"{"msg":"quiet","level":"debug"}"#,
+            r#"{"msg":"new one","level":"warn"}"#,
+        ],
+    );
+    agent.flush();
+    wait_line("new one");
+    assert!(!seen.iter().any(|l| l.contains("quiet")), "{seen:?}");
+
+    // `logbook logs | head -1` on a long log: exit 0, nothing on stderr.
+    let lines: Vec<String> = (0..5000)
+        .map(|i| format!(r#"{{"msg":"filler {i}"}}"#))
+        .collect();
+    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+    send_lines(&agent, &refs);
+    agent.flush();
+    let script = format!(
+        "set -o pipefail; '{}' --runtime-dir '{}' logs | head -n 1 >/dev/null",
+        crate::util::bin("logbook").display(),
+        agent.runtime.display()
+    );
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{:?} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

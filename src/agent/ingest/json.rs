@@ -468,4 +468,39 @@ mod tests {
         let c = cut_line(long.as_bytes(), 99999, 1024);
         assert!(c.truncated && c.message.len() < 1024 && c.message.ends_with(TRUNCATION_MARK));
     }
+
+    /// A seeded stand-in for the fuzz target in plain `cargo test`: random
+    /// mutations of real lines never panic, and truncation keeps its bound.
+    #[test]
+    fn mutations_never_panic() {
+        use rand::{Rng, SeedableRng};
+        let seeds = [
+            r#"{"timestamp":"2023-11-14T22:13:20.123Z","level":"INFO","fields":{"message":"hi","speed":3},"target":"nav"}"#,
+            r#"{"level":30,"time":1700000000123,"msg":"up","nested":{"a":[1,2,{"b":null}]}}"#,
+            r#"{"ts":1.5e300,"lvl":-4,"msg":"\u00e9\ud83d\ude00","metadata":[]}"#,
+        ];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for i in 0..20_000 {
+            let mut line = seeds[i % seeds.len()].as_bytes().to_vec();
+            for _ in 0..rng.random_range(1..6) {
+                let at = rng.random_range(0..line.len());
+                match rng.random_range(0..3) {
+                    0 => line[at] = rng.random(),
+                    1 => {
+                        line.remove(at);
+                    }
+                    _ => line.insert(at, b"{}[]\\\",:0e-\"\xff"[rng.random_range(0..13)]),
+                }
+                if line.is_empty() {
+                    break;
+                }
+            }
+            let max = 256 + rng.random_range(0..512);
+            if let Ok(r) = parse_line(&line, max) {
+                if r.truncated {
+                    assert!(r.message.len() <= max + TRUNCATION_MARK.len());
+                }
+            }
+        }
+    }
 }

@@ -23,7 +23,7 @@ use crate::agent::store::writer::Msg;
 use crate::agent::store::{now_ns, Row, Stats};
 
 /// Messages (each a batch of rows from one read) the writer channel holds.
-pub const PIPELINE_CAPACITY: usize = 128;
+pub const PIPELINE_CAPACITY: usize = 32;
 /// Bytes read from a client at a time.
 const READ_CHUNK: usize = 64 << 10;
 

@@ -682,3 +682,123 @@ fn check_tag(tag: &str) -> Result<String, SessionError> {
     }
     Ok(t.to_owned())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::record::Trusted;
+
+    fn writer(dir: &std::path::Path) -> Writer {
+        let cfg = WriterConfig {
+            db_path: dir.join("agent.db"),
+            state_dir: dir.to_owned(),
+            synchronous_full: false,
+            max_bytes: 1 << 30,
+            min_free_bytes: 0,
+            commit_interval: Duration::from_millis(10),
+            commit_records: 1000,
+            view: ViewCtx {
+                device_id: "d".into(),
+                device_name: "n".into(),
+                sessions_dir: dir.join("sessions"),
+                boot_id: "b".into(),
+            },
+        };
+        Writer::open(cfg, Arc::new(Stats::default())).unwrap()
+    }
+
+    fn rows(level: Level, n: usize) -> Vec<Row> {
+        (0..n)
+            .map(|i| Row {
+                ts_ns: i as i64,
+                level,
+                module: "m".into(),
+                message: format!("{level} {i}"),
+                metadata: String::new(),
+                trusted: Arc::new(Trusted::default()),
+                client_dropped: 0,
+            })
+            .collect()
+    }
+
+    fn seqs(w: &Writer) -> Vec<i64> {
+        let mut stmt = w
+            .conn
+            .prepare("SELECT seq FROM records ORDER BY seq")
+            .unwrap();
+        let out = stmt.query_map([], |r| r.get(0)).unwrap();
+        out.collect::<rusqlite::Result<_>>().unwrap()
+    }
+
+    fn gaps(w: &Writer) -> Vec<(i64, i64, String, i64)> {
+        let mut stmt = w
+            .conn
+            .prepare("SELECT session, level, reason, dropped FROM gaps ORDER BY level")
+            .unwrap();
+        let out = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .unwrap();
+        out.collect::<rusqlite::Result<_>>().unwrap()
+    }
+
+    #[test]
+    fn eviction_takes_synced_first_then_lowest_level_oldest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = writer(dir.path());
+        w.insert(&rows(Level::Info, 5)).unwrap(); // seq 1-5
+        w.insert(&rows(Level::Debug, 5)).unwrap(); // seq 6-10
+        w.insert(&rows(Level::Error, 2)).unwrap(); // seq 11-12
+        w.insert(&rows(Level::Trace, 1)).unwrap(); // seq 13
+        assert_eq!(w.mark_synced(&[(2, 3), (12, 12)]).unwrap(), 3);
+        w.evict(6).unwrap();
+        // Synced 2, 3, 12 first; then the trace record; then the two oldest
+        // debug records (6, 7). Info 1 is older but outranks them.
+        assert_eq!(seqs(&w), vec![1, 4, 5, 8, 9, 10, 11]);
+        assert_eq!(
+            gaps(&w),
+            vec![
+                (0, Level::Trace.code() as i64, "evicted".into(), 1),
+                (0, Level::Debug.code() as i64, "evicted".into(), 2)
+            ]
+        );
+        assert_eq!(w.stats.evicted_synced.load(Ordering::Relaxed), 3);
+        assert_eq!(w.stats.evicted_unsynced.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn seq_is_never_reused_after_the_table_empties_or_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = writer(dir.path());
+        w.insert(&rows(Level::Info, 3)).unwrap();
+        w.evict(10).unwrap();
+        assert!(seqs(&w).is_empty());
+        drop(w);
+        let mut w = writer(dir.path());
+        w.insert(&rows(Level::Info, 1)).unwrap();
+        assert_eq!(seqs(&w), vec![4]);
+    }
+
+    #[test]
+    fn client_dropped_is_a_gap_of_the_current_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = writer(dir.path());
+        let open = w.session(SessionCmd::Open(OpenSession::default())).unwrap();
+        w.commit();
+        let mut r = rows(Level::Warn, 1);
+        r[0].client_dropped = 9;
+        w.insert(&r).unwrap();
+        w.insert(&r).unwrap();
+        let sid: i64 = w
+            .conn
+            .query_row(
+                "SELECT sid FROM sessions WHERE id = ?1",
+                [open.id.to_string()],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(
+            gaps(&w),
+            vec![(sid, Level::Info.code() as i64, "client_dropped".into(), 18)]
+        );
+    }
+}
