@@ -202,8 +202,8 @@ fn main() {
         {
             let mut stmt = tx
                 .prepare_cached(
-                    "INSERT INTO records(session, ts_ns, level, module, message, metadata, pid, uid, gid, process) \
-                     VALUES (NULL, ?1, ?2, ?3, ?4, ?5, 1, 0, 0, 'bench')",
+                    "INSERT INTO records(seq, session, ts_ns, level, module, message, metadata, pid, uid, gid, process) \
+                     VALUES (?6, NULL, ?1, ?2, ?3, ?4, ?5, 1, 0, 0, 'bench')",
                 )
                 .unwrap();
             for k in 0..20_000.min(total - done) {

@@ -65,8 +65,8 @@ pub struct WriterConfig {
     pub view: ViewCtx,
 }
 
-const INSERT: &str = "INSERT INTO records(session, ts_ns, level, module, message, metadata, pid, uid, gid, process) \
-                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
+const INSERT: &str = "INSERT INTO records(seq, session, ts_ns, level, module, message, metadata, pid, uid, gid, process) \
+                      VALUES (?11, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
 const ADD_GAP: &str = "INSERT INTO gaps(session, level, reason, dropped) VALUES (?1, ?2, ?3, ?4) \
                        ON CONFLICT(session, level, reason) DO UPDATE SET dropped = dropped + excluded.dropped";
 
@@ -83,6 +83,9 @@ pub struct Writer {
     /// Most record bytes in one transaction, so one commit cannot blow the
     /// WAL past the bound.
     tx_bytes: usize,
+    /// The seq the next record gets. Persisted in `meta` with every commit,
+    /// so it never goes back, even when the table empties.
+    next_seq: i64,
 }
 
 impl Writer {
@@ -101,6 +104,7 @@ impl Writer {
             stats,
             current: None,
             log_counts: HashMap::new(),
+            next_seq: 1,
         };
         let stored: i64 = w
             .conn
@@ -117,7 +121,13 @@ impl Writer {
             })?;
         w.stats.records_stored.store(stored, Ordering::Relaxed);
         w.stats.records_synced.store(synced, Ordering::Relaxed);
-        w.stats.last_seq.store(last, Ordering::Relaxed);
+        let persisted: i64 = w.conn.query_row(
+            "SELECT coalesce((SELECT value FROM meta WHERE key = 'next_seq'), 1)",
+            [],
+            |r| r.get(0),
+        )?;
+        w.next_seq = persisted.max(last + 1);
+        w.stats.last_seq.store(w.next_seq - 1, Ordering::Relaxed);
         w.close_sessions_of_earlier_boots()?;
         w.enforce_bound()?;
         Ok(w)
@@ -283,7 +293,6 @@ impl Writer {
     fn insert(&mut self, rows: &[Row]) -> rusqlite::Result<()> {
         let session = self.current.map(|(sid, _)| sid);
         let mut stmt = self.conn.prepare_cached(INSERT)?;
-        let mut last = 0;
         let mut dropped: u64 = 0;
         for r in rows {
             stmt.execute(params![
@@ -297,9 +306,10 @@ impl Writer {
                 r.trusted.uid,
                 r.trusted.gid,
                 r.trusted.process,
+                self.next_seq,
             ])?;
+            self.next_seq += 1;
             dropped += r.client_dropped;
-            last = self.conn.last_insert_rowid();
         }
         drop(stmt);
         if dropped > 0 {
@@ -313,7 +323,9 @@ impl Writer {
         if let Some(sid) = session {
             *self.log_counts.entry(sid).or_default() += rows.len() as u64;
         }
-        self.stats.last_seq.store(last, Ordering::Relaxed);
+        self.stats
+            .last_seq
+            .store(self.next_seq - 1, Ordering::Relaxed);
         self.stats
             .records_stored
             .fetch_add(rows.len() as i64, Ordering::Relaxed);
@@ -335,6 +347,13 @@ impl Writer {
             ) {
                 tracing::error!("updating a session's log count failed: {e}");
             }
+        }
+        if let Err(e) = self.conn.execute(
+            "INSERT INTO meta(key, value) VALUES ('next_seq', ?1) \
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            [self.next_seq],
+        ) {
+            tracing::error!("persisting the seq counter failed: {e}");
         }
         match self.conn.execute_batch("COMMIT") {
             Ok(()) => {
@@ -721,6 +740,13 @@ mod tests {
             .collect()
     }
 
+    /// Inserts in a committed transaction, as the writer loop does.
+    fn put(w: &mut Writer, rows: Vec<Row>) {
+        w.conn.execute_batch("BEGIN").unwrap();
+        w.insert(&rows).unwrap();
+        w.commit();
+    }
+
     fn seqs(w: &Writer) -> Vec<i64> {
         let mut stmt = w
             .conn
@@ -745,10 +771,10 @@ mod tests {
     fn eviction_takes_synced_first_then_lowest_level_oldest_first() {
         let dir = tempfile::tempdir().unwrap();
         let mut w = writer(dir.path());
-        w.insert(&rows(Level::Info, 5)).unwrap(); // seq 1-5
-        w.insert(&rows(Level::Debug, 5)).unwrap(); // seq 6-10
-        w.insert(&rows(Level::Error, 2)).unwrap(); // seq 11-12
-        w.insert(&rows(Level::Trace, 1)).unwrap(); // seq 13
+        put(&mut w, rows(Level::Info, 5)); // seq 1-5
+        put(&mut w, rows(Level::Debug, 5)); // seq 6-10
+        put(&mut w, rows(Level::Error, 2)); // seq 11-12
+        put(&mut w, rows(Level::Trace, 1)); // seq 13
         assert_eq!(w.mark_synced(&[(2, 3), (12, 12)]).unwrap(), 3);
         w.evict(6).unwrap();
         // Synced 2, 3, 12 first; then the trace record; then the two oldest
@@ -769,12 +795,12 @@ mod tests {
     fn seq_is_never_reused_after_the_table_empties_or_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let mut w = writer(dir.path());
-        w.insert(&rows(Level::Info, 3)).unwrap();
+        put(&mut w, rows(Level::Info, 3));
         w.evict(10).unwrap();
         assert!(seqs(&w).is_empty());
         drop(w);
         let mut w = writer(dir.path());
-        w.insert(&rows(Level::Info, 1)).unwrap();
+        put(&mut w, rows(Level::Info, 1));
         assert_eq!(seqs(&w), vec![4]);
     }
 
@@ -786,8 +812,8 @@ mod tests {
         w.commit();
         let mut r = rows(Level::Warn, 1);
         r[0].client_dropped = 9;
-        w.insert(&r).unwrap();
-        w.insert(&r).unwrap();
+        put(&mut w, r.clone());
+        put(&mut w, r.clone());
         let sid: i64 = w
             .conn
             .query_row(
