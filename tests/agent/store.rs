@@ -250,3 +250,25 @@ fn config_errors_name_key_and_file_and_print_config_shows_the_result() {
     assert_eq!(parsed["device"]["id"].as_str(), Some("d"));
     let _ = run_ok;
 }
+
+#[test]
+fn min_free_bytes_is_kept_by_evicting() {
+    // No filesystem here has a petabyte free: to keep that much free, the
+    // agent must give up every record, and say so as gaps.
+    let dir = TestDir::new("min_free");
+    let agent = Agent::start(&dir, &[("LOGBOOK_BUFFER_MIN_FREE_BYTES", "1000TB")]);
+    let mut s = agent.ingest();
+    for i in 0..200 {
+        writeln!(s, "{}", line("warn", i)).unwrap();
+    }
+    agent.flush();
+    let st = agent.status();
+    assert_eq!(st["records"]["stored"], 0, "{st}");
+    assert_eq!(st["records"]["evicted_unsynced"], 200, "{st}");
+    assert_eq!(st["gaps"][0]["level"], "WARN");
+    assert_eq!(st["gaps"][0]["dropped"], 200);
+    assert!(
+        agent.log_text().contains("evicted"),
+        "the agent says it evicted"
+    );
+}
