@@ -208,7 +208,8 @@ fn main() {
                 .unwrap();
             for k in 0..20_000.min(total - done) {
                 let r = &rows[(done + k) % rows.len()];
-                stmt.execute(rusqlite::params![r.0, r.1, r.2, r.3, r.4])
+                let seq = (done + k + 1) as i64;
+                stmt.execute(rusqlite::params![r.0, r.1, r.2, r.3, r.4, seq])
                     .unwrap();
             }
         }

@@ -170,9 +170,20 @@ pub async fn run(
         _ => {}
     }
     heart.abort();
-    // The last senders go away here; the writer commits and returns.
+    // Everything the connections handed over is queued ahead of this.
+    let _ = tokio::time::timeout(
+        Duration::from_secs(2),
+        pipeline.writer().send(store::writer::Msg::Stop),
+    )
+    .await;
     drop(pipeline);
-    let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
+    let joined = tokio::task::spawn_blocking(move || writer_thread.join());
+    if tokio::time::timeout(Duration::from_secs(10), joined)
+        .await
+        .is_err()
+    {
+        tracing::error!("the writer did not finish in time");
+    }
     for path in created {
         let _ = std::fs::remove_file(path);
     }

@@ -26,6 +26,8 @@ use crate::agent::store::{now_ns, Row, Stats};
 pub const PIPELINE_CAPACITY: usize = 32;
 /// Bytes read from a client at a time.
 const READ_CHUNK: usize = 64 << 10;
+/// Most reads one connection does for one flush or at shutdown.
+const DRAIN_CHUNKS: usize = 64;
 
 /// A handle for submitting records to the writer. Cheap to clone.
 #[derive(Clone)]
@@ -373,7 +375,9 @@ impl Connection {
     /// seen the data arrive, and a flush must not depend on that.
     async fn drain(&mut self) -> bool {
         let mut open = true;
-        loop {
+        // Bounded, so a client that never pauses cannot hold up a flush or
+        // the shutdown: what it sends meanwhile arrived after the request.
+        for _ in 0..DRAIN_CHUNKS {
             let len = self.buf.len();
             self.buf.resize(len + READ_CHUNK, 0);
             let r = rustix::io::read(&self.stream, &mut self.buf[len..]);

@@ -33,6 +33,9 @@ pub enum Msg {
     /// Mark inclusive seq ranges as synced (acked by the hub); replies with
     /// the number of records marked.
     MarkSynced(Vec<(u64, u64)>, oneshot::Sender<u64>),
+    /// Commit what is queued before this and stop, even if some sender is
+    /// still alive (a connection that would not finish).
+    Stop,
 }
 
 pub enum SessionCmd {
@@ -86,6 +89,8 @@ pub struct Writer {
     /// The seq the next record gets. Persisted in `meta` with every commit,
     /// so it never goes back, even when the table empties.
     next_seq: i64,
+    /// A [`Msg::Stop`] arrived.
+    stopping: bool,
 }
 
 impl Writer {
@@ -105,6 +110,7 @@ impl Writer {
             current: None,
             log_counts: HashMap::new(),
             next_seq: 1,
+            stopping: false,
         };
         let stored: i64 = w
             .conn
@@ -184,7 +190,7 @@ impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<Msg>, rt: tokio::runtime::Handle) {
         let mut flushes: Vec<oneshot::Sender<u64>> = Vec::new();
         let mut closed = false;
-        while !closed {
+        while !closed && !self.stopping {
             self.stats.writer_heartbeat.fetch_add(1, Ordering::Relaxed);
             let first = match rt
                 .block_on(async { tokio::time::timeout(Duration::from_secs(1), rx.recv()).await })
@@ -277,6 +283,10 @@ impl Writer {
                 }
                 let _ = reply.send(out);
                 let _ = self.conn.execute_batch("BEGIN");
+                true
+            }
+            Msg::Stop => {
+                self.stopping = true;
                 true
             }
             Msg::MarkSynced(ranges, reply) => {
