@@ -365,6 +365,8 @@ pub struct IngestCounts {
     pub connections_total: u64,
     pub connections_open: i64,
     pub committed: u64,
+    /// Records SQLite refused to store (disk full, I/O error).
+    pub write_failed: u64,
     pub commits: u64,
 }
 
@@ -413,6 +415,7 @@ async fn gather(st: Arc<ApiState>) -> Result<Status, ApiError> {
             connections_total: Stats::get(&s.connections),
             connections_open: s.connections_open.load(Ordering::Relaxed),
             committed: Stats::get(&s.committed),
+            write_failed: Stats::get(&s.write_failed),
             commits: Stats::get(&s.commits),
         },
         gaps: gaps
@@ -496,6 +499,10 @@ async fn metrics(State(st): St) -> Result<Response, ApiError> {
             s.ingest.truncated as f64,
         ),
         ("{outcome=\"refused\"}".to_string(), s.ingest.refused as f64),
+        (
+            "{outcome=\"write_failed\"}".to_string(),
+            s.ingest.write_failed as f64,
+        ),
     ];
     for (reason, n) in &s.ingest.bad {
         ingest.push((

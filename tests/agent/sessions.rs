@@ -275,6 +275,9 @@ fn logs_follow_prints_new_records_and_a_closed_pipe_is_quiet() {
     assert!(!seen.iter().any(|l| l.contains("quiet")), "{seen:?}");
 
     // `logbook logs | head -1` on a long log: exit 0, nothing on stderr.
+    if !crate::util::interop_client("bash") {
+        return;
+    }
     let lines: Vec<String> = (0..5000)
         .map(|i| format!(r#"{{"msg":"filler {i}"}}"#))
         .collect();

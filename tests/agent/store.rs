@@ -272,3 +272,31 @@ fn min_free_bytes_is_kept_by_evicting() {
         "the agent says it evicted"
     );
 }
+
+#[test]
+fn sigterm_under_a_client_that_never_pauses_still_exits_promptly() {
+    let dir = TestDir::new("sigterm_busy");
+    let mut agent = Agent::start(&dir, &[]);
+    let mut s = agent.ingest();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let writer = std::thread::spawn(move || {
+        let mut i = 0;
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            if writeln!(s, "{}", line("info", i)).is_err() {
+                return;
+            }
+            i += 1;
+        }
+    });
+    super::send_lines(&agent, &[r#"{"msg":"marker"}"#]);
+    agent.flush();
+    let started = std::time::Instant::now();
+    let status = agent.terminate();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+    assert!(status.success(), "{status:?}\n{}", agent.log_text());
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    let agent = Agent::start(&dir, &[]);
+    assert_eq!(agent.logs("search=marker").len(), 1);
+}

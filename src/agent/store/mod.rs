@@ -81,6 +81,8 @@ pub struct Stats {
     pub connections: AtomicU64,
     pub connections_open: AtomicI64,
     pub committed: AtomicU64,
+    /// Records SQLite refused to store (disk full, I/O error).
+    pub write_failed: AtomicU64,
     pub commits: AtomicU64,
     /// Records in the database (committed minus evicted).
     pub records_stored: AtomicI64,

@@ -263,6 +263,9 @@ impl Writer {
                 *records += rows.len();
                 *bytes += rows.iter().map(Row::approx_bytes).sum::<usize>();
                 if let Err(e) = self.insert(&rows) {
+                    self.stats
+                        .write_failed
+                        .fetch_add(rows.len() as u64, Ordering::Relaxed);
                     tracing::error!("storing {} records failed: {e}", rows.len());
                 }
                 false
