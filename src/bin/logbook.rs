@@ -23,7 +23,7 @@ struct Cli {
     #[arg(long, value_name = "DIR", global = true, conflicts_with = "api_socket")]
     runtime_dir: Option<PathBuf>,
     /// The agent's API socket (default /run/logbook/api.sock).
-    #[arg(long, value_name = "PATH", global = true, env = "LOGBOOK_API_SOCKET")]
+    #[arg(long, value_name = "PATH", global = true)]
     api_socket: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,

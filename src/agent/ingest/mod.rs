@@ -93,6 +93,11 @@ impl Pipeline {
         self.submit_rows(rows)
     }
 
+    /// [`Pipeline::submit`] for one record (datagram listeners).
+    pub fn submit_one(&self, record: Incoming, trusted: Trusted) -> bool {
+        self.submit(vec![(record, Arc::new(trusted))])
+    }
+
     fn submit_rows(&self, rows: Vec<Row>) -> bool {
         if rows.is_empty() {
             return true;
@@ -477,5 +482,48 @@ impl Connection {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::Level;
+
+    fn incoming(msg: &str) -> Incoming {
+        let mut metadata = serde_json::Map::new();
+        metadata.insert("logbook_dropped".into(), 5.into());
+        Incoming {
+            timestamp_ns: None,
+            level: Level::Warn,
+            module: None,
+            message: msg.into(),
+            metadata,
+            truncated: true,
+        }
+    }
+
+    #[test]
+    fn submit_never_waits_and_counts_what_it_refuses() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let p = Pipeline::new(tx, Arc::new(Stats::default()));
+        assert!(p.submit_one(incoming("a"), Trusted::default()));
+        // The channel is full: refused at once, counted.
+        assert!(!p.submit(vec![
+            (incoming("b"), Arc::new(Trusted::default())),
+            (incoming("c"), Arc::new(Trusted::default())),
+        ]));
+        assert_eq!(p.stats.refused.load(Ordering::Relaxed), 2);
+        assert_eq!(p.stats.accepted.load(Ordering::Relaxed), 3);
+        assert_eq!(p.stats.truncated.load(Ordering::Relaxed), 3);
+        let Ok(Msg::Rows(rows)) = rx.try_recv() else {
+            panic!("expected rows");
+        };
+        assert_eq!(rows.len(), 1);
+        let r = &rows[0];
+        assert_eq!(r.message, "a");
+        assert_eq!(r.client_dropped, 5);
+        assert_eq!(r.metadata, r#"{"logbook_dropped":5}"#);
+        assert!(r.ts_ns > 0, "stamped on arrival");
     }
 }
