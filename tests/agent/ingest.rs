@@ -229,4 +229,19 @@ fn client_dropped_counts_as_a_gap() {
     assert_eq!(gap["reason"], "client_dropped", "{st}");
     assert_eq!(gap["dropped"], 17);
     assert_eq!(agent.logs("search=back%20again").len(), 1);
+    // The CLI's human summary says the same.
+    let out = crate::util::run_ok(agent.cli().arg("status"));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("gap       17 info records client_dropped (session none)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("records   1 stored (0 synced, 1 unsynced)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("device    ") && text.contains("(test-device)"),
+        "{text}"
+    );
 }
