@@ -192,12 +192,15 @@ pub async fn run(
 }
 
 /// Sends WATCHDOG=1 while the writer proves progress (its loop turns at
-/// least once a second even when idle), and a STATUS= line now and then.
+/// least once a second even when idle), and a STATUS= line now and then. A
+/// writer stuck for a whole watchdog period gets no more pings, so systemd
+/// restarts the agent.
 async fn heartbeat(notifier: Arc<Notifier>, stats: Arc<Stats>, shutdown: CancellationToken) {
-    let interval = systemd::watchdog_interval().unwrap_or(Duration::from_secs(10));
-    let mut tick = tokio::time::interval(interval.min(Duration::from_secs(10)));
+    let period = systemd::watchdog_interval().map_or(Duration::from_secs(20), |half| half * 2);
+    let mut tick = tokio::time::interval((period / 2).min(Duration::from_secs(10)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut last_beat = u64::MAX;
+    let mut last_beat = stats.writer_heartbeat.load(Ordering::Relaxed);
+    let mut last_change = Instant::now();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -205,10 +208,17 @@ async fn heartbeat(notifier: Arc<Notifier>, stats: Arc<Stats>, shutdown: Cancell
         }
         let beat = stats.writer_heartbeat.load(Ordering::Relaxed);
         if beat != last_beat {
-            notifier.watchdog();
             last_beat = beat;
+            last_change = Instant::now();
+        }
+        let stuck = last_change.elapsed();
+        if stuck < period.max(Duration::from_secs(3)) {
+            notifier.watchdog();
         } else {
-            tracing::error!("the writer made no progress; withholding the watchdog ping");
+            tracing::error!(
+                "the writer made no progress for {:.0?}; withholding the watchdog ping",
+                stuck
+            );
         }
         notifier.status(&format!(
             "{} records buffered, {} committed since start, {} bytes on disk",

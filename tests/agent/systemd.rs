@@ -27,8 +27,8 @@ fn ready_watchdog_and_stopping_notifications() {
     );
     let mut seen = String::new();
     let mut buf = [0u8; 4096];
-    let mut recv = |want: &str| {
-        while !seen.contains(want) {
+    let mut recv = |want: &str, times: usize| {
+        while seen.matches(want).count() < times {
             let n = rx
                 .recv(&mut buf)
                 .unwrap_or_else(|e| panic!("waiting for {want}: {e}; got {seen:?}"));
@@ -36,14 +36,15 @@ fn ready_watchdog_and_stopping_notifications() {
             seen.push('\n');
         }
     };
-    recv("READY=1");
+    recv("READY=1", 1);
     // Ready means accepting logs: the ingest socket is there.
     assert!(agent.runtime.join("ingest.sock").exists());
-    recv("WATCHDOG=1");
-    recv("STATUS=");
+    // Pinged on a timer, not once.
+    recv("WATCHDOG=1", 3);
+    recv("STATUS=", 2);
     let pid = rustix::process::Pid::from_raw(agent.child.id() as i32).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
-    recv("STOPPING=1");
+    recv("STOPPING=1", 1);
     let status = wait_for("exit", Duration::from_secs(10), || {
         agent.child.try_wait().unwrap()
     });
