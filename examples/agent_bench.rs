@@ -64,6 +64,28 @@ fn http(socket: &Path, method: &str, path: &str) -> String {
     out
 }
 
+/// CPU seconds per thread name of `pid`, busiest first.
+fn thread_cpu(pid: u32) -> Vec<(String, f64)> {
+    let mut by_name: std::collections::BTreeMap<String, f64> = Default::default();
+    for e in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        let name = stat[stat.find('(').unwrap() + 1..stat.rfind(')').unwrap()].to_owned();
+        let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
+            .split_whitespace()
+            .collect();
+        let secs = (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / 100.0;
+        *by_name.entry(name).or_default() += secs;
+    }
+    let mut v: Vec<_> = by_name.into_iter().collect();
+    v.sort_by(|a, b| b.1.total_cmp(&a.1));
+    v
+}
+
 /// (utime + stime in seconds, VmRSS KiB, VmHWM KiB) of `pid`.
 fn proc_stats(pid: u32) -> (f64, u64, u64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -170,6 +192,7 @@ fn main() {
     let elapsed = t0.elapsed().as_secs_f64();
     assert!(flushed.starts_with("HTTP/1.1 200"), "{flushed}");
     let (cpu1, _, peak_rss) = proc_stats(pid);
+    let threads = thread_cpu(pid);
     let status = http(&api, "GET", "/v1/status");
     let total = per_client * clients;
     assert!(
@@ -227,6 +250,11 @@ fn main() {
         "agent CPU          {:.2} s per million records",
         cpu / total as f64 * 1e6
     );
+    let threads: Vec<String> = threads
+        .iter()
+        .map(|(n, s)| format!("{n} {s:.2}s"))
+        .collect();
+    println!("agent threads      {}", threads.join(", "));
     println!(
         "agent RSS          idle {:.1} MiB, peak {:.1} MiB",
         idle_rss as f64 / 1024.0,
