@@ -58,6 +58,7 @@ enum Command {
 enum SessionCommand {
     /// Open a session; prints only its id.
     Start {
+        /// A tag, repeatable.
         #[arg(long = "tag", value_name = "T")]
         tags: Vec<String>,
         /// NAME or NAME@VERSION of the software this session runs.

@@ -426,6 +426,11 @@ impl Writer {
                 if let Some((_, id)) = self.current {
                     return Err(SessionError::Active(id));
                 }
+                if req.tags.len() > MAX_TAGS {
+                    return Err(SessionError::Invalid(format!(
+                        "a session has at most {MAX_TAGS} tags"
+                    )));
+                }
                 let mut tags = Vec::new();
                 for t in req.tags {
                     let t = check_tag(&t)?;
@@ -530,6 +535,11 @@ impl Writer {
                 let tag = check_tag(&tag)?;
                 let mut v = self.view(sid)?;
                 if !v.tags.contains(&tag) {
+                    if v.tags.len() >= MAX_TAGS {
+                        return Err(SessionError::Invalid(format!(
+                            "a session has at most {MAX_TAGS} tags"
+                        )));
+                    }
                     v.tags.push(tag);
                     self.set_tags(sid, &v.tags)?;
                 }
@@ -704,6 +714,10 @@ impl Writer {
         Ok(())
     }
 }
+
+/// Tags per session: enough for any labelling scheme, small enough that a
+/// session row stays small.
+const MAX_TAGS: usize = 64;
 
 fn check_tag(tag: &str) -> Result<String, SessionError> {
     let t = tag.trim();
