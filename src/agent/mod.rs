@@ -1,5 +1,277 @@
 //! The on-robot daemon `logbookd`: ingest, ring buffer, sessions, local API.
+//!
+//! [`run`] wires the parts together: the writer thread ([`store::writer`]),
+//! the ingest listeners ([`ingest`]), the local API ([`api`]) and systemd
+//! notifications ([`systemd`]); it returns after a clean shutdown with every
+//! received record committed.
 
+pub mod api;
+pub mod config;
 pub mod formats;
+pub mod ingest;
 pub mod record;
+pub mod store;
 pub mod sync;
+pub mod systemd;
+pub mod types;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::UnixListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use self::config::AgentConfig;
+use self::ingest::Pipeline;
+use self::store::read::{Reader, ViewCtx};
+use self::store::writer::{Writer, WriterConfig};
+use self::store::{Stats, StoreError};
+use self::systemd::Notifier;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("api.socket_group: no group {0:?} in /etc/group")]
+    NoGroup(String),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {
+    let what = what.into();
+    move |source| AgentError::Io { what, source }
+}
+
+/// The kernel's boot id (or the test's stand-in).
+pub fn boot_id(path: &Path) -> String {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|e| {
+            tracing::warn!("cannot read boot id from {}: {e}", path.display());
+            String::from("unknown")
+        })
+}
+
+/// Runs the agent until `shutdown` fires. `passed` are listening sockets
+/// from systemd socket activation, by name (`ingest`, `api`).
+pub async fn run(
+    cfg: AgentConfig,
+    mut passed: HashMap<String, std::os::unix::net::UnixListener>,
+    shutdown: CancellationToken,
+    notifier: Notifier,
+) -> Result<(), AgentError> {
+    let started = Instant::now();
+    for dir in [&cfg.state_dir, &cfg.runtime_dir, &cfg.sessions_dir()] {
+        std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+    }
+    let boot_id = boot_id(&cfg.boot_id_file);
+    let view = ViewCtx {
+        device_id: cfg.device_id.clone(),
+        device_name: cfg.device_name.clone(),
+        sessions_dir: cfg.sessions_dir(),
+        boot_id,
+    };
+    let wcfg = WriterConfig {
+        db_path: cfg.db_path(),
+        state_dir: cfg.state_dir.clone(),
+        synchronous_full: cfg.synchronous_full,
+        max_bytes: cfg.max_bytes,
+        min_free_bytes: cfg.min_free_bytes,
+        commit_interval: cfg.commit_interval,
+        commit_records: cfg.commit_records,
+        view: view.clone(),
+    };
+    let stats = Arc::new(Stats::default());
+    let stats2 = stats.clone();
+    let writer = tokio::task::spawn_blocking(move || Writer::open(wcfg, stats2))
+        .await
+        .expect("opening the database panicked")?;
+    let (tx, rx) = tokio::sync::mpsc::channel(ingest::PIPELINE_CAPACITY);
+    let writer_thread = writer
+        .spawn(rx, tokio::runtime::Handle::current())
+        .map_err(io("starting the writer thread"))?;
+    let pipeline = Pipeline::new(tx, stats.clone());
+
+    let gid = match &cfg.socket_group {
+        Some(g) => Some(group_id(g)?),
+        None => None,
+    };
+    let mut created = Vec::new();
+    let ingest_listener = listener(
+        &mut passed,
+        "ingest",
+        &cfg.ingest_socket(),
+        gid,
+        &mut created,
+    )?;
+    let api_listener = listener(&mut passed, "api", &cfg.api_socket(), gid, &mut created)?;
+
+    let tracker = TaskTracker::new();
+    tracker.spawn(ingest::serve_json(
+        ingest_listener,
+        pipeline.clone(),
+        cfg.max_record_bytes,
+        cfg.max_connections,
+        shutdown.clone(),
+        tracker.clone(),
+    ));
+    let state = Arc::new(api::ApiState {
+        reader: Reader::new(&cfg.db_path(), view),
+        pipeline: pipeline.clone(),
+        started,
+        max_bytes: cfg.max_bytes,
+        device_id: cfg.device_id.clone(),
+        device_name: cfg.device_name.clone(),
+    });
+    let app = api::router(state);
+    let api_shutdown = shutdown.clone();
+    let api_task = tokio::spawn(async move {
+        axum::serve(api_listener, app)
+            .with_graceful_shutdown(async move { api_shutdown.cancelled().await })
+            .await
+    });
+
+    let notifier = Arc::new(notifier);
+    notifier.ready(&format!(
+        "accepting logs on {}; {} records buffered",
+        cfg.ingest_socket().display(),
+        stats.records_stored.load(Ordering::Relaxed)
+    ));
+    tracing::info!(
+        "logbookd {} ready: ingest {}, api {}, database {}",
+        env!("CARGO_PKG_VERSION"),
+        cfg.ingest_socket().display(),
+        cfg.api_socket().display(),
+        cfg.db_path().display()
+    );
+    let heart = tokio::spawn(heartbeat(notifier.clone(), stats.clone(), shutdown.clone()));
+
+    shutdown.cancelled().await;
+    notifier.stopping();
+    tracing::info!("stopping: committing everything received");
+    tracker.close();
+    if tokio::time::timeout(Duration::from_secs(5), tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some ingest connections did not stop in time");
+    }
+    match tokio::time::timeout(Duration::from_secs(5), api_task).await {
+        Ok(Ok(Err(e))) => tracing::warn!("local API stopped with an error: {e}"),
+        Err(_) => tracing::warn!("local API did not stop in time"),
+        _ => {}
+    }
+    heart.abort();
+    // Everything the connections handed over is queued ahead of this.
+    let _ = tokio::time::timeout(
+        Duration::from_secs(2),
+        pipeline.writer().send(store::writer::Msg::Stop),
+    )
+    .await;
+    drop(pipeline);
+    let joined = tokio::task::spawn_blocking(move || writer_thread.join());
+    if tokio::time::timeout(Duration::from_secs(10), joined)
+        .await
+        .is_err()
+    {
+        tracing::error!("the writer did not finish in time");
+    }
+    for path in created {
+        let _ = std::fs::remove_file(path);
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Sends WATCHDOG=1 while the writer proves progress (its loop turns at
+/// least once a second even when idle), and a STATUS= line now and then. A
+/// writer stuck for a whole watchdog period gets no more pings, so systemd
+/// restarts the agent.
+async fn heartbeat(notifier: Arc<Notifier>, stats: Arc<Stats>, shutdown: CancellationToken) {
+    let period = systemd::watchdog_interval().map_or(Duration::from_secs(20), |half| half * 2);
+    let mut tick = tokio::time::interval((period / 2).min(Duration::from_secs(10)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut last_beat = stats.writer_heartbeat.load(Ordering::Relaxed);
+    let mut last_change = Instant::now();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let beat = stats.writer_heartbeat.load(Ordering::Relaxed);
+        if beat != last_beat {
+            last_beat = beat;
+            last_change = Instant::now();
+        }
+        let stuck = last_change.elapsed();
+        if stuck < period.max(Duration::from_secs(3)) {
+            notifier.watchdog();
+        } else {
+            tracing::error!(
+                "the writer made no progress for {:.0?}; withholding the watchdog ping",
+                stuck
+            );
+        }
+        notifier.status(&format!(
+            "{} records buffered, {} committed since start, {} bytes on disk",
+            stats.records_stored.load(Ordering::Relaxed),
+            Stats::get(&stats.committed),
+            Stats::get(&stats.disk_bytes)
+        ));
+    }
+}
+
+/// The socket systemd passed under `name`, or a fresh one bound at `path`
+/// (a stale file from an earlier run is replaced) with mode 0660.
+fn listener(
+    passed: &mut HashMap<String, std::os::unix::net::UnixListener>,
+    name: &str,
+    path: &Path,
+    gid: Option<u32>,
+    created: &mut Vec<PathBuf>,
+) -> Result<UnixListener, AgentError> {
+    if let Some(l) = passed.remove(name) {
+        tracing::info!("using the {name} socket passed by systemd");
+        return UnixListener::from_std(l).map_err(io(format!("adopting the {name} socket")));
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(format!("removing stale socket {}", path.display()))(e)),
+    }
+    let l = UnixListener::bind(path).map_err(io(format!("binding {}", path.display())))?;
+    created.push(path.to_owned());
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .map_err(io(format!("setting the mode of {}", path.display())))?;
+    if let Some(gid) = gid {
+        rustix::fs::chown(path, None, Some(rustix::fs::Gid::from_raw(gid)))
+            .map_err(|e| io(format!("giving {} to group {gid}", path.display()))(e.into()))?;
+    }
+    Ok(l)
+}
+
+/// A group name (or number) to its gid, from `/etc/group`.
+fn group_id(group: &str) -> Result<u32, AgentError> {
+    if let Ok(n) = group.parse::<u32>() {
+        return Ok(n);
+    }
+    let text = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            let name = f.next()?;
+            let gid = f.nth(1)?.parse::<u32>().ok()?;
+            (name == group).then_some(gid)
+        })
+        .next()
+        .ok_or_else(|| AgentError::NoGroup(group.to_owned()))
+}

@@ -1,2 +1,607 @@
-//! `logbook` binary.
-fn main() {}
+//! `logbook` binary: the CLI for the local agent over `api.sock` (sessions,
+//! logs with `--follow`, artifacts, status).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use logbook::agent::types::{Flushed, LogItem, OpenSession, Page, SessionView, StopSession};
+use logbook::wire::{ErrorBody, Package};
+
+/// Sessions, logs and artifacts of the logbook agent on this machine.
+#[derive(Debug, Parser)]
+#[command(name = "logbook", version)]
+struct Cli {
+    /// Directory of the agent's sockets (default /run/logbook).
+    #[arg(long, value_name = "DIR", global = true, conflicts_with = "api_socket")]
+    runtime_dir: Option<PathBuf>,
+    /// The agent's API socket (default /run/logbook/api.sock).
+    #[arg(long, value_name = "PATH", global = true)]
+    api_socket: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Open, close, tag and show sessions.
+    Session {
+        #[command(subcommand)]
+        command: SessionCommand,
+    },
+    /// Print log records (oldest first), optionally following new ones.
+    Logs(LogsArgs),
+    /// List the files in a session's artifact directory.
+    Artifacts {
+        /// Session id (default: the active session, else the latest).
+        #[arg(long)]
+        session: Option<String>,
+    },
+    /// Summary of the agent: buffer, records, ingest counters, gaps.
+    Status {
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Wait until every record the agent received is committed.
+    Flush,
+}
+
+#[derive(Debug, Subcommand)]
+enum SessionCommand {
+    /// Open a session; prints only its id.
+    Start {
+        /// A tag, repeatable.
+        #[arg(long = "tag", value_name = "T")]
+        tags: Vec<String>,
+        /// NAME or NAME@VERSION of the software this session runs.
+        #[arg(long, value_name = "NAME[@VERSION]")]
+        package: Option<String>,
+        /// Free metadata, repeatable.
+        #[arg(long = "meta", value_name = "K=V")]
+        meta: Vec<String>,
+    },
+    /// Close the active session.
+    Stop {
+        /// Close it as failed.
+        #[arg(long)]
+        failed: bool,
+        /// Why it failed.
+        #[arg(long, value_name = "TEXT")]
+        error: Option<String>,
+    },
+    /// Add a tag to the active session.
+    Tag { tag: String },
+    /// Show the active session.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct LogsArgs {
+    /// Session id, or `current`.
+    #[arg(long)]
+    session: Option<String>,
+    /// This level and above: trace, debug, info, warn, error, fatal.
+    #[arg(long)]
+    level: Option<String>,
+    /// A module and its children.
+    #[arg(long)]
+    module: Option<String>,
+    /// Text the message contains.
+    #[arg(long)]
+    search: Option<String>,
+    /// RFC 3339 time.
+    #[arg(long)]
+    since: Option<String>,
+    /// RFC 3339 time.
+    #[arg(long)]
+    until: Option<String>,
+    /// Only the newest N records.
+    #[arg(long, short = 'n')]
+    limit: Option<usize>,
+    /// Keep printing new records as they arrive (like `journalctl -f`).
+    #[arg(long, short = 'f')]
+    follow: bool,
+    /// One JSON object per line.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("logbook: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // `logbook logs | head` closes the pipe: not an error.
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) {
+                return ExitCode::SUCCESS;
+            }
+            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            eprintln!("logbook: {}", chain.join(": "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+struct Api {
+    socket: PathBuf,
+}
+
+impl Api {
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> anyhow::Result<(StatusCode, Bytes)> {
+        let stream = tokio::net::UnixStream::connect(&self.socket).await.map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => anyhow!(
+                "is logbookd running? no socket at {} (start it, or point --runtime-dir / --api-socket at it)",
+                self.socket.display()
+            ),
+            std::io::ErrorKind::PermissionDenied => anyhow!(
+                "permission denied on {}: join the group that owns it (api.socket_group) or use sudo",
+                self.socket.display()
+            ),
+            _ => anyhow::Error::new(e).context(format!("connecting to {}", self.socket.display())),
+        })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .context("talking to logbookd")?;
+        tokio::spawn(conn);
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, "logbookd");
+        if body.is_some() {
+            req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        let req = req.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .context("talking to logbookd")?;
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .context("reading logbookd's answer")?
+            .to_bytes();
+        Ok((status, bytes))
+    }
+
+    /// Calls and decodes a success body, turning error bodies into errors.
+    async fn json<T: serde::de::DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> anyhow::Result<T> {
+        let (status, bytes) = self.call(method, path, body).await?;
+        if !status.is_success() {
+            match serde_json::from_slice::<ErrorBody>(&bytes) {
+                Ok(e) => bail!("{} ({})", e.error.message, e.error.code),
+                Err(_) => bail!(
+                    "logbookd answered {status}: {}",
+                    String::from_utf8_lossy(&bytes)
+                ),
+            }
+        }
+        serde_json::from_slice(&bytes)
+            .with_context(|| format!("unexpected answer from logbookd to {path}"))
+    }
+}
+
+fn socket_path(cli: &Cli) -> PathBuf {
+    if let Some(p) = &cli.api_socket {
+        return p.clone();
+    }
+    cli.runtime_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("/run/logbook"))
+        .join("api.sock")
+}
+
+/// Percent-encodes a query value.
+fn enc(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let api = Api {
+        socket: socket_path(&cli),
+    };
+    let mut out = std::io::stdout().lock();
+    match cli.command {
+        Command::Session { command } => match command {
+            SessionCommand::Start {
+                tags,
+                package,
+                meta,
+            } => {
+                let package = package.map(|p| match p.split_once('@') {
+                    Some((name, version)) => Package {
+                        name: name.into(),
+                        version: Some(version.into()).filter(|v: &String| !v.is_empty()),
+                    },
+                    None => Package {
+                        name: p,
+                        version: None,
+                    },
+                });
+                let mut metadata = serde_json::Map::new();
+                for kv in meta {
+                    let (k, v) = kv
+                        .split_once('=')
+                        .ok_or_else(|| anyhow!("--meta {kv:?} must look like KEY=VALUE"))?;
+                    metadata.insert(k.into(), serde_json::Value::String(v.into()));
+                }
+                let body = serde_json::to_vec(&OpenSession {
+                    tags,
+                    package,
+                    metadata,
+                })?;
+                let s: SessionView = api.json(Method::POST, "/v1/sessions", Some(body)).await?;
+                writeln!(out, "{}", s.id)?;
+            }
+            SessionCommand::Stop { failed, error } => {
+                if error.is_some() && !failed {
+                    bail!("--error goes with --failed");
+                }
+                let body = serde_json::to_vec(&StopSession { failed, error })?;
+                let s: SessionView = api
+                    .json(Method::POST, "/v1/sessions/current/stop", Some(body))
+                    .await?;
+                writeln!(
+                    out,
+                    "{} {} after {}",
+                    s.id,
+                    s.status.as_str(),
+                    human_duration(s.duration_seconds)
+                )?;
+            }
+            SessionCommand::Tag { tag } => {
+                let body = serde_json::to_vec(&serde_json::json!({ "tag": tag }))?;
+                let s: SessionView = api
+                    .json(Method::POST, "/v1/sessions/current/tags", Some(body))
+                    .await?;
+                writeln!(out, "{} tags: {}", s.id, s.tags.join(", "))?;
+            }
+            SessionCommand::Status { json } => {
+                let (status, bytes) = api.call(Method::GET, "/v1/sessions/current", None).await?;
+                if status == StatusCode::NOT_FOUND {
+                    writeln!(out, "no active session")?;
+                    return Ok(());
+                }
+                if !status.is_success() {
+                    bail!(
+                        "logbookd answered {status}: {}",
+                        String::from_utf8_lossy(&bytes)
+                    );
+                }
+                if json {
+                    out.write_all(&bytes)?;
+                    writeln!(out)?;
+                } else {
+                    let s: SessionView = serde_json::from_slice(&bytes)?;
+                    print_session(&mut out, &s)?;
+                }
+            }
+        },
+        Command::Logs(args) => logs(&api, &mut out, args).await?,
+        Command::Artifacts { session } => {
+            let s: SessionView = match session {
+                Some(id) => {
+                    api.json(Method::GET, &format!("/v1/sessions/{}", enc(&id)), None)
+                        .await?
+                }
+                None => {
+                    let (status, bytes) =
+                        api.call(Method::GET, "/v1/sessions/current", None).await?;
+                    if status.is_success() {
+                        serde_json::from_slice(&bytes)?
+                    } else {
+                        let page: Page<SessionView> =
+                            api.json(Method::GET, "/v1/sessions?limit=1", None).await?;
+                        page.items
+                            .into_iter()
+                            .next()
+                            .ok_or_else(|| anyhow!("there are no sessions yet"))?
+                    }
+                }
+            };
+            let dir = PathBuf::from(&s.artifact_dir);
+            let mut files = Vec::new();
+            list_files(&dir, &dir, &mut files);
+            files.sort();
+            if files.is_empty() {
+                eprintln!("no artifacts in {} (session {})", dir.display(), s.id);
+            }
+            for (rel, len) in files {
+                writeln!(out, "{len:>12}  {rel}")?;
+            }
+        }
+        Command::Status { json } => {
+            let (status, bytes) = api.call(Method::GET, "/v1/status", None).await?;
+            if !status.is_success() {
+                bail!(
+                    "logbookd answered {status}: {}",
+                    String::from_utf8_lossy(&bytes)
+                );
+            }
+            if json {
+                out.write_all(&bytes)?;
+                writeln!(out)?;
+            } else {
+                print_status(&mut out, &serde_json::from_slice(&bytes)?)?;
+            }
+        }
+        Command::Flush => {
+            let f: Flushed = api
+                .json(Method::POST, "/v1/flush", Some(b"{}".to_vec()))
+                .await?;
+            writeln!(out, "committed up to seq {}", f.last_seq)?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn list_files(root: &Path, dir: &Path, out: &mut Vec<(String, u64)>) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let Ok(ft) = e.file_type() else { continue };
+        let p = e.path();
+        if ft.is_dir() {
+            list_files(root, &p, out);
+        } else if ft.is_file() {
+            let rel = p.strip_prefix(root).unwrap_or(&p).display().to_string();
+            out.push((rel, e.metadata().map_or(0, |m| m.len())));
+        }
+    }
+}
+
+fn human_duration(secs: f64) -> String {
+    let s = secs.max(0.0) as u64;
+    match s {
+        0..60 => format!("{secs:.1}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m{:02}s", s / 3600, s / 60 % 60, s % 60),
+    }
+}
+
+fn print_session(out: &mut impl Write, s: &SessionView) -> std::io::Result<()> {
+    writeln!(out, "session   {}", s.id)?;
+    writeln!(out, "status    {}", s.status.as_str())?;
+    writeln!(out, "started   {}", s.started_at)?;
+    if let Some(e) = &s.ended_at {
+        writeln!(out, "ended     {e}")?;
+    }
+    writeln!(out, "duration  {}", human_duration(s.duration_seconds))?;
+    if !s.tags.is_empty() {
+        writeln!(out, "tags      {}", s.tags.join(", "))?;
+    }
+    if let Some(p) = &s.package {
+        writeln!(
+            out,
+            "package   {}{}",
+            p.name,
+            p.version
+                .as_deref()
+                .map(|v| format!("@{v}"))
+                .unwrap_or_default()
+        )?;
+    }
+    if !s.metadata.is_empty() {
+        writeln!(
+            out,
+            "metadata  {}",
+            serde_json::Value::Object(s.metadata.clone())
+        )?;
+    }
+    if let Some(e) = &s.error {
+        writeln!(out, "error     {e}")?;
+    }
+    writeln!(out, "logs      {}", s.log_count)?;
+    writeln!(out, "artifacts {}", s.artifact_dir)
+}
+
+fn print_status(out: &mut impl Write, s: &serde_json::Value) -> std::io::Result<()> {
+    let n = |p: &str| s.pointer(p).and_then(|v| v.as_f64()).unwrap_or(0.0);
+    let mib = |b: f64| b / (1024.0 * 1024.0);
+    writeln!(
+        out,
+        "device    {} ({})",
+        s["device_name"].as_str().unwrap_or(""),
+        s["device_id"].as_str().unwrap_or("")
+    )?;
+    writeln!(out, "uptime    {}", human_duration(n("/uptime_seconds")))?;
+    match s["current_session"].as_str() {
+        Some(id) => writeln!(out, "session   {id} (active)")?,
+        None => writeln!(out, "session   none active")?,
+    }
+    let (used, limit) = (n("/buffer/bytes_used"), n("/buffer/bytes_limit"));
+    writeln!(
+        out,
+        "buffer    {:.1} MiB of {:.1} MiB ({:.0}%)",
+        mib(used),
+        mib(limit),
+        if limit > 0.0 {
+            used / limit * 100.0
+        } else {
+            0.0
+        }
+    )?;
+    writeln!(
+        out,
+        "records   {} stored ({} synced, {} unsynced), last seq {}",
+        n("/records/stored"),
+        n("/records/synced"),
+        n("/records/unsynced"),
+        n("/records/last_seq")
+    )?;
+    let bad: f64 = s["ingest"]["bad"]
+        .as_object()
+        .map(|m| m.values().filter_map(|v| v.as_f64()).sum())
+        .unwrap_or(0.0);
+    writeln!(
+        out,
+        "ingest    {} accepted, {} truncated, {} bad, {} refused; {} clients connected",
+        n("/ingest/accepted"),
+        n("/ingest/truncated"),
+        bad,
+        n("/ingest/refused"),
+        n("/ingest/connections_open")
+    )?;
+    let gaps = s["gaps"].as_array().cloned().unwrap_or_default();
+    if gaps.is_empty() {
+        writeln!(out, "gaps      none")?;
+    }
+    for g in gaps {
+        writeln!(
+            out,
+            "gap       {} {} records {} (session {})",
+            g["dropped"],
+            g["level"].as_str().unwrap_or("").to_ascii_lowercase(),
+            g["reason"].as_str().unwrap_or(""),
+            g["session_id"].as_str().unwrap_or("none")
+        )?;
+    }
+    Ok(())
+}
+
+fn print_record(out: &mut impl Write, r: &LogItem, json: bool) -> anyhow::Result<()> {
+    if json {
+        serde_json::to_writer(&mut *out, r)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    // Milliseconds are enough on a terminal.
+    let ts = match r.timestamp.find('.') {
+        Some(dot) if r.timestamp.len() > dot + 4 => format!("{}Z", &r.timestamp[..dot + 4]),
+        _ => r.timestamp.clone(),
+    };
+    write!(out, "{ts} {:<5} ", r.level.as_upper())?;
+    if !r.module.is_empty() {
+        write!(out, "{}: ", r.module)?;
+    }
+    write!(out, "{}", r.message)?;
+    if !r.metadata.is_empty() {
+        write!(out, " {}", serde_json::Value::Object(r.metadata.clone()))?;
+    }
+    if let Some(p) = &r.process {
+        write!(out, " [{p}")?;
+        if let Some(pid) = r.pid {
+            write!(out, " {pid}")?;
+        }
+        write!(out, "]")?;
+    }
+    writeln!(out)?;
+    Ok(())
+}
+
+async fn logs(api: &Api, out: &mut impl Write, a: LogsArgs) -> anyhow::Result<()> {
+    let mut filter = String::new();
+    for (k, v) in [
+        ("session", &a.session),
+        ("level", &a.level),
+        ("module", &a.module),
+        ("search", &a.search),
+        ("since", &a.since),
+        ("until", &a.until),
+    ] {
+        if let Some(v) = v {
+            filter.push_str(&format!("&{k}={}", enc(v)));
+        }
+    }
+    let mut last_seq: u64 = 0;
+    // With --limit (or --follow, like journalctl's last 10): the newest N,
+    // printed oldest first. Otherwise every record, paging upwards.
+    let tail = a.limit.or(if a.follow { Some(10) } else { None });
+    if let Some(n) = tail {
+        let mut items = Vec::new();
+        let mut before: Option<u64> = None;
+        while items.len() < n {
+            let want = (n - items.len()).min(1000);
+            let mut path = format!("/v1/logs?limit={want}{filter}");
+            if let Some(b) = before {
+                path.push_str(&format!("&before={b}"));
+            }
+            let page: Page<LogItem> = api.json(Method::GET, &path, None).await?;
+            let done = page.next_cursor.is_none();
+            before = page.items.last().map(|r| r.seq);
+            items.extend(page.items);
+            if done {
+                break;
+            }
+        }
+        if a.follow && items.is_empty() {
+            // Nothing matched yet: follow from the newest record of all.
+            let page: Page<LogItem> = api.json(Method::GET, "/v1/logs?limit=1", None).await?;
+            last_seq = page.items.first().map_or(0, |r| r.seq);
+        }
+        for r in items.iter().rev() {
+            print_record(out, r, a.json)?;
+            last_seq = last_seq.max(r.seq);
+        }
+        out.flush()?;
+        if !a.follow {
+            return Ok(());
+        }
+    }
+    loop {
+        let page: Page<LogItem> = api
+            .json(
+                Method::GET,
+                &format!("/v1/logs?after={last_seq}&limit=1000{filter}"),
+                None,
+            )
+            .await?;
+        let full = page.next_cursor.is_some();
+        for r in &page.items {
+            print_record(out, r, a.json)?;
+            last_seq = r.seq;
+        }
+        out.flush()?;
+        if !full {
+            if !a.follow {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+}

@@ -1,2 +1,97 @@
-//! `logbookd` binary.
-fn main() {}
+//! `logbookd` binary: parses flags, loads the configuration, and runs
+//! [`logbook::agent::run`] until SIGTERM or SIGINT.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use logbook::agent::{self, config, systemd};
+
+/// The logbook agent: ingests logs over Unix sockets into a bounded SQLite
+/// ring buffer and manages sessions.
+#[derive(Debug, Parser)]
+#[command(name = "logbookd", version)]
+struct Args {
+    /// Configuration file (default /etc/logbook/agent.toml, optional).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Stands in for /var/lib/logbook (database, artifacts).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Stands in for /run/logbook (sockets).
+    #[arg(long, value_name = "DIR")]
+    runtime_dir: Option<PathBuf>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("logbookd: {}", chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn chain(e: &anyhow::Error) -> String {
+    e.chain()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+fn run() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let overrides = config::Overrides {
+        state_dir: args.state_dir,
+        runtime_dir: args.runtime_dir,
+    };
+    let cfg = config::load(args.config.as_deref(), &overrides, std::env::vars())?;
+    if args.print_config {
+        print!("{}", config::to_toml(&cfg));
+        return Ok(());
+    }
+    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.raw.log.level)
+        .map_err(|e| anyhow::anyhow!("log.level: {e}"))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    // Before the runtime starts threads: adopting fds and clearing the
+    // LISTEN_* variables is only sound while this is the only thread.
+    let passed = systemd::listen_fds();
+    let notifier = systemd::Notifier::from_env();
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .max_blocking_threads(8)
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let signals = shutdown.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                tracing::error!("cannot install signal handlers");
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            signals.cancel();
+        });
+        agent::run(cfg, passed, shutdown, notifier).await
+    })?;
+    Ok(())
+}

@@ -1,0 +1,569 @@
+//! The local API on `api.sock`: sessions, log queries, flush, status and
+//! Prometheus metrics, HTTP/1.1 with JSON bodies and
+//! `{"error":{"code","message"}}` errors.
+//!
+//! Invariant: handlers never run SQL themselves: reads go to the store's
+//! [`Reader`] on a blocking thread, changes go to the writer as messages.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+use crate::agent::ingest::json::BadRecord;
+use crate::agent::ingest::Pipeline;
+use crate::agent::store::read::{LogQuery, Reader};
+use crate::agent::store::writer::{Msg, SessionCmd};
+use crate::agent::store::{Stats, StoreError};
+use crate::agent::types::{AddTag, Flushed, OpenSession, SessionError, StopSession, Target};
+use crate::wire::{ErrorBody, ErrorDetail, Level, SessionStatus};
+
+/// Largest request body the local API reads.
+const MAX_BODY: usize = 256 << 10;
+/// Largest page a query returns.
+const MAX_LIMIT: usize = 1000;
+
+pub struct ApiState {
+    pub reader: Reader,
+    pub pipeline: Pipeline,
+    pub started: Instant,
+    pub max_bytes: u64,
+    pub device_id: String,
+    pub device_name: String,
+}
+
+type St = State<Arc<ApiState>>;
+
+pub fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/v1/sessions", post(open_session).get(list_sessions))
+        .route("/v1/sessions/{id}", get(get_session))
+        .route("/v1/sessions/{id}/stop", post(stop_session))
+        .route("/v1/sessions/{id}/tags", post(add_tag))
+        .route("/v1/sessions/{id}/tags/{tag}", delete(remove_tag))
+        .route("/v1/logs", get(logs))
+        .route("/v1/flush", post(flush))
+        .route("/v1/status", get(status))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .fallback(|| async { ApiError::new(404, "not_found", "no such route".into()) })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+/// An error response.
+pub struct ApiError {
+    status: StatusCode,
+    body: ErrorBody,
+}
+
+impl ApiError {
+    fn new(status: u16, code: &str, message: String) -> ApiError {
+        ApiError {
+            status: StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            body: ErrorBody {
+                error: ErrorDetail {
+                    code: code.into(),
+                    message,
+                },
+            },
+        }
+    }
+
+    fn bad(message: String) -> ApiError {
+        ApiError::new(400, "invalid", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body)).into_response()
+    }
+}
+
+impl From<SessionError> for ApiError {
+    fn from(e: SessionError) -> ApiError {
+        ApiError::new(e.status(), e.code(), e.to_string())
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        tracing::error!("query failed: {e}");
+        ApiError::new(500, "internal", e.to_string())
+    }
+}
+
+impl From<axum::extract::rejection::JsonRejection> for ApiError {
+    fn from(e: axum::extract::rejection::JsonRejection) -> ApiError {
+        ApiError::new(e.status().as_u16(), "invalid", e.body_text())
+    }
+}
+
+impl From<axum::extract::rejection::QueryRejection> for ApiError {
+    fn from(e: axum::extract::rejection::QueryRejection) -> ApiError {
+        ApiError::bad(e.body_text())
+    }
+}
+
+type Body<T> = Result<Json<T>, axum::extract::rejection::JsonRejection>;
+type Q<T> = Result<Query<T>, axum::extract::rejection::QueryRejection>;
+
+async fn blocking<R: Send + 'static>(
+    f: impl FnOnce() -> Result<R, StoreError> + Send + 'static,
+) -> Result<R, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::new(500, "internal", e.to_string()))?
+        .map_err(ApiError::from)
+}
+
+async fn command(st: &ApiState, cmd: SessionCmd) -> Result<Response, ApiError> {
+    let (tx, rx) = oneshot::channel();
+    let gone = || ApiError::new(503, "unavailable", "the agent is shutting down".into());
+    if matches!(cmd, SessionCmd::Open(_) | SessionCmd::Stop { .. }) {
+        // Records a client sent before the session changed belong to the
+        // state before the change: get them queued ahead of the command.
+        let _ =
+            tokio::time::timeout(std::time::Duration::from_secs(5), st.pipeline.handover()).await;
+    }
+    st.pipeline
+        .writer()
+        .send(Msg::Session(cmd, tx))
+        .await
+        .map_err(|_| gone())?;
+    let view = rx.await.map_err(|_| gone())??;
+    Ok(Json(view).into_response())
+}
+
+fn target(id: &str) -> Result<Target, ApiError> {
+    id.parse().map_err(ApiError::bad)
+}
+
+async fn open_session(State(st): St, body: Body<OpenSession>) -> Result<Response, ApiError> {
+    let Json(req) = body?;
+    let resp = command(&st, SessionCmd::Open(req)).await?;
+    Ok((StatusCode::CREATED, resp).into_response())
+}
+
+async fn stop_session(
+    State(st): St,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    // An empty body is a plain stop.
+    let req: StopSession = if body.iter().all(u8::is_ascii_whitespace) {
+        StopSession::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad(format!("invalid stop body: {e}")))?
+    };
+    command(
+        &st,
+        SessionCmd::Stop {
+            target: target(&id)?,
+            failed: req.failed,
+            error: req.error,
+        },
+    )
+    .await
+}
+
+async fn add_tag(
+    State(st): St,
+    Path(id): Path<String>,
+    body: Body<AddTag>,
+) -> Result<Response, ApiError> {
+    let Json(req) = body?;
+    command(
+        &st,
+        SessionCmd::Tag {
+            target: target(&id)?,
+            tag: req.tag,
+        },
+    )
+    .await
+}
+
+async fn remove_tag(
+    State(st): St,
+    Path((id, tag)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    command(
+        &st,
+        SessionCmd::Untag {
+            target: target(&id)?,
+            tag,
+        },
+    )
+    .await
+}
+
+async fn get_session(State(st): St, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let t = target(&id)?;
+    let st2 = st.clone();
+    let found = blocking(move || match t {
+        Target::Current => st2.reader.current_session(),
+        Target::Id(id) => st2.reader.session(id),
+    })
+    .await?;
+    match found {
+        Some(s) => Ok(Json(s).into_response()),
+        None if t == Target::Current => Err(SessionError::NoActive.into()),
+        None => Err(ApiError::new(404, "not_found", format!("no session {id}"))),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct SessionsQuery {
+    status: Option<String>,
+    limit: Option<usize>,
+    before: Option<String>,
+}
+
+async fn list_sessions(State(st): St, q: Q<SessionsQuery>) -> Result<Response, ApiError> {
+    let Query(q) = q?;
+    let status = match q.status.as_deref() {
+        None | Some("") => None,
+        Some(s) => Some(SessionStatus::parse(s).ok_or_else(|| {
+            ApiError::bad(format!(
+                "status {s:?} is not one of active, completed, failed"
+            ))
+        })?),
+    };
+    let before = match q.before.as_deref() {
+        None | Some("") => None,
+        Some(b) => Some(
+            Uuid::parse_str(b)
+                .map_err(|_| ApiError::bad(format!("before {b:?} is not a session id")))?,
+        ),
+    };
+    let limit = q.limit.unwrap_or(50).clamp(1, MAX_LIMIT);
+    let page = blocking(move || st.reader.sessions(status, limit, before)).await?;
+    Ok(Json(page).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct LogsQuery {
+    session: Option<String>,
+    level: Option<String>,
+    module: Option<String>,
+    search: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    limit: Option<usize>,
+    before: Option<u64>,
+    after: Option<u64>,
+    order: Option<String>,
+}
+
+fn parse_time(name: &str, s: &str) -> Result<i64, ApiError> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .ok()
+        .and_then(|t| i64::try_from(t.unix_timestamp_nanos()).ok())
+        .ok_or_else(|| ApiError::bad(format!("{name} {s:?} is not an RFC 3339 time")))
+}
+
+async fn logs(State(st): St, q: Q<LogsQuery>) -> Result<Response, ApiError> {
+    let Query(q) = q?;
+    let nonempty = |o: Option<String>| o.filter(|s| !s.is_empty());
+    let session = match nonempty(q.session) {
+        None => None,
+        Some(s) if s == "current" => {
+            let st2 = st.clone();
+            let cur = blocking(move || st2.reader.current_session()).await?;
+            Some(cur.ok_or(SessionError::NoActive)?.id)
+        }
+        Some(s) => Some(
+            Uuid::parse_str(&s)
+                .map_err(|_| ApiError::bad(format!("session {s:?} is not a session id")))?,
+        ),
+    };
+    let level = match nonempty(q.level) {
+        None => None,
+        Some(l) => Some(l.parse::<Level>().map_err(ApiError::bad)?),
+    };
+    let ascending = match q.order.as_deref() {
+        None | Some("") | Some("desc") => false,
+        Some("asc") => true,
+        Some(o) => return Err(ApiError::bad(format!("order {o:?} is not asc or desc"))),
+    };
+    let query = LogQuery {
+        session,
+        level,
+        module: nonempty(q.module),
+        search: nonempty(q.search),
+        since_ns: nonempty(q.since)
+            .map(|s| parse_time("since", &s))
+            .transpose()?,
+        until_ns: nonempty(q.until)
+            .map(|s| parse_time("until", &s))
+            .transpose()?,
+        limit: q.limit.unwrap_or(100).clamp(1, MAX_LIMIT),
+        before: q.before,
+        after: q.after,
+        ascending,
+    };
+    let page = blocking(move || st.reader.logs(&query)).await?;
+    Ok(Json(page).into_response())
+}
+
+async fn flush(State(st): St) -> Result<Response, ApiError> {
+    let last_seq = st
+        .pipeline
+        .flush()
+        .await
+        .map_err(|e| ApiError::new(503, "unavailable", e.to_string()))?;
+    Ok(Json(Flushed { last_seq }).into_response())
+}
+
+/// `GET /v1/status`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub device_id: String,
+    pub device_name: String,
+    pub version: String,
+    pub uptime_seconds: f64,
+    pub current_session: Option<Uuid>,
+    pub buffer: BufferStatus,
+    pub records: RecordCounts,
+    pub ingest: IngestCounts,
+    pub gaps: Vec<GapItem>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BufferStatus {
+    pub bytes_used: u64,
+    pub bytes_limit: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RecordCounts {
+    pub stored: i64,
+    pub synced: i64,
+    pub unsynced: i64,
+    pub last_seq: i64,
+    pub evicted_synced: u64,
+    pub evicted_unsynced: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct IngestCounts {
+    pub accepted: u64,
+    pub truncated: u64,
+    pub refused: u64,
+    /// Bad records by reason.
+    pub bad: std::collections::BTreeMap<String, u64>,
+    pub connections_total: u64,
+    pub connections_open: i64,
+    pub committed: u64,
+    /// Records SQLite refused to store (disk full, I/O error).
+    pub write_failed: u64,
+    pub commits: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct GapItem {
+    pub session_id: Option<Uuid>,
+    pub level: Level,
+    pub reason: String,
+    pub dropped: u64,
+}
+
+async fn gather(st: Arc<ApiState>) -> Result<Status, ApiError> {
+    let st2 = st.clone();
+    let (gaps, current) =
+        blocking(move || Ok((st2.reader.gaps()?, st2.reader.current_session()?))).await?;
+    let s: &Stats = &st.pipeline.stats;
+    let stored = s.records_stored.load(Ordering::Relaxed);
+    let synced = s.records_synced.load(Ordering::Relaxed);
+    Ok(Status {
+        device_id: st.device_id.clone(),
+        device_name: st.device_name.clone(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        uptime_seconds: st.started.elapsed().as_secs_f64(),
+        current_session: current.map(|c| c.id),
+        buffer: BufferStatus {
+            bytes_used: Stats::get(&s.disk_bytes),
+            bytes_limit: st.max_bytes,
+        },
+        records: RecordCounts {
+            stored,
+            synced,
+            unsynced: stored - synced,
+            last_seq: s.last_seq.load(Ordering::Relaxed),
+            evicted_synced: Stats::get(&s.evicted_synced),
+            evicted_unsynced: Stats::get(&s.evicted_unsynced),
+        },
+        ingest: IngestCounts {
+            accepted: Stats::get(&s.accepted),
+            truncated: Stats::get(&s.truncated),
+            refused: Stats::get(&s.refused),
+            bad: BadRecord::ALL
+                .iter()
+                .enumerate()
+                .map(|(i, b)| (b.reason().to_owned(), Stats::get(&s.bad[i])))
+                .collect(),
+            connections_total: Stats::get(&s.connections),
+            connections_open: s.connections_open.load(Ordering::Relaxed),
+            committed: Stats::get(&s.committed),
+            write_failed: Stats::get(&s.write_failed),
+            commits: Stats::get(&s.commits),
+        },
+        gaps: gaps
+            .into_iter()
+            .map(|g| GapItem {
+                session_id: g.session_id,
+                level: g.level,
+                reason: g.reason,
+                dropped: g.dropped,
+            })
+            .collect(),
+    })
+}
+
+async fn status(State(st): St) -> Result<Response, ApiError> {
+    Ok(Json(gather(st).await?).into_response())
+}
+
+async fn metrics(State(st): St) -> Result<Response, ApiError> {
+    let s = gather(st).await?;
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        for (labels, v) in samples {
+            out.push_str(&format!("{name}{labels} {v}\n"));
+        }
+    };
+    let one = |v: f64| vec![(String::new(), v)];
+    metric(
+        "logbook_uptime_seconds",
+        "gauge",
+        "Seconds since logbookd started.",
+        &one(s.uptime_seconds),
+    );
+    metric(
+        "logbook_buffer_bytes",
+        "gauge",
+        "Bytes of agent.db plus its WAL.",
+        &one(s.buffer.bytes_used as f64),
+    );
+    metric(
+        "logbook_buffer_limit_bytes",
+        "gauge",
+        "buffer.max_bytes.",
+        &one(s.buffer.bytes_limit as f64),
+    );
+    metric(
+        "logbook_records",
+        "gauge",
+        "Records in the buffer by sync state.",
+        &[
+            ("{state=\"synced\"}".into(), s.records.synced as f64),
+            ("{state=\"unsynced\"}".into(), s.records.unsynced as f64),
+        ],
+    );
+    metric(
+        "logbook_last_seq",
+        "gauge",
+        "Highest committed seq.",
+        &one(s.records.last_seq as f64),
+    );
+    metric(
+        "logbook_evicted_records_total",
+        "counter",
+        "Records evicted to keep the size bound.",
+        &[
+            ("{state=\"synced\"}".into(), s.records.evicted_synced as f64),
+            (
+                "{state=\"unsynced\"}".into(),
+                s.records.evicted_unsynced as f64,
+            ),
+        ],
+    );
+    let mut ingest = vec![
+        (
+            "{outcome=\"accepted\"}".to_string(),
+            s.ingest.accepted as f64,
+        ),
+        (
+            "{outcome=\"truncated\"}".to_string(),
+            s.ingest.truncated as f64,
+        ),
+        ("{outcome=\"refused\"}".to_string(), s.ingest.refused as f64),
+        (
+            "{outcome=\"write_failed\"}".to_string(),
+            s.ingest.write_failed as f64,
+        ),
+    ];
+    for (reason, n) in &s.ingest.bad {
+        ingest.push((
+            format!("{{outcome=\"bad\",reason=\"{reason}\"}}"),
+            *n as f64,
+        ));
+    }
+    metric(
+        "logbook_ingest_records_total",
+        "counter",
+        "Records received by outcome.",
+        &ingest,
+    );
+    metric(
+        "logbook_committed_records_total",
+        "counter",
+        "Records committed to SQLite.",
+        &one(s.ingest.committed as f64),
+    );
+    metric(
+        "logbook_commits_total",
+        "counter",
+        "SQLite transactions committed.",
+        &one(s.ingest.commits as f64),
+    );
+    metric(
+        "logbook_ingest_connections",
+        "gauge",
+        "Open ingest connections.",
+        &one(s.ingest.connections_open as f64),
+    );
+    let gaps: Vec<(String, f64)> = s
+        .gaps
+        .iter()
+        .map(|g| {
+            (
+                format!(
+                    "{{session=\"{}\",level=\"{}\",reason=\"{}\"}}",
+                    g.session_id.map(|u| u.to_string()).unwrap_or_default(),
+                    g.level.as_str(),
+                    g.reason
+                ),
+                g.dropped as f64,
+            )
+        })
+        .collect();
+    metric(
+        "logbook_gap_records_total",
+        "counter",
+        "Records that will never reach the hub.",
+        &gaps,
+    );
+    metric(
+        "logbook_session_active",
+        "gauge",
+        "1 while a session is active.",
+        &one(if s.current_session.is_some() {
+            1.0
+        } else {
+            0.0
+        }),
+    );
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
+}

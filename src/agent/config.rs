@@ -1,0 +1,519 @@
+//! The agent's configuration: the table of known keys (source of every
+//! `LOGBOOK_*` variable name), the raw serde struct it deserializes into, and
+//! the resolved [`AgentConfig`] with absolute paths, byte sizes and durations.
+//!
+//! Invariant: a key exists in [`KEYS`] if and only if it is a field of
+//! [`RawConfig`]; the test `table_and_struct_agree` keeps them in step.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ConfigError, Key, Kind};
+
+/// Default path of the agent's configuration file.
+pub const DEFAULT_CONFIG: &str = "/etc/logbook/agent.toml";
+
+const fn key(section: &'static str, key: &'static str, kind: Kind, doc: &'static str) -> Key {
+    Key {
+        section,
+        key,
+        kind,
+        doc,
+    }
+}
+
+/// Every key of `agent.toml`.
+pub const KEYS: &[Key] = &[
+    key(
+        "device",
+        "id",
+        Kind::Str,
+        "device id (default: /etc/machine-id)",
+    ),
+    key(
+        "device",
+        "name",
+        Kind::Str,
+        "device name (default: host name)",
+    ),
+    key("paths", "state_dir", Kind::Str, "database and artifacts"),
+    key("paths", "runtime_dir", Kind::Str, "sockets"),
+    key(
+        "ingest",
+        "max_record_bytes",
+        Kind::Bytes,
+        "larger records are truncated",
+    ),
+    key(
+        "ingest",
+        "max_connections",
+        Kind::U64,
+        "concurrent ingest clients",
+    ),
+    key(
+        "buffer",
+        "max_bytes",
+        Kind::Bytes,
+        "on-disk bound of the ring buffer (db + WAL)",
+    ),
+    key(
+        "buffer",
+        "min_free_bytes",
+        Kind::Bytes,
+        "free space kept on the state filesystem",
+    ),
+    key(
+        "buffer",
+        "synchronous",
+        Kind::Choice(&["normal", "full"]),
+        "SQLite synchronous mode",
+    ),
+    key(
+        "buffer",
+        "commit_interval",
+        Kind::Secs,
+        "longest time a record waits for its commit",
+    ),
+    key(
+        "buffer",
+        "commit_records",
+        Kind::U64,
+        "most records in one transaction",
+    ),
+    key(
+        "api",
+        "socket_group",
+        Kind::Str,
+        "group owning the sockets (mode 0660)",
+    ),
+    key(
+        "log",
+        "level",
+        Kind::Str,
+        "the agent's own log filter (tracing syntax)",
+    ),
+    key(
+        "sync",
+        "hub",
+        Kind::Str,
+        "hub base URL; empty disables sync",
+    ),
+    key("sync", "token", Kind::Str, "device token for the hub"),
+    key(
+        "sync",
+        "max_bytes_per_sec",
+        Kind::Bytes,
+        "upload bandwidth cap; 0 = none",
+    ),
+    key(
+        "artifacts",
+        "settle_secs",
+        Kind::Secs,
+        "a file unchanged this long is complete",
+    ),
+];
+
+/// The merged configuration before resolution, exactly the shape of the file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawConfig {
+    pub device: RawDevice,
+    pub paths: RawPaths,
+    pub ingest: RawIngest,
+    pub buffer: RawBuffer,
+    pub api: RawApi,
+    pub log: RawLog,
+    pub sync: RawSync,
+    pub artifacts: RawArtifacts,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawDevice {
+    pub id: String,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawPaths {
+    pub state_dir: String,
+    pub runtime_dir: String,
+}
+
+impl Default for RawPaths {
+    fn default() -> Self {
+        RawPaths {
+            state_dir: "/var/lib/logbook".into(),
+            runtime_dir: "/run/logbook".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawIngest {
+    pub max_record_bytes: u64,
+    pub max_connections: u64,
+}
+
+impl Default for RawIngest {
+    fn default() -> Self {
+        RawIngest {
+            max_record_bytes: 64 << 10,
+            max_connections: 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawBuffer {
+    pub max_bytes: u64,
+    pub min_free_bytes: u64,
+    pub synchronous: String,
+    pub commit_interval: f64,
+    pub commit_records: u64,
+}
+
+impl Default for RawBuffer {
+    fn default() -> Self {
+        RawBuffer {
+            max_bytes: 256 << 20,
+            min_free_bytes: 64 << 20,
+            synchronous: "normal".into(),
+            commit_interval: 0.2,
+            commit_records: 20_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawApi {
+    pub socket_group: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawLog {
+    pub level: String,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        RawLog {
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawSync {
+    pub hub: String,
+    pub token: String,
+    pub max_bytes_per_sec: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawArtifacts {
+    pub settle_secs: f64,
+}
+
+impl Default for RawArtifacts {
+    fn default() -> Self {
+        RawArtifacts { settle_secs: 5.0 }
+    }
+}
+
+/// Flags of `logbookd` that stand in for config keys.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub state_dir: Option<PathBuf>,
+    pub runtime_dir: Option<PathBuf>,
+}
+
+/// The resolved configuration the agent runs with.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub raw: RawConfig,
+    pub device_id: String,
+    pub device_name: String,
+    pub state_dir: PathBuf,
+    pub runtime_dir: PathBuf,
+    pub max_record_bytes: usize,
+    pub max_connections: usize,
+    pub max_bytes: u64,
+    pub min_free_bytes: u64,
+    pub synchronous_full: bool,
+    pub commit_interval: Duration,
+    pub commit_records: usize,
+    pub socket_group: Option<String>,
+    /// Where the kernel's boot id is read (tests point it at a file they own).
+    pub boot_id_file: PathBuf,
+}
+
+impl AgentConfig {
+    pub fn db_path(&self) -> PathBuf {
+        self.state_dir.join("agent.db")
+    }
+    pub fn ingest_socket(&self) -> PathBuf {
+        self.runtime_dir.join("ingest.sock")
+    }
+    pub fn api_socket(&self) -> PathBuf {
+        self.runtime_dir.join("api.sock")
+    }
+    pub fn sessions_dir(&self) -> PathBuf {
+        self.state_dir.join("sessions")
+    }
+}
+
+/// Loads `file` (required only when given explicitly) and the environment,
+/// applies the flags, and resolves.
+pub fn load(
+    file: Option<&Path>,
+    overrides: &Overrides,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<AgentConfig, ConfigError> {
+    let env: Vec<(String, String)> = env.into_iter().collect();
+    let (path, required) = match file {
+        Some(p) => (p.to_owned(), true),
+        None => (PathBuf::from(DEFAULT_CONFIG), false),
+    };
+    let mut raw: RawConfig = crate::config::load(KEYS, Some(&path), required, env.clone())?;
+    if let Some(dir) = &overrides.state_dir {
+        raw.paths.state_dir = dir.display().to_string();
+    }
+    if let Some(dir) = &overrides.runtime_dir {
+        raw.paths.runtime_dir = dir.display().to_string();
+    }
+    let boot_id_file = env
+        .iter()
+        .find(|(k, _)| k == "LOGBOOK_BOOT_ID_FILE")
+        .map(|(_, v)| PathBuf::from(v))
+        .unwrap_or_else(|| PathBuf::from("/proc/sys/kernel/random/boot_id"));
+    resolve(raw, &path, boot_id_file)
+}
+
+fn resolve(raw: RawConfig, file: &Path, boot_id_file: PathBuf) -> Result<AgentConfig, ConfigError> {
+    let bad = |key: &str, message: String| ConfigError::Key {
+        origin: file.display().to_string(),
+        message: format!("{key}: {message}"),
+    };
+    let abs = |key: &str, p: &str| -> Result<PathBuf, ConfigError> {
+        let p = PathBuf::from(p);
+        if p.as_os_str().is_empty() {
+            return Err(bad(key, "must not be empty".into()));
+        }
+        if p.is_absolute() {
+            Ok(p)
+        } else {
+            std::env::current_dir()
+                .map(|cwd| cwd.join(p))
+                .map_err(|e| bad(key, format!("cannot resolve a relative path: {e}")))
+        }
+    };
+    let state_dir = abs("paths.state_dir", &raw.paths.state_dir)?;
+    let runtime_dir = abs("paths.runtime_dir", &raw.paths.runtime_dir)?;
+    // A Unix socket path is limited to 108 bytes; say so now, not at bind.
+    if runtime_dir.join("forward.sock").as_os_str().len() >= 108 {
+        return Err(bad(
+            "paths.runtime_dir",
+            format!(
+                "{} is too long for Unix socket paths (108 bytes)",
+                runtime_dir.display()
+            ),
+        ));
+    }
+    if raw.ingest.max_record_bytes < 256 || raw.ingest.max_record_bytes > 16 << 20 {
+        return Err(bad(
+            "ingest.max_record_bytes",
+            format!(
+                "must be between 256 and 16MiB, found {}",
+                raw.ingest.max_record_bytes
+            ),
+        ));
+    }
+    if raw.buffer.max_bytes < 256 << 10 {
+        return Err(bad(
+            "buffer.max_bytes",
+            format!("must be at least 256KiB, found {}", raw.buffer.max_bytes),
+        ));
+    }
+    if raw.buffer.commit_records == 0 {
+        return Err(bad("buffer.commit_records", "must be at least 1".into()));
+    }
+    if raw.buffer.commit_interval <= 0.0 || raw.buffer.commit_interval > 60.0 {
+        return Err(bad(
+            "buffer.commit_interval",
+            format!(
+                "must be above 0 and at most 60s, found {}",
+                raw.buffer.commit_interval
+            ),
+        ));
+    }
+    if raw.ingest.max_connections == 0 {
+        return Err(bad("ingest.max_connections", "must be at least 1".into()));
+    }
+    let device_id = if raw.device.id.trim().is_empty() {
+        std::fs::read_to_string("/etc/machine-id")
+            .map(|s| s.trim().to_owned())
+            .ok()
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| {
+                bad(
+                    "device.id",
+                    "not set and /etc/machine-id is missing or empty; set device.id".into(),
+                )
+            })?
+    } else {
+        raw.device.id.trim().to_owned()
+    };
+    let device_name = if raw.device.name.trim().is_empty() {
+        rustix::system::uname()
+            .nodename()
+            .to_string_lossy()
+            .into_owned()
+    } else {
+        raw.device.name.trim().to_owned()
+    };
+    Ok(AgentConfig {
+        device_id,
+        device_name,
+        state_dir,
+        runtime_dir,
+        max_record_bytes: raw.ingest.max_record_bytes as usize,
+        max_connections: raw.ingest.max_connections as usize,
+        max_bytes: raw.buffer.max_bytes,
+        min_free_bytes: raw.buffer.min_free_bytes,
+        synchronous_full: raw.buffer.synchronous == "full",
+        commit_interval: Duration::from_secs_f64(raw.buffer.commit_interval),
+        commit_records: raw.buffer.commit_records as usize,
+        socket_group: Some(raw.api.socket_group.clone()).filter(|g| !g.is_empty()),
+        boot_id_file,
+        raw,
+    })
+}
+
+/// The effective configuration as TOML, for `logbookd --print-config`. The
+/// device token is masked: this output ends up in bug reports.
+pub fn to_toml(cfg: &AgentConfig) -> String {
+    let mut raw = cfg.raw.clone();
+    raw.device.id = cfg.device_id.clone();
+    raw.device.name = cfg.device_name.clone();
+    raw.paths.state_dir = cfg.state_dir.display().to_string();
+    raw.paths.runtime_dir = cfg.runtime_dir.display().to_string();
+    if !raw.sync.token.is_empty() {
+        raw.sync.token = "<set>".into();
+    }
+    toml::to_string(&raw).expect("the config always serializes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_and_struct_agree() {
+        // Every field of the serialized struct is a key of the table, and
+        // every key of the table is a field.
+        let value = toml::Value::try_from(RawConfig::default()).unwrap();
+        let mut fields = Vec::new();
+        for (section, table) in value.as_table().unwrap() {
+            for (name, _) in table.as_table().unwrap() {
+                fields.push(format!("{section}.{name}"));
+            }
+        }
+        let mut keys: Vec<String> = KEYS.iter().map(|k| k.dotted()).collect();
+        fields.sort();
+        keys.sort();
+        assert_eq!(fields, keys);
+    }
+
+    fn sample(kind: Kind) -> &'static str {
+        match kind {
+            Kind::Str => "x1",
+            Kind::Bool => "true",
+            Kind::U64 | Kind::Bytes => "4096",
+            Kind::Secs => "3",
+            Kind::Choice(options) => options[options.len() - 1],
+            Kind::List => "a,b",
+        }
+    }
+
+    #[test]
+    fn every_key_round_trips_through_its_env_var() {
+        for key in KEYS {
+            let name = key.env_name();
+            assert_eq!(
+                name,
+                format!("LOGBOOK_{}_{}", key.section, key.key).to_ascii_uppercase()
+            );
+            let env = vec![(name.clone(), sample(key.kind).to_owned())];
+            let raw: RawConfig = crate::config::load(KEYS, None, false, env).unwrap();
+            let value = toml::Value::try_from(&raw).unwrap();
+            let got = &value[key.section][key.key];
+            let want = sample(key.kind);
+            let got_text = match got {
+                toml::Value::String(s) => s.clone(),
+                toml::Value::Float(f) => format!("{f}"),
+                other => other.to_string(),
+            };
+            assert_eq!(got_text, want, "{name}");
+        }
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let check = |env: &[(&str, &str)], want: &str| {
+            let env = env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .chain([("LOGBOOK_DEVICE_ID".to_string(), "d1".to_string())]);
+            let err = load(
+                Some(Path::new("/nonexistent.toml")),
+                &Overrides::default(),
+                env,
+            );
+            let msg = err.unwrap_err().to_string();
+            assert!(msg.contains(want), "{msg} should contain {want}");
+        };
+        check(&[], "/nonexistent.toml: cannot read");
+    }
+
+    #[test]
+    fn resolved_values() {
+        let env = vec![
+            ("LOGBOOK_DEVICE_ID".to_string(), "robot-7".to_string()),
+            ("LOGBOOK_BUFFER_MAX_BYTES".to_string(), "1MiB".to_string()),
+            (
+                "LOGBOOK_BUFFER_COMMIT_INTERVAL".to_string(),
+                "50ms".to_string(),
+            ),
+        ];
+        let o = Overrides {
+            state_dir: Some("/tmp/s".into()),
+            runtime_dir: Some("/tmp/r".into()),
+        };
+        let cfg = load(None, &o, env).unwrap();
+        assert_eq!(cfg.device_id, "robot-7");
+        assert_eq!(cfg.max_bytes, 1 << 20);
+        assert_eq!(cfg.commit_interval, Duration::from_millis(50));
+        assert_eq!(cfg.api_socket(), PathBuf::from("/tmp/r/api.sock"));
+        let text = to_toml(&cfg);
+        assert!(text.contains("state_dir = \"/tmp/s\""), "{text}");
+        let small = vec![
+            ("LOGBOOK_DEVICE_ID".to_string(), "r".to_string()),
+            ("LOGBOOK_BUFFER_MAX_BYTES".to_string(), "1KiB".to_string()),
+        ];
+        let err = load(None, &o, small).unwrap_err().to_string();
+        assert!(
+            err.contains("buffer.max_bytes: must be at least 256KiB"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,129 @@
+//! The SQLite ring buffer: the schema ([`schema`]), the one writer thread
+//! that owns the write connection ([`writer`]), and the read-only queries
+//! behind the local API ([`read`]).
+//!
+//! Invariant: this is the only module of the agent that runs SQL. The ingest
+//! path hands rows to the writer over a bounded channel and never waits on
+//! SQLite; readers use their own read-only connections (WAL) and never block
+//! the writer.
+
+pub mod read;
+pub mod schema;
+pub mod writer;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::agent::record::Trusted;
+use crate::wire::Level;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open database {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("database {path} is unreadable: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error(
+        "database {path} has schema version {found}, newer than this logbookd understands ({supported}); \
+         upgrade logbookd or move the file away (it was left untouched)"
+    )]
+    Newer {
+        path: PathBuf,
+        found: i64,
+        supported: i64,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("database error: {0}")]
+    Sql(#[from] rusqlite::Error),
+}
+
+/// One record on its way to the writer, already in its stored form: the
+/// connection task serializes metadata once, so the writer only binds.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub ts_ns: i64,
+    pub level: Level,
+    pub module: String,
+    pub message: String,
+    /// JSON object text, or empty when there is no metadata.
+    pub metadata: String,
+    pub trusted: Arc<Trusted>,
+    /// Events the client says it dropped before this record (the tracing
+    /// layer's `logbook_dropped`), counted as a gap.
+    pub client_dropped: u64,
+}
+
+impl Row {
+    /// Rough size, for bounding transactions by bytes.
+    pub fn approx_bytes(&self) -> usize {
+        self.module.len() + self.message.len() + self.metadata.len() + 48
+    }
+}
+
+/// Counters shared by the ingest listeners, the writer and the API. Plain
+/// atomics: the ingest path only ever increments.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub accepted: AtomicU64,
+    pub truncated: AtomicU64,
+    /// Per [`crate::agent::ingest::json::BadRecord`] reason, in `ALL` order.
+    pub bad: [AtomicU64; 3],
+    /// Records a listener could not queue (the pipeline was full).
+    pub refused: AtomicU64,
+    pub connections: AtomicU64,
+    pub connections_open: AtomicI64,
+    pub committed: AtomicU64,
+    /// Records SQLite refused to store (disk full, I/O error).
+    pub write_failed: AtomicU64,
+    pub commits: AtomicU64,
+    /// Records in the database (committed minus evicted).
+    pub records_stored: AtomicI64,
+    pub records_synced: AtomicI64,
+    pub evicted_synced: AtomicU64,
+    pub evicted_unsynced: AtomicU64,
+    /// Bytes of `agent.db` plus its WAL after the last commit.
+    pub disk_bytes: AtomicU64,
+    /// Bumped by the writer on every loop turn, so the watchdog can tell a
+    /// live writer from a stuck one.
+    pub writer_heartbeat: AtomicU64,
+    pub last_seq: AtomicI64,
+}
+
+impl Stats {
+    pub fn get(a: &AtomicU64) -> u64 {
+        a.load(Ordering::Relaxed)
+    }
+}
+
+/// Current time, Unix nanoseconds.
+pub fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
+}
+
+/// `CLOCK_BOOTTIME` in nanoseconds: monotonic, counts suspend, restarts at
+/// boot (so it is only compared within one boot id).
+pub fn boottime_ns() -> i64 {
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+    ts.tv_sec * 1_000_000_000 + ts.tv_nsec
+}
+
+/// RFC 3339 with nanoseconds, UTC.
+pub fn rfc3339(ns: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(ns as i128)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}

@@ -1,0 +1,146 @@
+//! JSON types of the local API (`api.sock`): request bodies, the session and
+//! log-record views, and the error codes. The CLI reads the same types.
+//!
+//! Invariant: these are the only agent types that derive serde besides the
+//! config; the store builds them, the API serializes them, nothing else
+//! depends on their field layout.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::wire::{Level, Package, SessionStatus};
+
+/// A session as the local API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionView {
+    pub id: Uuid,
+    pub device_id: String,
+    pub device_name: String,
+    pub status: SessionStatus,
+    /// RFC 3339.
+    pub started_at: String,
+    pub ended_at: Option<String>,
+    /// For an active session, the time so far.
+    pub duration_seconds: f64,
+    pub tags: Vec<String>,
+    pub package: Option<Package>,
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    pub error: Option<String>,
+    pub artifact_dir: String,
+    /// Records received while this session was active.
+    pub log_count: u64,
+}
+
+/// `POST /v1/sessions`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OpenSession {
+    pub tags: Vec<String>,
+    pub package: Option<Package>,
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+}
+
+/// `POST /v1/sessions/{id}/stop`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StopSession {
+    pub failed: bool,
+    pub error: Option<String>,
+}
+
+/// `POST /v1/sessions/{id}/tags`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddTag {
+    pub tag: String,
+}
+
+/// One record as `GET /v1/logs` and `logbook logs --json` show it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogItem {
+    pub seq: u64,
+    pub session_id: Option<Uuid>,
+    /// RFC 3339 with nanoseconds.
+    pub timestamp: String,
+    pub level: Level,
+    pub module: String,
+    pub message: String,
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    pub pid: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub process: Option<String>,
+}
+
+/// A page of results; `next_cursor` goes back as `before` (or `after` when
+/// ascending) to get the next page, and is null on the last one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next_cursor: Option<String>,
+}
+
+/// `POST /v1/flush`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Flushed {
+    /// Highest seq committed (0 when the buffer has never held a record).
+    pub last_seq: u64,
+}
+
+/// What a session command refers to: `current` or an id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Current,
+    Id(Uuid),
+}
+
+impl std::str::FromStr for Target {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "current" {
+            return Ok(Target::Current);
+        }
+        Uuid::parse_str(s)
+            .map(Target::Id)
+            .map_err(|_| format!("{s:?} is not a session id (a UUID) or `current`"))
+    }
+}
+
+/// Why a session command failed; each maps to one HTTP status and code.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SessionError {
+    #[error("session {0} is already active; stop it first")]
+    Active(Uuid),
+    #[error("no active session")]
+    NoActive,
+    #[error("no session {0}")]
+    NotFound(Uuid),
+    #[error("session {0} is not active")]
+    NotActive(Uuid),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("storage failed: {0}")]
+    Store(String),
+}
+
+impl SessionError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            SessionError::Active(_) => "session_active",
+            SessionError::NoActive => "no_active_session",
+            SessionError::NotFound(_) => "not_found",
+            SessionError::NotActive(_) => "session_not_active",
+            SessionError::Invalid(_) => "invalid",
+            SessionError::Store(_) => "internal",
+        }
+    }
+
+    pub fn status(&self) -> u16 {
+        match self {
+            SessionError::Active(_) | SessionError::NotActive(_) => 409,
+            SessionError::NoActive | SessionError::NotFound(_) => 404,
+            SessionError::Invalid(_) => 400,
+            SessionError::Store(_) => 500,
+        }
+    }
+}
