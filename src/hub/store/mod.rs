@@ -805,7 +805,8 @@ impl Store {
             let sql = format!(
                 "SELECT {SESSION_COLUMNS}, {key} FROM sessions s JOIN devices d ON d.pk = s.device_pk
                  WHERE {page_where} ORDER BY {key} {dir}, s.pk {dir} LIMIT {} OFFSET {offset}",
-                q.limit
+                // One more than asked: whether it exists says if there is a next page.
+                q.limit + 1
             );
             let mut st = c.prepare_cached(&sql)?;
             let mut keys = Vec::new();
@@ -821,10 +822,13 @@ impl Store {
                     })
                 })
                 .collect::<Result<_, _>>()?;
+            let more = items.len() as u64 > q.limit;
+            items.truncate(q.limit as usize);
+            keys.truncate(q.limit as usize);
             for row in &mut items {
                 row.tags = tags_of(c, row.pk)?;
             }
-            let next_cursor = if items.len() as u64 == q.limit && q.limit > 0 {
+            let next_cursor = if more {
                 keys.last().map(|&(value, pk)| SessionCursor { value, pk })
             } else {
                 None
@@ -1214,13 +1218,15 @@ fn logs_page(c: &Connection, scope: LogScope, q: &LogQuery) -> Result<LogPage, S
          LEFT JOIN sessions s ON s.pk = l.session_pk
          JOIN devices d ON d.pk = l.device_pk
          WHERE {page_where} ORDER BY l.seq {dir} LIMIT {}",
-        q.limit
+        q.limit + 1
     );
-    let items: Vec<LogRow> = c
+    let mut items: Vec<LogRow> = c
         .prepare_cached(&sql)?
         .query_map(rusqlite::params_from_iter(args.iter()), log_row)?
         .collect::<Result<_, _>>()?;
-    let next_cursor = if q.limit > 0 && items.len() as u64 == q.limit {
+    let more = items.len() as u64 > q.limit;
+    items.truncate(q.limit as usize);
+    let next_cursor = if more {
         items.last().map(|r| r.seq)
     } else {
         None
