@@ -303,11 +303,17 @@ impl WsClient {
         }
         let head = String::from_utf8_lossy(&head).into_owned();
         if !head.starts_with("HTTP/1.1 101") {
-            let mut rest = String::new();
-            let _ = stream.read_to_string(&mut rest);
-            return Err(head + &rest);
+            return Err(head);
         }
         Ok(WsClient { stream })
+    }
+
+    /// A client on no connection (a placeholder while the real one is
+    /// lent to a blocking task).
+    pub fn dangling() -> WsClient {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        WsClient { stream }
     }
 
     /// The next message, waiting at most `timeout`.
