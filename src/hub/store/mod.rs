@@ -370,14 +370,17 @@ fn session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRow> {
     })
 }
 
-/// Turns a user's search text into an FTS5 query: every word must occur,
-/// as a word or a word's start. Quotes keep FTS5 syntax out of user hands.
+/// Turns a user's search text into an FTS5 query: every word must occur as
+/// a whole word (case-insensitive). Quotes keep FTS5 syntax out of user
+/// hands. Whole words, not prefixes: a prefix query merges the doclists of
+/// every matching term across the whole hub before the session's rowid
+/// range can narrow it (18 ms instead of 1.5 ms at 500k records).
 /// `None` when the text has no word characters at all.
 pub fn fts_query(search: &str) -> Option<String> {
     let words: Vec<String> = search
         .split(|c: char| !c.is_alphanumeric())
         .filter(|w| !w.is_empty())
-        .map(|w| format!("\"{w}\"*"))
+        .map(|w| format!("\"{w}\""))
         .collect();
     if words.is_empty() {
         None

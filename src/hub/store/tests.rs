@@ -300,12 +300,20 @@ fn filters_search_and_cursors() {
         },
         &[4, 1],
     );
+    // Whole words: "obstacle" is not "obstacles".
     check(
         LogQuery {
             search: Some("obstacle".into()),
             ..Default::default()
         },
-        &[4, 2],
+        &[4],
+    );
+    check(
+        LogQuery {
+            search: Some("obstacles".into()),
+            ..Default::default()
+        },
+        &[2],
     );
     check(
         LogQuery {
@@ -549,11 +557,8 @@ fn session_list_filters_sorts_and_pages() {
 #[test]
 fn fts_queries_quote_user_text() {
     let check = |s: &str, want: Option<&str>| assert_eq!(fts_query(s).as_deref(), want, "{s}");
-    check("obstacle", Some("\"obstacle\"*"));
-    check("Detected 5", Some("\"Detected\"* AND \"5\"*"));
-    check(
-        "a\"b OR c",
-        Some("\"a\"* AND \"b\"* AND \"OR\"* AND \"c\"*"),
-    );
+    check("obstacle", Some("\"obstacle\""));
+    check("Detected 5", Some("\"Detected\" AND \"5\""));
+    check("a\"b OR c", Some("\"a\" AND \"b\" AND \"OR\" AND \"c\""));
     check("  ;; ", None);
 }
