@@ -92,11 +92,13 @@ CREATE UNIQUE INDEX logs_device_seq ON logs (device_pk, seq);
 CREATE INDEX logs_session_seq ON logs (session_pk, seq) WHERE session_pk IS NOT NULL;
 CREATE INDEX logs_device_only ON logs (device_pk, seq) WHERE session_pk IS NULL;
 
--- Messages only, no copy of the text (contentless); rows are deleted by id.
+-- Messages only: no copy of the text (contentless), no per-row sizes
+-- (no ranking), no positions (whole-word AND queries). Rows are removed
+-- with the 'delete' command, which takes the text from `logs`.
 CREATE VIRTUAL TABLE logs_fts USING fts5 (
     message,
     content = '',
-    contentless_delete = 1,
+    columnsize = 0,
     detail = none
 );
 

@@ -875,7 +875,8 @@ impl Store {
                     .collect::<Result<_, _>>()?;
             }
             tx.execute(
-                "DELETE FROM logs_fts WHERE rowid IN (SELECT id FROM logs WHERE session_pk = ?1)",
+                "INSERT INTO logs_fts (logs_fts, rowid, message)
+                 SELECT 'delete', id, message FROM logs WHERE session_pk = ?1",
                 [pk],
             )?;
             tx.execute("DELETE FROM logs WHERE session_pk = ?1", [pk])?;

@@ -414,6 +414,16 @@ fn delete_removes_everything_and_stays_deleted() {
         .read(|c| Ok(c.query_row("SELECT count(*) FROM logs", [], |r| r.get(0))?))
         .unwrap();
     assert_eq!(n, 0);
+    let indexed: i64 = store
+        .read(|c| {
+            Ok(c.query_row(
+                "SELECT count(*) FROM logs_fts WHERE logs_fts MATCH 'gone'",
+                [],
+                |r| r.get(0),
+            )?)
+        })
+        .unwrap();
+    assert_eq!(indexed, 0, "the deleted message left the full-text index");
 }
 
 #[test]
