@@ -398,6 +398,13 @@ impl Store {
         };
         let mut conn = Connection::open(path).map_err(open_err)?;
         pragmas(&conn).map_err(open_err)?;
+        // The writer keeps the hot index pages of every device and session
+        // in memory (64 MiB), and checkpoints less often, so a page written
+        // by many batches reaches the database file once per checkpoint.
+        conn.pragma_update(None, "cache_size", -65536)
+            .and_then(|()| conn.pragma_update(None, "wal_autocheckpoint", 8192))
+            .and_then(|()| conn.pragma_update(None, "temp_store", "MEMORY"))
+            .map_err(open_err)?;
         migrate(&mut conn, path)?;
         Ok(Store {
             path: path.to_owned(),
