@@ -1,6 +1,7 @@
 //! Exporting a session of 1,000,000 logs as JSON and CSV streams in
 //! bounded memory: the hub's peak RSS (VmHWM) barely moves while hundreds
-//! of megabytes go out.
+//! of megabytes go out. And an export in flight when SIGTERM arrives
+//! finishes before the hub exits.
 
 use logbook::wire::{Level, SessionStatus};
 
@@ -79,4 +80,49 @@ async fn million_log_export_streams_in_bounded_memory() {
         "peak RSS grew from {before} KiB to {after} KiB while exporting {} MiB",
         (json_bytes + csv_bytes) >> 20
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_an_export_in_flight_finish() {
+    let mut hub = HubProc::start("hub_export_sigterm");
+    let s = session_id(2);
+    let n = 100_000u64;
+    for b in 0..n / PER_BATCH {
+        let recs: Vec<_> = (1..=PER_BATCH)
+            .map(|i| {
+                record(
+                    b * PER_BATCH + i,
+                    Some(s),
+                    Level::Info,
+                    "nav",
+                    "waypoint reached, replanning",
+                )
+            })
+            .collect();
+        let sessions = if b == 0 {
+            vec![state(s, 1, SessionStatus::Active, &[])]
+        } else {
+            vec![]
+        };
+        assert_eq!(hub.post_batch(&batch(sessions, recs, vec![])).await.0, 200);
+    }
+    let url = hub.api(&format!("/sessions/{s}/logs/export?format=json"));
+    let mut r = hub
+        .http
+        .get(url)
+        .bearer_auth(&hub.operator)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let first = r.chunk().await.unwrap().unwrap();
+    // Shutdown begins while most of the export is still to come.
+    hub.sigterm();
+    let mut lines = first.iter().filter(|b| **b == b'\n').count() as u64;
+    while let Some(chunk) = r.chunk().await.unwrap() {
+        lines += chunk.iter().filter(|b| **b == b'\n').count() as u64;
+    }
+    assert_eq!(lines, n + 2, "the export was cut short");
+    let status = hub.wait_exit();
+    assert!(status.success(), "{status}");
 }

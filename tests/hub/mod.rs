@@ -175,8 +175,16 @@ impl HubProc {
 
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
+        self.sigterm();
+        self.wait_exit()
+    }
+
+    pub fn sigterm(&self) {
         util::run_ok(Command::new("kill").args(["-TERM", &self.pid().to_string()]));
-        util::wait_for("hub exit", Duration::from_secs(20), || {
+    }
+
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        util::wait_for("hub exit", Duration::from_secs(30), || {
             self.child.try_wait().unwrap()
         })
     }
