@@ -30,6 +30,9 @@ struct Entry {
 
 pub struct ZipWriter<W: Write> {
     out: W,
+    /// Entries of at least this size get ZIP64 headers (lowered by tests,
+    /// which also get ZIP64 end records then).
+    zip64_from: u64,
     /// Bytes written so far (offsets of headers).
     pos: u64,
     entries: Vec<Entry>,
@@ -52,6 +55,7 @@ impl<W: Write> ZipWriter<W> {
     pub fn new(out: W) -> ZipWriter<W> {
         ZipWriter {
             out,
+            zip64_from: U32_MAX,
             pos: 0,
             entries: Vec::new(),
             current: None,
@@ -70,7 +74,7 @@ impl<W: Write> ZipWriter<W> {
         if self.current.is_some() {
             self.finish_entry()?;
         }
-        let zip64 = size >= U32_MAX;
+        let zip64 = size >= self.zip64_from;
         let entry = Entry {
             name: name.to_owned(),
             crc: 0,
@@ -191,7 +195,10 @@ impl<W: Write> ZipWriter<W> {
         }
         let cd_size = self.pos - cd_start;
         let count = entries.len() as u64;
-        let need64 = count >= 0xFFFF || cd_size >= U32_MAX || cd_start >= U32_MAX;
+        let need64 = count >= 0xFFFF
+            || cd_size >= U32_MAX
+            || cd_start >= U32_MAX
+            || self.zip64_from < U32_MAX;
         if need64 {
             let z64_start = self.pos;
             let mut r = Vec::with_capacity(56 + 20);
@@ -280,6 +287,61 @@ mod tests {
             assert_eq!(u32_at(&out, start + size + 4), crc);
             p += 46 + name_len;
         }
+    }
+
+    /// With ZIP64 forced from 1 byte: the local extra field, 8-byte
+    /// descriptor sizes, central ZIP64 sizes and the ZIP64 end records are
+    /// where readers look for them.
+    #[test]
+    fn zip64_records() {
+        let data = b"zip64 payload".to_vec();
+        let mut z = ZipWriter::new(Vec::new());
+        z.zip64_from = 1;
+        z.start_entry("big.bin", data.len() as u64, 1_736_496_000)
+            .unwrap();
+        z.write_data(&data).unwrap();
+        let out = z.finish().unwrap();
+        // Local header: version 45, sizes 0xFFFFFFFF, extra id 1 of 16 bytes.
+        assert_eq!(u16_at(&out, 4), 45);
+        assert_eq!(u32_at(&out, 18), 0xFFFF_FFFF);
+        let name_len = u16_at(&out, 26) as usize;
+        assert_eq!(u16_at(&out, 28), 20);
+        assert_eq!(u16_at(&out, 30 + name_len), 1);
+        let start = 30 + name_len + 20;
+        assert_eq!(&out[start..start + data.len()], &data[..]);
+        // Descriptor with 8-byte sizes.
+        let d = start + data.len();
+        assert_eq!(u32_at(&out, d), DESCRIPTOR_SIG);
+        assert_eq!(
+            u64::from_le_bytes(out[d + 8..d + 16].try_into().unwrap()),
+            data.len() as u64
+        );
+        assert_eq!(
+            u64::from_le_bytes(out[d + 16..d + 24].try_into().unwrap()),
+            data.len() as u64
+        );
+        // End: EOCD at the end, locator before it, ZIP64 EOCD where the
+        // locator says, pointing at the central directory.
+        let end = out.len() - 22;
+        assert_eq!(u32_at(&out, end), END_SIG);
+        assert_eq!(u16_at(&out, end + 10), 0xFFFF);
+        let loc = end - 20;
+        assert_eq!(u32_at(&out, loc), ZIP64_LOCATOR_SIG);
+        let z64 = u64::from_le_bytes(out[loc + 8..loc + 16].try_into().unwrap()) as usize;
+        assert_eq!(u32_at(&out, z64), ZIP64_END_SIG);
+        assert_eq!(
+            u64::from_le_bytes(out[z64 + 32..z64 + 40].try_into().unwrap()),
+            1
+        );
+        let cd = u64::from_le_bytes(out[z64 + 48..z64 + 56].try_into().unwrap()) as usize;
+        assert_eq!(u32_at(&out, cd), CENTRAL_SIG);
+        assert_eq!(u32_at(&out, cd + 24), 0xFFFF_FFFF);
+        let extra = cd + 46 + u16_at(&out, cd + 28) as usize;
+        assert_eq!((u16_at(&out, extra), u16_at(&out, extra + 2)), (1, 16));
+        assert_eq!(
+            u64::from_le_bytes(out[extra + 4..extra + 12].try_into().unwrap()),
+            data.len() as u64
+        );
     }
 
     #[test]
