@@ -62,6 +62,9 @@ pub async fn ws_logs(
             "too many live streams on this hub; try again later",
         )
     })?;
+    // Clients only send control frames and small notes: bound what one
+    // message may make the hub buffer.
+    let ws = ws.max_message_size(64 << 10).max_frame_size(64 << 10);
     Ok(ws.on_upgrade(move |socket| async move {
         hub.metrics.active_streams.fetch_add(1, Relaxed);
         if let Err(e) = run(&hub, socket, pk, q).await {

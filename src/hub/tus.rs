@@ -30,6 +30,8 @@ use crate::wire::upload_meta;
 const TUS_VERSION: &str = "1.0.0";
 const EXTENSIONS: &str = "creation,checksum,termination";
 const OFFSET_OCTET_STREAM: &str = "application/offset+octet-stream";
+/// Unfinished uploads one device may hold at once.
+pub const MAX_UNFINISHED_UPLOADS: u64 = 64;
 
 fn b64() -> &'static base64::engine::GeneralPurpose {
     &base64::engine::general_purpose::STANDARD
@@ -193,6 +195,20 @@ async fn create(hub: &Arc<Hub>, scope: DeviceScope, h: &HeaderMap) -> Result<Res
         .db(move |s| s.session_for_device(&scope2, session_uuid))
         .await?
         .ok_or_else(|| ApiError::not_found(format!("session {session_uuid} was deleted")))?;
+    // Each unfinished upload holds a partial file: bound how many a device
+    // may leave lying around.
+    if hub.db(move |s| s.unfinished_uploads(device_pk)).await? >= MAX_UNFINISHED_UPLOADS {
+        return Err(reject(
+            "too_many_uploads",
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_uploads",
+                format!(
+                    "this device has {MAX_UNFINISHED_UPLOADS} unfinished uploads; finish or DELETE some first"
+                ),
+            ),
+        ));
+    }
     let id = uuid::Uuid::now_v7().simple().to_string();
     let upload = UploadRow {
         id: id.clone(),

@@ -361,3 +361,34 @@ async fn checksum_mismatch_termination_and_zip() {
         .collect();
     assert_eq!(got, want);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_uploads_are_bounded_per_device() {
+    let hub = HubProc::start("hub_tus_bound");
+    let tus = Tus { hub: &hub };
+    let s = session_id(3);
+    let data = content(10, 3);
+    let mut urls = Vec::new();
+    for i in 0..64 {
+        urls.push(tus.create(s, &format!("part-{i}.bin"), &data, None).await);
+    }
+    let meta = format!(
+        "session_id {},path {}",
+        b64(s.to_string().as_bytes()),
+        b64(b"one-more.bin")
+    );
+    let r = hub
+        .http
+        .post(tus.url())
+        .bearer_auth(&hub.device)
+        .header("tus-resumable", "1.0.0")
+        .header("upload-length", "10")
+        .header("upload-metadata", meta)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    // Finishing one frees a place.
+    assert_eq!(tus.patch(&urls[0], 0, &data, None).await.0, 204);
+    tus.create(s, "one-more.bin", &data, None).await;
+}

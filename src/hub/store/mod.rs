@@ -1105,6 +1105,16 @@ impl Store {
         })
     }
 
+    /// Uploads a device has started and not finished.
+    pub fn unfinished_uploads(&self, device_pk: i64) -> Result<u64, StoreError> {
+        self.read(|c| {
+            Ok(
+                c.prepare_cached("SELECT count(*) FROM uploads WHERE device_pk = ?1")?
+                    .query_row([device_pk], |r| r.get::<_, i64>(0))? as u64,
+            )
+        })
+    }
+
     pub fn delete_upload(&self, id: &str) -> Result<bool, StoreError> {
         self.write(|tx| Ok(tx.execute("DELETE FROM uploads WHERE id = ?1", [id])? > 0))
     }
