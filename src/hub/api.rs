@@ -749,6 +749,16 @@ pub async fn download_file(
     h.insert(header::CONTENT_TYPE, ct);
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    // The type comes from a device: a browser must not run what it names
+    // (an uploaded .html) with the hub's origin.
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("sandbox"),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", art.sha256)) {
         h.insert(header::ETAG, v);
     }
