@@ -224,6 +224,9 @@ async fn interrupted_upload_resumes_and_downloads() {
                 .headers()
                 .get("content-type")
                 .map(|v| v.to_str().unwrap().to_owned());
+            if st < 300 {
+                assert_eq!(r.headers()["content-security-policy"], "sandbox");
+            }
             (st, ct, r.bytes().await.unwrap().to_vec())
         }
     };
