@@ -1,2 +1,163 @@
-//! `logbook-hub` binary.
-fn main() {}
+//! `logbook-hub`: the fleet server (`serve`) and its token tool
+//! (`token create`). A thin shell over `logbook::hub`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use logbook::hub::{self, HubConfig};
+
+#[derive(Parser)]
+#[command(name = "logbook-hub", version, about = "The logbook fleet server")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the ingest and Sessions API until SIGTERM or Ctrl-C.
+    Serve {
+        /// Configuration file (default /etc/logbook/hub.toml if present).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Data directory (hub.db, blobs/, uploads/); overrides server.data_dir.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Address to listen on; port 0 picks one, written to <data-dir>/hub.addr.
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Manage tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Make a token and print it (only once: the hub keeps its hash).
+    Create(CreateArgs),
+}
+
+#[derive(Args)]
+#[command(group = clap::ArgGroup::new("kind").required(true).args(["operator", "device"]))]
+struct CreateArgs {
+    #[arg(long)]
+    data_dir: PathBuf,
+    #[arg(long)]
+    org: String,
+    #[arg(long)]
+    project: String,
+    /// An operator key: reads and manages everything of the organization.
+    #[arg(long)]
+    operator: bool,
+    /// A device token: ingest only, for this device id.
+    #[arg(long, value_name = "DEVICE_ID")]
+    device: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) {
+                return ExitCode::SUCCESS;
+            }
+            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            eprintln!("logbook-hub: {}", chain.join(": "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Token {
+            command: TokenCommand::Create(a),
+        } => {
+            for (name, v) in [("--org", &a.org), ("--project", &a.project)] {
+                anyhow::ensure!(!v.trim().is_empty(), "{name} must not be empty");
+            }
+            if let Some(d) = &a.device {
+                anyhow::ensure!(!d.trim().is_empty(), "--device must not be empty");
+            }
+            let token = hub::create_token(&a.data_dir, &a.org, &a.project, a.device.as_deref())
+                .context("cannot create token")?;
+            use std::io::Write;
+            writeln!(std::io::stdout(), "{token}")?;
+            Ok(())
+        }
+        Command::Serve {
+            config,
+            data_dir,
+            listen,
+        } => {
+            let mut cfg = HubConfig::load(config.as_deref(), std::env::vars())?;
+            if let Some(d) = data_dir {
+                cfg.data_dir = d;
+            }
+            if let Some(l) = listen {
+                cfg.listen = l
+                    .parse()
+                    .with_context(|| format!("--listen: expected host:port, found {l:?}"))?;
+            }
+            init_tracing();
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the runtime")?;
+            rt.block_on(serve(cfg))
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LOGBOOK_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        // Colours only for a person at a terminal, never into journald.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+async fn serve(cfg: HubConfig) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    let addr = listener.local_addr()?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("cannot create data directory {}", cfg.data_dir.display()))?;
+    // Written atomically, so a reader never sees half an address.
+    let addr_file = cfg.data_dir.join(hub::ADDR_FILE);
+    let tmp = addr_file.with_extension("addr.tmp");
+    std::fs::write(&tmp, format!("{addr}\n"))
+        .and_then(|()| std::fs::rename(&tmp, &addr_file))
+        .with_context(|| format!("cannot write {}", addr_file.display()))?;
+    println!("logbook-hub listening on http://{addr}");
+    let shutdown = async {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    };
+    let result = hub::serve(listener, cfg, shutdown).await;
+    let _ = std::fs::remove_file(&addr_file);
+    Ok(result?)
+}

@@ -1,1 +1,362 @@
-//! Integration tests of `logbook-hub`.
+//! Integration tests of `logbook-hub`: a real hub process on a fresh data
+//! directory and port 0 (address read from `<data-dir>/hub.addr`), driven
+//! over HTTP, WebSocket and tus the way agents and operators use it.
+
+mod api;
+mod export;
+mod interop;
+mod live;
+mod refusals;
+mod uploads;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use logbook::wire::{
+    Batch, Device, Gap, Level, Package, Record, SessionState, SessionStatus, BATCH_VERSION,
+};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::util::{self, TestDir};
+
+pub const ORG: &str = "acme";
+pub const PROJECT: &str = "warehouse";
+pub const DEVICE: &str = "robot-1";
+
+/// A running hub; killed on drop.
+pub struct HubProc {
+    child: Child,
+    pub dir: TestDir,
+    /// `http://127.0.0.1:PORT`
+    pub url: String,
+    pub addr: String,
+    /// Operator key of `acme`.
+    pub operator: String,
+    /// Device token of `robot-1` in acme/warehouse.
+    pub device: String,
+    pub http: reqwest::Client,
+}
+
+impl HubProc {
+    pub fn start(name: &str) -> HubProc {
+        HubProc::start_with(name, &[])
+    }
+
+    pub fn start_with(name: &str, env: &[(&str, &str)]) -> HubProc {
+        let dir = TestDir::new(name);
+        let data = dir.join("data");
+        let token = |args: &[&str]| {
+            let out = util::run_ok(
+                Command::new(util::bin("logbook-hub"))
+                    .args(["token", "create", "--data-dir"])
+                    .arg(&data)
+                    .args(args),
+            );
+            String::from_utf8(out.stdout).unwrap().trim().to_owned()
+        };
+        let operator = token(&["--org", ORG, "--project", PROJECT, "--operator"]);
+        let device = token(&["--org", ORG, "--project", PROJECT, "--device", DEVICE]);
+        let child = Command::new(util::bin("logbook-hub"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&data)
+            .env("LOGBOOK_LOG", "error")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start logbook-hub");
+        let mut hub = HubProc {
+            child,
+            url: String::new(),
+            addr: String::new(),
+            operator,
+            device,
+            http: reqwest::Client::new(),
+            dir,
+        };
+        let addr_file = data.join("hub.addr");
+        let addr = util::wait_for("hub.addr", Duration::from_secs(20), || {
+            if let Ok(Some(status)) = hub.child.try_wait() {
+                panic!("logbook-hub exited early: {status}");
+            }
+            std::fs::read_to_string(&addr_file)
+                .ok()
+                .filter(|s| s.ends_with('\n'))
+        });
+        hub.addr = addr.trim().to_owned();
+        hub.url = format!("http://{}", hub.addr);
+        util::wait_for("/healthz", Duration::from_secs(20), || {
+            raw_request(
+                &hub.addr,
+                "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            )
+            .filter(|r| r.starts_with("HTTP/1.1 200"))
+        });
+        hub
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn data_dir(&self) -> std::path::PathBuf {
+        self.dir.join("data")
+    }
+
+    /// A new token (`device: None` makes an operator key).
+    pub fn token(&self, org: &str, project: &str, device: Option<&str>) -> String {
+        let mut cmd = Command::new(util::bin("logbook-hub"));
+        cmd.args(["token", "create", "--data-dir"])
+            .arg(self.data_dir())
+            .args(["--org", org, "--project", project]);
+        match device {
+            Some(d) => cmd.args(["--device", d]),
+            None => cmd.arg("--operator"),
+        };
+        String::from_utf8(util::run_ok(&mut cmd).stdout)
+            .unwrap()
+            .trim()
+            .to_owned()
+    }
+
+    /// `/api/v1/organizations/acme/projects/warehouse` + `path`.
+    pub fn api(&self, path: &str) -> String {
+        format!(
+            "{}/api/v1/organizations/{ORG}/projects/{PROJECT}{path}",
+            self.url
+        )
+    }
+
+    /// GET with the operator key; returns status and JSON (Null if none).
+    pub async fn get(&self, url: &str) -> (u16, Value) {
+        self.get_as(url, &self.operator).await
+    }
+
+    pub async fn get_as(&self, url: &str, token: &str) -> (u16, Value) {
+        let r = self.http.get(url).bearer_auth(token).send().await.unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// Posts a gzip batch with the device token.
+    pub async fn post_batch(&self, batch: &Batch) -> (u16, Value) {
+        self.post_body(&batch.encode(1), &self.device).await
+    }
+
+    pub async fn post_body(&self, body: &[u8], token: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .post(format!("{}/api/v1/ingest/batches", self.url))
+            .bearer_auth(token)
+            .header("content-type", "application/msgpack")
+            .header("content-encoding", "gzip")
+            .body(body.to_vec())
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// Peak resident memory of the hub process (VmHWM), in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in /proc/<pid>/status")
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        self.sigterm();
+        self.wait_exit()
+    }
+
+    pub fn sigterm(&self) {
+        util::run_ok(Command::new("kill").args(["-TERM", &self.pid().to_string()]));
+    }
+
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        util::wait_for("hub exit", Duration::from_secs(30), || {
+            self.child.try_wait().unwrap()
+        })
+    }
+}
+
+impl Drop for HubProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One raw HTTP/1.1 exchange (the whole response as text), or `None` if
+/// the hub does not answer yet.
+pub fn raw_request(addr: &str, request: &str) -> Option<String> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(request.as_bytes()).ok()?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).ok()?;
+    Some(String::from_utf8_lossy(&out).into_owned())
+}
+
+pub fn session_id(n: u128) -> Uuid {
+    Uuid::from_u128(0x0193_4d2a_0000_7000_8000_0000_0000_0000 + n)
+}
+
+/// 2025-01-10T08:00:00Z in Unix nanoseconds, plus `secs`.
+pub fn at(secs: i64) -> i64 {
+    1_736_496_000_000_000_000 + secs * 1_000_000_000
+}
+
+pub fn state(id: Uuid, revision: u64, status: SessionStatus, tags: &[&str]) -> SessionState {
+    let ended = status != SessionStatus::Active;
+    SessionState {
+        id,
+        revision,
+        status,
+        started_at_ns: at(0),
+        ended_at_ns: ended.then_some(at(9000)),
+        duration_ns: Some(if ended { 9000 } else { 60 } * 1_000_000_000),
+        tags: tags.iter().map(|t| t.to_string()).collect(),
+        package: Some(Package {
+            name: "perception".into(),
+            version: Some("2.1.0".into()),
+        }),
+        metadata: serde_json::json!({"site": "berlin"})
+            .as_object()
+            .unwrap()
+            .clone(),
+        error: None,
+    }
+}
+
+pub fn record(
+    seq: u64,
+    session: Option<Uuid>,
+    level: Level,
+    module: &str,
+    message: &str,
+) -> Record {
+    Record {
+        seq,
+        session_id: session,
+        timestamp_ns: at(seq as i64),
+        level,
+        module: module.into(),
+        message: message.into(),
+        metadata: format!(r#"{{"n":{seq}}}"#),
+        pid: Some(4242),
+        uid: Some(1000),
+        gid: Some(1000),
+        process: Some("perceptiond".into()),
+    }
+}
+
+pub fn batch(sessions: Vec<SessionState>, records: Vec<Record>, gaps: Vec<Gap>) -> Batch {
+    Batch {
+        version: BATCH_VERSION,
+        device: Device {
+            id: DEVICE.into(),
+            name: "warehouse-robot-01".into(),
+        },
+        sent_at_ns: at(0),
+        sessions,
+        records,
+        gaps,
+    }
+}
+
+/// A minimal blocking WebSocket client (text and close frames), enough to
+/// watch a live log stream the way a browser would.
+pub struct WsClient {
+    stream: TcpStream,
+}
+
+pub enum WsMessage {
+    Text(String),
+    Close(String),
+}
+
+impl WsClient {
+    /// Connects and upgrades; `Err` holds the HTTP response when refused.
+    pub fn connect(addr: &str, path: &str, token: &str) -> Result<WsClient, String> {
+        let mut stream = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+             Authorization: Bearer {token}\r\n\r\n"
+        );
+        stream
+            .write_all(req.as_bytes())
+            .map_err(|e| e.to_string())?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if stream.read(&mut byte).map_err(|e| e.to_string())? == 0 {
+                break;
+            }
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).into_owned();
+        if !head.starts_with("HTTP/1.1 101") {
+            return Err(head);
+        }
+        Ok(WsClient { stream })
+    }
+
+    /// A client on no connection (a placeholder while the real one is
+    /// lent to a blocking task).
+    pub fn dangling() -> WsClient {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        WsClient { stream }
+    }
+
+    /// The next message, waiting at most `timeout`.
+    pub fn next(&mut self, timeout: Duration) -> Option<WsMessage> {
+        self.stream.set_read_timeout(Some(timeout)).unwrap();
+        let mut h = [0u8; 2];
+        self.stream.read_exact(&mut h).ok()?;
+        let opcode = h[0] & 0x0f;
+        let mut len = (h[1] & 0x7f) as u64;
+        if len == 126 {
+            let mut b = [0u8; 2];
+            self.stream.read_exact(&mut b).ok()?;
+            len = u16::from_be_bytes(b) as u64;
+        } else if len == 127 {
+            let mut b = [0u8; 8];
+            self.stream.read_exact(&mut b).ok()?;
+            len = u64::from_be_bytes(b);
+        }
+        let mut payload = vec![0u8; len as usize];
+        self.stream.read_exact(&mut payload).ok()?;
+        match opcode {
+            1 => Some(WsMessage::Text(String::from_utf8(payload).unwrap())),
+            8 => Some(WsMessage::Close(
+                String::from_utf8_lossy(payload.get(2..).unwrap_or(&[])).into_owned(),
+            )),
+            _ => self.next(timeout),
+        }
+    }
+
+    /// The next text message as JSON; panics on close or timeout.
+    pub fn json(&mut self, timeout: Duration) -> Value {
+        match self.next(timeout) {
+            Some(WsMessage::Text(t)) => serde_json::from_str(&t).unwrap(),
+            Some(WsMessage::Close(why)) => panic!("stream closed: {why}"),
+            None => panic!("no message within {timeout:?}"),
+        }
+    }
+}

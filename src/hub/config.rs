@@ -1,0 +1,273 @@
+//! The hub's configuration: the table of known keys (`LOGBOOK_*` environment
+//! names derive from it) and the typed, resolved [`HubConfig`].
+//!
+//! Invariant: every limit the hub enforces on a request is a field here, so
+//! an operator can see and change all of them in one place.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::config::{ConfigError, Key, Kind};
+
+/// Default configuration file, read when present (required with `--config`).
+pub const DEFAULT_CONFIG_FILE: &str = "/etc/logbook/hub.toml";
+
+/// Every key `logbook-hub` understands.
+pub const KEYS: &[Key] = &[
+    Key {
+        section: "server",
+        key: "listen",
+        kind: Kind::Str,
+        doc: "address to listen on (host:port; port 0 picks a free one)",
+    },
+    Key {
+        section: "server",
+        key: "data_dir",
+        kind: Kind::Str,
+        doc: "directory holding hub.db, blobs/ and uploads/",
+    },
+    Key {
+        section: "server",
+        key: "max_streams",
+        kind: Kind::U64,
+        doc: "most live WebSocket log streams at once",
+    },
+    Key {
+        section: "ingest",
+        key: "max_body_bytes",
+        kind: Kind::Bytes,
+        doc: "largest compressed batch body",
+    },
+    Key {
+        section: "ingest",
+        key: "max_decompressed_bytes",
+        kind: Kind::Bytes,
+        doc: "largest batch after gunzip (a gzip bomb stops here)",
+    },
+    Key {
+        section: "ingest",
+        key: "max_records",
+        kind: Kind::U64,
+        doc: "most records in one batch",
+    },
+    Key {
+        section: "ingest",
+        key: "max_field_bytes",
+        kind: Kind::Bytes,
+        doc: "largest message or metadata of one record",
+    },
+    Key {
+        section: "uploads",
+        key: "max_bytes",
+        kind: Kind::Bytes,
+        doc: "largest artifact upload",
+    },
+];
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+struct Raw {
+    server: RawServer,
+    ingest: RawIngest,
+    uploads: RawUploads,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+struct RawServer {
+    listen: String,
+    data_dir: String,
+    max_streams: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+struct RawIngest {
+    max_body_bytes: u64,
+    max_decompressed_bytes: u64,
+    max_records: u64,
+    max_field_bytes: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+struct RawUploads {
+    max_bytes: u64,
+}
+
+impl Default for Raw {
+    fn default() -> Self {
+        Raw {
+            server: RawServer {
+                listen: "127.0.0.1:8470".into(),
+                data_dir: "/var/lib/logbook-hub".into(),
+                max_streams: 256,
+            },
+            ingest: RawIngest {
+                max_body_bytes: 16 << 20,
+                max_decompressed_bytes: 128 << 20,
+                max_records: 100_000,
+                max_field_bytes: 64 << 10,
+            },
+            uploads: RawUploads {
+                max_bytes: 16 << 30,
+            },
+        }
+    }
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Raw::default().server
+    }
+}
+impl Default for RawIngest {
+    fn default() -> Self {
+        Raw::default().ingest
+    }
+}
+impl Default for RawUploads {
+    fn default() -> Self {
+        Raw::default().uploads
+    }
+}
+
+/// The resolved configuration of one hub.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HubConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub max_streams: usize,
+    pub limits: Limits,
+}
+
+/// Bounds on what one request may make the hub read or hold.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub max_decompressed_bytes: usize,
+    pub max_records: usize,
+    /// Bound on a record's message and metadata, and on an upload's path.
+    pub max_field_bytes: usize,
+    pub max_upload_bytes: u64,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        resolve(Raw::default(), "defaults").expect("the defaults are valid")
+    }
+}
+
+impl HubConfig {
+    /// Loads `file` (required when given explicitly, else the default file
+    /// if it exists) and the environment `env`.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<HubConfig, ConfigError> {
+        let (path, required) = match file {
+            Some(p) => (p.to_owned(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG_FILE), false),
+        };
+        let raw: Raw = crate::config::load(KEYS, Some(&path), required, env)?;
+        resolve(raw, &path.display().to_string())
+    }
+}
+
+fn resolve(raw: Raw, origin: &str) -> Result<HubConfig, ConfigError> {
+    let err = |message: String| ConfigError::Key {
+        origin: origin.to_owned(),
+        message,
+    };
+    let listen = raw.server.listen.parse().map_err(|_| {
+        err(format!(
+            "server.listen: expected host:port like 127.0.0.1:8470, found {:?}",
+            raw.server.listen
+        ))
+    })?;
+    if raw.server.data_dir.is_empty() {
+        return Err(err("server.data_dir: must not be empty".into()));
+    }
+    for (name, v) in [
+        ("ingest.max_body_bytes", raw.ingest.max_body_bytes),
+        (
+            "ingest.max_decompressed_bytes",
+            raw.ingest.max_decompressed_bytes,
+        ),
+        ("ingest.max_records", raw.ingest.max_records),
+        ("ingest.max_field_bytes", raw.ingest.max_field_bytes),
+        ("uploads.max_bytes", raw.uploads.max_bytes),
+    ] {
+        if v == 0 {
+            return Err(err(format!("{name}: must be greater than 0")));
+        }
+    }
+    let size = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+    Ok(HubConfig {
+        listen,
+        data_dir: PathBuf::from(raw.server.data_dir),
+        max_streams: size(raw.server.max_streams),
+        limits: Limits {
+            max_body_bytes: size(raw.ingest.max_body_bytes),
+            max_decompressed_bytes: size(raw.ingest.max_decompressed_bytes),
+            max_records: size(raw.ingest.max_records),
+            max_field_bytes: size(raw.ingest.max_field_bytes),
+            max_upload_bytes: raw.uploads.max_bytes,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(env: &[(&str, &str)], expected: Result<&str, &str>) {
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        let got = HubConfig::load(Some(Path::new("/nonexistent/hub.toml")), vec![])
+            .map(|_| ())
+            .map_err(|e| e.to_string());
+        assert!(got.is_err(), "an explicit missing file is an error");
+        let got = crate::config::load::<Raw>(KEYS, None, false, env)
+            .map_err(|e| e.to_string())
+            .and_then(|raw| resolve(raw, "env").map_err(|e| e.to_string()))
+            .map(|c| {
+                format!(
+                    "{} {} {}",
+                    c.listen,
+                    c.data_dir.display(),
+                    c.limits.max_body_bytes
+                )
+            });
+        assert_eq!(got.as_deref().map_err(|e| e.as_str()), expected);
+    }
+
+    #[test]
+    fn env_overrides_and_errors() {
+        check(&[], Ok("127.0.0.1:8470 /var/lib/logbook-hub 16777216"));
+        check(
+            &[
+                ("LOGBOOK_SERVER_LISTEN", "0.0.0.0:9000"),
+                ("LOGBOOK_SERVER_DATA_DIR", "/srv/hub"),
+                ("LOGBOOK_INGEST_MAX_BODY_BYTES", "1MiB"),
+            ],
+            Ok("0.0.0.0:9000 /srv/hub 1048576"),
+        );
+        check(
+            &[("LOGBOOK_SERVER_LISTEN", "nowhere")],
+            Err("env: server.listen: expected host:port like 127.0.0.1:8470, found \"nowhere\""),
+        );
+        check(
+            &[("LOGBOOK_INGEST_MAX_RECORDS", "0")],
+            Err("env: ingest.max_records: must be greater than 0"),
+        );
+    }
+
+    #[test]
+    fn env_names() {
+        let names: Vec<String> = KEYS.iter().map(Key::env_name).collect();
+        assert!(names.contains(&"LOGBOOK_SERVER_DATA_DIR".to_string()));
+        assert!(names.contains(&"LOGBOOK_UPLOADS_MAX_BYTES".to_string()));
+    }
+}

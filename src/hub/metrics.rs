@@ -1,0 +1,125 @@
+//! Prometheus counters of the hub (`GET /metrics`, text format 0.0.4).
+//!
+//! Invariant: counting never blocks a request: plain atomics, plus one
+//! small mutex-guarded map of reject reasons (a handful of fixed names).
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+
+#[derive(Default)]
+pub struct Metrics {
+    pub batches: AtomicU64,
+    pub records_stored: AtomicU64,
+    pub records_duplicate: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub uploads_created: AtomicU64,
+    pub uploads_completed: AtomicU64,
+    pub upload_bytes: AtomicU64,
+    pub active_streams: AtomicU64,
+    rejects: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl Metrics {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Relaxed);
+    }
+
+    /// Counts a refused request by a fixed reason name.
+    pub fn reject(&self, reason: &'static str) {
+        *self
+            .rejects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(reason)
+            .or_default() += 1;
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let mut counter = |name: &str, help: &str, kind: &str, v: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+            );
+        };
+        counter(
+            "logbook_hub_batches_total",
+            "Batches stored.",
+            "counter",
+            self.batches.load(Relaxed),
+        );
+        counter(
+            "logbook_hub_records_total",
+            "Records newly stored.",
+            "counter",
+            self.records_stored.load(Relaxed),
+        );
+        counter(
+            "logbook_hub_records_duplicate_total",
+            "Records received again (retries, overlaps).",
+            "counter",
+            self.records_duplicate.load(Relaxed),
+        );
+        counter(
+            "logbook_hub_bytes_in_total",
+            "Request body bytes received by ingest and uploads.",
+            "counter",
+            self.bytes_in.load(Relaxed),
+        );
+        counter(
+            "logbook_hub_uploads_created_total",
+            "Artifact uploads created.",
+            "counter",
+            self.uploads_created.load(Relaxed),
+        );
+        counter(
+            "logbook_hub_uploads_completed_total",
+            "Artifact uploads completed and verified.",
+            "counter",
+            self.uploads_completed.load(Relaxed),
+        );
+        counter(
+            "logbook_hub_upload_bytes_total",
+            "Artifact bytes received.",
+            "counter",
+            self.upload_bytes.load(Relaxed),
+        );
+        counter(
+            "logbook_hub_active_streams",
+            "Live WebSocket log streams.",
+            "gauge",
+            self.active_streams.load(Relaxed),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP logbook_hub_rejects_total Requests refused, by reason.\n# TYPE logbook_hub_rejects_total counter"
+        );
+        for (reason, n) in self
+            .rejects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(out, "logbook_hub_rejects_total{{reason=\"{reason}\"}} {n}");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_reasons() {
+        let m = Metrics::default();
+        Metrics::add(&m.batches, 2);
+        m.reject("gzip_bomb");
+        m.reject("gzip_bomb");
+        let text = m.render();
+        assert!(text.contains("\nlogbook_hub_batches_total 2\n"), "{text}");
+        assert!(text.contains("logbook_hub_rejects_total{reason=\"gzip_bomb\"} 2\n"));
+    }
+}

@@ -1,0 +1,574 @@
+//! Unit tests of the store: migrations, idempotent ingest, session
+//! revisions, gaps, search, deletion and keyset pagination.
+
+use super::*;
+use crate::wire::{Device, Gap, Package, Record, BATCH_VERSION};
+use uuid::Uuid;
+
+fn open() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("hub.db")).unwrap();
+    (dir, store)
+}
+
+fn scope(device: &str) -> DeviceScope {
+    DeviceScope {
+        org: "acme".into(),
+        project: "warehouse".into(),
+        device_id: device.into(),
+    }
+}
+
+fn sid(n: u128) -> Uuid {
+    Uuid::from_u128(0x0193_0000_0000_7000_8000_0000_0000_0000 + n)
+}
+
+fn rec(seq: u64, session: Option<Uuid>, level: Level, module: &str, message: &str) -> Record {
+    Record {
+        seq,
+        session_id: session,
+        timestamp_ns: 1_000 + seq as i64,
+        level,
+        module: module.into(),
+        message: message.into(),
+        metadata: String::new(),
+        pid: Some(1),
+        uid: Some(2),
+        gid: Some(3),
+        process: Some("proc".into()),
+    }
+}
+
+fn state(id: Uuid, revision: u64, status: SessionStatus, tags: &[&str]) -> SessionState {
+    SessionState {
+        id,
+        revision,
+        status,
+        started_at_ns: 1_000,
+        ended_at_ns: (status != SessionStatus::Active).then_some(9_000),
+        duration_ns: Some(8_000),
+        tags: tags.iter().map(|t| t.to_string()).collect(),
+        package: Some(Package {
+            name: "perception".into(),
+            version: Some("2.1.0".into()),
+        }),
+        metadata: serde_json::json!({"site": "berlin"})
+            .as_object()
+            .unwrap()
+            .clone(),
+        error: None,
+    }
+}
+
+fn batch(device: &str, sessions: Vec<SessionState>, records: Vec<Record>, gaps: Vec<Gap>) -> Batch {
+    Batch {
+        version: BATCH_VERSION,
+        device: Device {
+            id: device.into(),
+            name: format!("{device}-name"),
+        },
+        sent_at_ns: 0,
+        sessions,
+        records,
+        gaps,
+    }
+}
+
+fn all_logs(store: &Store, pk: i64, q: LogQuery) -> Vec<u64> {
+    store
+        .logs(LogScope::Session(pk), &LogQuery { limit: 500, ..q })
+        .unwrap()
+        .items
+        .iter()
+        .map(|r| r.seq)
+        .collect()
+}
+
+#[test]
+fn migrations_run_once_and_newer_schema_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hub.db");
+    drop(Store::open(&path).unwrap());
+    drop(Store::open(&path).unwrap());
+    let conn = Connection::open(&path).unwrap();
+    let v: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(v, MIGRATIONS.len() as i64);
+    conn.pragma_update(None, "user_version", 99).unwrap();
+    drop(conn);
+    let err = Store::open(&path).err().unwrap().to_string();
+    assert!(
+        err.contains("schema version 99, newer than this logbook-hub understands"),
+        "{err}"
+    );
+}
+
+#[test]
+fn ingest_is_idempotent_per_device_and_seq() {
+    let (_d, store) = open();
+    let s = sid(1);
+    let recs: Vec<Record> = (1..=10)
+        .map(|i| rec(i, Some(s), Level::Info, "nav", "moving"))
+        .collect();
+    let first = store
+        .ingest(
+            &scope("r1"),
+            &batch(
+                "r1",
+                vec![state(s, 1, SessionStatus::Active, &[])],
+                recs[..6].to_vec(),
+                vec![],
+            ),
+            false,
+        )
+        .unwrap();
+    assert_eq!((first.ack.stored, first.ack.duplicates), (6, 0));
+    // Overlap: 4..=10 again; 4, 5, 6 are duplicates.
+    let second = store
+        .ingest(
+            &scope("r1"),
+            &batch("r1", vec![], recs[3..].to_vec(), vec![]),
+            true,
+        )
+        .unwrap();
+    assert_eq!((second.ack.stored, second.ack.duplicates), (4, 3));
+    assert_eq!(second.ack.acked, vec![(4, 10)]);
+    assert_eq!(second.live.len(), 4);
+    let pk = store
+        .find_session("acme", "warehouse", &s.to_string())
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        all_logs(&store, pk, LogQuery::default()),
+        (1..=10).rev().collect::<Vec<_>>()
+    );
+    let row = store
+        .get_session("acme", "warehouse", &s.to_string())
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.level_counts[Level::Info.code() as usize], 10);
+    // Another device may use the same seqs.
+    let other = store
+        .ingest(
+            &scope("r2"),
+            &batch(
+                "r2",
+                vec![],
+                recs[..2]
+                    .iter()
+                    .map(|r| Record {
+                        session_id: None,
+                        ..r.clone()
+                    })
+                    .collect(),
+                vec![],
+            ),
+            false,
+        )
+        .unwrap();
+    assert_eq!(other.ack.stored, 2);
+}
+
+#[test]
+fn newest_revision_wins_and_gaps_keep_the_maximum() {
+    let (_d, store) = open();
+    let s = sid(2);
+    let gap = |n| Gap {
+        session_id: Some(s),
+        level: Level::Debug,
+        reason: "evicted".into(),
+        dropped: n,
+    };
+    store
+        .ingest(
+            &scope("r1"),
+            &batch(
+                "r1",
+                vec![state(s, 2, SessionStatus::Active, &["a"])],
+                vec![],
+                vec![gap(10)],
+            ),
+            false,
+        )
+        .unwrap();
+    store
+        .ingest(
+            &scope("r1"),
+            &batch(
+                "r1",
+                vec![state(s, 3, SessionStatus::Completed, &["b"])],
+                vec![],
+                vec![gap(4312)],
+            ),
+            false,
+        )
+        .unwrap();
+    // An older state and a smaller (stale) counter change nothing.
+    let stale = store
+        .ingest(
+            &scope("r1"),
+            &batch(
+                "r1",
+                vec![state(s, 1, SessionStatus::Active, &["c"])],
+                vec![],
+                vec![gap(7)],
+            ),
+            false,
+        )
+        .unwrap();
+    assert_eq!(stale.ack.sessions, 0);
+    let row = store
+        .get_session("acme", "warehouse", &s.to_string())
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.status, "completed");
+    assert_eq!(row.tags, vec!["b"]);
+    assert_eq!(
+        row.gaps,
+        vec![GapRow {
+            level: Level::Debug,
+            reason: "evicted".into(),
+            dropped: 4312
+        }]
+    );
+    // Another device cannot write into this session.
+    let err = store
+        .ingest(
+            &scope("r2"),
+            &batch(
+                "r2",
+                vec![state(s, 9, SessionStatus::Failed, &[])],
+                vec![],
+                vec![],
+            ),
+            false,
+        )
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err}");
+}
+
+#[test]
+fn filters_search_and_cursors() {
+    let (_d, store) = open();
+    let s = sid(3);
+    let recs = vec![
+        rec(1, Some(s), Level::Debug, "nav", "planning route"),
+        rec(
+            2,
+            Some(s),
+            Level::Error,
+            "perception",
+            "Detected 5 obstacles",
+        ),
+        rec(3, Some(s), Level::Warn, "perception", "lidar timeout"),
+        rec(
+            4,
+            Some(s),
+            Level::Fatal,
+            "nav.planner",
+            "obstacle too close",
+        ),
+        rec(5, Some(s), Level::Info, "perception", "detected nothing"),
+    ];
+    store
+        .ingest(&scope("r1"), &batch("r1", vec![], recs, vec![]), false)
+        .unwrap();
+    let pk = store
+        .find_session("acme", "warehouse", &s.to_string())
+        .unwrap()
+        .unwrap();
+    let check = |q: LogQuery, want: &[u64]| assert_eq!(all_logs(&store, pk, q), want);
+    check(
+        LogQuery {
+            min_level: Some(Level::Warn),
+            ..Default::default()
+        },
+        &[4, 3, 2],
+    );
+    check(
+        LogQuery {
+            module: Some("perception".into()),
+            ..Default::default()
+        },
+        &[5, 3, 2],
+    );
+    check(
+        LogQuery {
+            module: Some("nav*".into()),
+            ..Default::default()
+        },
+        &[4, 1],
+    );
+    // Whole words: "obstacle" is not "obstacles".
+    check(
+        LogQuery {
+            search: Some("obstacle".into()),
+            ..Default::default()
+        },
+        &[4],
+    );
+    check(
+        LogQuery {
+            search: Some("obstacles".into()),
+            ..Default::default()
+        },
+        &[2],
+    );
+    check(
+        LogQuery {
+            search: Some("DETECTED 5".into()),
+            ..Default::default()
+        },
+        &[2],
+    );
+    check(
+        LogQuery {
+            search: Some("\"); DROP".into()),
+            ..Default::default()
+        },
+        &[],
+    );
+    check(
+        LogQuery {
+            since_ns: Some(1_002),
+            until_ns: Some(1_004),
+            ..Default::default()
+        },
+        &[3, 2],
+    );
+    check(
+        LogQuery {
+            ascending: true,
+            cursor: Some(3),
+            ..Default::default()
+        },
+        &[4, 5],
+    );
+    check(
+        LogQuery {
+            cursor: Some(3),
+            ..Default::default()
+        },
+        &[2, 1],
+    );
+    let page = store
+        .logs(
+            LogScope::Session(pk),
+            &LogQuery {
+                limit: 2,
+                want_total: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!((page.total, page.next_cursor), (Some(5), Some(4)));
+}
+
+#[test]
+fn delete_removes_everything_and_stays_deleted() {
+    let (_d, store) = open();
+    let s = sid(4);
+    store
+        .ingest(
+            &scope("r1"),
+            &batch(
+                "r1",
+                vec![state(s, 1, SessionStatus::Active, &[])],
+                vec![rec(1, Some(s), Level::Info, "m", "gone soon")],
+                vec![],
+            ),
+            false,
+        )
+        .unwrap();
+    assert!(store
+        .add_tag("acme", "warehouse", &s.to_string(), "keep")
+        .unwrap());
+    let deleted = store
+        .delete_session("acme", "warehouse", &s.to_string())
+        .unwrap();
+    assert!(deleted.is_some());
+    assert!(store
+        .get_session("acme", "warehouse", &s.to_string())
+        .unwrap()
+        .is_none());
+    // A late retry is acknowledged but does not bring it back.
+    let late = store
+        .ingest(
+            &scope("r1"),
+            &batch(
+                "r1",
+                vec![state(s, 2, SessionStatus::Completed, &[])],
+                vec![rec(2, Some(s), Level::Info, "m", "late")],
+                vec![],
+            ),
+            false,
+        )
+        .unwrap();
+    assert_eq!(late.ack.acked, vec![(2, 2)]);
+    assert!(store
+        .get_session("acme", "warehouse", &s.to_string())
+        .unwrap()
+        .is_none());
+    let n: i64 = store
+        .read(|c| Ok(c.query_row("SELECT count(*) FROM logs", [], |r| r.get(0))?))
+        .unwrap();
+    assert_eq!(n, 0);
+    let indexed: i64 = store
+        .read(|c| {
+            Ok(c.query_row(
+                "SELECT count(*) FROM logs_fts WHERE logs_fts MATCH 'gone'",
+                [],
+                |r| r.get(0),
+            )?)
+        })
+        .unwrap();
+    assert_eq!(indexed, 0, "the deleted message left the full-text index");
+}
+
+#[test]
+fn session_list_filters_sorts_and_pages() {
+    let (_d, store) = open();
+    for i in 0..7u128 {
+        let mut st = state(
+            sid(10 + i),
+            1,
+            if i % 2 == 0 {
+                SessionStatus::Completed
+            } else {
+                SessionStatus::Active
+            },
+            if i < 3 { &["prod"] } else { &[] },
+        );
+        st.started_at_ns = 1_000 * i as i64;
+        st.duration_ns = Some(100 * (7 - i as i64));
+        let recs = if i == 5 {
+            vec![rec(1, Some(sid(10 + i)), Level::Error, "m", "boom")]
+        } else {
+            vec![]
+        };
+        store
+            .ingest(&scope("r1"), &batch("r1", vec![st], recs, vec![]), false)
+            .unwrap();
+    }
+    let list = |q: SessionQuery| {
+        let p = store
+            .list_sessions(
+                "acme",
+                "warehouse",
+                &SessionQuery {
+                    limit: if q.limit == 0 { 100 } else { q.limit },
+                    ..q
+                },
+            )
+            .unwrap();
+        (
+            p.total,
+            p.items
+                .iter()
+                .map(|s| s.started_at_ns / 1_000)
+                .collect::<Vec<_>>(),
+            p.next_cursor,
+        )
+    };
+    assert_eq!(
+        list(SessionQuery {
+            descending: true,
+            ..Default::default()
+        })
+        .1,
+        vec![6, 5, 4, 3, 2, 1, 0]
+    );
+    assert_eq!(
+        list(SessionQuery {
+            status: Some("completed".into()),
+            descending: true,
+            ..Default::default()
+        })
+        .1,
+        vec![6, 4, 2, 0]
+    );
+    assert_eq!(
+        list(SessionQuery {
+            tags: vec!["prod".into()],
+            ..Default::default()
+        })
+        .1,
+        vec![0, 1, 2]
+    );
+    assert_eq!(
+        list(SessionQuery {
+            has_errors: Some(true),
+            ..Default::default()
+        })
+        .1,
+        vec![5]
+    );
+    assert_eq!(
+        list(SessionQuery {
+            sort: SessionSort::Duration,
+            ..Default::default()
+        })
+        .1,
+        vec![6, 5, 4, 3, 2, 1, 0]
+    );
+    assert_eq!(
+        list(SessionQuery {
+            metadata: vec![("site".into(), "berlin".into())],
+            ..Default::default()
+        })
+        .0,
+        7
+    );
+    assert_eq!(
+        list(SessionQuery {
+            metadata: vec![("site".into(), "paris".into())],
+            ..Default::default()
+        })
+        .0,
+        0
+    );
+    assert_eq!(
+        list(SessionQuery {
+            package_name: Some("perception".into()),
+            package_version: Some("2.1.0".into()),
+            ..Default::default()
+        })
+        .0,
+        7
+    );
+    // Keyset pages cover everything once.
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    loop {
+        let (total, items, next) = list(SessionQuery {
+            descending: true,
+            limit: 3,
+            cursor,
+            ..Default::default()
+        });
+        assert_eq!(total, 7);
+        seen.extend(items);
+        match next {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    assert_eq!(seen, vec![6, 5, 4, 3, 2, 1, 0]);
+    let (_, items, _) = list(SessionQuery {
+        descending: true,
+        limit: 3,
+        offset: 3,
+        ..Default::default()
+    });
+    assert_eq!(items, vec![3, 2, 1]);
+}
+
+#[test]
+fn fts_queries_quote_user_text() {
+    let check = |s: &str, want: Option<&str>| assert_eq!(fts_query(s).as_deref(), want, "{s}");
+    check("obstacle", Some("\"obstacle\""));
+    check("Detected 5", Some("\"Detected\" AND \"5\""));
+    check("a\"b OR c", Some("\"a\" AND \"b\" AND \"OR\" AND \"c\""));
+    check("  ;; ", None);
+}

@@ -1,0 +1,567 @@
+//! Artifact uploads over tus 1.0.0: core (HEAD, PATCH), creation, checksum
+//! (sha256 per PATCH) and termination, on `/api/v1/ingest/uploads[/{id}]`.
+//! A finished upload is checked against the whole file's SHA-256 from
+//! `Upload-Metadata` and becomes the session's artifact at its path.
+//!
+//! Invariant: upload bytes live in `uploads/<id>.part` (the offset is its
+//! length) and finished artifacts under `blobs/<random>`; no file name on
+//! disk is ever derived from a device-supplied path.
+
+use std::collections::HashMap;
+use std::io::{Seek, Write};
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use futures_util::StreamExt;
+use sha2::{Digest, Sha256};
+
+use super::auth;
+use super::error::ApiError;
+use super::metrics::Metrics;
+use super::paths::validate_artifact_path;
+use super::store::{DeviceScope, UploadRow};
+use super::Hub;
+use crate::wire::upload_meta;
+
+const TUS_VERSION: &str = "1.0.0";
+const EXTENSIONS: &str = "creation,checksum,termination";
+const OFFSET_OCTET_STREAM: &str = "application/offset+octet-stream";
+/// Unfinished uploads one device may hold at once.
+pub const MAX_UNFINISHED_UPLOADS: u64 = 64;
+
+fn b64() -> &'static base64::engine::GeneralPurpose {
+    &base64::engine::general_purpose::STANDARD
+}
+
+/// Parses `Upload-Metadata`: `key base64,key2 base64,flag`.
+pub fn parse_metadata(value: &str) -> Result<HashMap<String, String>, String> {
+    let mut out = HashMap::new();
+    for pair in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (key, val) = match pair.split_once(' ') {
+            Some((k, v)) => (k, v.trim()),
+            None => (pair, ""),
+        };
+        let decoded = b64()
+            .decode(val)
+            .map_err(|_| format!("Upload-Metadata: value of {key:?} is not base64"))?;
+        let text = String::from_utf8(decoded)
+            .map_err(|_| format!("Upload-Metadata: value of {key:?} is not UTF-8"))?;
+        out.insert(key.to_owned(), text);
+    }
+    Ok(out)
+}
+
+fn with_tus(mut resp: Response) -> Response {
+    resp.headers_mut()
+        .insert("tus-resumable", HeaderValue::from_static(TUS_VERSION));
+    resp
+}
+
+fn err(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError::new(status, code, message)
+}
+
+fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn check_version(h: &HeaderMap) -> Result<(), ApiError> {
+    match header_str(h, "tus-resumable") {
+        Some(TUS_VERSION) => Ok(()),
+        Some(other) => Err(err(
+            StatusCode::PRECONDITION_FAILED,
+            "tus_version",
+            format!("Tus-Resumable {other:?} is not supported; this hub speaks {TUS_VERSION}"),
+        )),
+        None => Err(err(
+            StatusCode::PRECONDITION_FAILED,
+            "tus_version",
+            format!("Tus-Resumable: {TUS_VERSION} header is required"),
+        )),
+    }
+}
+
+fn options(hub: &Hub) -> Response {
+    let mut resp = StatusCode::NO_CONTENT.into_response();
+    let h = resp.headers_mut();
+    h.insert("tus-version", HeaderValue::from_static(TUS_VERSION));
+    h.insert("tus-extension", HeaderValue::from_static(EXTENSIONS));
+    h.insert("tus-checksum-algorithm", HeaderValue::from_static("sha256"));
+    h.insert(
+        "tus-max-size",
+        HeaderValue::from(hub.config.limits.max_upload_bytes),
+    );
+    with_tus(resp)
+}
+
+/// `POST` (creation) and `OPTIONS` on the upload collection.
+pub async fn collection(
+    State(hub): State<Arc<Hub>>,
+    method: Method,
+    headers: HeaderMap,
+) -> Response {
+    tus_response(collection_inner(&hub, method, &headers).await)
+}
+
+/// Every tus answer, errors too, carries `Tus-Resumable`; errors keep the
+/// JSON body.
+fn tus_response(r: Result<Response, ApiError>) -> Response {
+    with_tus(r.unwrap_or_else(IntoResponse::into_response))
+}
+
+async fn collection_inner(
+    hub: &Arc<Hub>,
+    method: Method,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let scope = auth::device(hub, headers).await?;
+    match method {
+        Method::OPTIONS => Ok(options(hub)),
+        Method::POST => create(hub, scope, headers).await,
+        _ => Err(err(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "uploads: use POST to create or OPTIONS to discover",
+        )),
+    }
+}
+
+async fn create(hub: &Arc<Hub>, scope: DeviceScope, h: &HeaderMap) -> Result<Response, ApiError> {
+    check_version(h)?;
+    let reject = |reason: &'static str, e: ApiError| {
+        hub.metrics.reject(reason);
+        e
+    };
+    if h.contains_key("upload-defer-length") {
+        return Err(ApiError::bad_request(
+            "Upload-Defer-Length is not supported; send Upload-Length",
+        ));
+    }
+    let length: u64 = header_str(h, "upload-length")
+        .ok_or_else(|| ApiError::bad_request("Upload-Length header is required"))?
+        .parse()
+        .map_err(|_| ApiError::bad_request("Upload-Length must be a non-negative integer"))?;
+    let max = hub.config.limits.max_upload_bytes;
+    if length > max {
+        return Err(reject(
+            "upload_too_large",
+            ApiError::too_large(format!(
+                "upload of {length} bytes is larger than {max} bytes"
+            )),
+        ));
+    }
+    let raw_meta = header_str(h, "upload-metadata").unwrap_or("").to_owned();
+    if raw_meta.len() > 8 << 10 {
+        return Err(ApiError::bad_request(
+            "Upload-Metadata is longer than 8 KiB",
+        ));
+    }
+    let meta = parse_metadata(&raw_meta).map_err(ApiError::bad_request)?;
+    let session_id = meta
+        .get(upload_meta::SESSION_ID)
+        .ok_or_else(|| ApiError::bad_request("Upload-Metadata needs session_id"))?;
+    let session_uuid: uuid::Uuid = session_id
+        .parse()
+        .map_err(|_| ApiError::bad_request(format!("session_id {session_id:?} is not a UUID")))?;
+    let path = meta
+        .get(upload_meta::PATH)
+        .or_else(|| meta.get("filename"))
+        .ok_or_else(|| ApiError::bad_request("Upload-Metadata needs path"))?
+        .clone();
+    validate_artifact_path(&path).map_err(|m| reject("bad_path", ApiError::bad_request(m)))?;
+    let sha256 = match meta.get(upload_meta::SHA256) {
+        Some(s) if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            s.to_ascii_lowercase()
+        }
+        Some(s) => {
+            return Err(ApiError::bad_request(format!(
+                "sha256 {s:?} is not 64 hex digits"
+            )))
+        }
+        None => String::new(),
+    };
+    let content_type = meta
+        .get(upload_meta::CONTENT_TYPE)
+        .or_else(|| meta.get("filetype"))
+        .filter(|c| c.len() <= 255 && HeaderValue::from_str(c).is_ok())
+        .cloned()
+        .unwrap_or_else(|| "application/octet-stream".into());
+    let scope2 = scope.clone();
+    let (session_pk, device_pk) = hub
+        .db(move |s| s.session_for_device(&scope2, session_uuid))
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("session {session_uuid} was deleted")))?;
+    // Each unfinished upload holds a partial file: bound how many a device
+    // may leave lying around.
+    if hub.db(move |s| s.unfinished_uploads(device_pk)).await? >= MAX_UNFINISHED_UPLOADS {
+        return Err(reject(
+            "too_many_uploads",
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_uploads",
+                format!(
+                    "this device has {MAX_UNFINISHED_UPLOADS} unfinished uploads; finish or DELETE some first"
+                ),
+            ),
+        ));
+    }
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    let upload = UploadRow {
+        id: id.clone(),
+        device_pk,
+        session_pk,
+        path,
+        content_type,
+        sha256,
+        length,
+        metadata: raw_meta,
+        created_at_ns: time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64,
+    };
+    let part = hub.uploads.join(format!("{id}.part"));
+    tokio::fs::File::create(&part)
+        .await
+        .map_err(|e| ApiError::internal(format!("cannot create upload file: {e}")))?;
+    let row = upload.clone();
+    hub.db(move |s| s.create_upload(&row)).await?;
+    Metrics::add(&hub.metrics.uploads_created, 1);
+    tracing::info!(device = %scope.device_id, upload = %id, path = %upload.path, length, "upload created");
+    if length == 0 {
+        finish(hub, &upload).await?;
+    }
+    let mut resp = StatusCode::CREATED.into_response();
+    let location = format!("{}/{id}", crate::wire::UPLOADS_PATH);
+    resp.headers_mut().insert(
+        header::LOCATION,
+        HeaderValue::from_str(&location).expect("ascii"),
+    );
+    resp.headers_mut()
+        .insert("upload-offset", HeaderValue::from(0u64));
+    Ok(resp)
+}
+
+/// `HEAD`, `PATCH`, `DELETE` and `OPTIONS` on one upload.
+pub async fn resource(
+    State(hub): State<Arc<Hub>>,
+    Path(id): Path<String>,
+    method: Method,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    tus_response(resource_inner(&hub, id, method, &headers, body).await)
+}
+
+async fn resource_inner(
+    hub: &Arc<Hub>,
+    id: String,
+    method: Method,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let scope = auth::device(hub, headers).await?;
+    if method == Method::OPTIONS {
+        return Ok(options(hub));
+    }
+    // Ids are ours (hex); anything else cannot name an upload.
+    if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ApiError::not_found(format!("no upload {id:?}")));
+    }
+    let upload = find_upload(hub, &scope, &id).await?;
+    match method {
+        Method::HEAD => head(hub, &upload).await,
+        Method::PATCH => patch(hub, &upload, headers, body).await,
+        Method::DELETE => {
+            check_version(headers)?;
+            let uid = upload.id.clone();
+            hub.db(move |s| s.delete_upload(&uid)).await?;
+            let _ = tokio::fs::remove_file(hub.uploads.join(format!("{id}.part"))).await;
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+        _ => Err(err(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "an upload answers HEAD, PATCH, DELETE and OPTIONS",
+        )),
+    }
+}
+
+async fn find_upload(hub: &Arc<Hub>, scope: &DeviceScope, id: &str) -> Result<UploadRow, ApiError> {
+    let (i, s) = (id.to_owned(), scope.clone());
+    let found = hub
+        .db(move |st| {
+            let Some(up) = st.get_upload(&i)? else {
+                return Ok(None);
+            };
+            let dev = st.find_device(&s.org, &s.project, &s.device_id)?;
+            Ok(dev.filter(|d| d.pk == up.device_pk).map(|_| up))
+        })
+        .await?;
+    found.ok_or_else(|| ApiError::not_found(format!("no upload {id}")))
+}
+
+async fn current_offset(hub: &Hub, id: &str) -> Result<u64, ApiError> {
+    tokio::fs::metadata(hub.uploads.join(format!("{id}.part")))
+        .await
+        .map(|m| m.len())
+        .map_err(|e| ApiError::internal(format!("upload file is missing: {e}")))
+}
+
+async fn head(hub: &Arc<Hub>, up: &UploadRow) -> Result<Response, ApiError> {
+    let offset = current_offset(hub, &up.id).await?;
+    let mut resp = StatusCode::OK.into_response();
+    let h = resp.headers_mut();
+    h.insert("upload-offset", HeaderValue::from(offset));
+    h.insert("upload-length", HeaderValue::from(up.length));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Ok(v) = HeaderValue::from_str(&up.metadata) {
+        if !up.metadata.is_empty() {
+            h.insert("upload-metadata", v);
+        }
+    }
+    Ok(resp)
+}
+
+/// Marks an upload busy for the life of one PATCH.
+struct Busy<'a> {
+    hub: &'a Hub,
+    id: String,
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.hub
+            .busy_uploads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
+}
+
+/// Cuts the part file back to where the PATCH began unless disarmed: a
+/// chunk with a checksum is all or nothing, even if the client vanishes.
+struct Rollback {
+    file: Option<std::fs::File>,
+    offset: u64,
+}
+
+impl Drop for Rollback {
+    fn drop(&mut self) {
+        if let Some(f) = self.file.take() {
+            if let Err(e) = f.set_len(self.offset) {
+                tracing::error!(error = %e, "cannot roll back an upload chunk");
+            }
+        }
+    }
+}
+
+async fn patch(
+    hub: &Arc<Hub>,
+    up: &UploadRow,
+    h: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    check_version(h)?;
+    if header_str(h, "content-type") != Some(OFFSET_OCTET_STREAM) {
+        return Err(err(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!("PATCH needs Content-Type: {OFFSET_OCTET_STREAM}"),
+        ));
+    }
+    let claimed: u64 = header_str(h, "upload-offset")
+        .ok_or_else(|| ApiError::bad_request("Upload-Offset header is required"))?
+        .parse()
+        .map_err(|_| ApiError::bad_request("Upload-Offset must be a non-negative integer"))?;
+    let checksum = match header_str(h, "upload-checksum") {
+        None => None,
+        Some(v) => {
+            let (algo, sum) = v.split_once(' ').unwrap_or((v, ""));
+            if algo != "sha256" {
+                return Err(ApiError::bad_request(format!(
+                    "checksum algorithm {algo:?} is not supported (use sha256)"
+                )));
+            }
+            Some(
+                b64()
+                    .decode(sum.trim())
+                    .map_err(|_| ApiError::bad_request("Upload-Checksum value is not base64"))?,
+            )
+        }
+    };
+    {
+        let mut busy = hub.busy_uploads.lock().unwrap_or_else(|p| p.into_inner());
+        if !busy.insert(up.id.clone()) {
+            return Err(ApiError::new(
+                StatusCode::LOCKED,
+                "upload_busy",
+                "another PATCH to this upload is in progress",
+            ));
+        }
+    }
+    let _busy = Busy {
+        hub,
+        id: up.id.clone(),
+    };
+    let part_path = hub.uploads.join(format!("{}.part", up.id));
+    let offset = current_offset(hub, &up.id).await?;
+    if claimed != offset {
+        return Err(ApiError::conflict(format!(
+            "Upload-Offset {claimed} does not match the upload's offset {offset}"
+        )));
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&part_path)
+        .map_err(|e| ApiError::internal(format!("cannot open upload file: {e}")))?;
+    file.seek(std::io::SeekFrom::Start(offset))
+        .map_err(|e| ApiError::internal(format!("cannot seek upload file: {e}")))?;
+    let mut rollback = Rollback {
+        file: if checksum.is_some() {
+            Some(
+                file.try_clone()
+                    .map_err(|e| ApiError::internal(e.to_string()))?,
+            )
+        } else {
+            None
+        },
+        offset,
+    };
+    let mut hasher = Sha256::new();
+    let mut written = offset;
+    let mut stream = body.into_data_stream();
+    let mut interrupted = None;
+    while let Some(chunk) = stream.next().await {
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => {
+                interrupted = Some(e.to_string());
+                break;
+            }
+        };
+        if written + chunk.len() as u64 > up.length {
+            hub.metrics.reject("upload_overflow");
+            return Err(ApiError::too_large(format!(
+                "PATCH goes past the upload's length of {} bytes",
+                up.length
+            )));
+        }
+        // Small synchronous writes of at most one body frame: the page
+        // cache absorbs them, and holding no buffer keeps memory flat.
+        file.write_all(&chunk)
+            .map_err(|e| ApiError::internal(format!("cannot write upload file: {e}")))?;
+        if checksum.is_some() {
+            hasher.update(&chunk);
+        }
+        written += chunk.len() as u64;
+        Metrics::add(&hub.metrics.upload_bytes, chunk.len() as u64);
+        Metrics::add(&hub.metrics.bytes_in, chunk.len() as u64);
+    }
+    if let Some(why) = interrupted {
+        // Without a checksum the bytes that arrived stay: HEAD reports them
+        // and the client resumes there. With one, the rollback drops them.
+        tracing::info!(upload = %up.id, offset = written, error = %why, "PATCH interrupted");
+        return Err(ApiError::bad_request(format!(
+            "upload body interrupted: {why}"
+        )));
+    }
+    if let Some(want) = checksum {
+        if hasher.finalize().as_slice() != want.as_slice() {
+            hub.metrics.reject("chunk_checksum");
+            return Err(ApiError::new(
+                StatusCode::from_u16(460).expect("valid status"),
+                "checksum_mismatch",
+                "the chunk's sha256 does not match Upload-Checksum; it was discarded",
+            ));
+        }
+    }
+    rollback.file = None;
+    drop(rollback);
+    file.sync_data()
+        .map_err(|e| ApiError::internal(format!("cannot sync upload file: {e}")))?;
+    drop(file);
+    if written == up.length {
+        finish(hub, up).await?;
+    }
+    let mut resp = StatusCode::NO_CONTENT.into_response();
+    resp.headers_mut()
+        .insert("upload-offset", HeaderValue::from(written));
+    Ok(resp)
+}
+
+/// Verifies a complete upload's SHA-256 and makes it the artifact.
+async fn finish(hub: &Arc<Hub>, up: &UploadRow) -> Result<(), ApiError> {
+    let part = hub.uploads.join(format!("{}.part", up.id));
+    let p = part.clone();
+    let actual = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
+        let mut f = std::fs::File::open(&p)?;
+        let mut h = Sha256::new();
+        std::io::copy(&mut f, &mut h)?;
+        Ok(hex::encode(h.finalize()))
+    })
+    .await?
+    .map_err(|e| ApiError::internal(format!("cannot read upload file: {e}")))?;
+    if !up.sha256.is_empty() && actual != up.sha256 {
+        let uid = up.id.clone();
+        hub.db(move |s| s.delete_upload(&uid)).await?;
+        let _ = tokio::fs::remove_file(&part).await;
+        hub.metrics.reject("file_checksum");
+        tracing::warn!(upload = %up.id, path = %up.path, "upload discarded: sha256 mismatch");
+        return Err(ApiError::new(
+            StatusCode::from_u16(460).expect("valid status"),
+            "checksum_mismatch",
+            format!(
+                "the uploaded file's sha256 is {actual} but Upload-Metadata said {}; the upload was discarded",
+                up.sha256
+            ),
+        ));
+    }
+    let blob = uuid::Uuid::now_v7().simple().to_string();
+    tokio::fs::rename(&part, hub.blobs.join(&blob))
+        .await
+        .map_err(|e| ApiError::internal(format!("cannot store artifact: {e}")))?;
+    let mut done = up.clone();
+    done.sha256 = actual;
+    let b = blob.clone();
+    let old = hub.db(move |s| s.complete_upload(&done, &b)).await?;
+    if let Some(old) = old {
+        let _ = tokio::fs::remove_file(hub.blobs.join(old)).await;
+    }
+    Metrics::add(&hub.metrics.uploads_completed, 1);
+    tracing::info!(upload = %up.id, path = %up.path, bytes = up.length, "artifact stored");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata() {
+        let check = |v: &str, want: Result<Vec<(&str, &str)>, &str>| {
+            let got = parse_metadata(v).map(|m| {
+                let mut v: Vec<(String, String)> = m.into_iter().collect();
+                v.sort();
+                v
+            });
+            let want = want.map(|v| {
+                v.into_iter()
+                    .map(|(a, b)| (a.to_owned(), b.to_owned()))
+                    .collect::<Vec<_>>()
+            });
+            assert_eq!(got, want.map_err(str::to_owned), "{v}");
+        };
+        check("", Ok(vec![]));
+        check(
+            "path bG9ncy9hLmxvZw==,session_id eA==",
+            Ok(vec![("path", "logs/a.log"), ("session_id", "x")]),
+        );
+        check("flag", Ok(vec![("flag", "")]));
+        check(
+            "path !!!",
+            Err("Upload-Metadata: value of \"path\" is not base64"),
+        );
+    }
+}

@@ -1,0 +1,397 @@
+//! Artifact uploads over tus: an upload cut off mid-PATCH resumes from the
+//! offset HEAD reports; chunk and whole-file checksums; replacement;
+//! termination; downloads with Range; the streamed ZIP of all artifacts.
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::Duration;
+
+use base64::Engine;
+use logbook::wire::SessionStatus;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::*;
+
+fn b64(data: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(data)
+}
+
+fn content(len: usize, seed: u32) -> Vec<u8> {
+    (0..len as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed) >> 11) as u8)
+        .collect()
+}
+
+struct Tus<'a> {
+    hub: &'a HubProc,
+}
+
+impl Tus<'_> {
+    fn url(&self) -> String {
+        format!("{}/api/v1/ingest/uploads", self.hub.url)
+    }
+
+    /// Creates an upload; returns its absolute URL.
+    async fn create(&self, session: Uuid, path: &str, data: &[u8], sha: Option<&str>) -> String {
+        let digest = hex::encode(Sha256::digest(data));
+        let meta = format!(
+            "session_id {},path {},content_type {},sha256 {}",
+            b64(session.to_string().as_bytes()),
+            b64(path.as_bytes()),
+            b64(b"application/octet-stream"),
+            b64(sha.unwrap_or(&digest).as_bytes())
+        );
+        let r = self
+            .hub
+            .http
+            .post(self.url())
+            .bearer_auth(&self.hub.device)
+            .header("tus-resumable", "1.0.0")
+            .header("upload-length", data.len().to_string())
+            .header("upload-metadata", meta)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        format!(
+            "{}{}",
+            self.hub.url,
+            r.headers()["location"].to_str().unwrap()
+        )
+    }
+
+    async fn offset(&self, url: &str) -> Option<u64> {
+        let r = self
+            .hub
+            .http
+            .head(url)
+            .bearer_auth(&self.hub.device)
+            .header("tus-resumable", "1.0.0")
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 404 {
+            return None;
+        }
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["cache-control"], "no-store");
+        Some(
+            r.headers()["upload-offset"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap(),
+        )
+    }
+
+    async fn patch(
+        &self,
+        url: &str,
+        offset: u64,
+        data: &[u8],
+        checksum: Option<&[u8]>,
+    ) -> (u16, Value) {
+        let mut req = self
+            .hub
+            .http
+            .patch(url)
+            .bearer_auth(&self.hub.device)
+            .header("tus-resumable", "1.0.0")
+            .header("content-type", "application/offset+octet-stream")
+            .header("upload-offset", offset.to_string());
+        if let Some(sum) = checksum {
+            req = req.header(
+                "upload-checksum",
+                format!("sha256 {}", b64(&Sha256::digest(sum))),
+            );
+        }
+        let r = req.body(data.to_vec()).send().await.unwrap();
+        let st = r.status().as_u16();
+        if st == 204 {
+            assert_eq!(
+                r.headers()["upload-offset"].to_str().unwrap(),
+                (offset + data.len() as u64).to_string()
+            );
+        }
+        (
+            st,
+            serde_json::from_str(&r.text().await.unwrap()).unwrap_or(Value::Null),
+        )
+    }
+}
+
+/// Sends a PATCH that announces `total` bytes but sends only `sent`, then
+/// drops the connection: a robot losing its link mid-upload.
+fn interrupted_patch(addr: &str, path: &str, token: &str, data: &[u8], total: usize) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    let head = format!(
+        "PATCH {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
+         Tus-Resumable: 1.0.0\r\nContent-Type: application/offset+octet-stream\r\n\
+         Upload-Offset: 0\r\nContent-Length: {total}\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(data).unwrap();
+    s.flush().unwrap();
+    s.shutdown(std::net::Shutdown::Both).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_upload_resumes_and_downloads() {
+    let hub = HubProc::start("hub_tus_resume");
+    let tus = Tus { hub: &hub };
+    let s = session_id(1);
+    hub.post_batch(&batch(
+        vec![state(s, 1, SessionStatus::Active, &[])],
+        vec![],
+        vec![],
+    ))
+    .await;
+    let data = content(6 << 20, 1);
+    let url = tus.create(s, "data/telemetry.bin", &data, None).await;
+    assert_eq!(tus.offset(&url).await, Some(0));
+
+    // The link drops after 2 MiB of a PATCH meant to carry everything.
+    let cut = 2 << 20;
+    let path = url.strip_prefix(&hub.url).unwrap().to_owned();
+    let (addr, token, part) = (hub.addr.clone(), hub.device.clone(), data[..cut].to_vec());
+    let total = data.len();
+    tokio::task::spawn_blocking(move || interrupted_patch(&addr, &path, &token, &part, total))
+        .await
+        .unwrap();
+    let mut offset = 0;
+    for _ in 0..500 {
+        offset = tus.offset(&url).await.unwrap();
+        if offset == cut as u64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        offset, cut as u64,
+        "HEAD reports what arrived before the cut"
+    );
+
+    // A stale offset is a conflict; a chunk with a wrong checksum is
+    // discarded whole.
+    let (st, _) = tus.patch(&url, 0, &data[..10], None).await;
+    assert_eq!(st, 409);
+    let next = &data[cut..cut + (1 << 20)];
+    let (st, v) = tus
+        .patch(&url, cut as u64, next, Some(b"something else"))
+        .await;
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (460, Some("checksum_mismatch"))
+    );
+    assert_eq!(tus.offset(&url).await, Some(cut as u64));
+    // Resume: the rest, with checksums.
+    let (st, _) = tus.patch(&url, cut as u64, next, Some(next)).await;
+    assert_eq!(st, 204);
+    let rest = &data[cut + (1 << 20)..];
+    let (st, v) = tus
+        .patch(&url, (cut + (1 << 20)) as u64, rest, Some(rest))
+        .await;
+    assert_eq!(st, 204, "{v}");
+    assert_eq!(
+        tus.offset(&url).await,
+        None,
+        "a finished upload is an artifact now"
+    );
+
+    // Listed, counted and downloadable, whole or by range.
+    let (_, files) = hub.get(&hub.api(&format!("/sessions/{s}/files"))).await;
+    assert_eq!(files["items"][0]["path"], "data/telemetry.bin");
+    assert_eq!(files["items"][0]["size_bytes"], data.len());
+    assert_eq!(
+        files["items"][0]["sha256"],
+        hex::encode(Sha256::digest(&data))
+    );
+    let (_, sess) = hub.get(&hub.api(&format!("/sessions/{s}"))).await;
+    assert_eq!(sess["metrics"]["artifact_count"], 1);
+    assert_eq!(sess["metrics"]["artifact_size_bytes"], data.len());
+    let file_url = hub.api(&format!("/sessions/{s}/files/data/telemetry.bin"));
+    let get = |range: Option<&'static str>| {
+        let (hub, url) = (&hub, file_url.clone());
+        async move {
+            let mut req = hub.http.get(url).bearer_auth(&hub.operator);
+            if let Some(r) = range {
+                req = req.header("range", r);
+            }
+            let r = req.send().await.unwrap();
+            let st = r.status().as_u16();
+            let ct = r
+                .headers()
+                .get("content-type")
+                .map(|v| v.to_str().unwrap().to_owned());
+            if st < 300 {
+                assert_eq!(r.headers()["content-security-policy"], "sandbox");
+            }
+            (st, ct, r.bytes().await.unwrap().to_vec())
+        }
+    };
+    let (st, ct, body) = get(None).await;
+    assert_eq!((st, ct.as_deref()), (200, Some("application/octet-stream")));
+    assert!(body == data, "downloaded artifact differs");
+    let (st, _, body) = get(Some("bytes=100-199")).await;
+    assert_eq!((st, &body[..]), (206, &data[100..200]));
+    let (st, _, body) = get(Some("bytes=-10")).await;
+    assert_eq!((st, &body[..]), (206, &data[data.len() - 10..]));
+    let (st, _, _) = get(Some("bytes=99999999-")).await;
+    assert_eq!(st, 416);
+
+    // The same path again replaces the artifact (and its file).
+    let small = b"second version\n".to_vec();
+    let url2 = tus.create(s, "data/telemetry.bin", &small, None).await;
+    assert_eq!(tus.patch(&url2, 0, &small, None).await.0, 204);
+    let (_, files) = hub.get(&hub.api(&format!("/sessions/{s}/files"))).await;
+    assert_eq!(files["items"].as_array().unwrap().len(), 1);
+    assert_eq!(files["items"][0]["size_bytes"], small.len());
+    assert_eq!(get(None).await.2, small);
+    let blobs = std::fs::read_dir(hub.data_dir().join("blobs"))
+        .unwrap()
+        .count();
+    assert_eq!(blobs, 1, "the replaced file is gone\n{}", hub.dir.listing());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checksum_mismatch_termination_and_zip() {
+    let hub = HubProc::start("hub_tus_zip");
+    let tus = Tus { hub: &hub };
+    let s = session_id(2);
+    hub.post_batch(&batch(
+        vec![state(s, 1, SessionStatus::Completed, &[])],
+        vec![],
+        vec![],
+    ))
+    .await;
+
+    // Whole-file SHA-256 mismatch: refused with a reason, upload discarded.
+    let data = content(70_000, 2);
+    let wrong = "0".repeat(64);
+    let url = tus.create(s, "bad.bin", &data, Some(&wrong)).await;
+    let (st, v) = tus.patch(&url, 0, &data, None).await;
+    assert_eq!(st, 460);
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("discarded"),
+        "{v}"
+    );
+    assert_eq!(tus.offset(&url).await, None);
+
+    // Termination.
+    let url = tus.create(s, "never.bin", &data, None).await;
+    let r = hub
+        .http
+        .delete(&url)
+        .bearer_auth(&hub.device)
+        .header("tus-resumable", "1.0.0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(tus.offset(&url).await, None);
+
+    // Capability discovery.
+    let r = hub
+        .http
+        .request(reqwest::Method::OPTIONS, tus.url())
+        .bearer_auth(&hub.device)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(r.headers()["tus-version"], "1.0.0");
+    assert_eq!(
+        r.headers()["tus-extension"],
+        "creation,checksum,termination"
+    );
+    assert_eq!(r.headers()["tus-checksum-algorithm"], "sha256");
+
+    // Two artifacts (one empty), then the ZIP of all of them.
+    let files: Vec<(&str, Vec<u8>)> = vec![
+        ("logs/session.log", b"line 1\nline 2\n".to_vec()),
+        ("data/blob.bin", data.clone()),
+        ("empty.txt", vec![]),
+    ];
+    for (path, body) in &files {
+        let url = tus.create(s, path, body, None).await;
+        if !body.is_empty() {
+            assert_eq!(tus.patch(&url, 0, body, Some(body)).await.0, 204);
+        }
+    }
+    let (_, list) = hub.get(&hub.api(&format!("/sessions/{s}/files"))).await;
+    assert_eq!(list["items"].as_array().unwrap().len(), 3, "{list}");
+    let r = hub
+        .http
+        .get(hub.api(&format!("/sessions/{s}/files/download")))
+        .bearer_auth(&hub.operator)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "application/zip");
+    let zip = r.bytes().await.unwrap().to_vec();
+    assert!(zip.starts_with(b"PK\x03\x04"));
+    if !crate::util::interop_client("python3") {
+        return;
+    }
+    let path = hub.dir.join("all.zip");
+    std::fs::write(&path, &zip).unwrap();
+    let out = crate::util::run_ok(
+        std::process::Command::new("python3")
+            .arg("-c")
+            .arg(
+                "import sys, zipfile, hashlib\n\
+         z = zipfile.ZipFile(sys.argv[1])\n\
+         assert z.testzip() is None\n\
+         for i in sorted(z.infolist(), key=lambda i: i.filename):\n\
+         \x20   print(i.filename, i.file_size, hashlib.sha256(z.read(i)).hexdigest())\n",
+            )
+            .arg(&path),
+    );
+    let mut want: Vec<String> = files
+        .iter()
+        .map(|(p, b)| format!("{p} {} {}", b.len(), hex::encode(Sha256::digest(b))))
+        .collect();
+    want.sort();
+    let got: Vec<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(got, want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_uploads_are_bounded_per_device() {
+    let hub = HubProc::start("hub_tus_bound");
+    let tus = Tus { hub: &hub };
+    let s = session_id(3);
+    let data = content(10, 3);
+    let mut urls = Vec::new();
+    for i in 0..64 {
+        urls.push(tus.create(s, &format!("part-{i}.bin"), &data, None).await);
+    }
+    let meta = format!(
+        "session_id {},path {}",
+        b64(s.to_string().as_bytes()),
+        b64(b"one-more.bin")
+    );
+    let r = hub
+        .http
+        .post(tus.url())
+        .bearer_auth(&hub.device)
+        .header("tus-resumable", "1.0.0")
+        .header("upload-length", "10")
+        .header("upload-metadata", meta)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    // Finishing one frees a place.
+    assert_eq!(tus.patch(&urls[0], 0, &data, None).await.0, 204);
+    tus.create(s, "one-more.bin", &data, None).await;
+}
