@@ -484,9 +484,11 @@ async fn patch(
     }
     rollback.file = None;
     drop(rollback);
-    file.sync_data()
+    // The offset HEAD reports must survive a crash: sync before answering,
+    // on the blocking pool (an fsync can take a while).
+    tokio::task::spawn_blocking(move || file.sync_data())
+        .await?
         .map_err(|e| ApiError::internal(format!("cannot sync upload file: {e}")))?;
-    drop(file);
     if written == up.length {
         finish(hub, up).await?;
     }
