@@ -39,7 +39,11 @@ fn main() {
             .ok()
     });
     if let Some(s) = &session {
-        eprintln!("logbook: session {} ({})", s.id(), s.artifact_dir().display());
+        eprintln!(
+            "logbook: session {} ({})",
+            s.id(),
+            s.artifact_dir().display()
+        );
     }
 
     let mission = tracing::info_span!("mission", id = "m-17");

@@ -97,6 +97,25 @@ fn every_mode_with_acks_and_a_broken_stream_closes_only_its_connection() {
     .unwrap();
     assert_eq!(read_ack(&mut s), json!({"ack": "c3"}));
 
+    // Docker's fluentd driver (fluent-logger-golang): Message mode with an
+    // EventTime and, with fluentd-async off and acks on, a chunk.
+    let mut docker = Vec::new();
+    rmp::encode::write_array_len(&mut docker, 4).unwrap();
+    rmp::encode::write_str(&mut docker, "docker.3f2a9c").unwrap();
+    rmp::encode::write_ext_meta(&mut docker, 8, 0).unwrap();
+    docker.extend((T as u32).to_be_bytes());
+    docker.extend(250_000_000u32.to_be_bytes());
+    docker.extend(
+        rmp_serde::to_vec(
+            &json!({"container_id": "3f2a9c", "container_name": "/camera",
+                                   "source": "stderr", "log": "E frame lost\n"}),
+        )
+        .unwrap(),
+    );
+    docker.extend(rmp_serde::to_vec(&json!({"chunk": "d1"})).unwrap());
+    s.write_all(&docker).unwrap();
+    assert_eq!(read_ack(&mut s), json!({"ack": "d1"}));
+
     // A msgpack value that is no Forward message: skipped, connection open.
     s.write_all(&rmp_serde::to_vec(&(1, 2)).unwrap()).unwrap();
 
@@ -132,6 +151,13 @@ fn every_mode_with_acks_and_a_broken_stream_closes_only_its_connection() {
     assert_eq!(r["module"], "docker.cam");
     assert_eq!(r["metadata"], json!({"source": "stdout"}));
     assert_eq!(record(&agent, "packed two")["level"], "ERROR");
+    let r = record(&agent, "E frame lost");
+    assert_eq!(r["module"], "docker.3f2a9c");
+    assert_eq!(r["timestamp"], "2025-11-26T01:03:20.25Z");
+    assert_eq!(
+        r["metadata"],
+        json!({"container_id": "3f2a9c", "container_name": "/camera", "source": "stderr"})
+    );
     assert_eq!(record(&agent, "compressed")["level"], "ERROR");
     assert_eq!(record(&agent, "still open")["pid"], std::process::id());
 

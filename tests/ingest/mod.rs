@@ -5,6 +5,7 @@
 
 mod client;
 mod forward;
+mod jsonlines;
 mod syslog;
 
 use std::process::Command;
@@ -26,6 +27,19 @@ pub fn record(agent: &Agent, message: &str) -> Value {
 /// A status counter of bad input by reason.
 pub fn bad(agent: &Agent, reason: &str) -> u64 {
     agent.status()["ingest"]["bad"][reason].as_u64().unwrap()
+}
+
+/// The trusted process name of a sender that may have exited before the
+/// agent read its datagram (or accepted its connection): the name comes
+/// from `/proc/<pid>/comm`, gone with the process, so it is that program's
+/// name or absent, never anything else. pid and uid come from the kernel
+/// with the message and are always there.
+pub fn short_lived(r: &Value, program: &str) {
+    assert!(
+        r["process"] == program || r["process"].is_null(),
+        "process of {r}"
+    );
+    assert!(r["pid"].as_u64().is_some_and(|p| p > 0), "{r}");
 }
 
 /// The uid of this test process (trusted fields must match it).

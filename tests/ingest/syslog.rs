@@ -6,7 +6,7 @@ use std::process::Command;
 
 use serde_json::json;
 
-use super::{bad, my_uid, python, python_with, record};
+use super::{bad, my_uid, python, python_with, record, short_lived};
 use crate::agent::Agent;
 use crate::util::{interop_client, run_ok, TestDir};
 
@@ -125,7 +125,7 @@ fn logger_rfc3164_and_rfc5424_with_structured_data() {
     assert_eq!(r["module"], "drive");
     assert_eq!(r["metadata"]["syslog_facility"], "local0");
     assert_eq!(r["metadata"]["syslog_severity"], 4);
-    assert_eq!(r["process"], "logger");
+    short_lived(&r, "logger");
     assert_eq!(r["uid"], my_uid());
     assert!(r["pid"].as_u64().unwrap() > 0);
 
@@ -137,7 +137,7 @@ fn logger_rfc3164_and_rfc5424_with_structured_data() {
         r["metadata"]["structured_data"]["joint@32473"],
         json!({"id": "3", "temp": "81.5"})
     );
-    assert_eq!(r["process"], "logger");
+    short_lived(&r, "logger");
     assert_eq!(r["uid"], my_uid());
 }
 

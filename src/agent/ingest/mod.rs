@@ -322,7 +322,15 @@ pub(crate) async fn serve_stream<F, Fut>(
     };
     loop {
         let stream = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => {
+                // Clients that connected (and maybe wrote) before the stop
+                // are served too: each connection sees the shutdown at once
+                // and hands over what it can read.
+                while let Some(s) = accept_now(&listener) {
+                    start(s);
+                }
+                return;
+            }
             Some(ack) = asked.recv() => {
                 // Accept whatever the kernel already queued. A direct
                 // accept(2): tokio's own would wait for the reactor to have
