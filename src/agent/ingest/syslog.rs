@@ -4,10 +4,13 @@
 //! every datagram carries the sender's pid/uid/gid even when the sender
 //! passes none).
 //!
-//! Invariant: never waits on anything but the socket. Records go to the
-//! pipeline with a non-blocking submit; when it is full they are dropped and
-//! counted (`refused`). One receive buffer of `max_record_bytes` plus
-//! headroom, reused; a longer datagram is kept cut, with a visible mark.
+//! Invariant: never waits on anything but the socket, so senders are never
+//! held up by the writer. Records go to the pipeline without waiting; while
+//! it is full they wait in a bounded pending batch ([`MAX_PENDING`] records,
+//! [`MAX_PENDING_BYTES`]) and the socket keeps being drained; beyond that
+//! bound they are dropped and counted (`refused`). One receive buffer of
+//! `max_record_bytes` plus headroom, reused; a longer datagram is kept cut,
+//! with a visible mark.
 
 use std::io::IoSliceMut;
 use std::mem::MaybeUninit;
@@ -23,13 +26,20 @@ use tokio_util::sync::CancellationToken;
 use super::{process_name, FormatBad, Pipeline};
 use crate::agent::formats::{self, syslog::ERROR_KEY, TRUNCATION_MARK};
 use crate::agent::record::{Incoming, Trusted};
+use crate::agent::store::writer::Msg;
+use crate::agent::store::{now_ns, Row};
 
 /// Bytes beyond `max_record_bytes` a datagram may have before it is cut:
 /// the syslog header and structured data are not part of the message.
 const HEADROOM: usize = 4096;
-/// Datagrams read per wake-up before the records go to the pipeline: one
-/// pipeline slot per batch instead of per datagram.
+/// Datagrams read per wake-up before the records go to the pipeline.
 const BATCH: usize = 256;
+/// Records held while the pipeline is full (its slots count messages, not
+/// records: a burst of small wake-ups must not fill it with tiny batches
+/// and drop the rest). About a second of a busy robot's logging.
+pub const MAX_PENDING: usize = 16 << 10;
+/// Bytes held while the pipeline is full.
+pub const MAX_PENDING_BYTES: usize = 8 << 20;
 /// How long a pid's process name is trusted before `/proc` is read again
 /// (a pid can be reused by another program).
 const NAME_TTL: Duration = Duration::from_secs(1);
@@ -56,17 +66,25 @@ pub async fn serve(
         tracing::warn!("syslog.sock: cannot set SO_PASSCRED: {e}");
     }
     let mut asked = pipeline.register_listener();
+    let tx = pipeline.tx.clone();
     let mut rx = Receiver::new(pipeline, max_record_bytes);
     loop {
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => {
-                rx.drain(&socket);
+                rx.drain(&socket).await;
                 return;
             }
             Some(ack) = asked.recv() => {
-                rx.drain(&socket);
+                rx.drain(&socket).await;
                 drop(ack);
+            }
+            // Room again: hand over what waited. (Reserving is cancel-safe:
+            // a lost race only loses the place in line.)
+            permit = tx.reserve(), if !rx.pending.is_empty() => {
+                if let Ok(permit) = permit {
+                    permit.send(Msg::Rows(rx.take_pending()));
+                }
             }
             r = socket.readable() => {
                 if r.is_err() {
@@ -84,6 +102,9 @@ struct Receiver {
     pipeline: Pipeline,
     max: usize,
     buf: Vec<u8>,
+    /// Rows the pipeline had no room for yet, oldest first.
+    pending: Vec<Row>,
+    pending_bytes: usize,
     /// The last sender's trusted fields, so a burst from one process reads
     /// `/proc` once.
     last: Option<(rustix::net::UCred, Arc<Trusted>, Instant)>,
@@ -102,20 +123,24 @@ impl Receiver {
             pipeline,
             max,
             buf: vec![0; max + HEADROOM],
+            pending: Vec::new(),
+            pending_bytes: 0,
             last: None,
         }
     }
 
-    /// Reads up to [`BATCH`] datagrams and submits them. `Err(WouldBlock)`
-    /// when the socket ran dry (so the reactor waits again).
+    /// Reads up to [`BATCH`] datagrams and offers them to the pipeline.
+    /// `Err(WouldBlock)` when the socket ran dry (so the reactor waits
+    /// again).
     fn batch(&mut self, socket: &impl AsFd) -> std::io::Result<()> {
-        let mut records = Vec::new();
         let mut result = Ok(());
+        let arrival = now_ns();
         for _ in 0..BATCH {
             match self.recv(socket) {
                 Ok(d) => {
-                    if let Some(r) = self.record(d) {
-                        records.push(r);
+                    if let Some((r, t)) = self.record(d) {
+                        let row = self.pipeline.row(r, t, arrival);
+                        self.hold(row);
                     }
                 }
                 Err(e) => {
@@ -124,7 +149,7 @@ impl Receiver {
                 }
             }
         }
-        self.pipeline.submit(records);
+        self.offer();
         match result {
             Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => {
                 tracing::warn!("syslog.sock: receive failed: {e}");
@@ -134,11 +159,59 @@ impl Receiver {
         }
     }
 
-    /// Hands over every datagram queued now (a flush or shutdown asked).
-    /// Bounded, so a sender that never pauses cannot hold it up.
-    fn drain(&mut self, socket: &impl AsFd) {
+    /// Keeps a row for the pipeline, or drops and counts it when the
+    /// pending batch is at its bound.
+    fn hold(&mut self, row: Row) {
+        let bytes = row.approx_bytes();
+        if self.pending.len() >= MAX_PENDING || self.pending_bytes + bytes > MAX_PENDING_BYTES {
+            self.pipeline
+                .stats
+                .refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return;
+        }
+        self.pending_bytes += bytes;
+        self.pending.push(row);
+    }
+
+    /// Hands the pending rows to the pipeline if it has room now.
+    fn offer(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        // Full: they wait (bounded) while the socket is drained on.
+        let rows = std::mem::take(&mut self.pending);
+        match self.pipeline.tx.try_send(Msg::Rows(rows)) {
+            Ok(()) => self.pending_bytes = 0,
+            Err(e) => match e.into_inner() {
+                Msg::Rows(rows) => self.pending = rows,
+                _ => unreachable!("sent rows"),
+            },
+        }
+    }
+
+    fn take_pending(&mut self) -> Vec<Row> {
+        self.pending_bytes = 0;
+        std::mem::take(&mut self.pending)
+    }
+
+    /// Hands over every datagram queued now and what is pending (a flush
+    /// or shutdown asked: waiting for the writer is right here). Bounded,
+    /// so a sender that never pauses cannot hold it up.
+    async fn drain(&mut self, socket: &impl AsFd) {
         for _ in 0..64 {
-            if self.batch(socket).is_err() {
+            let dry = self.batch(socket).is_err();
+            if !self.pending.is_empty() {
+                let rows = self.take_pending();
+                let n = rows.len() as u64;
+                if self.pipeline.tx.send(Msg::Rows(rows)).await.is_err() {
+                    self.pipeline
+                        .stats
+                        .refused
+                        .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            if dry {
                 return;
             }
         }
@@ -226,5 +299,84 @@ impl Receiver {
         });
         self.last = Some((c, t.clone(), Instant::now()));
         t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::agent::store::Stats;
+
+    fn receiver(capacity: usize) -> (Receiver, mpsc::Receiver<Msg>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        let p = Pipeline::new(tx, Arc::new(Stats::default()));
+        (Receiver::new(p, 1024), rx)
+    }
+
+    fn rows(m: Option<Msg>) -> Vec<Row> {
+        match m {
+            Some(Msg::Rows(r)) => r,
+            _ => panic!("expected rows"),
+        }
+    }
+
+    #[test]
+    fn a_full_pipeline_holds_a_bounded_batch_then_drops_and_counts() {
+        let (mut rx, mut chan) = receiver(1);
+        rx.pipeline.tx.try_send(Msg::Rows(Vec::new())).unwrap();
+        let row = |i: usize| {
+            let r = formats::syslog::parse(format!("<14>t: {i}").as_bytes(), 1024).unwrap();
+            rx.pipeline.row(r, Arc::default(), 1)
+        };
+        let all: Vec<Row> = (0..MAX_PENDING + 5).map(row).collect();
+        for r in all {
+            rx.hold(r);
+        }
+        rx.offer();
+        assert_eq!(rx.pending.len(), MAX_PENDING, "kept while full");
+        assert_eq!(rx.pipeline.stats.refused.load(Ordering::Relaxed), 5);
+        assert!(rows(chan.try_recv().ok()).is_empty());
+        rx.offer();
+        assert!(rx.pending.is_empty() && rx.pending_bytes == 0);
+        let got = rows(chan.try_recv().ok());
+        assert_eq!(got.len(), MAX_PENDING);
+        assert_eq!(got[0].message, "0", "oldest first");
+    }
+
+    #[test]
+    fn credentials_and_cut_datagrams_from_a_real_socket() {
+        let (mut rx, mut chan) = receiver(4);
+        let (a, b) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        rustix::net::sockopt::set_socket_passcred(&b, true).unwrap();
+        a.send(b"<11>1 - - app - - - hi").unwrap();
+        let long = format!("<14>big: {}", "x".repeat(1024 + HEADROOM + 100));
+        a.send(long.as_bytes()).unwrap();
+        a.send(b"\n").unwrap();
+        let e = rx.batch(&b).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
+        let got = rows(chan.try_recv().ok());
+        assert_eq!(got.len(), 2, "the empty datagram is not a record");
+        assert_eq!(got[0].message, "hi");
+        assert_eq!(got[0].module, "app");
+        assert_eq!(got[0].trusted.pid, Some(std::process::id()));
+        assert_eq!(got[0].trusted.uid, Some(rustix::process::getuid().as_raw()));
+        assert!(got[1].message.ends_with(TRUNCATION_MARK) && got[1].message.len() <= 1024);
+        assert!(
+            got[1]
+                .metadata
+                .contains(&format!("\"logbook_original_bytes\":{}", long.len())),
+            "{}",
+            got[1].metadata
+        );
+        let s = &rx.pipeline.stats;
+        assert_eq!(
+            s.bad_formats[FormatBad::SyslogEmpty as usize].load(Ordering::Relaxed),
+            1
+        );
+        assert_eq!(s.truncated.load(Ordering::Relaxed), 1);
     }
 }
