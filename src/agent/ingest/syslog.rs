@@ -32,6 +32,8 @@ use crate::agent::store::{now_ns, Row};
 /// Bytes beyond `max_record_bytes` a datagram may have before it is cut:
 /// the syslog header and structured data are not part of the message.
 const HEADROOM: usize = 4096;
+/// Receive buffer asked of the kernel for `syslog.sock`.
+const SOCKET_RCVBUF: usize = 4 << 20;
 /// Datagrams read per wake-up before the records go to the pipeline.
 const BATCH: usize = 256;
 /// Records held while the pipeline is full (its slots count messages, not
@@ -64,6 +66,11 @@ pub async fn serve(
     if let Err(e) = rustix::net::sockopt::set_socket_passcred(&socket, true) {
         // Records still arrive, only without trusted fields.
         tracing::warn!("syslog.sock: cannot set SO_PASSCRED: {e}");
+    }
+    // Room for a burst while the listener is busy (the kernel caps it at
+    // net.core.rmem_max, so it stays bounded).
+    if let Err(e) = rustix::net::sockopt::set_socket_recv_buffer_size(&socket, SOCKET_RCVBUF) {
+        tracing::debug!("syslog.sock: cannot set SO_RCVBUF: {e}");
     }
     let mut asked = pipeline.register_listener();
     let tx = pipeline.tx.clone();
