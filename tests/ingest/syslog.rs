@@ -172,3 +172,89 @@ print(os.getpid())
     let r = record(&agent, "tick");
     assert_eq!(r["level"], "DEBUG");
 }
+
+/// systemd passes `syslog.sock` (ListenDatagram=) and `forward.sock`
+/// (ListenStream=) by name; the agent adopts them and binds the rest.
+/// `systemd-socket-activate` passes one kind per run, so two runs.
+#[test]
+fn socket_activation_of_the_syslog_and_forward_sockets() {
+    if !interop_client("systemd-socket-activate") {
+        return;
+    }
+    for (kind, name) in [("--datagram", "syslog"), ("", "forward")] {
+        let dir = TestDir::new(&format!("activate_{name}"));
+        let run = dir.join("run");
+        std::fs::create_dir_all(&run).unwrap();
+        let sock = run.join(format!("{name}.sock"));
+        let log = std::fs::File::create(dir.join("logbookd.log")).unwrap();
+        let mut cmd = Command::new("systemd-socket-activate");
+        if !kind.is_empty() {
+            cmd.arg(kind);
+        }
+        let child = cmd
+            .arg("-l")
+            .arg(&sock)
+            .arg(format!("--fdname={name}"))
+            .arg("-E")
+            .arg("LOGBOOK_DEVICE_ID=activated")
+            .arg(crate::util::bin("logbookd"))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--runtime-dir")
+            .arg(&run)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        struct Kill(std::process::Child);
+        impl Drop for Kill {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let _child = Kill(child);
+        // systemd-socket-activate binds, then starts the program on the
+        // first message.
+        crate::util::wait_for(
+            "the activation socket",
+            std::time::Duration::from_secs(10),
+            || sock.exists().then_some(()),
+        );
+        if name == "syslog" {
+            UnixDatagram::unbound()
+                .unwrap()
+                .send_to(b"<12>act: via activation", &sock)
+                .unwrap();
+        } else {
+            use std::io::Write;
+            // Bound is not yet listening for a moment: retry the connect.
+            let mut s = crate::util::wait_for(
+                "a connection to the activation socket",
+                std::time::Duration::from_secs(10),
+                || std::os::unix::net::UnixStream::connect(&sock).ok(),
+            );
+            s.write_all(
+                &rmp_serde::to_vec(&("act", 1_764_119_000u64, json!({"msg": "via activation"})))
+                    .unwrap(),
+            )
+            .unwrap();
+        }
+        let api = run.join("api.sock");
+        let logs = crate::util::wait_for(
+            "the record through the activated socket",
+            std::time::Duration::from_secs(20),
+            || {
+                crate::agent::http(&api, "POST", "/v1/flush", None).ok()?;
+                let (_, logs) = crate::agent::http(&api, "GET", "/v1/logs", None).ok()?;
+                (logs["items"][0]["message"] == "via activation").then_some(logs)
+            },
+        );
+        assert_eq!(logs["items"][0]["module"], "act", "{logs}");
+        let text = std::fs::read_to_string(dir.join("logbookd.log")).unwrap();
+        assert!(
+            text.contains(&format!("using the {name} socket passed by systemd")),
+            "{text}"
+        );
+    }
+}
