@@ -7,6 +7,7 @@ mod client;
 mod forward;
 mod jsonlines;
 mod syslog;
+mod tidy;
 
 use std::process::Command;
 
