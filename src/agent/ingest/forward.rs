@@ -158,67 +158,80 @@ impl Conn {
         }
     }
 
-    /// Hands over every complete frame and answers its ack. Returns false
-    /// when the connection must close.
+    /// Hands over every complete frame read so far (one pipeline message
+    /// for all of them: a fluent-logger sends one record per frame) and then
+    /// answers their acks, in order. Returns false when the connection must
+    /// close.
     async fn frames(&mut self) -> bool {
+        let arrival = now_ns();
+        let mut rows = Vec::new();
+        let mut acks = Vec::new();
+        let mut open = true;
         loop {
             match self.decoder.next_frame() {
                 Ok(Some(frame)) => {
-                    if !self.frame(frame).await {
-                        return false;
-                    }
+                    self.count(&frame);
+                    rows.extend(
+                        frame
+                            .records
+                            .into_iter()
+                            .map(|r| self.pipeline.row(r, self.trusted.clone(), arrival)),
+                    );
+                    acks.extend(frame.ack);
                 }
-                Ok(None) => return true,
+                Ok(None) => break,
                 Err(e) => {
                     self.pipeline.count_bad(FormatBad::ForwardBrokenStream, 1);
                     tracing::warn!(
                         "forward.sock: closing the connection of pid {:?}: {e}",
                         self.trusted.pid
                     );
-                    return false;
+                    // The frames before the break are good: keep them.
+                    open = false;
+                    break;
                 }
             }
         }
-    }
-
-    async fn frame(&mut self, frame: Frame) -> bool {
-        if frame.bad > 0 {
-            let why = match &frame.first_error {
-                Some(BadForward::BadEntry { .. }) => FormatBad::ForwardBadEntry,
-                _ => FormatBad::ForwardBadFrame,
-            };
-            self.pipeline.count_bad(why, frame.bad as u64);
-            if let Some(e) = &frame.first_error {
-                tracing::debug!(
-                    "forward.sock: {} bad in a frame tagged {:?} from pid {:?}: {e}",
-                    frame.bad,
-                    frame.tag,
-                    self.trusted.pid
-                );
-            }
-        }
-        let arrival = now_ns();
-        let rows = frame
-            .records
-            .into_iter()
-            .map(|r| self.pipeline.row(r, self.trusted.clone(), arrival))
-            .collect();
         // Waits for room: a stream sender is slowed (the kernel buffers the
         // rest), never dropped, as on ingest.sock.
         self.pipeline.submit_wait(rows).await;
-        if let Some(ack) = frame.ack {
+        // Acked only once queued: the sender may then forget them.
+        for ack in acks {
+            if !open {
+                break;
+            }
             match tokio::time::timeout(ACK_TIMEOUT, self.stream.write_all(&ack)).await {
                 Ok(Ok(())) => {}
-                Ok(Err(_)) => return false,
+                Ok(Err(_)) => open = false,
                 Err(_) => {
                     tracing::warn!(
                         "forward.sock: pid {:?} does not read its acks; closing",
                         self.trusted.pid
                     );
-                    return false;
+                    open = false;
                 }
             }
         }
-        true
+        open
+    }
+
+    /// Counts what a frame could not use.
+    fn count(&self, frame: &Frame) {
+        if frame.bad == 0 {
+            return;
+        }
+        let why = match &frame.first_error {
+            Some(BadForward::BadEntry { .. }) => FormatBad::ForwardBadEntry,
+            _ => FormatBad::ForwardBadFrame,
+        };
+        self.pipeline.count_bad(why, frame.bad as u64);
+        if let Some(e) = &frame.first_error {
+            tracing::debug!(
+                "forward.sock: {} bad in a frame tagged {:?} from pid {:?}: {e}",
+                frame.bad,
+                frame.tag,
+                self.trusted.pid
+            );
+        }
     }
 }

@@ -34,8 +34,14 @@ use crate::agent::store::{now_ns, Row};
 const HEADROOM: usize = 4096;
 /// Receive buffer asked of the kernel for `syslog.sock`.
 const SOCKET_RCVBUF: usize = 4 << 20;
-/// Datagrams read per wake-up before the records go to the pipeline.
+/// Datagrams read per wake-up; also the batch size that goes to the
+/// pipeline at once.
 const BATCH: usize = 256;
+/// Longest a smaller batch waits for more datagrams before it goes to the
+/// pipeline anyway. A busy sender wakes the listener every few datagrams,
+/// and the pipeline's slots count messages, not records: tiny batches
+/// would fill it while the writer idles.
+const COALESCE: Duration = Duration::from_millis(2);
 /// Records held while the pipeline is full (its slots count messages, not
 /// records: a burst of small wake-ups must not fill it with tiny batches
 /// and drop the rest). About a second of a busy robot's logging.
@@ -86,13 +92,14 @@ pub async fn serve(
                 rx.drain(&socket).await;
                 drop(ack);
             }
-            // Room again: hand over what waited. (Reserving is cancel-safe:
-            // a lost race only loses the place in line.)
-            permit = tx.reserve(), if !rx.pending.is_empty() => {
+            // Room (again) for what is due: hand it over. (Reserving is
+            // cancel-safe: a lost race only loses the place in line.)
+            permit = tx.reserve(), if rx.due() => {
                 if let Ok(permit) = permit {
                     permit.send(Msg::Rows(rx.take_pending()));
                 }
             }
+            _ = tokio::time::sleep_until(rx.deadline()), if !rx.pending.is_empty() && !rx.due() => {}
             r = socket.readable() => {
                 if r.is_err() {
                     return;
@@ -109,9 +116,12 @@ struct Receiver {
     pipeline: Pipeline,
     max: usize,
     buf: Vec<u8>,
-    /// Rows the pipeline had no room for yet, oldest first.
+    /// Rows not yet handed to the pipeline (still coalescing, or no room
+    /// yet), oldest first.
     pending: Vec<Row>,
     pending_bytes: usize,
+    /// When the oldest pending row arrived.
+    pending_since: Instant,
     /// The last sender's trusted fields, so a burst from one process reads
     /// `/proc` once.
     last: Option<(rustix::net::UCred, Arc<Trusted>, Instant)>,
@@ -132,6 +142,7 @@ impl Receiver {
             buf: vec![0; max + HEADROOM],
             pending: Vec::new(),
             pending_bytes: 0,
+            pending_since: Instant::now(),
             last: None,
         }
     }
@@ -156,7 +167,9 @@ impl Receiver {
                 }
             }
         }
-        self.offer();
+        if self.due() {
+            self.offer();
+        }
         match result {
             Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => {
                 tracing::warn!("syslog.sock: receive failed: {e}");
@@ -177,8 +190,21 @@ impl Receiver {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return;
         }
+        if self.pending.is_empty() {
+            self.pending_since = Instant::now();
+        }
         self.pending_bytes += bytes;
         self.pending.push(row);
+    }
+
+    /// Whether the pending rows should go to the pipeline now.
+    fn due(&self) -> bool {
+        !self.pending.is_empty()
+            && (self.pending.len() >= BATCH || self.pending_since.elapsed() >= COALESCE)
+    }
+
+    fn deadline(&self) -> tokio::time::Instant {
+        tokio::time::Instant::from_std(self.pending_since + COALESCE)
     }
 
     /// Hands the pending rows to the pipeline if it has room now.
@@ -365,6 +391,16 @@ mod tests {
         a.send(b"\n").unwrap();
         let e = rx.batch(&b).unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
+        // A small batch waits a moment for more before it is handed over.
+        assert!(chan.try_recv().is_err());
+        assert_eq!(rx.pending.len(), 2);
+        let asked = Instant::now();
+        while !rx.due() {
+            assert!(asked.elapsed() < Duration::from_secs(5), "never due");
+            std::thread::yield_now();
+        }
+        assert!(asked.elapsed() + Duration::from_micros(10) >= COALESCE / 2);
+        rx.offer();
         let got = rows(chan.try_recv().ok());
         assert_eq!(got.len(), 2, "the empty datagram is not a record");
         assert_eq!(got[0].message, "hi");
