@@ -220,3 +220,51 @@ while True:
     assert_eq!(r["module"], "robot.py");
     assert_eq!(r["metadata"], json!({"n": 1}));
 }
+
+/// Many clients each holding a huge unfinished frame: past the shared
+/// budget of partial frames a connection is closed (and counted), and the
+/// agent goes on serving others.
+#[test]
+fn partial_frames_across_connections_are_bounded() {
+    let dir = TestDir::new("forward_budget");
+    let agent = Agent::start(&dir, &[]);
+    const FRAME: usize = 7 << 20;
+    let mut head = Vec::new();
+    rmp::encode::write_array_len(&mut head, 2).unwrap();
+    rmp::encode::write_str(&mut head, "big").unwrap();
+    rmp::encode::write_bin_len(&mut head, FRAME as u32).unwrap();
+    let body = vec![0u8; FRAME - 1]; // one byte short: never complete
+    let conns: Vec<UnixStream> = (0..11).map(|_| connect(&agent)).collect();
+    std::thread::scope(|s| {
+        for c in &conns {
+            let (head, body) = (&head, &body);
+            s.spawn(move || {
+                let mut c = c;
+                // A closed connection fails the write: that is the point.
+                let _ = c.write_all(head).and_then(|()| c.write_all(body));
+            });
+        }
+    });
+    crate::util::wait_for(
+        "a connection closed for the budget",
+        Duration::from_secs(30),
+        || {
+            (bad(&agent, "forward_broken_stream") >= 1
+                && agent
+                    .log_text()
+                    .contains("of partial frames across connections"))
+            .then_some(())
+        },
+    );
+    drop(conns);
+    let mut s = connect(&agent);
+    let msg = rmp_serde::to_vec(&(
+        "after",
+        vec![(T, json!({"msg": "still served"}))],
+        json!({"chunk": "z"}),
+    ))
+    .unwrap();
+    s.write_all(&msg).unwrap();
+    assert_eq!(read_ack(&mut s), json!({"ack": "z"}));
+    assert_eq!(record(&agent, "still served")["module"], "after");
+}

@@ -3,9 +3,12 @@
 //! `chunk` acks written back once the frame's records are queued.
 //!
 //! Invariant: a connection holds at most one partial frame plus one read
-//! (the decoder's bound is `max_frame_bytes`); a frame error costs a counter,
-//! a fatal one (the stream lost its framing) closes only that connection.
+//! (the decoder's bound is [`MAX_FRAME_BYTES`]), and all connections
+//! together at most [`PARTIAL_BUDGET`] of partial frames beyond 1 MiB each;
+//! a frame error costs a counter, a fatal one (the stream lost its framing)
+//! closes only that connection.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +28,13 @@ use crate::agent::store::now_ns;
 pub const MAX_FRAME_BYTES: usize = 8 << 20;
 /// Largest gunzipped CompressedPackedForward payload.
 pub const MAX_DECOMPRESSED_BYTES: usize = 32 << 20;
+/// Partial-frame bytes all connections may hold together. A connection
+/// holding more than [`SMALL_PARTIAL`] when the total is over this is
+/// closed (counted as a broken stream): many clients each sending a huge
+/// frame slowly must not exhaust the robot's memory.
+pub const PARTIAL_BUDGET: usize = 64 << 20;
+/// A partial frame this small never counts against the budget's check.
+const SMALL_PARTIAL: usize = 1 << 20;
 /// How long an ack write may wait on a client that does not read them
 /// before the connection is given up.
 const ACK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -40,6 +50,7 @@ pub async fn serve(
     tracker: TaskTracker,
 ) {
     let p = pipeline.clone();
+    let partial: Arc<AtomicUsize> = Arc::default();
     let limits = Limits {
         max_frame_bytes: MAX_FRAME_BYTES,
         max_decompressed_bytes: MAX_DECOMPRESSED_BYTES,
@@ -51,7 +62,7 @@ pub async fn serve(
         max_connections,
         shutdown,
         tracker,
-        move |stream, shutdown| Conn::new(stream, p.clone(), limits).run(shutdown),
+        move |stream, shutdown| Conn::new(stream, p.clone(), limits, partial.clone()).run(shutdown),
     )
     .await
 }
@@ -64,6 +75,10 @@ struct Conn {
     buf: Vec<u8>,
     id: u64,
     asked: mpsc::Receiver<oneshot::Sender<()>>,
+    /// Partial-frame bytes of every connection ([`PARTIAL_BUDGET`]).
+    partial: Arc<AtomicUsize>,
+    /// This connection's share of `partial`.
+    held: usize,
 }
 
 /// What a read found.
@@ -75,7 +90,12 @@ enum Read {
 }
 
 impl Conn {
-    fn new(stream: UnixStream, pipeline: Pipeline, limits: Limits) -> Conn {
+    fn new(
+        stream: UnixStream,
+        pipeline: Pipeline,
+        limits: Limits,
+        partial: Arc<AtomicUsize>,
+    ) -> Conn {
         let trusted = Arc::new(trusted_of(&stream));
         let (id, asked) = pipeline.register_conn();
         Conn {
@@ -86,7 +106,33 @@ impl Conn {
             buf: vec![0; READ_CHUNK],
             id,
             asked,
+            partial,
+            held: 0,
         }
+    }
+
+    /// Accounts this connection's partial frame; false when it must close
+    /// because all connections together hold too much.
+    fn within_budget(&mut self) -> bool {
+        let now = self.decoder.pending_bytes();
+        let total = if now >= self.held {
+            self.partial.fetch_add(now - self.held, Ordering::Relaxed) + (now - self.held)
+        } else {
+            self.partial.fetch_sub(self.held - now, Ordering::Relaxed) - (self.held - now)
+        };
+        self.held = now;
+        if now > SMALL_PARTIAL && total > PARTIAL_BUDGET {
+            self.pipeline.count_bad(FormatBad::ForwardBrokenStream, 1);
+            tracing::warn!(
+                "forward.sock: closing the connection of pid {:?}: {} MiB of partial frames \
+                 across connections (limit {} MiB)",
+                self.trusted.pid,
+                total >> 20,
+                PARTIAL_BUDGET >> 20
+            );
+            return false;
+        }
+        true
     }
 
     async fn run(mut self, shutdown: CancellationToken) {
@@ -107,7 +153,7 @@ impl Conn {
                         Ok(0) => false,
                         Ok(n) => {
                             self.decoder.feed(&self.buf[..n]);
-                            self.frames().await
+                            self.frames().await && self.within_budget()
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => true,
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => true,
@@ -120,6 +166,7 @@ impl Conn {
                 break;
             }
         }
+        self.partial.fetch_sub(self.held, Ordering::Relaxed);
         self.pipeline.unregister_conn(self.id);
     }
 
@@ -131,7 +178,7 @@ impl Conn {
         for _ in 0..DRAIN_CHUNKS {
             match self.read_now() {
                 Some(Read::Open) => {
-                    if !self.frames().await {
+                    if !(self.frames().await && self.within_budget()) {
                         return false;
                     }
                 }
