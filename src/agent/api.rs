@@ -38,6 +38,8 @@ pub struct ApiState {
     pub max_bytes: u64,
     pub device_id: String,
     pub device_name: String,
+    /// The uploader's link state and counters.
+    pub sync: Arc<crate::agent::sync::status::SyncShared>,
 }
 
 type St = State<Arc<ApiState>>;
@@ -337,6 +339,7 @@ pub struct Status {
     pub records: RecordCounts,
     pub ingest: IngestCounts,
     pub gaps: Vec<GapItem>,
+    pub sync: crate::agent::sync::status::SyncStatus,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -385,7 +388,16 @@ async fn gather(st: Arc<ApiState>) -> Result<Status, ApiError> {
     let s: &Stats = &st.pipeline.stats;
     let stored = s.records_stored.load(Ordering::Relaxed);
     let synced = s.records_synced.load(Ordering::Relaxed);
+    let unsynced = (stored - synced).max(0) as u64;
+    // The backlog's share of the buffer, by record count: exact enough for
+    // an operator, and free (no scan of a million rows per status call).
+    let backlog_bytes = if stored > 0 {
+        (Stats::get(&s.disk_bytes) as f64 * unsynced as f64 / stored as f64) as u64
+    } else {
+        0
+    };
     Ok(Status {
+        sync: st.sync.view(unsynced, backlog_bytes),
         device_id: st.device_id.clone(),
         device_name: st.device_name.clone(),
         version: env!("CARGO_PKG_VERSION").into(),
