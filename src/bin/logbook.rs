@@ -487,6 +487,7 @@ fn print_status(out: &mut impl Write, s: &serde_json::Value) -> std::io::Result<
         n("/ingest/refused"),
         n("/ingest/connections_open")
     )?;
+    print_sync(out, &s["sync"])?;
     let gaps = s["gaps"].as_array().cloned().unwrap_or_default();
     if gaps.is_empty() {
         writeln!(out, "gaps      none")?;
@@ -500,6 +501,57 @@ fn print_status(out: &mut impl Write, s: &serde_json::Value) -> std::io::Result<
             g["reason"].as_str().unwrap_or(""),
             g["session_id"].as_str().unwrap_or("none")
         )?;
+    }
+    Ok(())
+}
+
+/// The `hub` lines of `logbook status`: link, last success, backlog,
+/// backoff, traffic and anything set aside.
+fn print_sync(out: &mut impl Write, s: &serde_json::Value) -> std::io::Result<()> {
+    let n = |k: &str| s[k].as_f64().unwrap_or(0.0);
+    let link = s["link"].as_str().unwrap_or("unknown");
+    let last = s["last_success"]
+        .as_str()
+        .map_or("never synced".to_owned(), |t| format!("last success {t}"));
+    writeln!(out, "hub       {link}, {last}")?;
+    if link == "disabled" {
+        return Ok(());
+    }
+    let backoff = match s["backoff_seconds"].as_f64() {
+        Some(b) => format!(", retrying within {b:.1}s"),
+        None => String::new(),
+    };
+    writeln!(
+        out,
+        "backlog   {} records ({:.1} MiB){backoff}",
+        n("backlog_records"),
+        n("backlog_bytes") / (1024.0 * 1024.0)
+    )?;
+    writeln!(
+        out,
+        "sent      {} records in {} batches, {:.1} MiB on the wire (compression {:.1}x)",
+        n("records_sent"),
+        n("batches_sent"),
+        n("bytes_sent") / (1024.0 * 1024.0),
+        n("compression_ratio")
+    )?;
+    if n("set_aside_batches") > 0.0 {
+        writeln!(
+            out,
+            "set aside {} batches ({} records) the hub refused; counted as gaps",
+            n("set_aside_batches"),
+            n("set_aside_records")
+        )?;
+    }
+    if n("uploader_restarts") > 0.0 {
+        writeln!(
+            out,
+            "restarts  {} stalled uploader restarts",
+            n("uploader_restarts")
+        )?;
+    }
+    if let Some(e) = s["last_error"].as_str() {
+        writeln!(out, "error     {e}")?;
     }
     Ok(())
 }
