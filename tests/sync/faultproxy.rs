@@ -95,6 +95,14 @@ impl FaultProxy {
         }
     }
 
+    /// Cuts every open connection (the fault stays as it is), so the next
+    /// request meets the current fault instead of a pooled connection.
+    pub fn cut(&self) {
+        for (_, s) in self.shared.open.lock().unwrap().drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
     /// Connections accepted so far, and how many of them a fault touched.
     pub fn counts(&self) -> (u64, u64) {
         (

@@ -3,7 +3,7 @@
 //! ones of `tests/agent` and `tests/hub`; this module only wires them.
 
 mod artifacts;
-// mod chaos;
+mod chaos;
 // mod dev;
 mod faultproxy;
 mod links;
