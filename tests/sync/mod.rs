@@ -4,7 +4,7 @@
 
 mod artifacts;
 mod chaos;
-// mod dev;
+mod dev;
 mod faultproxy;
 mod links;
 
