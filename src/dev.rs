@@ -180,9 +180,11 @@ pub async fn run(
         .local_addr()
         .map_err(io("reading the hub address"))?;
     let url = format!("http://{addr}");
-    let mut hub_cfg = HubConfig::default();
-    hub_cfg.data_dir = hub_dir.clone();
-    hub_cfg.listen = addr;
+    let hub_cfg = HubConfig {
+        data_dir: hub_dir.clone(),
+        listen: addr,
+        ..HubConfig::default()
+    };
     let hub_stop = CancellationToken::new();
     let mut hub_task = tokio::spawn(hub::serve(
         listener,
