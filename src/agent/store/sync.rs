@@ -149,7 +149,10 @@ impl SyncReader {
     ) -> Result<Vec<PendingRecord>, StoreError> {
         self.records(
             &format!(
-                "SELECT {RECORD_COLUMNS} FROM records r LEFT JOIN sessions s ON s.sid = r.session \
+                // NOT INDEXED: a walk along the primary key from the cursor;
+                // the planner would otherwise pick records_evict and sort
+                // the whole backlog for every batch.
+                "SELECT {RECORD_COLUMNS} FROM records r NOT INDEXED LEFT JOIN sessions s ON s.sid = r.session \
                  WHERE r.seq >= ?1 AND r.synced = 0 ORDER BY r.seq LIMIT ?2"
             ),
             params![from as i64, limit as i64],
@@ -304,8 +307,11 @@ pub fn create_tables(conn: &Connection) -> Result<(), StoreError> {
 pub fn apply_acked(conn: &Connection, acked: &Acked) -> rusqlite::Result<u64> {
     let mut n = 0;
     {
+        // `+synced`: walk the seq range on the primary key; with a plain
+        // `synced = 0` the planner scans the whole backlog in records_evict
+        // for every range.
         let mut stmt = conn.prepare_cached(
-            "UPDATE records SET synced = 1 WHERE seq BETWEEN ?1 AND ?2 AND synced = 0",
+            "UPDATE records SET synced = 1 WHERE seq BETWEEN ?1 AND ?2 AND +synced = 0",
         )?;
         for (lo, hi) in &acked.records {
             n += stmt.execute(params![*lo as i64, *hi as i64])? as u64;
@@ -356,4 +362,98 @@ pub fn apply_set_aside(conn: &Connection, s: &SetAside) -> rusqlite::Result<u64>
         ],
     )?;
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A database with `levels.len()` records (seq 1..) and one session
+    /// holding the first two.
+    fn db(levels: &[Level]) -> (tempfile::TempDir, Connection) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.db");
+        let conn = schema::open_writer(&path, false).unwrap();
+        create_tables(&conn).unwrap();
+        conn.execute(
+            "INSERT INTO sessions(sid, id, status, started_at_ns, boot_id, started_boottime_ns) \
+             VALUES (1, '01930000-0000-7000-8000-000000000001', 'active', 5, 'b', 0)",
+            [],
+        )
+        .unwrap();
+        for (i, l) in levels.iter().enumerate() {
+            conn.execute(
+                "INSERT INTO records(seq, session, ts_ns, level, module, message, metadata) \
+                 VALUES (?1, ?2, ?1, ?3, 'm', 'msg', '')",
+                params![i as i64 + 1, (i < 2).then_some(1), l.code()],
+            )
+            .unwrap();
+        }
+        (dir, conn)
+    }
+
+    fn seqs(v: &[PendingRecord]) -> Vec<u64> {
+        v.iter().map(|r| r.record.seq).collect()
+    }
+
+    #[test]
+    fn pending_work_in_the_designed_order() {
+        use Level::*;
+        let (dir, conn) = db(&[Info, Error, Debug, Fatal, Info, Error, Info]);
+        let r = SyncReader::open(&dir.path().join("agent.db"), "b").unwrap();
+        let s = r.pending_sessions(10).unwrap();
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].state.revision, 1);
+        assert_eq!(s[0].state.status, SessionStatus::Active);
+        assert_eq!(r.first_unsynced().unwrap(), Some(1));
+        // In seq order from a cursor, bounded by count and by bytes.
+        assert_eq!(seqs(&r.records_from(3, 3, 1 << 20).unwrap()), vec![3, 4, 5]);
+        assert_eq!(seqs(&r.records_from(1, 100, 1).unwrap()), vec![1]);
+        // Errors and fatals first, oldest first.
+        assert_eq!(seqs(&r.urgent_records(10, 1 << 20).unwrap()), vec![2, 4, 6]);
+        let rec = &r.records_from(1, 1, 1 << 20).unwrap()[0];
+        assert_eq!(rec.sid, 1);
+        assert!(rec.record.session_id.is_some());
+
+        // Acked: only those ranges, the session's revision, the gap counter.
+        conn.execute(
+            "INSERT INTO gaps(session, level, reason, dropped) VALUES (0, 1, 'evicted', 4)",
+            [],
+        )
+        .unwrap();
+        assert_eq!(r.pending_gaps().unwrap().len(), 1);
+        let acked = Acked {
+            records: vec![(1, 2), (4, 4)],
+            sessions: vec![(1, 1)],
+            gaps: vec![(0, Level::Debug, "evicted".into(), 4)],
+        };
+        assert_eq!(apply_acked(&conn, &acked).unwrap(), 3);
+        assert_eq!(apply_acked(&conn, &acked).unwrap(), 0, "idempotent");
+        assert!(r.pending_sessions(10).unwrap().is_empty());
+        assert!(r.pending_gaps().unwrap().is_empty());
+        assert_eq!(
+            seqs(&r.records_from(1, 100, 1 << 20).unwrap()),
+            vec![3, 5, 6, 7]
+        );
+
+        // Set aside: never sent again, counted as a rejected gap, reported.
+        let aside = SetAside {
+            acked: Acked::default(),
+            records: vec![(6, 0, Level::Error)],
+            reason: "hub answered 400".into(),
+        };
+        assert_eq!(apply_set_aside(&conn, &aside).unwrap(), 1);
+        assert_eq!(
+            seqs(&r.records_from(1, 100, 1 << 20).unwrap()),
+            vec![3, 5, 7]
+        );
+        let gaps = r.pending_gaps().unwrap();
+        assert_eq!(gaps.len(), 1);
+        assert_eq!(gaps[0].gap.reason, "rejected");
+        assert_eq!(gaps[0].gap.level, Level::Error);
+        assert_eq!(
+            r.set_aside_summary().unwrap(),
+            (1, 1, Some("hub answered 400".into()))
+        );
+    }
 }

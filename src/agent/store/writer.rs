@@ -419,7 +419,7 @@ impl Writer {
     fn mark_synced(&mut self, ranges: &[(u64, u64)]) -> rusqlite::Result<u64> {
         let mut n = 0;
         let mut stmt = self.conn.prepare_cached(
-            "UPDATE records SET synced = 1 WHERE seq BETWEEN ?1 AND ?2 AND synced = 0",
+            "UPDATE records SET synced = 1 WHERE seq BETWEEN ?1 AND ?2 AND +synced = 0",
         )?;
         for (lo, hi) in ranges {
             n += stmt.execute(params![*lo as i64, *hi as i64])? as u64;
