@@ -215,3 +215,34 @@ fn a_poisoned_batch_is_set_aside_and_the_rest_flows() {
         hub_session(&hub, &id).filter(|s| s["log_count"] == 100)
     });
 }
+
+#[test]
+fn sync_resumes_within_seconds_when_the_hub_comes_back() {
+    let mut hub = HubProc::start("sync_resume");
+    let dir = TestDir::new("sync_resume");
+    let mut env = sync_env(&hub.url, &hub.device);
+    // A long backoff: without the reachability probe, the expected wait
+    // after the first failure would be about 15 s.
+    env.retain(|(k, _)| !k.starts_with("LOGBOOK_SYNC_RETRY"));
+    env.push(("LOGBOOK_SYNC_RETRY_MIN".into(), "30".into()));
+    env.push(("LOGBOOK_SYNC_RETRY_MAX".into(), "120".into()));
+    let agent = start_agent(&dir, &env);
+    send_lines(&agent, &[&line(1, "info")]);
+    wait_synced(&agent, Duration::from_secs(10));
+    assert!(hub.terminate().success());
+    send_lines(&agent, &[&line(2, "info")]);
+    let st = wait_for(
+        "the agent to notice the outage",
+        Duration::from_secs(20),
+        || {
+            let s = agent.status()["sync"].clone();
+            (s["link"] == "offline").then_some(s)
+        },
+    );
+    assert!(st["backoff_seconds"].as_f64().unwrap() >= 30.0, "{st}");
+    hub.restart();
+    let back = Instant::now();
+    wait_synced(&agent, Duration::from_secs(6));
+    eprintln!("resumed {:?} after the hub came back", back.elapsed());
+    assert_exact_seqs(&hub_logs(&hub, &format!("/devices/{DEVICE}/logs")), 1..=2);
+}

@@ -384,7 +384,7 @@ impl Uploader {
                         shared.set_backoff(self.backoff.current().map(|b| b.max(wait)));
                         tracing::warn!("{e}; retrying in {wait:.1?}");
                         let probe = e.is_offline() && after.is_none();
-                        if self.wait(wait, probe, shutdown).await {
+                        if self.wait(wait, probe, e.is_connect(), shutdown).await {
                             return Step::Shutdown;
                         }
                         Step::Next
@@ -395,12 +395,21 @@ impl Uploader {
     }
 
     /// Waits `wait` (beating the heartbeat); with `probe`, ends early once a
-    /// TCP connect to the hub works after one that failed. Returns true on
+    /// TCP connect to the hub works after one that failed (`connect_failed`:
+    /// the request that led here could not connect at all). A hub that
+    /// accepts connections and drops them never cuts the backoff short, so
+    /// a fleet does not hammer a broken load balancer. Returns true on
     /// shutdown.
-    async fn wait(&self, wait: Duration, probe: bool, shutdown: &CancellationToken) -> bool {
+    async fn wait(
+        &self,
+        wait: Duration,
+        probe: bool,
+        connect_failed: bool,
+        shutdown: &CancellationToken,
+    ) -> bool {
         let deadline = tokio::time::Instant::now() + wait;
         let target = probe.then(|| hub_addr(&self.ctx.cfg.hub)).flatten();
-        let mut seen_down = false;
+        let mut seen_down = connect_failed;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             if left.is_zero() {
