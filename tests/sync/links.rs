@@ -246,3 +246,24 @@ fn sync_resumes_within_seconds_when_the_hub_comes_back() {
     eprintln!("resumed {:?} after the hub came back", back.elapsed());
     assert_exact_seqs(&hub_logs(&hub, &format!("/devices/{DEVICE}/logs")), 1..=2);
 }
+
+#[test]
+fn a_batch_too_large_for_the_hub_is_split() {
+    // The hub takes at most 100 records per batch; the agent starts at 1000.
+    let hub = HubProc::start_with("sync_split", &[("LOGBOOK_INGEST_MAX_RECORDS", "100")]);
+    let dir = TestDir::new("sync_split");
+    let mut env = sync_env(&hub.url, &hub.device);
+    env.push(("LOGBOOK_SYNC_BATCH_RECORDS".into(), "1000".into()));
+    let agent = start_agent(&dir, &env);
+    let lines: Vec<String> = (1..=1000).map(|i| line(i, "info")).collect();
+    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+    send_lines(&agent, &refs);
+    wait_synced(&agent, Duration::from_secs(20));
+    assert_exact_seqs(
+        &hub_logs(&hub, &format!("/devices/{DEVICE}/logs")),
+        1..=1000,
+    );
+    let st = agent.status()["sync"].clone();
+    assert_eq!(st["set_aside_batches"], 0, "{st}");
+    assert!(st["failures"].as_u64().unwrap() >= 1, "{st}");
+}
