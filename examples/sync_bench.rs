@@ -132,7 +132,10 @@ fn start_agent(logbookd: &Path, state: &Path, run: &Path, sync: Option<(&str, &s
         .env("LOGBOOK_DEVICE_ID", "bench")
         .env("LOGBOOK_BUFFER_MAX_BYTES", "2GiB")
         .env("LOGBOOK_BUFFER_MIN_FREE_BYTES", "0")
-        .env("LOGBOOK_LOG_LEVEL", "warn")
+        .env(
+            "LOGBOOK_LOG_LEVEL",
+            std::env::var("BENCH_AGENT_LOG").unwrap_or("warn".into()),
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
     if let Some((url, token)) = sync {
@@ -235,6 +238,7 @@ fn main() {
     let pid = agent.id();
     let t0 = Instant::now();
     let cpu0 = cpu_secs(pid);
+    let hub_cpu0 = cpu_secs(hub.id());
     let status = loop {
         let s = body_json(&unix_http(&api, "GET", "/v1/status"));
         if s["sync"]["backlog_records"] == 0 && s["records"]["synced"].as_u64() >= Some(records) {
@@ -248,6 +252,7 @@ fn main() {
     };
     let drain_secs = t0.elapsed().as_secs_f64();
     let drain_cpu = cpu_secs(pid) - cpu0;
+    let hub_drain_cpu = cpu_secs(hub.id()) - hub_cpu0;
     let newest = tcp_get(
         &addr,
         "/api/v1/organizations/bench/projects/sync/devices/bench/logs?order=desc&limit=1",
@@ -321,7 +326,7 @@ fn main() {
         json_bytes as f64 / records as f64
     );
     println!("baseline ingest     {ingest_rate:.0} records/s into the agent (sync off)");
-    println!("drain to hub        {drain_rate:.0} records/s ({drain_secs:.2} s), agent CPU {drain_cpu:.2} s");
+    println!("drain to hub        {drain_rate:.0} records/s ({drain_secs:.2} s), CPU agent {drain_cpu:.2} s, hub {hub_drain_cpu:.2} s");
     println!("drain / ingest      {:.2}", drain_rate / ingest_rate);
     println!(
         "wire bytes          {wire} gzip vs {json_bytes} JSON lines: 1/{:.1}",

@@ -30,7 +30,7 @@ use crate::wire::{Batch, BatchAck, Device, BATCHES_PATH, BATCH_VERSION, CONTENT_
 
 /// gzip level of batch bodies: level 3 is several times faster than the
 /// default 6 on log text and compresses within a few percent of it.
-const GZIP_LEVEL: u32 = 3;
+const GZIP_LEVEL: u32 = 6;
 /// Most session states in one batch.
 const MAX_SESSIONS: usize = 100;
 /// An idle uploader still posts an empty batch this often, so the hub
@@ -154,6 +154,12 @@ struct Uploader {
     /// When the oldest unsent change was first seen (for the linger).
     pending_since: Option<Instant>,
     last_post: Option<Instant>,
+    /// How long reading the batch took, for the debug log.
+    gather_time: Duration,
+    /// The last acknowledgement handed to the writer and not yet committed
+    /// (its reply, and its seq ranges): the next batch is read and sent
+    /// while the writer marks the previous one, and leaves these out.
+    marking: Option<(oneshot::Receiver<u64>, Vec<(u64, u64)>)>,
 }
 
 impl Uploader {
@@ -176,6 +182,8 @@ impl Uploader {
             cursor: None,
             pending_since: None,
             last_post: None,
+            gather_time: Duration::ZERO,
+            marking: None,
             ctx,
         }
     }
@@ -186,6 +194,7 @@ impl Uploader {
             if shutdown.is_cancelled() {
                 return Done::Shutdown;
             }
+            let gather_start = Instant::now();
             let work = match self.gather().await {
                 Ok(w) => w,
                 Err(e) => {
@@ -220,6 +229,7 @@ impl Uploader {
                     continue;
                 }
             }
+            self.gather_time = gather_start.elapsed();
             match self.send(work, &shutdown).await {
                 Step::Next => {}
                 Step::Shutdown => return Done::Shutdown,
@@ -261,8 +271,13 @@ impl Uploader {
         let (limit, bytes) = (self.limit, self.ctx.cfg.batch_bytes);
         let cursor = self.cursor;
         let device = self.ctx.device.clone();
+        let marking: Vec<(u64, u64)> = self
+            .marking
+            .as_ref()
+            .map(|(_, r)| r.clone())
+            .unwrap_or_default();
         let (reader, work, cursor) = tokio::task::spawn_blocking(move || {
-            let out = build(&reader, device, cursor, unsynced, limit, bytes);
+            let out = build(&reader, device, cursor, unsynced, limit, bytes, &marking);
             out.map(|(w, c)| (reader, w, c))
         })
         .await
@@ -273,6 +288,7 @@ impl Uploader {
     }
 
     async fn send(&mut self, mut work: Work, shutdown: &CancellationToken) -> Step {
+        let encode_start = Instant::now();
         work.batch.sent_at_ns = now_ns();
         let raw = work.batch.to_msgpack();
         let raw_len = raw.len();
@@ -284,7 +300,9 @@ impl Uploader {
             }
         };
         let body_len = body.len() as u64;
+        let encode_time = encode_start.elapsed();
         self.throttle.take(body_len).await;
+        let post_start = Instant::now();
         self.ctx.shared.beat();
         let request = self
             .http
@@ -298,6 +316,7 @@ impl Uploader {
             r = post(request) => r,
         };
         self.last_post = Some(Instant::now());
+        let post_time = post_start.elapsed();
         let n_records = work.batch.records.len();
         let shared = self.ctx.shared.clone();
         match result {
@@ -305,9 +324,20 @@ impl Uploader {
                 let mut acked = std::mem::take(&mut work.acked);
                 acked.records = ack.acked.clone();
                 let acked_all = ack.acked.iter().map(|(lo, hi)| hi - lo + 1).sum::<u64>();
-                if !self.to_writer(|tx| Msg::Acked(acked, tx)).await {
+                // At most one acknowledgement in the writer's hands: wait
+                // for the previous one, then hand over this one without
+                // waiting for its commit.
+                let mark_start = Instant::now();
+                if !self.settle_marking().await {
                     return Step::WriterGone;
                 }
+                let ranges = acked.records.clone();
+                let (tx, rx) = oneshot::channel();
+                if self.ctx.writer.send(Msg::Acked(acked, tx)).await.is_err() {
+                    return Step::WriterGone;
+                }
+                self.marking = Some((rx, ranges));
+                let mark_time = mark_start.elapsed();
                 if let Some(to) = work.in_order_to {
                     if ack.acked.iter().any(|(lo, hi)| (*lo..=*hi).contains(&to)) {
                         self.cursor = Some(self.cursor.map_or(to + 1, |c| c.max(to + 1)));
@@ -333,6 +363,10 @@ impl Uploader {
                     stored = ack.stored,
                     duplicates = ack.duplicates,
                     bytes = body_len,
+                    read_ms = self.gather_time.as_millis() as u64,
+                    encode_ms = encode_time.as_millis() as u64,
+                    post_ms = post_time.as_millis() as u64,
+                    mark_ms = mark_time.as_millis() as u64,
                     "batch acknowledged"
                 );
                 Step::Next
@@ -369,7 +403,9 @@ impl Uploader {
                             reason,
                         };
                         let n = aside.records.len() as u64;
-                        if !self.to_writer(|tx| Msg::SetAside(aside, tx)).await {
+                        if !self.settle_marking().await
+                            || !self.to_writer(|tx| Msg::SetAside(aside, tx)).await
+                        {
                             return Step::WriterGone;
                         }
                         shared.set_aside_batches.fetch_add(1, Ordering::Relaxed);
@@ -441,6 +477,15 @@ impl Uploader {
         }
     }
 
+    /// Waits until the writer has committed the outstanding
+    /// acknowledgement, if any; false when the writer is gone.
+    async fn settle_marking(&mut self) -> bool {
+        match self.marking.take() {
+            Some((rx, _)) => rx.await.is_ok(),
+            None => true,
+        }
+    }
+
     async fn to_writer(&self, msg: impl FnOnce(oneshot::Sender<u64>) -> Msg) -> bool {
         let (tx, rx) = oneshot::channel();
         if self.ctx.writer.send(msg(tx)).await.is_err() {
@@ -467,7 +512,16 @@ fn build(
     unsynced: usize,
     limit: usize,
     max_bytes: usize,
+    marking: &[(u64, u64)],
 ) -> Result<(Work, Option<u64>), StoreError> {
+    let mut marking = marking.to_vec();
+    marking.sort_unstable();
+    // Binary search: an acknowledgement of scattered errors has thousands
+    // of ranges.
+    let being_marked = |seq: u64| {
+        let i = marking.partition_point(|(lo, _)| *lo <= seq);
+        i > 0 && marking[i - 1].1 >= seq
+    };
     let sessions = reader.pending_sessions(MAX_SESSIONS)?;
     let cursor = match cursor {
         Some(c) => Some(c),
@@ -478,6 +532,7 @@ fn build(
     let mut in_order_to = None;
     if unsynced > limit {
         records = reader.urgent_records(limit, max_bytes)?;
+        records.retain(|r| !being_marked(r.record.seq));
         bytes = records.iter().map(|r| r.approx_bytes).sum();
     }
     if records.len() < limit && bytes < max_bytes {
@@ -486,7 +541,10 @@ fn build(
                 records.iter().map(|r| r.record.seq).collect();
             let more = reader.records_from(from, limit - records.len(), max_bytes - bytes)?;
             in_order_to = more.last().map(|r| r.record.seq);
-            records.extend(more.into_iter().filter(|r| !taken.contains(&r.record.seq)));
+            records.extend(
+                more.into_iter()
+                    .filter(|r| !taken.contains(&r.record.seq) && !being_marked(r.record.seq)),
+            );
         }
     }
     let bytes: usize = records.iter().map(|r| r.approx_bytes).sum();
