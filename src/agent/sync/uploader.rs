@@ -159,8 +159,11 @@ struct Uploader {
     /// The last acknowledgement handed to the writer and not yet committed
     /// (its reply, and its seq ranges): the next batch is read and sent
     /// while the writer marks the previous one, and leaves these out.
-    marking: Option<(oneshot::Receiver<u64>, Vec<(u64, u64)>)>,
+    marking: Option<Marking>,
 }
+
+/// An acknowledgement in the writer's hands: its reply and its seq ranges.
+type Marking = (oneshot::Receiver<u64>, Vec<(u64, u64)>);
 
 impl Uploader {
     fn new(ctx: Arc<UploaderCtx>) -> Uploader {
