@@ -92,6 +92,19 @@ fn logs_and_sessions_reach_the_hub_within_seconds() {
         "{dev}"
     );
 
+    // So does /metrics.
+    let (_, metrics) = agent.api("GET", "/metrics", None);
+    let metrics = metrics.as_str().unwrap().to_owned();
+    for want in [
+        "logbook_sync_link{state=\"online\"} 1",
+        "logbook_sync_backlog_records 0",
+        "logbook_sync_uploader_restarts_total 0",
+        "logbook_sync_compression_ratio ",
+        "logbook_sync_records_total{outcome=\"acked\"} 10",
+    ] {
+        assert!(metrics.contains(want), "{want} in:\n{metrics}");
+    }
+
     // The CLI shows the link.
     let out = crate::util::run_ok(agent.cli().arg("status"));
     let text = String::from_utf8_lossy(&out.stdout);

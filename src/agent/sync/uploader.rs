@@ -304,7 +304,20 @@ impl Uploader {
         };
         let body_len = body.len() as u64;
         let encode_time = encode_start.elapsed();
-        self.throttle.take(body_len).await;
+        {
+            // A capped link may hold a batch back for a long while: that is
+            // progress, so keep the heartbeat going for the supervisor.
+            let shared = self.ctx.shared.clone();
+            let take = self.throttle.take(body_len);
+            tokio::pin!(take);
+            loop {
+                tokio::select! {
+                    _ = &mut take => break,
+                    _ = shutdown.cancelled() => return Step::Shutdown,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => shared.beat(),
+                }
+            }
+        }
         let post_start = Instant::now();
         self.ctx.shared.beat();
         let request = self
