@@ -9,5 +9,6 @@
 pub mod agent;
 pub mod client;
 pub mod config;
+pub mod dev;
 pub mod hub;
 pub mod wire;

@@ -38,6 +38,8 @@ pub struct ApiState {
     pub max_bytes: u64,
     pub device_id: String,
     pub device_name: String,
+    /// The uploader's link state and counters.
+    pub sync: Arc<crate::agent::sync::status::SyncShared>,
 }
 
 type St = State<Arc<ApiState>>;
@@ -337,6 +339,7 @@ pub struct Status {
     pub records: RecordCounts,
     pub ingest: IngestCounts,
     pub gaps: Vec<GapItem>,
+    pub sync: crate::agent::sync::status::SyncStatus,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -385,7 +388,16 @@ async fn gather(st: Arc<ApiState>) -> Result<Status, ApiError> {
     let s: &Stats = &st.pipeline.stats;
     let stored = s.records_stored.load(Ordering::Relaxed);
     let synced = s.records_synced.load(Ordering::Relaxed);
+    let unsynced = (stored - synced).max(0) as u64;
+    // The backlog's share of the buffer, by record count: exact enough for
+    // an operator, and free (no scan of a million rows per status call).
+    let backlog_bytes = if stored > 0 {
+        (Stats::get(&s.disk_bytes) as f64 * unsynced as f64 / stored as f64) as u64
+    } else {
+        0
+    };
     Ok(Status {
+        sync: st.sync.view(unsynced, backlog_bytes),
         device_id: st.device_id.clone(),
         device_name: st.device_name.clone(),
         version: env!("CARGO_PKG_VERSION").into(),
@@ -570,6 +582,95 @@ async fn metrics(State(st): St) -> Result<Response, ApiError> {
         } else {
             0.0
         }),
+    );
+    let y = &s.sync;
+    let links = ["disabled", "online", "offline", "auth-failed"]
+        .iter()
+        .map(|l| {
+            (
+                format!("{{state=\"{l}\"}}"),
+                if y.link.as_str() == *l { 1.0 } else { 0.0 },
+            )
+        })
+        .collect::<Vec<_>>();
+    metric(
+        "logbook_sync_link",
+        "gauge",
+        "1 for the current state of the link to the hub.",
+        &links,
+    );
+    metric(
+        "logbook_sync_last_success_timestamp_seconds",
+        "gauge",
+        "Unix time of the last batch the hub acknowledged (0 = never).",
+        &one(y
+            .last_success
+            .as_deref()
+            .and_then(|t| {
+                time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
+            })
+            .map_or(0.0, |t| t.unix_timestamp() as f64)),
+    );
+    metric(
+        "logbook_sync_backlog_records",
+        "gauge",
+        "Records the hub has not acknowledged.",
+        &one(y.backlog_records as f64),
+    );
+    metric(
+        "logbook_sync_backlog_bytes",
+        "gauge",
+        "Approximate buffer bytes of those records.",
+        &one(y.backlog_bytes as f64),
+    );
+    metric(
+        "logbook_sync_backoff_seconds",
+        "gauge",
+        "Upper bound of the current retry wait (0 when not backing off).",
+        &one(y.backoff_seconds.unwrap_or(0.0)),
+    );
+    metric(
+        "logbook_sync_sent_bytes_total",
+        "counter",
+        "Bytes of acknowledged batches by encoding.",
+        &[
+            ("{encoding=\"gzip\"}".into(), y.bytes_sent as f64),
+            (
+                "{encoding=\"identity\"}".into(),
+                y.bytes_uncompressed as f64,
+            ),
+        ],
+    );
+    metric(
+        "logbook_sync_compression_ratio",
+        "gauge",
+        "Uncompressed over compressed bytes of acknowledged batches.",
+        &one(y.compression_ratio),
+    );
+    metric(
+        "logbook_sync_batches_total",
+        "counter",
+        "Batch requests by outcome.",
+        &[
+            ("{outcome=\"acked\"}".into(), y.batches_sent as f64),
+            ("{outcome=\"failed\"}".into(), y.failures as f64),
+            ("{outcome=\"set_aside\"}".into(), y.set_aside_batches as f64),
+        ],
+    );
+    metric(
+        "logbook_sync_records_total",
+        "counter",
+        "Records the hub acknowledged, and records set aside as rejected.",
+        &[
+            ("{outcome=\"acked\"}".into(), y.records_sent as f64),
+            ("{outcome=\"set_aside\"}".into(), y.set_aside_records as f64),
+        ],
+    );
+    metric(
+        "logbook_sync_uploader_restarts_total",
+        "counter",
+        "Stalled or crashed uploaders the supervisor restarted.",
+        &one(y.uploader_restarts as f64),
     );
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
 }

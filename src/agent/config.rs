@@ -108,6 +108,37 @@ pub const KEYS: &[Key] = &[
         "upload bandwidth cap; 0 = none",
     ),
     key(
+        "sync",
+        "batch_records",
+        Kind::U64,
+        "a batch closes at this many records",
+    ),
+    key(
+        "sync",
+        "batch_bytes",
+        Kind::Bytes,
+        "a batch closes at this many bytes of records (before compression)",
+    ),
+    key(
+        "sync",
+        "linger",
+        Kind::Secs,
+        "longest a new record waits for more to fill its batch",
+    ),
+    key(
+        "sync",
+        "retry_min",
+        Kind::Secs,
+        "first retry delay (doubles, full jitter)",
+    ),
+    key("sync", "retry_max", Kind::Secs, "longest retry delay"),
+    key(
+        "sync",
+        "stall_timeout",
+        Kind::Secs,
+        "an uploader without progress this long while online is restarted",
+    ),
+    key(
         "artifacts",
         "settle_secs",
         Kind::Secs,
@@ -210,12 +241,119 @@ impl Default for RawLog {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawSync {
     pub hub: String,
     pub token: String,
     pub max_bytes_per_sec: u64,
+    pub batch_records: u64,
+    pub batch_bytes: u64,
+    pub linger: f64,
+    pub retry_min: f64,
+    pub retry_max: f64,
+    pub stall_timeout: f64,
+}
+
+impl Default for RawSync {
+    fn default() -> Self {
+        RawSync {
+            hub: String::new(),
+            token: String::new(),
+            max_bytes_per_sec: 0,
+            // 20k records of a few hundred bytes gzip to well under a MiB:
+            // few requests when draining a backlog, far below the hub's
+            // default bounds (100k records, 16 MiB body).
+            batch_records: 20_000,
+            batch_bytes: 8 << 20,
+            // An idle robot's records reach the hub within about a second.
+            linger: 0.5,
+            retry_min: 0.5,
+            retry_max: 60.0,
+            stall_timeout: 120.0,
+        }
+    }
+}
+
+/// The resolved `[sync]` section; `None` in [`AgentConfig::sync`] when no
+/// hub is configured (sync disabled).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SyncConfig {
+    /// Base URL without a trailing slash.
+    pub hub: String,
+    pub token: String,
+    pub max_bytes_per_sec: Option<u64>,
+    pub batch_records: usize,
+    pub batch_bytes: usize,
+    pub linger: Duration,
+    pub retry_min: Duration,
+    pub retry_max: Duration,
+    pub stall_timeout: Duration,
+}
+
+/// Resolves `[sync]`: a hub URL turns sync on and then needs a token.
+fn resolve_sync(
+    raw: &RawSync,
+    bad: impl Fn(&str, String) -> ConfigError,
+) -> Result<Option<SyncConfig>, ConfigError> {
+    let hub = raw.hub.trim().trim_end_matches('/');
+    if hub.is_empty() {
+        return Ok(None);
+    }
+    if !(hub.starts_with("http://") || hub.starts_with("https://")) {
+        return Err(bad(
+            "sync.hub",
+            format!("must be an http:// or https:// URL, found {hub:?}"),
+        ));
+    }
+    if raw.token.trim().is_empty() {
+        return Err(bad(
+            "sync.token",
+            "sync.hub is set but sync.token is empty (create one with `logbook-hub token create --device ...`)".into(),
+        ));
+    }
+    if raw.batch_records == 0 || raw.batch_records > 100_000 {
+        return Err(bad(
+            "sync.batch_records",
+            format!("must be 1 to 100000, found {}", raw.batch_records),
+        ));
+    }
+    if raw.batch_bytes < 4096 {
+        return Err(bad(
+            "sync.batch_bytes",
+            format!("must be at least 4KiB, found {}", raw.batch_bytes),
+        ));
+    }
+    for (name, v) in [
+        ("sync.linger", raw.linger),
+        ("sync.retry_min", raw.retry_min),
+        ("sync.retry_max", raw.retry_max),
+        ("sync.stall_timeout", raw.stall_timeout),
+    ] {
+        if !(v > 0.0 && v <= 86_400.0) {
+            return Err(bad(
+                name,
+                format!("must be above 0 and at most 1 day, found {v}"),
+            ));
+        }
+    }
+    if raw.retry_max < raw.retry_min {
+        return Err(bad(
+            "sync.retry_max",
+            "must not be less than sync.retry_min".into(),
+        ));
+    }
+    Ok(Some(SyncConfig {
+        hub: hub.to_owned(),
+        token: raw.token.trim().to_owned(),
+        max_bytes_per_sec: Some(raw.max_bytes_per_sec).filter(|r| *r > 0),
+        batch_records: raw.batch_records as usize,
+        batch_bytes: raw.batch_bytes as usize,
+        linger: Duration::from_secs_f64(raw.linger),
+        retry_min: Duration::from_secs_f64(raw.retry_min),
+        retry_max: Duration::from_secs_f64(raw.retry_max),
+        stall_timeout: Duration::from_secs_f64(raw.stall_timeout),
+    }))
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -255,6 +393,8 @@ pub struct AgentConfig {
     pub socket_group: Option<String>,
     /// Where the kernel's boot id is read (tests point it at a file they own).
     pub boot_id_file: PathBuf,
+    /// Sync to the hub; `None` when disabled.
+    pub sync: Option<SyncConfig>,
 }
 
 impl AgentConfig {
@@ -387,7 +527,9 @@ fn resolve(raw: RawConfig, file: &Path, boot_id_file: PathBuf) -> Result<AgentCo
     } else {
         raw.device.name.trim().to_owned()
     };
+    let sync = resolve_sync(&raw.sync, bad)?;
     Ok(AgentConfig {
+        sync,
         device_id,
         device_name,
         state_dir,

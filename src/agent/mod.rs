@@ -101,6 +101,17 @@ pub async fn run(
         .map_err(io("starting the writer thread"))?;
     let pipeline = Pipeline::new(tx, stats.clone());
 
+    // Sync to the hub (issue 4): the batch uploader under its supervisor.
+    let sync_shared = Arc::new(sync::status::SyncShared::new(cfg.sync.is_some()));
+    let sync_task = start_uploader(
+        &cfg,
+        &view,
+        pipeline.writer().clone(),
+        stats.clone(),
+        sync_shared.clone(),
+        shutdown.clone(),
+    );
+
     let gid = match &cfg.socket_group {
         Some(g) => Some(group_id(g)?),
         None => None,
@@ -153,6 +164,7 @@ pub async fn run(
         max_bytes: cfg.max_bytes,
         device_id: cfg.device_id.clone(),
         device_name: cfg.device_name.clone(),
+        sync: sync_shared.clone(),
     });
     let app = api::router(state);
     let api_shutdown = shutdown.clone();
@@ -195,6 +207,15 @@ pub async fn run(
         _ => {}
     }
     heart.abort();
+    // The uploader may wait on a writer reply: it stops before the writer.
+    if let Some(task) = sync_task {
+        if tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the uploader did not stop in time");
+        }
+    }
     // Everything the connections handed over is queued ahead of this.
     let _ = tokio::time::timeout(
         Duration::from_secs(2),
@@ -214,6 +235,32 @@ pub async fn run(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Spawns the batch uploader when a hub is configured.
+fn start_uploader(
+    cfg: &AgentConfig,
+    view: &ViewCtx,
+    writer: tokio::sync::mpsc::Sender<store::writer::Msg>,
+    stats: Arc<Stats>,
+    shared: Arc<sync::status::SyncShared>,
+    shutdown: CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let sync_cfg = cfg.sync.clone()?;
+    tracing::info!("syncing to {}", sync_cfg.hub);
+    let ctx = Arc::new(sync::uploader::UploaderCtx {
+        cfg: sync_cfg,
+        device: crate::wire::Device {
+            id: cfg.device_id.clone(),
+            name: cfg.device_name.clone(),
+        },
+        db_path: cfg.db_path(),
+        boot_id: view.boot_id.clone(),
+        writer,
+        stats,
+        shared,
+    });
+    Some(tokio::spawn(sync::uploader::run(ctx, shutdown)))
 }
 
 /// Sends WATCHDOG=1 while the writer proves progress (its loop turns at

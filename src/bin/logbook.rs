@@ -50,6 +50,17 @@ enum Command {
     },
     /// Wait until every record the agent received is committed.
     Flush,
+    /// Run a hub and an agent on this machine, wired together, and print
+    /// where they are and what to try. Ctrl-C stops both.
+    Dev {
+        /// Directory for the hub's data, the agent's buffer and the keys
+        /// (reused by later runs).
+        #[arg(long, value_name = "DIR", default_value = ".logbook")]
+        dir: PathBuf,
+        /// The hub's address (a free port is used when it is taken).
+        #[arg(long, value_name = "ADDR", default_value = logbook::dev::DEFAULT_LISTEN)]
+        listen: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -117,17 +128,29 @@ struct LogsArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    // `dev` runs two daemons: it gets the multi-threaded runtime they are
+    // built for; everything else is one request on one thread.
+    let rt = if matches!(cli.command, Command::Dev { .. }) {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    };
+    let rt = match rt {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("logbook: cannot start: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli)) {
+    let result = match cli.command {
+        Command::Dev { dir, listen } => rt.block_on(dev(dir, listen)),
+        _ => rt.block_on(run(cli)),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // `logbook logs | head` closes the pipe: not an error.
@@ -142,6 +165,48 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `logbook dev`: the hub and the agent in this process until Ctrl-C or
+/// SIGTERM.
+async fn dev(dir: PathBuf, listen: String) -> anyhow::Result<()> {
+    let listen = listen
+        .parse()
+        .with_context(|| format!("--listen: expected host:port, found {listen:?}"))?;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LOGBOOK_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let signals = shutdown.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::error!("cannot install signal handlers");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        eprintln!("logbook dev: stopping (the agent commits everything first)");
+        signals.cancel();
+    });
+    let opts = logbook::dev::DevOptions {
+        dir,
+        listen,
+        cli: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("logbook")),
+    };
+    let mut out = std::io::stdout();
+    logbook::dev::run(opts, &mut out, shutdown).await?;
+    eprintln!("logbook dev: stopped");
+    Ok(())
 }
 
 struct Api {
@@ -360,6 +425,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await?;
             writeln!(out, "committed up to seq {}", f.last_seq)?;
         }
+        Command::Dev { .. } => unreachable!("main runs `dev` on its own runtime"),
     }
     out.flush()?;
     Ok(())
@@ -473,6 +539,7 @@ fn print_status(out: &mut impl Write, s: &serde_json::Value) -> std::io::Result<
         n("/ingest/refused"),
         n("/ingest/connections_open")
     )?;
+    print_sync(out, &s["sync"])?;
     let gaps = s["gaps"].as_array().cloned().unwrap_or_default();
     if gaps.is_empty() {
         writeln!(out, "gaps      none")?;
@@ -486,6 +553,57 @@ fn print_status(out: &mut impl Write, s: &serde_json::Value) -> std::io::Result<
             g["reason"].as_str().unwrap_or(""),
             g["session_id"].as_str().unwrap_or("none")
         )?;
+    }
+    Ok(())
+}
+
+/// The `hub` lines of `logbook status`: link, last success, backlog,
+/// backoff, traffic and anything set aside.
+fn print_sync(out: &mut impl Write, s: &serde_json::Value) -> std::io::Result<()> {
+    let n = |k: &str| s[k].as_f64().unwrap_or(0.0);
+    let link = s["link"].as_str().unwrap_or("unknown");
+    let last = s["last_success"]
+        .as_str()
+        .map_or("never synced".to_owned(), |t| format!("last success {t}"));
+    writeln!(out, "hub       {link}, {last}")?;
+    if link == "disabled" {
+        return Ok(());
+    }
+    let backoff = match s["backoff_seconds"].as_f64() {
+        Some(b) => format!(", retrying within {b:.1}s"),
+        None => String::new(),
+    };
+    writeln!(
+        out,
+        "backlog   {} records ({:.1} MiB){backoff}",
+        n("backlog_records"),
+        n("backlog_bytes") / (1024.0 * 1024.0)
+    )?;
+    writeln!(
+        out,
+        "sent      {} records in {} batches, {:.1} MiB on the wire (compression {:.1}x)",
+        n("records_sent"),
+        n("batches_sent"),
+        n("bytes_sent") / (1024.0 * 1024.0),
+        n("compression_ratio")
+    )?;
+    if n("set_aside_batches") > 0.0 {
+        writeln!(
+            out,
+            "set aside {} batches ({} records) the hub refused; counted as gaps",
+            n("set_aside_batches"),
+            n("set_aside_records")
+        )?;
+    }
+    if n("uploader_restarts") > 0.0 {
+        writeln!(
+            out,
+            "restarts  {} stalled uploader restarts",
+            n("uploader_restarts")
+        )?;
+    }
+    if let Some(e) = s["last_error"].as_str() {
+        writeln!(out, "error     {e}")?;
     }
     Ok(())
 }

@@ -98,6 +98,28 @@ impl HubProc {
         hub
     }
 
+    /// Starts the hub again on the same data directory and address (after
+    /// [`HubProc::terminate`]), for tests of an outage and its end.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = Command::new(util::bin("logbook-hub"))
+            .args(["serve", "--listen", &self.addr, "--data-dir"])
+            .arg(self.data_dir())
+            .env("LOGBOOK_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("restart logbook-hub");
+        util::wait_for("/healthz after restart", Duration::from_secs(20), || {
+            raw_request(
+                &self.addr,
+                "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            )
+            .filter(|r| r.starts_with("HTTP/1.1 200"))
+        });
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

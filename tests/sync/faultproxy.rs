@@ -32,7 +32,9 @@ pub enum Fault {
 }
 
 struct Shared {
-    upstream: SocketAddr,
+    /// Where traffic goes; switchable, so a test can point an agent at the
+    /// proxy before the hub exists.
+    upstream: Mutex<SocketAddr>,
     fault: Mutex<Fault>,
     stop: AtomicBool,
     /// Open streams by connection number, so `Down` can cut them.
@@ -52,7 +54,7 @@ impl FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let shared = Arc::new(Shared {
-            upstream,
+            upstream: Mutex::new(upstream),
             fault: Mutex::new(Fault::Pass),
             stop: AtomicBool::new(false),
             open: Mutex::new(Vec::new()),
@@ -74,6 +76,11 @@ impl FaultProxy {
         FaultProxy { addr, shared }
     }
 
+    /// Sends new connections to `upstream` from now on.
+    pub fn set_upstream(&self, upstream: SocketAddr) {
+        *self.shared.upstream.lock().unwrap() = upstream;
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
@@ -85,6 +92,14 @@ impl FaultProxy {
             for (_, s) in self.shared.open.lock().unwrap().drain(..) {
                 let _ = s.shutdown(Shutdown::Both);
             }
+        }
+    }
+
+    /// Cuts every open connection (the fault stays as it is), so the next
+    /// request meets the current fault instead of a pooled connection.
+    pub fn cut(&self) {
+        for (_, s) in self.shared.open.lock().unwrap().drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
         }
     }
 
@@ -120,7 +135,8 @@ fn handle(s: Arc<Shared>, id: u64, client: TcpStream) {
             answer_status(client, code, retry_after);
         }
         Fault::Pass | Fault::Delay(_) | Fault::ResetAfter(_) => {
-            let Ok(upstream) = TcpStream::connect(s.upstream) else {
+            let to = *s.upstream.lock().unwrap();
+            let Ok(upstream) = TcpStream::connect(to) else {
                 return;
             };
             {

@@ -9,6 +9,7 @@
 
 pub mod read;
 pub mod schema;
+pub mod sync;
 pub mod writer;
 
 use std::path::PathBuf;
@@ -98,6 +99,9 @@ pub struct Stats {
     /// live writer from a stuck one.
     pub writer_heartbeat: AtomicU64,
     pub last_seq: AtomicI64,
+    /// Woken after every commit, so the uploader is driven by new input as
+    /// well as by its timer.
+    pub committed_notify: tokio::sync::Notify,
 }
 
 impl Stats {

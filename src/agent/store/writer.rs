@@ -33,6 +33,12 @@ pub enum Msg {
     /// Mark inclusive seq ranges as synced (acked by the hub); replies with
     /// the number of records marked.
     MarkSynced(Vec<(u64, u64)>, oneshot::Sender<u64>),
+    /// The hub acknowledged a batch: records, session revisions and gap
+    /// counters; replies with the number of records newly marked.
+    Acked(super::sync::Acked, oneshot::Sender<u64>),
+    /// The hub refused a batch for good: count its records as a `rejected`
+    /// gap and never send them again; replies like `Acked`.
+    SetAside(super::sync::SetAside, oneshot::Sender<u64>),
     /// Commit what is queued before this and stop, even if some sender is
     /// still alive (a connection that would not finish).
     Stop,
@@ -91,6 +97,9 @@ pub struct Writer {
     next_seq: i64,
     /// A [`Msg::Stop`] arrived.
     stopping: bool,
+    /// Replies to sync acknowledgements, sent once their commit is done (so
+    /// the uploader never reads its own acknowledged work as pending).
+    sync_replies: Vec<(oneshot::Sender<u64>, u64)>,
 }
 
 impl Writer {
@@ -98,6 +107,7 @@ impl Writer {
     /// one) and applies the boot-id rule to sessions left active.
     pub fn open(cfg: WriterConfig, stats: Arc<Stats>) -> Result<Writer, StoreError> {
         let conn = schema::open_writer(&cfg.db_path, cfg.synchronous_full)?;
+        super::sync::create_tables(&conn)?;
         let wal_limit = (cfg.max_bytes / 16).clamp(32 << 10, 16 << 20);
         conn.pragma_update(None, "journal_size_limit", wal_limit as i64)?;
         conn.pragma_update(None, "wal_autocheckpoint", (wal_limit / 4096).max(8) as i64)?;
@@ -111,6 +121,7 @@ impl Writer {
             log_counts: HashMap::new(),
             next_seq: 1,
             stopping: false,
+            sync_replies: Vec::new(),
         };
         let stored: i64 = w
             .conn
@@ -240,6 +251,10 @@ impl Writer {
             if let Err(e) = self.enforce_bound() {
                 tracing::error!("keeping the buffer bound failed: {e}");
             }
+            self.stats.committed_notify.notify_one();
+            for (reply, n) in self.sync_replies.drain(..) {
+                let _ = reply.send(n);
+            }
             let last = self.stats.last_seq.load(Ordering::Relaxed).max(0) as u64;
             for f in flushes.drain(..) {
                 let _ = f.send(last);
@@ -290,6 +305,28 @@ impl Writer {
             }
             Msg::Stop => {
                 self.stopping = true;
+                true
+            }
+            Msg::Acked(acked, reply) => {
+                let n = super::sync::apply_acked(&self.conn, &acked).unwrap_or_else(|e| {
+                    tracing::error!("recording the hub's acknowledgement failed: {e}");
+                    0
+                });
+                self.stats
+                    .records_synced
+                    .fetch_add(n as i64, Ordering::Relaxed);
+                self.sync_replies.push((reply, n));
+                true
+            }
+            Msg::SetAside(aside, reply) => {
+                let n = super::sync::apply_set_aside(&self.conn, &aside).unwrap_or_else(|e| {
+                    tracing::error!("setting a refused batch aside failed: {e}");
+                    0
+                });
+                self.stats
+                    .records_synced
+                    .fetch_add(n as i64, Ordering::Relaxed);
+                self.sync_replies.push((reply, n));
                 true
             }
             Msg::MarkSynced(ranges, reply) => {
@@ -382,7 +419,7 @@ impl Writer {
     fn mark_synced(&mut self, ranges: &[(u64, u64)]) -> rusqlite::Result<u64> {
         let mut n = 0;
         let mut stmt = self.conn.prepare_cached(
-            "UPDATE records SET synced = 1 WHERE seq BETWEEN ?1 AND ?2 AND synced = 0",
+            "UPDATE records SET synced = 1 WHERE seq BETWEEN ?1 AND ?2 AND +synced = 0",
         )?;
         for (lo, hi) in ranges {
             n += stmt.execute(params![*lo as i64, *hi as i64])? as u64;

@@ -80,6 +80,13 @@ impl SyncError {
     pub fn is_offline(&self) -> bool {
         matches!(self, SyncError::Transport(_))
     }
+
+    /// True when not even a TCP connection to the hub could be made (as
+    /// opposed to a connection that broke): a later connect that works is
+    /// evidence that the link came back.
+    pub fn is_connect(&self) -> bool {
+        matches!(self, SyncError::Transport(e) if e.is_connect())
+    }
 }
 
 /// Maps an HTTP status to the action the design prescribes.

@@ -2,5 +2,7 @@
 
 pub mod backoff;
 pub mod error;
+pub mod status;
 pub mod throttle;
 pub mod tus;
+pub mod uploader;

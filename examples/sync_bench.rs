@@ -1,0 +1,343 @@
+//! Benchmark of agent → hub sync, with a real `logbookd` and a real
+//! `logbook-hub` on this machine:
+//!
+//! 1. backlog: N records are written into an agent with sync off (the
+//!    baseline: local ingest rate, and the bytes of the same records as
+//!    JSON lines);
+//! 2. drain: the agent restarts with the hub configured and the time until
+//!    the hub has acknowledged everything gives records/s, and the bytes on
+//!    the wire (gzip bodies) compare with the raw JSON lines;
+//! 3. online: steady logging at R records/s; a sampler asks the hub for the
+//!    newest record every 100 ms and takes its age (send time is in the
+//!    message) as the socket → hub-query latency; the agent's CPU over the
+//!    phase comes from /proc.
+//!
+//! ```text
+//! cargo build --release --bins --example sync_bench
+//! target/release/examples/sync_bench --records 1000000 --rate 2000 --online-secs 20
+//! ```
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+const LEVELS: &[&str] = &[
+    "debug", "info", "info", "info", "warn", "debug", "error", "trace",
+];
+const MODULES: &[&str] = &[
+    "nav::planner",
+    "nav::localization",
+    "perception.lidar",
+    "perception.camera",
+    "drive::motor_left",
+    "drive::motor_right",
+    "arm.controller",
+    "battery",
+];
+
+/// A realistic robot log line of 150–300 bytes, distinct for every `i`.
+fn line(i: u64) -> String {
+    let level = LEVELS[(i % LEVELS.len() as u64) as usize];
+    let module = MODULES[((i / 3) % MODULES.len() as u64) as usize];
+    format!(
+        r#"{{"level":"{level}","target":"{module}","msg":"cycle {i} done in {}us, queue depth {}, pose x={}.{} y={}.{}","fields":{{"seq":{i},"temp_c":{}.{},"mission":"m-{}"}}}}"#,
+        (i * 37) % 5000,
+        i % 17,
+        (i * 13) % 200,
+        i % 1000,
+        (i * 7) % 150,
+        (i * 3) % 1000,
+        40 + i % 30,
+        i % 10,
+        i / 10_000
+    )
+}
+
+fn arg(name: &str, default: &str) -> String {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+        .unwrap_or_else(|| default.to_owned())
+}
+
+fn unix_http(socket: &Path, method: &str, path: &str) -> String {
+    let mut s = UnixStream::connect(socket).expect("connect api.sock");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: b\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn body_json(resp: &str) -> serde_json::Value {
+    let body = resp.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    serde_json::from_str(body).unwrap_or(serde_json::Value::Null)
+}
+
+fn tcp_get(addr: &str, path: &str, token: &str) -> serde_json::Value {
+    let mut s = TcpStream::connect(addr).expect("connect hub");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: hub\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    body_json(&out)
+}
+
+/// utime + stime of `pid`, seconds.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
+        .split_whitespace()
+        .collect();
+    (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / 100.0
+}
+
+fn now_ns() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+fn token(hub: &Path, data: &Path, args: &[&str]) -> String {
+    let out = Command::new(hub)
+        .args(["token", "create", "--data-dir"])
+        .arg(data)
+        .args(["--org", "bench", "--project", "sync"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+fn start_agent(logbookd: &Path, state: &Path, run: &Path, sync: Option<(&str, &str)>) -> Child {
+    let mut cmd = Command::new(logbookd);
+    cmd.arg("--state-dir")
+        .arg(state)
+        .arg("--runtime-dir")
+        .arg(run)
+        .env("LOGBOOK_DEVICE_ID", "bench")
+        .env("LOGBOOK_BUFFER_MAX_BYTES", "2GiB")
+        .env("LOGBOOK_BUFFER_MIN_FREE_BYTES", "0")
+        .env(
+            "LOGBOOK_LOG_LEVEL",
+            std::env::var("BENCH_AGENT_LOG").unwrap_or("warn".into()),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    if let Some((url, token)) = sync {
+        cmd.env("LOGBOOK_SYNC_HUB", url)
+            .env("LOGBOOK_SYNC_TOKEN", token);
+    }
+    let child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", logbookd.display()));
+    let start = Instant::now();
+    while UnixStream::connect(run.join("api.sock")).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "logbookd did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+fn stop(child: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+}
+
+fn main() {
+    let records: u64 = arg("--records", "1000000").parse().unwrap();
+    let rate: u64 = arg("--rate", "2000").parse().unwrap();
+    let online_secs: u64 = arg("--online-secs", "20").parse().unwrap();
+    let bin_dir = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_owned();
+    let logbookd = bin_dir.join("logbookd");
+    let hub_bin = bin_dir.join("logbook-hub");
+    let dir = tempfile::tempdir().unwrap();
+    let (state, run, data) = (
+        dir.path().join("state"),
+        dir.path().join("run"),
+        dir.path().join("hub"),
+    );
+    let api = run.join("api.sock");
+
+    let operator = token(&hub_bin, &data, &["--operator"]);
+    let device = token(&hub_bin, &data, &["--device", "bench"]);
+    let mut hub = Command::new(&hub_bin)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .env("LOGBOOK_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr_file = data.join("hub.addr");
+    let start = Instant::now();
+    let addr = loop {
+        if let Ok(a) = std::fs::read_to_string(&addr_file) {
+            if a.ends_with('\n') {
+                break a.trim().to_owned();
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "hub did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let url = format!("http://{addr}");
+
+    // 1. The backlog, written with sync off.
+    let mut agent = start_agent(&logbookd, &state, &run, None);
+    let t0 = Instant::now();
+    let mut json_bytes = 0u64;
+    {
+        let mut sock = UnixStream::connect(run.join("ingest.sock")).unwrap();
+        let mut buf = Vec::with_capacity(1 << 20);
+        for i in 1..=records {
+            buf.extend_from_slice(line(i).as_bytes());
+            buf.push(b'\n');
+            if buf.len() >= 1 << 20 {
+                json_bytes += buf.len() as u64;
+                sock.write_all(&buf).unwrap();
+                buf.clear();
+            }
+        }
+        json_bytes += buf.len() as u64;
+        sock.write_all(&buf).unwrap();
+    }
+    let flushed = unix_http(&api, "POST", "/v1/flush");
+    assert!(flushed.starts_with("HTTP/1.1 200"), "{flushed}");
+    let ingest_secs = t0.elapsed().as_secs_f64();
+    stop(&mut agent);
+
+    // 2. The drain.
+    let mut agent = start_agent(&logbookd, &state, &run, Some((&url, &device)));
+    let pid = agent.id();
+    let t0 = Instant::now();
+    let cpu0 = cpu_secs(pid);
+    let hub_cpu0 = cpu_secs(hub.id());
+    let status = loop {
+        let s = body_json(&unix_http(&api, "GET", "/v1/status"));
+        if s["sync"]["backlog_records"] == 0 && s["records"]["synced"].as_u64() >= Some(records) {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(600),
+            "drain did not finish: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let drain_secs = t0.elapsed().as_secs_f64();
+    let drain_cpu = cpu_secs(pid) - cpu0;
+    let hub_drain_cpu = cpu_secs(hub.id()) - hub_cpu0;
+    let newest = tcp_get(
+        &addr,
+        "/api/v1/organizations/bench/projects/sync/devices/bench/logs?order=desc&limit=1",
+        &operator,
+    );
+    assert_eq!(
+        newest["items"][0]["seq"].as_u64(),
+        Some(records),
+        "the hub lacks the newest record: {newest}"
+    );
+    let wire = status["sync"]["bytes_sent"].as_u64().unwrap();
+
+    // 3. Online: steady logging and the age of the newest record at the hub.
+    let stop_flag = Arc::new(AtomicBool::new(false));
+    let logger = {
+        let stop_flag = stop_flag.clone();
+        let ingest = run.join("ingest.sock");
+        std::thread::spawn(move || {
+            let mut sock = UnixStream::connect(ingest).unwrap();
+            let per_tick = (rate / 100).max(1);
+            let mut next = Instant::now();
+            let mut i = 0u64;
+            while !stop_flag.load(Ordering::SeqCst) {
+                let mut buf = String::new();
+                for _ in 0..per_tick {
+                    i += 1;
+                    buf.push_str(&format!(
+                        r#"{{"level":"info","target":"nav::planner","msg":"online {i} sent_ns={}","fields":{{"i":{i}}}}}"#,
+                        now_ns()
+                    ));
+                    buf.push('\n');
+                }
+                sock.write_all(buf.as_bytes()).unwrap();
+                next += Duration::from_millis(10);
+                std::thread::sleep(next.saturating_duration_since(Instant::now()));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let cpu0 = cpu_secs(pid);
+    let t0 = Instant::now();
+    let mut ages = Vec::new();
+    while t0.elapsed() < Duration::from_secs(online_secs) {
+        let v = tcp_get(
+            &addr,
+            "/api/v1/organizations/bench/projects/sync/devices/bench/logs?order=desc&limit=1",
+            &operator,
+        );
+        if let Some(sent) = v["items"][0]["message"]
+            .as_str()
+            .and_then(|m| m.split("sent_ns=").nth(1))
+            .and_then(|n| n.parse::<u128>().ok())
+        {
+            ages.push((now_ns().saturating_sub(sent)) as f64 / 1e9);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let online_cpu = (cpu_secs(pid) - cpu0) / t0.elapsed().as_secs_f64();
+    stop_flag.store(true, Ordering::SeqCst);
+    logger.join().unwrap();
+    stop(&mut agent);
+    let _ = hub.kill();
+    let _ = hub.wait();
+    ages.sort_by(f64::total_cmp);
+    let pct = |p: f64| ages[((ages.len() - 1) as f64 * p) as usize];
+
+    let ingest_rate = records as f64 / ingest_secs;
+    let drain_rate = records as f64 / drain_secs;
+    println!(
+        "records             {records}, {:.0} bytes/line as JSON",
+        json_bytes as f64 / records as f64
+    );
+    println!("baseline ingest     {ingest_rate:.0} records/s into the agent (sync off)");
+    println!("drain to hub        {drain_rate:.0} records/s ({drain_secs:.2} s), CPU agent {drain_cpu:.2} s, hub {hub_drain_cpu:.2} s");
+    println!("drain / ingest      {:.2}", drain_rate / ingest_rate);
+    println!(
+        "wire bytes          {wire} gzip vs {json_bytes} JSON lines: 1/{:.1}",
+        json_bytes as f64 / wire as f64
+    );
+    println!(
+        "online {rate}/s       latency median {:.3} s, p90 {:.3} s, max {:.3} s ({} samples)",
+        pct(0.5),
+        pct(0.9),
+        pct(1.0),
+        ages.len()
+    );
+    println!("online agent CPU    {:.1}% of one core", online_cpu * 100.0);
+}

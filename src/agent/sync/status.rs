@@ -1,0 +1,175 @@
+//! The sync link's live state, shared by the uploader (which writes it) and
+//! the local API (which shows it in `/v1/status`, `logbook status` and
+//! `/metrics`).
+//!
+//! Invariant: plain atomics and one small mutex; nothing here waits, so the
+//! API never blocks on the uploader.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Where the link to the hub stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LinkState {
+    /// No hub configured.
+    Disabled,
+    /// The last request reached the hub and was answered with success.
+    Online,
+    /// The hub cannot be reached or answers with transient errors.
+    Offline,
+    /// The hub refused the device token (401/403): uploading stopped until
+    /// the token is fixed and logbookd restarted.
+    AuthFailed,
+}
+
+impl LinkState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkState::Disabled => "disabled",
+            LinkState::Online => "online",
+            LinkState::Offline => "offline",
+            LinkState::AuthFailed => "auth-failed",
+        }
+    }
+
+    fn from_u8(v: u8) -> LinkState {
+        match v {
+            1 => LinkState::Online,
+            2 => LinkState::Offline,
+            3 => LinkState::AuthFailed,
+            _ => LinkState::Disabled,
+        }
+    }
+
+    fn to_u8(self) -> u8 {
+        match self {
+            LinkState::Disabled => 0,
+            LinkState::Online => 1,
+            LinkState::Offline => 2,
+            LinkState::AuthFailed => 3,
+        }
+    }
+}
+
+/// Counters and state of the uploader.
+#[derive(Debug, Default)]
+pub struct SyncShared {
+    link: AtomicU8,
+    /// Unix ns of the last acknowledged batch (0 = never).
+    pub last_success_ns: AtomicI64,
+    /// Upper bound of the current retry wait in ms (0 = not backing off).
+    pub backoff_ms: AtomicU64,
+    /// Compressed request bytes of acknowledged batches.
+    pub bytes_sent: AtomicU64,
+    /// The same batches before compression (msgpack).
+    pub bytes_raw: AtomicU64,
+    pub batches_sent: AtomicU64,
+    pub records_sent: AtomicU64,
+    pub failures: AtomicU64,
+    pub set_aside_batches: AtomicU64,
+    pub set_aside_records: AtomicU64,
+    /// Times the supervisor restarted a stalled (or crashed) uploader.
+    pub restarts: AtomicU64,
+    /// Bumped on every turn of the uploader's loop and every wake-up while
+    /// it waits: the supervisor's evidence that it is alive.
+    pub heartbeat: AtomicU64,
+    pub last_error: Mutex<Option<String>>,
+}
+
+impl SyncShared {
+    pub fn new(enabled: bool) -> SyncShared {
+        let s = SyncShared::default();
+        s.set_link(if enabled {
+            LinkState::Offline
+        } else {
+            LinkState::Disabled
+        });
+        s
+    }
+
+    pub fn link(&self) -> LinkState {
+        LinkState::from_u8(self.link.load(Ordering::Relaxed))
+    }
+
+    pub fn set_link(&self, state: LinkState) {
+        self.link.store(state.to_u8(), Ordering::Relaxed);
+    }
+
+    pub fn set_error(&self, e: Option<String>) {
+        *self.last_error.lock().expect("sync status lock") = e;
+    }
+
+    pub fn beat(&self) {
+        self.heartbeat.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn set_backoff(&self, d: Option<Duration>) {
+        self.backoff_ms
+            .store(d.map_or(0, |d| d.as_millis() as u64), Ordering::Relaxed);
+    }
+
+    /// The status view; `unsynced_records` and `unsynced_bytes` come from
+    /// the store's counters.
+    pub fn view(&self, unsynced_records: u64, unsynced_bytes: u64) -> SyncStatus {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let sent = get(&self.bytes_sent);
+        let raw = get(&self.bytes_raw);
+        let last = self.last_success_ns.load(Ordering::Relaxed);
+        SyncStatus {
+            link: self.link(),
+            last_success: (last > 0).then(|| crate::agent::store::rfc3339(last)),
+            backlog_records: unsynced_records,
+            backlog_bytes: unsynced_bytes,
+            backoff_seconds: match get(&self.backoff_ms) {
+                0 => None,
+                ms => Some(ms as f64 / 1000.0),
+            },
+            bytes_sent: sent,
+            bytes_uncompressed: raw,
+            compression_ratio: if sent > 0 {
+                raw as f64 / sent as f64
+            } else {
+                0.0
+            },
+            batches_sent: get(&self.batches_sent),
+            records_sent: get(&self.records_sent),
+            failures: get(&self.failures),
+            set_aside_batches: get(&self.set_aside_batches),
+            set_aside_records: get(&self.set_aside_records),
+            uploader_restarts: get(&self.restarts),
+            last_error: self.last_error.lock().expect("sync status lock").clone(),
+        }
+    }
+}
+
+/// The `sync` object of `GET /v1/status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SyncStatus {
+    pub link: LinkState,
+    /// RFC 3339 time of the last acknowledged batch.
+    pub last_success: Option<String>,
+    /// Records not yet acknowledged by the hub.
+    pub backlog_records: u64,
+    /// Their approximate size in the buffer.
+    pub backlog_bytes: u64,
+    /// Upper bound of the current retry wait, while backing off.
+    pub backoff_seconds: Option<f64>,
+    /// Bytes on the wire (gzip) of acknowledged batches.
+    pub bytes_sent: u64,
+    pub bytes_uncompressed: u64,
+    /// Uncompressed over compressed bytes (0 before the first batch).
+    pub compression_ratio: f64,
+    pub batches_sent: u64,
+    pub records_sent: u64,
+    /// Failed requests since start.
+    pub failures: u64,
+    /// Batches the hub refused as invalid, set aside and counted as gaps.
+    pub set_aside_batches: u64,
+    pub set_aside_records: u64,
+    pub uploader_restarts: u64,
+    pub last_error: Option<String>,
+}

@@ -1,0 +1,717 @@
+//! The batch uploader: reads what the hub has not acknowledged (session
+//! revisions first, then records — errors and fatals first when behind —
+//! then gap counters), packs a `wire::Batch`, gzips it, POSTs it with the
+//! device token, and marks synced exactly what the hub's `BatchAck` says,
+//! through the writer. A supervisor restarts it when it stops making
+//! progress.
+//!
+//! Invariant: nothing is marked synced that the hub did not acknowledge
+//! (or refuse for good, which becomes a `rejected` gap); the uploader never
+//! writes SQLite itself.
+
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reqwest::header::{CONTENT_ENCODING, CONTENT_TYPE};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::backoff::Backoff;
+use super::error::{Action, SyncError};
+use super::status::{LinkState, SyncShared};
+use super::throttle::Throttle;
+use crate::agent::config::SyncConfig;
+use crate::agent::store::sync::{Acked, PendingRecord, SetAside, SyncReader};
+use crate::agent::store::writer::Msg;
+use crate::agent::store::{now_ns, Stats, StoreError};
+use crate::wire::{Batch, BatchAck, Device, BATCHES_PATH, BATCH_VERSION, CONTENT_TYPE_MSGPACK};
+
+/// gzip level of batch bodies: level 3 is several times faster than the
+/// default 6 on log text and compresses within a few percent of it.
+const GZIP_LEVEL: u32 = 6;
+/// Most session states in one batch.
+const MAX_SESSIONS: usize = 100;
+/// An idle uploader still posts an empty batch this often, so the hub
+/// knows the device is alive (and its clock skew) and the link state is
+/// fresh.
+const HEARTBEAT: Duration = Duration::from_secs(30);
+/// While backing off from connection errors, the hub is probed with a TCP
+/// connect this often; a connect that works after one that failed ends the
+/// wait, so sync resumes within seconds of the link coming back.
+const PROBE_EVERY: Duration = Duration::from_secs(2);
+/// Largest acknowledgement body read from the hub.
+const MAX_ACK_BYTES: usize = 1 << 20;
+
+/// Everything an uploader needs; shared by its restarts.
+pub struct UploaderCtx {
+    pub cfg: SyncConfig,
+    pub device: Device,
+    pub db_path: std::path::PathBuf,
+    pub boot_id: String,
+    pub writer: mpsc::Sender<Msg>,
+    pub stats: Arc<Stats>,
+    pub shared: Arc<SyncShared>,
+}
+
+/// Runs the uploader under its supervisor until `shutdown`.
+pub async fn run(ctx: Arc<UploaderCtx>, shutdown: CancellationToken) {
+    let stall = ctx.cfg.stall_timeout;
+    let shared = ctx.shared.clone();
+    supervise(
+        move || {
+            let ctx = ctx.clone();
+            let shutdown = shutdown.clone();
+            async move { Uploader::new(ctx).run(shutdown).await }
+        },
+        shared,
+        stall,
+    )
+    .await
+}
+
+/// Keeps one uploader running: restarts it when it returns early (a
+/// panic, or an error it could not handle) or when its heartbeat stops for
+/// `stall`, and counts every restart.
+pub async fn supervise<F, Fut>(make: F, shared: Arc<SyncShared>, stall: Duration)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Done> + Send + 'static,
+{
+    let check = (stall / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+    loop {
+        let mut task = tokio::spawn(make());
+        let mut last_beat = shared.heartbeat.load(Ordering::Relaxed);
+        let mut last_change = tokio::time::Instant::now();
+        let why = loop {
+            tokio::select! {
+                res = &mut task => match res {
+                    Ok(Done::Shutdown) => return,
+                    Ok(Done::Restart(why)) => break why,
+                    Err(e) => break format!("the uploader crashed: {e}"),
+                },
+                _ = tokio::time::sleep(check) => {
+                    let beat = shared.heartbeat.load(Ordering::Relaxed);
+                    if beat != last_beat {
+                        last_beat = beat;
+                        last_change = tokio::time::Instant::now();
+                    } else if last_change.elapsed() >= stall {
+                        task.abort();
+                        break format!("the uploader made no progress for {stall:?}");
+                    }
+                }
+            }
+        };
+        shared.restarts.fetch_add(1, Ordering::Relaxed);
+        tracing::error!("{why}; restarting it");
+        shared.set_error(Some(why));
+        // A crash loop must not spin.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// How an uploader run ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Done {
+    Shutdown,
+    Restart(String),
+}
+
+/// One batch under way, with what the writer needs to mark it.
+struct Work {
+    batch: Batch,
+    acked: Acked,
+    records: Vec<(u64, i64, crate::wire::Level)>,
+    /// Highest seq of the in-order part, to advance the scan cursor.
+    in_order_to: Option<u64>,
+    /// The batch closed on count or bytes (rather than on what there was).
+    full: bool,
+}
+
+impl Work {
+    fn is_empty(&self) -> bool {
+        self.batch.sessions.is_empty()
+            && self.batch.records.is_empty()
+            && self.batch.gaps.is_empty()
+    }
+}
+
+struct Uploader {
+    ctx: Arc<UploaderCtx>,
+    http: reqwest::Client,
+    url: String,
+    /// Held between batches; a Mutex only so `&Uploader` is `Send` across
+    /// awaits (one task uses it).
+    reader: std::sync::Mutex<Option<SyncReader>>,
+    backoff: Backoff,
+    throttle: Throttle,
+    /// Where the in-order scan of unsynced records starts.
+    cursor: Option<u64>,
+    /// Records per batch after 413s and 400s (halved to isolate a poisoned
+    /// record; grows back after successes).
+    limit: usize,
+    /// When the oldest unsent change was first seen (for the linger).
+    pending_since: Option<Instant>,
+    last_post: Option<Instant>,
+    /// How long reading the batch took, for the debug log.
+    gather_time: Duration,
+    /// The last acknowledgement handed to the writer and not yet committed
+    /// (its reply, and its seq ranges): the next batch is read and sent
+    /// while the writer marks the previous one, and leaves these out.
+    marking: Option<Marking>,
+}
+
+/// An acknowledgement in the writer's hands: its reply and its seq ranges.
+type Marking = (oneshot::Receiver<u64>, Vec<(u64, u64)>);
+
+impl Uploader {
+    fn new(ctx: Arc<UploaderCtx>) -> Uploader {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(60))
+            .pool_idle_timeout(Duration::from_secs(50))
+            .tcp_nodelay(true)
+            .user_agent(concat!("logbookd/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .expect("a plain reqwest client always builds");
+        Uploader {
+            url: format!("{}{}", ctx.cfg.hub, BATCHES_PATH),
+            backoff: Backoff::new(ctx.cfg.retry_min, ctx.cfg.retry_max),
+            throttle: Throttle::new(ctx.cfg.max_bytes_per_sec),
+            limit: ctx.cfg.batch_records,
+            http,
+            reader: std::sync::Mutex::new(None),
+            cursor: None,
+            pending_since: None,
+            last_post: None,
+            gather_time: Duration::ZERO,
+            marking: None,
+            ctx,
+        }
+    }
+
+    async fn run(mut self, shutdown: CancellationToken) -> Done {
+        loop {
+            self.ctx.shared.beat();
+            if shutdown.is_cancelled() {
+                return Done::Shutdown;
+            }
+            let gather_start = Instant::now();
+            let work = match self.gather().await {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::error!("reading pending sync work failed: {e}");
+                    *self.reader.lock().expect("reader lock") = None;
+                    if sleep_or_cancel(Duration::from_secs(1), &shutdown).await {
+                        return Done::Shutdown;
+                    }
+                    continue;
+                }
+            };
+            let heartbeat_due = self.last_post.is_none_or(|t| t.elapsed() >= HEARTBEAT);
+            if work.is_empty() && !heartbeat_due {
+                self.pending_since = None;
+                // Input-driven (a commit) or timer-driven (a backlog that a
+                // missed wake-up left behind drains anyway).
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Done::Shutdown,
+                    _ = self.ctx.stats.committed_notify.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                continue;
+            }
+            if !work.is_empty() && !work.full {
+                // Let a batch fill for up to `linger` after its first change.
+                let since = *self.pending_since.get_or_insert_with(Instant::now);
+                let left = self.ctx.cfg.linger.saturating_sub(since.elapsed());
+                if !left.is_zero() {
+                    if sleep_or_cancel(left, &shutdown).await {
+                        return Done::Shutdown;
+                    }
+                    continue;
+                }
+            }
+            self.gather_time = gather_start.elapsed();
+            match self.send(work, &shutdown).await {
+                Step::Next => {}
+                Step::Shutdown => return Done::Shutdown,
+                Step::Parked => {
+                    // 401/403: retrying cannot help. Wait for a restart with
+                    // a fixed token; stay alive for the supervisor.
+                    loop {
+                        if sleep_or_cancel(Duration::from_secs(1), &shutdown).await {
+                            return Done::Shutdown;
+                        }
+                        self.ctx.shared.beat();
+                    }
+                }
+                Step::WriterGone => {
+                    // The writer only goes away at shutdown.
+                    shutdown.cancelled().await;
+                    return Done::Shutdown;
+                }
+            }
+        }
+    }
+
+    /// Reads the next batch on a blocking thread.
+    async fn gather(&mut self) -> Result<Work, StoreError> {
+        let held = self.reader.lock().expect("reader lock").take();
+        let reader = match held {
+            Some(r) => r,
+            None => {
+                let (path, boot) = (self.ctx.db_path.clone(), self.ctx.boot_id.clone());
+                tokio::task::spawn_blocking(move || SyncReader::open(&path, &boot))
+                    .await
+                    .map_err(join_err)??
+            }
+        };
+        let stats = self.ctx.stats.clone();
+        let unsynced = (stats.records_stored.load(Ordering::Relaxed)
+            - stats.records_synced.load(Ordering::Relaxed))
+        .max(0) as usize;
+        let (limit, bytes) = (self.limit, self.ctx.cfg.batch_bytes);
+        let cursor = self.cursor;
+        let device = self.ctx.device.clone();
+        let marking: Vec<(u64, u64)> = self
+            .marking
+            .as_ref()
+            .map(|(_, r)| r.clone())
+            .unwrap_or_default();
+        let (reader, work, cursor) = tokio::task::spawn_blocking(move || {
+            let out = build(&reader, device, cursor, unsynced, limit, bytes, &marking);
+            out.map(|(w, c)| (reader, w, c))
+        })
+        .await
+        .map_err(join_err)??;
+        *self.reader.lock().expect("reader lock") = Some(reader);
+        self.cursor = cursor;
+        Ok(work)
+    }
+
+    async fn send(&mut self, mut work: Work, shutdown: &CancellationToken) -> Step {
+        let encode_start = Instant::now();
+        work.batch.sent_at_ns = now_ns();
+        let raw = work.batch.to_msgpack();
+        let raw_len = raw.len();
+        let body = match tokio::task::spawn_blocking(move || gzip(&raw)).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!("compressing a batch failed: {e}");
+                return Step::Next;
+            }
+        };
+        let body_len = body.len() as u64;
+        let encode_time = encode_start.elapsed();
+        {
+            // A capped link may hold a batch back for a long while: that is
+            // progress, so keep the heartbeat going for the supervisor.
+            let shared = self.ctx.shared.clone();
+            let take = self.throttle.take(body_len);
+            tokio::pin!(take);
+            loop {
+                tokio::select! {
+                    _ = &mut take => break,
+                    _ = shutdown.cancelled() => return Step::Shutdown,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => shared.beat(),
+                }
+            }
+        }
+        let post_start = Instant::now();
+        self.ctx.shared.beat();
+        let request = self
+            .http
+            .post(&self.url)
+            .bearer_auth(&self.ctx.cfg.token)
+            .header(CONTENT_TYPE, CONTENT_TYPE_MSGPACK)
+            .header(CONTENT_ENCODING, "gzip")
+            .body(body);
+        let result = tokio::select! {
+            _ = shutdown.cancelled() => return Step::Shutdown,
+            r = post(request) => r,
+        };
+        self.last_post = Some(Instant::now());
+        let post_time = post_start.elapsed();
+        let n_records = work.batch.records.len();
+        let shared = self.ctx.shared.clone();
+        match result {
+            Ok(ack) => {
+                let mut acked = std::mem::take(&mut work.acked);
+                acked.records = ack.acked.clone();
+                let acked_all = ack.acked.iter().map(|(lo, hi)| hi - lo + 1).sum::<u64>();
+                // At most one acknowledgement in the writer's hands: wait
+                // for the previous one, then hand over this one without
+                // waiting for its commit.
+                let mark_start = Instant::now();
+                if !self.settle_marking().await {
+                    return Step::WriterGone;
+                }
+                let ranges = acked.records.clone();
+                let (tx, rx) = oneshot::channel();
+                if self.ctx.writer.send(Msg::Acked(acked, tx)).await.is_err() {
+                    return Step::WriterGone;
+                }
+                self.marking = Some((rx, ranges));
+                let mark_time = mark_start.elapsed();
+                if let Some(to) = work.in_order_to {
+                    if ack.acked.iter().any(|(lo, hi)| (*lo..=*hi).contains(&to)) {
+                        self.cursor = Some(self.cursor.map_or(to + 1, |c| c.max(to + 1)));
+                    }
+                }
+                shared.set_link(LinkState::Online);
+                shared.set_error(None);
+                shared.set_backoff(None);
+                shared.last_success_ns.store(now_ns(), Ordering::Relaxed);
+                shared.bytes_sent.fetch_add(body_len, Ordering::Relaxed);
+                shared
+                    .bytes_raw
+                    .fetch_add(raw_len as u64, Ordering::Relaxed);
+                shared.batches_sent.fetch_add(1, Ordering::Relaxed);
+                shared.records_sent.fetch_add(acked_all, Ordering::Relaxed);
+                self.backoff.reset();
+                self.pending_since = None;
+                if self.limit < self.ctx.cfg.batch_records {
+                    self.limit = (self.limit * 2).min(self.ctx.cfg.batch_records);
+                }
+                tracing::debug!(
+                    records = n_records,
+                    stored = ack.stored,
+                    duplicates = ack.duplicates,
+                    bytes = body_len,
+                    read_ms = self.gather_time.as_millis() as u64,
+                    encode_ms = encode_time.as_millis() as u64,
+                    post_ms = post_time.as_millis() as u64,
+                    mark_ms = mark_time.as_millis() as u64,
+                    "batch acknowledged"
+                );
+                Step::Next
+            }
+            Err(e) => {
+                shared.failures.fetch_add(1, Ordering::Relaxed);
+                shared.set_error(Some(e.to_string()));
+                let action = e.action();
+                match action {
+                    Action::Stop => {
+                        shared.set_link(LinkState::AuthFailed);
+                        shared.set_backoff(None);
+                        tracing::error!(
+                            "the hub refused this device's token ({e}); uploading stopped: fix sync.token and restart logbookd"
+                        );
+                        Step::Parked
+                    }
+                    Action::Split | Action::SetAside if n_records > 1 => {
+                        // Halve until the batch fits (413) or the record the
+                        // hub refuses stands alone (400), so one bad record
+                        // never costs its neighbours.
+                        self.limit = (n_records / 2).max(1);
+                        tracing::warn!("{e}; retrying with {} records per batch", self.limit);
+                        Step::Next
+                    }
+                    Action::Split | Action::SetAside => {
+                        let reason = e.to_string();
+                        tracing::error!(
+                            "the hub refused a batch for good ({reason}); setting it aside as a gap"
+                        );
+                        let aside = SetAside {
+                            acked: std::mem::take(&mut work.acked),
+                            records: std::mem::take(&mut work.records),
+                            reason,
+                        };
+                        let n = aside.records.len() as u64;
+                        if !self.settle_marking().await
+                            || !self.to_writer(|tx| Msg::SetAside(aside, tx)).await
+                        {
+                            return Step::WriterGone;
+                        }
+                        shared.set_aside_batches.fetch_add(1, Ordering::Relaxed);
+                        shared.set_aside_records.fetch_add(n, Ordering::Relaxed);
+                        // The hub answered: the link itself works.
+                        shared.set_link(LinkState::Online);
+                        Step::Next
+                    }
+                    Action::Retry { after } => {
+                        shared.set_link(LinkState::Offline);
+                        let wait = self.backoff.next_delay(after);
+                        shared.set_backoff(self.backoff.current().map(|b| b.max(wait)));
+                        tracing::warn!("{e}; retrying in {wait:.1?}");
+                        let probe = e.is_offline() && after.is_none();
+                        if self.wait(wait, probe, e.is_connect(), shutdown).await {
+                            return Step::Shutdown;
+                        }
+                        Step::Next
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits `wait` (beating the heartbeat); with `probe`, ends early once a
+    /// TCP connect to the hub works after one that failed (`connect_failed`:
+    /// the request that led here could not connect at all). A hub that
+    /// accepts connections and drops them never cuts the backoff short, so
+    /// a fleet does not hammer a broken load balancer. Returns true on
+    /// shutdown.
+    async fn wait(
+        &self,
+        wait: Duration,
+        probe: bool,
+        connect_failed: bool,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let deadline = tokio::time::Instant::now() + wait;
+        let target = probe.then(|| hub_addr(&self.ctx.cfg.hub)).flatten();
+        let mut seen_down = connect_failed;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            let step = left.min(if target.is_some() {
+                PROBE_EVERY
+            } else {
+                Duration::from_secs(1)
+            });
+            if sleep_or_cancel(step, shutdown).await {
+                return true;
+            }
+            self.ctx.shared.beat();
+            if let Some((host, port)) = &target {
+                let up = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    tokio::net::TcpStream::connect((host.as_str(), *port)),
+                )
+                .await
+                .is_ok_and(|r| r.is_ok());
+                if !up {
+                    seen_down = true;
+                } else if seen_down {
+                    tracing::info!("the hub answers again; retrying now");
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Waits until the writer has committed the outstanding
+    /// acknowledgement, if any; false when the writer is gone.
+    async fn settle_marking(&mut self) -> bool {
+        match self.marking.take() {
+            Some((rx, _)) => rx.await.is_ok(),
+            None => true,
+        }
+    }
+
+    async fn to_writer(&self, msg: impl FnOnce(oneshot::Sender<u64>) -> Msg) -> bool {
+        let (tx, rx) = oneshot::channel();
+        if self.ctx.writer.send(msg(tx)).await.is_err() {
+            return false;
+        }
+        rx.await.is_ok()
+    }
+}
+
+enum Step {
+    Next,
+    Shutdown,
+    Parked,
+    WriterGone,
+}
+
+/// Builds the next batch: pending session states, then records (errors and
+/// fatals first when more than a batch is waiting), then grown gap
+/// counters. Returns the work and the (possibly initialized) cursor.
+fn build(
+    reader: &SyncReader,
+    device: Device,
+    cursor: Option<u64>,
+    unsynced: usize,
+    limit: usize,
+    max_bytes: usize,
+    marking: &[(u64, u64)],
+) -> Result<(Work, Option<u64>), StoreError> {
+    let mut marking = marking.to_vec();
+    marking.sort_unstable();
+    // Binary search: an acknowledgement of scattered errors has thousands
+    // of ranges.
+    let being_marked = |seq: u64| {
+        let i = marking.partition_point(|(lo, _)| *lo <= seq);
+        i > 0 && marking[i - 1].1 >= seq
+    };
+    let sessions = reader.pending_sessions(MAX_SESSIONS)?;
+    let cursor = match cursor {
+        Some(c) => Some(c),
+        None => reader.first_unsynced()?,
+    };
+    let mut records: Vec<PendingRecord> = Vec::new();
+    let mut bytes = 0usize;
+    let mut in_order_to = None;
+    if unsynced > limit {
+        records = reader.urgent_records(limit, max_bytes)?;
+        records.retain(|r| !being_marked(r.record.seq));
+        bytes = records.iter().map(|r| r.approx_bytes).sum();
+    }
+    if records.len() < limit && bytes < max_bytes {
+        if let Some(from) = cursor {
+            let taken: std::collections::HashSet<u64> =
+                records.iter().map(|r| r.record.seq).collect();
+            let more = reader.records_from(from, limit - records.len(), max_bytes - bytes)?;
+            in_order_to = more.last().map(|r| r.record.seq);
+            records.extend(
+                more.into_iter()
+                    .filter(|r| !taken.contains(&r.record.seq) && !being_marked(r.record.seq)),
+            );
+        }
+    }
+    let bytes: usize = records.iter().map(|r| r.approx_bytes).sum();
+    let full = records.len() >= limit || bytes >= max_bytes;
+    let gaps = reader.pending_gaps()?;
+    let acked = Acked {
+        records: Vec::new(),
+        sessions: sessions.iter().map(|s| (s.sid, s.state.revision)).collect(),
+        gaps: gaps
+            .iter()
+            .map(|g| (g.session, g.gap.level, g.gap.reason.clone(), g.gap.dropped))
+            .collect(),
+    };
+    let refs = records
+        .iter()
+        .map(|r| (r.record.seq, r.sid, r.record.level))
+        .collect();
+    let batch = Batch {
+        version: BATCH_VERSION,
+        device,
+        sent_at_ns: 0,
+        sessions: sessions.into_iter().map(|s| s.state).collect(),
+        records: records.into_iter().map(|r| r.record).collect(),
+        gaps: gaps.into_iter().map(|g| g.gap).collect(),
+    };
+    Ok((
+        Work {
+            batch,
+            acked,
+            records: refs,
+            in_order_to,
+            full,
+        },
+        cursor,
+    ))
+}
+
+/// Sends one request and reads the hub's answer.
+async fn post(request: reqwest::RequestBuilder) -> Result<BatchAck, SyncError> {
+    let mut resp = request.send().await.map_err(SyncError::Transport)?;
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(SyncError::Transport)? {
+        if body.len() + chunk.len() > MAX_ACK_BYTES {
+            return Err(SyncError::BadResponse(format!(
+                "answer larger than {MAX_ACK_BYTES} bytes (status {status})"
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    if !status.is_success() {
+        return Err(SyncError::from_response(status, &headers, &body));
+    }
+    serde_json::from_slice(&body).map_err(|e| {
+        SyncError::BadResponse(format!(
+            "status {status} with an unreadable acknowledgement: {e}"
+        ))
+    })
+}
+
+fn gzip(raw: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut gz = flate2::write::GzEncoder::new(
+        Vec::with_capacity(raw.len() / 4 + 64),
+        flate2::Compression::new(GZIP_LEVEL),
+    );
+    gz.write_all(raw).expect("writing to a Vec cannot fail");
+    gz.finish().expect("writing to a Vec cannot fail")
+}
+
+/// Host and port of the hub URL, for the reachability probe.
+fn hub_addr(hub: &str) -> Option<(String, u16)> {
+    let url = reqwest::Url::parse(hub).ok()?;
+    Some((url.host_str()?.to_owned(), url.port_or_known_default()?))
+}
+
+fn join_err(e: tokio::task::JoinError) -> StoreError {
+    StoreError::Io {
+        what: "a sync query".into(),
+        source: std::io::Error::other(e),
+    }
+}
+
+/// Sleeps; true when `shutdown` fired first.
+async fn sleep_or_cancel(d: Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = shutdown.cancelled() => true,
+        _ = tokio::time::sleep(d) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hub_addresses() {
+        let check = |url: &str, want: Option<(&str, u16)>| {
+            assert_eq!(hub_addr(url), want.map(|(h, p)| (h.to_owned(), p)), "{url}");
+        };
+        check("http://127.0.0.1:8470", Some(("127.0.0.1", 8470)));
+        check("https://hub.example.com", Some(("hub.example.com", 443)));
+        check("http://hub", Some(("hub", 80)));
+        check("not a url", None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_uploader_is_restarted_and_counted() {
+        let shared = Arc::new(SyncShared::new(true));
+        let runs = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (s2, r2) = (shared.clone(), runs.clone());
+        let make = move || {
+            let (shared, runs) = (s2.clone(), r2.clone());
+            async move {
+                let n = runs.fetch_add(1, Ordering::SeqCst);
+                if n == 0 {
+                    // Hangs without a heartbeat: a stall.
+                    std::future::pending::<()>().await;
+                }
+                // The second run makes progress for a while, then stops.
+                for _ in 0..20 {
+                    shared.beat();
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Done::Shutdown
+            }
+        };
+        supervise(make, shared.clone(), Duration::from_secs(1)).await;
+        assert_eq!(runs.load(Ordering::SeqCst), 2);
+        assert_eq!(shared.restarts.load(Ordering::Relaxed), 1);
+        let err = shared.view(0, 0).last_error.unwrap();
+        assert!(err.contains("no progress"), "{err}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_crashed_uploader_is_restarted() {
+        let shared = Arc::new(SyncShared::new(true));
+        let runs = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let r2 = runs.clone();
+        let make = move || {
+            let runs = r2.clone();
+            async move {
+                if runs.fetch_add(1, Ordering::SeqCst) == 0 {
+                    panic!("boom");
+                }
+                Done::Shutdown
+            }
+        };
+        supervise(make, shared.clone(), Duration::from_secs(10)).await;
+        assert_eq!(runs.load(Ordering::SeqCst), 2);
+        assert_eq!(shared.restarts.load(Ordering::Relaxed), 1);
+    }
+}
