@@ -17,6 +17,9 @@ pub struct Metrics {
     pub uploads_created: AtomicU64,
     pub uploads_completed: AtomicU64,
     pub upload_bytes: AtomicU64,
+    /// Bytes of PATCHes that succeeded (kept): with no acked range ever
+    /// re-sent, this equals the sum of completed upload lengths.
+    pub upload_acked_bytes: AtomicU64,
     pub active_streams: AtomicU64,
     rejects: Mutex<BTreeMap<&'static str, u64>>,
 }
@@ -85,6 +88,12 @@ impl Metrics {
             "Artifact bytes received.",
             "counter",
             self.upload_bytes.load(Relaxed),
+        );
+        counter(
+            "logbook_hub_upload_acked_bytes_total",
+            "Artifact bytes of PATCHes that succeeded and were kept.",
+            "counter",
+            self.upload_acked_bytes.load(Relaxed),
         );
         counter(
             "logbook_hub_active_streams",

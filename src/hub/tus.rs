@@ -408,6 +408,13 @@ async fn patch(
     let part_path = hub.uploads.join(format!("{}.part", up.id));
     let offset = current_offset(hub, &up.id).await?;
     if claimed != offset {
+        // A PATCH below the upload's offset re-sends acknowledged bytes:
+        // counted apart, since a well-behaved client never does it.
+        hub.metrics.reject(if claimed < offset {
+            "upload_stale_offset"
+        } else {
+            "upload_offset_ahead"
+        });
         return Err(ApiError::conflict(format!(
             "Upload-Offset {claimed} does not match the upload's offset {offset}"
         )));
@@ -485,6 +492,7 @@ async fn patch(
     if written == up.length {
         finish(hub, up).await?;
     }
+    Metrics::add(&hub.metrics.upload_acked_bytes, written - offset);
     let mut resp = StatusCode::NO_CONTENT.into_response();
     resp.headers_mut()
         .insert("upload-offset", HeaderValue::from(written));

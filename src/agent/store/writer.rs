@@ -36,6 +36,11 @@ pub enum Msg {
     /// Commit what is queued before this and stop, even if some sender is
     /// still alive (a connection that would not finish).
     Stop,
+    /// A change to artifact upload state; replies once it is committed.
+    Artifact(
+        super::artifacts::ArtifactCmd,
+        oneshot::Sender<Result<(), String>>,
+    ),
 }
 
 pub enum SessionCmd {
@@ -290,6 +295,18 @@ impl Writer {
             }
             Msg::Stop => {
                 self.stopping = true;
+                true
+            }
+            Msg::Artifact(cmd, reply) => {
+                // Like session changes: alone, committed before the reply,
+                // so an acknowledged offset is on disk before the next chunk.
+                self.commit();
+                let out = super::artifacts::apply(&self.conn, cmd).map_err(|e| e.to_string());
+                if let Err(e) = &out {
+                    tracing::error!("storing artifact state failed: {e}");
+                }
+                let _ = reply.send(out);
+                let _ = self.conn.execute_batch("BEGIN");
                 true
             }
             Msg::MarkSynced(ranges, reply) => {
