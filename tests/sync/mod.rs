@@ -1,4 +1,5 @@
 //! Integration tests of sync: real agent, real hub, real sockets, and a
 //! fault-injecting proxy between them.
 
+mod artifacts;
 mod faultproxy;
