@@ -195,6 +195,19 @@ async fn create(hub: &Arc<Hub>, scope: DeviceScope, h: &HeaderMap) -> Result<Res
         .db(move |s| s.session_for_device(&scope2, session_uuid))
         .await?
         .ok_or_else(|| ApiError::not_found(format!("session {session_uuid} was deleted")))?;
+    if !sha256.is_empty() {
+        let (p, sha) = (path.clone(), sha256.clone());
+        let same = hub
+            .db(move |s| s.find_unfinished_upload(device_pk, session_pk, &p, &sha, length))
+            .await?;
+        if let Some(id) = same {
+            // Creation is idempotent per file version: answer with the
+            // upload already under way and its offset.
+            let offset = current_offset(hub, &id).await?;
+            tracing::info!(device = %scope.device_id, upload = %id, offset, "upload creation repeated; resuming");
+            return Ok(created(&id, offset));
+        }
+    }
     // Each unfinished upload holds a partial file: bound how many a device
     // may leave lying around.
     if hub.db(move |s| s.unfinished_uploads(device_pk)).await? >= MAX_UNFINISHED_UPLOADS {
@@ -232,6 +245,11 @@ async fn create(hub: &Arc<Hub>, scope: DeviceScope, h: &HeaderMap) -> Result<Res
     if length == 0 {
         finish(hub, &upload).await?;
     }
+    Ok(created(&id, 0))
+}
+
+/// `201 Created` naming upload `id`, which holds `offset` bytes.
+fn created(id: &str, offset: u64) -> Response {
     let mut resp = StatusCode::CREATED.into_response();
     let location = format!("{}/{id}", crate::wire::UPLOADS_PATH);
     resp.headers_mut().insert(
@@ -239,8 +257,8 @@ async fn create(hub: &Arc<Hub>, scope: DeviceScope, h: &HeaderMap) -> Result<Res
         HeaderValue::from_str(&location).expect("ascii"),
     );
     resp.headers_mut()
-        .insert("upload-offset", HeaderValue::from(0u64));
-    Ok(resp)
+        .insert("upload-offset", HeaderValue::from(offset));
+    resp
 }
 
 /// `HEAD`, `PATCH`, `DELETE` and `OPTIONS` on one upload.

@@ -61,8 +61,10 @@ impl TusClient {
             .header("Tus-Resumable", TUS_VERSION)
     }
 
-    /// Creates an upload and returns its absolute URL.
-    pub async fn create(&self, upload: &NewUpload<'_>) -> Result<String, SyncError> {
+    /// Creates an upload; returns its absolute URL and the offset the hub
+    /// reports (0 for a new upload; more when the hub resumed an upload of
+    /// the same file version whose creation answer was lost).
+    pub async fn create(&self, upload: &NewUpload<'_>) -> Result<(String, u64), SyncError> {
         let meta = [
             (upload_meta::SESSION_ID, upload.session_id),
             (upload_meta::PATH, upload.path),
@@ -85,9 +87,13 @@ impl TusClient {
             .get(LOCATION)
             .and_then(|v| v.to_str().ok())
             .ok_or_else(|| SyncError::BadResponse("201 without a Location header".into()))?;
+        let offset = match resp.headers().get("Upload-Offset") {
+            Some(_) => upload_offset(resp.headers())?,
+            None => 0,
+        };
         self.endpoint
             .join(location)
-            .map(|u| u.to_string())
+            .map(|u| (u.to_string(), offset))
             .map_err(|e| SyncError::BadResponse(format!("bad Location {location:?}: {e}")))
     }
 

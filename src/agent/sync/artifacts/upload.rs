@@ -354,7 +354,7 @@ impl Uploader {
                 if !self.unchanged(&file, row)? {
                     return self.changed(row).await;
                 }
-                let url = self
+                let (url, offset) = self
                     .tus
                     .create(&NewUpload {
                         session_id: &row.session.to_string(),
@@ -374,11 +374,11 @@ impl Uploader {
                 )
                 .await?;
                 tracing::info!(
-                    "uploading artifact {} ({} bytes) to {url}",
+                    "uploading artifact {} ({} bytes) to {url} from offset {offset}",
                     row.path,
                     row.size
                 );
-                (url, 0)
+                (url, offset)
             }
         };
         if offset > row.size {
