@@ -445,3 +445,22 @@ fn a_refused_token_stops_uploads_and_says_so() {
     let summary = stdout(rig.agent.cli().arg("status"));
     assert!(summary.contains("refused the device token"), "{summary}");
 }
+
+#[test]
+fn files_written_while_the_agent_was_down_are_found_without_events() {
+    let mut rig = Rig::start("art_down", Fault::Pass, &[]);
+    let (id, dir) = rig.open_session();
+    rig.agent.kill9();
+    // No watcher is running: only the scan after start can find these.
+    let sha = write_artifact(&dir, "early/imu.bin", 300_000, 11);
+    std::fs::write(dir.join("summary.json"), b"{\"ok\":true}").unwrap();
+    rig.restart();
+    rig.wait_remote(&id, "early/imu.bin", &sha, Duration::from_secs(30));
+    rig.wait_remote(
+        &id,
+        "summary.json",
+        &sha_of(b"{\"ok\":true}"),
+        Duration::from_secs(30),
+    );
+    rig.assert_no_resent_bytes(300_000 + 11);
+}
