@@ -464,3 +464,35 @@ fn files_written_while_the_agent_was_down_are_found_without_events() {
     );
     rig.assert_no_resent_bytes(300_000 + 11);
 }
+
+#[test]
+fn a_file_rewritten_mid_upload_ends_up_as_its_new_version() {
+    let rig = Rig::start(
+        "art_rewrite",
+        Fault::Pass,
+        &[("LOGBOOK_SYNC_MAX_BYTES_PER_SEC", "1MiB")],
+    );
+    let (id, dir) = rig.open_session();
+    write_artifact(&dir, "trace.bin", 3 << 20, 21);
+    wait_for("upload under way", Duration::from_secs(30), || {
+        rig.local(&id)
+            .into_iter()
+            .find(|a| a["path"] == "trace.bin")
+            .and_then(|a| a["uploaded_bytes"].as_u64())
+            .filter(|n| *n > 0)
+    });
+    // Rewritten in place (same inode), shorter: the upload of the old
+    // version must stop, and the new one go up.
+    let v2 = b"rewritten: the old bytes are gone\n".repeat(1000);
+    std::fs::write(dir.join("trace.bin"), &v2).unwrap();
+    rig.wait_remote(&id, "trace.bin", &sha_of(&v2), Duration::from_secs(60));
+    assert_eq!(rig.remote(&id).len(), 1);
+    let log = rig.agent.log_text();
+    assert!(
+        log.contains("trace.bin changed; waiting for the new version"),
+        "the old version's upload was not stopped:\n{log}"
+    );
+    wait_for("uploaded locally", Duration::from_secs(10), || {
+        (rig.local_state(&id, "trace.bin").as_deref() == Some("uploaded")).then_some(())
+    });
+}

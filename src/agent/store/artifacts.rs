@@ -47,23 +47,33 @@ pub enum ArtifactCmd {
     },
     /// An upload was created (or found) for this version.
     Started {
-        id: i64,
+        of: Version,
         sha256: String,
         url: String,
     },
     /// The hub acknowledged bytes up to `acked`.
-    Progress { id: i64, acked: u64 },
+    Progress { of: Version, acked: u64 },
     /// The hub holds the whole file.
-    Done { id: i64 },
+    Done { of: Version },
     /// Give up on this version (reported; a new version retries).
     Fail {
-        id: i64,
+        of: Version,
         state: &'static str,
         error: String,
     },
     /// Start this version over (the hub forgot the upload, or the file
     /// changed under it): pending, no URL, `error` kept for status.
-    Reset { id: i64, error: String },
+    Reset { of: Version, error: String },
+}
+
+/// The file version an uploader command is about. A command about a
+/// version the watcher has since replaced changes nothing, so an upload
+/// finishing or failing late can never mark the new version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Version {
+    pub id: i64,
+    pub size: u64,
+    pub mtime_ns: i64,
 }
 
 /// What the uploader needs of a row.
@@ -80,6 +90,10 @@ pub struct ArtifactRow {
     pub acked: u64,
     pub attempts: u64,
 }
+
+/// The row and version an uploader command names (`?1`-`?3`); refusals
+/// are left alone too (the watcher decided those).
+const SAME_VERSION: &str = "WHERE id = ?1 AND size = ?2 AND mtime_ns = ?3 AND state != 'refused'";
 
 fn sid_of(conn: &Connection, session: &Uuid) -> rusqlite::Result<Option<i64>> {
     conn.prepare_cached("SELECT sid FROM sessions WHERE id = ?1")?
@@ -123,39 +137,51 @@ pub fn apply(conn: &Connection, cmd: ArtifactCmd) -> rusqlite::Result<()> {
             )?
             .execute(params![sid, path, reason])?;
         }
-        ArtifactCmd::Started { id, sha256, url } => {
-            conn.prepare_cached(
-                "UPDATE artifacts SET state = 'uploading', sha256 = ?2, upload_url = ?3, \
-                 attempts = attempts + 1 WHERE id = ?1",
-            )?
-            .execute(params![id, sha256, url])?;
+        ArtifactCmd::Started { of, sha256, url } => {
+            conn.prepare_cached(&format!(
+                "UPDATE artifacts SET state = 'uploading', sha256 = ?4, upload_url = ?5, \
+                 attempts = attempts + 1 {SAME_VERSION}"
+            ))?
+            .execute(params![of.id, of.size as i64, of.mtime_ns, sha256, url])?;
         }
-        ArtifactCmd::Progress { id, acked } => {
-            conn.prepare_cached("UPDATE artifacts SET acked = ?2, error = NULL WHERE id = ?1")?
-                .execute(params![id, acked as i64])?;
+        ArtifactCmd::Progress { of, acked } => {
+            conn.prepare_cached(&format!(
+                "UPDATE artifacts SET acked = ?4, error = NULL {SAME_VERSION}"
+            ))?
+            .execute(params![of.id, of.size as i64, of.mtime_ns, acked as i64])?;
         }
-        ArtifactCmd::Done { id } => {
-            conn.prepare_cached(
+        ArtifactCmd::Done { of } => {
+            conn.prepare_cached(&format!(
                 "UPDATE artifacts SET state = 'uploaded', acked = size, upload_url = NULL, error = NULL \
-                 WHERE id = ?1",
-            )?
-            .execute([id])?;
+                 {SAME_VERSION}"
+            ))?
+            .execute(params![of.id, of.size as i64, of.mtime_ns])?;
         }
-        ArtifactCmd::Fail { id, state, error } => {
-            conn.prepare_cached(
-                "UPDATE artifacts SET state = ?2, error = ?3, upload_url = NULL WHERE id = ?1",
-            )?
-            .execute(params![id, state, error])?;
+        ArtifactCmd::Fail { of, state, error } => {
+            conn.prepare_cached(&format!(
+                "UPDATE artifacts SET state = ?4, error = ?5, upload_url = NULL {SAME_VERSION}"
+            ))?
+            .execute(params![of.id, of.size as i64, of.mtime_ns, state, error])?;
         }
-        ArtifactCmd::Reset { id, error } => {
-            conn.prepare_cached(
+        ArtifactCmd::Reset { of, error } => {
+            conn.prepare_cached(&format!(
                 "UPDATE artifacts SET state = 'pending', upload_url = NULL, acked = 0, sha256 = NULL, \
-                 error = ?2, attempts = attempts + 1 WHERE id = ?1",
-            )?
-            .execute(params![id, error])?;
+                 error = ?4, attempts = attempts + 1 {SAME_VERSION}"
+            ))?
+            .execute(params![of.id, of.size as i64, of.mtime_ns, error])?;
         }
     }
     Ok(())
+}
+
+impl ArtifactRow {
+    pub fn version(&self) -> Version {
+        Version {
+            id: self.id,
+            size: self.size,
+            mtime_ns: self.mtime_ns,
+        }
+    }
 }
 
 const ROW_COLUMNS: &str =
@@ -343,13 +369,14 @@ mod tests {
             ("small.txt", "pending")
         );
         let id = next.id;
+        let of = next.version();
         let started = ArtifactCmd::Started {
-            id,
+            of,
             sha256: "ab".into(),
             url: "http://h/u/1".into(),
         };
         apply(&conn, started).unwrap();
-        apply(&conn, ArtifactCmd::Progress { id, acked: 4 }).unwrap();
+        apply(&conn, ArtifactCmd::Progress { of, acked: 4 }).unwrap();
         // The same version again changes nothing.
         apply(&conn, seen(s, "small.txt", 10, 1)).unwrap();
         let r = reader.artifact(id).unwrap().unwrap();
@@ -357,7 +384,7 @@ mod tests {
             (r.state.as_str(), r.acked, r.upload_url.as_deref()),
             ("uploading", 4, Some("http://h/u/1"))
         );
-        apply(&conn, ArtifactCmd::Done { id }).unwrap();
+        apply(&conn, ArtifactCmd::Done { of }).unwrap();
         let counts = reader.artifact_counts().unwrap();
         assert_eq!(
             (counts.pending, counts.uploaded, counts.bytes_pending),
@@ -370,6 +397,16 @@ mod tests {
             (r.state.as_str(), r.acked, r.upload_url, r.sha256),
             ("pending", 0, None, None)
         );
+        // A late word about the old version changes nothing.
+        apply(&conn, ArtifactCmd::Progress { of, acked: 9 }).unwrap();
+        let fail = ArtifactCmd::Fail {
+            of,
+            state: state::FAILED,
+            error: "changed".into(),
+        };
+        apply(&conn, fail).unwrap();
+        let r = reader.artifact(id).unwrap().unwrap();
+        assert_eq!((r.state.as_str(), r.acked), ("pending", 0));
     }
 
     #[test]

@@ -112,6 +112,21 @@ impl TusClient {
         }
     }
 
+    /// Deletes an unfinished upload (tus termination), e.g. of a file
+    /// version that changed before it was complete.
+    pub async fn terminate(&self, url: &str) -> Result<(), SyncError> {
+        let resp = self
+            .request(Method::DELETE, url)
+            .send()
+            .await
+            .map_err(SyncError::Transport)?;
+        match resp.status() {
+            s if s.is_success() => Ok(()),
+            StatusCode::NOT_FOUND | StatusCode::GONE => Ok(()),
+            _ => Err(error_of(resp).await),
+        }
+    }
+
     /// Appends `chunk` at `offset`, with its SHA-256 for the hub to check.
     pub async fn append(
         &self,

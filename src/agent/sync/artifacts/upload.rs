@@ -149,7 +149,7 @@ pub async fn run(
                 row.session
             );
             let cmd = ArtifactCmd::Fail {
-                id: row.id,
+                of: row.version(),
                 state,
                 error: err.to_string(),
             };
@@ -162,13 +162,13 @@ pub async fn run(
             // number of times.
             let cmd = if row.attempts + 1 >= MAX_ATTEMPTS {
                 ArtifactCmd::Fail {
-                    id: row.id,
+                    of: row.version(),
                     state: state::FAILED,
                     error: format!("gave up after {MAX_ATTEMPTS} attempts: {err}"),
                 }
             } else {
                 ArtifactCmd::Reset {
-                    id: row.id,
+                    of: row.version(),
                     error: err.to_string(),
                 }
             };
@@ -316,7 +316,7 @@ impl Uploader {
                 store(
                     &self.writer,
                     ArtifactCmd::Fail {
-                        id: row.id,
+                        of: row.version(),
                         state: st,
                         error: why,
                     },
@@ -326,7 +326,7 @@ impl Uploader {
             }
         };
         if !self.unchanged(&file, row)? {
-            return self.changed(row).await;
+            return self.changed(row, row.upload_url.as_deref()).await;
         }
         let (url, mut offset) = match (&row.upload_url, &row.sha256) {
             (Some(url), Some(_)) => match self.tus.offset(url).await? {
@@ -337,7 +337,7 @@ impl Uploader {
                     store(
                         &self.writer,
                         ArtifactCmd::Reset {
-                            id: row.id,
+                            of: row.version(),
                             error: "the hub no longer knew the upload; started over".into(),
                         },
                     )
@@ -352,7 +352,7 @@ impl Uploader {
                     .map_err(|e| SyncError::Local(e.to_string()))?
                     .map_err(|e| SyncError::Local(format!("reading {}: {e}", row.path)))?;
                 if !self.unchanged(&file, row)? {
-                    return self.changed(row).await;
+                    return self.changed(row, row.upload_url.as_deref()).await;
                 }
                 let (url, offset) = self
                     .tus
@@ -367,7 +367,7 @@ impl Uploader {
                 store(
                     &self.writer,
                     ArtifactCmd::Started {
-                        id: row.id,
+                        of: row.version(),
                         sha256: sha,
                         url: url.clone(),
                     },
@@ -391,7 +391,7 @@ impl Uploader {
             store(
                 &self.writer,
                 ArtifactCmd::Progress {
-                    id: row.id,
+                    of: row.version(),
                     acked: offset,
                 },
             )
@@ -402,7 +402,7 @@ impl Uploader {
                 return Ok(Outcome::Skipped);
             }
             if !self.unchanged(&file, row)? {
-                return self.changed(row).await;
+                return self.changed(row, Some(&url)).await;
             }
             let n = (row.size - offset).min(self.cfg.chunk_bytes);
             let f = file.clone();
@@ -435,7 +435,7 @@ impl Uploader {
                     store(
                         &self.writer,
                         ArtifactCmd::Progress {
-                            id: row.id,
+                            of: row.version(),
                             acked: offset,
                         },
                     )
@@ -455,7 +455,7 @@ impl Uploader {
                             store(
                                 &self.writer,
                                 ArtifactCmd::Reset {
-                                    id: row.id,
+                                    of: row.version(),
                                     error: "the hub no longer knew the upload; started over".into(),
                                 },
                             )
@@ -466,7 +466,7 @@ impl Uploader {
                 }
             }
         }
-        store(&self.writer, ArtifactCmd::Done { id: row.id }).await?;
+        store(&self.writer, ArtifactCmd::Done { of: row.version() }).await?;
         self.stats
             .last_success_ns
             .store(now_ns(), Ordering::Relaxed);
@@ -485,12 +485,19 @@ impl Uploader {
     /// The file changed since the watcher saw it complete: set this version
     /// aside; the watcher reports the new one once it is complete, which
     /// makes the row pending again.
-    async fn changed(&self, row: &ArtifactRow) -> Result<Outcome, SyncError> {
+    async fn changed(&self, row: &ArtifactRow, url: Option<&str>) -> Result<Outcome, SyncError> {
         tracing::info!("artifact {} changed; waiting for the new version", row.path);
+        if let Some(url) = url {
+            // The hub bounds unfinished uploads per device: free this one.
+            // Best effort; a failure leaves only a partial file at the hub.
+            if let Err(e) = self.tus.terminate(url).await {
+                tracing::debug!("cannot terminate the upload of the old version: {e}");
+            }
+        }
         store(
             &self.writer,
             ArtifactCmd::Fail {
-                id: row.id,
+                of: row.version(),
                 state: state::FAILED,
                 error: "changed while being uploaded; the new version goes up once complete".into(),
             },
