@@ -45,10 +45,13 @@ enum TokenCommand {
 #[derive(Args)]
 #[command(group = clap::ArgGroup::new("kind").required(true).args(["operator", "device"]))]
 struct CreateArgs {
+    /// The hub's data directory (where hub.db is).
     #[arg(long)]
     data_dir: PathBuf,
+    /// Organization the token belongs to.
     #[arg(long)]
     org: String,
+    /// Project the token belongs to (device tokens ingest into it).
     #[arg(long)]
     project: String,
     /// An operator key: reads and manages everything of the organization.

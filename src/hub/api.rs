@@ -533,18 +533,16 @@ pub async fn delete_session(
         .ok_or_else(|| ApiError::not_found(format!("no session {shown}")))?;
     // The rows are gone; the files follow. A file that cannot be removed
     // is logged, not an error: nothing refers to it any more.
-    let (blobs, uploads) = (hub.blobs.clone(), hub.uploads.clone());
+    let h = hub.clone();
     tokio::task::spawn_blocking(move || {
-        let files = deleted
+        let removed = deleted
             .blobs
             .iter()
-            .map(|b| blobs.join(b))
-            .chain(deleted.uploads.iter().map(|u| uploads.join(format!("{u}.part"))));
-        for f in files {
-            if let Err(e) = std::fs::remove_file(&f) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(file = %f.display(), error = %e, "cannot remove deleted session's file");
-                }
+            .map(|b| (b, h.blobs.remove(b)))
+            .chain(deleted.uploads.iter().map(|u| (u, h.blobs.remove_part(u))));
+        for (name, result) in removed {
+            if let Err(e) = result {
+                tracing::warn!(file = %name, error = %e, "cannot remove deleted session's file");
             }
         }
     })
@@ -707,7 +705,6 @@ pub async fn download_file(
     Path((org, project, id, path)): Path<(String, String, String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    use tokio::io::{AsyncReadExt, AsyncSeekExt};
     auth::operator(&hub, &headers, None, &org).await?;
     let pk = session_pk(&hub, &org, &project, &id).await?;
     let shown = path.clone();
@@ -715,12 +712,6 @@ pub async fn download_file(
         .db(move |s| s.get_artifact(pk, &path))
         .await?
         .ok_or_else(|| ApiError::not_found(format!("session {id} has no artifact {shown:?}")))?;
-    let mut file = tokio::fs::File::open(hub.blobs.join(&art.blob))
-        .await
-        .map_err(|e| {
-            tracing::error!(blob = %art.blob, error = %e, "artifact blob missing");
-            ApiError::internal("artifact file is missing on the hub")
-        })?;
     let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
         Some(v) => parse_range(v, art.size).map_err(|()| {
             ApiError::new(
@@ -735,12 +726,15 @@ pub async fn download_file(
         Some((a, b)) => (StatusCode::PARTIAL_CONTENT, a, b - a + 1),
         None => (StatusCode::OK, 0, art.size),
     };
-    if start > 0 {
-        file.seek(std::io::SeekFrom::Start(start))
-            .await
-            .map_err(|e| ApiError::internal(format!("cannot read artifact: {e}")))?;
-    }
-    let stream = tokio_util::io::ReaderStream::with_capacity(file.take(len), 64 << 10);
+    let file = hub
+        .blobs
+        .open_range(&art.blob, start, len)
+        .await
+        .map_err(|e| {
+            tracing::error!(blob = %art.blob, error = %e, "artifact blob missing");
+            ApiError::internal("artifact file is missing on the hub")
+        })?;
+    let stream = tokio_util::io::ReaderStream::with_capacity(file, 64 << 10);
     let mut resp = Response::new(Body::from_stream(stream));
     *resp.status_mut() = status;
     let h = resp.headers_mut();

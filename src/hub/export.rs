@@ -228,7 +228,7 @@ pub async fn download_zip(
     auth::operator(&hub, &headers, None, &org).await?;
     let pk = api::session_pk(&hub, &org, &project, &id).await?;
     let artifacts = hub.db(move |s| s.list_artifacts(pk)).await?;
-    let blobs = hub.blobs.clone();
+    let h = hub.clone();
     Ok(streamed(
         "application/zip",
         &format!("session-{id}-artifacts.zip"),
@@ -236,7 +236,7 @@ pub async fn download_zip(
             let mut zip = super::zip::ZipWriter::new(w);
             let mut buf = vec![0u8; CHUNK];
             for a in &artifacts {
-                let mut f = std::fs::File::open(blobs.join(&a.blob))?;
+                let mut f = h.blobs.reader(&a.blob)?;
                 zip.start_entry(&a.path, a.size, a.created_at_ns / 1_000_000_000)?;
                 loop {
                     let n = std::io::Read::read(&mut f, &mut buf)?;

@@ -8,6 +8,7 @@
 
 mod api;
 mod auth;
+pub mod blobs;
 pub mod config;
 mod error;
 mod export;
@@ -61,8 +62,7 @@ pub(crate) struct LiveEvent {
 pub(crate) struct Hub {
     pub store: Arc<Store>,
     pub config: HubConfig,
-    pub blobs: PathBuf,
-    pub uploads: PathBuf,
+    pub blobs: blobs::Blobs,
     pub live: broadcast::Sender<Arc<LiveEvent>>,
     pub metrics: metrics::Metrics,
     pub streams: Arc<Semaphore>,
@@ -129,11 +129,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), HubError> {
     let data_dir = config.data_dir.clone();
-    let blobs = data_dir.join("blobs");
-    let uploads = data_dir.join("uploads");
-    for dir in [&blobs, &uploads] {
-        std::fs::create_dir_all(dir).map_err(data_dir_err(dir))?;
-    }
+    let blobs = blobs::Blobs::open(&data_dir).map_err(data_dir_err(&data_dir))?;
     let store = {
         let data_dir = data_dir.clone();
         tokio::task::spawn_blocking(move || open_store(&data_dir))
@@ -147,7 +143,6 @@ pub async fn serve(
         streams: Arc::new(Semaphore::new(config.max_streams)),
         config,
         blobs,
-        uploads,
         live,
         metrics: metrics::Metrics::default(),
         shutdown: cancel.clone(),

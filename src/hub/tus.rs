@@ -234,8 +234,8 @@ async fn create(hub: &Arc<Hub>, scope: DeviceScope, h: &HeaderMap) -> Result<Res
         metadata: raw_meta,
         created_at_ns: time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64,
     };
-    let part = hub.uploads.join(format!("{id}.part"));
-    tokio::fs::File::create(&part)
+    hub.blobs
+        .create_part(&id)
         .await
         .map_err(|e| ApiError::internal(format!("cannot create upload file: {e}")))?;
     let row = upload.clone();
@@ -295,7 +295,9 @@ async fn resource_inner(
             check_version(headers)?;
             let uid = upload.id.clone();
             hub.db(move |s| s.delete_upload(&uid)).await?;
-            let _ = tokio::fs::remove_file(hub.uploads.join(format!("{id}.part"))).await;
+            if let Err(e) = hub.blobs.remove_part(&id) {
+                tracing::warn!(upload = %id, error = %e, "cannot remove upload file");
+            }
             Ok(StatusCode::NO_CONTENT.into_response())
         }
         _ => Err(err(
@@ -321,9 +323,9 @@ async fn find_upload(hub: &Arc<Hub>, scope: &DeviceScope, id: &str) -> Result<Up
 }
 
 async fn current_offset(hub: &Hub, id: &str) -> Result<u64, ApiError> {
-    tokio::fs::metadata(hub.uploads.join(format!("{id}.part")))
+    hub.blobs
+        .part_len(id)
         .await
-        .map(|m| m.len())
         .map_err(|e| ApiError::internal(format!("upload file is missing: {e}")))
 }
 
@@ -423,7 +425,10 @@ async fn patch(
         hub,
         id: up.id.clone(),
     };
-    let part_path = hub.uploads.join(format!("{}.part", up.id));
+    let part_path = hub
+        .blobs
+        .part_path(&up.id)
+        .map_err(|e| ApiError::internal(e.to_string()))?;
     let offset = current_offset(hub, &up.id).await?;
     if claimed != offset {
         // A PATCH below the upload's offset re-sends acknowledged bytes:
@@ -504,9 +509,11 @@ async fn patch(
     }
     rollback.file = None;
     drop(rollback);
-    file.sync_data()
+    // The offset HEAD reports must survive a crash: sync before answering,
+    // on the blocking pool (an fsync can take a while).
+    tokio::task::spawn_blocking(move || file.sync_data())
+        .await?
         .map_err(|e| ApiError::internal(format!("cannot sync upload file: {e}")))?;
-    drop(file);
     if written == up.length {
         finish(hub, up).await?;
     }
@@ -519,20 +526,17 @@ async fn patch(
 
 /// Verifies a complete upload's SHA-256 and makes it the artifact.
 async fn finish(hub: &Arc<Hub>, up: &UploadRow) -> Result<(), ApiError> {
-    let part = hub.uploads.join(format!("{}.part", up.id));
-    let p = part.clone();
-    let actual = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
-        let mut f = std::fs::File::open(&p)?;
-        let mut h = Sha256::new();
-        std::io::copy(&mut f, &mut h)?;
-        Ok(hex::encode(h.finalize()))
-    })
-    .await?
-    .map_err(|e| ApiError::internal(format!("cannot read upload file: {e}")))?;
+    let h = hub.clone();
+    let id = up.id.clone();
+    let actual = tokio::task::spawn_blocking(move || h.blobs.part_sha256(&id))
+        .await?
+        .map_err(|e| ApiError::internal(format!("cannot read upload file: {e}")))?;
     if !up.sha256.is_empty() && actual != up.sha256 {
         let uid = up.id.clone();
         hub.db(move |s| s.delete_upload(&uid)).await?;
-        let _ = tokio::fs::remove_file(&part).await;
+        if let Err(e) = hub.blobs.remove_part(&up.id) {
+            tracing::warn!(upload = %up.id, error = %e, "cannot remove upload file");
+        }
         hub.metrics.reject("file_checksum");
         tracing::warn!(upload = %up.id, path = %up.path, "upload discarded: sha256 mismatch");
         return Err(ApiError::new(
@@ -544,8 +548,9 @@ async fn finish(hub: &Arc<Hub>, up: &UploadRow) -> Result<(), ApiError> {
             ),
         ));
     }
-    let blob = uuid::Uuid::now_v7().simple().to_string();
-    tokio::fs::rename(&part, hub.blobs.join(&blob))
+    let blob = hub
+        .blobs
+        .commit(&up.id)
         .await
         .map_err(|e| ApiError::internal(format!("cannot store artifact: {e}")))?;
     let mut done = up.clone();
@@ -553,7 +558,9 @@ async fn finish(hub: &Arc<Hub>, up: &UploadRow) -> Result<(), ApiError> {
     let b = blob.clone();
     let old = hub.db(move |s| s.complete_upload(&done, &b)).await?;
     if let Some(old) = old {
-        let _ = tokio::fs::remove_file(hub.blobs.join(old)).await;
+        if let Err(e) = hub.blobs.remove(&old) {
+            tracing::warn!(blob = %old, error = %e, "cannot remove replaced artifact");
+        }
     }
     Metrics::add(&hub.metrics.uploads_completed, 1);
     tracing::info!(upload = %up.id, path = %up.path, bytes = up.length, "artifact stored");

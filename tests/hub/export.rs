@@ -74,6 +74,10 @@ async fn million_log_export_streams_in_bounded_memory() {
     assert_eq!(lines, RECORDS + 1, "header and one line per record");
     assert!(head.starts_with("seq,timestamp,level"), "{head}");
     let after = hub.peak_rss_kib();
+    eprintln!(
+        "export of {} MiB: hub peak RSS {before} KiB before, {after} KiB after",
+        (json_bytes + csv_bytes) >> 20
+    );
     assert!(json_bytes > 200 << 20 && csv_bytes > 100 << 20);
     assert!(
         after.saturating_sub(before) < MAX_GROWTH_KIB,
