@@ -17,8 +17,9 @@ pub struct Metrics {
     pub uploads_created: AtomicU64,
     pub uploads_completed: AtomicU64,
     pub upload_bytes: AtomicU64,
-    /// Bytes of PATCHes that succeeded (kept): with no acked range ever
-    /// re-sent, this equals the sum of completed upload lengths.
+    /// Bytes of PATCHes kept (checksum verified, not rolled back): with no
+    /// acknowledged range ever re-sent, this equals the sum of completed
+    /// upload lengths.
     pub upload_acked_bytes: AtomicU64,
     pub active_streams: AtomicU64,
     rejects: Mutex<BTreeMap<&'static str, u64>>,
@@ -91,7 +92,7 @@ impl Metrics {
         );
         counter(
             "logbook_hub_upload_acked_bytes_total",
-            "Artifact bytes of PATCHes that succeeded and were kept.",
+            "Artifact bytes of PATCHes kept (verified, not rolled back).",
             "counter",
             self.upload_acked_bytes.load(Relaxed),
         );

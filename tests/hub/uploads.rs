@@ -422,4 +422,24 @@ async fn repeated_creation_resumes_the_same_upload() {
             .0,
         204
     );
+    // The answer to that last PATCH could have been lost: creating the
+    // same file again is complete at once, with nothing to send.
+    let meta = format!(
+        "session_id {},path {},sha256 {}",
+        b64(s.to_string().as_bytes()),
+        b64(b"bags/a.bin"),
+        b64(hex::encode(Sha256::digest(&data)).as_bytes())
+    );
+    let r = hub
+        .http
+        .post(tus.url())
+        .bearer_auth(&hub.device)
+        .header("tus-resumable", "1.0.0")
+        .header("upload-length", "1000")
+        .header("upload-metadata", meta)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(r.headers()["upload-offset"], "1000");
 }

@@ -132,6 +132,13 @@ impl Rig {
     /// No PATCH ever re-sent acknowledged bytes, and the bytes the hub
     /// kept are exactly the files' bytes.
     fn assert_no_resent_bytes(&self, total: u64) {
+        // The watcher's own opens and reads must not feed it events (a
+        // loop that overflows its queue and rescans without end).
+        let log = self.agent.log_text();
+        assert!(
+            !log.contains("events were lost"),
+            "the artifact watcher overflowed:\n{log}"
+        );
         assert_eq!(
             self.hub_metric("logbook_hub_rejects_total{reason=\"upload_stale_offset\"}"),
             0,

@@ -39,6 +39,8 @@ const MAX_LOG_WAIT: Duration = Duration::from_secs(60);
 /// Times a file is started over (checksum mismatch, upload lost) before it
 /// is marked failed.
 const MAX_ATTEMPTS: u64 = 5;
+/// Smallest PATCH the uploader halves down to.
+const MIN_CHUNK: u64 = 64 << 10;
 /// Period of the TCP probe while backing off from an unreachable hub.
 const PROBE_EVERY: Duration = Duration::from_secs(2);
 /// Idle poll, in case a wake-up was missed.
@@ -51,6 +53,9 @@ struct Uploader {
     stats: Arc<ArtifactStats>,
     tus: TusClient,
     throttle: Throttle,
+    /// Bytes per PATCH: `artifacts.chunk_bytes`, halved on each 413 (a
+    /// proxy in front of the hub with a smaller body limit).
+    chunk: u64,
     shutdown: CancellationToken,
 }
 
@@ -96,6 +101,7 @@ pub async fn run(
     let probe = probe_addr(&cfg.hub);
     let mut up = Uploader {
         throttle: Throttle::new(cfg.max_bytes_per_sec),
+        chunk: cfg.chunk_bytes,
         cfg: cfg.clone(),
         reader,
         writer,
@@ -404,7 +410,7 @@ impl Uploader {
             if !self.unchanged(&file, row)? {
                 return self.changed(row, Some(&url)).await;
             }
-            let n = (row.size - offset).min(self.cfg.chunk_bytes);
+            let n = (row.size - offset).min(self.chunk);
             let f = file.clone();
             let chunk = tokio::task::spawn_blocking(move || {
                 let mut buf = vec![0u8; n as usize];
@@ -414,11 +420,37 @@ impl Uploader {
             .map_err(|e| SyncError::Local(e.to_string()))?
             .map_err(|e| SyncError::Local(format!("reading {}: {e}", row.path)))?;
             self.throttle.take(n).await;
-            match self
+            let appended = match self
                 .tus
                 .append(&url, offset, bytes::Bytes::from(chunk))
-                .await?
+                .await
             {
+                Err(SyncError::Status { status, .. })
+                    if status.as_u16() == 413 && self.chunk > MIN_CHUNK =>
+                {
+                    self.chunk = (self.chunk / 2).max(MIN_CHUNK);
+                    tracing::info!(
+                        "the hub found a chunk too large; sending {} bytes per PATCH",
+                        self.chunk
+                    );
+                    // Where the hub stands after the refused PATCH.
+                    Appended::OffsetMismatch
+                }
+                Err(SyncError::Status { status, .. }) if matches!(status.as_u16(), 404 | 410) => {
+                    // The upload expired or was deleted mid-way: start over.
+                    store(
+                        &self.writer,
+                        ArtifactCmd::Reset {
+                            of: row.version(),
+                            error: "the hub no longer knew the upload; started over".into(),
+                        },
+                    )
+                    .await?;
+                    return Ok(Outcome::Skipped);
+                }
+                other => other?,
+            };
+            match appended {
                 Appended::Offset(o) => {
                     if o <= offset || o > row.size {
                         return Err(SyncError::BadResponse(format!(

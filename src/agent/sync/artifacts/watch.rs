@@ -82,11 +82,17 @@ pub async fn run(
     let handler = move |res: notify::Result<notify::Event>| {
         let ev = match res {
             Ok(ev) if !ev.need_rescan() => ev,
-            _ => {
+            other => {
+                tracing::debug!("artifact watch: {other:?}; a rescan follows");
                 flag.store(true, Ordering::Relaxed);
                 return;
             }
         };
+        // Opens (our own scans and uploads open files and directories) say
+        // nothing about content; reacting to them would feed a loop.
+        if matches!(ev.kind, EventKind::Access(a) if a != AccessKind::Close(AccessMode::Write)) {
+            return;
+        }
         let hinted = matches!(
             ev.kind,
             EventKind::Access(AccessKind::Close(AccessMode::Write))
