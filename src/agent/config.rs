@@ -127,6 +127,12 @@ pub const KEYS: &[Key] = &[
     ),
     key(
         "artifacts",
+        "event_queue",
+        Kind::U64,
+        "file events queued for the watcher; beyond it a rescan replaces them",
+    ),
+    key(
+        "artifacts",
         "retry_max_secs",
         Kind::Secs,
         "longest wait between artifact upload retries",
@@ -242,6 +248,7 @@ pub struct RawArtifacts {
     pub settle_secs: f64,
     pub rescan_secs: f64,
     pub chunk_bytes: u64,
+    pub event_queue: u64,
     pub retry_max_secs: f64,
 }
 
@@ -251,6 +258,7 @@ impl Default for RawArtifacts {
             settle_secs: 5.0,
             rescan_secs: 30.0,
             chunk_bytes: 4 << 20,
+            event_queue: 4096,
             retry_max_secs: 300.0,
         }
     }
@@ -432,6 +440,12 @@ fn check_artifacts(a: &RawArtifacts) -> Result<(), (&'static str, String)> {
         return Err((
             "artifacts.chunk_bytes",
             format!("must be between 4KiB and 64MiB, found {}", a.chunk_bytes),
+        ));
+    }
+    if !(16..=1 << 20).contains(&a.event_queue) {
+        return Err((
+            "artifacts.event_queue",
+            format!("must be between 16 and 1048576, found {}", a.event_queue),
         ));
     }
     for (key, v) in [

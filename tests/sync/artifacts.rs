@@ -503,3 +503,36 @@ fn a_file_rewritten_mid_upload_ends_up_as_its_new_version() {
         (rig.local_state(&id, "trace.bin").as_deref() == Some("uploaded")).then_some(())
     });
 }
+
+#[test]
+fn a_burst_of_files_is_found_completely_even_if_events_are_lost() {
+    // Hub unreachable: this is about finding files, not sending them.
+    let rig = Rig::start(
+        "art_burst",
+        Fault::Down,
+        // A tiny queue, so the burst surely overflows it.
+        &[("LOGBOOK_ARTIFACTS_EVENT_QUEUE", "16")],
+    );
+    let (id, dir) = rig.open_session();
+    // Thousands of events at once: the watcher's queue overflows; the
+    // rescan that follows must find every file.
+    let n = 3000;
+    for i in 0..n {
+        let sub = dir.join(format!("frames/{:02}", i % 30));
+        if i < 30 {
+            std::fs::create_dir_all(&sub).unwrap();
+        }
+        std::fs::write(sub.join(format!("{i:05}.jpg")), i.to_string()).unwrap();
+    }
+    wait_for("every file recorded", Duration::from_secs(120), || {
+        (rig.agent.status()["artifacts"]["pending"] == n).then_some(())
+    });
+    let listed = rig.local(&id);
+    assert_eq!(listed.len(), n as usize);
+    assert!(listed.iter().all(|a| a["state"] == "pending"));
+    let log = rig.agent.log_text();
+    assert!(
+        log.contains("events were lost"),
+        "no overflow happened:\n{log}"
+    );
+}

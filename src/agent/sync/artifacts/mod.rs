@@ -42,6 +42,8 @@ pub struct ArtifactsConfig {
     pub rescan: Duration,
     /// Bytes per PATCH (`artifacts.chunk_bytes`).
     pub chunk_bytes: u64,
+    /// File events queued for the watcher (`artifacts.event_queue`).
+    pub event_queue: usize,
     /// Longest retry wait (`artifacts.retry_max_secs`).
     pub retry_max: Duration,
     /// `sync.max_bytes_per_sec`; `None` for no cap.
@@ -64,6 +66,7 @@ impl ArtifactsConfig {
             settle: Duration::from_secs_f64(a.settle_secs),
             rescan: Duration::from_secs_f64(a.rescan_secs),
             chunk_bytes: a.chunk_bytes,
+            event_queue: a.event_queue as usize,
             retry_max: Duration::from_secs_f64(a.retry_max_secs),
             max_bytes_per_sec: Some(cfg.raw.sync.max_bytes_per_sec).filter(|r| *r > 0),
         })

@@ -30,9 +30,6 @@ use crate::agent::store::now_ns;
 use crate::agent::store::read::Reader;
 use crate::agent::store::writer::Msg;
 
-/// Paths queued between the notify thread and this task; beyond this the
-/// queue counts as overflowed and a rescan replaces the lost events.
-const EVENT_QUEUE: usize = 4096;
 /// Sessions that ended this recently stay watched (late copies, e.g. a
 /// recorder flushing after the session closed).
 const RECENT: Duration = Duration::from_secs(24 * 3600);
@@ -74,7 +71,11 @@ pub async fn run(
     wake: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
-    let (ev_tx, mut ev_rx) = mpsc::channel::<(PathBuf, bool)>(EVENT_QUEUE);
+    // Paths queued between the notify thread and this task; beyond the
+    // bound the queue counts as overflowed and a rescan replaces the lost
+    // events.
+    let queue = cfg.event_queue.max(1);
+    let (ev_tx, mut ev_rx) = mpsc::channel::<(PathBuf, bool)>(queue);
     let overflow = Arc::new(AtomicBool::new(false));
     let flag = overflow.clone();
     // The callback runs on notify's own thread: it must never block, so a
@@ -138,7 +139,7 @@ pub async fn run(
                 let Some((path, hinted)) = ev else { return };
                 w.on_path(&path, hinted, false).await;
                 // Take what else is queued without waiting.
-                for _ in 0..EVENT_QUEUE {
+                for _ in 0..queue {
                     match ev_rx.try_recv() {
                         Ok((p, h)) => w.on_path(&p, h, false).await,
                         Err(_) => break,
