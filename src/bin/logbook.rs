@@ -358,9 +358,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await?;
             let items: Vec<ArtifactItem> =
                 serde_json::from_value(listed["items"].clone()).unwrap_or_default();
+            // Without a hub nothing is uploaded: say so instead of `new`.
+            let status: serde_json::Value = api.json(Method::GET, "/v1/status", None).await?;
+            let unlisted = if status["artifacts"]["enabled"] == true {
+                "new"
+            } else {
+                "local"
+            };
             let mut rows: std::collections::BTreeMap<String, (u64, String)> = files
                 .into_iter()
-                .map(|(rel, len)| (rel, (len, "new".to_string())))
+                .map(|(rel, len)| (rel, (len, unlisted.to_string())))
                 .collect();
             for a in items {
                 let state = match (a.state.as_str(), &a.error) {
