@@ -516,6 +516,11 @@ fn a_burst_of_files_is_found_completely_even_if_events_are_lost() {
     let (id, dir) = rig.open_session();
     // Thousands of events at once: the watcher's queue overflows; the
     // rescan that follows must find every file.
+    // Once a first file is recorded, the directory is watched.
+    std::fs::write(dir.join("first.txt"), b"1").unwrap();
+    wait_for("the first file", Duration::from_secs(20), || {
+        rig.local_state(&id, "first.txt")
+    });
     let n = 3000;
     for i in 0..n {
         let sub = dir.join(format!("frames/{:02}", i % 30));
@@ -525,10 +530,10 @@ fn a_burst_of_files_is_found_completely_even_if_events_are_lost() {
         std::fs::write(sub.join(format!("{i:05}.jpg")), i.to_string()).unwrap();
     }
     wait_for("every file recorded", Duration::from_secs(120), || {
-        (rig.agent.status()["artifacts"]["pending"] == n).then_some(())
+        (rig.agent.status()["artifacts"]["pending"] == n + 1).then_some(())
     });
     let listed = rig.local(&id);
-    assert_eq!(listed.len(), n as usize);
+    assert_eq!(listed.len(), n as usize + 1);
     assert!(listed.iter().all(|a| a["state"] == "pending"));
     let log = rig.agent.log_text();
     assert!(
