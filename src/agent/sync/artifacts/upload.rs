@@ -146,8 +146,7 @@ pub async fn run(
             Ok(Outcome::Skipped) => continue,
             Err(e) => e,
         };
-        let msg = format!("{}: {err}", row.path);
-        stats.set_error(Some(msg.clone()));
+        stats.set_error(Some(format!("{}: {err}", row.path)));
         if let Some(state) = give_up_state(&err) {
             tracing::warn!(
                 "artifact {} of session {} set aside: {err}",
