@@ -1,15 +1,24 @@
 //! Benchmark of the agent's ingest path: N clients stream realistic robot
-//! log lines into a running `logbookd` until `/v1/flush` says they are
+//! log records into a running `logbookd` until `/v1/flush` says they are
 //! committed; the same records then go through a bare rusqlite insert loop
 //! into the same schema, the ceiling of this design.
+//!
+//! `--protocol` picks how the clients send (the same record content each
+//! time): `json` (JSON lines on `ingest.sock`, the default), `syslog` (RFC
+//! 5424 datagrams on `syslog.sock`, fields as structured data), `forward`
+//! (Fluent Forward Message mode on `forward.sock`, one record per message
+//! as fluent-logger sends), `packed` (PackedForward, 512 records per
+//! message as Fluent Bit sends), or `all`: each on a fresh agent in the
+//! same run, with its ratio to JSON lines.
 //!
 //! ```text
 //! cargo build --release --bins --example agent_bench
 //! target/release/examples/agent_bench --clients 4 --records 1000000
+//! target/release/examples/agent_bench --protocol all --records 400000
 //! ```
 
 use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -104,26 +113,109 @@ fn proc_stats(pid: u32) -> (f64, u64, u64) {
     (ticks / 100.0, kib("VmRSS:"), kib("VmHWM:"))
 }
 
-fn main() {
-    let clients: usize = arg("--clients", "4").parse().unwrap();
-    let records: usize = arg("--records", "1000000").parse().unwrap();
-    let exe_dir = std::env::current_exe()
+/// Records per PackedForward message.
+const PACKED: usize = 512;
+
+/// One unit a client sends (a line, a datagram, a Forward message) and how
+/// many records it holds.
+struct Unit {
+    bytes: Vec<u8>,
+    records: usize,
+}
+
+/// `line(client, i)` re-encoded for `protocol`, in units.
+fn units(protocol: &str, client: usize) -> Vec<Unit> {
+    let values: Vec<serde_json::Value> = (0..4096)
+        .map(|i| serde_json::from_str(&line(client, i)).unwrap())
+        .collect();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .to_owned();
-    let logbookd = PathBuf::from(arg(
-        "--logbookd",
-        &exe_dir.join("logbookd").display().to_string(),
-    ));
+        .as_secs();
+    match protocol {
+        "json" => (0..4096)
+            .map(|i| Unit {
+                bytes: format!("{}\n", line(client, i)).into_bytes(),
+                records: 1,
+            })
+            .collect(),
+        "syslog" => values
+            .iter()
+            .map(|v| {
+                let sev = match v["level"].as_str().unwrap() {
+                    "error" => 3,
+                    "warn" => 4,
+                    "info" => 6,
+                    _ => 7,
+                };
+                let f = &v["fields"];
+                Unit {
+                    bytes: format!(
+                        "<{}>1 2026-11-26T01:02:03.123456Z robot1 {} 4242 - [f client=\"{}\" seq=\"{}\" temp_c=\"{}\"] {}",
+                        16 * 8 + sev,
+                        v["target"].as_str().unwrap(),
+                        f["client"],
+                        f["seq"],
+                        f["temp_c"],
+                        v["msg"].as_str().unwrap()
+                    )
+                    .into_bytes(),
+                    records: 1,
+                }
+            })
+            .collect(),
+        "forward" => values
+            .iter()
+            .map(|v| Unit {
+                bytes: rmp_serde::to_vec(&("robot", now, v)).unwrap(),
+                records: 1,
+            })
+            .collect(),
+        "packed" => values
+            .chunks(PACKED)
+            .map(|chunk| {
+                let mut entries = Vec::new();
+                for v in chunk {
+                    entries.extend(rmp_serde::to_vec(&(now, v)).unwrap());
+                }
+                let mut bytes = Vec::new();
+                rmp::encode::write_array_len(&mut bytes, 2).unwrap();
+                rmp::encode::write_str(&mut bytes, "robot").unwrap();
+                rmp::encode::write_bin(&mut bytes, &entries).unwrap();
+                Unit {
+                    bytes,
+                    records: chunk.len(),
+                }
+            })
+            .collect(),
+        other => panic!("unknown --protocol {other} (json, syslog, forward, packed, all)"),
+    }
+}
+
+/// What one run of the agent measured.
+struct Run {
+    protocol: String,
+    total: usize,
+    stored: usize,
+    refused: u64,
+    rate: f64,
+    elapsed: f64,
+    cpu: f64,
+    threads: Vec<(String, f64)>,
+    idle_rss: u64,
+    peak_rss: u64,
+    avg_len: f64,
+}
+
+/// Starts a fresh agent, sends `records` records over `clients`
+/// connections in `protocol`, waits for the flush.
+fn run_agent(logbookd: &Path, protocol: &str, clients: usize, records: usize) -> Run {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let run = dir.path().join("run");
     let api = run.join("api.sock");
 
-    let mut child = Command::new(&logbookd)
+    let mut child = Command::new(logbookd)
         .arg("--state-dir")
         .arg(&state)
         .arg("--runtime-dir")
@@ -147,43 +239,45 @@ fn main() {
     std::thread::sleep(Duration::from_millis(500));
     let (cpu0, idle_rss, _) = proc_stats(pid);
 
-    // Each client writes a precomputed ring of distinct lines, so the
-    // clients' own formatting does not compete for the two cores.
-    let per_client = records / clients;
-    let payloads: Vec<Vec<u8>> = (0..clients)
-        .map(|c| {
-            let mut buf = Vec::new();
-            for i in 0..4096 {
-                buf.extend_from_slice(line(c, i).as_bytes());
-                buf.push(b'\n');
-            }
-            buf
-        })
-        .collect();
-    let avg_len = payloads[0].len() as f64 / 4096.0;
-    let ingest = run.join("ingest.sock");
+    // Each client sends a precomputed ring of distinct records, so the
+    // clients' own formatting does not compete for the cores.
+    let rings: Vec<Vec<Unit>> = (0..clients).map(|c| units(protocol, c)).collect();
+    let per_unit = rings[0][0].records;
+    let per_client = records / clients / per_unit * per_unit;
+    let avg_len = rings[0].iter().map(|u| u.bytes.len()).sum::<usize>() as f64
+        / rings[0].iter().map(|u| u.records).sum::<usize>() as f64;
     let t0 = Instant::now();
     std::thread::scope(|s| {
-        for payload in &payloads {
-            let ingest = &ingest;
+        for ring in &rings {
+            let run = &run;
             s.spawn(move || {
-                let mut sock = UnixStream::connect(ingest).unwrap();
                 let mut left = per_client;
-                while left > 0 {
-                    let n = left.min(4096);
-                    if n == 4096 {
-                        sock.write_all(payload).unwrap();
-                    } else {
-                        let end = payload
-                            .iter()
-                            .enumerate()
-                            .filter(|(_, b)| **b == b'\n')
-                            .nth(n - 1)
-                            .map(|(i, _)| i + 1)
-                            .unwrap();
-                        sock.write_all(&payload[..end]).unwrap();
+                let mut units = ring.iter().cycle();
+                if protocol == "syslog" {
+                    let sock = UnixDatagram::unbound().unwrap();
+                    sock.connect(run.join("syslog.sock")).unwrap();
+                    while left > 0 {
+                        let u = units.next().unwrap();
+                        sock.send(&u.bytes).unwrap();
+                        left -= u.records;
                     }
-                    left -= n;
+                    return;
+                }
+                let path = if protocol == "json" {
+                    run.join("ingest.sock")
+                } else {
+                    run.join("forward.sock")
+                };
+                let mut sock = UnixStream::connect(path).unwrap();
+                let mut buf = Vec::with_capacity(128 << 10);
+                while left > 0 {
+                    let u = units.next().unwrap();
+                    buf.extend_from_slice(&u.bytes);
+                    left -= u.records;
+                    if buf.len() >= 64 << 10 || left == 0 {
+                        sock.write_all(&buf).unwrap();
+                        buf.clear();
+                    }
                 }
             });
         }
@@ -194,15 +288,63 @@ fn main() {
     let (cpu1, _, peak_rss) = proc_stats(pid);
     let threads = thread_cpu(pid);
     let status = http(&api, "GET", "/v1/status");
+    let body = &status[status.find("\r\n\r\n").unwrap() + 4..];
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| {
+        // A chunked answer: the JSON sits between the size lines.
+        let start = body.find('{').unwrap();
+        let end = body.rfind('}').unwrap();
+        serde_json::from_str(&body[start..=end]).unwrap_or_else(|_| panic!("{e}: {body}"))
+    });
+    let stored = v["records"]["stored"].as_u64().unwrap() as usize;
+    let refused = v["ingest"]["refused"].as_u64().unwrap();
     let total = per_client * clients;
-    assert!(
-        status.contains(&format!("\"stored\":{total}")),
-        "not every record was stored: {status}"
-    );
+    if protocol != "syslog" {
+        // Stream senders are slowed, never dropped.
+        assert_eq!(stored, total, "not every record was stored: {v}");
+    }
     let _ = child.kill();
     let _ = child.wait();
-    let agent_rate = total as f64 / elapsed;
+    Run {
+        protocol: protocol.to_owned(),
+        total,
+        stored,
+        refused,
+        rate: stored as f64 / elapsed,
+        elapsed,
+        cpu: cpu1 - cpu0,
+        threads,
+        idle_rss,
+        peak_rss,
+        avg_len,
+    }
+}
 
+fn main() {
+    let clients: usize = arg("--clients", "4").parse().unwrap();
+    let records: usize = arg("--records", "1000000").parse().unwrap();
+    let protocol = arg("--protocol", "json");
+    let exe_dir = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_owned();
+    let logbookd = PathBuf::from(arg(
+        "--logbookd",
+        &exe_dir.join("logbookd").display().to_string(),
+    ));
+    let protocols: Vec<&str> = if protocol == "all" {
+        vec!["json", "syslog", "forward", "packed"]
+    } else {
+        vec![protocol.as_str()]
+    };
+    let runs: Vec<Run> = protocols
+        .iter()
+        .map(|p| run_agent(&logbookd, p, clients, records))
+        .collect();
+    let total = runs[0].total;
+    let dir = tempfile::tempdir().unwrap();
     // The ceiling: the same rows straight into the same schema.
     let bare_path = dir.path().join("bare.db");
     let mut conn = schema::open_writer(&bare_path, false).unwrap();
@@ -241,23 +383,41 @@ fn main() {
     }
     let bare_rate = total as f64 / t0.elapsed().as_secs_f64();
 
-    let cpu = cpu1 - cpu0;
-    println!("records            {total} from {clients} clients, avg {avg_len:.0} bytes/line");
-    println!("agent              {agent_rate:.0} records/s committed ({elapsed:.2} s)");
+    for r in &runs {
+        println!("--- {} ({} clients)", r.protocol, clients);
+        println!(
+            "records            {} sent, {} stored, {} refused, avg {:.0} bytes/record",
+            r.total, r.stored, r.refused, r.avg_len
+        );
+        println!(
+            "agent              {:.0} records/s committed ({:.2} s)",
+            r.rate, r.elapsed
+        );
+        println!("agent / bare       {:.2}", r.rate / bare_rate);
+        println!(
+            "agent CPU          {:.2} s per million records",
+            r.cpu / r.stored.max(1) as f64 * 1e6
+        );
+        let threads: Vec<String> = r
+            .threads
+            .iter()
+            .map(|(n, s)| format!("{n} {s:.2}s"))
+            .collect();
+        println!("agent threads      {}", threads.join(", "));
+        println!(
+            "agent RSS          idle {:.1} MiB, peak {:.1} MiB",
+            r.idle_rss as f64 / 1024.0,
+            r.peak_rss as f64 / 1024.0
+        );
+    }
     println!("bare rusqlite      {bare_rate:.0} records/s");
-    println!("agent / bare       {:.2}", agent_rate / bare_rate);
-    println!(
-        "agent CPU          {:.2} s per million records",
-        cpu / total as f64 * 1e6
-    );
-    let threads: Vec<String> = threads
-        .iter()
-        .map(|(n, s)| format!("{n} {s:.2}s"))
-        .collect();
-    println!("agent threads      {}", threads.join(", "));
-    println!(
-        "agent RSS          idle {:.1} MiB, peak {:.1} MiB",
-        idle_rss as f64 / 1024.0,
-        peak_rss as f64 / 1024.0
-    );
+    if let Some(json) = runs.iter().find(|r| r.protocol == "json") {
+        for r in runs.iter().filter(|r| r.protocol != "json") {
+            println!(
+                "{:<18} {:.2} of JSON lines' records/s",
+                format!("{} / json", r.protocol),
+                r.rate / json.rate
+            );
+        }
+    }
 }

@@ -3,5 +3,6 @@
 
 mod agent;
 mod hub;
+mod ingest;
 mod sync;
 mod util;

@@ -448,6 +448,12 @@ async fn gather(st: Arc<ApiState>) -> Result<Status, ApiError> {
                 .iter()
                 .enumerate()
                 .map(|(i, b)| (b.reason().to_owned(), Stats::get(&s.bad[i])))
+                .chain(
+                    crate::agent::ingest::FORMAT_BAD_REASONS
+                        .iter()
+                        .zip(&s.bad_formats)
+                        .map(|(r, n)| (r.to_string(), Stats::get(n))),
+                )
                 .collect(),
             connections_total: Stats::get(&s.connections),
             connections_open: s.connections_open.load(Ordering::Relaxed),

@@ -301,6 +301,12 @@ impl AgentConfig {
     pub fn api_socket(&self) -> PathBuf {
         self.runtime_dir.join("api.sock")
     }
+    pub fn syslog_socket(&self) -> PathBuf {
+        self.runtime_dir.join("syslog.sock")
+    }
+    pub fn forward_socket(&self) -> PathBuf {
+        self.runtime_dir.join("forward.sock")
+    }
     pub fn sessions_dir(&self) -> PathBuf {
         self.state_dir.join("sessions")
     }

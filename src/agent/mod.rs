@@ -61,7 +61,8 @@ pub fn boot_id(path: &Path) -> String {
 }
 
 /// Runs the agent until `shutdown` fires. `passed` are listening sockets
-/// from systemd socket activation, by name (`ingest`, `api`).
+/// from systemd socket activation, by name (`ingest`, `api`, `syslog`,
+/// `forward`).
 pub async fn run(
     cfg: AgentConfig,
     mut passed: HashMap<String, std::os::unix::net::UnixListener>,
@@ -113,10 +114,32 @@ pub async fn run(
         &mut created,
     )?;
     let api_listener = listener(&mut passed, "api", &cfg.api_socket(), gid, &mut created)?;
+    let syslog_socket = datagram(&mut passed, &cfg.syslog_socket(), gid, &mut created)?;
+    let forward_listener = listener(
+        &mut passed,
+        "forward",
+        &cfg.forward_socket(),
+        gid,
+        &mut created,
+    )?;
 
     let tracker = TaskTracker::new();
     tracker.spawn(ingest::serve_json(
         ingest_listener,
+        pipeline.clone(),
+        cfg.max_record_bytes,
+        cfg.max_connections,
+        shutdown.clone(),
+        tracker.clone(),
+    ));
+    tracker.spawn(ingest::syslog::serve(
+        syslog_socket,
+        pipeline.clone(),
+        cfg.max_record_bytes,
+        shutdown.clone(),
+    ));
+    tracker.spawn(ingest::forward::serve(
+        forward_listener,
         pipeline.clone(),
         cfg.max_record_bytes,
         cfg.max_connections,
@@ -148,9 +171,11 @@ pub async fn run(
         stats.records_stored.load(Ordering::Relaxed)
     ));
     tracing::info!(
-        "logbookd {} ready: ingest {}, api {}, database {}",
+        "logbookd {} ready: ingest {}, syslog {}, forward {}, api {}, database {}",
         env!("CARGO_PKG_VERSION"),
         cfg.ingest_socket().display(),
+        cfg.syslog_socket().display(),
+        cfg.forward_socket().display(),
         cfg.api_socket().display(),
         cfg.db_path().display()
     );
@@ -271,13 +296,53 @@ fn listener(
         tracing::info!("using the {name} socket passed by systemd");
         return UnixListener::from_std(l).map_err(io(format!("adopting the {name} socket")));
     }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io(format!("removing stale socket {}", path.display()))(e)),
-    }
+    remove_stale(path)?;
     let l = UnixListener::bind(path).map_err(io(format!("binding {}", path.display())))?;
     created.push(path.to_owned());
+    secure(path, gid)?;
+    Ok(l)
+}
+
+/// The syslog datagram socket: passed by systemd as `syslog`, or bound
+/// fresh at `path` like [`listener`] does.
+fn datagram(
+    passed: &mut HashMap<String, std::os::unix::net::UnixListener>,
+    path: &Path,
+    gid: Option<u32>,
+    created: &mut Vec<PathBuf>,
+) -> Result<tokio::net::UnixDatagram, AgentError> {
+    let adopt = io("adopting the syslog socket");
+    if let Some(l) = passed.remove("syslog") {
+        tracing::info!("using the syslog socket passed by systemd");
+        let fd = std::os::fd::OwnedFd::from(l);
+        let d = ingest::syslog::datagram_from_passed(fd).ok_or_else(|| {
+            adopt(std::io::Error::other(
+                "it is not a datagram socket (use ListenDatagram=)",
+            ))
+        })?;
+        d.set_nonblocking(true)
+            .map_err(io("adopting the syslog socket"))?;
+        return tokio::net::UnixDatagram::from_std(d).map_err(io("adopting the syslog socket"));
+    }
+    remove_stale(path)?;
+    let d =
+        tokio::net::UnixDatagram::bind(path).map_err(io(format!("binding {}", path.display())))?;
+    created.push(path.to_owned());
+    secure(path, gid)?;
+    Ok(d)
+}
+
+/// A socket file left by an earlier run is replaced.
+fn remove_stale(path: &Path) -> Result<(), AgentError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io(format!("removing stale socket {}", path.display()))(e)),
+    }
+}
+
+/// Mode 0660, and the socket group when one is configured.
+fn secure(path: &Path, gid: Option<u32>) -> Result<(), AgentError> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
         .map_err(io(format!("setting the mode of {}", path.display())))?;
@@ -285,7 +350,7 @@ fn listener(
         rustix::fs::chown(path, None, Some(rustix::fs::Gid::from_raw(gid)))
             .map_err(|e| io(format!("giving {} to group {gid}", path.display()))(e.into()))?;
     }
-    Ok(l)
+    Ok(())
 }
 
 /// A group name (or number) to its gid, from `/etc/group`.

@@ -9,9 +9,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
-use http_body_util::{BodyExt, Full};
-use hyper::{Method, Request, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper::{Method, StatusCode};
 use logbook::agent::types::{
     ArtifactItem, Flushed, LogItem, OpenSession, Page, SessionView, StopSession,
 };
@@ -159,40 +157,28 @@ impl Api {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> anyhow::Result<(StatusCode, Bytes)> {
-        let stream = tokio::net::UnixStream::connect(&self.socket).await.map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => anyhow!(
+        // The library's client (logbook::client::Api): one HTTP client for
+        // api.sock, shared with Rust programs; blocking, so off the runtime.
+        let client = logbook::client::Api::new().socket(&self.socket);
+        let path = path.to_owned();
+        let (status, bytes) = tokio::task::spawn_blocking(move || {
+            client.call(method.as_str(), &path, body.as_deref())
+        })
+        .await
+        .context("talking to logbookd")?
+        .map_err(|e| match e {
+            logbook::client::ApiError::NotRunning(p) => anyhow!(
                 "is logbookd running? no socket at {} (start it, or point --runtime-dir / --api-socket at it)",
-                self.socket.display()
+                p.display()
             ),
-            std::io::ErrorKind::PermissionDenied => anyhow!(
+            logbook::client::ApiError::PermissionDenied(p) => anyhow!(
                 "permission denied on {}: join the group that owns it (api.socket_group) or use sudo",
-                self.socket.display()
+                p.display()
             ),
-            _ => anyhow::Error::new(e).context(format!("connecting to {}", self.socket.display())),
+            e => anyhow::Error::new(e),
         })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .context("talking to logbookd")?;
-        tokio::spawn(conn);
-        let mut req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(hyper::header::HOST, "logbookd");
-        if body.is_some() {
-            req = req.header(hyper::header::CONTENT_TYPE, "application/json");
-        }
-        let req = req.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .context("talking to logbookd")?;
-        let status = resp.status();
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .context("reading logbookd's answer")?
-            .to_bytes();
+        let status = StatusCode::from_u16(status).context("logbookd answered a bad status")?;
+        let bytes = Bytes::from(bytes);
         Ok((status, bytes))
     }
 

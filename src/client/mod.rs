@@ -1,5 +1,6 @@
 //! Client library for programs on the robot: a `tracing` layer that logs to
-//! `logbookd` without ever blocking, and session control.
+//! `logbookd` without ever blocking, and session control over the local API
+//! ([`Api`]).
 //!
 //! ```no_run
 //! use tracing_subscriber::prelude::*;
@@ -10,6 +11,13 @@
 //! tracing::info!(obstacles = 5, "perception up");
 //! // Before exiting, give queued events a moment to reach the agent.
 //! logbook.flush(std::time::Duration::from_secs(2));
+//!
+//! // Session control (blocking; each call is one request to `api.sock`).
+//! use logbook::client::{Api, NewSession};
+//! let mut session = Api::new().open(&NewSession::new().tag("field-test").meta("site", "hall-b"))?;
+//! session.tag("docked")?;
+//! session.close()?; // or session.fail("lost localization")?
+//! # Ok::<(), logbook::client::ApiError>(())
 //! ```
 //!
 //! Invariant: nothing here runs on the caller's thread except formatting one
@@ -17,9 +25,11 @@
 //! std thread (no async runtime needed in the host program), and every
 //! event is either written or counted as dropped.
 
+mod api;
 mod layer;
 mod sender;
 
+pub use api::{Api, ApiError, NewSession, Session, API_SOCKET_ENV, DEFAULT_API_SOCKET, MAX_BODY};
 pub use layer::{Builder, Handle, LogbookLayer};
 
 /// Where `logbookd` listens for JSON lines unless told otherwise.

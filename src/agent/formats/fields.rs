@@ -1,7 +1,8 @@
 //! The field names common loggers already emit (message, level, time,
-//! module, metadata aliases), mapped onto an [`Incoming`] record. Shared by
-//! every structured format so a record means the same whichever socket it
-//! came through.
+//! module, metadata aliases), mapped onto an [`Incoming`] record. The one
+//! mapping of every structured format (JSON lines on `ingest.sock`, Fluent
+//! Forward records) so a record means the same whichever socket it came
+//! through.
 //!
 //! Invariant: no field is lost. A value that is not used as message, level,
 //! time or module (including an alias that lost to an earlier one, or a
@@ -13,11 +14,13 @@ use super::{truncate_message, TRUNCATION_MARK};
 use crate::agent::record::Incoming;
 use crate::wire::Level;
 
-/// Message aliases, first present wins. `log` is what Docker's json-file and
-/// fluentd drivers and Fluent Bit's tail input call the line.
-pub const MESSAGE_KEYS: &[&str] = &["message", "msg", "log"];
+/// Message aliases, first present wins. `event` is structlog's; `log` is
+/// what Docker's json-file and fluentd drivers and Fluent Bit's tail input
+/// call the line.
+pub const MESSAGE_KEYS: &[&str] = &["message", "msg", "event", "log"];
 /// Level aliases: names (`warn`, `WARNING`, …), syslog 0–7, pino 10–60.
-pub const LEVEL_KEYS: &[&str] = &["level", "lvl", "severity"];
+/// `levelname` is python-json-logger's.
+pub const LEVEL_KEYS: &[&str] = &["level", "lvl", "severity", "levelname"];
 /// Time aliases: RFC 3339 text or Unix seconds / ms / µs / ns.
 pub const TIME_KEYS: &[&str] = &["timestamp", "time", "ts"];
 /// Module aliases (tracing's `target`, Python's `logger`/`name`).
@@ -42,30 +45,55 @@ pub struct Context<'a> {
 
 /// Maps one record object. Never fails: every object is a record.
 pub fn to_incoming(mut map: Map<String, Value>, cx: &Context<'_>) -> Incoming {
+    // Nested metadata objects (`fields` is tracing-subscriber's JSON, which
+    // puts the message there too) are lifted to the top level first, so
+    // their aliases count; a top-level field of the same name wins.
+    let mut shadowed = Map::new();
+    for key in METADATA_KEYS {
+        if let Some(Value::Object(_)) = map.get(*key) {
+            if let Some(Value::Object(inner)) = map.remove(*key) {
+                for (k, v) in inner {
+                    let lift = if MESSAGE_KEYS.contains(&k.as_str()) {
+                        !MESSAGE_KEYS.iter().any(|m| map.contains_key(*m))
+                    } else {
+                        !map.contains_key(&k)
+                    };
+                    if lift {
+                        map.insert(k, v);
+                    } else {
+                        shadowed.insert(k, v);
+                    }
+                }
+            }
+        }
+    }
+
     let message = take_first(&mut map, MESSAGE_KEYS, |v| match v {
         Value::String(s) => Ok(s),
         Value::Null => Err(v),
         other => Ok(other.to_string()),
+    })
+    // A structured message (an object or array) only when no alias holds
+    // text: it is shown as its JSON.
+    .or_else(|| {
+        let key = MESSAGE_KEYS
+            .iter()
+            .find(|k| matches!(map.get(**k), Some(Value::Object(_) | Value::Array(_))))?;
+        map.remove(*key).map(|v| v.to_string())
     });
     let level = take_first(&mut map, LEVEL_KEYS, |v| level_of(&v).ok_or(v)).unwrap_or(Level::Info);
     let timestamp_ns =
         take_first(&mut map, TIME_KEYS, |v| time_of(&v).ok_or(v)).or(cx.default_time_ns);
     let module = take_first(&mut map, MODULE_KEYS, |v| match v {
         Value::String(s) if !s.is_empty() => Ok(s),
+        Value::Number(n) => Ok(n.to_string()),
         other => Err(other),
     })
     .or_else(|| cx.default_module.map(str::to_owned));
 
-    let mut metadata = Map::new();
-    for key in METADATA_KEYS {
-        if let Some(Value::Object(_)) = map.get(*key) {
-            if let Some(Value::Object(inner)) = map.remove(*key) {
-                metadata.extend(inner);
-            }
-        }
-    }
     // Top-level fields win over nested ones of the same name: they are what
     // the program wrote most directly.
+    let mut metadata = shadowed;
     if metadata.is_empty() {
         metadata = map;
     } else {
@@ -77,21 +105,64 @@ pub fn to_incoming(mut map: Map<String, Value>, cx: &Context<'_>) -> Incoming {
     while message.ends_with('\n') || message.ends_with('\r') {
         message.pop();
     }
-    let mut truncated = truncate_message(&mut message, cx.max_record_bytes);
-    if cx.encoded_len > cx.max_record_bytes {
-        truncated |= bound_metadata(
-            &mut metadata,
-            cx.max_record_bytes.saturating_sub(message.len()),
-        );
-    }
-    Incoming {
+    let mut record = Incoming {
         timestamp_ns,
         level,
         module,
         message,
         metadata,
-        truncated,
+        truncated: false,
+    };
+    if cx.encoded_len > cx.max_record_bytes || record.message.len() > cx.max_record_bytes {
+        truncate(&mut record, cx.max_record_bytes);
     }
+    record
+}
+
+/// Longest module kept in an over-size record.
+const MAX_MODULE: usize = 256;
+
+/// Cuts an over-size record to about `max` bytes, visibly: the module to
+/// [`MAX_MODULE`], metadata entries that do not fit in half the budget to
+/// the mark (with the original metadata size under
+/// `logbook_truncated_metadata_bytes`), the message to what is left. The
+/// message always ends with [`TRUNCATION_MARK`], so a reader sees the cut.
+fn truncate(record: &mut Incoming, max: usize) {
+    record.truncated = true;
+    if let Some(m) = &mut record.module {
+        cut_str(m, MAX_MODULE);
+    }
+    let module_len = record.module.as_ref().map_or(0, String::len);
+    let budget = max.saturating_sub(module_len + 64);
+    let meta_used = if record.metadata.is_empty() {
+        0
+    } else {
+        let meta_len = serde_json::to_string(&record.metadata).map_or(0, |s| s.len());
+        if meta_len > budget / 2 {
+            bound_metadata(&mut record.metadata, budget / 2);
+            record
+                .metadata
+                .insert("logbook_truncated_metadata_bytes".into(), meta_len.into());
+            serde_json::to_string(&record.metadata).map_or(0, |s| s.len())
+        } else {
+            meta_len
+        }
+    };
+    let keep = budget.saturating_sub(meta_used);
+    if !truncate_message(&mut record.message, keep.max(TRUNCATION_MARK.len())) {
+        record.message.push_str(TRUNCATION_MARK);
+    }
+}
+
+fn cut_str(s: &mut String, max: usize) {
+    if s.len() <= max {
+        return;
+    }
+    let mut at = max;
+    while !s.is_char_boundary(at) {
+        at -= 1;
+    }
+    s.truncate(at);
 }
 
 /// Removes the first alias present whose value `f` accepts; `f` hands a
@@ -131,56 +202,88 @@ pub fn level_of(v: &Value) -> Option<Level> {
     }
 }
 
+/// 0–7 is a syslog severity, 10 and up a pino/bunyan level (custom levels
+/// fall into the bucket below them: 35 is info).
 fn level_of_number(n: i64) -> Option<Level> {
     match n {
         0..=7 => Level::from_syslog_severity(n as u8),
-        _ => Level::from_pino(n),
+        10..=59 => Level::from_pino(n - n % 10),
+        60.. => Some(Level::Fatal),
+        _ => None,
     }
 }
 
-/// Unix nanoseconds from RFC 3339 text or a Unix number in seconds,
-/// milliseconds, microseconds or nanoseconds (told apart by magnitude: any
-/// time after 1973 in seconds is below 1e11, in ms below 1e14, and so on).
+/// Unix nanoseconds from RFC 3339 text (also with a space for the `T` and
+/// without an offset, read as UTC, as some Python formatters write it) or a
+/// Unix number in seconds, milliseconds, microseconds or nanoseconds, as a
+/// number or as text (told apart by magnitude: any time after 1973 in
+/// seconds is below 1e11, in ms below 1e14, and so on).
 pub fn time_of(v: &Value) -> Option<i64> {
     match v {
         Value::String(s) => {
-            let t = time::OffsetDateTime::parse(
-                s.trim(),
-                &time::format_description::well_known::Rfc3339,
-            )
-            .ok()?;
-            i64::try_from(t.unix_timestamp_nanos()).ok()
-        }
-        Value::Number(n) => {
-            if let Some(i) = n.as_i64() {
-                let a = i.unsigned_abs();
-                let mult: i64 = if a < 100_000_000_000 {
-                    1_000_000_000
-                } else if a < 100_000_000_000_000 {
-                    1_000_000
-                } else if a < 100_000_000_000_000_000 {
-                    1_000
-                } else {
-                    1
-                };
-                i.checked_mul(mult)
-            } else {
-                let f = n.as_f64()?;
-                let a = f.abs();
-                let mult = if a < 1e11 {
-                    1_000_000_000
-                } else if a < 1e14 {
-                    1_000_000
-                } else if a < 1e17 {
-                    1_000
-                } else {
-                    1
-                };
-                scaled(f, mult)
+            let s = s.trim();
+            if let Ok(i) = s.parse::<i64>() {
+                return unix_int(i);
             }
+            if let Ok(f) = s.parse::<f64>() {
+                return unix_float(f);
+            }
+            rfc3339(s)
         }
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => unix_int(i),
+            None => unix_float(n.as_f64()?),
+        },
         _ => None,
     }
+}
+
+fn unix_int(i: i64) -> Option<i64> {
+    let a = i.unsigned_abs();
+    let mult: i64 = if a < 100_000_000_000 {
+        1_000_000_000
+    } else if a < 100_000_000_000_000 {
+        1_000_000
+    } else if a < 100_000_000_000_000_000 {
+        1_000
+    } else {
+        1
+    };
+    i.checked_mul(mult)
+}
+
+fn unix_float(f: f64) -> Option<i64> {
+    let a = f.abs();
+    if a < 1e11 {
+        // An f64 of seconds carries about microseconds: round to them so
+        // `1700000000.123` reads as .123000000, not .122999906.
+        return scaled(f, 1_000_000).and_then(|us| us.checked_mul(1_000));
+    }
+    let mult = if a < 1e14 {
+        1_000_000
+    } else if a < 1e17 {
+        1_000
+    } else {
+        1
+    };
+    scaled(f, mult)
+}
+
+fn rfc3339(s: &str) -> Option<i64> {
+    use time::format_description::well_known::Rfc3339;
+    let parsed = time::OffsetDateTime::parse(s, &Rfc3339).ok().or_else(|| {
+        // `2024-05-01 12:00:00Z` (space separator) and offset-less local
+        // times as some Python formatters write them, read as UTC.
+        if s.len() < 19 || !s.is_char_boundary(s.len() - 6) {
+            return None;
+        }
+        let mut fixed = s.replacen(' ', "T", 1);
+        if !fixed.ends_with(['Z', 'z']) && !fixed[fixed.len() - 6..].contains(['+', '-']) {
+            fixed.push('Z');
+        }
+        time::OffsetDateTime::parse(&fixed, &Rfc3339).ok()
+    })?;
+    i64::try_from(parsed.unix_timestamp_nanos()).ok()
 }
 
 /// `f * mult` as an integer without the rounding error of multiplying a
@@ -363,6 +466,32 @@ mod tests {
             "",
             Some(7),
             json!({"k": 1, "x": 2}),
+        );
+        // Nested aliases count unless the top level has one; custom pino
+        // levels fall into the bucket below; numbers as text are times.
+        check(
+            json!({"fields": {"message": "nested", "level": "warn"}, "msg": "top"}),
+            Level::Warn,
+            "tag.default",
+            "top",
+            Some(7),
+            json!({"message": "nested"}),
+        );
+        check(
+            json!({"event": "docked", "levelname": "CRITICAL", "level": 35, "time": "1764119000"}),
+            Level::Info,
+            "tag.default",
+            "docked",
+            Some(1_764_119_000_000_000_000),
+            json!({"levelname": "CRITICAL"}),
+        );
+        check(
+            json!({"msg": {"a": 1}, "module": 5, "time": "2026-11-26 01:02:03"}),
+            Level::Info,
+            "5",
+            r#"{"a":1}"#,
+            Some(1_795_654_923_000_000_000),
+            json!({}),
         );
         check(
             json!({"metadata": "not an object"}),

@@ -6,8 +6,8 @@
 //! not map to a record field ends up in `metadata`.
 
 use serde_json::{Map, Value};
-use time::format_description::well_known::Rfc3339;
 
+use crate::agent::formats::fields::{self, Context};
 use crate::agent::record::Incoming;
 use crate::wire::Level;
 
@@ -39,93 +39,25 @@ impl BadRecord {
     }
 }
 
-/// The mark appended to a message that was cut to fit `max_record_bytes`.
-pub const TRUNCATION_MARK: &str = " …[truncated]";
+pub use crate::agent::formats::TRUNCATION_MARK;
 
-/// Field aliases, in priority order: the first present wins, the others stay
-/// in metadata.
-const MESSAGE: &[&str] = &["message", "msg", "event"];
-const LEVEL: &[&str] = &["level", "lvl", "severity", "levelname"];
-const TIME: &[&str] = &["timestamp", "time", "ts"];
-const MODULE: &[&str] = &["module", "target", "logger", "name"];
-const NESTED: &[&str] = &["metadata", "fields"];
-
-/// Parses one line (without its newline). A line longer than
-/// `max_record_bytes` is kept with its message (and, if needed, its metadata)
-/// cut, and `truncated` set.
+/// Parses one line (without its newline) with the field mapping every
+/// structured format shares ([`fields::to_incoming`]). A line longer than
+/// `max_record_bytes` is kept with its message (and, if needed, its
+/// metadata) cut, and `truncated` set.
 pub fn parse_line(line: &[u8], max_record_bytes: usize) -> Result<Incoming, BadRecord> {
     let text = std::str::from_utf8(line).map_err(|_| BadRecord::InvalidUtf8)?;
     let value: Value = serde_json::from_str(text).map_err(|_| BadRecord::NotJson)?;
-    let Value::Object(mut obj) = value else {
+    let Value::Object(obj) = value else {
         return Err(BadRecord::NotObject);
     };
-
-    // Nested metadata objects (`fields` is tracing-subscriber's, which also
-    // puts the message there) are flattened into the top level first.
-    let mut metadata = Map::new();
-    for key in NESTED {
-        if let Some(Value::Object(_)) = obj.get(*key) {
-            if let Some(Value::Object(inner)) = obj.remove(*key) {
-                for (k, v) in inner {
-                    if (MESSAGE.contains(&k.as_str()) && !has_any(&obj, MESSAGE))
-                        || !obj.contains_key(&k)
-                    {
-                        obj.insert(k, v);
-                    } else {
-                        metadata.insert(k, v);
-                    }
-                }
-            }
-        }
-    }
-
-    let message = match take_first(&mut obj, MESSAGE) {
-        Some(Value::String(s)) => s,
-        Some(other) => other.to_string(),
-        None => String::new(),
+    let cx = Context {
+        default_module: None,
+        default_time_ns: None,
+        max_record_bytes,
+        encoded_len: line.len(),
     };
-    let level = match take_first(&mut obj, LEVEL) {
-        Some(v) => match level_of(&v) {
-            Some(level) => level,
-            None => {
-                // Unknown level: keep what the client said.
-                metadata.insert("level".into(), v);
-                Level::Info
-            }
-        },
-        None => Level::Info,
-    };
-    let timestamp_ns = match take_first(&mut obj, TIME) {
-        Some(v) => match time_of(&v) {
-            Some(ns) => Some(ns),
-            None => {
-                metadata.insert("time".into(), v);
-                None
-            }
-        },
-        None => None,
-    };
-    let module = match take_first(&mut obj, MODULE) {
-        Some(Value::String(s)) => Some(s),
-        Some(other) => Some(other.to_string()),
-        None => None,
-    };
-    for (k, v) in obj {
-        metadata.entry(k).or_insert(v);
-    }
-
-    let mut record = Incoming {
-        timestamp_ns,
-        level,
-        module,
-        message,
-        metadata,
-        truncated: false,
-    };
-    if line.len() > max_record_bytes {
-        truncate(&mut record, max_record_bytes);
-    }
-    Ok(record)
+    Ok(fields::to_incoming(obj, &cx))
 }
 
 /// A line the reader had to cut before its end (longer than it buffers): the
@@ -144,145 +76,6 @@ pub fn cut_line(prefix: &[u8], total_len: usize, max_record_bytes: usize) -> Inc
         metadata,
         truncated: true,
     }
-}
-
-/// Cuts the record to about `max` bytes: metadata first (replaced by its
-/// size when it is the bulk), then the message, which gets a visible mark.
-fn truncate(record: &mut Incoming, max: usize) {
-    record.truncated = true;
-    let meta_len = if record.metadata.is_empty() {
-        0
-    } else {
-        serde_json::to_string(&record.metadata).map_or(0, |s| s.len())
-    };
-    let module_len = record.module.as_ref().map_or(0, |m| m.len());
-    if let Some(m) = &mut record.module {
-        if m.len() > 256 {
-            cut_str(m, 256);
-        }
-    }
-    let mut budget = max.saturating_sub(module_len.min(256) + 64);
-    if meta_len > budget / 2 {
-        let mut small = Map::new();
-        small.insert("logbook_truncated_metadata_bytes".into(), meta_len.into());
-        record.metadata = small;
-    } else {
-        budget -= meta_len;
-    }
-    if record.message.len() > budget {
-        cut_str(&mut record.message, budget);
-    }
-    record.message.push_str(TRUNCATION_MARK);
-}
-
-fn cut_str(s: &mut String, max: usize) {
-    let mut at = max.min(s.len());
-    while !s.is_char_boundary(at) {
-        at -= 1;
-    }
-    s.truncate(at);
-}
-
-fn has_any(obj: &Map<String, Value>, keys: &[&str]) -> bool {
-    keys.iter().any(|k| obj.contains_key(*k))
-}
-
-fn take_first(obj: &mut Map<String, Value>, keys: &[&str]) -> Option<Value> {
-    keys.iter().find_map(|k| obj.remove(*k))
-}
-
-fn level_of(v: &Value) -> Option<Level> {
-    match v {
-        Value::String(s) => {
-            Level::parse(s).or_else(|| s.trim().parse::<i64>().ok().and_then(numeric_level))
-        }
-        Value::Number(n) => n.as_i64().and_then(numeric_level),
-        _ => None,
-    }
-}
-
-/// 0–7 is a syslog severity, 10 and up a pino/bunyan level (custom levels
-/// fall into the bucket below them).
-fn numeric_level(n: i64) -> Option<Level> {
-    match n {
-        0..=7 => Level::from_syslog_severity(n as u8),
-        10..=19 => Some(Level::Trace),
-        20..=29 => Some(Level::Debug),
-        30..=39 => Some(Level::Info),
-        40..=49 => Some(Level::Warn),
-        50..=59 => Some(Level::Error),
-        60.. => Some(Level::Fatal),
-        _ => None,
-    }
-}
-
-fn time_of(v: &Value) -> Option<i64> {
-    match v {
-        Value::Number(n) => {
-            if let Some(i) = n.as_i64() {
-                unix_int(i)
-            } else {
-                n.as_f64().and_then(unix_float)
-            }
-        }
-        Value::String(s) => {
-            let s = s.trim();
-            if let Ok(i) = s.parse::<i64>() {
-                return unix_int(i);
-            }
-            if let Ok(f) = s.parse::<f64>() {
-                return unix_float(f);
-            }
-            rfc3339(s)
-        }
-        _ => None,
-    }
-}
-
-/// Unix time in seconds, milliseconds, microseconds or nanoseconds, told
-/// apart by magnitude (seconds cover 1970–5138, and so on).
-fn unix_int(i: i64) -> Option<i64> {
-    match i {
-        0..100_000_000_000 => i.checked_mul(1_000_000_000),
-        100_000_000_000..100_000_000_000_000 => i.checked_mul(1_000_000),
-        100_000_000_000_000..100_000_000_000_000_000 => i.checked_mul(1_000),
-        _ if i >= 0 => Some(i),
-        _ => None,
-    }
-}
-
-fn unix_float(f: f64) -> Option<i64> {
-    if !f.is_finite() || f < 0.0 {
-        return None;
-    }
-    if f < 1e11 {
-        // An f64 of seconds carries about microseconds: round to them so
-        // `1700000000.123` reads as .123000000, not .122999808.
-        let secs = f.trunc();
-        let micros = ((f - secs) * 1e6).round() as i64;
-        return Some(secs as i64 * 1_000_000_000 + micros * 1_000);
-    }
-    let ns = if f < 1e14 {
-        f * 1e6
-    } else if f < 1e17 {
-        f * 1e3
-    } else {
-        f
-    };
-    (ns < i64::MAX as f64).then_some(ns as i64)
-}
-
-fn rfc3339(s: &str) -> Option<i64> {
-    let parsed = time::OffsetDateTime::parse(s, &Rfc3339).ok().or_else(|| {
-        // `2024-05-01 12:00:00Z` (space separator) and offset-less local
-        // times as some Python formatters write them, read as UTC.
-        let mut fixed = s.replacen(' ', "T", 1);
-        if !fixed.ends_with('Z') && !fixed[fixed.len().saturating_sub(6)..].contains(['+', '-']) {
-            fixed.push('Z');
-        }
-        time::OffsetDateTime::parse(&fixed, &Rfc3339).ok()
-    })?;
-    i64::try_from(parsed.unix_timestamp_nanos()).ok()
 }
 
 #[cfg(test)]

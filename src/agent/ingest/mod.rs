@@ -1,12 +1,15 @@
 //! Ingest: the JSON-lines listener on `ingest.sock` (one task per client,
-//! trusted fields from `SO_PEERCRED`), and the [`Pipeline`] every listener
+//! trusted fields from `SO_PEERCRED`), the syslog ([`syslog`]) and Fluent
+//! Forward ([`forward`]) listeners, and the [`Pipeline`] every listener
 //! submits parsed records into on their way to the writer.
 //!
 //! Invariant: nothing here touches SQLite. A bad line costs a counter, never
 //! the connection; a connection's buffer is bounded by
 //! `4 × ingest.max_record_bytes` plus one read.
 
+pub mod forward;
 pub mod json;
+pub mod syslog;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,6 +31,27 @@ pub const PIPELINE_CAPACITY: usize = 32;
 const READ_CHUNK: usize = 64 << 10;
 /// Most reads one connection does for one flush or at shutdown.
 const DRAIN_CHUNKS: usize = 64;
+
+/// Why the syslog and Forward listeners refused input, in the order of
+/// [`Stats::bad_formats`]; reported with the JSON-lines reasons in
+/// `/v1/status` and `/metrics`.
+pub const FORMAT_BAD_REASONS: [&str; 5] = [
+    "syslog_empty",
+    "syslog_malformed",
+    "forward_bad_frame",
+    "forward_bad_entry",
+    "forward_broken_stream",
+];
+
+/// Index into [`FORMAT_BAD_REASONS`] / [`Stats::bad_formats`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum FormatBad {
+    SyslogEmpty = 0,
+    SyslogMalformed = 1,
+    ForwardBadFrame = 2,
+    ForwardBadEntry = 3,
+    ForwardBrokenStream = 4,
+}
 
 /// A handle for submitting records to the writer. Cheap to clone.
 #[derive(Clone)]
@@ -75,6 +99,35 @@ impl Pipeline {
             listeners: Arc::default(),
             next_conn: Arc::default(),
         }
+    }
+
+    /// Counts `n` inputs refused by a syslog or Forward listener.
+    pub(crate) fn count_bad(&self, why: FormatBad, n: u64) {
+        self.stats.bad_formats[why as usize].fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Registers a connection for flush handovers: its id (for
+    /// [`Pipeline::unregister_conn`]) and where the asks arrive.
+    pub(crate) fn register_conn(&self) -> (u64, mpsc::Receiver<oneshot::Sender<()>>) {
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        self.stats.connections.fetch_add(1, Ordering::Relaxed);
+        self.stats.connections_open.fetch_add(1, Ordering::Relaxed);
+        let (ask, asked) = mpsc::channel(4);
+        self.conns.lock().expect("conns").insert(id, ask);
+        (id, asked)
+    }
+
+    pub(crate) fn unregister_conn(&self, id: u64) {
+        self.conns.lock().expect("conns").remove(&id);
+        self.stats.connections_open.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Registers a listener that must hand over what its socket holds
+    /// before a flush (the datagram listener, or an accept backlog).
+    pub(crate) fn register_listener(&self) -> mpsc::Receiver<oneshot::Sender<()>> {
+        let (ask, asked) = mpsc::channel(4);
+        self.listeners.lock().expect("listeners").push(ask);
+        asked
     }
 
     /// The writer's channel, for commands that are not records.
@@ -220,9 +273,40 @@ pub async fn serve_json(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let p = pipeline.clone();
+    serve_stream(
+        listener,
+        &pipeline,
+        max_connections,
+        shutdown,
+        tracker,
+        move |stream, shutdown| {
+            // Registered here, before the task runs, so a flush sees it.
+            let conn = Connection::new(stream, p.clone(), max_record_bytes);
+            conn.run(shutdown)
+        },
+    )
+    .await
+}
+
+/// The accept loop every stream listener shares: bounded connections (a
+/// refused client is logged, the others go on), backlog accepted on a
+/// flush, one task per connection on `tracker`. `start` builds the
+/// connection synchronously (so it registers for flushes before any later
+/// flush) and returns the future that serves it.
+pub(crate) async fn serve_stream<F, Fut>(
+    listener: UnixListener,
+    pipeline: &Pipeline,
+    max_connections: usize,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    start: F,
+) where
+    F: Fn(UnixStream, CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let limit = Arc::new(Semaphore::new(max_connections));
-    let (ask, mut asked) = mpsc::channel(4);
-    pipeline.listeners.lock().expect("listeners").push(ask);
+    let mut asked = pipeline.register_listener();
     let start = |stream: UnixStream| {
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             tracing::warn!(
@@ -230,17 +314,23 @@ pub async fn serve_json(
             );
             return;
         };
-        // Registered here, before the task runs, so a flush sees it.
-        let conn = Connection::new(stream, pipeline.clone(), max_record_bytes);
-        let shutdown = shutdown.clone();
+        let served = start(stream, shutdown.clone());
         tracker.spawn(async move {
-            conn.run(shutdown).await;
+            served.await;
             drop(permit);
         });
     };
     loop {
         let stream = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => {
+                // Clients that connected (and maybe wrote) before the stop
+                // are served too: each connection sees the shutdown at once
+                // and hands over what it can read.
+                while let Some(s) = accept_now(&listener) {
+                    start(s);
+                }
+                return;
+            }
             Some(ack) = asked.recv() => {
                 // Accept whatever the kernel already queued. A direct
                 // accept(2): tokio's own would wait for the reactor to have
@@ -288,14 +378,7 @@ struct Connection {
 impl Connection {
     fn new(stream: UnixStream, pipeline: Pipeline, max: usize) -> Connection {
         let trusted = Arc::new(trusted_of(&stream));
-        let id = pipeline.next_conn.fetch_add(1, Ordering::Relaxed);
-        pipeline.stats.connections.fetch_add(1, Ordering::Relaxed);
-        pipeline
-            .stats
-            .connections_open
-            .fetch_add(1, Ordering::Relaxed);
-        let (ask, asked) = mpsc::channel(4);
-        pipeline.conns.lock().expect("conns").insert(id, ask);
+        let (id, asked) = pipeline.register_conn();
         Connection {
             asked,
             stream,
@@ -330,11 +413,7 @@ impl Connection {
                 }
             }
         }
-        self.pipeline.conns.lock().expect("conns").remove(&self.id);
-        self.pipeline
-            .stats
-            .connections_open
-            .fetch_sub(1, Ordering::Relaxed);
+        self.pipeline.unregister_conn(self.id);
     }
 
     /// Reads what is available without waiting and hands over every

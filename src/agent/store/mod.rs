@@ -77,6 +77,9 @@ pub struct Stats {
     pub truncated: AtomicU64,
     /// Per [`crate::agent::ingest::json::BadRecord`] reason, in `ALL` order.
     pub bad: [AtomicU64; 3],
+    /// Per [`crate::agent::ingest::FORMAT_BAD_REASONS`] (syslog and Forward
+    /// input the listeners refused).
+    pub bad_formats: [AtomicU64; 5],
     /// Records a listener could not queue (the pipeline was full).
     pub refused: AtomicU64,
     pub connections: AtomicU64,
