@@ -23,7 +23,9 @@ use crate::agent::ingest::Pipeline;
 use crate::agent::store::read::{LogQuery, Reader};
 use crate::agent::store::writer::{Msg, SessionCmd};
 use crate::agent::store::{Stats, StoreError};
-use crate::agent::types::{AddTag, Flushed, OpenSession, SessionError, StopSession, Target};
+use crate::agent::types::{
+    AddTag, ArtifactStatus, Flushed, OpenSession, SessionError, StopSession, Target,
+};
 use crate::wire::{ErrorBody, ErrorDetail, Level, SessionStatus};
 
 /// Largest request body the local API reads.
@@ -40,6 +42,8 @@ pub struct ApiState {
     pub device_name: String,
     /// The uploader's link state and counters.
     pub sync: Arc<crate::agent::sync::status::SyncShared>,
+    /// Live counters of the artifact tasks.
+    pub artifacts: Arc<crate::agent::sync::artifacts::ArtifactStats>,
 }
 
 type St = State<Arc<ApiState>>;
@@ -51,6 +55,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/sessions/{id}/stop", post(stop_session))
         .route("/v1/sessions/{id}/tags", post(add_tag))
         .route("/v1/sessions/{id}/tags/{tag}", delete(remove_tag))
+        .route("/v1/sessions/{id}/artifacts", get(session_artifacts))
         .route("/v1/logs", get(logs))
         .route("/v1/flush", post(flush))
         .route("/v1/status", get(status))
@@ -224,6 +229,29 @@ async fn get_session(State(st): St, Path(id): Path<String>) -> Result<Response, 
     }
 }
 
+/// `GET /v1/sessions/{id}/artifacts`: the files the watcher found and
+/// their upload state (`current` names the active session).
+async fn session_artifacts(State(st): St, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let t = target(&id)?;
+    let st2 = st.clone();
+    let found = blocking(move || {
+        let session = match t {
+            Target::Current => st2.reader.current_session()?,
+            Target::Id(id) => st2.reader.session(id)?,
+        };
+        match session {
+            Some(s) => Ok(Some(st2.reader.artifacts(s.id)?)),
+            None => Ok(None),
+        }
+    })
+    .await?;
+    match found {
+        Some(items) => Ok(Json(serde_json::json!({ "items": items })).into_response()),
+        None if t == Target::Current => Err(SessionError::NoActive.into()),
+        None => Err(ApiError::new(404, "not_found", format!("no session {id}"))),
+    }
+}
+
 #[derive(Debug, Deserialize)]
 struct SessionsQuery {
     status: Option<String>,
@@ -340,6 +368,9 @@ pub struct Status {
     pub ingest: IngestCounts,
     pub gaps: Vec<GapItem>,
     pub sync: crate::agent::sync::status::SyncStatus,
+    /// Artifact uploads (all zero and `enabled: false` without a hub).
+    #[serde(default)]
+    pub artifacts: ArtifactStatus,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -383,8 +414,14 @@ pub struct GapItem {
 
 async fn gather(st: Arc<ApiState>) -> Result<Status, ApiError> {
     let st2 = st.clone();
-    let (gaps, current) =
-        blocking(move || Ok((st2.reader.gaps()?, st2.reader.current_session()?))).await?;
+    let (gaps, current, artifact_counts) = blocking(move || {
+        Ok((
+            st2.reader.gaps()?,
+            st2.reader.current_session()?,
+            st2.reader.artifact_counts()?,
+        ))
+    })
+    .await?;
     let s: &Stats = &st.pipeline.stats;
     let stored = s.records_stored.load(Ordering::Relaxed);
     let synced = s.records_synced.load(Ordering::Relaxed);
@@ -445,6 +482,7 @@ async fn gather(st: Arc<ApiState>) -> Result<Status, ApiError> {
                 dropped: g.dropped,
             })
             .collect(),
+        artifacts: st.artifacts.report(artifact_counts),
     })
 }
 
@@ -671,6 +709,43 @@ async fn metrics(State(st): St) -> Result<Response, ApiError> {
         "counter",
         "Stalled or crashed uploaders the supervisor restarted.",
         &one(y.uploader_restarts as f64),
+    );
+    let a = &s.artifacts;
+    metric(
+        "logbook_artifacts",
+        "gauge",
+        "Artifact files by upload state.",
+        &[
+            ("{state=\"pending\"}".into(), a.pending as f64),
+            ("{state=\"uploading\"}".into(), a.uploading as f64),
+            ("{state=\"uploaded\"}".into(), a.uploaded as f64),
+            ("{state=\"refused\"}".into(), a.refused as f64),
+            ("{state=\"failed\"}".into(), a.failed as f64),
+        ],
+    );
+    metric(
+        "logbook_artifact_pending_bytes",
+        "gauge",
+        "Artifact bytes not yet acknowledged by the hub.",
+        &one(a.bytes_pending as f64),
+    );
+    metric(
+        "logbook_artifact_sent_bytes_total",
+        "counter",
+        "Artifact bytes acknowledged by the hub since start.",
+        &one(a.bytes_sent as f64),
+    );
+    metric(
+        "logbook_artifact_backoff_seconds",
+        "gauge",
+        "Current artifact retry wait (0 when not backing off).",
+        &one(a.backoff_seconds.unwrap_or(0.0)),
+    );
+    metric(
+        "logbook_artifact_auth_failed",
+        "gauge",
+        "1 when the hub refused the device token for uploads.",
+        &one(if a.auth_failed { 1.0 } else { 0.0 }),
     );
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
 }

@@ -144,6 +144,30 @@ pub const KEYS: &[Key] = &[
         Kind::Secs,
         "a file unchanged this long is complete",
     ),
+    key(
+        "artifacts",
+        "rescan_secs",
+        Kind::Secs,
+        "full rescan of watched artifact directories (catches missed events)",
+    ),
+    key(
+        "artifacts",
+        "chunk_bytes",
+        Kind::Bytes,
+        "bytes per tus PATCH; the acked offset is saved after each",
+    ),
+    key(
+        "artifacts",
+        "event_queue",
+        Kind::U64,
+        "file events queued for the watcher; beyond it a rescan replaces them",
+    ),
+    key(
+        "artifacts",
+        "retry_max_secs",
+        Kind::Secs,
+        "longest wait between artifact upload retries",
+    ),
 ];
 
 /// The merged configuration before resolution, exactly the shape of the file.
@@ -360,11 +384,21 @@ fn resolve_sync(
 #[serde(default, deny_unknown_fields)]
 pub struct RawArtifacts {
     pub settle_secs: f64,
+    pub rescan_secs: f64,
+    pub chunk_bytes: u64,
+    pub event_queue: u64,
+    pub retry_max_secs: f64,
 }
 
 impl Default for RawArtifacts {
     fn default() -> Self {
-        RawArtifacts { settle_secs: 5.0 }
+        RawArtifacts {
+            settle_secs: 5.0,
+            rescan_secs: 30.0,
+            chunk_bytes: 4 << 20,
+            event_queue: 4096,
+            retry_max_secs: 300.0,
+        }
     }
 }
 
@@ -502,6 +536,7 @@ fn resolve(raw: RawConfig, file: &Path, boot_id_file: PathBuf) -> Result<AgentCo
             ),
         ));
     }
+    check_artifacts(&raw.artifacts).map_err(|(k, m)| bad(k, m))?;
     if raw.ingest.max_connections == 0 {
         return Err(bad("ingest.max_connections", "must be at least 1".into()));
     }
@@ -545,6 +580,32 @@ fn resolve(raw: RawConfig, file: &Path, boot_id_file: PathBuf) -> Result<AgentCo
         boot_id_file,
         raw,
     })
+}
+
+/// Bounds of the `artifacts.*` keys: (key, message) of the first bad one.
+fn check_artifacts(a: &RawArtifacts) -> Result<(), (&'static str, String)> {
+    if !(4096..=(64 << 20)).contains(&a.chunk_bytes) {
+        return Err((
+            "artifacts.chunk_bytes",
+            format!("must be between 4KiB and 64MiB, found {}", a.chunk_bytes),
+        ));
+    }
+    if !(16..=1 << 20).contains(&a.event_queue) {
+        return Err((
+            "artifacts.event_queue",
+            format!("must be between 16 and 1048576, found {}", a.event_queue),
+        ));
+    }
+    for (key, v) in [
+        ("artifacts.settle_secs", a.settle_secs),
+        ("artifacts.rescan_secs", a.rescan_secs),
+        ("artifacts.retry_max_secs", a.retry_max_secs),
+    ] {
+        if !(0.05..=86_400.0).contains(&v) {
+            return Err((key, format!("must be between 50ms and one day, found {v}")));
+        }
+    }
+    Ok(())
 }
 
 /// The effective configuration as TOML, for `logbookd --print-config`. The

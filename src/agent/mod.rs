@@ -157,6 +157,7 @@ pub async fn run(
         shutdown.clone(),
         tracker.clone(),
     ));
+    let artifact_stats = spawn_artifacts(&cfg, &view, &pipeline, &shutdown, &tracker);
     let state = Arc::new(api::ApiState {
         reader: Reader::new(&cfg.db_path(), view),
         pipeline: pipeline.clone(),
@@ -165,6 +166,7 @@ pub async fn run(
         device_id: cfg.device_id.clone(),
         device_name: cfg.device_name.clone(),
         sync: sync_shared.clone(),
+        artifacts: artifact_stats,
     });
     let app = api::router(state);
     let api_shutdown = shutdown.clone();
@@ -261,6 +263,33 @@ fn start_uploader(
         shared,
     });
     Some(tokio::spawn(sync::uploader::run(ctx, shutdown)))
+}
+
+/// Starts the artifact watcher and uploader when a hub is configured (on
+/// `tracker`, so shutdown waits for them before stopping the writer).
+fn spawn_artifacts(
+    cfg: &AgentConfig,
+    view: &ViewCtx,
+    pipeline: &Pipeline,
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+) -> Arc<sync::artifacts::ArtifactStats> {
+    let stats = Arc::new(sync::artifacts::ArtifactStats::default());
+    match sync::artifacts::ArtifactsConfig::from_agent(cfg, view.clone()) {
+        Some(acfg) => {
+            tracing::info!("artifacts of sessions go to {}", acfg.hub);
+            sync::artifacts::spawn(
+                acfg,
+                pipeline.writer().clone(),
+                pipeline.stats.clone(),
+                stats.clone(),
+                shutdown.clone(),
+                tracker,
+            );
+        }
+        None => tracing::info!("sync.hub is not set: artifacts stay on this device"),
+    }
+    stats
 }
 
 /// Sends WATCHDOG=1 while the writer proves progress (its loop turns at

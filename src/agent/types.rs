@@ -144,3 +144,44 @@ impl SessionError {
         }
     }
 }
+
+/// One file of a session's artifact directory and its upload state
+/// (`GET /v1/sessions/{id}/artifacts`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ArtifactItem {
+    pub session_id: Uuid,
+    /// Relative to the session's artifact directory, `/`-separated.
+    pub path: String,
+    pub size: u64,
+    /// `pending`, `uploading`, `uploaded`, `refused` or `failed`.
+    pub state: String,
+    /// Bytes the hub has acknowledged.
+    pub uploaded_bytes: u64,
+    pub sha256: Option<String>,
+    /// Why it was refused or failed, or the last transient error.
+    pub error: Option<String>,
+}
+
+/// The `artifacts` object of `GET /v1/status`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ArtifactStatus {
+    /// False when no hub is configured.
+    pub enabled: bool,
+    pub pending: u64,
+    pub uploading: u64,
+    pub uploaded: u64,
+    /// Refused by the agent (symlinks, escapes) or the hub (invalid).
+    pub refused: u64,
+    pub failed: u64,
+    /// Bytes of pending and uploading files not yet acknowledged.
+    pub bytes_pending: u64,
+    /// Artifact bytes acknowledged by the hub since the agent started.
+    pub bytes_sent: u64,
+    /// 401/403 from the hub: uploads stopped until the token is fixed.
+    pub auth_failed: bool,
+    /// Seconds of the current retry wait, when backing off.
+    pub backoff_seconds: Option<f64>,
+    pub last_error: Option<String>,
+    /// RFC 3339 time of the last acknowledged chunk or completed upload.
+    pub last_success: Option<String>,
+}

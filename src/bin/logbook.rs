@@ -10,7 +10,9 @@ use anyhow::{anyhow, bail, Context};
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
 use hyper::{Method, StatusCode};
-use logbook::agent::types::{Flushed, LogItem, OpenSession, Page, SessionView, StopSession};
+use logbook::agent::types::{
+    ArtifactItem, Flushed, LogItem, OpenSession, Page, SessionView, StopSession,
+};
 use logbook::wire::{ErrorBody, Package};
 
 /// Sessions, logs and artifacts of the logbook agent on this machine.
@@ -396,12 +398,42 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let dir = PathBuf::from(&s.artifact_dir);
             let mut files = Vec::new();
             list_files(&dir, &dir, &mut files);
-            files.sort();
-            if files.is_empty() {
+            // Upload state from the agent; files it has not reported yet
+            // (still being written, or waiting to settle) show as `new`.
+            let listed: serde_json::Value = api
+                .json(
+                    Method::GET,
+                    &format!("/v1/sessions/{}/artifacts", s.id),
+                    None,
+                )
+                .await?;
+            let items: Vec<ArtifactItem> =
+                serde_json::from_value(listed["items"].clone()).unwrap_or_default();
+            // Without a hub nothing is uploaded: say so instead of `new`.
+            let status: serde_json::Value = api.json(Method::GET, "/v1/status", None).await?;
+            let unlisted = if status["artifacts"]["enabled"] == true {
+                "new"
+            } else {
+                "local"
+            };
+            let mut rows: std::collections::BTreeMap<String, (u64, String)> = files
+                .into_iter()
+                .map(|(rel, len)| (rel, (len, unlisted.to_string())))
+                .collect();
+            for a in items {
+                let state = match (a.state.as_str(), &a.error) {
+                    ("uploading", _) => format!("uploading {}/{}", a.uploaded_bytes, a.size),
+                    ("refused" | "failed", Some(e)) => format!("{} ({e})", a.state),
+                    (st, _) => st.to_owned(),
+                };
+                let size = rows.get(&a.path).map_or(a.size, |r| r.0);
+                rows.insert(a.path, (size, state));
+            }
+            if rows.is_empty() {
                 eprintln!("no artifacts in {} (session {})", dir.display(), s.id);
             }
-            for (rel, len) in files {
-                writeln!(out, "{len:>12}  {rel}")?;
+            for (rel, (len, state)) in rows {
+                writeln!(out, "{len:>12}  {state:<10}  {rel}")?;
             }
         }
         Command::Status { json } => {
@@ -553,6 +585,31 @@ fn print_status(out: &mut impl Write, s: &serde_json::Value) -> std::io::Result<
             g["reason"].as_str().unwrap_or(""),
             g["session_id"].as_str().unwrap_or("none")
         )?;
+    }
+    let a = &s["artifacts"];
+    if a["enabled"].as_bool() == Some(true) {
+        writeln!(
+            out,
+            "artifacts {} pending ({:.1} MiB), {} uploading, {} uploaded, {} refused, {} failed; {:.1} MiB sent",
+            n("/artifacts/pending"),
+            mib(n("/artifacts/bytes_pending")),
+            n("/artifacts/uploading"),
+            n("/artifacts/uploaded"),
+            n("/artifacts/refused"),
+            n("/artifacts/failed"),
+            mib(n("/artifacts/bytes_sent")),
+        )?;
+        if a["auth_failed"].as_bool() == Some(true) {
+            writeln!(out, "artifacts STOPPED: the hub refused the device token")?;
+        }
+        if let Some(b) = a["backoff_seconds"].as_f64() {
+            writeln!(out, "artifacts retrying in up to {b:.1}s")?;
+        }
+        if let Some(e) = a["last_error"].as_str() {
+            writeln!(out, "artifacts last error: {e}")?;
+        }
+    } else {
+        writeln!(out, "artifacts kept on this device (no hub configured)")?;
     }
     Ok(())
 }

@@ -17,6 +17,10 @@ pub struct Metrics {
     pub uploads_created: AtomicU64,
     pub uploads_completed: AtomicU64,
     pub upload_bytes: AtomicU64,
+    /// Bytes of PATCHes kept (checksum verified, not rolled back): with no
+    /// acknowledged range ever re-sent, this equals the sum of completed
+    /// upload lengths.
+    pub upload_acked_bytes: AtomicU64,
     pub active_streams: AtomicU64,
     rejects: Mutex<BTreeMap<&'static str, u64>>,
 }
@@ -85,6 +89,12 @@ impl Metrics {
             "Artifact bytes received.",
             "counter",
             self.upload_bytes.load(Relaxed),
+        );
+        counter(
+            "logbook_hub_upload_acked_bytes_total",
+            "Artifact bytes of PATCHes kept (verified, not rolled back).",
+            "counter",
+            self.upload_acked_bytes.load(Relaxed),
         );
         counter(
             "logbook_hub_active_streams",

@@ -195,6 +195,32 @@ async fn create(hub: &Arc<Hub>, scope: DeviceScope, h: &HeaderMap) -> Result<Res
         .db(move |s| s.session_for_device(&scope2, session_uuid))
         .await?
         .ok_or_else(|| ApiError::not_found(format!("session {session_uuid} was deleted")))?;
+    if !sha256.is_empty() {
+        let (p, sha) = (path.clone(), sha256.clone());
+        let held = hub
+            .db(move |s| s.get_artifact(session_pk, &p))
+            .await?
+            .filter(|a| a.sha256 == sha && a.size == length);
+        if held.is_some() {
+            // The hub already holds this very file (the answer to its last
+            // PATCH was lost, or the device forgot it uploaded it): the
+            // upload is complete at once, nothing needs sending again.
+            tracing::info!(device = %scope.device_id, path = %path, "upload of a file the hub holds; complete at once");
+            let id = uuid::Uuid::now_v7().simple().to_string();
+            return Ok(created(&id, length));
+        }
+        let (p, sha) = (path.clone(), sha256.clone());
+        let same = hub
+            .db(move |s| s.find_unfinished_upload(device_pk, session_pk, &p, &sha, length))
+            .await?;
+        if let Some(id) = same {
+            // Creation is idempotent per file version: answer with the
+            // upload already under way and its offset.
+            let offset = current_offset(hub, &id).await?;
+            tracing::info!(device = %scope.device_id, upload = %id, offset, "upload creation repeated; resuming");
+            return Ok(created(&id, offset));
+        }
+    }
     // Each unfinished upload holds a partial file: bound how many a device
     // may leave lying around.
     if hub.db(move |s| s.unfinished_uploads(device_pk)).await? >= MAX_UNFINISHED_UPLOADS {
@@ -232,6 +258,11 @@ async fn create(hub: &Arc<Hub>, scope: DeviceScope, h: &HeaderMap) -> Result<Res
     if length == 0 {
         finish(hub, &upload).await?;
     }
+    Ok(created(&id, 0))
+}
+
+/// `201 Created` naming upload `id`, which holds `offset` bytes.
+fn created(id: &str, offset: u64) -> Response {
     let mut resp = StatusCode::CREATED.into_response();
     let location = format!("{}/{id}", crate::wire::UPLOADS_PATH);
     resp.headers_mut().insert(
@@ -239,8 +270,8 @@ async fn create(hub: &Arc<Hub>, scope: DeviceScope, h: &HeaderMap) -> Result<Res
         HeaderValue::from_str(&location).expect("ascii"),
     );
     resp.headers_mut()
-        .insert("upload-offset", HeaderValue::from(0u64));
-    Ok(resp)
+        .insert("upload-offset", HeaderValue::from(offset));
+    resp
 }
 
 /// `HEAD`, `PATCH`, `DELETE` and `OPTIONS` on one upload.
@@ -313,6 +344,14 @@ async fn current_offset(hub: &Hub, id: &str) -> Result<u64, ApiError> {
 
 async fn head(hub: &Arc<Hub>, up: &UploadRow) -> Result<Response, ApiError> {
     let offset = current_offset(hub, &up.id).await?;
+    if offset == up.length {
+        // All bytes are here but the upload was never finished (the hub
+        // stopped between the last write and the finish): finish it now,
+        // unless a PATCH is still doing so.
+        if let Some(_busy) = Busy::take(hub, &up.id) {
+            finish(hub, up).await?;
+        }
+    }
     let mut resp = StatusCode::OK.into_response();
     let h = resp.headers_mut();
     h.insert("upload-offset", HeaderValue::from(offset));
@@ -326,13 +365,25 @@ async fn head(hub: &Arc<Hub>, up: &UploadRow) -> Result<Response, ApiError> {
     Ok(resp)
 }
 
-/// Marks an upload busy for the life of one PATCH.
-struct Busy<'a> {
-    hub: &'a Hub,
+/// Marks an upload busy for the life of one PATCH (including the fsync
+/// and finish that run on after a client went away).
+struct Busy {
+    hub: Arc<Hub>,
     id: String,
 }
 
-impl Drop for Busy<'_> {
+impl Busy {
+    /// Marks `id` busy, or `None` when it already is.
+    fn take(hub: &Arc<Hub>, id: &str) -> Option<Busy> {
+        let mut busy = hub.busy_uploads.lock().unwrap_or_else(|p| p.into_inner());
+        busy.insert(id.to_owned()).then(|| Busy {
+            hub: hub.clone(),
+            id: id.to_owned(),
+        })
+    }
+}
+
+impl Drop for Busy {
     fn drop(&mut self) {
         self.hub
             .busy_uploads
@@ -393,19 +444,12 @@ async fn patch(
             )
         }
     };
-    {
-        let mut busy = hub.busy_uploads.lock().unwrap_or_else(|p| p.into_inner());
-        if !busy.insert(up.id.clone()) {
-            return Err(ApiError::new(
-                StatusCode::LOCKED,
-                "upload_busy",
-                "another PATCH to this upload is in progress",
-            ));
-        }
-    }
-    let _busy = Busy {
-        hub,
-        id: up.id.clone(),
+    let Some(busy) = Busy::take(hub, &up.id) else {
+        return Err(ApiError::new(
+            StatusCode::LOCKED,
+            "upload_busy",
+            "another PATCH to this upload is in progress",
+        ));
     };
     let part_path = hub
         .blobs
@@ -413,6 +457,13 @@ async fn patch(
         .map_err(|e| ApiError::internal(e.to_string()))?;
     let offset = current_offset(hub, &up.id).await?;
     if claimed != offset {
+        // A PATCH below the upload's offset re-sends acknowledged bytes:
+        // counted apart, since a well-behaved client never does it.
+        hub.metrics.reject(if claimed < offset {
+            "upload_stale_offset"
+        } else {
+            "upload_offset_ahead"
+        });
         return Err(ApiError::conflict(format!(
             "Upload-Offset {claimed} does not match the upload's offset {offset}"
         )));
@@ -484,14 +535,26 @@ async fn patch(
     }
     rollback.file = None;
     drop(rollback);
+    // Kept from here on, even if the client goes away during the fsync
+    // below (HEAD reports these bytes, so they are never needed again).
+    Metrics::add(&hub.metrics.upload_acked_bytes, written - offset);
     // The offset HEAD reports must survive a crash: sync before answering,
-    // on the blocking pool (an fsync can take a while).
-    tokio::task::spawn_blocking(move || file.sync_data())
-        .await?
-        .map_err(|e| ApiError::internal(format!("cannot sync upload file: {e}")))?;
-    if written == up.length {
-        finish(hub, up).await?;
-    }
+    // on the blocking pool (an fsync can take a while). The sync and the
+    // finish run in their own task: a client that goes away now (its
+    // request future dropped) must not leave a complete upload unfinished.
+    let (h, u) = (hub.clone(), up.clone());
+    let tail = tokio::spawn(async move {
+        let _busy = busy;
+        tokio::task::spawn_blocking(move || file.sync_data())
+            .await?
+            .map_err(|e| ApiError::internal(format!("cannot sync upload file: {e}")))?;
+        if written == u.length {
+            finish(&h, &u).await?;
+        }
+        Ok::<(), ApiError>(())
+    });
+    tail.await
+        .map_err(|e| ApiError::internal(format!("finishing the upload failed: {e}")))??;
     let mut resp = StatusCode::NO_CONTENT.into_response();
     resp.headers_mut()
         .insert("upload-offset", HeaderValue::from(written));

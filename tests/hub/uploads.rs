@@ -395,3 +395,51 @@ async fn unfinished_uploads_are_bounded_per_device() {
     assert_eq!(tus.patch(&urls[0], 0, &data, None).await.0, 204);
     tus.create(s, "one-more.bin", &data, None).await;
 }
+
+/// A creation whose answer was lost is sent again by the agent: the hub
+/// answers with the upload already under way for that file version, so no
+/// orphan is left and no acknowledged byte is sent twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_creation_resumes_the_same_upload() {
+    let hub = HubProc::start("hub_tus_again");
+    let tus = Tus { hub: &hub };
+    let s = session_id(4);
+    let data = content(1000, 4);
+    let url = tus.create(s, "bags/a.bin", &data, None).await;
+    assert_eq!(
+        tus.patch(&url, 0, &data[..400], Some(&data[..400])).await.0,
+        204
+    );
+    let again = tus.create(s, "bags/a.bin", &data, None).await;
+    assert_eq!(again, url);
+    assert_eq!(tus.offset(&again).await, Some(400));
+    // Another version of the file (other content) is another upload.
+    let other = content(1000, 5);
+    assert_ne!(tus.create(s, "bags/a.bin", &other, None).await, url);
+    assert_eq!(
+        tus.patch(&url, 400, &data[400..], Some(&data[400..]))
+            .await
+            .0,
+        204
+    );
+    // The answer to that last PATCH could have been lost: creating the
+    // same file again is complete at once, with nothing to send.
+    let meta = format!(
+        "session_id {},path {},sha256 {}",
+        b64(s.to_string().as_bytes()),
+        b64(b"bags/a.bin"),
+        b64(hex::encode(Sha256::digest(&data)).as_bytes())
+    );
+    let r = hub
+        .http
+        .post(tus.url())
+        .bearer_auth(&hub.device)
+        .header("tus-resumable", "1.0.0")
+        .header("upload-length", "1000")
+        .header("upload-metadata", meta)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(r.headers()["upload-offset"], "1000");
+}

@@ -7,6 +7,7 @@
 //! SQLite; readers use their own read-only connections (WAL) and never block
 //! the writer.
 
+pub mod artifacts;
 pub mod read;
 pub mod schema;
 pub mod sync;

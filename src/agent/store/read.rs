@@ -118,7 +118,10 @@ impl Reader {
         }
     }
 
-    fn with<R>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<R>) -> Result<R, StoreError> {
+    pub(super) fn with<R>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<R>,
+    ) -> Result<R, StoreError> {
         let conn = self.pool.lock().expect("reader pool").pop();
         let conn = match conn {
             Some(c) => c,

@@ -63,6 +63,24 @@ pub const MIGRATIONS: &[&str] = &[
     );",
     // 2: per-session log queries (`GET /v1/logs?session=`) without a scan.
     "CREATE INDEX records_session ON records(session, seq);",
+    // 3: artifact upload state (see `store::artifacts`): one row per file of
+    // a session's artifact directory, with the tus upload URL and the
+    // offset the hub acknowledged, so uploads resume after a restart.
+    "CREATE TABLE artifacts(
+        id INTEGER PRIMARY KEY,
+        session INTEGER NOT NULL,
+        path TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        mtime_ns INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        sha256 TEXT,
+        upload_url TEXT,
+        acked INTEGER NOT NULL DEFAULT 0,
+        error TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        UNIQUE(session, path)
+    );
+    CREATE INDEX artifacts_todo ON artifacts(state, size);",
 ];
 
 /// The schema version this build writes.

@@ -42,6 +42,11 @@ pub enum Msg {
     /// Commit what is queued before this and stop, even if some sender is
     /// still alive (a connection that would not finish).
     Stop,
+    /// A change to artifact upload state; replies once it is committed.
+    Artifact(
+        super::artifacts::ArtifactCmd,
+        oneshot::Sender<Result<(), String>>,
+    ),
 }
 
 pub enum SessionCmd {
@@ -327,6 +332,18 @@ impl Writer {
                     .records_synced
                     .fetch_add(n as i64, Ordering::Relaxed);
                 self.sync_replies.push((reply, n));
+                true
+            }
+            Msg::Artifact(cmd, reply) => {
+                // Like session changes: alone, committed before the reply,
+                // so an acknowledged offset is on disk before the next chunk.
+                self.commit();
+                let out = super::artifacts::apply(&self.conn, cmd).map_err(|e| e.to_string());
+                if let Err(e) = &out {
+                    tracing::error!("storing artifact state failed: {e}");
+                }
+                let _ = reply.send(out);
+                let _ = self.conn.execute_batch("BEGIN");
                 true
             }
             Msg::MarkSynced(ranges, reply) => {

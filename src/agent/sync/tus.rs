@@ -61,8 +61,10 @@ impl TusClient {
             .header("Tus-Resumable", TUS_VERSION)
     }
 
-    /// Creates an upload and returns its absolute URL.
-    pub async fn create(&self, upload: &NewUpload<'_>) -> Result<String, SyncError> {
+    /// Creates an upload; returns its absolute URL and the offset the hub
+    /// reports (0 for a new upload; more when the hub resumed an upload of
+    /// the same file version whose creation answer was lost).
+    pub async fn create(&self, upload: &NewUpload<'_>) -> Result<(String, u64), SyncError> {
         let meta = [
             (upload_meta::SESSION_ID, upload.session_id),
             (upload_meta::PATH, upload.path),
@@ -85,9 +87,13 @@ impl TusClient {
             .get(LOCATION)
             .and_then(|v| v.to_str().ok())
             .ok_or_else(|| SyncError::BadResponse("201 without a Location header".into()))?;
+        let offset = match resp.headers().get("Upload-Offset") {
+            Some(_) => upload_offset(resp.headers())?,
+            None => 0,
+        };
         self.endpoint
             .join(location)
-            .map(|u| u.to_string())
+            .map(|u| (u.to_string(), offset))
             .map_err(|e| SyncError::BadResponse(format!("bad Location {location:?}: {e}")))
     }
 
@@ -102,6 +108,21 @@ impl TusClient {
         match resp.status() {
             StatusCode::NOT_FOUND | StatusCode::GONE => Ok(None),
             s if s.is_success() => upload_offset(resp.headers()).map(Some),
+            _ => Err(error_of(resp).await),
+        }
+    }
+
+    /// Deletes an unfinished upload (tus termination), e.g. of a file
+    /// version that changed before it was complete.
+    pub async fn terminate(&self, url: &str) -> Result<(), SyncError> {
+        let resp = self
+            .request(Method::DELETE, url)
+            .send()
+            .await
+            .map_err(SyncError::Transport)?;
+        match resp.status() {
+            s if s.is_success() => Ok(()),
+            StatusCode::NOT_FOUND | StatusCode::GONE => Ok(()),
             _ => Err(error_of(resp).await),
         }
     }

@@ -1106,6 +1106,30 @@ impl Store {
     }
 
     /// Uploads a device has started and not finished.
+    /// An unfinished upload of this device for the same file version, so
+    /// a retried creation (its answer lost on the way) resumes that upload
+    /// instead of leaving an orphan behind.
+    pub fn find_unfinished_upload(
+        &self,
+        device_pk: i64,
+        session_pk: i64,
+        path: &str,
+        sha256: &str,
+        length: u64,
+    ) -> Result<Option<String>, StoreError> {
+        self.read(|c| {
+            Ok(c.prepare_cached(
+                "SELECT id FROM uploads WHERE device_pk = ?1 AND session_pk = ?2 AND path = ?3
+                 AND sha256 = ?4 AND length = ?5 ORDER BY created_at_ns DESC LIMIT 1",
+            )?
+            .query_row(
+                params![device_pk, session_pk, path, sha256, length as i64],
+                |r| r.get(0),
+            )
+            .optional()?)
+        })
+    }
+
     pub fn unfinished_uploads(&self, device_pk: i64) -> Result<u64, StoreError> {
         self.read(|c| {
             Ok(

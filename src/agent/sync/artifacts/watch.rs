@@ -1,0 +1,471 @@
+//! The artifact watcher: inotify (via `notify`, links never followed) on
+//! the artifact directories of the active session, of sessions that ended
+//! in the last day and of any with files still to upload, plus a full
+//! rescan every `artifacts.rescan_secs` and after any queue overflow.
+//! A file is complete when closed after writing, renamed in, or unchanged
+//! for `artifacts.settle_secs` (a file found by a scan whose mtime is
+//! already that old counts as unchanged).
+//!
+//! Invariant: events only point at paths; what a path is, and whether it is
+//! complete, is always decided from a fresh `lstat`, so a lost, duplicated
+//! or overflowed event can delay a file until the next rescan but never
+//! lose it or report it wrongly.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
+use notify::{EventKind, RecursiveMode, Watcher};
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::scan::{self, Entry};
+use super::{store, ArtifactStats, ArtifactsConfig};
+use crate::agent::store::artifacts::{state, ArtifactCmd};
+use crate::agent::store::now_ns;
+use crate::agent::store::read::Reader;
+use crate::agent::store::writer::Msg;
+
+/// Sessions that ended this recently stay watched (late copies, e.g. a
+/// recorder flushing after the session closed).
+const RECENT: Duration = Duration::from_secs(24 * 3600);
+/// How often the set of watched sessions is refreshed.
+const REFRESH: Duration = Duration::from_secs(1);
+/// Most files waiting to settle at once; more wait for a rescan.
+const MAX_CANDIDATES: usize = 20_000;
+
+type Key = (Uuid, String);
+
+struct Candidate {
+    size: u64,
+    mtime_ns: i64,
+    since: Instant,
+    /// Closed after writing or renamed in: complete if unchanged now.
+    hinted: bool,
+}
+
+/// A version already reported to the store; `None` for a refusal.
+type Reported = Option<(u64, i64)>;
+
+struct Watch {
+    cfg: Arc<ArtifactsConfig>,
+    reader: Arc<Reader>,
+    writer: mpsc::Sender<Msg>,
+    stats: Arc<ArtifactStats>,
+    wake: Arc<Notify>,
+    /// Session → its artifact directory, for the sessions watched now.
+    dirs: HashMap<Uuid, PathBuf>,
+    candidates: HashMap<Key, Candidate>,
+    reported: HashMap<Key, Reported>,
+}
+
+pub async fn run(
+    cfg: Arc<ArtifactsConfig>,
+    reader: Arc<Reader>,
+    writer: mpsc::Sender<Msg>,
+    stats: Arc<ArtifactStats>,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    // Paths queued between the notify thread and this task; beyond the
+    // bound the queue counts as overflowed and a rescan replaces the lost
+    // events.
+    let queue = cfg.event_queue.max(1);
+    let (ev_tx, mut ev_rx) = mpsc::channel::<(PathBuf, bool)>(queue);
+    let overflow = Arc::new(AtomicBool::new(false));
+    let flag = overflow.clone();
+    // The callback runs on notify's own thread: it must never block, so a
+    // full queue only raises the overflow flag.
+    let handler = move |res: notify::Result<notify::Event>| {
+        let ev = match res {
+            Ok(ev) if !ev.need_rescan() => ev,
+            other => {
+                tracing::debug!("artifact watch: {other:?}; a rescan follows");
+                flag.store(true, Ordering::Relaxed);
+                return;
+            }
+        };
+        // Opens (our own scans and uploads open files and directories) say
+        // nothing about content; reacting to them would feed a loop.
+        if matches!(ev.kind, EventKind::Access(a) if a != AccessKind::Close(AccessMode::Write)) {
+            return;
+        }
+        let hinted = matches!(
+            ev.kind,
+            EventKind::Access(AccessKind::Close(AccessMode::Write))
+                | EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both))
+        );
+        for p in ev.paths {
+            if ev_tx.try_send((p, hinted)).is_err() {
+                flag.store(true, Ordering::Relaxed);
+            }
+        }
+    };
+    let mut watcher = match notify::RecommendedWatcher::new(
+        handler,
+        notify::Config::default().with_follow_symlinks(false),
+    ) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(
+                "cannot watch artifact directories ({e}); relying on rescans every {:?}",
+                cfg.rescan
+            );
+            None
+        }
+    };
+    let mut w = Watch {
+        cfg,
+        reader,
+        writer,
+        stats,
+        wake,
+        dirs: HashMap::new(),
+        candidates: HashMap::new(),
+        reported: HashMap::new(),
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut last_refresh: Option<Instant> = None;
+    let mut last_rescan = Instant::now();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            ev = ev_rx.recv() => {
+                let Some((path, hinted)) = ev else { return };
+                w.on_path(&path, hinted, false).await;
+                // Take what else is queued without waiting.
+                for _ in 0..queue {
+                    match ev_rx.try_recv() {
+                        Ok((p, h)) => w.on_path(&p, h, false).await,
+                        Err(_) => break,
+                    }
+                }
+            }
+            _ = tick.tick() => {}
+        }
+        let mut rescan_all = overflow.swap(false, Ordering::Relaxed);
+        if rescan_all {
+            tracing::info!("artifact watch events were lost; rescanning");
+        }
+        if last_refresh.is_none_or(|t| t.elapsed() >= REFRESH) {
+            last_refresh = Some(Instant::now());
+            let new = w.refresh(watcher.as_mut()).await;
+            for dir in new {
+                w.rescan(&dir).await;
+            }
+        }
+        if last_rescan.elapsed() >= w.cfg.rescan {
+            rescan_all = true;
+        }
+        if rescan_all {
+            last_rescan = Instant::now();
+            let dirs: Vec<PathBuf> = w.dirs.values().cloned().collect();
+            for dir in dirs {
+                w.rescan(&dir).await;
+            }
+        }
+        w.settle().await;
+    }
+}
+
+impl Watch {
+    /// Brings the watched set in line with the store; returns the newly
+    /// watched directories (to scan once now).
+    async fn refresh(&mut self, watcher: Option<&mut notify::RecommendedWatcher>) -> Vec<PathBuf> {
+        let reader = self.reader.clone();
+        let sessions = match tokio::task::spawn_blocking(move || {
+            reader.watched_sessions(now_ns(), RECENT.as_nanos() as i64)
+        })
+        .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::warn!("cannot list sessions to watch: {e}");
+                return Vec::new();
+            }
+            Err(_) => return Vec::new(),
+        };
+        let want: HashSet<Uuid> = sessions.iter().copied().collect();
+        let mut watcher = watcher;
+        let gone: Vec<Uuid> = self
+            .dirs
+            .keys()
+            .filter(|s| !want.contains(s))
+            .copied()
+            .collect();
+        for s in gone {
+            if let Some(dir) = self.dirs.remove(&s) {
+                if let Some(w) = watcher.as_deref_mut() {
+                    let _ = w.unwatch(&dir);
+                }
+            }
+            self.candidates.retain(|(sess, _), _| *sess != s);
+            self.reported.retain(|(sess, _), _| *sess != s);
+        }
+        let mut new = Vec::new();
+        for s in sessions {
+            if self.dirs.contains_key(&s) {
+                continue;
+            }
+            let dir = self.cfg.view.artifact_dir(&s);
+            // The directory itself must be a real directory: a symlink here
+            // would send the whole session's uploads elsewhere.
+            match std::fs::symlink_metadata(&dir) {
+                Ok(m) if m.file_type().is_dir() => {}
+                Ok(_) => {
+                    tracing::warn!(
+                        "{} is not a directory (a symlink?); its files are not uploaded",
+                        dir.display()
+                    );
+                    self.dirs.insert(s, dir);
+                    continue;
+                }
+                // Not there (yet): try again at the next refresh.
+                Err(_) => continue,
+            }
+            if let Some(w) = watcher.as_deref_mut() {
+                if let Err(e) = w.watch(&dir, RecursiveMode::Recursive) {
+                    tracing::warn!(
+                        "cannot watch {} ({e}); its files are found by rescans",
+                        dir.display()
+                    );
+                }
+            }
+            // Versions reported before a restart need no second report.
+            let reader = self.reader.clone();
+            if let Ok(Ok(known)) =
+                tokio::task::spawn_blocking(move || reader.artifact_versions(s)).await
+            {
+                for (path, size, mtime, st) in known {
+                    let v = if st == state::REFUSED {
+                        None
+                    } else {
+                        Some((size, mtime))
+                    };
+                    self.reported.insert((s, path), v);
+                }
+            }
+            self.dirs.insert(s, dir.clone());
+            new.push(dir);
+        }
+        new
+    }
+
+    fn session_of(&self, path: &Path) -> Option<(Uuid, PathBuf)> {
+        self.dirs
+            .iter()
+            .find(|(_, d)| path.starts_with(d))
+            .map(|(s, d)| (*s, d.clone()))
+    }
+
+    async fn rescan(&mut self, dir: &Path) {
+        // `symlink_metadata` so a directory swapped for a link is not walked.
+        if !std::fs::symlink_metadata(dir).is_ok_and(|m| m.is_dir()) {
+            return;
+        }
+        let d = dir.to_owned();
+        let Ok(entries) = tokio::task::spawn_blocking(move || scan::walk(&d)).await else {
+            return;
+        };
+        let Some((session, _)) = self.session_of(dir) else {
+            return;
+        };
+        let mut present = HashSet::new();
+        for e in entries {
+            if let Entry::File { rel, .. } | Entry::Refused { rel, .. } = &e {
+                present.insert(rel.clone());
+            }
+            self.on_entry(session, dir, e, false, true).await;
+        }
+        // Files that vanished before they settled.
+        self.candidates
+            .retain(|(s, rel), _| *s != session || present.contains(rel));
+    }
+
+    async fn on_path(&mut self, path: &Path, hinted: bool, from_scan: bool) {
+        let Some((session, dir)) = self.session_of(path) else {
+            return;
+        };
+        let p = path.to_owned();
+        let d = dir.clone();
+        let Ok(entry) = tokio::task::spawn_blocking(move || scan::examine(&d, &p)).await else {
+            return;
+        };
+        self.on_entry(session, &dir, entry, hinted, from_scan).await;
+    }
+
+    async fn on_entry(
+        &mut self,
+        session: Uuid,
+        dir: &Path,
+        entry: Entry,
+        hinted: bool,
+        from_scan: bool,
+    ) {
+        match entry {
+            Entry::File {
+                rel,
+                size,
+                mtime_ns,
+            } => {
+                let key = (session, rel);
+                if self.reported.get(&key) == Some(&Some((size, mtime_ns))) {
+                    self.candidates.remove(&key);
+                    return;
+                }
+                let now = Instant::now();
+                // A scan finding a file untouched for the settle time needs
+                // no further wait (e.g. files written while the agent was down).
+                let age = Duration::from_nanos((now_ns() - mtime_ns).max(0) as u64);
+                let old = from_scan && age >= self.cfg.settle;
+                let room = self.candidates.len() < MAX_CANDIDATES;
+                match self.candidates.get_mut(&key) {
+                    Some(c) if c.size == size && c.mtime_ns == mtime_ns => {
+                        c.hinted |= hinted || old;
+                    }
+                    Some(c) => {
+                        *c = Candidate {
+                            size,
+                            mtime_ns,
+                            since: now,
+                            hinted: hinted || old,
+                        };
+                    }
+                    None if room => {
+                        self.candidates.insert(
+                            key,
+                            Candidate {
+                                size,
+                                mtime_ns,
+                                since: now,
+                                hinted: hinted || old,
+                            },
+                        );
+                    }
+                    None => {}
+                }
+            }
+            Entry::Refused { rel, reason } => {
+                let key = (session, rel.clone());
+                self.candidates.remove(&key);
+                if self.reported.get(&key) == Some(&None) {
+                    return;
+                }
+                tracing::warn!("refusing to upload {} in {}: {reason}", rel, dir.display());
+                self.stats.refused_seen.fetch_add(1, Ordering::Relaxed);
+                let cmd = ArtifactCmd::Refuse {
+                    session,
+                    path: rel,
+                    reason,
+                };
+                if store(&self.writer, cmd).await.is_ok() {
+                    self.reported.insert(key, None);
+                }
+            }
+            Entry::Dir(d) if !from_scan => {
+                // A directory created or moved in: its files came with it and
+                // have no events of their own.
+                Box::pin(self.rescan_subdir(session, dir, &d)).await;
+            }
+            Entry::Dir(_) | Entry::Ignored => {}
+        }
+    }
+
+    async fn rescan_subdir(&mut self, session: Uuid, dir: &Path, sub: &Path) {
+        let (root, s) = (dir.to_owned(), sub.to_owned());
+        let Ok(entries) = tokio::task::spawn_blocking(move || {
+            scan::walk(&s)
+                .into_iter()
+                .map(|e| match e {
+                    // `walk` names entries relative to `sub`: re-examine
+                    // them relative to the artifact directory.
+                    Entry::File { rel, .. } | Entry::Refused { rel, .. } => {
+                        scan::examine(&root, &s.join(rel))
+                    }
+                    other => other,
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        else {
+            return;
+        };
+        for e in entries {
+            self.on_entry(session, dir, e, false, true).await;
+        }
+    }
+
+    /// Reports every candidate that is complete now.
+    async fn settle(&mut self) {
+        let settle = self.cfg.settle;
+        let ready: Vec<Key> = self
+            .candidates
+            .iter()
+            .filter(|(_, c)| c.hinted || c.since.elapsed() >= settle)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut any = false;
+        for key in ready {
+            let Some(dir) = self.dirs.get(&key.0).cloned() else {
+                self.candidates.remove(&key);
+                continue;
+            };
+            let full = dir.join(&key.1);
+            let d = dir.clone();
+            let Ok(entry) = tokio::task::spawn_blocking(move || scan::examine(&d, &full)).await
+            else {
+                continue;
+            };
+            match entry {
+                Entry::File {
+                    rel,
+                    size,
+                    mtime_ns,
+                } => {
+                    let c = self.candidates.get_mut(&key).expect("listed above");
+                    if c.size != size || c.mtime_ns != mtime_ns {
+                        // Still being written: wait again.
+                        *c = Candidate {
+                            size,
+                            mtime_ns,
+                            since: Instant::now(),
+                            hinted: false,
+                        };
+                        continue;
+                    }
+                    let cmd = ArtifactCmd::Seen {
+                        session: key.0,
+                        path: rel,
+                        size,
+                        mtime_ns,
+                    };
+                    match store(&self.writer, cmd).await {
+                        Ok(()) => {
+                            tracing::debug!(
+                                "artifact {} of {} is complete ({size} bytes)",
+                                key.1,
+                                key.0
+                            );
+                            self.candidates.remove(&key);
+                            self.reported.insert(key, Some((size, mtime_ns)));
+                            any = true;
+                        }
+                        Err(e) => tracing::warn!("cannot record artifact {}: {e}", key.1),
+                    }
+                }
+                other => {
+                    self.candidates.remove(&key);
+                    self.on_entry(key.0, &dir, other, false, false).await;
+                }
+            }
+        }
+        if any {
+            self.wake.notify_one();
+        }
+    }
+}
