@@ -10,5 +10,6 @@ pub mod agent;
 pub mod client;
 pub mod config;
 pub mod dev;
+pub mod exit;
 pub mod hub;
 pub mod wire;

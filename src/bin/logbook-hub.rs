@@ -66,17 +66,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            if e.chain().any(|c| {
-                c.downcast_ref::<std::io::Error>()
-                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-            }) {
-                return ExitCode::SUCCESS;
-            }
-            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-            eprintln!("logbook-hub: {}", chain.join(": "));
-            ExitCode::FAILURE
-        }
+        Err(e) => logbook::exit::report("logbook-hub", e.as_ref()),
     }
 }
 

@@ -95,6 +95,8 @@ enum SessionCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Print log records: the same as `logbook logs`.
+    Logs(LogsArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -154,18 +156,7 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            // `logbook logs | head` closes the pipe: not an error.
-            if e.chain().any(|c| {
-                c.downcast_ref::<std::io::Error>()
-                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-            }) {
-                return ExitCode::SUCCESS;
-            }
-            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-            eprintln!("logbook: {}", chain.join(": "));
-            ExitCode::FAILURE
-        }
+        Err(e) => logbook::exit::report("logbook", e.as_ref()),
     }
 }
 
@@ -352,6 +343,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .await?;
                 writeln!(out, "{} tags: {}", s.id, s.tags.join(", "))?;
             }
+            SessionCommand::Logs(args) => logs(&api, &mut out, args).await?,
             SessionCommand::Status { json } => {
                 let (status, bytes) = api.call(Method::GET, "/v1/sessions/current", None).await?;
                 if status == StatusCode::NOT_FOUND {

@@ -30,18 +30,8 @@ struct Args {
 fn main() -> ExitCode {
     match run() {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("logbookd: {}", chain(&e));
-            ExitCode::FAILURE
-        }
+        Err(e) => logbook::exit::report("logbookd", e.as_ref()),
     }
-}
-
-fn chain(e: &anyhow::Error) -> String {
-    e.chain()
-        .map(|c| c.to_string())
-        .collect::<Vec<_>>()
-        .join(": ")
 }
 
 fn run() -> anyhow::Result<()> {

@@ -102,6 +102,9 @@ fn sessions_through_the_cli() {
     );
     let all = stdout(agent.cli().args(["logs"]));
     assert_eq!(all.lines().count(), 3, "{all}");
+    // The design writes it under `session` too: the same command.
+    let again = stdout(agent.cli().args(["session", "logs"]));
+    assert_eq!(again, all);
     assert!(
         all.lines().next().unwrap().contains("before any session"),
         "oldest first: {all}"
