@@ -5,4 +5,5 @@ mod agent;
 mod hub;
 mod ingest;
 mod sync;
+mod tidy;
 mod util;

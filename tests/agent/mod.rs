@@ -5,7 +5,6 @@ mod ingest;
 mod sessions;
 mod store;
 mod systemd;
-mod tidy;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;

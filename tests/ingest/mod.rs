@@ -7,7 +7,6 @@ mod client;
 mod forward;
 mod jsonlines;
 mod syslog;
-mod tidy;
 
 use std::process::Command;
 
