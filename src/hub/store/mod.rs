@@ -744,50 +744,33 @@ impl Store {
         project: &str,
         q: &SessionQuery,
     ) -> Result<SessionPage, StoreError> {
-        let mut filters = vec!["s.org = ?".to_owned(), "s.project = ?".to_owned()];
-        let mut args: Vec<Value> = vec![org.to_owned().into(), project.to_owned().into()];
-        if let Some(d) = &q.device_id {
-            filters.push("d.device_id = ?".into());
-            args.push(d.clone().into());
-        }
-        if let Some(s) = &q.status {
-            filters.push("s.status = ?".into());
-            args.push(s.clone().into());
-        }
-        if let Some(t) = q.since_ns {
-            filters.push("s.started_at_ns >= ?".into());
-            args.push(t.into());
-        }
-        if let Some(t) = q.until_ns {
-            filters.push("s.started_at_ns < ?".into());
-            args.push(t.into());
-        }
+        let mut w = Where::default();
+        w.and("s.org = ?", [org.to_owned().into()]);
+        w.and("s.project = ?", [project.to_owned().into()]);
+        w.and_some("d.device_id = ?", q.device_id.clone());
+        w.and_some("s.status = ?", q.status.clone());
+        w.and_some("s.started_at_ns >= ?", q.since_ns);
+        w.and_some("s.started_at_ns < ?", q.until_ns);
         for tag in &q.tags {
-            filters.push(
-                "EXISTS (SELECT 1 FROM session_tags t WHERE t.session_pk = s.pk AND t.tag = ?)"
-                    .into(),
+            w.and(
+                "EXISTS (SELECT 1 FROM session_tags t WHERE t.session_pk = s.pk AND t.tag = ?)",
+                [tag.clone().into()],
             );
-            args.push(tag.clone().into());
         }
-        if let Some(p) = &q.package_name {
-            filters.push("s.package_name = ?".into());
-            args.push(p.clone().into());
-        }
-        if let Some(v) = &q.package_version {
-            filters.push("s.package_version = ?".into());
-            args.push(v.clone().into());
-        }
+        w.and_some("s.package_name = ?", q.package_name.clone());
+        w.and_some("s.package_version = ?", q.package_version.clone());
         match q.has_errors {
-            Some(true) => filters.push("(s.n_error + s.n_fatal) > 0".into()),
-            Some(false) => filters.push("(s.n_error + s.n_fatal) = 0".into()),
+            Some(true) => w.and("(s.n_error + s.n_fatal) > 0", []),
+            Some(false) => w.and("(s.n_error + s.n_fatal) = 0", []),
             None => {}
         }
         for (key, value) in &q.metadata {
-            filters.push("json_extract(s.metadata, ?) = json_extract(?, '$')".into());
-            args.push(format!("$.\"{key}\"").into());
-            args.push(value.to_string().into());
+            w.and(
+                "json_extract(s.metadata, ?) = json_extract(?, '$')",
+                [format!("$.\"{key}\"").into(), value.to_string().into()],
+            );
         }
-        let where_ = filters.join(" AND ");
+        let (where_, args) = w.finish();
         let key = q.sort.expr();
         let (cmp, dir) = if q.descending {
             ("<", "DESC")
@@ -1179,41 +1162,50 @@ fn tags_of(c: &Connection, pk: i64) -> rusqlite::Result<Vec<String>> {
     tags
 }
 
+/// A `WHERE` clause built from optional filters: each condition with its
+/// `?` parameters, joined with `AND`, parameters in the same order.
+#[derive(Default)]
+struct Where {
+    conditions: Vec<&'static str>,
+    args: Vec<Value>,
+}
+
+impl Where {
+    fn and<const N: usize>(&mut self, condition: &'static str, args: [Value; N]) {
+        self.conditions.push(condition);
+        self.args.extend(args);
+    }
+
+    /// Adds `condition` with `value` as its one parameter, when there is one.
+    fn and_some(&mut self, condition: &'static str, value: Option<impl Into<Value>>) {
+        if let Some(v) = value {
+            self.and(condition, [v.into()]);
+        }
+    }
+
+    fn finish(self) -> (String, Vec<Value>) {
+        (self.conditions.join(" AND "), self.args)
+    }
+}
+
 fn logs_page(c: &Connection, scope: LogScope, q: &LogQuery) -> Result<LogPage, StoreError> {
-    let mut filters = Vec::new();
-    let mut args: Vec<Value> = Vec::new();
+    let mut w = Where::default();
     match scope {
-        LogScope::Session(pk) => {
-            filters.push("l.session_pk = ?".to_owned());
-            args.push(pk.into());
-        }
-        LogScope::Device(pk) => {
-            filters.push("l.device_pk = ? AND l.session_pk IS NULL".to_owned());
-            args.push(pk.into());
-        }
+        LogScope::Session(pk) => w.and("l.session_pk = ?", [pk.into()]),
+        LogScope::Device(pk) => w.and("l.device_pk = ? AND l.session_pk IS NULL", [pk.into()]),
     }
-    if let Some(level) = q.min_level {
-        filters.push("l.level >= ?".into());
-        args.push(i64::from(level.code()).into());
-    }
+    w.and_some("l.level >= ?", q.min_level.map(|l| i64::from(l.code())));
     if let Some(m) = &q.module {
-        if let Some(prefix) = m.strip_suffix('*') {
-            filters.push("substr(l.module, 1, ?) = ?".into());
-            args.push((prefix.len() as i64).into());
-            args.push(prefix.to_owned().into());
-        } else {
-            filters.push("l.module = ?".into());
-            args.push(m.clone().into());
+        match m.strip_suffix('*') {
+            Some(prefix) => w.and(
+                "substr(l.module, 1, ?) = ?",
+                [(prefix.len() as i64).into(), prefix.to_owned().into()],
+            ),
+            None => w.and("l.module = ?", [m.clone().into()]),
         }
     }
-    if let Some(t) = q.since_ns {
-        filters.push("l.ts >= ?".into());
-        args.push(t.into());
-    }
-    if let Some(t) = q.until_ns {
-        filters.push("l.ts < ?".into());
-        args.push(t.into());
-    }
+    w.and_some("l.ts >= ?", q.since_ns);
+    w.and_some("l.ts < ?", q.until_ns);
     if let Some(search) = q.search.as_deref().filter(|s| !s.trim().is_empty()) {
         if let Some(fts) = fts_query(search) {
             // Narrow the index scan to the session's id range: FTS5 applies
@@ -1227,19 +1219,22 @@ fn logs_page(c: &Connection, scope: LogScope, q: &LogQuery) -> Result<LogPage, S
                     .unwrap_or((None, None)),
                 LogScope::Device(_) => (None, None),
             };
-            filters.push(
-                "l.id IN (SELECT rowid FROM logs_fts WHERE logs_fts MATCH ? AND rowid >= ? AND rowid <= ?)"
-                    .into(),
+            w.and(
+                "l.id IN (SELECT rowid FROM logs_fts WHERE logs_fts MATCH ? AND rowid >= ? AND rowid <= ?)",
+                [
+                    fts.into(),
+                    range.0.unwrap_or(i64::MIN).into(),
+                    range.1.unwrap_or(i64::MAX).into(),
+                ],
             );
-            args.push(fts.into());
-            args.push(range.0.unwrap_or(i64::MIN).into());
-            args.push(range.1.unwrap_or(i64::MAX).into());
         }
         // The index finds words; the text must also occur as typed.
-        filters.push("instr(lower(l.message), lower(?)) > 0".into());
-        args.push(search.trim().to_owned().into());
+        w.and(
+            "instr(lower(l.message), lower(?)) > 0",
+            [search.trim().to_owned().into()],
+        );
     }
-    let where_ = filters.join(" AND ");
+    let (where_, mut args) = w.finish();
     let total = if q.want_total {
         let n: i64 = c
             .prepare_cached(&format!("SELECT count(*) FROM logs l WHERE {where_}"))?
