@@ -336,19 +336,7 @@ impl Uploader {
         let (url, mut offset) = match (&row.upload_url, &row.sha256) {
             (Some(url), Some(_)) => match self.tus.offset(url).await? {
                 Some(o) => (url.clone(), o),
-                None => {
-                    // The hub forgot the upload (expired, deleted): again.
-                    tracing::info!("upload of {} is gone at the hub; starting over", row.path);
-                    store(
-                        &self.writer,
-                        ArtifactCmd::Reset {
-                            of: row.version(),
-                            error: "the hub no longer knew the upload; started over".into(),
-                        },
-                    )
-                    .await?;
-                    return Ok(Outcome::Skipped);
-                }
+                None => return self.forgotten(row).await,
             },
             _ => {
                 let f = file.clone();
@@ -437,15 +425,7 @@ impl Uploader {
                 }
                 Err(SyncError::Status { status, .. }) if matches!(status.as_u16(), 404 | 410) => {
                     // The upload expired or was deleted mid-way: start over.
-                    store(
-                        &self.writer,
-                        ArtifactCmd::Reset {
-                            of: row.version(),
-                            error: "the hub no longer knew the upload; started over".into(),
-                        },
-                    )
-                    .await?;
-                    return Ok(Outcome::Skipped);
+                    return self.forgotten(row).await;
                 }
                 other => other?,
             };
@@ -482,17 +462,7 @@ impl Uploader {
                                 row.size
                             )))
                         }
-                        None => {
-                            store(
-                                &self.writer,
-                                ArtifactCmd::Reset {
-                                    of: row.version(),
-                                    error: "the hub no longer knew the upload; started over".into(),
-                                },
-                            )
-                            .await?;
-                            return Ok(Outcome::Skipped);
-                        }
+                        None => return self.forgotten(row).await,
                     };
                 }
             }
@@ -503,6 +473,21 @@ impl Uploader {
             .store(now_ns(), Ordering::Relaxed);
         tracing::info!("artifact {} of session {} uploaded", row.path, row.session);
         Ok(Outcome::Done)
+    }
+
+    /// The hub no longer knows the upload (expired or deleted): reset the
+    /// row, so the file starts over with a new upload on the next pass.
+    async fn forgotten(&self, row: &ArtifactRow) -> Result<Outcome, SyncError> {
+        tracing::info!("upload of {} is gone at the hub; starting over", row.path);
+        store(
+            &self.writer,
+            ArtifactCmd::Reset {
+                of: row.version(),
+                error: "the hub no longer knew the upload; started over".into(),
+            },
+        )
+        .await?;
+        Ok(Outcome::Skipped)
     }
 
     /// True while the open file is still the version the row names.
