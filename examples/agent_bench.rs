@@ -17,7 +17,7 @@
 //! target/release/examples/agent_bench --protocol all --records 400000
 //! ```
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -59,18 +59,6 @@ fn arg(name: &str, default: &str) -> String {
         .position(|a| a == name)
         .and_then(|i| args.get(i + 1).cloned())
         .unwrap_or_else(|| default.to_owned())
-}
-
-fn http(socket: &Path, method: &str, path: &str) -> String {
-    let mut s = UnixStream::connect(socket).expect("connect api.sock");
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: b\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
 }
 
 /// CPU seconds per thread name of `pid`, busiest first.
@@ -282,19 +270,14 @@ fn run_agent(logbookd: &Path, protocol: &str, clients: usize, records: usize) ->
             });
         }
     });
-    let flushed = http(&api, "POST", "/v1/flush");
+    let agent_api = logbook::client::Api::new()
+        .socket(&api)
+        .timeout(Duration::from_secs(600));
+    let _: serde_json::Value = agent_api.json("POST", "/v1/flush", None).expect("flush");
     let elapsed = t0.elapsed().as_secs_f64();
-    assert!(flushed.starts_with("HTTP/1.1 200"), "{flushed}");
     let (cpu1, _, peak_rss) = proc_stats(pid);
     let threads = thread_cpu(pid);
-    let status = http(&api, "GET", "/v1/status");
-    let body = &status[status.find("\r\n\r\n").unwrap() + 4..];
-    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| {
-        // A chunked answer: the JSON sits between the size lines.
-        let start = body.find('{').unwrap();
-        let end = body.rfind('}').unwrap();
-        serde_json::from_str(&body[start..=end]).unwrap_or_else(|_| panic!("{e}: {body}"))
-    });
+    let v: serde_json::Value = agent_api.json("GET", "/v1/status", None).expect("status");
     let stored = v["records"]["stored"].as_u64().unwrap() as usize;
     let refused = v["ingest"]["refused"].as_u64().unwrap();
     let total = per_client * clients;

@@ -66,18 +66,6 @@ fn arg(name: &str, default: &str) -> String {
         .unwrap_or_else(|| default.to_owned())
 }
 
-fn unix_http(socket: &Path, method: &str, path: &str) -> String {
-    let mut s = UnixStream::connect(socket).expect("connect api.sock");
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: b\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
 fn body_json(resp: &str) -> serde_json::Value {
     let body = resp.split_once("\r\n\r\n").map_or("", |(_, b)| b);
     serde_json::from_str(body).unwrap_or(serde_json::Value::Null)
@@ -228,8 +216,10 @@ fn main() {
         json_bytes += buf.len() as u64;
         sock.write_all(&buf).unwrap();
     }
-    let flushed = unix_http(&api, "POST", "/v1/flush");
-    assert!(flushed.starts_with("HTTP/1.1 200"), "{flushed}");
+    let agent_api = logbook::client::Api::new()
+        .socket(&api)
+        .timeout(Duration::from_secs(600));
+    let _: serde_json::Value = agent_api.json("POST", "/v1/flush", None).expect("flush");
     let ingest_secs = t0.elapsed().as_secs_f64();
     stop(&mut agent);
 
@@ -240,7 +230,7 @@ fn main() {
     let cpu0 = cpu_secs(pid);
     let hub_cpu0 = cpu_secs(hub.id());
     let status = loop {
-        let s = body_json(&unix_http(&api, "GET", "/v1/status"));
+        let s: serde_json::Value = agent_api.json("GET", "/v1/status", None).expect("status");
         if s["sync"]["backlog_records"] == 0 && s["records"]["synced"].as_u64() >= Some(records) {
             break s;
         }
