@@ -4,6 +4,7 @@
 //! /v1/logs` with their level, module, message, metadata and trusted fields.
 
 mod client;
+mod docker;
 mod forward;
 mod jsonlines;
 mod syslog;
