@@ -327,8 +327,10 @@ Try:
   {cli} --runtime-dir {runtime} session start --tag demo
   # 2. send a log line
   echo '{{\"level\":\"info\",\"msg\":\"hello from my robot\"}}' | socat - UNIX-CONNECT:{ingest}
-  # 3. list sessions at the hub
-  curl -s -H 'Authorization: Bearer {op}' {api}/sessions
+  # 3. list sessions at the hub, as from an operator laptop
+  export LOGBOOK_HUB_URL={url} LOGBOOK_HUB_KEY={op} LOGBOOK_ORG={ORG} LOGBOOK_PROJECT={PROJECT}
+  {cli} sessions
+  #    (the API itself: curl -s -H 'Authorization: Bearer {op}' {api}/sessions)
 
 Ctrl-C stops both.
 ",
