@@ -236,9 +236,10 @@ impl HubClient {
         project: Option<&str>,
     ) -> Result<HubClient, HubError> {
         let base = url.trim().trim_end_matches('/');
-        if !(base.starts_with("http://") || base.starts_with("https://"))
-            || base.len() <= "https://".len()
-        {
+        let host = base
+            .strip_prefix("http://")
+            .or_else(|| base.strip_prefix("https://"));
+        if host.is_none_or(str::is_empty) {
             return Err(HubError::BadUrl(url.to_owned()));
         }
         let key = key

@@ -5,6 +5,7 @@
 mod errors;
 mod follow;
 mod query;
+mod reload;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Output, Stdio};
