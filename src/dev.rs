@@ -360,6 +360,31 @@ mod tests {
     }
 
     #[test]
+    fn the_intro_exports_what_the_hub_commands_need() {
+        let keys = Keys {
+            operator: "lbk_op".into(),
+            device: "lbd_dev".into(),
+        };
+        let text = intro(&Intro {
+            dir: Path::new("/d"),
+            url: "http://127.0.0.1:7070",
+            keys: &keys,
+            api_socket: Path::new("/d/run/api.sock"),
+            ingest_socket: Path::new("/d/run/ingest.sock"),
+            runtime: Path::new("/d/run"),
+            cli: Path::new("/bin/logbook"),
+        });
+        let export = format!(
+            "export LOGBOOK_HUB_URL=http://127.0.0.1:7070 LOGBOOK_HUB_KEY=lbk_op LOGBOOK_ORG={ORG} LOGBOOK_PROJECT={PROJECT}\n  /bin/logbook sessions\n"
+        );
+        assert!(text.contains(&export), "{text}");
+        assert!(
+            !text.contains("lbd_dev"),
+            "the device token stays in keys.toml"
+        );
+    }
+
+    #[test]
     fn keys_are_made_once_and_reused() {
         let dir = tempfile::tempdir().unwrap();
         let hub_dir = dir.path().join("hub");

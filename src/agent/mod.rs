@@ -537,3 +537,28 @@ fn group_id(group: &str) -> Result<u32, AgentError> {
         .next()
         .ok_or_else(|| AgentError::NoGroup(group.to_owned()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::config::RawConfig;
+    use super::*;
+
+    #[test]
+    fn changed_keys_are_named() {
+        let check = |change: fn(&mut RawConfig), want: &[&str]| {
+            let a = RawConfig::default();
+            let mut b = a.clone();
+            change(&mut b);
+            assert_eq!(changed_keys(&a, &b), want);
+        };
+        check(|_| {}, &[]);
+        check(|c| c.sync.token = "new".into(), &["sync.token"]);
+        check(
+            |c| {
+                c.sync.hub = "http://h".into();
+                c.buffer.max_bytes += 1;
+            },
+            &["buffer.max_bytes", "sync.hub"],
+        );
+    }
+}

@@ -6,6 +6,7 @@ mod errors;
 mod follow;
 mod query;
 mod reload;
+mod same;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Output, Stdio};

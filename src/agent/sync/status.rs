@@ -206,3 +206,27 @@ pub struct SyncStatus {
     pub uploader_restarts: u64,
     pub last_error: Option<String>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_token_ends_auth_failed() {
+        let s = SyncShared::new(true);
+        let mut updates = s.token_updates();
+        assert!(s.set_token("a"));
+        assert!(updates.has_changed().unwrap());
+        assert_eq!(&*updates.borrow_and_update().clone(), "a");
+        s.set_link(LinkState::AuthFailed);
+        assert!(!s.set_token("a"), "the same token is no change");
+        assert_eq!(s.link(), LinkState::AuthFailed);
+        assert!(!updates.has_changed().unwrap());
+        assert!(s.set_token("b"));
+        assert_eq!(s.link(), LinkState::Offline);
+        assert_eq!(&*s.token(), "b");
+        s.set_link(LinkState::Online);
+        assert!(s.set_token("c"));
+        assert_eq!(s.link(), LinkState::Online, "only auth-failed changes");
+    }
+}
