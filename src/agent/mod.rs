@@ -367,6 +367,12 @@ async fn reload_on_hup(
         let mut restart = changed_keys(&running.raw, &new.raw);
         restart.retain(|k| k != "sync.token");
         match (&running.sync, &new.sync) {
+            // A token for another hub is no use to the running uploaders.
+            (Some(old), Some(sc)) if old.hub != sc.hub => {
+                if old.token != sc.token {
+                    restart.push("sync.token".into());
+                }
+            }
             (Some(_), Some(sc)) => {
                 if shared.set_token(&sc.token) {
                     tracing::info!("reloaded: the uploaders use the new sync.token from now on");

@@ -15,7 +15,7 @@ use hyper::{Method, StatusCode};
 use logbook::agent::types::{
     ArtifactItem, Flushed, LogItem, OpenSession, Page, SessionView, StopSession,
 };
-use logbook::client::hub::{HubClient, HubLog, HubSession, LogFilter, SessionFilter};
+use logbook::client::hub::{HubClient, HubLog, HubSession, LogFilter, LogScope, SessionFilter};
 use logbook::wire::{ErrorBody, Level, Package};
 
 /// Sessions, logs and artifacts of the logbook agent on this machine, or of
@@ -175,6 +175,9 @@ struct LogsArgs {
     /// Session id, or `current`.
     #[arg(long)]
     session: Option<String>,
+    /// With --hub: the records this device logged outside any session.
+    #[arg(long, value_name = "D", conflicts_with = "session")]
+    device: Option<String>,
     /// This level and above: trace, debug, info, warn, error, fatal.
     #[arg(long)]
     level: Option<String>,
@@ -1046,11 +1049,15 @@ async fn run_hub(cli: Cli) -> anyhow::Result<()> {
 /// `logs` at a hub: the local paging and tail rules, then `--follow` over
 /// the hub's WebSocket live route.
 async fn hub_logs(hub: &HubClient, out: &mut impl Write, a: LogsArgs) -> anyhow::Result<()> {
-    let session = match a.session.as_deref() {
-        Some("current") | None => bail!(
-            "with --hub, logs needs --session ID (the hub keeps logs per session; list them with `sessions`)"
+    let scope = match (a.session.as_deref(), a.device) {
+        (_, Some(d)) if a.follow => {
+            bail!("--follow streams a session: give --session ID instead of --device {d}")
+        }
+        (_, Some(d)) => LogScope::Device(d),
+        (Some("current") | None, None) => bail!(
+            "with --hub, logs needs --session ID or --device D (list sessions with `sessions`)"
         ),
-        Some(s) => s.to_owned(),
+        (Some(s), None) => LogScope::Session(s.to_owned()),
     };
     let mut filter = LogFilter::default();
     for (k, v) in [
@@ -1073,7 +1080,7 @@ async fn hub_logs(hub: &HubClient, out: &mut impl Write, a: LogsArgs) -> anyhow:
         while items.len() < n {
             let want = n - items.len();
             let page = hub
-                .logs_page(&session, &filter, want, before.map(|b| ("before", b)))
+                .logs_page(&scope, &filter, want, before.map(|b| ("before", b)))
                 .await?;
             let done = page.next_cursor.is_none() || page.items.is_empty();
             before = page.items.last().map(|r| r.seq);
@@ -1091,7 +1098,7 @@ async fn hub_logs(hub: &HubClient, out: &mut impl Write, a: LogsArgs) -> anyhow:
         loop {
             let page = hub
                 .logs_page(
-                    &session,
+                    &scope,
                     &filter,
                     logbook::client::hub::PAGE,
                     Some(("after", after)),
@@ -1107,6 +1114,9 @@ async fn hub_logs(hub: &HubClient, out: &mut impl Write, a: LogsArgs) -> anyhow:
         }
     }
     out.flush()?;
+    let LogScope::Session(session) = scope else {
+        return Ok(());
+    };
     if !a.follow {
         return Ok(());
     }
@@ -1130,6 +1140,9 @@ async fn hub_logs(hub: &HubClient, out: &mut impl Write, a: LogsArgs) -> anyhow:
 }
 
 async fn logs(api: &Api, out: &mut impl Write, a: LogsArgs) -> anyhow::Result<()> {
+    if a.device.is_some() {
+        bail!("--device reads a device's logs at a hub: give --hub URL (here every record is this device's)");
+    }
     let mut filter = String::new();
     for (k, v) in [
         ("session", &a.session),

@@ -177,6 +177,14 @@ impl LogFilter {
     }
 }
 
+/// Whose logs: one session's, or one device's records logged while no
+/// session was active (the hub's device logs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogScope {
+    Session(String),
+    Device(String),
+}
+
 /// How [`HubClient::download`] ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Downloaded {
@@ -413,17 +421,21 @@ impl HubClient {
         .await
     }
 
-    /// One page of a session's logs; `cursor` is `before=N` or `after=N`.
+    /// One page of a session's (or a device's) logs; `cursor` is
+    /// `before=N` or `after=N`.
     pub async fn logs_page(
         &self,
-        session: &str,
+        scope: &LogScope,
         filter: &LogFilter,
         limit: usize,
         cursor: Option<(&str, u64)>,
     ) -> Result<Page<HubLog>, HubError> {
+        let path = match scope {
+            LogScope::Session(id) => format!("/sessions/{}/logs", enc(id)),
+            LogScope::Device(id) => format!("/devices/{}/logs", enc(id)),
+        };
         let mut url = self.project_url(&format!(
-            "/sessions/{}/logs?limit={}{}",
-            enc(session),
+            "{path}?limit={}{}",
             limit.clamp(1, PAGE),
             filter.query()
         ));
@@ -651,8 +663,9 @@ impl HubClient {
                 Err(e @ HubError::Unreachable { .. }) | Err(e @ HubError::Status { .. })
                     if connected_once =>
                 {
-                    notice(&format!("{e}; retrying in {delay:.1?}"));
-                    tokio::time::sleep(delay).await;
+                    let wait = jitter(delay);
+                    notice(&format!("{e}; retrying in {wait:.1?}"));
+                    tokio::time::sleep(wait).await;
                     delay = (delay * 2).min(max_backoff);
                     continue;
                 }
@@ -723,10 +736,16 @@ impl HubClient {
                     self.base
                 )),
             }
-            tokio::time::sleep(delay).await;
+            tokio::time::sleep(jitter(delay)).await;
             delay = (delay * 2).min(max_backoff);
         }
     }
+}
+
+/// Between half and all of `d`: many CLIs following one hub that restarts
+/// do not all reconnect in the same instant.
+fn jitter(d: Duration) -> Duration {
+    d.mul_f64(rand::random_range(0.5..=1.0))
 }
 
 #[cfg(test)]

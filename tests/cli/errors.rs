@@ -85,6 +85,8 @@ fn errors_are_one_clear_line() {
     // Bad flag combinations.
     let err = fails(cli(&hub), &["logs"]);
     assert!(err.contains("with --hub, logs needs --session ID"), "{err}");
+    let err = fails(cli(&hub), &["logs", "--device", "robot-1", "--follow"]);
+    assert!(err.contains("--follow streams a session"), "{err}");
     let err = fails(cli(&hub), &["artifacts"]);
     assert!(err.contains("artifacts needs --session ID"), "{err}");
     let err = fails(cli(&hub), &["session", "start"]);
@@ -121,6 +123,13 @@ fn errors_are_one_clear_line() {
     let err = fails(
         c,
         &["--runtime-dir", "/nonexistent", "sessions", "--tag", "x"],
+    );
+    assert!(err.contains("give --hub URL"), "{err}");
+    let mut c = std::process::Command::new(bin("logbook"));
+    c.env_remove("LOGBOOK_HUB_URL");
+    let err = fails(
+        c,
+        &["--runtime-dir", "/nonexistent", "logs", "--device", "x"],
     );
     assert!(err.contains("give --hub URL"), "{err}");
 }

@@ -11,7 +11,8 @@ use crate::util::TestDir;
 
 /// Session 1 (completed, tags field+night): seqs 1..=1200, every 100th an
 /// error, modules alternating `nav`/`perception`. Session 2 (active, tag
-/// field): seqs 1201..=1210. Session 3 on robot-2 (failed).
+/// field): seqs 1201..=1210; then 1211..=1213 outside sessions. Session 3
+/// on robot-2 (failed).
 async fn fill(hub: &HubProc) {
     let (s1, s2, s3) = (session_id(1), session_id(2), session_id(3));
     let recs: Vec<_> = (1..=1200u64)
@@ -24,6 +25,7 @@ async fn fill(hub: &HubProc) {
             record(i, Some(s1), level, module, &format!("step {i}"))
         })
         .chain((1201..=1210u64).map(|i| record(i, Some(s2), Level::Warn, "arm", "grip")))
+        .chain((1211..=1213u64).map(|i| record(i, None, Level::Info, "dock", "idle")))
         .collect();
     let (status, body) = hub
         .post_batch(&batch(
@@ -187,6 +189,17 @@ async fn sessions_and_logs_against_a_hub() {
             "--json",
         ],
     ));
+    // A device's logs outside sessions.
+    let idle = json_lines(&ok(cli(&hub), &["logs", "--device", "robot-1", "--json"]));
+    assert_eq!(seqs(&idle), vec![1211, 1212, 1213]);
+    assert!(idle[0]["session_id"].is_null(), "{}", idle[0]);
+    let last = json_lines(&ok(
+        cli(&hub),
+        &["logs", "--device", "robot-1", "--limit", "2", "--json"],
+    ));
+    assert_eq!(seqs(&last), vec![1212, 1213]);
+    assert_eq!(ok(cli(&hub), &["logs", "--device", "robot-2"]), "");
+
     // The hub matches search words, not substrings: only "step 11" itself.
     assert_eq!(seqs(&nav), vec![11]);
     let window = json_lines(&ok(

@@ -86,4 +86,18 @@ fn sighup_applies_a_fixed_device_token() {
         "{log}"
     );
     assert!(!log.contains(&hub.device), "the token is never logged");
+
+    // Another hub with its own token: neither applies to the running
+    // uploaders (which keep working with the hub they have).
+    std::fs::write(&file, config("http://127.0.0.1:9", "lbd_other", "32MiB")).unwrap();
+    hup(&agent);
+    wait_for("the restart notice", Duration::from_secs(10), || {
+        agent
+            .log_text()
+            .contains("sync.hub, sync.token changed and needs a restart")
+            .then_some(())
+    });
+    send_lines(&agent, &[r#"{"level":"info","msg":"three"}"#]);
+    crate::sync::wait_synced(&agent, Duration::from_secs(10));
+    assert_eq!(agent.status()["sync"]["link"], "online");
 }
