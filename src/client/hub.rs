@@ -33,6 +33,9 @@ pub const PAGE: usize = 500;
 pub const LIVE_TAIL: usize = 1000;
 /// Largest JSON answer accepted from the hub (a page of 500 big records).
 const MAX_JSON: usize = 64 << 20;
+/// How often a quiet live stream is pinged; three periods without an
+/// answer count as a dead link.
+const PING_EVERY: Duration = Duration::from_secs(15);
 /// Records remembered by `follow` to print each once across reconnects.
 const SEEN_CAP: usize = 100_000;
 
@@ -376,6 +379,9 @@ impl HubClient {
 
     /// Sessions, newest first, following `next_cursor` until `limit`.
     pub async fn sessions(&self, f: &SessionFilter) -> Result<Vec<HubSession>, HubError> {
+        if f.limit == Some(0) {
+            return Ok(Vec::new());
+        }
         let mut filter = String::new();
         if let Some(d) = &f.device {
             filter.push_str(&format!("&device_id={}", enc(d)));
@@ -677,8 +683,28 @@ impl HubClient {
             connected_once = true;
             delay = Duration::from_millis(200);
             let (mut tx, mut rx) = ws.split();
+            // A link that dies without a FIN (a laptop changing networks)
+            // would wait forever: ping, and reconnect when nothing (not even
+            // a pong) came back for a while.
+            let mut ping = tokio::time::interval(PING_EVERY);
+            ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ping.tick().await;
+            let mut heard = tokio::time::Instant::now();
             let ended = loop {
-                let msg = match rx.next().await {
+                let next = tokio::select! {
+                    m = rx.next() => m,
+                    _ = ping.tick() => {
+                        if heard.elapsed() > PING_EVERY * 3 {
+                            break Some(Err(format!("no answer for {:?}", heard.elapsed())));
+                        }
+                        if let Err(e) = tx.send(Message::Ping(Default::default())).await {
+                            break Some(Err(e.to_string()));
+                        }
+                        continue;
+                    }
+                };
+                heard = tokio::time::Instant::now();
+                let msg = match next {
                     None => break None,
                     Some(Err(e)) => break Some(Err(e.to_string())),
                     Some(Ok(m)) => m,
