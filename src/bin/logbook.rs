@@ -1133,7 +1133,7 @@ async fn hub_logs(hub: &HubClient, out: &mut impl Write, a: LogsArgs) -> anyhow:
             out.flush()
         },
         |note| eprintln!("logbook: {note}"),
-        Duration::from_secs(10),
+        logbook::client::hub::FollowTiming::default(),
     )
     .await?;
     Ok(())

@@ -33,9 +33,6 @@ pub const PAGE: usize = 500;
 pub const LIVE_TAIL: usize = 1000;
 /// Largest JSON answer accepted from the hub (a page of 500 big records).
 const MAX_JSON: usize = 64 << 20;
-/// How often a quiet live stream is pinged; three periods without an
-/// answer count as a dead link.
-const PING_EVERY: Duration = Duration::from_secs(15);
 /// Records remembered by `follow` to print each once across reconnects.
 const SEEN_CAP: usize = 100_000;
 
@@ -177,6 +174,25 @@ impl LogFilter {
             .iter()
             .map(|(k, v)| format!("&{k}={}", enc(v)))
             .collect()
+    }
+}
+
+/// Timing of [`HubClient::follow`].
+#[derive(Debug, Clone, Copy)]
+pub struct FollowTiming {
+    /// Longest wait between reconnect attempts.
+    pub max_backoff: Duration,
+    /// How often a quiet stream is pinged; three periods without an answer
+    /// (not even a pong) count as a dead link.
+    pub ping_every: Duration,
+}
+
+impl Default for FollowTiming {
+    fn default() -> Self {
+        FollowTiming {
+            max_backoff: Duration::from_secs(10),
+            ping_every: Duration::from_secs(15),
+        }
     }
 }
 
@@ -643,7 +659,7 @@ impl HubClient {
 
     /// Follows a session's live logs until the hub says the session ended,
     /// calling `each` once per record. A dropped connection (or a hub
-    /// restart) is retried with exponential backoff up to `max_backoff`;
+    /// restart) is retried with jittered exponential backoff (`timing`);
     /// every reconnect replays the newest [`LIVE_TAIL`] records and skips
     /// those already passed to `each`. `seen` holds the seqs printed before
     /// following (the tail read by pages); replayed records older than the
@@ -656,8 +672,9 @@ impl HubClient {
         mut seen: BTreeSet<u64>,
         mut each: impl FnMut(&HubLog) -> std::io::Result<()>,
         mut notice: impl FnMut(&str),
-        max_backoff: Duration,
+        timing: FollowTiming,
     ) -> Result<(), HubError> {
+        let max_backoff = timing.max_backoff;
         let floor = seen.first().copied().unwrap_or(0);
         let mut delay = Duration::from_millis(200);
         let mut connected_once = false;
@@ -686,7 +703,7 @@ impl HubClient {
             // A link that dies without a FIN (a laptop changing networks)
             // would wait forever: ping, and reconnect when nothing (not even
             // a pong) came back for a while.
-            let mut ping = tokio::time::interval(PING_EVERY);
+            let mut ping = tokio::time::interval(timing.ping_every);
             ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             ping.tick().await;
             let mut heard = tokio::time::Instant::now();
@@ -694,7 +711,7 @@ impl HubClient {
                 let next = tokio::select! {
                     m = rx.next() => m,
                     _ = ping.tick() => {
-                        if heard.elapsed() > PING_EVERY * 3 {
+                        if heard.elapsed() > timing.ping_every * 3 {
                             break Some(Err(format!("no answer for {:?}", heard.elapsed())));
                         }
                         if let Err(e) = tx.send(Message::Ping(Default::default())).await {
@@ -808,6 +825,94 @@ mod tests {
             Some("k"),
             None,
             "no org: give --org or set LOGBOOK_ORG",
+        );
+    }
+
+    /// Reads one HTTP request head; returns its Sec-WebSocket-Key.
+    async fn request_key(s: &mut tokio::net::TcpStream) -> String {
+        use tokio::io::AsyncReadExt;
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            assert_eq!(s.read(&mut byte).await.unwrap(), 1);
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8(head).unwrap();
+        head.lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("sec-websocket-key")
+                    .then(|| v.trim().to_owned())
+            })
+            .expect("a WebSocket key")
+    }
+
+    #[tokio::test]
+    async fn a_silent_live_link_is_noticed_and_redialled() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            // First: accept the upgrade, then never answer (a dead link).
+            let (mut first, _) = listener.accept().await.unwrap();
+            let key = request_key(&mut first).await;
+            let accept =
+                tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+            first
+                .write_all(
+                    format!(
+                        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                         Connection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+                    )
+                    .as_bytes(),
+                )
+                .await
+                .unwrap();
+            // Second: the session is gone, which ends the follow.
+            let (mut second, _) = listener.accept().await.unwrap();
+            request_key(&mut second).await;
+            let body = r#"{"error":{"code":"not_found","message":"no session s1"}}"#;
+            second
+                .write_all(
+                    format!(
+                        "HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\n\
+                         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .as_bytes(),
+                )
+                .await
+                .unwrap();
+            drop(first);
+        });
+        let client = HubClient::new(&url, Some("k"), Some("o"), Some("p")).unwrap();
+        let mut notes = Vec::new();
+        let timing = FollowTiming {
+            max_backoff: Duration::from_millis(50),
+            ping_every: Duration::from_millis(50),
+        };
+        // Without the pings this would wait forever: bound it.
+        let r = tokio::time::timeout(
+            Duration::from_secs(10),
+            client.follow(
+                "s1",
+                &LogFilter::default(),
+                BTreeSet::new(),
+                |_| Ok(()),
+                |n| notes.push(n.to_owned()),
+                timing,
+            ),
+        )
+        .await
+        .expect("the dead link was noticed");
+        server.await.unwrap();
+        assert!(
+            matches!(&r, Err(HubError::NotFound(m)) if m == "no session s1"),
+            "{r:?}"
+        );
+        assert!(
+            notes.iter().any(|n| n.contains("no answer for")),
+            "{notes:?}"
         );
     }
 
