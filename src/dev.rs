@@ -327,8 +327,10 @@ Try:
   {cli} --runtime-dir {runtime} session start --tag demo
   # 2. send a log line
   echo '{{\"level\":\"info\",\"msg\":\"hello from my robot\"}}' | socat - UNIX-CONNECT:{ingest}
-  # 3. list sessions at the hub
-  curl -s -H 'Authorization: Bearer {op}' {api}/sessions
+  # 3. list sessions at the hub, as from an operator laptop
+  export LOGBOOK_HUB_URL={url} LOGBOOK_HUB_KEY={op} LOGBOOK_ORG={ORG} LOGBOOK_PROJECT={PROJECT}
+  {cli} sessions
+  #    (the API itself: curl -s -H 'Authorization: Bearer {op}' {api}/sessions)
 
 Ctrl-C stops both.
 ",
@@ -355,6 +357,31 @@ mod tests {
         };
         check("/home/me/logbook/.logbook", true);
         check(&format!("/home/me/{}/.logbook", "deep/".repeat(30)), false);
+    }
+
+    #[test]
+    fn the_intro_exports_what_the_hub_commands_need() {
+        let keys = Keys {
+            operator: "lbk_op".into(),
+            device: "lbd_dev".into(),
+        };
+        let text = intro(&Intro {
+            dir: Path::new("/d"),
+            url: "http://127.0.0.1:7070",
+            keys: &keys,
+            api_socket: Path::new("/d/run/api.sock"),
+            ingest_socket: Path::new("/d/run/ingest.sock"),
+            runtime: Path::new("/d/run"),
+            cli: Path::new("/bin/logbook"),
+        });
+        let export = format!(
+            "export LOGBOOK_HUB_URL=http://127.0.0.1:7070 LOGBOOK_HUB_KEY=lbk_op LOGBOOK_ORG={ORG} LOGBOOK_PROJECT={PROJECT}\n  /bin/logbook sessions\n"
+        );
+        assert!(text.contains(&export), "{text}");
+        assert!(
+            !text.contains("lbd_dev"),
+            "the device token stays in keys.toml"
+        );
     }
 
     #[test]

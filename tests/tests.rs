@@ -2,6 +2,7 @@
 //! real binaries on a fresh temporary directory (see `util`).
 
 mod agent;
+mod cli;
 mod hub;
 mod ingest;
 mod sync;

@@ -3,7 +3,9 @@
 //! [`run`] wires the parts together: the writer thread ([`store::writer`]),
 //! the ingest listeners ([`ingest`]), the local API ([`api`]) and systemd
 //! notifications ([`systemd`]); it returns after a clean shutdown with every
-//! received record committed.
+//! received record committed. On SIGHUP it re-reads the configuration
+//! through the caller's [`Reloader`] and hands a new `sync.token` to both
+//! uploaders; other changed keys are logged as needing a restart.
 
 pub mod api;
 pub mod config;
@@ -60,14 +62,33 @@ pub fn boot_id(path: &Path) -> String {
         })
 }
 
+/// Loads the configuration again the way it was loaded at start (file,
+/// flags, environment), for SIGHUP.
+pub type Reloader =
+    Arc<dyn Fn() -> Result<AgentConfig, crate::config::ConfigError> + Send + Sync + 'static>;
+
 /// Runs the agent until `shutdown` fires. `passed` are listening sockets
 /// from systemd socket activation, by name (`ingest`, `api`, `syslog`,
-/// `forward`).
+/// `forward`). SIGHUP is left alone (see [`run_with_reload`]).
 pub async fn run(
+    cfg: AgentConfig,
+    passed: HashMap<String, std::os::unix::net::UnixListener>,
+    shutdown: CancellationToken,
+    notifier: Notifier,
+) -> Result<(), AgentError> {
+    run_with_reload(cfg, passed, shutdown, notifier, None).await
+}
+
+/// [`run`], and with a `reload` function, SIGHUP re-reads the
+/// configuration: a new `sync.token` is used by the next request of both
+/// uploaders (a link stopped as auth-failed resumes at once); a bad
+/// configuration is logged on one line and the running one stays.
+pub async fn run_with_reload(
     cfg: AgentConfig,
     mut passed: HashMap<String, std::os::unix::net::UnixListener>,
     shutdown: CancellationToken,
     notifier: Notifier,
+    reload: Option<Reloader>,
 ) -> Result<(), AgentError> {
     let started = Instant::now();
     for dir in [&cfg.state_dir, &cfg.runtime_dir, &cfg.sessions_dir()] {
@@ -103,6 +124,18 @@ pub async fn run(
 
     // Sync to the hub (issue 4): the batch uploader under its supervisor.
     let sync_shared = Arc::new(sync::status::SyncShared::new(cfg.sync.is_some()));
+    if let Some(sc) = &cfg.sync {
+        sync_shared.set_token(&sc.token);
+    }
+    // Installed before READY=1: SIGHUP's default action ends the process.
+    let hup = match reload {
+        Some(r) => Some((
+            r,
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                .map_err(io("installing the SIGHUP handler"))?,
+        )),
+        None => None,
+    };
     let sync_task = start_uploader(
         &cfg,
         &view,
@@ -157,7 +190,16 @@ pub async fn run(
         shutdown.clone(),
         tracker.clone(),
     ));
-    let artifact_stats = spawn_artifacts(&cfg, &view, &pipeline, &shutdown, &tracker);
+    let artifact_stats = spawn_artifacts(&cfg, &view, &pipeline, &sync_shared, &shutdown, &tracker);
+    if let Some((reload, signal)) = hup {
+        tokio::spawn(reload_on_hup(
+            reload,
+            signal,
+            cfg.clone(),
+            sync_shared.clone(),
+            shutdown.clone(),
+        ));
+    }
     let state = Arc::new(api::ApiState {
         reader: Reader::new(&cfg.db_path(), view),
         pipeline: pipeline.clone(),
@@ -271,11 +313,13 @@ fn spawn_artifacts(
     cfg: &AgentConfig,
     view: &ViewCtx,
     pipeline: &Pipeline,
+    sync_shared: &sync::status::SyncShared,
     shutdown: &CancellationToken,
     tracker: &TaskTracker,
 ) -> Arc<sync::artifacts::ArtifactStats> {
     let stats = Arc::new(sync::artifacts::ArtifactStats::default());
-    match sync::artifacts::ArtifactsConfig::from_agent(cfg, view.clone()) {
+    let token = sync_shared.token_updates();
+    match sync::artifacts::ArtifactsConfig::from_agent(cfg, view.clone(), token) {
         Some(acfg) => {
             tracing::info!("artifacts of sessions go to {}", acfg.hub);
             sync::artifacts::spawn(
@@ -290,6 +334,89 @@ fn spawn_artifacts(
         None => tracing::info!("sync.hub is not set: artifacts stay on this device"),
     }
     stats
+}
+
+/// On each SIGHUP: load the configuration again, apply a new `sync.token`,
+/// and name every other changed key as needing a restart (names only: values
+/// may be secrets). A configuration that does not load changes nothing.
+async fn reload_on_hup(
+    reload: Reloader,
+    mut signal: tokio::signal::unix::Signal,
+    running: AgentConfig,
+    shared: Arc<sync::status::SyncShared>,
+    shutdown: CancellationToken,
+) {
+    let mut running = running;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            got = signal.recv() => if got.is_none() { return },
+        }
+        let r = reload.clone();
+        let new = match tokio::task::spawn_blocking(move || r()).await {
+            Ok(Ok(new)) => new,
+            Ok(Err(e)) => {
+                tracing::error!("reload refused, the running configuration stays: {e}");
+                continue;
+            }
+            Err(e) => {
+                tracing::error!("reload failed, the running configuration stays: {e}");
+                continue;
+            }
+        };
+        let mut restart = changed_keys(&running.raw, &new.raw);
+        restart.retain(|k| k != "sync.token");
+        match (&running.sync, &new.sync) {
+            // A token for another hub is no use to the running uploaders.
+            (Some(old), Some(sc)) if old.hub != sc.hub => {
+                if old.token != sc.token {
+                    restart.push("sync.token".into());
+                }
+            }
+            (Some(_), Some(sc)) => {
+                if shared.set_token(&sc.token) {
+                    tracing::info!("reloaded: the uploaders use the new sync.token from now on");
+                    running.raw.sync.token = new.raw.sync.token.clone();
+                }
+            }
+            (None, Some(_)) | (Some(_), None) => {
+                // Turning sync on or off rebuilds the uploaders: a restart.
+                if !restart.iter().any(|k| k == "sync.hub") {
+                    restart.push("sync.hub".into());
+                }
+            }
+            (None, None) => {}
+        }
+        if restart.is_empty() {
+            tracing::info!("reloaded: nothing else changed");
+        } else {
+            tracing::warn!(
+                "reloaded: {} changed and needs a restart of logbookd to apply",
+                restart.join(", ")
+            );
+        }
+    }
+}
+
+/// Dotted names (`sync.hub`) of the keys whose values differ.
+fn changed_keys(a: &config::RawConfig, b: &config::RawConfig) -> Vec<String> {
+    let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
+        (serde_json::to_value(a), serde_json::to_value(b))
+    else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (section, av) in &a {
+        let empty = serde_json::Map::new();
+        let am = av.as_object().unwrap_or(&empty);
+        let bm = b.get(section).and_then(|v| v.as_object()).unwrap_or(&empty);
+        for (key, v) in am {
+            if bm.get(key) != Some(v) {
+                out.push(format!("{section}.{key}"));
+            }
+        }
+    }
+    out
 }
 
 /// Sends WATCHDOG=1 while the writer proves progress (its loop turns at
@@ -415,4 +542,29 @@ fn group_id(group: &str) -> Result<u32, AgentError> {
         })
         .next()
         .ok_or_else(|| AgentError::NoGroup(group.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::config::RawConfig;
+    use super::*;
+
+    #[test]
+    fn changed_keys_are_named() {
+        let check = |change: fn(&mut RawConfig), want: &[&str]| {
+            let a = RawConfig::default();
+            let mut b = a.clone();
+            change(&mut b);
+            assert_eq!(changed_keys(&a, &b), want);
+        };
+        check(|_| {}, &[]);
+        check(|c| c.sync.token = "new".into(), &["sync.token"]);
+        check(
+            |c| {
+                c.sync.hub = "http://h".into();
+                c.buffer.max_bytes += 1;
+            },
+            &["buffer.max_bytes", "sync.hub"],
+        );
+    }
 }

@@ -1,5 +1,6 @@
 //! `logbookd` binary: parses flags, loads the configuration, and runs
-//! [`logbook::agent::run`] until SIGTERM or SIGINT.
+//! [`logbook::agent::run_with_reload`] until SIGTERM or SIGINT (SIGHUP
+//! reloads the configuration).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -41,6 +42,12 @@ fn run() -> anyhow::Result<()> {
         runtime_dir: args.runtime_dir,
     };
     let cfg = config::load(args.config.as_deref(), &overrides, std::env::vars())?;
+    // SIGHUP loads again exactly this way (the same file, flags, and the
+    // process environment).
+    let file = args.config.clone();
+    let again = overrides.clone();
+    let reload: agent::Reloader =
+        std::sync::Arc::new(move || config::load(file.as_deref(), &again, std::env::vars()));
     if args.print_config {
         print!("{}", config::to_toml(&cfg));
         return Ok(());
@@ -81,7 +88,7 @@ fn run() -> anyhow::Result<()> {
             }
             signals.cancel();
         });
-        agent::run(cfg, passed, shutdown, notifier).await
+        agent::run_with_reload(cfg, passed, shutdown, notifier, Some(reload)).await
     })?;
     Ok(())
 }

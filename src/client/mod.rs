@@ -1,6 +1,7 @@
 //! Client library for programs on the robot: a `tracing` layer that logs to
 //! `logbookd` without ever blocking, and session control over the local API
-//! ([`Api`]).
+//! ([`Api`]); and [`hub`], the operator's client for a hub's Sessions API
+//! (`logbook --hub URL …`).
 //!
 //! ```no_run
 //! use tracing_subscriber::prelude::*;
@@ -26,6 +27,7 @@
 //! event is either written or counted as dropped.
 
 mod api;
+pub mod hub;
 mod layer;
 mod sender;
 

@@ -2,11 +2,14 @@
 //! the local API (which shows it in `/v1/status`, `logbook status` and
 //! `/metrics`).
 //!
-//! Invariant: plain atomics and one small mutex; nothing here waits, so the
-//! API never blocks on the uploader.
+//! It also carries the device token both uploaders read per request, so a
+//! SIGHUP can hand them a new one without a restart.
+//!
+//! Invariant: plain atomics, one small mutex and one watch channel; nothing
+//! here waits, so the API never blocks on the uploader.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -22,7 +25,7 @@ pub enum LinkState {
     /// The hub cannot be reached or answers with transient errors.
     Offline,
     /// The hub refused the device token (401/403): uploading stopped until
-    /// the token is fixed and logbookd restarted.
+    /// a new token arrives (SIGHUP after fixing `sync.token`, or a restart).
     AuthFailed,
 }
 
@@ -78,6 +81,8 @@ pub struct SyncShared {
     /// it waits: the supervisor's evidence that it is alive.
     pub heartbeat: AtomicU64,
     pub last_error: Mutex<Option<String>>,
+    /// The device token (`sync.token`), replaced on reload.
+    token: tokio::sync::watch::Sender<Arc<str>>,
 }
 
 impl SyncShared {
@@ -89,6 +94,34 @@ impl SyncShared {
             LinkState::Disabled
         });
         s
+    }
+
+    /// The device token to send now: read per request, never cached.
+    pub fn token(&self) -> Arc<str> {
+        self.token.borrow().clone()
+    }
+
+    /// Replaces the device token; true when it changed. A link parked as
+    /// `auth-failed` leaves that state at once (the uploader that refused
+    /// checks the token again after parking, so neither side misses the
+    /// other).
+    pub fn set_token(&self, token: &str) -> bool {
+        let changed = self.token.send_if_modified(|t| {
+            if &**t == token {
+                return false;
+            }
+            *t = Arc::from(token);
+            true
+        });
+        if changed && self.link() == LinkState::AuthFailed {
+            self.set_link(LinkState::Offline);
+        }
+        changed
+    }
+
+    /// Wakes on every new token.
+    pub fn token_updates(&self) -> tokio::sync::watch::Receiver<Arc<str>> {
+        self.token.subscribe()
     }
 
     pub fn link(&self) -> LinkState {
@@ -172,4 +205,28 @@ pub struct SyncStatus {
     pub set_aside_records: u64,
     pub uploader_restarts: u64,
     pub last_error: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_token_ends_auth_failed() {
+        let s = SyncShared::new(true);
+        let mut updates = s.token_updates();
+        assert!(s.set_token("a"));
+        assert!(updates.has_changed().unwrap());
+        assert_eq!(&*updates.borrow_and_update().clone(), "a");
+        s.set_link(LinkState::AuthFailed);
+        assert!(!s.set_token("a"), "the same token is no change");
+        assert_eq!(s.link(), LinkState::AuthFailed);
+        assert!(!updates.has_changed().unwrap());
+        assert!(s.set_token("b"));
+        assert_eq!(s.link(), LinkState::Offline);
+        assert_eq!(&*s.token(), "b");
+        s.set_link(LinkState::Online);
+        assert!(s.set_token("c"));
+        assert_eq!(s.link(), LinkState::Online, "only auth-failed changes");
+    }
 }

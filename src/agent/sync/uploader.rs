@@ -237,14 +237,19 @@ impl Uploader {
                 Step::Next => {}
                 Step::Shutdown => return Done::Shutdown,
                 Step::Parked => {
-                    // 401/403: retrying cannot help. Wait for a restart with
-                    // a fixed token; stay alive for the supervisor.
-                    loop {
-                        if sleep_or_cancel(Duration::from_secs(1), &shutdown).await {
-                            return Done::Shutdown;
+                    // 401/403: retrying the same token cannot help. Wait for
+                    // a new one (SIGHUP) or a restart; stay alive for the
+                    // supervisor.
+                    let mut updates = self.ctx.shared.token_updates();
+                    while self.ctx.shared.link() == LinkState::AuthFailed {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return Done::Shutdown,
+                            _ = updates.changed() => {}
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                         }
                         self.ctx.shared.beat();
                     }
+                    tracing::info!("trying the new device token");
                 }
                 Step::WriterGone => {
                     // The writer only goes away at shutdown.
@@ -320,10 +325,12 @@ impl Uploader {
         }
         let post_start = Instant::now();
         self.ctx.shared.beat();
+        // Read per request: a SIGHUP may have brought a new token.
+        let token = self.ctx.shared.token();
         let request = self
             .http
             .post(&self.url)
-            .bearer_auth(&self.ctx.cfg.token)
+            .bearer_auth(&*token)
             .header(CONTENT_TYPE, CONTENT_TYPE_MSGPACK)
             .header(CONTENT_ENCODING, "gzip")
             .body(body);
@@ -395,8 +402,14 @@ impl Uploader {
                     Action::Stop => {
                         shared.set_link(LinkState::AuthFailed);
                         shared.set_backoff(None);
+                        // Parked first, then checked: a token that arrived
+                        // meanwhile is tried now, not after the next reload.
+                        if shared.token() != token {
+                            shared.set_link(LinkState::Offline);
+                            return Step::Next;
+                        }
                         tracing::error!(
-                            "the hub refused this device's token ({e}); uploading stopped: fix sync.token and restart logbookd"
+                            "the hub refused this device's token ({e}); uploading stopped: fix sync.token and reload logbookd (SIGHUP)"
                         );
                         Step::Parked
                     }

@@ -33,7 +33,8 @@ use crate::agent::types::ArtifactStatus;
 #[derive(Debug, Clone)]
 pub struct ArtifactsConfig {
     pub hub: String,
-    pub token: String,
+    /// The device token, replaced on SIGHUP (see `SyncShared::set_token`).
+    pub token: tokio::sync::watch::Receiver<Arc<str>>,
     pub db_path: PathBuf,
     pub view: ViewCtx,
     /// A file unchanged this long is complete (`artifacts.settle_secs`).
@@ -52,7 +53,11 @@ pub struct ArtifactsConfig {
 
 impl ArtifactsConfig {
     /// `None` when no hub is configured: artifacts stay on the robot.
-    pub fn from_agent(cfg: &AgentConfig, view: ViewCtx) -> Option<ArtifactsConfig> {
+    pub fn from_agent(
+        cfg: &AgentConfig,
+        view: ViewCtx,
+        token: tokio::sync::watch::Receiver<Arc<str>>,
+    ) -> Option<ArtifactsConfig> {
         let hub = cfg.raw.sync.hub.trim();
         if hub.is_empty() {
             return None;
@@ -60,7 +65,7 @@ impl ArtifactsConfig {
         let a = &cfg.raw.artifacts;
         Some(ArtifactsConfig {
             hub: hub.to_owned(),
-            token: cfg.raw.sync.token.clone(),
+            token,
             db_path: cfg.db_path(),
             view,
             settle: Duration::from_secs_f64(a.settle_secs),

@@ -90,7 +90,11 @@ pub async fn run(
             return;
         }
     };
-    let tus = match TusClient::new(http, &cfg.hub, &cfg.token) {
+    // The device token: read now, and again whenever a SIGHUP brings a new
+    // one (checked before each file, and awaited after a 401/403).
+    let mut token = cfg.token.clone();
+    let mut used = token.borrow_and_update().clone();
+    let tus = match TusClient::new(http.clone(), &cfg.hub, &used) {
         Ok(t) => t,
         Err(e) => {
             tracing::error!("artifact uploads disabled: {e}");
@@ -113,6 +117,22 @@ pub async fn run(
     loop {
         if shutdown.is_cancelled() {
             return;
+        }
+        let now = token.borrow_and_update().clone();
+        if now != used {
+            match TusClient::new(http.clone(), &cfg.hub, &now) {
+                Ok(t) => {
+                    up.tus = t;
+                    used = now;
+                    stats.auth_failed.store(false, Ordering::Relaxed);
+                    tracing::info!("artifact uploads use the new device token");
+                }
+                Err(e) => {
+                    // Counted as seen, so a 401 waits for the next one.
+                    tracing::error!("cannot use the new device token: {e}");
+                    used = now;
+                }
+            }
         }
         let r = up.reader.clone();
         let next = match tokio::task::spawn_blocking(move || r.next_artifact()).await {
@@ -183,12 +203,21 @@ pub async fn run(
         match err.action() {
             Action::Stop => {
                 stats.auth_failed.store(true, Ordering::Relaxed);
-                tracing::error!(
-                    "the hub refuses this device's token ({err}); artifact uploads stopped until \
-                     sync.token is fixed and logbookd restarted"
-                );
-                shutdown.cancelled().await;
-                return;
+                // A token that arrived during the request is tried at once;
+                // otherwise wait for the next one (the loop's top uses it).
+                if *token.borrow() == used {
+                    tracing::error!(
+                        "the hub refuses this device's token ({err}); artifact uploads stopped until \
+                         sync.token is fixed and logbookd reloaded (SIGHUP)"
+                    );
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        r = token.changed() => if r.is_err() {
+                            shutdown.cancelled().await;
+                            return;
+                        },
+                    }
+                }
             }
             _ => {
                 let after = match err.action() {
