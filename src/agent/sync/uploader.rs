@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::backoff::Backoff;
-use super::error::{Action, SyncError};
+use super::error::{Action, SyncError, BATCH_ENCODING};
 use super::status::{LinkState, SyncShared};
 use super::throttle::Throttle;
 use crate::agent::config::SyncConfig;
@@ -293,6 +293,7 @@ impl Uploader {
     async fn send(&mut self, mut work: Work, shutdown: &CancellationToken) -> Step {
         let encode_start = Instant::now();
         work.batch.sent_at_ns = now_ns();
+        work.batch.version = BATCH_ENCODING.version();
         let raw = work.batch.to_msgpack();
         let raw_len = raw.len();
         let body = match tokio::task::spawn_blocking(move || gzip(&raw)).await {
@@ -390,8 +391,11 @@ impl Uploader {
             Err(e) => {
                 shared.failures.fetch_add(1, Ordering::Relaxed);
                 shared.set_error(Some(e.to_string()));
-                let action = e.action();
+                let action = BATCH_ENCODING.decide(&e, work.batch.version);
                 match action {
+                    // Nothing was marked: the next round reads the same
+                    // records and sends them in the older version.
+                    Action::OlderVersion => Step::Next,
                     Action::Stop => {
                         shared.set_link(LinkState::AuthFailed);
                         shared.set_backoff(None);
