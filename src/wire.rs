@@ -996,6 +996,25 @@ mod tests {
         };
         golden(1, include_str!("../tests/fixtures/batch_v1.hex"));
         golden(2, include_str!("../tests/fixtures/batch_v2.hex"));
+        // The fuzz seeds are the same batch.
+        let seeds: [(&[u8], u32); 3] = [
+            (
+                include_bytes!("../tests/fixtures/formats/batch/v1.msgpack"),
+                1,
+            ),
+            (
+                include_bytes!("../tests/fixtures/formats/batch/v2.msgpack"),
+                2,
+            ),
+            (
+                include_bytes!("../tests/fixtures/formats/batch/v2.msgpack.gz"),
+                2,
+            ),
+        ];
+        for (i, (body, v)) in seeds.into_iter().enumerate() {
+            let got = Batch::from_msgpack(body).or_else(|_| Batch::decode(body, 1 << 20));
+            assert_eq!(got.unwrap(), sample_v(v), "seed {i}");
+        }
     }
 
     #[test]
