@@ -4,7 +4,7 @@
 //!
 //! Two batch encodings: v1 is the structs as msgpack arrays (row by row);
 //! v2 (written by default) keeps a msgpack envelope but packs the records
-//! column by column (see [`v2`]), which compresses far better.
+//! column by column (the `v2` module below), which compresses far better.
 //!
 //! Invariant: this module is the only thing `agent` and `hub` share about
 //! sync. A change to any struct here that alters the encoding bumps
