@@ -2,19 +2,38 @@
 //! agent posts to `POST /api/v1/ingest/batches` (msgpack + gzip), the hub's
 //! [`BatchAck`], the tus `Upload-Metadata` keys, and the JSON error body.
 //!
+//! Two batch encodings: v1 is the structs as msgpack arrays (row by row);
+//! v2 (written by default) keeps a msgpack envelope but packs the records
+//! column by column (the `v2` module below), which compresses far better.
+//!
 //! Invariant: this module is the only thing `agent` and `hub` share about
 //! sync. A change to any struct here that alters the encoding bumps
-//! [`BATCH_VERSION`]; the golden-bytes test below fails otherwise.
+//! [`BATCH_VERSION`]; the golden-bytes tests below fail otherwise. Every
+//! decoder checks each count and length against the input left before it
+//! allocates, so a hostile body costs at most a bounded multiple of its size.
 
 use std::io::{Read, Write};
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-/// Version of the [`Batch`] encoding this build writes.
-pub const BATCH_VERSION: u32 = 1;
-/// Versions of the [`Batch`] encoding this build reads.
-pub const SUPPORTED_BATCH_VERSIONS: &[u32] = &[1];
+/// Version of the [`Batch`] encoding this build writes by default.
+pub const BATCH_VERSION: u32 = 2;
+/// Versions of the [`Batch`] encoding this build reads (and can write:
+/// [`Batch::to_msgpack`] writes the version named in [`Batch::version`]).
+pub const SUPPORTED_BATCH_VERSIONS: &[u32] = &[1, 2];
+/// Most string bytes [`Batch::from_msgpack`] materializes when no explicit
+/// limit is given (see [`Batch::from_msgpack_limited`]).
+pub const DEFAULT_MAX_DECODED_BYTES: usize = 128 << 20;
+
+/// Stable `error.code`s of the hub that the agent acts on.
+pub mod error_code {
+    /// The hub does not read the batch's encoding version (400). The agent
+    /// re-encodes in an older version instead of setting the batch aside.
+    pub const UNSUPPORTED_BATCH_VERSION: &str = "unsupported_batch_version";
+    /// The same refusal as hubs built before v2 spell it.
+    pub const UNSUPPORTED_VERSION_OLD: &str = "unsupported_version";
+}
 
 /// Hub route for batches (relative to the hub's base URL).
 pub const BATCHES_PATH: &str = "/api/v1/ingest/batches";
@@ -368,12 +387,18 @@ pub fn seq_ranges(seqs: impl IntoIterator<Item = u64>) -> Vec<(u64, u64)> {
 }
 
 impl Batch {
-    /// msgpack (structs as arrays, the compact form), no compression.
+    /// The uncompressed body in the encoding [`Batch::version`] names: the
+    /// columnar v2 for 2, otherwise the v1 row form (msgpack, structs as
+    /// arrays) carrying whatever version number the batch holds.
     pub fn to_msgpack(&self) -> Vec<u8> {
-        rmp_serde::to_vec(self).expect("a Batch always serializes")
+        match self.version {
+            2 => v2::encode(self),
+            _ => rmp_serde::to_vec(self).expect("a Batch always serializes"),
+        }
     }
 
-    /// The request body: msgpack, gzip-compressed at `level` (0-9).
+    /// The request body: [`Batch::to_msgpack`], gzip-compressed at `level`
+    /// (0-9).
     pub fn encode(&self, level: u32) -> Vec<u8> {
         let raw = self.to_msgpack();
         let mut gz = flate2::write::GzEncoder::new(
@@ -386,22 +411,33 @@ impl Batch {
 
     /// Decodes a request body: gunzips at most `max_decompressed` bytes (a
     /// gzip bomb fails with [`WireError::TooLarge`] after reading only that
-    /// much), checks the version, then decodes.
+    /// much), checks the version, then decodes, materializing at most
+    /// `max_decompressed` bytes of strings.
     pub fn decode(gzipped: &[u8], max_decompressed: usize) -> Result<Batch, WireError> {
         let raw = gunzip_limited(gzipped, max_decompressed)?;
-        Batch::from_msgpack(&raw)
+        Batch::from_msgpack_limited(&raw, max_decompressed)
     }
 
-    /// Decodes uncompressed msgpack, checking the version first.
+    /// Decodes an uncompressed body, checking the version first.
     pub fn from_msgpack(raw: &[u8]) -> Result<Batch, WireError> {
+        Batch::from_msgpack_limited(raw, DEFAULT_MAX_DECODED_BYTES)
+    }
+
+    /// [`Batch::from_msgpack`], failing with [`WireError::TooLarge`] when
+    /// the records' strings would take more than `limit` bytes. v2 names
+    /// modules and processes once per batch, so its strings can outgrow
+    /// the body; the limit keeps that growth to what a v1 body of `limit`
+    /// bytes could hold.
+    pub fn from_msgpack_limited(raw: &[u8], limit: usize) -> Result<Batch, WireError> {
         let version = peek_version(raw)?;
-        if !SUPPORTED_BATCH_VERSIONS.contains(&version) {
-            return Err(WireError::Version {
-                found: version,
+        match version {
+            1 => rmp_serde::from_slice(raw).map_err(|e| WireError::Malformed(e.to_string())),
+            2 => v2::decode(raw, limit),
+            found => Err(WireError::Version {
+                found,
                 supported: SUPPORTED_BATCH_VERSIONS,
-            });
+            }),
         }
-        rmp_serde::from_slice(raw).map_err(|e| WireError::Malformed(e.to_string()))
     }
 }
 
@@ -444,14 +480,420 @@ fn peek_version(raw: &[u8]) -> Result<u32, WireError> {
     }
 }
 
+/// One fuzz input (`fuzz/fuzz_targets/batch.rs`): `data` as a raw body and
+/// as a gzip body must decode to an error or a batch, never panic, and
+/// stay within a 1 MiB string budget; a batch that decodes must survive
+/// re-encoding in its own version unchanged.
+pub fn fuzz_one(data: &[u8]) {
+    const LIMIT: usize = 1 << 20;
+    let decoded = [
+        Batch::from_msgpack_limited(data, LIMIT),
+        Batch::decode(data, LIMIT),
+    ];
+    for batch in decoded.into_iter().flatten() {
+        let again = Batch::from_msgpack_limited(&batch.to_msgpack(), usize::MAX)
+            .expect("a decoded batch re-encodes");
+        assert_eq!(again, batch, "re-encoding changed the batch");
+    }
+}
+
+/// Batch v2: the v1 envelope's fields, with the records as columns.
+///
+/// The body is a msgpack array `[2, head, columns]`, so any hub can read
+/// its version: `head` is `[device, sent_at_ns, sessions, gaps]` as in v1
+/// (they are few), and `columns` is a msgpack `bin` holding the records
+/// column by column, every integer an LEB128 varint (signed ones
+/// zigzagged), in this order:
+///
+/// 1. `n`, the number of records;
+/// 2. seqs as deltas from the previous one (the first from 0), zigzag;
+/// 3. timestamps the same way;
+/// 4. levels, one byte each;
+/// 5. session ids: a table (`k`, then `k` × 16 bytes), then per record
+///    0 for none or 1 + its index in the table;
+/// 6. modules: a table (`k`, then `k` × length + UTF-8), then per record
+///    its index;
+/// 7. processes: a table as for modules, then per record 0 or 1 + index;
+/// 8. pid, uid, gid: per record 0 for none or 1 + the value, one column each;
+/// 9. messages: per record its length, then all of them concatenated;
+/// 10. metadata: the same.
+///
+/// Like values end up next to each other (runs of deltas of 1, repeated
+/// indices, text beside text), which is what gzip's window feeds on.
+mod v2 {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    /// Fewest bytes a record takes in the columns: one per varint column
+    /// (seq, time, session, module, process, pid, uid, gid, two lengths)
+    /// and its level byte. Bounds `n` by the input before allocating.
+    const MIN_RECORD_BYTES: usize = 11;
+    /// msgpack `bin 32` marker: the columns' length is patched in after
+    /// they are written, so its size must not depend on the length.
+    const BIN32: u8 = 0xc6;
+
+    pub fn encode(b: &Batch) -> Vec<u8> {
+        let text: usize = b
+            .records
+            .iter()
+            .map(|r| r.message.len() + r.metadata.len())
+            .sum();
+        let mut out = Vec::with_capacity(256 + text + b.records.len() * 24);
+        rmp::encode::write_array_len(&mut out, 3).expect("writing to a Vec cannot fail");
+        rmp::encode::write_uint(&mut out, 2).expect("writing to a Vec cannot fail");
+        rmp_serde::encode::write(&mut out, &(&b.device, b.sent_at_ns, &b.sessions, &b.gaps))
+            .expect("a Batch always serializes");
+        out.push(BIN32);
+        let len_at = out.len();
+        out.extend_from_slice(&[0; 4]);
+        columns(&mut out, &b.records);
+        let len = u32::try_from(out.len() - len_at - 4).expect("a batch is far below 4 GiB");
+        out[len_at..len_at + 4].copy_from_slice(&len.to_be_bytes());
+        out
+    }
+
+    fn uv(out: &mut Vec<u8>, mut v: u64) {
+        while v >= 0x80 {
+            out.push(v as u8 | 0x80);
+            v >>= 7;
+        }
+        out.push(v as u8);
+    }
+
+    fn zigzag(v: i64) -> u64 {
+        ((v << 1) ^ (v >> 63)) as u64
+    }
+
+    fn unzigzag(v: u64) -> i64 {
+        (v >> 1) as i64 ^ -((v & 1) as i64)
+    }
+
+    /// Interns values in first-seen order; `index` is their position.
+    struct Table<K> {
+        index: HashMap<K, u64>,
+        order: Vec<K>,
+    }
+
+    impl<K: std::hash::Hash + Eq + Copy> Table<K> {
+        fn new() -> Self {
+            Table {
+                index: HashMap::new(),
+                order: Vec::new(),
+            }
+        }
+        fn id(&mut self, k: K) -> u64 {
+            *self.index.entry(k).or_insert_with(|| {
+                self.order.push(k);
+                self.order.len() as u64 - 1
+            })
+        }
+    }
+
+    fn strings(out: &mut Vec<u8>, table: &Table<&str>) {
+        uv(out, table.order.len() as u64);
+        for s in &table.order {
+            uv(out, s.len() as u64);
+            out.extend_from_slice(s.as_bytes());
+        }
+    }
+
+    fn columns(out: &mut Vec<u8>, records: &[Record]) {
+        uv(out, records.len() as u64);
+        let mut prev = 0u64;
+        for r in records {
+            uv(out, zigzag(r.seq.wrapping_sub(prev) as i64));
+            prev = r.seq;
+        }
+        let mut prev = 0i64;
+        for r in records {
+            uv(out, zigzag(r.timestamp_ns.wrapping_sub(prev)));
+            prev = r.timestamp_ns;
+        }
+        out.extend(records.iter().map(|r| r.level.code()));
+
+        let mut ids = Vec::with_capacity(records.len());
+        let mut sessions = Table::new();
+        for r in records {
+            ids.push(r.session_id.map_or(0, |s| 1 + sessions.id(s)));
+        }
+        uv(out, sessions.order.len() as u64);
+        for s in &sessions.order {
+            out.extend_from_slice(s.as_bytes());
+        }
+        ids.iter().for_each(|&i| uv(out, i));
+
+        ids.clear();
+        let mut modules = Table::new();
+        for r in records {
+            ids.push(modules.id(r.module.as_str()));
+        }
+        strings(out, &modules);
+        ids.iter().for_each(|&i| uv(out, i));
+
+        ids.clear();
+        let mut processes = Table::new();
+        for r in records {
+            ids.push(r.process.as_deref().map_or(0, |p| 1 + processes.id(p)));
+        }
+        strings(out, &processes);
+        ids.iter().for_each(|&i| uv(out, i));
+
+        for field in [|r: &Record| r.pid, |r: &Record| r.uid, |r: &Record| r.gid] {
+            for r in records {
+                uv(out, field(r).map_or(0, |v| 1 + u64::from(v)));
+            }
+        }
+        let texts: [fn(&Record) -> &str; 2] = [|r| &r.message, |r| &r.metadata];
+        for field in texts {
+            for r in records {
+                uv(out, field(r).len() as u64);
+            }
+            for r in records {
+                out.extend_from_slice(field(r).as_bytes());
+            }
+        }
+    }
+
+    fn bad(what: impl Into<String>) -> WireError {
+        WireError::Malformed(format!("batch v2: {}", what.into()))
+    }
+
+    pub fn decode(raw: &[u8], limit: usize) -> Result<Batch, WireError> {
+        let mut cur = raw;
+        let len = rmp::decode::read_array_len(&mut cur).map_err(|_| bad("not an array"))?;
+        if len != 3 {
+            return Err(bad(format!("envelope has {len} elements, not 3")));
+        }
+        let version: u32 =
+            rmp::decode::read_int(&mut cur).map_err(|_| bad("version is not an integer"))?;
+        debug_assert_eq!(version, 2);
+        type Head = (Device, i64, Vec<SessionState>, Vec<Gap>);
+        let (device, sent_at_ns, sessions, gaps): Head = {
+            let mut de = rmp_serde::Deserializer::new(&mut cur);
+            Deserialize::deserialize(&mut de).map_err(|e| bad(format!("head: {e}")))?
+        };
+        let cols = rmp::decode::read_bin_len(&mut cur).map_err(|_| bad("no record columns"))?;
+        if cols as usize != cur.len() {
+            return Err(bad(format!(
+                "record columns say {cols} bytes but {} follow",
+                cur.len()
+            )));
+        }
+        let records = Columns {
+            buf: cur,
+            spent: 0,
+            limit,
+        }
+        .records()?;
+        Ok(Batch {
+            version: 2,
+            device,
+            sent_at_ns,
+            sessions,
+            records,
+            gaps,
+        })
+    }
+
+    /// A reader over the record columns that never reads past them and
+    /// keeps count of the string bytes it materializes.
+    struct Columns<'a> {
+        buf: &'a [u8],
+        spent: usize,
+        limit: usize,
+    }
+
+    impl<'a> Columns<'a> {
+        fn uv(&mut self) -> Result<u64, WireError> {
+            let mut v = 0u64;
+            for (i, &b) in self.buf.iter().enumerate().take(10) {
+                if i == 9 && b > 1 {
+                    break;
+                }
+                v |= u64::from(b & 0x7f) << (7 * i);
+                if b < 0x80 {
+                    self.buf = &self.buf[i + 1..];
+                    return Ok(v);
+                }
+            }
+            Err(bad("truncated or overlong varint"))
+        }
+
+        /// A varint that must be at most `max`.
+        fn index(&mut self, max: u64, what: &str) -> Result<u64, WireError> {
+            let v = self.uv()?;
+            if v > max {
+                return Err(bad(format!("{what} index {v} outside its table")));
+            }
+            Ok(v)
+        }
+
+        /// A count of items taking at least `min_bytes` each, checked
+        /// against what is left before anything is allocated for them.
+        fn count(&mut self, min_bytes: usize, what: &str) -> Result<usize, WireError> {
+            let v = self.uv()?;
+            if v > (self.buf.len() / min_bytes) as u64 {
+                return Err(bad(format!(
+                    "{v} {what} cannot fit in the {} bytes left",
+                    self.buf.len()
+                )));
+            }
+            Ok(v as usize)
+        }
+
+        fn take(&mut self, n: u64, what: &str) -> Result<&'a [u8], WireError> {
+            if n > self.buf.len() as u64 {
+                return Err(bad(format!("{what} runs past the end")));
+            }
+            let (head, rest) = self.buf.split_at(n as usize);
+            self.buf = rest;
+            Ok(head)
+        }
+
+        fn spend(&mut self, n: usize) -> Result<(), WireError> {
+            self.spent = self.spent.saturating_add(n);
+            if self.spent > self.limit {
+                return Err(WireError::TooLarge { limit: self.limit });
+            }
+            Ok(())
+        }
+
+        fn table(&mut self, what: &str) -> Result<Vec<&'a str>, WireError> {
+            let k = self.count(1, what)?;
+            let mut out = Vec::with_capacity(k);
+            for _ in 0..k {
+                let len = self.uv()?;
+                let bytes = self.take(len, what)?;
+                out.push(
+                    std::str::from_utf8(bytes).map_err(|_| bad(format!("{what}: not UTF-8")))?,
+                );
+            }
+            Ok(out)
+        }
+
+        /// `n` lengths, then the strings they measure, concatenated.
+        fn texts(&mut self, n: usize, what: &str) -> Result<Vec<String>, WireError> {
+            let mut lens = Vec::with_capacity(n);
+            let mut total = 0u64;
+            for _ in 0..n {
+                let len = self.uv()?;
+                total = total.saturating_add(len);
+                lens.push(len as usize);
+            }
+            let block = self.take(total, what)?;
+            self.spend(block.len())?;
+            let block =
+                std::str::from_utf8(block).map_err(|_| bad(format!("{what}: not UTF-8")))?;
+            let mut out = Vec::with_capacity(n);
+            let mut at = 0;
+            for len in lens {
+                let s = block
+                    .get(at..at + len)
+                    .ok_or_else(|| bad(format!("{what}: a length splits a character")))?;
+                out.push(s.to_owned());
+                at += len;
+            }
+            Ok(out)
+        }
+
+        fn records(mut self) -> Result<Vec<Record>, WireError> {
+            let n = self.count(MIN_RECORD_BYTES, "records")?;
+            let mut seqs = Vec::with_capacity(n);
+            let mut prev = 0u64;
+            for _ in 0..n {
+                prev = prev.wrapping_add(unzigzag(self.uv()?) as u64);
+                seqs.push(prev);
+            }
+            let mut times = Vec::with_capacity(n);
+            let mut prev = 0i64;
+            for _ in 0..n {
+                prev = prev.wrapping_add(unzigzag(self.uv()?));
+                times.push(prev);
+            }
+            let levels = self.take(n as u64, "levels")?;
+
+            let k = self.count(16, "session ids")?;
+            let table = self.take(16 * k as u64, "session ids")?;
+            let ids: Vec<Uuid> = table
+                .chunks_exact(16)
+                .map(|c| Uuid::from_bytes(c.try_into().expect("chunks of 16")))
+                .collect();
+            let mut session_ids = Vec::with_capacity(n);
+            for _ in 0..n {
+                let i = self.index(k as u64, "session")?;
+                session_ids.push(i.checked_sub(1).map(|i| ids[i as usize]));
+            }
+
+            let modules = self.table("modules")?;
+            let mut module_ids = Vec::with_capacity(n);
+            for _ in 0..n {
+                let i = self.uv()?;
+                if i >= modules.len() as u64 {
+                    return Err(bad(format!("module index {i} outside its table")));
+                }
+                module_ids.push(i as usize);
+            }
+            let processes = self.table("processes")?;
+            let mut process_ids = Vec::with_capacity(n);
+            for _ in 0..n {
+                process_ids.push(self.index(processes.len() as u64, "process")? as usize);
+            }
+            let mut creds = [(); 3].map(|_| Vec::with_capacity(n));
+            for col in &mut creds {
+                for _ in 0..n {
+                    let v = self.uv()?;
+                    let v = match v.checked_sub(1) {
+                        None => None,
+                        Some(v) => Some(u32::try_from(v).map_err(|_| bad("id out of range"))?),
+                    };
+                    col.push(v);
+                }
+            }
+            let messages = self.texts(n, "messages")?;
+            let metadata = self.texts(n, "metadata")?;
+            if !self.buf.is_empty() {
+                return Err(bad(format!("{} bytes after the columns", self.buf.len())));
+            }
+
+            let mut out = Vec::with_capacity(n);
+            let [pids, uids, gids] = creds;
+            for (i, (message, metadata)) in messages.into_iter().zip(metadata).enumerate() {
+                let module = modules[module_ids[i]];
+                let process = process_ids[i].checked_sub(1).map(|p| processes[p]);
+                self.spend(module.len() + process.map_or(0, str::len))?;
+                out.push(Record {
+                    seq: seqs[i],
+                    session_id: session_ids[i],
+                    timestamp_ns: times[i],
+                    level: Level::from_code(levels[i])
+                        .ok_or_else(|| bad(format!("level code {} out of range 0-5", levels[i])))?,
+                    module: module.to_owned(),
+                    message,
+                    metadata,
+                    pid: pids[i],
+                    uid: uids[i],
+                    gid: gids[i],
+                    process: process.map(str::to_owned),
+                });
+            }
+            Ok(out)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn sample() -> Batch {
+        sample_v(BATCH_VERSION)
+    }
+
+    fn sample_v(version: u32) -> Batch {
         let sid = Uuid::from_u128(0x0193_0000_0000_7000_8000_0000_0000_0001);
         Batch {
-            version: BATCH_VERSION,
+            version,
             device: Device {
                 id: "robot-7".into(),
                 name: "warehouse-robot-07".into(),
@@ -497,20 +939,82 @@ mod tests {
         }
     }
 
+    /// Records that exercise every column: none and several sessions,
+    /// missing credentials and process, seqs out of order and at the ends
+    /// of the range, clocks jumping back, multi-byte text.
+    fn varied() -> Vec<Record> {
+        let base = sample_v(2).records[0].clone();
+        let s2 = Uuid::from_u128(0x0193_0000_0000_7000_8000_0000_0000_0002);
+        let mut out = Vec::new();
+        for (i, seq) in [43, 44, 7, 45, u64::MAX, 0, 46].into_iter().enumerate() {
+            let mut r = base.clone();
+            r.seq = seq;
+            r.timestamp_ns = [1, -5, i64::MAX, i64::MIN, 0, 1_736_504_625_123_000_000, 9][i];
+            r.level = Level::ALL[i % 6];
+            r.session_id = [None, r.session_id, Some(s2)][i % 3];
+            r.module = ["nav", "perception", "nav", "", "ünïcødé", "nav", "x"][i].into();
+            r.message = ["", "ok", "größe 5 µm", "x", "\n", "🤖 done", ""][i].into();
+            r.metadata = if i % 2 == 0 {
+                String::new()
+            } else {
+                format!("{{\"i\":{i}}}")
+            };
+            r.pid = (i % 3 != 0).then_some(i as u32 * 1000);
+            r.uid = (i % 2 == 0).then_some(u32::MAX);
+            r.gid = (i % 4 != 0).then_some(0);
+            r.process = (i % 3 != 1).then(|| format!("proc-{}", i % 2));
+            out.push(r);
+        }
+        out
+    }
+
     #[test]
     fn roundtrip_through_gzip() {
-        let b = sample();
-        let body = b.encode(6);
-        assert_eq!(Batch::decode(&body, 1 << 20).unwrap(), b);
+        for version in SUPPORTED_BATCH_VERSIONS {
+            let mut b = sample_v(*version);
+            let body = b.encode(6);
+            assert_eq!(Batch::decode(&body, 1 << 20).unwrap(), b);
+            b.records = varied();
+            let body = b.encode(6);
+            assert_eq!(Batch::decode(&body, 1 << 20).unwrap(), b, "v{version}");
+            b.records.clear();
+            b.sessions.clear();
+            b.gaps.clear();
+            assert_eq!(Batch::decode(&b.encode(1), 1 << 20).unwrap(), b);
+        }
     }
 
     /// The encoding must never drift silently: if this fails, the format
     /// changed, and BATCH_VERSION must be bumped (keeping the old decoder).
     #[test]
     fn golden_bytes() {
-        let hex = hex::encode(sample().to_msgpack());
-        let golden = include_str!("../tests/fixtures/batch_v1.hex").trim();
-        assert_eq!(hex, golden, "Batch v1 msgpack encoding changed");
+        let golden = |v: u32, fixture: &str| {
+            let hex = hex::encode(sample_v(v).to_msgpack());
+            assert_eq!(hex, fixture.trim(), "Batch v{v} encoding changed");
+            let raw = hex::decode(fixture.trim()).unwrap();
+            assert_eq!(Batch::from_msgpack(&raw).unwrap(), sample_v(v));
+        };
+        golden(1, include_str!("../tests/fixtures/batch_v1.hex"));
+        golden(2, include_str!("../tests/fixtures/batch_v2.hex"));
+        // The fuzz seeds are the same batch.
+        let seeds: [(&[u8], u32); 3] = [
+            (
+                include_bytes!("../tests/fixtures/formats/batch/v1.msgpack"),
+                1,
+            ),
+            (
+                include_bytes!("../tests/fixtures/formats/batch/v2.msgpack"),
+                2,
+            ),
+            (
+                include_bytes!("../tests/fixtures/formats/batch/v2.msgpack.gz"),
+                2,
+            ),
+        ];
+        for (i, (body, v)) in seeds.into_iter().enumerate() {
+            let got = Batch::from_msgpack(body).or_else(|_| Batch::decode(body, 1 << 20));
+            assert_eq!(got.unwrap(), sample_v(v), "seed {i}");
+        }
     }
 
     #[test]
@@ -520,15 +1024,109 @@ mod tests {
         let err = Batch::from_msgpack(&b.to_msgpack()).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "unsupported batch version 99 (this hub understands [1])"
+            "unsupported batch version 99 (this hub understands [1, 2])"
         );
     }
 
     #[test]
     fn named_encoding_is_also_read() {
-        let b = sample();
+        let b = sample_v(1);
         let named = rmp_serde::to_vec_named(&b).unwrap();
         assert_eq!(Batch::from_msgpack(&named).unwrap(), b);
+    }
+
+    /// v2 names a module once and uses it for every record, so a small
+    /// body could stand for huge strings: the decoder stops at the limit.
+    #[test]
+    fn v2_string_growth_stops_at_limit() {
+        let mut b = sample_v(2);
+        let mut r = b.records[0].clone();
+        r.module = "m".repeat(200);
+        r.message.clear();
+        r.metadata.clear();
+        b.records = (0..10_000).map(|seq| Record { seq, ..r.clone() }).collect();
+        let raw = b.to_msgpack();
+        assert!(raw.len() < 200_000, "{}", raw.len());
+        assert!(matches!(
+            Batch::from_msgpack_limited(&raw, 1 << 20),
+            Err(WireError::TooLarge { limit }) if limit == 1 << 20
+        ));
+        assert_eq!(Batch::from_msgpack_limited(&raw, 4 << 20).unwrap(), b);
+    }
+
+    /// Hand-made v2 bodies whose counts, lengths and indices lie: each is
+    /// refused with a reason, none allocates by the lie.
+    #[test]
+    fn v2_lies_are_malformed() {
+        let head = |cols: &[u8]| {
+            let mut out = vec![0x93, 0x02];
+            out.extend(rmp_serde::to_vec(&(&sample_v(2).device, 0i64, (), ())).unwrap());
+            // Replace the two unit placeholders by empty arrays.
+            out.truncate(out.len() - 2);
+            out.extend([0x90, 0x90, 0xc4, cols.len() as u8]);
+            out.extend_from_slice(cols);
+            out
+        };
+        let check = |cols: &[u8], want: &str| {
+            let err = Batch::from_msgpack(&head(cols)).unwrap_err().to_string();
+            assert!(err.contains(want), "{cols:?}: {err}");
+        };
+        // n = 2^62 records in 3 bytes.
+        check(
+            &[0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x40],
+            "cannot fit",
+        );
+        check(&[0xff; 11], "varint");
+        // One record: n, seq, time, level, sessions (none), its index,
+        // modules (one: "m"), its index, processes (none), its index, pid,
+        // uid, gid, message length and text, metadata length and text.
+        let one = [1, 2, 2, 2, 0, 0, 1, 1, b'm', 0, 0, 0, 0, 0, 0, 0, 0];
+        assert_eq!(Batch::from_msgpack(&head(&one)).unwrap().records.len(), 1);
+        let with = |at: usize, v: &[u8]| {
+            let mut c = one.to_vec();
+            c.splice(at..at + 1, v.iter().copied());
+            c
+        };
+        check(&with(5, &[1]), "session index 1 outside");
+        check(&with(6, &[0]), "module index 1 outside");
+        check(&with(3, &[9]), "level code 9");
+        check(&with(15, &[9]), "messages runs past the end");
+        check(&with(15, &[1, 0xff]), "messages: not UTF-8");
+        check(&with(16, &[0, 5]), "1 bytes after the columns");
+        let b = Batch::from_msgpack(&head(&with(16, &[2, 0xc3, 0xa9]))).unwrap();
+        assert_eq!(b.records[0].metadata, "é");
+        // The smallest valid body: no records, empty tables.
+        assert!(Batch::from_msgpack(&head(&[0, 0, 0, 0])).is_ok());
+        check(&[0, 0, 0, 0, 7], "1 bytes after the columns");
+    }
+
+    /// Deterministic mutations (flips, truncations, insertions) of real
+    /// v1 and v2 bodies: an error or a batch, never a panic; what decodes
+    /// re-encodes to something that decodes to the same batch.
+    #[test]
+    fn mutated_bodies_never_panic() {
+        let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for version in [1, 2] {
+            let mut b = sample_v(version);
+            b.records = varied();
+            let raw = b.to_msgpack();
+            for _ in 0..5000 {
+                let mut m = raw.clone();
+                let i = (next() as usize) % m.len();
+                match next() % 3 {
+                    0 => m[i] ^= 1 << (next() % 8),
+                    1 => m.truncate(i),
+                    _ => m.insert(i, next() as u8),
+                }
+                fuzz_one(&m);
+            }
+        }
     }
 
     #[test]

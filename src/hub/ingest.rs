@@ -4,7 +4,9 @@
 //!
 //! Invariant: a batch is checked completely before the store sees it, so a
 //! refused batch leaves nothing behind; the answer's status tells the
-//! agent what to do (413 split, 400 set aside, 401/403 stop).
+//! agent what to do (413 split, 400 set aside, 401/403 stop), and a batch
+//! version this hub does not read is a 400 with the stable code
+//! `unsupported_batch_version` (re-encode, never set aside).
 
 use std::sync::Arc;
 
@@ -20,7 +22,7 @@ use super::config::Limits;
 use super::error::ApiError;
 use super::metrics::Metrics;
 use super::{Hub, LiveEvent};
-use crate::wire::{Batch, SessionStatus, WireError, CONTENT_TYPE_MSGPACK};
+use crate::wire::{error_code, Batch, SessionStatus, WireError, CONTENT_TYPE_MSGPACK};
 
 /// Longest device id, module, process name, tag, package name or reason.
 pub const MAX_NAME_BYTES: usize = 256;
@@ -120,17 +122,19 @@ pub fn decode(body: &[u8], gzip: bool, limits: &Limits) -> Result<Batch, (ApiErr
             limit: limits.max_decompressed_bytes,
         })
     } else {
-        Batch::from_msgpack(body)
+        Batch::from_msgpack_limited(body, limits.max_decompressed_bytes)
     };
     decoded.map_err(|e| match e {
         WireError::TooLarge { .. } => (
             ApiError::too_large(format!("batch {e}; split it")),
             "decompressed_too_large",
         ),
+        // A stable code of its own: the agent re-encodes in an older
+        // version on it, where any other 400 would set the batch aside.
         WireError::Version { .. } => (
             ApiError::new(
                 StatusCode::BAD_REQUEST,
-                "unsupported_version",
+                error_code::UNSUPPORTED_BATCH_VERSION,
                 e.to_string(),
             ),
             "unsupported_version",

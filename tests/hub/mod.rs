@@ -8,6 +8,7 @@ mod interop;
 mod live;
 mod refusals;
 mod uploads;
+mod versions;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

@@ -133,10 +133,10 @@ async fn oversize_bomb_and_malformed_bodies() {
     let mut future = batch(vec![], vec![], vec![]);
     future.version = 7;
     let (st, v) = hub.post_batch(&future).await;
-    assert_eq!((st, code(&v)), (400, "unsupported_version"));
+    assert_eq!((st, code(&v)), (400, "unsupported_batch_version"));
     assert_eq!(
         v["error"]["message"],
-        "unsupported batch version 7 (this hub understands [1])"
+        "unsupported batch version 7 (this hub understands [1, 2])"
     );
     // A batch with one bad record stores none of its records.
     let s = session_id(3);

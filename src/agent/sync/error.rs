@@ -1,11 +1,21 @@
 //! Errors of talking to the hub, each classifying itself: retry (with an
 //! optional server-given delay), stop and report (auth), split the batch
-//! (too large), or set the batch aside (the hub says it is invalid).
+//! (too large), set the batch aside (the hub says it is invalid), or
+//! encode it in an older version (the hub is older than this agent) —
+//! and the batch version this process sends, lowered once for good when
+//! the hub asks for it.
+//!
+//! Invariant: a refusal of the batch *version* never sets a batch aside:
+//! the records are resent in an older encoding, or retried until a hub
+//! that reads them answers.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime};
 
 use reqwest::header::{HeaderMap, RETRY_AFTER};
 use reqwest::StatusCode;
+
+use crate::wire::{error_code, BATCH_VERSION, SUPPORTED_BATCH_VERSIONS};
 
 /// What the uploader must do after a failed request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,6 +31,9 @@ pub enum Action {
     /// 400/422 and other 4xx: the hub will never take this body. Set it
     /// aside, count its records as a gap, and go on with the next.
     SetAside,
+    /// 400 `unsupported_batch_version`: an older hub that cannot read this
+    /// batch encoding. Send the same records again in an older one.
+    OlderVersion,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +46,8 @@ pub enum SyncError {
         message: String,
         retry_after: Option<Duration>,
     },
+    #[error("hub answered {status}: {message}")]
+    Version { status: StatusCode, message: String },
     #[error("hub sent an answer this agent cannot read: {0}")]
     BadResponse(String),
     #[error("{0}")]
@@ -43,7 +58,15 @@ impl SyncError {
     /// Builds a status error from a response's parts: `body` is the hub's
     /// JSON error (`{"error":{"code","message"}}`) when it sent one.
     pub fn from_response(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> SyncError {
-        let message = serde_json::from_slice::<crate::wire::ErrorBody>(body)
+        let parsed = serde_json::from_slice::<crate::wire::ErrorBody>(body);
+        let version_code = parsed.as_ref().is_ok_and(|b| {
+            [
+                error_code::UNSUPPORTED_BATCH_VERSION,
+                error_code::UNSUPPORTED_VERSION_OLD,
+            ]
+            .contains(&b.error.code.as_str())
+        });
+        let message = parsed
             .map(|b| format!("{} ({})", b.error.message, b.error.code))
             .unwrap_or_else(|_| {
                 let text = String::from_utf8_lossy(body);
@@ -54,6 +77,9 @@ impl SyncError {
                     text.chars().take(200).collect()
                 }
             });
+        if status == StatusCode::BAD_REQUEST && version_code {
+            return SyncError::Version { status, message };
+        }
         SyncError::Status {
             status,
             message,
@@ -67,6 +93,7 @@ impl SyncError {
             // upgraded: transient.
             SyncError::Transport(_) | SyncError::BadResponse(_) => Action::Retry { after: None },
             SyncError::Local(_) => Action::Retry { after: None },
+            SyncError::Version { .. } => Action::OlderVersion,
             SyncError::Status {
                 status,
                 retry_after,
@@ -86,6 +113,59 @@ impl SyncError {
     /// evidence that the link came back.
     pub fn is_connect(&self) -> bool {
         matches!(self, SyncError::Transport(e) if e.is_connect())
+    }
+}
+
+/// The batch version this process sends. Starts at [`BATCH_VERSION`];
+/// lowered (for the process lifetime, logged once) when a hub refuses a
+/// version, so an agent newer than its hub keeps syncing.
+pub static BATCH_ENCODING: Encoding = Encoding::new(BATCH_VERSION);
+
+/// A batch version that only ever goes down.
+#[derive(Debug)]
+pub struct Encoding(AtomicU32);
+
+impl Encoding {
+    pub const fn new(version: u32) -> Encoding {
+        Encoding(AtomicU32::new(version))
+    }
+
+    /// The version to encode the next batch in.
+    pub fn version(&self) -> u32 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Turns the action for `err`, the answer to a batch encoded as
+    /// `sent`, into what the uploader does: a version refusal lowers the
+    /// version and resends ([`Action::OlderVersion`]) while this build can
+    /// write an older one, and otherwise waits and retries (a hub upgrade
+    /// will take the batch) — it never sets the batch aside.
+    pub fn decide(&self, err: &SyncError, sent: u32) -> Action {
+        let action = err.action();
+        if action != Action::OlderVersion {
+            return action;
+        }
+        let Some(older) = SUPPORTED_BATCH_VERSIONS
+            .iter()
+            .copied()
+            .filter(|v| *v < sent)
+            .max()
+        else {
+            tracing::error!(
+                "the hub does not read batch v{sent}, the oldest this agent writes ({err}); \
+                 retrying until the hub is upgraded"
+            );
+            return Action::Retry { after: None };
+        };
+        // `fetch_min`: a batch already sent in an older version must not
+        // raise it again.
+        if self.0.fetch_min(older, Ordering::Relaxed) > older {
+            tracing::warn!(
+                "the hub does not read batch v{sent} ({err}); sending v{older} to it from now \
+                 until logbookd restarts"
+            );
+        }
+        Action::OlderVersion
     }
 }
 
@@ -166,6 +246,61 @@ mod tests {
         );
         assert_eq!(retry_after(&headers("soon"), now), None);
         assert_eq!(retry_after(&HeaderMap::new(), now), None);
+    }
+
+    fn refusal(status: u16, code: &str) -> SyncError {
+        let body = format!(r#"{{"error":{{"code":"{code}","message":"no"}}}}"#);
+        SyncError::from_response(
+            StatusCode::from_u16(status).unwrap(),
+            &HeaderMap::new(),
+            body.as_bytes(),
+        )
+    }
+
+    #[test]
+    fn a_version_refusal_is_never_set_aside() {
+        let check = |status: u16, code: &str, want: Action| {
+            assert_eq!(refusal(status, code).action(), want, "{status} {code}");
+        };
+        // This hub's code, and the one hubs built before v2 send.
+        check(400, "unsupported_batch_version", Action::OlderVersion);
+        check(400, "unsupported_version", Action::OlderVersion);
+        check(400, "bad_request", Action::SetAside);
+        check(413, "unsupported_batch_version", Action::Split);
+        check(503, "unsupported_version", Action::Retry { after: None });
+        let plain = SyncError::from_response(
+            StatusCode::BAD_REQUEST,
+            &HeaderMap::new(),
+            b"unsupported_batch_version",
+        );
+        assert_eq!(plain.action(), Action::SetAside);
+        assert_eq!(
+            refusal(400, "unsupported_version").to_string(),
+            "hub answered 400 Bad Request: no (unsupported_version)"
+        );
+    }
+
+    /// The uploader's decision after each answer, in order, on one
+    /// encoding: the first refusal lowers v2 to v1 (once), a v2 batch
+    /// still in flight is resent as v1 too, a refusal of v1 is retried,
+    /// and other answers pass through.
+    #[test]
+    fn the_encoding_falls_back_once_and_stays() {
+        let enc = Encoding::new(2);
+        let version = refusal(400, "unsupported_batch_version");
+        let invalid = refusal(400, "bad_request");
+        let steps = [
+            (&invalid, 2, Action::SetAside, 2),
+            (&version, 2, Action::OlderVersion, 1),
+            (&version, 2, Action::OlderVersion, 1),
+            (&version, 1, Action::Retry { after: None }, 1),
+            (&invalid, 1, Action::SetAside, 1),
+        ];
+        for (i, (err, sent, action, after)) in steps.into_iter().enumerate() {
+            assert_eq!(enc.decide(err, sent), action, "step {i}");
+            assert_eq!(enc.version(), after, "step {i}");
+        }
+        assert_eq!(BATCH_ENCODING.version(), BATCH_VERSION);
     }
 
     #[test]
