@@ -6,6 +6,7 @@
 mod client;
 mod forward;
 mod jsonlines;
+mod listeners;
 mod syslog;
 
 use std::process::Command;

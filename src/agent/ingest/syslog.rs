@@ -102,6 +102,7 @@ pub async fn serve(
     if let Err(e) = rustix::net::sockopt::set_socket_recv_buffer_size(&socket, SOCKET_RCVBUF) {
         tracing::debug!("syslog.sock: cannot set SO_RCVBUF: {e}");
     }
+    let pipeline = pipeline.for_protocol(super::Protocol::Syslog);
     let mut asked = pipeline.register_listener();
     let socket = match socket.into_std().and_then(|s| {
         s.set_nonblocking(false)?;
