@@ -258,3 +258,27 @@ fn socket_activation_of_the_syslog_and_forward_sockets() {
         );
     }
 }
+
+#[test]
+fn rfc3164_times_are_read_in_the_agents_zone() {
+    let dir = TestDir::new("syslog_zone");
+    // A POSIX rule, so the test needs no tzdata: UTC+05:30 all year.
+    let agent = Agent::start(&dir, &[("TZ", "<+0530>-5:30")]);
+    let then = time::OffsetDateTime::now_utc() - time::Duration::hours(1);
+    let then = then.replace_nanosecond(0).unwrap();
+    let local = then.to_offset(time::UtcOffset::from_hms(5, 30, 0).unwrap());
+    let stamp = local
+        .format(time::macros::format_description!(
+            "[month repr:short] [day padding:space] [hour]:[minute]:[second]"
+        ))
+        .unwrap();
+    send(
+        &agent,
+        format!("<14>{stamp} zoned: in local time").as_bytes(),
+    );
+    let r = record(&agent, "in local time");
+    let expected = then
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    assert_eq!(r["timestamp"], expected.as_str(), "sent {stamp:?}: {r}");
+}

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::mmsg::{Batch, Cred, Got};
 use super::{process_name, FormatBad, Pipeline};
+use crate::agent::formats::tz::Zone;
 use crate::agent::formats::{self, syslog::ERROR_KEY, TRUNCATION_MARK};
 use crate::agent::record::{Incoming, Trusted};
 use crate::agent::store::writer::Msg;
@@ -50,6 +51,37 @@ const IDLE_WAKE: Duration = Duration::from_secs(1);
 /// How long a pid's process name is trusted before `/proc` is read again
 /// (a pid can be reused by another program).
 const NAME_TTL: Duration = Duration::from_secs(1);
+
+/// The zone RFC 3164 times are read in, once at start-up: `TZ` when set
+/// (a zone name or path, or a POSIX rule; empty means UTC), else
+/// `/etc/localtime`; UTC when neither can be read. Read from the TZif
+/// file rather than asked of libc or the `time` crate, which cannot query
+/// the local offset soundly in a multithreaded process, and kept whole
+/// (transitions and rule), so daylight-saving changes while the agent runs
+/// are honoured.
+pub fn local_zone() -> Zone {
+    let from_file = |p: &std::path::Path| std::fs::read(p).ok().and_then(|d| Zone::from_tzif(&d));
+    let zone = match std::env::var("TZ") {
+        Ok(tz) if tz.is_empty() => Some(Zone::utc()),
+        Ok(tz) => {
+            let name = tz.strip_prefix(':').unwrap_or(&tz);
+            let path = if name.starts_with('/') {
+                std::path::PathBuf::from(name)
+            } else {
+                std::path::Path::new("/usr/share/zoneinfo").join(name)
+            };
+            let safe = !name.split('/').any(|part| part == "..");
+            (if safe { from_file(&path) } else { None }).or_else(|| Zone::from_posix(name))
+        }
+        Err(_) => from_file(std::path::Path::new("/etc/localtime")),
+    };
+    zone.unwrap_or_else(|| {
+        tracing::info!(
+            "no local time zone found (TZ, /etc/localtime): RFC 3164 times are read as UTC"
+        );
+        Zone::utc()
+    })
+}
 
 /// A receive that found nothing (non-blocking, or the timeout passed).
 fn is_dry(e: &std::io::Error) -> bool {
@@ -117,7 +149,8 @@ pub async fn serve(
     let wake = Waker::new(&socket);
     let (ctl_tx, ctl_rx) = std::sync::mpsc::channel();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
-    let rx = Receiver::new(pipeline, max_record_bytes);
+    let mut rx = Receiver::new(pipeline, max_record_bytes);
+    rx.zone = local_zone();
     let spawned = std::thread::Builder::new()
         .name("logbook-syslog".into())
         .spawn(move || {
@@ -196,6 +229,8 @@ struct Receiver {
     timeout: Option<Duration>,
     /// This process, whose empty datagrams are wake-ups.
     me: u32,
+    /// The zone of RFC 3164 times.
+    zone: Zone,
 }
 
 impl Receiver {
@@ -210,6 +245,7 @@ impl Receiver {
             last: None,
             timeout: None,
             me: std::process::id(),
+            zone: Zone::utc(),
         }
     }
 
@@ -303,7 +339,10 @@ impl Receiver {
                 // Our own wake-up (see Waker).
                 continue;
             }
-            if let Some((r, t)) = record(&self.pipeline, self.max, bytes, d, &mut self.last) {
+            let now = time::OffsetDateTime::from_unix_timestamp_nanos(arrival as i128)
+                .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+            let parsed = formats::syslog::parse_in(bytes, self.max, now, &self.zone);
+            if let Some((r, t)) = record(&self.pipeline, self.max, parsed, d, &mut self.last) {
                 let row = self.pipeline.row(r, t, arrival);
                 if self.pending.is_empty() {
                     self.pending_since = Instant::now();
@@ -351,16 +390,16 @@ impl Receiver {
     }
 }
 
-/// Parses one datagram; counts what is bad. `last`: the last sender's
+/// Completes one parsed datagram; counts what is bad. `last`: the last sender's
 /// trusted fields (see [`Receiver::last`]).
 fn record(
     pipeline: &Pipeline,
     max: usize,
-    bytes: &[u8],
+    parsed: Result<Incoming, formats::syslog::BadSyslog>,
     d: Got,
     last: &mut Option<(Cred, Arc<Trusted>, Instant)>,
 ) -> Option<(Incoming, Arc<Trusted>)> {
-    let mut r = match formats::syslog::parse(bytes, max) {
+    let mut r = match parsed {
         Ok(r) => r,
         Err(e) => {
             pipeline.count_bad(FormatBad::SyslogEmpty, 1);
