@@ -392,6 +392,9 @@ pub struct RecordCounts {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct IngestCounts {
     pub accepted: u64,
+    /// `accepted` by protocol (`json`, `syslog`, `forward`).
+    #[serde(default)]
+    pub accepted_by_protocol: std::collections::BTreeMap<String, u64>,
     pub truncated: u64,
     pub refused: u64,
     /// Bad records by reason.
@@ -454,6 +457,11 @@ async fn gather(st: Arc<ApiState>) -> Result<Status, ApiError> {
         },
         ingest: IngestCounts {
             accepted: Stats::get(&s.accepted),
+            accepted_by_protocol: crate::agent::ingest::PROTOCOLS
+                .iter()
+                .zip(&s.accepted_by)
+                .map(|(p, n)| (p.to_string(), Stats::get(n)))
+                .collect(),
             truncated: Stats::get(&s.truncated),
             refused: Stats::get(&s.refused),
             bad: BadRecord::ALL
@@ -545,11 +553,19 @@ async fn metrics(State(st): St) -> Result<Response, ApiError> {
             ),
         ],
     );
-    let mut ingest = vec![
-        (
-            "{outcome=\"accepted\"}".to_string(),
-            s.ingest.accepted as f64,
-        ),
+    // Accepted records by protocol: their sum is the total.
+    let mut ingest: Vec<(String, f64)> = s
+        .ingest
+        .accepted_by_protocol
+        .iter()
+        .map(|(p, n)| {
+            (
+                format!("{{outcome=\"accepted\",protocol=\"{p}\"}}"),
+                *n as f64,
+            )
+        })
+        .collect();
+    ingest.extend([
         (
             "{outcome=\"truncated\"}".to_string(),
             s.ingest.truncated as f64,
@@ -559,7 +575,7 @@ async fn metrics(State(st): St) -> Result<Response, ApiError> {
             "{outcome=\"write_failed\"}".to_string(),
             s.ingest.write_failed as f64,
         ),
-    ];
+    ]);
     for (reason, n) in &s.ingest.bad {
         ingest.push((
             format!("{{outcome=\"bad\",reason=\"{reason}\"}}"),

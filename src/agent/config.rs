@@ -53,6 +53,18 @@ pub const KEYS: &[Key] = &[
         "concurrent ingest clients",
     ),
     key(
+        "ingest",
+        "syslog",
+        Kind::Bool,
+        "listen on syslog.sock; false: the socket is not created",
+    ),
+    key(
+        "ingest",
+        "forward",
+        Kind::Bool,
+        "listen on forward.sock (Fluent Forward); false: the socket is not created",
+    ),
+    key(
         "buffer",
         "max_bytes",
         Kind::Bytes,
@@ -212,6 +224,8 @@ impl Default for RawPaths {
 pub struct RawIngest {
     pub max_record_bytes: u64,
     pub max_connections: u64,
+    pub syslog: bool,
+    pub forward: bool,
 }
 
 impl Default for RawIngest {
@@ -219,6 +233,8 @@ impl Default for RawIngest {
         RawIngest {
             max_record_bytes: 64 << 10,
             max_connections: 1024,
+            syslog: true,
+            forward: true,
         }
     }
 }
@@ -419,6 +435,10 @@ pub struct AgentConfig {
     pub runtime_dir: PathBuf,
     pub max_record_bytes: usize,
     pub max_connections: usize,
+    /// Whether `syslog.sock` is served.
+    pub syslog: bool,
+    /// Whether `forward.sock` is served.
+    pub forward: bool,
     pub max_bytes: u64,
     pub min_free_bytes: u64,
     pub synchronous_full: bool,
@@ -571,6 +591,8 @@ fn resolve(raw: RawConfig, file: &Path, boot_id_file: PathBuf) -> Result<AgentCo
         runtime_dir,
         max_record_bytes: raw.ingest.max_record_bytes as usize,
         max_connections: raw.ingest.max_connections as usize,
+        syslog: raw.ingest.syslog,
+        forward: raw.ingest.forward,
         max_bytes: raw.buffer.max_bytes,
         min_free_bytes: raw.buffer.min_free_bytes,
         synchronous_full: raw.buffer.synchronous == "full",

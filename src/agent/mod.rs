@@ -158,14 +158,32 @@ pub async fn run_with_reload(
         &mut created,
     )?;
     let api_listener = listener(&mut passed, "api", &cfg.api_socket(), gid, &mut created)?;
-    let syslog_socket = datagram(&mut passed, &cfg.syslog_socket(), gid, &mut created)?;
-    let forward_listener = listener(
-        &mut passed,
-        "forward",
-        &cfg.forward_socket(),
-        gid,
-        &mut created,
-    )?;
+    // A disabled listener's socket is not created, and one left by an
+    // earlier run is removed, so senders fail at once instead of filling a
+    // socket nobody reads.
+    let syslog_socket = if cfg.syslog {
+        Some(datagram(
+            &mut passed,
+            &cfg.syslog_socket(),
+            gid,
+            &mut created,
+        )?)
+    } else {
+        disabled(&mut passed, "syslog", &cfg.syslog_socket())?;
+        None
+    };
+    let forward_listener = if cfg.forward {
+        Some(listener(
+            &mut passed,
+            "forward",
+            &cfg.forward_socket(),
+            gid,
+            &mut created,
+        )?)
+    } else {
+        disabled(&mut passed, "forward", &cfg.forward_socket())?;
+        None
+    };
 
     let tracker = TaskTracker::new();
     tracker.spawn(ingest::serve_json(
@@ -176,20 +194,24 @@ pub async fn run_with_reload(
         shutdown.clone(),
         tracker.clone(),
     ));
-    tracker.spawn(ingest::syslog::serve(
-        syslog_socket,
-        pipeline.clone(),
-        cfg.max_record_bytes,
-        shutdown.clone(),
-    ));
-    tracker.spawn(ingest::forward::serve(
-        forward_listener,
-        pipeline.clone(),
-        cfg.max_record_bytes,
-        cfg.max_connections,
-        shutdown.clone(),
-        tracker.clone(),
-    ));
+    if let Some(socket) = syslog_socket {
+        tracker.spawn(ingest::syslog::serve(
+            socket,
+            pipeline.clone(),
+            cfg.max_record_bytes,
+            shutdown.clone(),
+        ));
+    }
+    if let Some(listener) = forward_listener {
+        tracker.spawn(ingest::forward::serve(
+            listener,
+            pipeline.clone(),
+            cfg.max_record_bytes,
+            cfg.max_connections,
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+    }
     let artifact_stats = spawn_artifacts(&cfg, &view, &pipeline, &sync_shared, &shutdown, &tracker);
     if let Some((reload, signal)) = hup {
         tokio::spawn(reload_on_hup(
@@ -228,8 +250,8 @@ pub async fn run_with_reload(
         "logbookd {} ready: ingest {}, syslog {}, forward {}, api {}, database {}",
         env!("CARGO_PKG_VERSION"),
         cfg.ingest_socket().display(),
-        cfg.syslog_socket().display(),
-        cfg.forward_socket().display(),
+        listening(cfg.syslog, &cfg.syslog_socket()),
+        listening(cfg.forward, &cfg.forward_socket()),
         cfg.api_socket().display(),
         cfg.db_path().display()
     );
@@ -504,6 +526,34 @@ fn datagram(
     created.push(path.to_owned());
     secure(path, gid)?;
     Ok(d)
+}
+
+/// A listener switched off in the config (`ingest.syslog = false`, …): a
+/// socket systemd passed for it is closed, a file left by an earlier run
+/// removed.
+fn disabled(
+    passed: &mut HashMap<String, std::os::unix::net::UnixListener>,
+    name: &str,
+    path: &Path,
+) -> Result<(), AgentError> {
+    if passed.remove(name).is_some() {
+        tracing::warn!("ingest.{name} is false: closing the {name} socket systemd passed");
+    }
+    remove_stale(path)?;
+    tracing::info!(
+        "ingest.{name} is false: not listening on {}",
+        path.display()
+    );
+    Ok(())
+}
+
+/// A socket path for the ready line, or `off`.
+fn listening(on: bool, path: &Path) -> String {
+    if on {
+        path.display().to_string()
+    } else {
+        "off".into()
+    }
 }
 
 /// A socket file left by an earlier run is replaced.

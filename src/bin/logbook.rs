@@ -695,8 +695,11 @@ fn print_status(out: &mut impl Write, s: &serde_json::Value) -> std::io::Result<
         .unwrap_or(0.0);
     writeln!(
         out,
-        "ingest    {} accepted, {} truncated, {} bad, {} refused; {} clients connected",
+        "ingest    {} accepted (json {}, syslog {}, forward {}), {} truncated, {} bad, {} refused; {} clients connected",
         n("/ingest/accepted"),
+        n("/ingest/accepted_by_protocol/json"),
+        n("/ingest/accepted_by_protocol/syslog"),
+        n("/ingest/accepted_by_protocol/forward"),
         n("/ingest/truncated"),
         bad,
         n("/ingest/refused"),

@@ -7,6 +7,7 @@ mod client;
 mod docker;
 mod forward;
 mod jsonlines;
+mod listeners;
 mod syslog;
 
 use std::process::Command;

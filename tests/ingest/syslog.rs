@@ -258,3 +258,127 @@ fn socket_activation_of_the_syslog_and_forward_sockets() {
         );
     }
 }
+
+#[test]
+fn rfc3164_times_are_read_in_the_agents_zone() {
+    let dir = TestDir::new("syslog_zone");
+    // A POSIX rule, so the test needs no tzdata: UTC+05:30 all year.
+    let agent = Agent::start(&dir, &[("TZ", "<+0530>-5:30")]);
+    let then = time::OffsetDateTime::now_utc() - time::Duration::hours(1);
+    let then = then.replace_nanosecond(0).unwrap();
+    let local = then.to_offset(time::UtcOffset::from_hms(5, 30, 0).unwrap());
+    let stamp = local
+        .format(time::macros::format_description!(
+            "[month repr:short] [day padding:space] [hour]:[minute]:[second]"
+        ))
+        .unwrap();
+    send(
+        &agent,
+        format!("<14>{stamp} zoned: in local time").as_bytes(),
+    );
+    let r = record(&agent, "in local time");
+    let expected = then
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    assert_eq!(r["timestamp"], expected.as_str(), "sent {stamp:?}: {r}");
+}
+
+/// A running `rsyslogd`, killed on drop.
+struct Rsyslog(std::process::Child);
+
+impl Drop for Rsyslog {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn rsyslog_forwards_with_omuxsock() {
+    if !interop_client("rsyslogd") || !interop_client("logger") {
+        return;
+    }
+    let dir = TestDir::new("syslog_rsyslog");
+    let agent = Agent::start(&dir, &[]);
+    // rsyslog takes input on its own socket (as /dev/log would be) and
+    // forwards everything with omuxsock, exactly as README's snippet says.
+    let work = dir.join("rsyslog-work");
+    std::fs::create_dir_all(&work).unwrap();
+    let input = dir.join("rsyslog-in.sock");
+    let conf = dir.join("rsyslog.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "global(workDirectory=\"{}\")\n\
+             module(load=\"imuxsock\" SysSock.Use=\"off\")\n\
+             input(type=\"imuxsock\" Socket=\"{}\")\n\
+             module(load=\"omuxsock\")\n\
+             $OMUxSockSocket {}\n\
+             *.* :omuxsock:\n",
+            work.display(),
+            input.display(),
+            agent.runtime.join("syslog.sock").display()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.join("rsyslogd.log")).unwrap();
+    let child = Command::new("rsyslogd")
+        .arg("-n")
+        .arg("-f")
+        .arg(&conf)
+        .arg("-i")
+        .arg(dir.join("rsyslogd.pid"))
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("start rsyslogd");
+    let rsyslog = Rsyslog(child);
+    crate::util::wait_for(
+        "rsyslogd's input socket",
+        std::time::Duration::from_secs(20),
+        || input.exists().then_some(()),
+    );
+    run_ok(
+        Command::new("logger")
+            .arg("-u")
+            .arg(&input)
+            .args(["--socket-errors=on", "-i", "-t", "drive", "-p"])
+            .args(["local0.warning", "motor hot via rsyslog"]),
+    );
+    // rsyslog forwards on its own schedule: poll.
+    let r = crate::util::wait_for(
+        "the forwarded record",
+        std::time::Duration::from_secs(20),
+        || {
+            agent.flush();
+            agent
+                .logs("")
+                .into_iter()
+                .find(|r| r["message"] == "motor hot via rsyslog")
+        },
+    );
+    assert_eq!(r["level"], "WARN", "{r}");
+    assert_eq!(r["module"], "drive", "{r}");
+    let m = &r["metadata"];
+    assert_eq!(m["syslog_facility"], "local0", "{r}");
+    assert_eq!(m["syslog_severity"], 4, "{r}");
+    // The original sender's pid travels in the tag; the trusted fields
+    // are rsyslogd's, which sent the datagram.
+    assert!(
+        m["procid"]
+            .as_str()
+            .is_some_and(|p| p.parse::<u32>().is_ok()),
+        "{r}"
+    );
+    assert!(m["hostname"].is_string(), "{r}");
+    assert_eq!(r["pid"], rsyslog.0.id(), "{r}");
+    assert_eq!(r["process"], "rsyslogd", "{r}");
+    // Its time is the sender's, to the second, near now.
+    let ts = time::OffsetDateTime::parse(
+        r["timestamp"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    let skew = (time::OffsetDateTime::now_utc() - ts).abs();
+    assert!(skew < time::Duration::minutes(2), "{r}");
+}

@@ -5,13 +5,13 @@
 //! any input (each parser has a `fuzz_one` entry point that proves it).
 //!
 //! How the listeners call them:
-//! - `syslog.sock` (SOCK_DGRAM): one `recvmsg` per datagram into a buffer of
-//!   `ingest.max_record_bytes` plus headroom, with `SO_PASSCRED` set so the
-//!   kernel attaches `SCM_CREDENTIALS` (pid, uid, gid) to every datagram,
-//!   even from senders that pass none; then [`syslog::parse`] (or
-//!   [`syslog::parse_at`] with a local-offset `now` when the agent knows
-//!   its zone). `Err` means an empty datagram: count it. A record whose
-//!   metadata has [`syslog::ERROR_KEY`] was kept as text: count it as
+//! - `syslog.sock` (SOCK_DGRAM): `recvmmsg` into buffers of
+//!   `ingest.max_record_bytes` plus headroom each, with `SO_PASSCRED` set so
+//!   the kernel attaches `SCM_CREDENTIALS` (pid, uid, gid) to every
+//!   datagram, even from senders that pass none; then
+//!   [`syslog::parse_in`] with the local [`tz::Zone`] (or
+//!   [`syslog::parse`], UTC). `Err` means an empty datagram: count it. A
+//!   record whose metadata has [`syslog::ERROR_KEY`] was kept as text: count it as
 //!   malformed too. A datagram cut by the buffer (`MSG_TRUNC`) is parsed
 //!   as received and marked truncated by the listener.
 //! - `forward.sock` (SOCK_STREAM): one [`forward::ForwardDecoder`] per
@@ -28,6 +28,7 @@ pub mod fields;
 pub mod forward;
 mod msgpack;
 pub mod syslog;
+pub mod tz;
 
 /// Appended to a message that was cut to fit `ingest.max_record_bytes`, so a
 /// reader sees the cut instead of silently missing text.

@@ -16,10 +16,12 @@
 //! PROCID or the 3164 `tag[pid]`), `msgid` and `structured_data`
 //! (`{"sd-id": {"param": "value"}}`, a repeated param becomes an array).
 //!
-//! RFC 3164 timestamps have no year and no zone. The zone is the one of the
-//! `now` the caller passes (UTC unless the listener knows the local offset),
-//! and the year is the one that puts the time nearest to `now`, so a
-//! December message read in early January lands in the old year.
+//! RFC 3164 timestamps have no year and no zone. They are read as wall-clock
+//! time in the [`Zone`] the caller passes (the listener's local zone, with
+//! the offset in force on that date, see [`super::tz`]), and the year is the
+//! one that puts the time nearest to `now` without being more than a day
+//! ahead of it, so a December message read in early January lands in the
+//! old year.
 //!
 //! Invariant: a datagram never panics the parser and is never dropped for
 //! being odd, because a log line on a robot is worth more than grammar:
@@ -33,6 +35,7 @@ use serde_json::{Map, Value};
 use time::{Date, Month, OffsetDateTime, PrimitiveDateTime, Time};
 
 use super::truncate_message;
+use super::tz::Zone;
 use crate::agent::record::Incoming;
 use crate::wire::Level;
 
@@ -96,12 +99,24 @@ pub fn parse(datagram: &[u8], max_record_bytes: usize) -> Result<Incoming, BadSy
     parse_at(datagram, max_record_bytes, OffsetDateTime::now_utc())
 }
 
-/// Parses one datagram; `now` gives the year and the zone of RFC 3164
-/// timestamps (see the module docs).
+/// Parses one datagram; `now` gives the year of RFC 3164 timestamps and,
+/// with its offset, their zone (see the module docs).
 pub fn parse_at(
     datagram: &[u8],
     max_record_bytes: usize,
     now: OffsetDateTime,
+) -> Result<Incoming, BadSyslog> {
+    let zone = Zone::fixed(now.offset().whole_seconds());
+    parse_in(datagram, max_record_bytes, now, &zone)
+}
+
+/// Parses one datagram, reading RFC 3164 wall-clock times in `zone` (with
+/// the offset it had at that time) and their year by `now`.
+pub fn parse_in(
+    datagram: &[u8],
+    max_record_bytes: usize,
+    now: OffsetDateTime,
+    zone: &Zone,
 ) -> Result<Incoming, BadSyslog> {
     // Senders end datagrams with NUL (Python, glibc's syslog(3) over a
     // stream) or a newline (shell tools); neither belongs to the message.
@@ -146,7 +161,7 @@ pub fn parse_at(
                 }
             }
         }
-        None => rfc3164(rest, now, &mut metadata),
+        None => rfc3164(rest, now, zone, &mut metadata),
     };
     let mut message = text(strip_bom(parsed.message));
     let truncated = truncate_message(&mut message, max_record_bytes);
@@ -358,9 +373,10 @@ fn param_value(data: &[u8]) -> Option<(String, &[u8])> {
 fn rfc3164<'a>(
     data: &'a [u8],
     now: OffsetDateTime,
+    zone: &Zone,
     metadata: &mut Map<String, Value>,
 ) -> Parsed<'a> {
-    let bsd = bsd_timestamp(data, now).unwrap_or_else(|e| {
+    let bsd = bsd_timestamp(data, now, zone).unwrap_or_else(|e| {
         metadata.insert(ERROR_KEY.into(), Value::String(e.to_string()));
         None
     });
@@ -452,7 +468,11 @@ const MONTHS: [&[u8; 3]; 12] = [
 /// `Mmm dd hh:mm:ss[.frac] ` (day space-padded or not). `Ok(None)` when the
 /// datagram does not start with a month name; an impossible date or time
 /// after one is an error.
-fn bsd_timestamp(data: &[u8], now: OffsetDateTime) -> Result<Option<(i64, &[u8])>, BadSyslog> {
+fn bsd_timestamp<'a>(
+    data: &'a [u8],
+    now: OffsetDateTime,
+    zone: &Zone,
+) -> Result<Option<(i64, &'a [u8])>, BadSyslog> {
     let Some(month) = data.get(..4).and_then(|m| {
         MONTHS
             .iter()
@@ -519,12 +539,35 @@ fn bsd_timestamp(data: &[u8], now: OffsetDateTime) -> Result<Option<(i64, &[u8])
     let month = Month::try_from(month as u8 + 1).expect("1-12");
     let time = Time::from_hms_nano(h as u8, m as u8, s.min(59) as u8, nanos)
         .map_err(|_| BadSyslog::Timestamp)?;
-    let year = now.year();
-    let best = (year - 1..=year + 1)
+    // The year: the one that puts the time nearest to now without being
+    // more than a day ahead of it (a sender's clock may run a little
+    // ahead; a December line read in January is last year's).
+    let now_s = now.unix_timestamp();
+    let year = now.to_offset(time::UtcOffset::UTC).year();
+    let candidates: Vec<i64> = (year - 1..=year + 1)
         .filter_map(|y| Date::from_calendar_date(y, month, day as u8).ok())
-        .map(|d| PrimitiveDateTime::new(d, time).assume_offset(now.offset()))
-        .min_by_key(|t| (*t - now).abs())
+        .map(|d| {
+            zone.local_to_utc(
+                PrimitiveDateTime::new(d, time)
+                    .assume_utc()
+                    .unix_timestamp(),
+            )
+        })
+        .collect();
+    let nearest = |allowed: &dyn Fn(&i64) -> bool| {
+        candidates
+            .iter()
+            .copied()
+            .filter(|t| allowed(t))
+            .min_by_key(|t| (t - now_s).abs())
+    };
+    let secs = nearest(&|t| *t - now_s <= 86_400)
+        .or_else(|| nearest(&|_| true))
         .ok_or(BadSyslog::Timestamp)?;
+    let best = OffsetDateTime::from_unix_timestamp(secs)
+        .map_err(|_| BadSyslog::Timestamp)?
+        .replace_nanosecond(nanos)
+        .map_err(|_| BadSyslog::Timestamp)?;
     let ns = i64::try_from(best.unix_timestamp_nanos()).map_err(|_| BadSyslog::Timestamp)?;
     Ok(Some((ns, r)))
 }
@@ -795,36 +838,73 @@ mod tests {
     }
 
     #[test]
-    fn year_is_the_nearest_to_now() {
-        let at = |y, m: u8, d| {
+    fn year_is_the_nearest_to_now_and_not_ahead_by_more_than_a_day() {
+        let at = |y, m: u8, d, h: u8, min: u8| {
             OffsetDateTime::new_utc(
                 Date::from_calendar_date(y, Month::try_from(m).unwrap(), d).unwrap(),
-                Time::MIDNIGHT,
+                Time::from_hms(h, min, 0).unwrap(),
             )
         };
-        let p = |now| {
-            parse_at(b"<14>Dec 31 23:59:00 t: m", 100, now)
-                .unwrap()
-                .timestamp_ns
+        let check = |line: &[u8], now: OffsetDateTime, expected: &str| {
+            let r = parse_in(line, 100, now, &Zone::utc()).unwrap();
+            assert_eq!(r.timestamp_ns, ts(expected), "{now}");
         };
-        assert_eq!(p(at(2027, 1, 1)), ts("2026-12-31T23:59:00Z"));
-        assert_eq!(p(at(2026, 12, 1)), ts("2026-12-31T23:59:00Z"));
-        let jan = |now| {
-            parse_at(b"<14>Jan  1 00:01:00 t: m", 100, now)
-                .unwrap()
-                .timestamp_ns
+        let dec31 = b"<14>Dec 31 23:59:00 t: m";
+        let jan1 = b"<14>Jan  1 00:01:00 t: m";
+        // A December line read in January is last year's.
+        check(dec31, at(2027, 1, 1, 0, 0), "2026-12-31T23:59:00Z");
+        // Weeks ahead of now is not "nearest": it is last year's.
+        check(dec31, at(2026, 12, 1, 0, 0), "2025-12-31T23:59:00Z");
+        // A sender's clock a few minutes ahead still gives this year.
+        check(jan1, at(2026, 12, 31, 23, 59), "2027-01-01T00:01:00Z");
+        // More than a day ahead: the past year instead.
+        check(jan1, at(2026, 12, 30, 23, 0), "2026-01-01T00:01:00Z");
+        // Feb 29 exists only in leap years: 2028 is the one.
+        check(
+            b"<14>Feb 29 12:00:00 t: m",
+            at(2028, 3, 1, 0, 0),
+            "2028-02-29T12:00:00Z",
+        );
+    }
+
+    #[test]
+    fn bsd_times_are_local_time() {
+        let now = OffsetDateTime::from_unix_timestamp(1_795_655_400).unwrap(); // 2026-11-26T01:10Z
+        let check = |zone: &Zone, line: &[u8], expected: &str| {
+            let r = parse_in(line, 100, now, zone).unwrap();
+            assert_eq!(
+                r.timestamp_ns,
+                ts(expected),
+                "{}",
+                String::from_utf8_lossy(line)
+            );
         };
-        assert_eq!(jan(at(2026, 12, 31)), ts("2027-01-01T00:01:00Z"));
-        // Feb 29 exists only in leap years: 2028 is the nearest one.
-        let feb = parse_at(b"<14>Feb 29 12:00:00 t: m", 100, at(2028, 3, 1)).unwrap();
-        assert_eq!(feb.timestamp_ns, ts("2028-02-29T12:00:00Z"));
-        // A known local offset is applied.
-        let local = at(2026, 11, 26).to_offset(time::UtcOffset::from_hms(2, 0, 0).unwrap());
+        let plus2 = Zone::fixed(7200);
+        check(&plus2, b"<14>Nov 26 03:00:00 t: m", "2026-11-26T01:00:00Z");
+        check(
+            &plus2,
+            b"<14>Nov 26 03:00:00.25 t: m",
+            "2026-11-26T01:00:00.25Z",
+        );
+        let minus5 = Zone::fixed(-5 * 3600);
+        check(&minus5, b"<14>Nov 25 20:00:00 t: m", "2026-11-26T01:00:00Z");
+        // Berlin: the offset of that date, not of now (CEST in July).
+        let berlin = Zone::from_posix("CET-1CEST,M3.5.0,M10.5.0/3").unwrap();
+        check(&berlin, b"<14>Jul 15 14:00:00 t: m", "2026-07-15T12:00:00Z");
+        check(&berlin, b"<14>Nov 26 02:00:00 t: m", "2026-11-26T01:00:00Z");
+        // parse_at takes the zone from now's offset, as before.
+        let local = now.to_offset(time::UtcOffset::from_hms(2, 0, 0).unwrap());
         assert_eq!(
             parse_at(b"<14>Nov 26 03:00:00 t: m", 100, local)
                 .unwrap()
                 .timestamp_ns,
             ts("2026-11-26T01:00:00Z")
+        );
+        // RFC 5424 times carry their own offset: the zone is not applied.
+        check(
+            &plus2,
+            b"<14>1 2026-11-26T01:00:00Z h a - - - m",
+            "2026-11-26T01:00:00Z",
         );
     }
 

@@ -49,6 +49,7 @@ pub async fn serve(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let pipeline = pipeline.for_protocol(super::Protocol::Forward);
     let p = pipeline.clone();
     let partial: Arc<AtomicUsize> = Arc::default();
     let limits = Limits {

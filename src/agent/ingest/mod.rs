@@ -9,6 +9,7 @@
 
 pub mod forward;
 pub mod json;
+mod mmsg;
 pub mod syslog;
 
 use std::collections::HashMap;
@@ -43,6 +44,18 @@ pub const FORMAT_BAD_REASONS: [&str; 5] = [
     "forward_broken_stream",
 ];
 
+/// The protocols records arrive by, in the order of [`Stats::accepted_by`];
+/// `accepted` is split by them in `/v1/status` and `/metrics`.
+pub const PROTOCOLS: [&str; 3] = ["json", "syslog", "forward"];
+
+/// Index into [`PROTOCOLS`] / [`Stats::accepted_by`].
+#[derive(Debug, Clone, Copy)]
+pub enum Protocol {
+    Json = 0,
+    Syslog = 1,
+    Forward = 2,
+}
+
 /// Index into [`FORMAT_BAD_REASONS`] / [`Stats::bad_formats`].
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum FormatBad {
@@ -65,6 +78,8 @@ pub struct Pipeline {
     /// client may have connected and written before being accepted).
     listeners: Arc<Mutex<Vec<FlushAsk>>>,
     next_conn: Arc<AtomicU64>,
+    /// Which [`Stats::accepted_by`] counter this handle's records count in.
+    protocol: Protocol,
 }
 
 /// Asks a task to hand over what it has; it answers by dropping the sender.
@@ -98,6 +113,15 @@ impl Pipeline {
             conns: Arc::default(),
             listeners: Arc::default(),
             next_conn: Arc::default(),
+            protocol: Protocol::Json,
+        }
+    }
+
+    /// The same pipeline, counting accepted records under `protocol`.
+    pub fn for_protocol(&self, protocol: Protocol) -> Pipeline {
+        Pipeline {
+            protocol,
+            ..self.clone()
         }
     }
 
@@ -181,6 +205,7 @@ impl Pipeline {
     /// Turns a parsed record into its stored form, counting it.
     pub fn row(&self, r: Incoming, trusted: Arc<Trusted>, arrival_ns: i64) -> Row {
         self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        self.stats.accepted_by[self.protocol as usize].fetch_add(1, Ordering::Relaxed);
         if r.truncated {
             self.stats.truncated.fetch_add(1, Ordering::Relaxed);
         }

@@ -4,26 +4,24 @@
 //! every datagram carries the sender's pid/uid/gid even when the sender
 //! passes none).
 //!
-//! Invariant: never waits on anything but the socket, so senders are never
-//! held up by the writer. Records go to the pipeline without waiting; while
-//! it is full they wait in a bounded pending batch ([`MAX_PENDING`] records,
-//! [`MAX_PENDING_BYTES`]) and the socket keeps being drained; beyond that
-//! bound they are dropped and counted (`refused`). One receive buffer of
-//! `max_record_bytes` plus headroom, reused; a longer datagram is kept cut,
-//! with a visible mark.
+//! Invariant: one thread (`logbook-syslog`) reads the socket and waits on
+//! nothing but the socket and the pipeline. Nothing received is dropped:
+//! when the writer falls behind, the thread waits for room after at most
+//! one batch ([`BATCH`] records), the kernel's queue fills and senders are
+//! slowed, as stream clients are. One receive buffer of `max_record_bytes`
+//! plus headroom, reused; a longer datagram is kept cut, with a visible
+//! mark.
 
-use std::io::IoSliceMut;
-use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags};
-use tokio::io::Interest;
 use tokio::net::UnixDatagram;
 use tokio_util::sync::CancellationToken;
 
+use super::mmsg::{Batch, Cred, Got};
 use super::{process_name, FormatBad, Pipeline};
+use crate::agent::formats::tz::Zone;
 use crate::agent::formats::{self, syslog::ERROR_KEY, TRUNCATION_MARK};
 use crate::agent::record::{Incoming, Trusted};
 use crate::agent::store::writer::Msg;
@@ -37,20 +35,63 @@ const SOCKET_RCVBUF: usize = 4 << 20;
 /// Datagrams read per wake-up; also the batch size that goes to the
 /// pipeline at once.
 const BATCH: usize = 256;
+/// Datagrams one `recvmmsg` takes at most. The kernel queue of a Unix
+/// datagram socket holds `net.unix.max_dgram_qlen` (10 by default, 512
+/// under systemd), so a call rarely finds more; each buffer's pages cost
+/// memory only once a datagram that long has arrived.
+const MMSG: usize = 32;
 /// Longest a smaller batch waits for more datagrams before it goes to the
 /// pipeline anyway. A busy sender wakes the listener every few datagrams,
 /// and the pipeline's slots count messages, not records: tiny batches
 /// would fill it while the writer idles.
 const COALESCE: Duration = Duration::from_millis(2);
-/// Records held while the pipeline is full (its slots count messages, not
-/// records: a burst of small wake-ups must not fill it with tiny batches
-/// and drop the rest). About a second of a busy robot's logging.
-pub const MAX_PENDING: usize = 16 << 10;
-/// Bytes held while the pipeline is full.
-pub const MAX_PENDING_BYTES: usize = 8 << 20;
+/// Longest the thread sleeps in `recvmsg` when idle before it looks for
+/// requests anyway (a flush or shutdown normally wakes it at once).
+const IDLE_WAKE: Duration = Duration::from_secs(1);
 /// How long a pid's process name is trusted before `/proc` is read again
 /// (a pid can be reused by another program).
 const NAME_TTL: Duration = Duration::from_secs(1);
+
+/// The zone RFC 3164 times are read in, once at start-up: `TZ` when set
+/// (a zone name or path, or a POSIX rule; empty means UTC), else
+/// `/etc/localtime`; UTC when neither can be read. Read from the TZif
+/// file rather than asked of libc or the `time` crate, which cannot query
+/// the local offset soundly in a multithreaded process, and kept whole
+/// (transitions and rule), so daylight-saving changes while the agent runs
+/// are honoured.
+pub fn local_zone() -> Zone {
+    let from_file = |p: &std::path::Path| std::fs::read(p).ok().and_then(|d| Zone::from_tzif(&d));
+    let zone = match std::env::var("TZ") {
+        Ok(tz) if tz.is_empty() => Some(Zone::utc()),
+        Ok(tz) => {
+            let name = tz.strip_prefix(':').unwrap_or(&tz);
+            let path = if name.starts_with('/') {
+                std::path::PathBuf::from(name)
+            } else {
+                std::path::Path::new("/usr/share/zoneinfo").join(name)
+            };
+            let safe = !name.split('/').any(|part| part == "..");
+            (if safe { from_file(&path) } else { None }).or_else(|| Zone::from_posix(name))
+        }
+        Err(_) => from_file(std::path::Path::new("/etc/localtime")),
+    };
+    zone.unwrap_or_else(|| {
+        tracing::info!(
+            "no local time zone found (TZ, /etc/localtime): RFC 3164 times are read as UTC"
+        );
+        Zone::utc()
+    })
+}
+
+/// A receive that found nothing (non-blocking, or the timeout passed).
+fn is_dry(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock
+            | std::io::ErrorKind::TimedOut
+            | std::io::ErrorKind::Interrupted
+    )
+}
 
 /// Makes a datagram socket systemd passed (adopted as a listener by
 /// [`crate::agent::systemd::listen_fds`], which cannot tell) a datagram
@@ -62,7 +103,22 @@ pub fn datagram_from_passed(fd: OwnedFd) -> Option<std::os::unix::net::UnixDatag
     }
 }
 
+/// What the async side asks of the receiver thread.
+enum Ctl {
+    /// Hand over everything received so far, then drop the sender.
+    Flush(tokio::sync::oneshot::Sender<()>),
+    /// Hand over everything received so far and stop.
+    Stop,
+}
+
 /// Serves `socket` until `shutdown`, then hands over what it still holds.
+///
+/// The socket is read by a dedicated blocking thread (`logbook-syslog`):
+/// a datagram sender wakes it straight out of `recvmsg`, with no reactor,
+/// task wake-up or `epoll_wait` in between, which is most of the cost of
+/// one small datagram. This task only relays flush and shutdown requests
+/// (waking the thread with an empty datagram of our own) and waits for
+/// the thread to finish.
 pub async fn serve(
     socket: UnixDatagram,
     pipeline: Pipeline,
@@ -78,35 +134,76 @@ pub async fn serve(
     if let Err(e) = rustix::net::sockopt::set_socket_recv_buffer_size(&socket, SOCKET_RCVBUF) {
         tracing::debug!("syslog.sock: cannot set SO_RCVBUF: {e}");
     }
+    let pipeline = pipeline.for_protocol(super::Protocol::Syslog);
     let mut asked = pipeline.register_listener();
-    let tx = pipeline.tx.clone();
+    let socket = match socket.into_std().and_then(|s| {
+        s.set_nonblocking(false)?;
+        Ok(s)
+    }) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("syslog.sock: cannot read the socket: {e}");
+            return;
+        }
+    };
+    let wake = Waker::new(&socket);
+    let (ctl_tx, ctl_rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
     let mut rx = Receiver::new(pipeline, max_record_bytes);
+    rx.zone = local_zone();
+    let spawned = std::thread::Builder::new()
+        .name("logbook-syslog".into())
+        .spawn(move || {
+            rx.run(&socket, &ctl_rx);
+            drop(done_tx);
+        });
+    if let Err(e) = spawned {
+        tracing::error!("syslog.sock: cannot start the receiver thread: {e}");
+        return;
+    }
     loop {
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => {
-                rx.drain(&socket).await;
-                return;
+                let _ = ctl_tx.send(Ctl::Stop);
+                wake.wake();
+                break;
             }
             Some(ack) = asked.recv() => {
-                rx.drain(&socket).await;
-                drop(ack);
+                let _ = ctl_tx.send(Ctl::Flush(ack));
+                wake.wake();
             }
-            // Room (again) for what is due: hand it over. (Reserving is
-            // cancel-safe: a lost race only loses the place in line.)
-            permit = tx.reserve(), if rx.due() => {
-                if let Ok(permit) = permit {
-                    permit.send(Msg::Rows(rx.take_pending()));
-                }
-            }
-            _ = tokio::time::sleep_until(rx.deadline()), if !rx.pending.is_empty() && !rx.due() => {}
-            r = socket.readable() => {
-                if r.is_err() {
-                    return;
-                }
-                // try_io clears the readiness when the socket runs dry.
-                let _ = socket.try_io(Interest::READABLE, || rx.batch(&socket));
-            }
+        }
+    }
+    let _ = done_rx.await;
+}
+
+/// Wakes the receiver thread out of a blocking `recvmsg` with an empty
+/// datagram from this process, which the thread recognizes by the kernel's
+/// credentials and does not count.
+struct Waker {
+    socket: Option<std::os::unix::net::UnixDatagram>,
+    to: Option<std::os::unix::net::SocketAddr>,
+}
+
+impl Waker {
+    fn new(listener: &std::os::unix::net::UnixDatagram) -> Waker {
+        Waker {
+            socket: std::os::unix::net::UnixDatagram::unbound().ok(),
+            to: listener.local_addr().ok(),
+        }
+    }
+
+    fn wake(&self) {
+        let (Some(s), Some(to)) = (&self.socket, &self.to) else {
+            return;
+        };
+        // Non-blocking: when the queue is full the thread is awake anyway,
+        // and it checks for requests after every batch. A failed wake
+        // costs at most IDLE_WAKE.
+        let _ = s.set_nonblocking(true);
+        if let Err(e) = s.send_to_addr(b"", to) {
+            tracing::debug!("syslog.sock: waking the receiver: {e}");
         }
     }
 }
@@ -115,25 +212,25 @@ pub async fn serve(
 struct Receiver {
     pipeline: Pipeline,
     max: usize,
-    buf: Vec<u8>,
-    /// Rows not yet handed to the pipeline (still coalescing, or no room
-    /// yet), oldest first.
+    /// Receive buffers for [`MMSG`] datagrams of `max_record_bytes` plus
+    /// [`HEADROOM`] each.
+    mm: Batch,
+    /// Rows not yet handed to the pipeline (still coalescing), oldest
+    /// first.
     pending: Vec<Row>,
-    pending_bytes: usize,
     /// When the oldest pending row arrived.
     pending_since: Instant,
     /// [`COALESCE`] (tests change it).
     coalesce: Duration,
     /// The last sender's trusted fields, so a burst from one process reads
     /// `/proc` once.
-    last: Option<(rustix::net::UCred, Arc<Trusted>, Instant)>,
-}
-
-/// One received datagram's size (before any cut) and sender.
-struct Datagram {
-    len: usize,
-    truncated: bool,
-    cred: Option<rustix::net::UCred>,
+    last: Option<(Cred, Arc<Trusted>, Instant)>,
+    /// The receive timeout currently set on the socket.
+    timeout: Option<Duration>,
+    /// This process, whose empty datagrams are wake-ups.
+    me: u32,
+    /// The zone of RFC 3164 times.
+    zone: Zone,
 }
 
 impl Receiver {
@@ -141,63 +238,136 @@ impl Receiver {
         Receiver {
             pipeline,
             max,
-            buf: vec![0; max + HEADROOM],
-            pending: Vec::new(),
-            pending_bytes: 0,
+            mm: Batch::new(MMSG, max + HEADROOM),
+            pending: Vec::with_capacity(BATCH),
             pending_since: Instant::now(),
             coalesce: COALESCE,
             last: None,
+            timeout: None,
+            me: std::process::id(),
+            zone: Zone::utc(),
         }
     }
 
-    /// Reads up to [`BATCH`] datagrams and offers them to the pipeline.
-    /// `Err(WouldBlock)` when the socket ran dry (so the reactor waits
-    /// again).
-    fn batch(&mut self, socket: &impl AsFd) -> std::io::Result<()> {
-        let mut result = Ok(());
-        let arrival = now_ns();
-        for _ in 0..BATCH {
-            match self.recv(socket) {
-                Ok(d) => {
-                    if let Some((r, t)) = self.record(d) {
-                        let row = self.pipeline.row(r, t, arrival);
-                        self.hold(row);
-                    }
+    /// The thread's loop: block for a datagram, read what else is queued
+    /// (up to [`BATCH`]), hand full or old batches to the pipeline, serve
+    /// requests. Returns after a [`Ctl::Stop`] (or when the agent side is
+    /// gone), having handed over everything.
+    fn run(mut self, socket: &impl AsFd, ctl: &std::sync::mpsc::Receiver<Ctl>) {
+        loop {
+            // Idle: sleep until a datagram comes; rows waiting to coalesce:
+            // only until they are due.
+            let want = if self.pending.is_empty() {
+                IDLE_WAKE
+            } else {
+                self.coalesce
+                    .saturating_sub(self.pending_since.elapsed())
+                    .max(Duration::from_micros(100))
+            };
+            self.set_timeout(socket, want);
+            match self.mm.recv(socket, true) {
+                Ok(n) => {
+                    let arrival = now_ns();
+                    self.take(n, arrival);
+                    let _ = self.batch(socket, arrival);
                 }
+                Err(e) if is_dry(&e) => {}
                 Err(e) => {
-                    result = Err(e);
-                    break;
+                    tracing::warn!("syslog.sock: receive failed: {e}");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+            if self.due() {
+                self.send_pending();
+            }
+            loop {
+                match ctl.try_recv() {
+                    Ok(Ctl::Flush(ack)) => {
+                        self.drain(socket);
+                        drop(ack);
+                    }
+                    Ok(Ctl::Stop) | Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                        self.drain(socket);
+                        return;
+                    }
+                    Err(std::sync::mpsc::TryRecvError::Empty) => break,
                 }
             }
         }
-        if self.due() {
-            self.offer();
+    }
+
+    fn set_timeout(&mut self, socket: &impl AsFd, want: Duration) {
+        // Only changed when it must: a busy socket keeps one setting.
+        let close = self
+            .timeout
+            .is_some_and(|t| t.abs_diff(want) < Duration::from_micros(500));
+        if close {
+            return;
         }
-        match result {
-            Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => {
-                tracing::warn!("syslog.sock: receive failed: {e}");
-                Ok(())
-            }
-            other => other,
+        let r = rustix::net::sockopt::set_socket_timeout(
+            socket,
+            rustix::net::sockopt::Timeout::Recv,
+            Some(want),
+        );
+        if r.is_ok() {
+            self.timeout = Some(want);
         }
     }
 
-    /// Keeps a row for the pipeline, or drops and counts it when the
-    /// pending batch is at its bound.
-    fn hold(&mut self, row: Row) {
-        let bytes = row.approx_bytes();
-        if self.pending.len() >= MAX_PENDING || self.pending_bytes + bytes > MAX_PENDING_BYTES {
+    /// Reads what is queued now, until [`BATCH`] rows are pending,
+    /// without waiting. `Err(WouldBlock)` when the socket ran dry.
+    fn batch(&mut self, socket: &impl AsFd, arrival: i64) -> std::io::Result<()> {
+        while self.pending.len() < BATCH {
+            match self.mm.recv(socket, false) {
+                Ok(n) => self.take(n, arrival),
+                Err(e) => {
+                    if !is_dry(&e) {
+                        tracing::warn!("syslog.sock: receive failed: {e}");
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Parses the `n` datagrams just received into the pending batch.
+    fn take(&mut self, n: usize, arrival: i64) {
+        for i in 0..n {
+            let (bytes, d) = self.mm.get(i);
+            if d.len == 0 && d.cred.is_some_and(|c| c.pid == self.me) {
+                // Our own wake-up (see Waker).
+                continue;
+            }
+            let now = time::OffsetDateTime::from_unix_timestamp_nanos(arrival as i128)
+                .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+            let parsed = formats::syslog::parse_in(bytes, self.max, now, &self.zone);
+            if let Some((r, t)) = record(&self.pipeline, self.max, parsed, d, &mut self.last) {
+                let row = self.pipeline.row(r, t, arrival);
+                if self.pending.is_empty() {
+                    self.pending_since = Instant::now();
+                }
+                self.pending.push(row);
+            }
+        }
+    }
+
+    /// Hands the pending rows to the pipeline, waiting for room: a writer
+    /// that falls behind holds up this thread, the kernel's queue fills and
+    /// senders wait (or, if non-blocking, are told EAGAIN), exactly as
+    /// stream clients are slowed, instead of records being dropped here.
+    fn send_pending(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let rows = std::mem::replace(&mut self.pending, Vec::with_capacity(BATCH));
+        let n = rows.len() as u64;
+        if self.pipeline.tx.blocking_send(Msg::Rows(rows)).is_err() {
             self.pipeline
                 .stats
                 .refused
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return;
+                .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
         }
-        if self.pending.is_empty() {
-            self.pending_since = Instant::now();
-        }
-        self.pending_bytes += bytes;
-        self.pending.push(row);
     }
 
     /// Whether the pending rows should go to the pipeline now.
@@ -206,136 +376,73 @@ impl Receiver {
             && (self.pending.len() >= BATCH || self.pending_since.elapsed() >= self.coalesce)
     }
 
-    fn deadline(&self) -> tokio::time::Instant {
-        tokio::time::Instant::from_std(self.pending_since + self.coalesce)
-    }
-
-    /// Hands the pending rows to the pipeline if it has room now.
-    fn offer(&mut self) {
-        if self.pending.is_empty() {
-            return;
-        }
-        // Full: they wait (bounded) while the socket is drained on.
-        let rows = std::mem::take(&mut self.pending);
-        match self.pipeline.tx.try_send(Msg::Rows(rows)) {
-            Ok(()) => self.pending_bytes = 0,
-            Err(e) => match e.into_inner() {
-                Msg::Rows(rows) => self.pending = rows,
-                _ => unreachable!("sent rows"),
-            },
-        }
-    }
-
-    fn take_pending(&mut self) -> Vec<Row> {
-        self.pending_bytes = 0;
-        std::mem::take(&mut self.pending)
-    }
-
     /// Hands over every datagram queued now and what is pending (a flush
-    /// or shutdown asked: waiting for the writer is right here). Bounded,
-    /// so a sender that never pauses cannot hold it up.
-    async fn drain(&mut self, socket: &impl AsFd) {
+    /// or shutdown asked). Bounded, so a sender that never pauses cannot
+    /// hold it up: what it sends meanwhile arrived after the request.
+    fn drain(&mut self, socket: &impl AsFd) {
         for _ in 0..64 {
-            let dry = self.batch(socket).is_err();
-            if !self.pending.is_empty() {
-                let rows = self.take_pending();
-                let n = rows.len() as u64;
-                if self.pipeline.tx.send(Msg::Rows(rows)).await.is_err() {
-                    self.pipeline
-                        .stats
-                        .refused
-                        .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-                }
-            }
+            let dry = self.batch(socket, now_ns()).is_err();
+            self.send_pending();
             if dry {
                 return;
             }
         }
     }
+}
 
-    fn recv(&mut self, socket: &impl AsFd) -> std::io::Result<Datagram> {
-        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmCredentials(1))];
-        let mut control = RecvAncillaryBuffer::new(&mut space);
-        let msg = loop {
-            let mut iov = [IoSliceMut::new(&mut self.buf)];
-            match rustix::net::recvmsg(
-                socket,
-                &mut iov,
-                &mut control,
-                // TRUNC: learn the real size of a datagram that did not fit.
-                RecvFlags::DONTWAIT | RecvFlags::TRUNC | RecvFlags::CMSG_CLOEXEC,
-            ) {
-                Ok(m) => break m,
-                Err(rustix::io::Errno::INTR) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        };
-        let mut cred = None;
-        // Draining also closes any fds a sender passed along (ScmRights).
-        for m in control.drain() {
-            if let RecvAncillaryMessage::ScmCredentials(c) = m {
-                cred = Some(c);
-            }
+/// Completes one parsed datagram; counts what is bad. `last`: the last sender's
+/// trusted fields (see [`Receiver::last`]).
+fn record(
+    pipeline: &Pipeline,
+    max: usize,
+    parsed: Result<Incoming, formats::syslog::BadSyslog>,
+    d: Got,
+    last: &mut Option<(Cred, Arc<Trusted>, Instant)>,
+) -> Option<(Incoming, Arc<Trusted>)> {
+    let mut r = match parsed {
+        Ok(r) => r,
+        Err(e) => {
+            pipeline.count_bad(FormatBad::SyslogEmpty, 1);
+            tracing::debug!("syslog.sock: skipped a datagram: {e}");
+            return None;
         }
-        Ok(Datagram {
-            len: msg.bytes,
-            truncated: msg.flags.contains(ReturnFlags::TRUNC) || msg.bytes > self.buf.len(),
-            cred,
-        })
+    };
+    if r.metadata.contains_key(ERROR_KEY) {
+        // Kept as text, but the sender should hear about it.
+        pipeline.count_bad(FormatBad::SyslogMalformed, 1);
     }
-
-    /// Parses one datagram; counts what is bad.
-    fn record(&mut self, d: Datagram) -> Option<(Incoming, Arc<Trusted>)> {
-        let got = d.len.min(self.buf.len());
-        let mut r = match formats::syslog::parse(&self.buf[..got], self.max) {
-            Ok(r) => r,
-            Err(e) => {
-                self.pipeline.count_bad(FormatBad::SyslogEmpty, 1);
-                tracing::debug!("syslog.sock: skipped a datagram: {e}");
-                return None;
-            }
-        };
-        if r.metadata.contains_key(ERROR_KEY) {
-            // Kept as text, but the sender should hear about it.
-            self.pipeline.count_bad(FormatBad::SyslogMalformed, 1);
-        }
-        if d.truncated {
-            r.truncated = true;
+    if d.truncated {
+        r.truncated = true;
+        if !r.message.ends_with(TRUNCATION_MARK) {
+            formats::truncate_message(&mut r.message, max.saturating_sub(1));
             if !r.message.ends_with(TRUNCATION_MARK) {
-                formats::truncate_message(&mut r.message, self.max.saturating_sub(1));
-                if !r.message.ends_with(TRUNCATION_MARK) {
-                    r.message.push_str(TRUNCATION_MARK);
-                }
+                r.message.push_str(TRUNCATION_MARK);
             }
-            r.metadata
-                .insert("logbook_original_bytes".into(), d.len.into());
         }
-        Some((r, self.trusted(d.cred)))
+        r.metadata
+            .insert("logbook_original_bytes".into(), d.len.into());
     }
+    Some((r, trusted(d.cred, last)))
+}
 
-    fn trusted(&mut self, cred: Option<rustix::net::UCred>) -> Arc<Trusted> {
-        let Some(c) = cred else {
-            return Arc::new(Trusted::default());
-        };
-        if let Some((last, t, at)) = &self.last {
-            if last.pid == c.pid
-                && last.uid == c.uid
-                && last.gid == c.gid
-                && at.elapsed() < NAME_TTL
-            {
-                return t.clone();
-            }
+fn trusted(cred: Option<Cred>, last: &mut Option<(Cred, Arc<Trusted>, Instant)>) -> Arc<Trusted> {
+    let Some(c) = cred else {
+        return Arc::new(Trusted::default());
+    };
+    if let Some((l, t, at)) = last {
+        if *l == c && at.elapsed() < NAME_TTL {
+            return t.clone();
         }
-        let pid = u32::try_from(c.pid.as_raw_nonzero().get()).ok();
-        let t = Arc::new(Trusted {
-            pid,
-            uid: Some(c.uid.as_raw()),
-            gid: Some(c.gid.as_raw()),
-            process: pid.and_then(process_name),
-        });
-        self.last = Some((c, t.clone(), Instant::now()));
-        t
     }
+    let pid = (c.pid != 0).then_some(c.pid);
+    let t = Arc::new(Trusted {
+        pid,
+        uid: Some(c.uid),
+        gid: Some(c.gid),
+        process: pid.and_then(process_name),
+    });
+    *last = Some((c, t.clone(), Instant::now()));
+    t
 }
 
 #[cfg(test)]
@@ -361,26 +468,46 @@ mod tests {
     }
 
     #[test]
-    fn a_full_pipeline_holds_a_bounded_batch_then_drops_and_counts() {
+    fn a_full_pipeline_holds_up_the_receiver_instead_of_dropping() {
         let (mut rx, mut chan) = receiver(1);
         rx.pipeline.tx.try_send(Msg::Rows(Vec::new())).unwrap();
         let row = |i: usize| {
             let r = formats::syslog::parse(format!("<14>t: {i}").as_bytes(), 1024).unwrap();
             rx.pipeline.row(r, Arc::default(), 1)
         };
-        let all: Vec<Row> = (0..MAX_PENDING + 5).map(row).collect();
-        for r in all {
-            rx.hold(r);
-        }
-        rx.offer();
-        assert_eq!(rx.pending.len(), MAX_PENDING, "kept while full");
-        assert_eq!(rx.pipeline.stats.refused.load(Ordering::Relaxed), 5);
-        assert!(rows(chan.try_recv().ok()).is_empty());
-        rx.offer();
-        assert!(rx.pending.is_empty() && rx.pending_bytes == 0);
-        let got = rows(chan.try_recv().ok());
-        assert_eq!(got.len(), MAX_PENDING);
+        rx.pending = (0..BATCH + 5).map(row).collect();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            rx.send_pending();
+            done_tx.send(()).unwrap();
+            rx
+        });
+        // The channel is full: the receiver waits (nothing dropped)...
+        assert!(done_rx.recv_timeout(Duration::from_millis(200)).is_err());
+        assert!(rows(chan.blocking_recv()).is_empty());
+        // ...and goes on once the writer took a message.
+        let got = rows(chan.blocking_recv());
+        let rx = t.join().unwrap();
+        assert_eq!(got.len(), BATCH + 5);
         assert_eq!(got[0].message, "0", "oldest first");
+        assert!(rx.pending.is_empty());
+        assert_eq!(rx.pipeline.stats.refused.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn our_own_empty_datagram_only_wakes() {
+        let (mut rx, _chan) = receiver(4);
+        let (a, b) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        rustix::net::sockopt::set_socket_passcred(&b, true).unwrap();
+        a.send(b"").unwrap();
+        let e = rx.batch(&b, 1).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
+        assert!(rx.pending.is_empty());
+        let s = &rx.pipeline.stats;
+        assert_eq!(
+            s.bad_formats[FormatBad::SyslogEmpty as usize].load(Ordering::Relaxed),
+            0
+        );
     }
 
     #[test]
@@ -393,16 +520,15 @@ mod tests {
         a.send(long.as_bytes()).unwrap();
         a.send(b"\n").unwrap();
         rx.coalesce = Duration::from_secs(3600);
-        let e = rx.batch(&b).unwrap_err();
+        let e = rx.batch(&b, 1).unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
         // A small batch waits for more before it is handed over...
-        assert!(chan.try_recv().is_err());
         assert_eq!(rx.pending.len(), 2);
         assert!(!rx.due());
         // ...until it has waited long enough.
         rx.coalesce = Duration::ZERO;
         assert!(rx.due());
-        rx.offer();
+        rx.send_pending();
         let got = rows(chan.try_recv().ok());
         assert_eq!(got.len(), 2, "the empty datagram is not a record");
         assert_eq!(got[0].message, "hi");

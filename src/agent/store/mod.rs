@@ -75,6 +75,8 @@ impl Row {
 #[derive(Debug, Default)]
 pub struct Stats {
     pub accepted: AtomicU64,
+    /// `accepted` per [`crate::agent::ingest::PROTOCOLS`] entry.
+    pub accepted_by: [AtomicU64; 3],
     pub truncated: AtomicU64,
     /// Per [`crate::agent::ingest::json::BadRecord`] reason, in `ALL` order.
     pub bad: [AtomicU64; 3],
