@@ -222,9 +222,10 @@ struct Receiver {
     pending_since: Instant,
     /// [`COALESCE`] (tests change it).
     coalesce: Duration,
-    /// The last sender's trusted fields, so a burst from one process reads
+    /// Recent senders' trusted fields, so interleaved bursts from a few
+    /// processes read `/proc` once per process, not once per datagram.
     /// `/proc` once.
-    last: Option<(Cred, Arc<Trusted>, Instant)>,
+    last: Senders,
     /// The receive timeout currently set on the socket.
     timeout: Option<Duration>,
     /// This process, whose empty datagrams are wake-ups.
@@ -242,7 +243,7 @@ impl Receiver {
             pending: Vec::with_capacity(BATCH),
             pending_since: Instant::now(),
             coalesce: COALESCE,
-            last: None,
+            last: Senders::default(),
             timeout: None,
             me: std::process::id(),
             zone: Zone::utc(),
@@ -390,14 +391,14 @@ impl Receiver {
     }
 }
 
-/// Completes one parsed datagram; counts what is bad. `last`: the last sender's
-/// trusted fields (see [`Receiver::last`]).
+/// Completes one parsed datagram; counts what is bad. `last`: recent
+/// senders' trusted fields (see [`Receiver::last`]).
 fn record(
     pipeline: &Pipeline,
     max: usize,
     parsed: Result<Incoming, formats::syslog::BadSyslog>,
     d: Got,
-    last: &mut Option<(Cred, Arc<Trusted>, Instant)>,
+    last: &mut Senders,
 ) -> Option<(Incoming, Arc<Trusted>)> {
     let mut r = match parsed {
         Ok(r) => r,
@@ -425,14 +426,27 @@ fn record(
     Some((r, trusted(d.cred, last)))
 }
 
-fn trusted(cred: Option<Cred>, last: &mut Option<(Cred, Arc<Trusted>, Instant)>) -> Arc<Trusted> {
+/// Senders whose process names were read recently. Robot software logs
+/// from a handful of processes at once, so a few entries keep `/proc` reads
+/// to one per process per [`NAME_TTL`], however their datagrams interleave.
+#[derive(Default)]
+struct Senders {
+    recent: Vec<(Cred, Arc<Trusted>, Instant)>,
+}
+
+/// Senders remembered at most; the oldest entry makes room for a new one.
+const SENDERS: usize = 16;
+
+fn trusted(cred: Option<Cred>, senders: &mut Senders) -> Arc<Trusted> {
     let Some(c) = cred else {
         return Arc::new(Trusted::default());
     };
-    if let Some((l, t, at)) = last {
-        if *l == c && at.elapsed() < NAME_TTL {
-            return t.clone();
+    let recent = &mut senders.recent;
+    if let Some(i) = recent.iter().position(|(l, _, _)| *l == c) {
+        if recent[i].2.elapsed() < NAME_TTL {
+            return recent[i].1.clone();
         }
+        recent.swap_remove(i);
     }
     let pid = (c.pid != 0).then_some(c.pid);
     let t = Arc::new(Trusted {
@@ -441,7 +455,13 @@ fn trusted(cred: Option<Cred>, last: &mut Option<(Cred, Arc<Trusted>, Instant)>)
         gid: Some(c.gid),
         process: pid.and_then(process_name),
     });
-    *last = Some((c, t.clone(), Instant::now()));
+    if recent.len() >= SENDERS {
+        let oldest = (0..recent.len())
+            .min_by_key(|&i| recent[i].2)
+            .expect("the list is full");
+        recent.swap_remove(oldest);
+    }
+    recent.push((c, t.clone(), Instant::now()));
     t
 }
 
@@ -492,6 +512,40 @@ mod tests {
         assert_eq!(got[0].message, "0", "oldest first");
         assert!(rx.pending.is_empty());
         assert_eq!(rx.pipeline.stats.refused.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn interleaved_senders_keep_their_trusted_fields_cached() {
+        let cred = |pid| {
+            Some(Cred {
+                pid,
+                uid: 1000,
+                gid: 1000,
+            })
+        };
+        let mut senders = Senders::default();
+        let me = std::process::id();
+        let first: Vec<Arc<Trusted>> = (0..SENDERS as u32)
+            .map(|i| trusted(cred(me + i), &mut senders))
+            .collect();
+        assert_eq!(first[0].process.as_deref().map(str::is_empty), Some(false));
+        // Round robin over as many senders as the cache holds: every one is
+        // a hit (the same Arc, no second /proc read).
+        for _ in 0..3 {
+            for (i, t) in first.iter().enumerate() {
+                assert!(Arc::ptr_eq(t, &trusted(cred(me + i as u32), &mut senders)));
+            }
+        }
+        // One more sender evicts the oldest entry only.
+        let _ = trusted(cred(me + SENDERS as u32), &mut senders);
+        assert_eq!(senders.recent.len(), SENDERS);
+        assert!(!Arc::ptr_eq(&first[0], &trusted(cred(me), &mut senders)));
+        assert!(Arc::ptr_eq(
+            &first[SENDERS - 1],
+            &trusted(cred(me + SENDERS as u32 - 1), &mut senders)
+        ));
+        // No credentials: nothing trusted, nothing cached.
+        assert_eq!(*trusted(None, &mut senders), Trusted::default());
     }
 
     #[test]
