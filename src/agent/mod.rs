@@ -103,12 +103,17 @@ pub async fn run(
 
     // Sync to the hub (issue 4): the batch uploader under its supervisor.
     let sync_shared = Arc::new(sync::status::SyncShared::new(cfg.sync.is_some()));
+    // One bandwidth cap for logs and artifacts together.
+    let throttle = Arc::new(sync::throttle::Throttle::new(
+        cfg.sync.as_ref().and_then(|s| s.max_bytes_per_sec),
+    ));
     let sync_task = start_uploader(
         &cfg,
         &view,
         pipeline.writer().clone(),
         stats.clone(),
         sync_shared.clone(),
+        throttle.clone(),
         shutdown.clone(),
     );
 
@@ -157,7 +162,7 @@ pub async fn run(
         shutdown.clone(),
         tracker.clone(),
     ));
-    let artifact_stats = spawn_artifacts(&cfg, &view, &pipeline, &shutdown, &tracker);
+    let artifact_stats = spawn_artifacts(&cfg, &view, &pipeline, throttle, &shutdown, &tracker);
     let state = Arc::new(api::ApiState {
         reader: Reader::new(&cfg.db_path(), view),
         pipeline: pipeline.clone(),
@@ -246,6 +251,7 @@ fn start_uploader(
     writer: tokio::sync::mpsc::Sender<store::writer::Msg>,
     stats: Arc<Stats>,
     shared: Arc<sync::status::SyncShared>,
+    throttle: Arc<sync::throttle::Throttle>,
     shutdown: CancellationToken,
 ) -> Option<tokio::task::JoinHandle<()>> {
     let sync_cfg = cfg.sync.clone()?;
@@ -261,6 +267,7 @@ fn start_uploader(
         writer,
         stats,
         shared,
+        throttle,
     });
     Some(tokio::spawn(sync::uploader::run(ctx, shutdown)))
 }
@@ -271,6 +278,7 @@ fn spawn_artifacts(
     cfg: &AgentConfig,
     view: &ViewCtx,
     pipeline: &Pipeline,
+    throttle: Arc<sync::throttle::Throttle>,
     shutdown: &CancellationToken,
     tracker: &TaskTracker,
 ) -> Arc<sync::artifacts::ArtifactStats> {
@@ -283,6 +291,7 @@ fn spawn_artifacts(
                 pipeline.writer().clone(),
                 pipeline.stats.clone(),
                 stats.clone(),
+                throttle,
                 shutdown.clone(),
                 tracker,
             );

@@ -53,6 +53,8 @@ pub struct UploaderCtx {
     pub writer: mpsc::Sender<Msg>,
     pub stats: Arc<Stats>,
     pub shared: Arc<SyncShared>,
+    /// `sync.max_bytes_per_sec`, shared with the artifact uploader.
+    pub throttle: Arc<Throttle>,
 }
 
 /// Runs the uploader under its supervisor until `shutdown`.
@@ -145,7 +147,6 @@ struct Uploader {
     /// awaits (one task uses it).
     reader: std::sync::Mutex<Option<SyncReader>>,
     backoff: Backoff,
-    throttle: Throttle,
     /// Where the in-order scan of unsynced records starts.
     cursor: Option<u64>,
     /// Records per batch after 413s and 400s (halved to isolate a poisoned
@@ -178,7 +179,6 @@ impl Uploader {
         Uploader {
             url: format!("{}{}", ctx.cfg.hub, BATCHES_PATH),
             backoff: Backoff::new(ctx.cfg.retry_min, ctx.cfg.retry_max),
-            throttle: Throttle::new(ctx.cfg.max_bytes_per_sec),
             limit: ctx.cfg.batch_records,
             http,
             reader: std::sync::Mutex::new(None),
@@ -308,7 +308,8 @@ impl Uploader {
             // A capped link may hold a batch back for a long while: that is
             // progress, so keep the heartbeat going for the supervisor.
             let shared = self.ctx.shared.clone();
-            let take = self.throttle.take(body_len);
+            let throttle = self.ctx.throttle.clone();
+            let take = throttle.take(body_len);
             tokio::pin!(take);
             loop {
                 tokio::select! {

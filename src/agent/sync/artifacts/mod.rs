@@ -131,6 +131,7 @@ pub fn spawn(
     writer: mpsc::Sender<Msg>,
     store_stats: Arc<Stats>,
     stats: Arc<ArtifactStats>,
+    throttle: Arc<crate::agent::sync::throttle::Throttle>,
     shutdown: CancellationToken,
     tracker: &TaskTracker,
 ) {
@@ -153,6 +154,7 @@ pub fn spawn(
         store_stats,
         stats,
         wake,
+        throttle,
         shutdown,
     ));
 }

@@ -52,7 +52,8 @@ struct Uploader {
     writer: mpsc::Sender<Msg>,
     stats: Arc<ArtifactStats>,
     tus: TusClient,
-    throttle: Throttle,
+    /// Shared with the batch uploader: one cap for logs and artifacts.
+    throttle: Arc<Throttle>,
     /// Bytes per PATCH: `artifacts.chunk_bytes`, halved on each 413 (a
     /// proxy in front of the hub with a smaller body limit).
     chunk: u64,
@@ -73,6 +74,7 @@ pub async fn run(
     store_stats: Arc<Stats>,
     stats: Arc<ArtifactStats>,
     wake: Arc<Notify>,
+    throttle: Arc<Throttle>,
     shutdown: CancellationToken,
 ) {
     let http = match reqwest::Client::builder()
@@ -100,7 +102,7 @@ pub async fn run(
     };
     let probe = probe_addr(&cfg.hub);
     let mut up = Uploader {
-        throttle: Throttle::new(cfg.max_bytes_per_sec),
+        throttle,
         chunk: cfg.chunk_bytes,
         cfg: cfg.clone(),
         reader,
