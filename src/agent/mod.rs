@@ -283,7 +283,7 @@ fn spawn_artifacts(
     tracker: &TaskTracker,
 ) -> Arc<sync::artifacts::ArtifactStats> {
     let stats = Arc::new(sync::artifacts::ArtifactStats::default());
-    match sync::artifacts::ArtifactsConfig::from_agent(cfg, view.clone()) {
+    match sync::artifacts::ArtifactsConfig::from_agent(cfg, view.clone(), throttle) {
         Some(acfg) => {
             tracing::info!("artifacts of sessions go to {}", acfg.hub);
             sync::artifacts::spawn(
@@ -291,7 +291,6 @@ fn spawn_artifacts(
                 pipeline.writer().clone(),
                 pipeline.stats.clone(),
                 stats.clone(),
-                throttle,
                 shutdown.clone(),
                 tracker,
             );

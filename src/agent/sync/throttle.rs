@@ -13,12 +13,14 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+#[derive(Debug)]
 pub struct Throttle {
     /// Bytes per second; `None` means no cap.
     rate: Option<u64>,
     bucket: Mutex<Bucket>,
 }
 
+#[derive(Debug)]
 struct Bucket {
     /// Bytes that may be sent now; negative after a large send or while
     /// reservations wait, which the next caller waits off.

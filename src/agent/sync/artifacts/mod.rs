@@ -27,6 +27,7 @@ use crate::agent::store::artifacts::ArtifactCmd;
 use crate::agent::store::read::{Reader, ViewCtx};
 use crate::agent::store::writer::Msg;
 use crate::agent::store::{rfc3339, Stats};
+use crate::agent::sync::throttle::Throttle;
 use crate::agent::types::ArtifactStatus;
 
 /// What the artifact tasks need from the configuration.
@@ -46,13 +47,17 @@ pub struct ArtifactsConfig {
     pub event_queue: usize,
     /// Longest retry wait (`artifacts.retry_max_secs`).
     pub retry_max: Duration,
-    /// `sync.max_bytes_per_sec`; `None` for no cap.
-    pub max_bytes_per_sec: Option<u64>,
+    /// The `sync.max_bytes_per_sec` bucket, shared with the batch uploader.
+    pub throttle: Arc<Throttle>,
 }
 
 impl ArtifactsConfig {
     /// `None` when no hub is configured: artifacts stay on the robot.
-    pub fn from_agent(cfg: &AgentConfig, view: ViewCtx) -> Option<ArtifactsConfig> {
+    pub fn from_agent(
+        cfg: &AgentConfig,
+        view: ViewCtx,
+        throttle: Arc<Throttle>,
+    ) -> Option<ArtifactsConfig> {
         let hub = cfg.raw.sync.hub.trim();
         if hub.is_empty() {
             return None;
@@ -68,7 +73,7 @@ impl ArtifactsConfig {
             chunk_bytes: a.chunk_bytes,
             event_queue: a.event_queue as usize,
             retry_max: Duration::from_secs_f64(a.retry_max_secs),
-            max_bytes_per_sec: Some(cfg.raw.sync.max_bytes_per_sec).filter(|r| *r > 0),
+            throttle,
         })
     }
 }
@@ -131,7 +136,6 @@ pub fn spawn(
     writer: mpsc::Sender<Msg>,
     store_stats: Arc<Stats>,
     stats: Arc<ArtifactStats>,
-    throttle: Arc<crate::agent::sync::throttle::Throttle>,
     shutdown: CancellationToken,
     tracker: &TaskTracker,
 ) {
@@ -154,7 +158,6 @@ pub fn spawn(
         store_stats,
         stats,
         wake,
-        throttle,
         shutdown,
     ));
 }

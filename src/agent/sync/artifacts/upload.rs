@@ -74,7 +74,6 @@ pub async fn run(
     store_stats: Arc<Stats>,
     stats: Arc<ArtifactStats>,
     wake: Arc<Notify>,
-    throttle: Arc<Throttle>,
     shutdown: CancellationToken,
 ) {
     let http = match reqwest::Client::builder()
@@ -102,7 +101,7 @@ pub async fn run(
     };
     let probe = probe_addr(&cfg.hub);
     let mut up = Uploader {
-        throttle,
+        throttle: cfg.throttle.clone(),
         chunk: cfg.chunk_bytes,
         cfg: cfg.clone(),
         reader,
