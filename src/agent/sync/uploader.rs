@@ -862,6 +862,7 @@ async fn sleep_or_cancel(d: Duration, shutdown: &CancellationToken) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::Device;
 
     #[test]
     fn hub_addresses() {
@@ -919,5 +920,117 @@ mod tests {
         supervise(make, shared.clone(), Duration::from_secs(10)).await;
         assert_eq!(runs.load(Ordering::SeqCst), 2);
         assert_eq!(shared.restarts.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_ack_the_writer_could_not_record_is_sent_again_without_a_restart() {
+        use crate::agent::record::Trusted;
+        use crate::agent::store::read::ViewCtx;
+        use crate::agent::store::writer::{Writer, WriterConfig};
+        use crate::agent::store::Row;
+
+        let dir = tempfile::tempdir().unwrap();
+        let db_path = dir.path().join("agent.db");
+        let stats = Arc::new(Stats::default());
+        let writer = Writer::open(
+            WriterConfig {
+                db_path: db_path.clone(),
+                state_dir: dir.path().to_owned(),
+                synchronous_full: false,
+                max_bytes: 1 << 30,
+                min_free_bytes: 0,
+                commit_interval: Duration::from_millis(5),
+                commit_records: 1000,
+                view: ViewCtx {
+                    device_id: "d".into(),
+                    device_name: "n".into(),
+                    sessions_dir: dir.path().join("sessions"),
+                    boot_id: "b".into(),
+                },
+            },
+            stats.clone(),
+        )
+        .unwrap();
+        let (tx, rx) = mpsc::channel(16);
+        let thread = writer.spawn(rx, tokio::runtime::Handle::current()).unwrap();
+        let rows = (0..5)
+            .map(|i| Row {
+                ts_ns: i,
+                level: crate::wire::Level::Info,
+                module: "m".into(),
+                message: format!("line {i}"),
+                metadata: String::new(),
+                trusted: Arc::new(Trusted::default()),
+                client_dropped: 0,
+            })
+            .collect();
+        tx.send(Msg::Rows(rows)).await.unwrap();
+        let (ftx, frx) = oneshot::channel();
+        tx.send(Msg::Flush(ftx)).await.unwrap();
+        assert_eq!(frx.await.unwrap(), 5);
+
+        let cfg = SyncConfig {
+            hub: "http://127.0.0.1:9".into(),
+            token: "t".into(),
+            max_bytes_per_sec: None,
+            batch_records: 100,
+            batch_bytes: 1 << 20,
+            linger: Duration::ZERO,
+            retry_min: Duration::from_millis(100),
+            retry_max: Duration::from_secs(1),
+            stall_timeout: Duration::from_secs(60),
+        };
+        let mut up = Uploader::new(Arc::new(UploaderCtx {
+            cfg,
+            device: Device {
+                id: "d".into(),
+                name: "n".into(),
+            },
+            db_path: db_path.clone(),
+            boot_id: "b".into(),
+            writer: tx,
+            stats: stats.clone(),
+            shared: Arc::new(SyncShared::new(true)),
+            throttle: Arc::new(Throttle::new(None)),
+        }));
+        let seqs = |w: &Work| w.batch.records.iter().map(|r| r.seq).collect::<Vec<_>>();
+        let ack = || Acked {
+            records: vec![(1, 5)],
+            ..Acked::default()
+        };
+
+        let w = up.gather().await.unwrap();
+        assert_eq!(seqs(&w), vec![1, 2, 3, 4, 5]);
+        // The hub acked all of it (as in `send`), and SQLite refuses to
+        // record that: a trigger stands in for a full disk.
+        up.scan = w.next;
+        let side = rusqlite::Connection::open(&db_path).unwrap();
+        side.execute_batch(
+            "CREATE TRIGGER full BEFORE INSERT ON meta WHEN NEW.key = 'synced_through' \
+             BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END;",
+        )
+        .unwrap();
+        let mut keep = true;
+        assert!(up.hand_over(ack(), &mut keep).await);
+        assert!(keep);
+        // While the writer holds the ack, a read leaves those records out.
+        assert_eq!(seqs(&up.gather().await.unwrap()), Vec::<u64>::new());
+        // The writer's answer brings them back, with no restart.
+        assert_eq!(up.settle_marking().await, Settled::Failed);
+        let w = up.gather().await.unwrap();
+        assert_eq!(seqs(&w), vec![1, 2, 3, 4, 5]);
+
+        // Once SQLite records the resend's ack, nothing is pending.
+        side.execute_batch("DROP TRIGGER full").unwrap();
+        up.scan = w.next;
+        assert!(up.hand_over(ack(), &mut keep).await);
+        assert_eq!(up.settle_marking().await, Settled::Ok);
+        assert_eq!(seqs(&up.gather().await.unwrap()), Vec::<u64>::new());
+        assert_eq!(stats.records_synced.load(Ordering::Relaxed), 5);
+
+        drop(up);
+        tokio::task::spawn_blocking(move || thread.join().unwrap())
+            .await
+            .unwrap();
     }
 }
