@@ -411,12 +411,15 @@ pub fn mark_records(conn: &Connection, ranges: &[(u64, u64)]) -> rusqlite::Resul
     let mut ranges = ranges.to_vec();
     ranges.sort_unstable();
     let mut w = advance(conn, watermark(conn)?)?;
+    // W never passes the newest stored record: a range reaching beyond it
+    // (a hub acking more than it got) must not mark future records.
+    let newest: i64 = conn
+        .prepare_cached("SELECT coalesce(max(seq), 0) FROM records")?
+        .query_row([], |r| r.get(0))?;
     let mut n = 0u64;
     for (lo, hi) in ranges {
-        let (lo, hi) = (
-            lo.min(i64::MAX as u64) as i64,
-            hi.min(i64::MAX as u64) as i64,
-        );
+        let lo = lo.min(i64::MAX as u64) as i64;
+        let hi = (hi.min(i64::MAX as u64) as i64).min(newest);
         let a = lo.max(w + 1);
         if a > hi {
             continue;
@@ -701,8 +704,16 @@ mod tests {
         // overlaps them: each record counted once.
         check(&[(9, 9)], 1, 7, &[9], 6);
         check(&[(1, 10)], 2, 10, &[], 8);
+        // An ack beyond the newest record leaves W at the newest record, so
+        // the next record is unsynced.
+        check(&[(11, u64::MAX)], 0, 10, &[], 8);
+        conn.execute(
+            "INSERT INTO records(seq, ts_ns, level, module, message, metadata) VALUES (11, 1, 2, 'm', 'x', '')",
+            [],
+        )
+        .unwrap();
         let r = SyncReader::open(&_dir.path().join("agent.db"), "b").unwrap();
-        assert_eq!(r.first_unsynced().unwrap(), None);
+        assert_eq!(r.first_unsynced().unwrap(), Some(11));
     }
 
     #[test]

@@ -461,15 +461,25 @@ impl Uploader {
         match result {
             Ok(ack) => {
                 let mut acked = std::mem::take(&mut work.acked);
-                acked.records = ack.acked.clone();
-                let acked_all = ack.acked.iter().map(|(lo, hi)| hi - lo + 1).sum::<u64>();
+                // Only what this batch carried is marked, whatever else the
+                // hub's ranges may span.
+                let mut ranges = ack.acked.clone();
+                ranges.sort_unstable();
+                acked.records = crate::wire::seq_ranges(
+                    work.records
+                        .iter()
+                        .map(|r| r.0)
+                        .filter(|seq| covered(&ranges, *seq)),
+                );
+                let acked_all = acked
+                    .records
+                    .iter()
+                    .map(|(lo, hi)| hi - lo + 1)
+                    .sum::<u64>();
                 // The scan moves past this batch only if all of it was
                 // acked; otherwise start again from the first unsynced
                 // record, and the batch read ahead (which assumed it) goes.
-                let all = work
-                    .records
-                    .iter()
-                    .all(|(seq, _, _)| covered(&ack.acked, *seq));
+                let all = acked_all == work.records.len() as u64;
                 let mark_start = Instant::now();
                 let mut keep = all;
                 self.scan = if all { work.next } else { Scan::default() };
@@ -678,9 +688,11 @@ fn settled(reply: Result<Result<u64, String>, oneshot::error::RecvError>) -> Set
     }
 }
 
-/// Is `seq` in one of the acked inclusive ranges?
-fn covered(ranges: &[(u64, u64)], seq: u64) -> bool {
-    ranges.iter().any(|(lo, hi)| (*lo..=*hi).contains(&seq))
+/// Is `seq` in one of the sorted inclusive ranges? (Binary search: an
+/// errors-first batch is acked in thousands of ranges.)
+fn covered(sorted: &[(u64, u64)], seq: u64) -> bool {
+    let i = sorted.partition_point(|(lo, _)| *lo <= seq);
+    i > 0 && sorted[i - 1].1 >= seq
 }
 
 /// Packs a batch for the wire: msgpack, then gzip. The clock it carries
@@ -873,6 +885,21 @@ mod tests {
         check("https://hub.example.com", Some(("hub.example.com", 443)));
         check("http://hub", Some(("hub", 80)));
         check("not a url", None);
+    }
+
+    #[test]
+    fn acked_ranges_cover_seqs() {
+        let ranges = [(1, 3), (7, 7), (9, 12)];
+        let check = |seq: u64, want: bool| assert_eq!(covered(&ranges, seq), want, "{seq}");
+        check(0, false);
+        check(1, true);
+        check(3, true);
+        check(4, false);
+        check(7, true);
+        check(8, false);
+        check(12, true);
+        check(13, false);
+        assert!(!covered(&[], 1));
     }
 
     #[tokio::test(start_paused = true)]
