@@ -152,7 +152,8 @@ struct Work {
     start: Scan,
     /// The scan after this batch, once the hub has acked all of it.
     next: Scan,
-    /// The batch closed on count or bytes (rather than on what there was).
+    /// The batch closed on count or bytes (rather than on what there was):
+    /// its reads stopped at a limit, so more is waiting.
     full: bool,
 }
 
@@ -761,8 +762,16 @@ fn build(reader: &SyncReader, plan: Plan) -> Result<Work, StoreError> {
     };
     let mut next = start;
     let mut records: Vec<PendingRecord> = Vec::new();
+    // A read that stopped at its count or byte limit means more is
+    // waiting, even when records in flight or being marked are then left
+    // out: such a batch goes without a linger, and reading ahead pays.
+    let mut more_waiting = false;
+    let at_limit = |v: &[PendingRecord], count: usize, bytes: usize| {
+        v.len() >= count || v.iter().map(|r| r.approx_bytes).sum::<usize>() >= bytes
+    };
     if unsynced > limit {
         records = reader.urgent_records(start.urgent_from, limit, max_bytes)?;
+        more_waiting |= at_limit(&records, limit, max_bytes);
         if let Some(last) = records.last() {
             next.urgent_from = last.record.seq;
         }
@@ -773,7 +782,9 @@ fn build(reader: &SyncReader, plan: Plan) -> Result<Work, StoreError> {
         if let Some(from) = start.cursor {
             let taken: std::collections::HashSet<u64> =
                 records.iter().map(|r| r.record.seq).collect();
-            let more = reader.records_from(from, limit - records.len(), max_bytes - bytes)?;
+            let (count, budget) = (limit - records.len(), max_bytes - bytes);
+            let more = reader.records_from(from, count, budget)?;
+            more_waiting |= at_limit(&more, count, budget);
             if let Some(last) = more.last() {
                 next.cursor = Some(last.record.seq + 1);
             }
@@ -784,7 +795,7 @@ fn build(reader: &SyncReader, plan: Plan) -> Result<Work, StoreError> {
         }
     }
     let bytes: usize = records.iter().map(|r| r.approx_bytes).sum();
-    let full = records.len() >= limit || bytes >= max_bytes;
+    let full = more_waiting || records.len() >= limit || bytes >= max_bytes;
     let gaps = reader.pending_gaps()?;
     let acked = Acked {
         records: Vec::new(),
@@ -885,6 +896,44 @@ mod tests {
         check("https://hub.example.com", Some(("hub.example.com", 443)));
         check("http://hub", Some(("hub", 80)));
         check("not a url", None);
+    }
+
+    #[test]
+    fn a_batch_that_leaves_out_records_in_flight_still_counts_as_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.db");
+        let conn = crate::agent::store::schema::open_writer(&path, false).unwrap();
+        for seq in 1..=10 {
+            conn.execute(
+                "INSERT INTO records(seq, ts_ns, level, module, message, metadata) VALUES (?1, 1, 2, 'm', 'x', '')",
+                [seq],
+            )
+            .unwrap();
+        }
+        let reader = SyncReader::open(&path, "b").unwrap();
+        // (limit, skipped ranges, seqs sent, full, next cursor)
+        let check = |limit: usize, skip: &[(u64, u64)], seqs: &[u64], full: bool, next: u64| {
+            let plan = Plan {
+                device: Device {
+                    id: "d".into(),
+                    name: "n".into(),
+                },
+                scan: Scan::default(),
+                unsynced: 10,
+                limit,
+                max_bytes: 1 << 20,
+                skip: skip.to_vec(),
+            };
+            let w = build(&reader, plan).unwrap();
+            let got: Vec<u64> = w.batch.records.iter().map(|r| r.seq).collect();
+            assert_eq!(
+                (got.as_slice(), w.full, w.next.cursor),
+                (seqs, full, Some(next))
+            );
+        };
+        check(5, &[], &[1, 2, 3, 4, 5], true, 6);
+        check(5, &[(2, 3)], &[1, 4, 5], true, 6);
+        check(20, &[(2, 3)], &[1, 4, 5, 6, 7, 8, 9, 10], false, 11);
     }
 
     #[test]
