@@ -83,6 +83,14 @@ fn tcp_get(addr: &str, path: &str, token: &str) -> serde_json::Value {
     body_json(&out)
 }
 
+/// The 1, 5 and 15 minute load averages (the machine may be shared: the
+/// figures only mean something next to these).
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
 /// utime + stime of `pid`, seconds.
 fn cpu_secs(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -155,6 +163,7 @@ fn main() {
     let records: u64 = arg("--records", "1000000").parse().unwrap();
     let rate: u64 = arg("--rate", "2000").parse().unwrap();
     let online_secs: u64 = arg("--online-secs", "20").parse().unwrap();
+    let load_before = loadavg();
     let bin_dir = std::env::current_exe()
         .unwrap()
         .parent()
@@ -318,6 +327,12 @@ fn main() {
     println!("baseline ingest     {ingest_rate:.0} records/s into the agent (sync off)");
     println!("drain to hub        {drain_rate:.0} records/s ({drain_secs:.2} s), CPU agent {drain_cpu:.2} s, hub {hub_drain_cpu:.2} s");
     println!("drain / ingest      {:.2}", drain_rate / ingest_rate);
+    let per_million = 1e6 / records as f64;
+    println!(
+        "drain CPU per 1M    agent {:.2} s, hub {:.2} s",
+        drain_cpu * per_million,
+        hub_drain_cpu * per_million
+    );
     println!(
         "wire bytes          {wire} gzip vs {json_bytes} JSON lines: 1/{:.1}",
         json_bytes as f64 / wire as f64
@@ -330,4 +345,9 @@ fn main() {
         ages.len()
     );
     println!("online agent CPU    {:.1}% of one core", online_cpu * 100.0);
+    println!(
+        "load average        {load_before} before, {} after ({} CPUs)",
+        loadavg(),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
 }

@@ -136,12 +136,17 @@ pub async fn run_with_reload(
         )),
         None => None,
     };
+    // One bandwidth cap for logs and artifacts together.
+    let throttle = Arc::new(sync::throttle::Throttle::new(
+        cfg.sync.as_ref().and_then(|s| s.max_bytes_per_sec),
+    ));
     let sync_task = start_uploader(
         &cfg,
         &view,
         pipeline.writer().clone(),
         stats.clone(),
         sync_shared.clone(),
+        throttle.clone(),
         shutdown.clone(),
     );
 
@@ -212,7 +217,15 @@ pub async fn run_with_reload(
             tracker.clone(),
         ));
     }
-    let artifact_stats = spawn_artifacts(&cfg, &view, &pipeline, &sync_shared, &shutdown, &tracker);
+    let artifact_stats = spawn_artifacts(
+        &cfg,
+        &view,
+        &pipeline,
+        &sync_shared,
+        throttle,
+        &shutdown,
+        &tracker,
+    );
     if let Some((reload, signal)) = hup {
         tokio::spawn(reload_on_hup(
             reload,
@@ -310,6 +323,7 @@ fn start_uploader(
     writer: tokio::sync::mpsc::Sender<store::writer::Msg>,
     stats: Arc<Stats>,
     shared: Arc<sync::status::SyncShared>,
+    throttle: Arc<sync::throttle::Throttle>,
     shutdown: CancellationToken,
 ) -> Option<tokio::task::JoinHandle<()>> {
     let sync_cfg = cfg.sync.clone()?;
@@ -325,6 +339,7 @@ fn start_uploader(
         writer,
         stats,
         shared,
+        throttle,
     });
     Some(tokio::spawn(sync::uploader::run(ctx, shutdown)))
 }
@@ -336,12 +351,13 @@ fn spawn_artifacts(
     view: &ViewCtx,
     pipeline: &Pipeline,
     sync_shared: &sync::status::SyncShared,
+    throttle: Arc<sync::throttle::Throttle>,
     shutdown: &CancellationToken,
     tracker: &TaskTracker,
 ) -> Arc<sync::artifacts::ArtifactStats> {
     let stats = Arc::new(sync::artifacts::ArtifactStats::default());
     let token = sync_shared.token_updates();
-    match sync::artifacts::ArtifactsConfig::from_agent(cfg, view.clone(), token) {
+    match sync::artifacts::ArtifactsConfig::from_agent(cfg, view.clone(), token, throttle) {
         Some(acfg) => {
             tracing::info!("artifacts of sessions go to {}", acfg.hub);
             sync::artifacts::spawn(

@@ -81,6 +81,26 @@ pub const MIGRATIONS: &[&str] = &[
         UNIQUE(session, path)
     );
     CREATE INDEX artifacts_todo ON artifacts(state, size);",
+    // 4: a synced-seq watermark instead of a per-record flag (see
+    // `store::sync`). `meta.synced_through` = W: every record with seq <= W
+    // is synced; `synced_ahead` holds the few synced records above W
+    // (errors sent first, set-asides). Acknowledging a batch then moves W
+    // instead of updating every row and the `records_evict` index with it.
+    // `records.synced` stays, unused and always 0 for new rows: dropping a
+    // column rewrites the whole table, which on a robot means the whole
+    // buffer (hundreds of MB of flash) rewritten inside the migration's
+    // transaction with twice its size on disk; an unused 0 costs one header
+    // byte per row. `records_level` keeps eviction (lowest level, oldest
+    // first) and errors-first reads on an index.
+    "INSERT INTO meta(key, value) VALUES ('synced_through',
+        coalesce((SELECT min(seq) FROM records WHERE synced = 0) - 1,
+                 (SELECT max(seq) FROM records), 0))
+        ON CONFLICT(key) DO UPDATE SET value = excluded.value;
+    CREATE TABLE synced_ahead(seq INTEGER PRIMARY KEY);
+    INSERT INTO synced_ahead(seq) SELECT seq FROM records
+        WHERE synced = 1 AND seq > (SELECT value FROM meta WHERE key = 'synced_through');
+    DROP INDEX records_evict;
+    CREATE INDEX records_level ON records(level, seq);",
 ];
 
 /// The schema version this build writes.
@@ -294,5 +314,56 @@ mod tests {
             })
             .collect();
         assert_eq!(moved.len(), 1);
+    }
+
+    #[test]
+    fn per_record_synced_flags_become_a_watermark() {
+        // (synced flags of seq 1.., W, ahead set) after the upgrade.
+        let check = |flags: &[i64], w: i64, ahead: &[i64]| {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("agent.db");
+            let v3 = open_checked(&path, false, 3).unwrap();
+            for (i, f) in flags.iter().enumerate() {
+                v3.execute(
+                    "INSERT INTO records(seq, ts_ns, level, module, message, metadata, synced) \
+                     VALUES (?1, 1, 2, 'm', 'x', '', ?2)",
+                    [i as i64 + 1, *f],
+                )
+                .unwrap();
+            }
+            drop(v3);
+            let conn = open_writer(&path, false).unwrap();
+            let got_w: i64 = conn
+                .query_row(
+                    "SELECT value FROM meta WHERE key = 'synced_through'",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            let mut stmt = conn
+                .prepare("SELECT seq FROM synced_ahead ORDER BY seq")
+                .unwrap();
+            let got_ahead: Vec<i64> = stmt
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap();
+            assert_eq!((got_w, got_ahead), (w, ahead.to_vec()), "{flags:?}");
+            let synced = super::super::sync::count_synced(&conn).unwrap();
+            assert_eq!(synced, flags.iter().sum::<i64>(), "{flags:?}");
+            let indexes: Vec<String> = conn
+                .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'records' ORDER BY name")
+                .unwrap()
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap();
+            assert_eq!(indexes, vec!["records_level", "records_session"]);
+        };
+        check(&[1, 1, 0, 1, 0, 1], 2, &[4, 6]);
+        check(&[0, 1, 1], 0, &[2, 3]);
+        check(&[1, 1, 1], 3, &[]);
+        check(&[0, 0], 0, &[]);
+        check(&[], 0, &[]);
     }
 }

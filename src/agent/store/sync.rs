@@ -3,9 +3,18 @@
 //! read-only connection, plus the writer-side statements that record an
 //! acknowledgement or a batch set aside.
 //!
+//! What is synced is a watermark, not a flag per record: `meta.synced_through`
+//! (W) says every record with seq <= W is synced, and `synced_ahead` lists
+//! the records above W that are synced too (errors sent first while behind,
+//! records of a set-aside batch). An in-order acknowledgement moves W; W then
+//! advances over evicted seqs (holes) and absorbs the ahead entries it
+//! reaches, so `synced_ahead` stays as small as what was sent out of order.
+//!
 //! Invariant: reads here never change anything; the writer applies
 //! [`Acked`] and [`SetAside`] in its own transaction, and only for what the
-//! hub acknowledged (or refused for good).
+//! hub acknowledged (or refused for good). A record is synced if and only if
+//! its seq is <= W or in `synced_ahead`; every `synced_ahead` entry is above
+//! W and names a stored record.
 
 use std::path::Path;
 
@@ -58,6 +67,13 @@ pub struct SyncReader {
     conn: Connection,
     boot_id: String,
 }
+
+/// The unsynced records (`?3` is the watermark): above W and not synced
+/// ahead.
+const UNSYNCED: &str =
+    "r.seq > ?3 AND NOT EXISTS (SELECT 1 FROM synced_ahead a WHERE a.seq = r.seq)";
+/// Not synced ahead of the watermark (point lookups on its primary key).
+const NOT_AHEAD: &str = "NOT EXISTS (SELECT 1 FROM synced_ahead a WHERE a.seq = r.seq)";
 
 const RECORD_COLUMNS: &str = "r.seq, s.id, r.ts_ns, r.level, r.module, r.message, r.metadata, \
                               r.pid, r.uid, r.gid, r.process, coalesce(r.session, 0)";
@@ -130,13 +146,8 @@ impl SyncReader {
 
     /// The lowest unsynced seq, where an in-order scan starts.
     pub fn first_unsynced(&self) -> Result<Option<u64>, StoreError> {
-        Ok(self
-            .conn
-            .prepare_cached("SELECT min(seq) FROM records WHERE synced = 0")?
-            .query_row([], |r| r.get::<_, Option<i64>>(0))
-            .optional()?
-            .flatten()
-            .map(|s| s as u64))
+        let w = watermark(&self.conn)?;
+        Ok(first_unsynced_above(&self.conn, w)?.map(|s| s as u64))
     }
 
     /// Up to `limit` unsynced records at or above `from` in seq order,
@@ -153,32 +164,49 @@ impl SyncReader {
                 // the planner would otherwise pick records_evict and sort
                 // the whole backlog for every batch.
                 "SELECT {RECORD_COLUMNS} FROM records r NOT INDEXED LEFT JOIN sessions s ON s.sid = r.session \
-                 WHERE r.seq >= ?1 AND r.synced = 0 ORDER BY r.seq LIMIT ?2"
+                 WHERE r.seq >= ?1 AND {UNSYNCED} ORDER BY r.seq LIMIT ?2"
             ),
-            params![from as i64, limit as i64],
+            params![from.max(1) as i64, limit as i64, watermark(&self.conn)?],
             max_bytes,
         )
     }
 
-    /// Up to `limit` unsynced error and fatal records, oldest first: what
-    /// goes first when the uploader is behind.
+    /// Up to `limit` unsynced error and fatal records above seq `from`,
+    /// oldest first: what goes first when the uploader is behind. Every
+    /// unsynced error or fatal between `from` and the last one returned is
+    /// in the answer, so the caller may move `from` past it.
     pub fn urgent_records(
         &self,
+        from: u64,
         limit: usize,
         max_bytes: usize,
     ) -> Result<Vec<PendingRecord>, StoreError> {
-        self.records(
-            &format!(
-                "SELECT {RECORD_COLUMNS} FROM records r LEFT JOIN sessions s ON s.sid = r.session \
-                 WHERE r.synced = 0 AND r.level >= ?1 ORDER BY r.level, r.seq LIMIT ?2"
-            ),
-            params![Level::Error.code() as i64, limit as i64],
-            max_bytes,
-        )
-        .map(|mut v| {
-            v.sort_by_key(|r| r.record.seq);
-            v
-        })
+        // One walk per level along `records_level(level, seq)` from above
+        // the watermark, merged by seq: never over the synced history.
+        let w = watermark(&self.conn)?.max(from as i64);
+        let mut all = Vec::new();
+        for level in [Level::Error, Level::Fatal] {
+            all.extend(self.records(
+                &format!(
+                    "SELECT {RECORD_COLUMNS} FROM records r LEFT JOIN sessions s ON s.sid = r.session \
+                     WHERE r.level = ?1 AND r.seq > ?3 AND {NOT_AHEAD} ORDER BY r.seq LIMIT ?2"
+                ),
+                params![level.code() as i64, limit as i64, w],
+                max_bytes,
+            )?);
+        }
+        all.sort_by_key(|r| r.record.seq);
+        let mut bytes = 0;
+        let mut n = 0;
+        for r in &all {
+            if n >= limit || bytes >= max_bytes {
+                break;
+            }
+            bytes += r.approx_bytes;
+            n += 1;
+        }
+        all.truncate(n);
+        Ok(all)
     }
 
     fn records(
@@ -303,20 +331,124 @@ pub fn create_tables(conn: &Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Writer side: applies an acknowledgement. Returns records newly marked.
-pub fn apply_acked(conn: &Connection, acked: &Acked) -> rusqlite::Result<u64> {
-    let mut n = 0;
-    {
-        // `+synced`: walk the seq range on the primary key; with a plain
-        // `synced = 0` the planner scans the whole backlog in records_evict
-        // for every range.
-        let mut stmt = conn.prepare_cached(
-            "UPDATE records SET synced = 1 WHERE seq BETWEEN ?1 AND ?2 AND +synced = 0",
-        )?;
-        for (lo, hi) in &acked.records {
-            n += stmt.execute(params![*lo as i64, *hi as i64])? as u64;
+/// The synced-seq watermark W (0 before anything was synced).
+pub fn watermark(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.prepare_cached(
+        "SELECT coalesce((SELECT value FROM meta WHERE key = 'synced_through'), 0)",
+    )?
+    .query_row([], |r| r.get(0))
+}
+
+fn set_watermark(conn: &Connection, w: i64) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO meta(key, value) VALUES ('synced_through', ?1) \
+         ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+    )?
+    .execute([w])?;
+    // Entries at or below W are implied by it.
+    conn.prepare_cached("DELETE FROM synced_ahead WHERE seq <= ?1")?
+        .execute([w])?;
+    Ok(())
+}
+
+/// The first stored record above `w` that is not synced ahead: a walk along
+/// the primary key from W that steps over ahead entries.
+fn first_unsynced_above(conn: &Connection, w: i64) -> rusqlite::Result<Option<i64>> {
+    conn.prepare_cached(
+        "SELECT r.seq FROM records r NOT INDEXED WHERE r.seq > ?1 \
+         AND NOT EXISTS (SELECT 1 FROM synced_ahead a WHERE a.seq = r.seq) ORDER BY r.seq LIMIT 1",
+    )?
+    .query_row([w], |r| r.get(0))
+    .optional()
+}
+
+/// Moves W as far as it can go: up to just below the first unsynced record
+/// (over holes left by eviction and over ahead entries), or to the newest
+/// record when nothing is unsynced. Returns the new W.
+fn advance(conn: &Connection, w: i64) -> rusqlite::Result<i64> {
+    let to = match first_unsynced_above(conn, w)? {
+        Some(f) => f - 1,
+        None => conn
+            .prepare_cached("SELECT coalesce(max(seq), 0) FROM records")?
+            .query_row([], |r| r.get(0))?,
+    };
+    if to > w {
+        set_watermark(conn, to)?;
+        Ok(to)
+    } else {
+        Ok(w)
+    }
+}
+
+/// Number of synced records: all stored ones up to W, and the ahead set.
+pub fn count_synced(conn: &Connection) -> rusqlite::Result<i64> {
+    let w = watermark(conn)?;
+    // Counted on the small `records_level` index, not on the table's
+    // leaves (the whole buffer, read at every start otherwise).
+    conn.query_row(
+        "SELECT (SELECT count(*) FROM records INDEXED BY records_level WHERE seq <= ?1) \
+         + (SELECT count(*) FROM synced_ahead)",
+        [w],
+        |r| r.get(0),
+    )
+}
+
+/// Is the stored record `seq` synced? (`None` when it is not stored.)
+fn is_synced(conn: &Connection, w: i64, seq: i64) -> rusqlite::Result<Option<bool>> {
+    conn.prepare_cached(
+        "SELECT r.seq <= ?2 OR EXISTS (SELECT 1 FROM synced_ahead a WHERE a.seq = r.seq) \
+         FROM records r WHERE r.seq = ?1",
+    )?
+    .query_row([seq, w], |r| r.get(0))
+    .optional()
+}
+
+/// Marks the stored records in the inclusive seq ranges synced; returns how
+/// many were not synced before. A range starting at or below the first
+/// unsynced record moves W; any other goes into `synced_ahead` until W
+/// reaches it.
+pub fn mark_records(conn: &Connection, ranges: &[(u64, u64)]) -> rusqlite::Result<u64> {
+    let mut ranges = ranges.to_vec();
+    ranges.sort_unstable();
+    let mut w = advance(conn, watermark(conn)?)?;
+    // W never passes the newest stored record: a range reaching beyond it
+    // (a hub acking more than it got) must not mark future records.
+    let newest: i64 = conn
+        .prepare_cached("SELECT coalesce(max(seq), 0) FROM records")?
+        .query_row([], |r| r.get(0))?;
+    let mut n = 0u64;
+    for (lo, hi) in ranges {
+        let lo = lo.min(i64::MAX as u64) as i64;
+        let hi = (hi.min(i64::MAX as u64) as i64).min(newest);
+        let a = lo.max(w + 1);
+        if a > hi {
+            continue;
+        }
+        let newly: i64 = conn
+            .prepare_cached(
+                "SELECT (SELECT count(*) FROM records WHERE seq BETWEEN ?1 AND ?2) \
+                 - (SELECT count(*) FROM synced_ahead WHERE seq BETWEEN ?1 AND ?2)",
+            )?
+            .query_row([a, hi], |r| r.get(0))?;
+        n += newly.max(0) as u64;
+        // W is already advanced: w + 1 is unsynced or not stored yet, so a
+        // range starting there continues the synced prefix.
+        if a == w + 1 {
+            set_watermark(conn, hi)?;
+            w = advance(conn, hi)?;
+        } else if newly > 0 {
+            conn.prepare_cached(
+                "INSERT OR IGNORE INTO synced_ahead(seq) SELECT seq FROM records WHERE seq BETWEEN ?1 AND ?2",
+            )?
+            .execute([a, hi])?;
         }
     }
+    Ok(n)
+}
+
+/// Writer side: applies an acknowledgement. Returns records newly marked.
+pub fn apply_acked(conn: &Connection, acked: &Acked) -> rusqlite::Result<u64> {
+    let n = mark_records(conn, &acked.records)?;
     let mut stmt = conn.prepare_cached(
         "UPDATE sessions SET synced_revision = max(synced_revision, ?2) WHERE sid = ?1",
     )?;
@@ -337,19 +469,20 @@ pub fn apply_acked(conn: &Connection, acked: &Acked) -> rusqlite::Result<u64> {
 pub fn apply_set_aside(conn: &Connection, s: &SetAside) -> rusqlite::Result<u64> {
     let mut n = apply_acked(conn, &s.acked)?;
     {
-        let mut mark =
-            conn.prepare_cached("UPDATE records SET synced = 1 WHERE seq = ?1 AND synced = 0")?;
+        let w = watermark(conn)?;
         let mut gap = conn.prepare_cached(
             "INSERT INTO gaps(session, level, reason, dropped) VALUES (?1, ?2, ?3, 1) \
              ON CONFLICT(session, level, reason) DO UPDATE SET dropped = dropped + 1",
         )?;
         for (seq, sid, level) in &s.records {
-            let changed = mark.execute([*seq as i64])?;
-            if changed > 0 {
-                n += 1;
+            if is_synced(conn, w, *seq as i64)? == Some(false) {
                 gap.execute(params![sid, level.code(), gap_reason::REJECTED])?;
             }
         }
+        n += mark_records(
+            conn,
+            &crate::wire::seq_ranges(s.records.iter().map(|r| r.0)),
+        )?;
     }
     conn.execute(
         "INSERT INTO sync_set_aside(at_ns, first_seq, last_seq, records, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -362,6 +495,76 @@ pub fn apply_set_aside(conn: &Connection, s: &SetAside) -> rusqlite::Result<u64>
         ],
     )?;
     Ok(n)
+}
+
+/// Writer side: evicts up to `n` synced records, oldest first (those up to
+/// W, then the ahead set). Returns how many went.
+pub fn evict_synced(conn: &Connection, n: i64) -> rusqlite::Result<i64> {
+    if n <= 0 {
+        return Ok(0);
+    }
+    let w = watermark(conn)?;
+    let cutoff: Option<i64> = conn
+        .query_row(
+            "SELECT seq FROM records WHERE seq <= ?1 ORDER BY seq LIMIT 1 OFFSET ?2",
+            [w, n - 1],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let mut gone =
+        conn.execute("DELETE FROM records WHERE seq <= ?1", [cutoff.unwrap_or(w)])? as i64;
+    if gone < n {
+        // Everything up to W went; the ahead set is next, oldest first.
+        let mut stmt = conn.prepare_cached("SELECT seq FROM synced_ahead ORDER BY seq LIMIT ?1")?;
+        let seqs: Vec<i64> = stmt
+            .query_map([n - gone], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut del = conn.prepare_cached("DELETE FROM records WHERE seq = ?1")?;
+        let mut unahead = conn.prepare_cached("DELETE FROM synced_ahead WHERE seq = ?1")?;
+        for s in seqs {
+            gone += del.execute([s])? as i64;
+            unahead.execute([s])?;
+        }
+    }
+    Ok(gone)
+}
+
+/// Writer side: the unsynced records of `level` that eviction takes next:
+/// per session, how many of the oldest `n` there are, and the seq up to
+/// which they go (`None` when there are none).
+pub fn evict_unsynced(
+    conn: &Connection,
+    level: Level,
+    n: i64,
+) -> rusqlite::Result<(Vec<(i64, i64)>, i64)> {
+    let w = watermark(conn)?;
+    let code = level.code() as i64;
+    let cutoff: i64 = conn
+        .query_row(
+            &format!(
+                "SELECT r.seq FROM records r WHERE r.level = ?1 AND r.seq > ?3 AND {NOT_AHEAD} \
+                 ORDER BY r.seq LIMIT 1 OFFSET ?2"
+            ),
+            params![code, n - 1, w],
+            |r| r.get(0),
+        )
+        .optional()?
+        .unwrap_or(i64::MAX);
+    let counts: Vec<(i64, i64)> = {
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT coalesce(r.session, 0), count(*) FROM records r \
+             WHERE r.level = ?1 AND r.seq > ?3 AND r.seq <= ?2 AND {NOT_AHEAD} GROUP BY r.session"
+        ))?;
+        let rows = stmt.query_map(params![code, cutoff, w], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    let gone = conn.execute(
+        &format!(
+            "DELETE FROM records AS r WHERE r.level = ?1 AND r.seq > ?3 AND r.seq <= ?2 AND {NOT_AHEAD}"
+        ),
+        params![code, cutoff, w],
+    )? as i64;
+    Ok((counts, gone))
 }
 
 #[cfg(test)]
@@ -410,7 +613,12 @@ mod tests {
         assert_eq!(seqs(&r.records_from(3, 3, 1 << 20).unwrap()), vec![3, 4, 5]);
         assert_eq!(seqs(&r.records_from(1, 100, 1).unwrap()), vec![1]);
         // Errors and fatals first, oldest first.
-        assert_eq!(seqs(&r.urgent_records(10, 1 << 20).unwrap()), vec![2, 4, 6]);
+        assert_eq!(
+            seqs(&r.urgent_records(0, 10, 1 << 20).unwrap()),
+            vec![2, 4, 6]
+        );
+        assert_eq!(seqs(&r.urgent_records(2, 10, 1 << 20).unwrap()), vec![4, 6]);
+        assert_eq!(seqs(&r.urgent_records(0, 2, 1 << 20).unwrap()), vec![2, 4]);
         let rec = &r.records_from(1, 1, 1 << 20).unwrap()[0];
         assert_eq!(rec.sid, 1);
         assert!(rec.record.session_id.is_some());
@@ -455,5 +663,118 @@ mod tests {
             r.set_aside_summary().unwrap(),
             (1, 1, Some("hub answered 400".into()))
         );
+    }
+
+    /// (W, ahead set, synced count) after each step.
+    fn state(conn: &Connection) -> (i64, Vec<i64>, i64) {
+        let mut stmt = conn
+            .prepare("SELECT seq FROM synced_ahead ORDER BY seq")
+            .unwrap();
+        let ahead = stmt
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        (watermark(conn).unwrap(), ahead, count_synced(conn).unwrap())
+    }
+
+    #[test]
+    fn the_watermark_moves_over_holes_and_absorbs_what_went_ahead() {
+        let (_dir, conn) = db(&[Level::Info; 10]);
+        let evict = |seqs: &[i64]| {
+            for s in seqs {
+                conn.execute("DELETE FROM records WHERE seq = ?1", [s])
+                    .unwrap();
+            }
+        };
+        let check = |ranges: &[(u64, u64)], newly: u64, w: i64, ahead: &[i64], synced: i64| {
+            assert_eq!(mark_records(&conn, ranges).unwrap(), newly, "{ranges:?}");
+            assert_eq!(state(&conn), (w, ahead.to_vec(), synced), "{ranges:?}");
+        };
+        // Ahead of the watermark: listed, W stays.
+        check(&[(3, 4)], 2, 0, &[3, 4], 2);
+        // The prefix arrives: W moves and absorbs 3 and 4.
+        check(&[(1, 2)], 2, 4, &[], 4);
+        // Idempotent.
+        check(&[(1, 4)], 0, 4, &[], 4);
+        // 5 and 6 evicted unsynced: W steps over the holes.
+        evict(&[5, 6]);
+        check(&[(7, 7)], 1, 7, &[], 5);
+        // Scattered acks (errors first), then the rest in one range that
+        // overlaps them: each record counted once.
+        check(&[(9, 9)], 1, 7, &[9], 6);
+        check(&[(1, 10)], 2, 10, &[], 8);
+        // An ack beyond the newest record leaves W at the newest record, so
+        // the next record is unsynced.
+        check(&[(11, u64::MAX)], 0, 10, &[], 8);
+        conn.execute(
+            "INSERT INTO records(seq, ts_ns, level, module, message, metadata) VALUES (11, 1, 2, 'm', 'x', '')",
+            [],
+        )
+        .unwrap();
+        let r = SyncReader::open(&_dir.path().join("agent.db"), "b").unwrap();
+        assert_eq!(r.first_unsynced().unwrap(), Some(11));
+    }
+
+    #[test]
+    fn reads_and_eviction_follow_the_watermark() {
+        use Level::*;
+        let (dir, conn) = db(&[Info, Error, Debug, Fatal, Info, Error, Info, Debug]);
+        let r = SyncReader::open(&dir.path().join("agent.db"), "b").unwrap();
+        // Errors first went ahead (2, 4), the prefix 1 acked.
+        mark_records(&conn, &[(1, 1), (2, 2), (4, 4)]).unwrap();
+        assert_eq!(state(&conn), (2, vec![4], 3));
+        assert_eq!(r.first_unsynced().unwrap(), Some(3));
+        assert_eq!(
+            seqs(&r.records_from(1, 100, 1 << 20).unwrap()),
+            vec![3, 5, 6, 7, 8]
+        );
+        assert_eq!(seqs(&r.urgent_records(0, 100, 1 << 20).unwrap()), vec![6]);
+        // Eviction: synced oldest first (1, 2 up to W, then 4 ahead), then
+        // unsynced lowest level first, oldest first (3, then 8).
+        assert_eq!(evict_synced(&conn, 2).unwrap(), 2);
+        assert_eq!(state(&conn), (2, vec![4], 1));
+        assert_eq!(evict_synced(&conn, 5).unwrap(), 1);
+        assert_eq!(state(&conn), (2, vec![], 0));
+        let (per_session, gone) = evict_unsynced(&conn, Debug, 1).unwrap();
+        assert_eq!((per_session, gone), (vec![(0, 1)], 1));
+        assert_eq!(
+            seqs(&r.records_from(1, 100, 1 << 20).unwrap()),
+            vec![5, 6, 7, 8]
+        );
+        let (per_session, gone) = evict_unsynced(&conn, Debug, 5).unwrap();
+        assert_eq!((per_session, gone), (vec![(0, 1)], 1));
+        assert_eq!(
+            seqs(&r.records_from(1, 100, 1 << 20).unwrap()),
+            vec![5, 6, 7]
+        );
+        // The next ack moves W over the evicted 3 and 4.
+        assert_eq!(mark_records(&conn, &[(5, 5)]).unwrap(), 1);
+        assert_eq!(state(&conn), (5, vec![], 1));
+    }
+
+    #[test]
+    fn set_aside_records_go_ahead_and_count_once_as_rejected() {
+        use Level::*;
+        let (dir, conn) = db(&[Info, Info, Error, Info]);
+        let aside = SetAside {
+            acked: Acked::default(),
+            records: vec![(3, 0, Error), (4, 0, Info)],
+            reason: "hub answered 400".into(),
+        };
+        assert_eq!(apply_set_aside(&conn, &aside).unwrap(), 2);
+        assert_eq!(state(&conn), (0, vec![3, 4], 2));
+        assert_eq!(apply_set_aside(&conn, &aside).unwrap(), 0);
+        let r = SyncReader::open(&dir.path().join("agent.db"), "b").unwrap();
+        let rejected: Vec<_> = r
+            .pending_gaps()
+            .unwrap()
+            .into_iter()
+            .map(|g| (g.gap.level, g.gap.dropped))
+            .collect();
+        assert_eq!(rejected, vec![(Info, 1), (Error, 1)]);
+        // The prefix acked: W absorbs the set-aside records.
+        mark_records(&conn, &[(1, 2)]).unwrap();
+        assert_eq!(state(&conn), (4, vec![], 4));
     }
 }

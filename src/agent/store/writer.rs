@@ -30,15 +30,14 @@ pub enum Msg {
         SessionCmd,
         oneshot::Sender<Result<SessionView, SessionError>>,
     ),
-    /// Mark inclusive seq ranges as synced (acked by the hub); replies with
-    /// the number of records marked.
-    MarkSynced(Vec<(u64, u64)>, oneshot::Sender<u64>),
     /// The hub acknowledged a batch: records, session revisions and gap
-    /// counters; replies with the number of records newly marked.
-    Acked(super::sync::Acked, oneshot::Sender<u64>),
+    /// counters; replies, once committed, with the number of records newly
+    /// marked, or with why it could not be recorded (then nothing of it
+    /// was, and the uploader must read those records as pending again).
+    Acked(super::sync::Acked, SyncReply),
     /// The hub refused a batch for good: count its records as a `rejected`
     /// gap and never send them again; replies like `Acked`.
-    SetAside(super::sync::SetAside, oneshot::Sender<u64>),
+    SetAside(super::sync::SetAside, SyncReply),
     /// Commit what is queued before this and stop, even if some sender is
     /// still alive (a connection that would not finish).
     Stop,
@@ -48,6 +47,9 @@ pub enum Msg {
         oneshot::Sender<Result<(), String>>,
     ),
 }
+
+/// The writer's answer to an acknowledgement or a set-aside.
+pub type SyncReply = oneshot::Sender<Result<u64, String>>;
 
 pub enum SessionCmd {
     Open(OpenSession),
@@ -104,7 +106,7 @@ pub struct Writer {
     stopping: bool,
     /// Replies to sync acknowledgements, sent once their commit is done (so
     /// the uploader never reads its own acknowledged work as pending).
-    sync_replies: Vec<(oneshot::Sender<u64>, u64)>,
+    sync_replies: Vec<(SyncReply, u64)>,
 }
 
 impl Writer {
@@ -131,11 +133,7 @@ impl Writer {
         let stored: i64 = w
             .conn
             .query_row("SELECT count(*) FROM records", [], |r| r.get(0))?;
-        let synced: i64 =
-            w.conn
-                .query_row("SELECT count(*) FROM records WHERE synced = 1", [], |r| {
-                    r.get(0)
-                })?;
+        let synced = super::sync::count_synced(&w.conn)?;
         let last: i64 = w
             .conn
             .query_row("SELECT coalesce(max(seq), 0) FROM records", [], |r| {
@@ -257,8 +255,13 @@ impl Writer {
                 tracing::error!("keeping the buffer bound failed: {e}");
             }
             self.stats.committed_notify.notify_one();
+            // Only acknowledgements whose commit went through are left here
+            // (a failed commit answered its own with the error).
             for (reply, n) in self.sync_replies.drain(..) {
-                let _ = reply.send(n);
+                self.stats
+                    .records_synced
+                    .fetch_add(n as i64, Ordering::Relaxed);
+                let _ = reply.send(Ok(n));
             }
             let last = self.stats.last_seq.load(Ordering::Relaxed).max(0) as u64;
             for f in flushes.drain(..) {
@@ -313,25 +316,15 @@ impl Writer {
                 true
             }
             Msg::Acked(acked, reply) => {
-                let n = super::sync::apply_acked(&self.conn, &acked).unwrap_or_else(|e| {
-                    tracing::error!("recording the hub's acknowledgement failed: {e}");
-                    0
+                self.sync_change(reply, "recording the hub's acknowledgement", |c| {
+                    super::sync::apply_acked(c, &acked)
                 });
-                self.stats
-                    .records_synced
-                    .fetch_add(n as i64, Ordering::Relaxed);
-                self.sync_replies.push((reply, n));
                 true
             }
             Msg::SetAside(aside, reply) => {
-                let n = super::sync::apply_set_aside(&self.conn, &aside).unwrap_or_else(|e| {
-                    tracing::error!("setting a refused batch aside failed: {e}");
-                    0
+                self.sync_change(reply, "setting a refused batch aside", |c| {
+                    super::sync::apply_set_aside(c, &aside)
                 });
-                self.stats
-                    .records_synced
-                    .fetch_add(n as i64, Ordering::Relaxed);
-                self.sync_replies.push((reply, n));
                 true
             }
             Msg::Artifact(cmd, reply) => {
@@ -346,13 +339,38 @@ impl Writer {
                 let _ = self.conn.execute_batch("BEGIN");
                 true
             }
-            Msg::MarkSynced(ranges, reply) => {
-                let n = self.mark_synced(&ranges).unwrap_or_else(|e| {
-                    tracing::error!("marking records synced failed: {e}");
-                    0
-                });
-                let _ = reply.send(n);
-                true
+        }
+    }
+
+    /// Applies a sync change all or nothing (a savepoint inside the open
+    /// transaction), queueing its reply for after the commit; a failure is
+    /// answered at once, so the uploader rescans instead of skipping those
+    /// records until a restart.
+    fn sync_change(
+        &mut self,
+        reply: SyncReply,
+        what: &str,
+        apply: impl FnOnce(&Connection) -> rusqlite::Result<u64>,
+    ) {
+        let out = self
+            .conn
+            .execute_batch("SAVEPOINT sync_change")
+            .and_then(|()| apply(&self.conn));
+        match out {
+            Ok(n) => {
+                if let Err(e) = self.conn.execute_batch("RELEASE sync_change") {
+                    tracing::error!("{what} failed: {e}");
+                    let _ = reply.send(Err(e.to_string()));
+                    return;
+                }
+                self.sync_replies.push((reply, n));
+            }
+            Err(e) => {
+                tracing::error!("{what} failed: {e}");
+                let _ = self
+                    .conn
+                    .execute_batch("ROLLBACK TO sync_change; RELEASE sync_change");
+                let _ = reply.send(Err(e.to_string()));
             }
         }
     }
@@ -429,22 +447,12 @@ impl Writer {
             Err(e) => {
                 tracing::error!("commit failed: {e}");
                 let _ = self.conn.execute_batch("ROLLBACK");
+                // The acknowledgements in it are lost: say so now.
+                for (reply, _) in self.sync_replies.drain(..) {
+                    let _ = reply.send(Err(format!("commit failed: {e}")));
+                }
             }
         }
-    }
-
-    fn mark_synced(&mut self, ranges: &[(u64, u64)]) -> rusqlite::Result<u64> {
-        let mut n = 0;
-        let mut stmt = self.conn.prepare_cached(
-            "UPDATE records SET synced = 1 WHERE seq BETWEEN ?1 AND ?2 AND +synced = 0",
-        )?;
-        for (lo, hi) in ranges {
-            n += stmt.execute(params![*lo as i64, *hi as i64])? as u64;
-        }
-        self.stats
-            .records_synced
-            .fetch_add(n as i64, Ordering::Relaxed);
-        Ok(n)
     }
 
     fn resolve(&self, target: Target) -> Result<i64, SessionError> {
@@ -699,51 +707,18 @@ impl Writer {
         }
         let tx = self.conn.transaction()?;
         let mut left = n as i64;
-        let mut synced_gone = 0i64;
+        let synced_gone = super::sync::evict_synced(&tx, left)?;
+        left -= synced_gone;
         let mut unsynced_gone = 0i64;
-        let cutoff: Option<i64> = tx
-            .query_row(
-                "SELECT seq FROM records WHERE synced = 1 ORDER BY seq LIMIT 1 OFFSET ?1",
-                [left - 1],
-                |r| r.get(0),
-            )
-            .optional()?;
-        let gone = match cutoff {
-            Some(c) => tx.execute("DELETE FROM records WHERE synced = 1 AND seq <= ?1", [c])?,
-            None => tx.execute("DELETE FROM records WHERE synced = 1", [])?,
-        } as i64;
-        synced_gone += gone;
-        left -= gone;
         for level in Level::ALL {
             if left <= 0 {
                 break;
             }
-            let code = level.code() as i64;
-            let cutoff: Option<i64> = tx
-                .query_row(
-                    "SELECT seq FROM records WHERE synced = 0 AND level = ?1 ORDER BY seq LIMIT 1 OFFSET ?2",
-                    params![code, left - 1],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            let cutoff = cutoff.unwrap_or(i64::MAX);
-            {
-                let mut counts = tx.prepare(
-                    "SELECT coalesce(session, 0), count(*) FROM records \
-                     WHERE synced = 0 AND level = ?1 AND seq <= ?2 GROUP BY session",
-                )?;
-                let rows: Vec<(i64, i64)> = counts
-                    .query_map(params![code, cutoff], |r| Ok((r.get(0)?, r.get(1)?)))?
-                    .collect::<rusqlite::Result<_>>()?;
-                let mut gap = tx.prepare_cached(ADD_GAP)?;
-                for (session, count) in rows {
-                    gap.execute(params![session, code, gap_reason::EVICTED, count])?;
-                }
+            let (per_session, gone) = super::sync::evict_unsynced(&tx, level, left)?;
+            let mut gap = tx.prepare_cached(ADD_GAP)?;
+            for (session, count) in per_session {
+                gap.execute(params![session, level.code(), gap_reason::EVICTED, count])?;
             }
-            let gone = tx.execute(
-                "DELETE FROM records WHERE synced = 0 AND level = ?1 AND seq <= ?2",
-                params![code, cutoff],
-            )? as i64;
             unsynced_gone += gone;
             left -= gone;
         }
@@ -856,7 +831,10 @@ mod tests {
         put(&mut w, rows(Level::Debug, 5)); // seq 6-10
         put(&mut w, rows(Level::Error, 2)); // seq 11-12
         put(&mut w, rows(Level::Trace, 1)); // seq 13
-        assert_eq!(w.mark_synced(&[(2, 3), (12, 12)]).unwrap(), 3);
+        assert_eq!(
+            super::super::sync::mark_records(&w.conn, &[(2, 3), (12, 12)]).unwrap(),
+            3
+        );
         w.evict(6).unwrap();
         // Synced 2, 3, 12 first; then the trace record; then the two oldest
         // debug records (6, 7). Info 1 is older but outranks them.
@@ -907,5 +885,48 @@ mod tests {
             gaps(&w),
             vec![(sid, Level::Info.code() as i64, "client_dropped".into(), 18)]
         );
+    }
+
+    #[test]
+    fn an_acknowledgement_sqlite_refuses_is_answered_and_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = writer(dir.path());
+        put(&mut w, rows(Level::Info, 5));
+        let acked = || super::super::sync::Acked {
+            records: vec![(1, 5)],
+            sessions: Vec::new(),
+            gaps: vec![(0, Level::Info, "evicted".into(), 3)],
+        };
+        w.conn
+            .execute_batch(
+                "INSERT INTO gaps(session, level, reason, dropped) VALUES (0, 2, 'evicted', 3);
+                 CREATE TEMP TRIGGER full BEFORE INSERT ON meta WHEN NEW.key = 'synced_through'
+                 BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END;",
+            )
+            .unwrap();
+        let (tx, mut rx) = oneshot::channel();
+        w.conn.execute_batch("BEGIN").unwrap();
+        assert!(w.handle(Msg::Acked(acked(), tx), &mut Vec::new(), &mut 0, &mut 0));
+        let err = rx.try_recv().unwrap().unwrap_err();
+        assert!(err.contains("disk is full"), "{err}");
+        w.commit();
+        // All or nothing: the gap counter it carried was not marked either.
+        let synced_dropped: i64 = w
+            .conn
+            .query_row("SELECT synced_dropped FROM gaps", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(synced_dropped, 0);
+        assert_eq!(super::super::sync::count_synced(&w.conn).unwrap(), 0);
+        assert!(w.sync_replies.is_empty());
+        // Once SQLite works again the same acknowledgement goes through,
+        // answered after its commit.
+        w.conn.execute_batch("DROP TRIGGER temp.full").unwrap();
+        let (tx, _rx) = oneshot::channel();
+        w.conn.execute_batch("BEGIN").unwrap();
+        w.handle(Msg::Acked(acked(), tx), &mut Vec::new(), &mut 0, &mut 0);
+        w.commit();
+        assert_eq!(w.sync_replies.len(), 1);
+        assert_eq!(w.sync_replies[0].1, 5);
+        assert_eq!(super::super::sync::count_synced(&w.conn).unwrap(), 5);
     }
 }

@@ -5,9 +5,19 @@
 //! through the writer. A supervisor restarts it when it stops making
 //! progress.
 //!
+//! It is a pipeline: while a full batch is in flight, the next one is read,
+//! packed and gzipped on a blocking thread, leaving out what is in flight and
+//! what the writer is still marking; it is sent as soon as the hub acks the
+//! one before, and discarded if that one fails. The writer marks an ack while
+//! the next batch is already on the wire.
+//!
 //! Invariant: nothing is marked synced that the hub did not acknowledge
 //! (or refuse for good, which becomes a `rejected` gap); the uploader never
-//! writes SQLite itself.
+//! writes SQLite itself. At most one request is in flight and at most one
+//! acknowledgement is outstanding at the writer; a batch read while an
+//! acknowledgement is outstanding leaves its records out, and when the writer
+//! reports that it could not record one, the scan starts again from the first
+//! unsynced record (so nothing waits for a restart to be resent).
 
 use std::future::Future;
 use std::sync::atomic::Ordering;
@@ -28,9 +38,12 @@ use crate::agent::store::writer::Msg;
 use crate::agent::store::{now_ns, Stats, StoreError};
 use crate::wire::{Batch, BatchAck, Device, BATCHES_PATH, BATCH_VERSION, CONTENT_TYPE_MSGPACK};
 
-/// gzip level of batch bodies: on batch v2, level 3 encodes 2.4x faster
-/// than 6 for 10% more bytes (still under 1/9 of JSON lines; see
-/// `examples/wire_bench.rs`), and encoding is the drain's CPU.
+/// gzip level of batch bodies. Measured on a batch of 20,000 robot log
+/// lines (flate2 miniz, release; v1 msgpack 3.1 MB): level 6 140 ms ->
+/// 566 KB; level 3 52 ms -> 612 KB (2.7x faster, 8% larger); level 1 22 ms
+/// -> 709 KB. On batch v2, level 3 still sends under 1/9 of the bytes of
+/// JSON lines (see `examples/wire_bench.rs`), and encoding is the drain's
+/// CPU on a robot's small core.
 const GZIP_LEVEL: u32 = 3;
 /// Most session states in one batch.
 const MAX_SESSIONS: usize = 100;
@@ -54,6 +67,8 @@ pub struct UploaderCtx {
     pub writer: mpsc::Sender<Msg>,
     pub stats: Arc<Stats>,
     pub shared: Arc<SyncShared>,
+    /// `sync.max_bytes_per_sec`, shared with the artifact uploader.
+    pub throttle: Arc<Throttle>,
 }
 
 /// Runs the uploader under its supervisor until `shutdown`.
@@ -119,15 +134,46 @@ pub enum Done {
     Restart(String),
 }
 
+/// Where the reads of the next batch start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Scan {
+    /// Where the in-order scan of unsynced records starts; `None`: at the
+    /// first unsynced record (looked up).
+    cursor: Option<u64>,
+    /// Errors and fatals at or below this seq were sent (or are in flight).
+    urgent_from: u64,
+}
+
 /// One batch under way, with what the writer needs to mark it.
 struct Work {
     batch: Batch,
     acked: Acked,
     records: Vec<(u64, i64, crate::wire::Level)>,
-    /// Highest seq of the in-order part, to advance the scan cursor.
-    in_order_to: Option<u64>,
-    /// The batch closed on count or bytes (rather than on what there was).
+    /// The scan this batch was read from (its cursor looked up).
+    start: Scan,
+    /// The scan after this batch, once the hub has acked all of it.
+    next: Scan,
+    /// The batch closed on count or bytes (rather than on what there was):
+    /// its reads stopped at a limit, so more is waiting.
     full: bool,
+}
+
+/// A batch packed for the wire.
+struct Ready {
+    work: Work,
+    body: Vec<u8>,
+    raw_len: usize,
+    read_time: Duration,
+    encode_time: Duration,
+}
+
+/// What the writer said about the acknowledgement it was marking.
+#[derive(Debug, PartialEq, Eq)]
+enum Settled {
+    Ok,
+    /// It could not record it: those records are pending again.
+    Failed,
+    WriterGone,
 }
 
 impl Work {
@@ -146,17 +192,16 @@ struct Uploader {
     /// awaits (one task uses it).
     reader: std::sync::Mutex<Option<SyncReader>>,
     backoff: Backoff,
-    throttle: Throttle,
-    /// Where the in-order scan of unsynced records starts.
-    cursor: Option<u64>,
+    /// Where the next batch's reads start.
+    scan: Scan,
+    /// The next batch, read and packed while the previous one was in flight.
+    prefetched: Option<Ready>,
     /// Records per batch after 413s and 400s (halved to isolate a poisoned
     /// record; grows back after successes).
     limit: usize,
     /// When the oldest unsent change was first seen (for the linger).
     pending_since: Option<Instant>,
     last_post: Option<Instant>,
-    /// How long reading the batch took, for the debug log.
-    gather_time: Duration,
     /// The last acknowledgement handed to the writer and not yet committed
     /// (its reply, and its seq ranges): the next batch is read and sent
     /// while the writer marks the previous one, and leaves these out.
@@ -164,7 +209,7 @@ struct Uploader {
 }
 
 /// An acknowledgement in the writer's hands: its reply and its seq ranges.
-type Marking = (oneshot::Receiver<u64>, Vec<(u64, u64)>);
+type Marking = (oneshot::Receiver<Result<u64, String>>, Vec<(u64, u64)>);
 
 impl Uploader {
     fn new(ctx: Arc<UploaderCtx>) -> Uploader {
@@ -179,14 +224,13 @@ impl Uploader {
         Uploader {
             url: format!("{}{}", ctx.cfg.hub, BATCHES_PATH),
             backoff: Backoff::new(ctx.cfg.retry_min, ctx.cfg.retry_max),
-            throttle: Throttle::new(ctx.cfg.max_bytes_per_sec),
             limit: ctx.cfg.batch_records,
             http,
             reader: std::sync::Mutex::new(None),
-            cursor: None,
+            scan: Scan::default(),
+            prefetched: None,
             pending_since: None,
             last_post: None,
-            gather_time: Duration::ZERO,
             marking: None,
             ctx,
         }
@@ -198,43 +242,69 @@ impl Uploader {
             if shutdown.is_cancelled() {
                 return Done::Shutdown;
             }
-            let gather_start = Instant::now();
-            let work = match self.gather().await {
-                Ok(w) => w,
-                Err(e) => {
-                    tracing::error!("reading pending sync work failed: {e}");
-                    *self.reader.lock().expect("reader lock") = None;
-                    if sleep_or_cancel(Duration::from_secs(1), &shutdown).await {
-                        return Done::Shutdown;
+            let ready = match self.prefetched.take() {
+                Some(r) => {
+                    self.scan = r.work.start;
+                    r
+                }
+                None => {
+                    let gather_start = Instant::now();
+                    let work = match self.gather().await {
+                        Ok(w) => w,
+                        Err(e) => {
+                            tracing::error!("reading pending sync work failed: {e}");
+                            *self.reader.lock().expect("reader lock") = None;
+                            if sleep_or_cancel(Duration::from_secs(1), &shutdown).await {
+                                return Done::Shutdown;
+                            }
+                            continue;
+                        }
+                    };
+                    let heartbeat_due = self.last_post.is_none_or(|t| t.elapsed() >= HEARTBEAT);
+                    if work.is_empty() && !heartbeat_due {
+                        self.pending_since = None;
+                        // Nothing to send: hear the writer out, so a failed
+                        // marking brings its records back now.
+                        match self.settle_marking().await {
+                            Settled::Ok => {}
+                            Settled::Failed => continue,
+                            Settled::WriterGone => {
+                                shutdown.cancelled().await;
+                                return Done::Shutdown;
+                            }
+                        }
+                        // Input-driven (a commit) or timer-driven (a backlog
+                        // that a missed wake-up left behind drains anyway).
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return Done::Shutdown,
+                            _ = self.ctx.stats.committed_notify.notified() => {}
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
+                        continue;
                     }
-                    continue;
+                    if !work.is_empty() && !work.full {
+                        // Let a batch fill for up to `linger` after its first
+                        // change.
+                        let since = *self.pending_since.get_or_insert_with(Instant::now);
+                        let left = self.ctx.cfg.linger.saturating_sub(since.elapsed());
+                        if !left.is_zero() {
+                            if sleep_or_cancel(left, &shutdown).await {
+                                return Done::Shutdown;
+                            }
+                            continue;
+                        }
+                    }
+                    let read_time = gather_start.elapsed();
+                    match tokio::task::spawn_blocking(move || encode(work, read_time)).await {
+                        Ok(r) => r,
+                        Err(e) => {
+                            tracing::error!("packing a batch failed: {e}");
+                            continue;
+                        }
+                    }
                 }
             };
-            let heartbeat_due = self.last_post.is_none_or(|t| t.elapsed() >= HEARTBEAT);
-            if work.is_empty() && !heartbeat_due {
-                self.pending_since = None;
-                // Input-driven (a commit) or timer-driven (a backlog that a
-                // missed wake-up left behind drains anyway).
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Done::Shutdown,
-                    _ = self.ctx.stats.committed_notify.notified() => {}
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-                continue;
-            }
-            if !work.is_empty() && !work.full {
-                // Let a batch fill for up to `linger` after its first change.
-                let since = *self.pending_since.get_or_insert_with(Instant::now);
-                let left = self.ctx.cfg.linger.saturating_sub(since.elapsed());
-                if !left.is_zero() {
-                    if sleep_or_cancel(left, &shutdown).await {
-                        return Done::Shutdown;
-                    }
-                    continue;
-                }
-            }
-            self.gather_time = gather_start.elapsed();
-            match self.send(work, &shutdown).await {
+            match self.send(ready, &shutdown).await {
                 Step::Next => {}
                 Step::Shutdown => return Done::Shutdown,
                 Step::Parked => {
@@ -261,61 +331,73 @@ impl Uploader {
         }
     }
 
-    /// Reads the next batch on a blocking thread.
-    async fn gather(&mut self) -> Result<Work, StoreError> {
+    /// Takes the held read connection, or opens one.
+    async fn take_reader(&self) -> Result<SyncReader, StoreError> {
         let held = self.reader.lock().expect("reader lock").take();
-        let reader = match held {
-            Some(r) => r,
+        match held {
+            Some(r) => Ok(r),
             None => {
                 let (path, boot) = (self.ctx.db_path.clone(), self.ctx.boot_id.clone());
                 tokio::task::spawn_blocking(move || SyncReader::open(&path, &boot))
                     .await
-                    .map_err(join_err)??
+                    .map_err(join_err)?
             }
-        };
-        let stats = self.ctx.stats.clone();
+        }
+    }
+
+    /// What the next batch is read with: the scan `scan`, leaving out the
+    /// ranges being marked and `in_flight`.
+    fn plan(&self, scan: Scan, in_flight: &[(u64, u64)]) -> Plan {
+        let stats = &self.ctx.stats;
         let unsynced = (stats.records_stored.load(Ordering::Relaxed)
             - stats.records_synced.load(Ordering::Relaxed))
         .max(0) as usize;
-        let (limit, bytes) = (self.limit, self.ctx.cfg.batch_bytes);
-        let cursor = self.cursor;
-        let device = self.ctx.device.clone();
-        let marking: Vec<(u64, u64)> = self
+        let mut skip: Vec<(u64, u64)> = self
             .marking
             .as_ref()
             .map(|(_, r)| r.clone())
             .unwrap_or_default();
-        let (reader, work, cursor) = tokio::task::spawn_blocking(move || {
-            let out = build(&reader, device, cursor, unsynced, limit, bytes, &marking);
-            out.map(|(w, c)| (reader, w, c))
+        skip.extend_from_slice(in_flight);
+        Plan {
+            device: self.ctx.device.clone(),
+            scan,
+            unsynced,
+            limit: self.limit,
+            max_bytes: self.ctx.cfg.batch_bytes,
+            skip,
+        }
+    }
+
+    /// Reads the next batch on a blocking thread.
+    async fn gather(&mut self) -> Result<Work, StoreError> {
+        let reader = self.take_reader().await?;
+        let plan = self.plan(self.scan, &[]);
+        let (reader, work) = tokio::task::spawn_blocking(move || {
+            let out = build(&reader, plan);
+            out.map(|w| (reader, w))
         })
         .await
         .map_err(join_err)??;
         *self.reader.lock().expect("reader lock") = Some(reader);
-        self.cursor = cursor;
+        self.scan = work.start;
         Ok(work)
     }
 
-    async fn send(&mut self, mut work: Work, shutdown: &CancellationToken) -> Step {
-        let encode_start = Instant::now();
-        work.batch.sent_at_ns = now_ns();
-        work.batch.version = BATCH_ENCODING.version();
-        let raw = work.batch.to_msgpack();
-        let raw_len = raw.len();
-        let body = match tokio::task::spawn_blocking(move || gzip(&raw)).await {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::error!("compressing a batch failed: {e}");
-                return Step::Next;
-            }
-        };
+    async fn send(&mut self, ready: Ready, shutdown: &CancellationToken) -> Step {
+        let Ready {
+            mut work,
+            body,
+            raw_len,
+            read_time,
+            encode_time,
+        } = ready;
         let body_len = body.len() as u64;
-        let encode_time = encode_start.elapsed();
         {
             // A capped link may hold a batch back for a long while: that is
             // progress, so keep the heartbeat going for the supervisor.
             let shared = self.ctx.shared.clone();
-            let take = self.throttle.take(body_len);
+            let throttle = self.ctx.throttle.clone();
+            let take = throttle.take(body_len);
             tokio::pin!(take);
             loop {
                 tokio::select! {
@@ -336,9 +418,50 @@ impl Uploader {
             .header(CONTENT_TYPE, CONTENT_TYPE_MSGPACK)
             .header(CONTENT_ENCODING, "gzip")
             .body(body);
-        let result = tokio::select! {
+        // A full batch says a backlog is draining: read and pack the next
+        // one while this one is on the wire.
+        let prefetch = if work.full {
+            match self.take_reader().await {
+                Ok(reader) => {
+                    let sent = crate::wire::seq_ranges(work.records.iter().map(|r| r.0));
+                    let plan = self.plan(work.next, &sent);
+                    Some(tokio::task::spawn_blocking(move || {
+                        let start = Instant::now();
+                        let out = build(&reader, plan);
+                        let read_time = start.elapsed();
+                        (reader, out.map(|w| w.full.then(|| encode(w, read_time))))
+                    }))
+                }
+                Err(e) => {
+                    tracing::warn!("cannot read ahead: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let prefetch = async move {
+            match prefetch {
+                Some(h) => h.await.ok(),
+                None => None,
+            }
+        };
+        let (result, prefetched) = tokio::select! {
             _ = shutdown.cancelled() => return Step::Shutdown,
-            r = post(request) => r,
+            r = async { tokio::join!(post(request), prefetch) } => r,
+        };
+        let prefetched = match prefetched {
+            Some((reader, out)) => {
+                *self.reader.lock().expect("reader lock") = Some(reader);
+                match out {
+                    Ok(ready) => ready,
+                    Err(e) => {
+                        tracing::warn!("reading ahead failed: {e}");
+                        None
+                    }
+                }
+            }
+            None => None,
         };
         self.last_post = Some(Instant::now());
         let post_time = post_start.elapsed();
@@ -347,27 +470,35 @@ impl Uploader {
         match result {
             Ok(ack) => {
                 let mut acked = std::mem::take(&mut work.acked);
-                acked.records = ack.acked.clone();
-                let acked_all = ack.acked.iter().map(|(lo, hi)| hi - lo + 1).sum::<u64>();
-                // At most one acknowledgement in the writer's hands: wait
-                // for the previous one, then hand over this one without
-                // waiting for its commit.
+                // Only what this batch carried is marked, whatever else the
+                // hub's ranges may span.
+                let mut ranges = ack.acked.clone();
+                ranges.sort_unstable();
+                acked.records = crate::wire::seq_ranges(
+                    work.records
+                        .iter()
+                        .map(|r| r.0)
+                        .filter(|seq| covered(&ranges, *seq)),
+                );
+                let acked_all = acked
+                    .records
+                    .iter()
+                    .map(|(lo, hi)| hi - lo + 1)
+                    .sum::<u64>();
+                // The scan moves past this batch only if all of it was
+                // acked; otherwise start again from the first unsynced
+                // record, and the batch read ahead (which assumed it) goes.
+                let all = acked_all == work.records.len() as u64;
                 let mark_start = Instant::now();
-                if !self.settle_marking().await {
+                let mut keep = all;
+                self.scan = if all { work.next } else { Scan::default() };
+                if !self.hand_over(acked, &mut keep).await {
                     return Step::WriterGone;
                 }
-                let ranges = acked.records.clone();
-                let (tx, rx) = oneshot::channel();
-                if self.ctx.writer.send(Msg::Acked(acked, tx)).await.is_err() {
-                    return Step::WriterGone;
+                if keep {
+                    self.prefetched = prefetched;
                 }
-                self.marking = Some((rx, ranges));
                 let mark_time = mark_start.elapsed();
-                if let Some(to) = work.in_order_to {
-                    if ack.acked.iter().any(|(lo, hi)| (*lo..=*hi).contains(&to)) {
-                        self.cursor = Some(self.cursor.map_or(to + 1, |c| c.max(to + 1)));
-                    }
-                }
                 shared.set_link(LinkState::Online);
                 shared.set_error(None);
                 shared.set_backoff(None);
@@ -388,7 +519,7 @@ impl Uploader {
                     stored = ack.stored,
                     duplicates = ack.duplicates,
                     bytes = body_len,
-                    read_ms = self.gather_time.as_millis() as u64,
+                    read_ms = read_time.as_millis() as u64,
                     encode_ms = encode_time.as_millis() as u64,
                     post_ms = post_time.as_millis() as u64,
                     mark_ms = mark_time.as_millis() as u64,
@@ -437,10 +568,13 @@ impl Uploader {
                             reason,
                         };
                         let n = aside.records.len() as u64;
-                        if !self.settle_marking().await
-                            || !self.to_writer(|tx| Msg::SetAside(aside, tx)).await
-                        {
+                        if self.settle_marking().await == Settled::WriterGone {
                             return Step::WriterGone;
+                        }
+                        match self.to_writer(|tx| Msg::SetAside(aside, tx)).await {
+                            Settled::Ok => {}
+                            Settled::Failed => self.scan = Scan::default(),
+                            Settled::WriterGone => return Step::WriterGone,
                         }
                         shared.set_aside_batches.fetch_add(1, Ordering::Relaxed);
                         shared.set_aside_records.fetch_add(n, Ordering::Relaxed);
@@ -511,22 +645,103 @@ impl Uploader {
         }
     }
 
-    /// Waits until the writer has committed the outstanding
-    /// acknowledgement, if any; false when the writer is gone.
-    async fn settle_marking(&mut self) -> bool {
-        match self.marking.take() {
-            Some((rx, _)) => rx.await.is_ok(),
-            None => true,
+    /// Hands an acknowledgement to the writer without waiting for its
+    /// commit, after the previous one settled (at most one outstanding).
+    /// A previous one that failed resets the scan and clears `keep` (the
+    /// batch read ahead left those records out). False when the writer is
+    /// gone.
+    async fn hand_over(&mut self, acked: Acked, keep: &mut bool) -> bool {
+        match self.settle_marking().await {
+            Settled::Ok => {}
+            Settled::Failed => *keep = false,
+            Settled::WriterGone => return false,
         }
-    }
-
-    async fn to_writer(&self, msg: impl FnOnce(oneshot::Sender<u64>) -> Msg) -> bool {
+        let ranges = acked.records.clone();
         let (tx, rx) = oneshot::channel();
-        if self.ctx.writer.send(msg(tx)).await.is_err() {
+        if self.ctx.writer.send(Msg::Acked(acked, tx)).await.is_err() {
             return false;
         }
-        rx.await.is_ok()
+        self.marking = Some((rx, ranges));
+        true
     }
+
+    /// Waits until the writer has committed the outstanding
+    /// acknowledgement, if any. When it could not record it, those records
+    /// are unsynced again: the scan restarts at the first unsynced record
+    /// and anything read ahead (which left them out) is dropped.
+    async fn settle_marking(&mut self) -> Settled {
+        let Some((rx, _)) = self.marking.take() else {
+            return Settled::Ok;
+        };
+        let out = settled(rx.await);
+        if out == Settled::Failed {
+            self.scan = Scan::default();
+            self.prefetched = None;
+        }
+        out
+    }
+
+    async fn to_writer(
+        &self,
+        msg: impl FnOnce(oneshot::Sender<Result<u64, String>>) -> Msg,
+    ) -> Settled {
+        let (tx, rx) = oneshot::channel();
+        if self.ctx.writer.send(msg(tx)).await.is_err() {
+            return Settled::WriterGone;
+        }
+        settled(rx.await)
+    }
+}
+
+fn settled(reply: Result<Result<u64, String>, oneshot::error::RecvError>) -> Settled {
+    match reply {
+        Ok(Ok(_)) => Settled::Ok,
+        Ok(Err(e)) => {
+            tracing::warn!(
+                "the agent could not record an acknowledgement ({e}); resending those records"
+            );
+            Settled::Failed
+        }
+        Err(_) => Settled::WriterGone,
+    }
+}
+
+/// Is `seq` in one of the sorted inclusive ranges? (Binary search: an
+/// errors-first batch is acked in thousands of ranges.)
+fn covered(sorted: &[(u64, u64)], seq: u64) -> bool {
+    let i = sorted.partition_point(|(lo, _)| *lo <= seq);
+    i > 0 && sorted[i - 1].1 >= seq
+}
+
+/// Packs a batch for the wire: msgpack, then gzip. The clock it carries
+/// is read here; for a batch read ahead that is up to one request earlier
+/// than it leaves, well within what the hub's skew figure can resolve.
+fn encode(mut work: Work, read_time: Duration) -> Ready {
+    let start = Instant::now();
+    work.batch.sent_at_ns = now_ns();
+    work.batch.version = BATCH_ENCODING.version();
+    let raw = work.batch.to_msgpack();
+    let raw_len = raw.len();
+    let body = gzip(&raw);
+    Ready {
+        work,
+        body,
+        raw_len,
+        read_time,
+        encode_time: start.elapsed(),
+    }
+}
+
+/// What [`build`] reads with.
+struct Plan {
+    device: Device,
+    scan: Scan,
+    /// Unsynced records in the store (to tell whether we are behind).
+    unsynced: usize,
+    limit: usize,
+    max_bytes: usize,
+    /// Inclusive seq ranges to leave out: being marked, or in flight.
+    skip: Vec<(u64, u64)>,
 }
 
 enum Step {
@@ -538,51 +753,67 @@ enum Step {
 
 /// Builds the next batch: pending session states, then records (errors and
 /// fatals first when more than a batch is waiting), then grown gap
-/// counters. Returns the work and the (possibly initialized) cursor.
-fn build(
-    reader: &SyncReader,
-    device: Device,
-    cursor: Option<u64>,
-    unsynced: usize,
-    limit: usize,
-    max_bytes: usize,
-    marking: &[(u64, u64)],
-) -> Result<(Work, Option<u64>), StoreError> {
-    let mut marking = marking.to_vec();
-    marking.sort_unstable();
+/// counters.
+fn build(reader: &SyncReader, plan: Plan) -> Result<Work, StoreError> {
+    let Plan {
+        device,
+        scan,
+        unsynced,
+        limit,
+        max_bytes,
+        mut skip,
+    } = plan;
+    skip.sort_unstable();
     // Binary search: an acknowledgement of scattered errors has thousands
     // of ranges.
-    let being_marked = |seq: u64| {
-        let i = marking.partition_point(|(lo, _)| *lo <= seq);
-        i > 0 && marking[i - 1].1 >= seq
+    let skipped = |seq: u64| {
+        let i = skip.partition_point(|(lo, _)| *lo <= seq);
+        i > 0 && skip[i - 1].1 >= seq
     };
     let sessions = reader.pending_sessions(MAX_SESSIONS)?;
-    let cursor = match cursor {
-        Some(c) => Some(c),
-        None => reader.first_unsynced()?,
+    let start = Scan {
+        cursor: match scan.cursor {
+            Some(c) => Some(c),
+            None => reader.first_unsynced()?,
+        },
+        urgent_from: scan.urgent_from,
     };
+    let mut next = start;
     let mut records: Vec<PendingRecord> = Vec::new();
-    let mut bytes = 0usize;
-    let mut in_order_to = None;
+    // A read that stopped at its count or byte limit means more is
+    // waiting, even when records in flight or being marked are then left
+    // out: such a batch goes without a linger, and reading ahead pays.
+    let mut more_waiting = false;
+    let at_limit = |v: &[PendingRecord], count: usize, bytes: usize| {
+        v.len() >= count || v.iter().map(|r| r.approx_bytes).sum::<usize>() >= bytes
+    };
     if unsynced > limit {
-        records = reader.urgent_records(limit, max_bytes)?;
-        records.retain(|r| !being_marked(r.record.seq));
-        bytes = records.iter().map(|r| r.approx_bytes).sum();
+        records = reader.urgent_records(start.urgent_from, limit, max_bytes)?;
+        more_waiting |= at_limit(&records, limit, max_bytes);
+        if let Some(last) = records.last() {
+            next.urgent_from = last.record.seq;
+        }
+        records.retain(|r| !skipped(r.record.seq));
     }
+    let bytes: usize = records.iter().map(|r| r.approx_bytes).sum();
     if records.len() < limit && bytes < max_bytes {
-        if let Some(from) = cursor {
+        if let Some(from) = start.cursor {
             let taken: std::collections::HashSet<u64> =
                 records.iter().map(|r| r.record.seq).collect();
-            let more = reader.records_from(from, limit - records.len(), max_bytes - bytes)?;
-            in_order_to = more.last().map(|r| r.record.seq);
+            let (count, budget) = (limit - records.len(), max_bytes - bytes);
+            let more = reader.records_from(from, count, budget)?;
+            more_waiting |= at_limit(&more, count, budget);
+            if let Some(last) = more.last() {
+                next.cursor = Some(last.record.seq + 1);
+            }
             records.extend(
                 more.into_iter()
-                    .filter(|r| !taken.contains(&r.record.seq) && !being_marked(r.record.seq)),
+                    .filter(|r| !taken.contains(&r.record.seq) && !skipped(r.record.seq)),
             );
         }
     }
     let bytes: usize = records.iter().map(|r| r.approx_bytes).sum();
-    let full = records.len() >= limit || bytes >= max_bytes;
+    let full = more_waiting || records.len() >= limit || bytes >= max_bytes;
     let gaps = reader.pending_gaps()?;
     let acked = Acked {
         records: Vec::new(),
@@ -604,16 +835,14 @@ fn build(
         records: records.into_iter().map(|r| r.record).collect(),
         gaps: gaps.into_iter().map(|g| g.gap).collect(),
     };
-    Ok((
-        Work {
-            batch,
-            acked,
-            records: refs,
-            in_order_to,
-            full,
-        },
-        cursor,
-    ))
+    Ok(Work {
+        batch,
+        acked,
+        records: refs,
+        start,
+        next,
+        full,
+    })
 }
 
 /// Sends one request and reads the hub's answer.
@@ -674,6 +903,7 @@ async fn sleep_or_cancel(d: Duration, shutdown: &CancellationToken) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::Device;
 
     #[test]
     fn hub_addresses() {
@@ -684,6 +914,59 @@ mod tests {
         check("https://hub.example.com", Some(("hub.example.com", 443)));
         check("http://hub", Some(("hub", 80)));
         check("not a url", None);
+    }
+
+    #[test]
+    fn a_batch_that_leaves_out_records_in_flight_still_counts_as_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.db");
+        let conn = crate::agent::store::schema::open_writer(&path, false).unwrap();
+        for seq in 1..=10 {
+            conn.execute(
+                "INSERT INTO records(seq, ts_ns, level, module, message, metadata) VALUES (?1, 1, 2, 'm', 'x', '')",
+                [seq],
+            )
+            .unwrap();
+        }
+        let reader = SyncReader::open(&path, "b").unwrap();
+        // (limit, skipped ranges, seqs sent, full, next cursor)
+        let check = |limit: usize, skip: &[(u64, u64)], seqs: &[u64], full: bool, next: u64| {
+            let plan = Plan {
+                device: Device {
+                    id: "d".into(),
+                    name: "n".into(),
+                },
+                scan: Scan::default(),
+                unsynced: 10,
+                limit,
+                max_bytes: 1 << 20,
+                skip: skip.to_vec(),
+            };
+            let w = build(&reader, plan).unwrap();
+            let got: Vec<u64> = w.batch.records.iter().map(|r| r.seq).collect();
+            assert_eq!(
+                (got.as_slice(), w.full, w.next.cursor),
+                (seqs, full, Some(next))
+            );
+        };
+        check(5, &[], &[1, 2, 3, 4, 5], true, 6);
+        check(5, &[(2, 3)], &[1, 4, 5], true, 6);
+        check(20, &[(2, 3)], &[1, 4, 5, 6, 7, 8, 9, 10], false, 11);
+    }
+
+    #[test]
+    fn acked_ranges_cover_seqs() {
+        let ranges = [(1, 3), (7, 7), (9, 12)];
+        let check = |seq: u64, want: bool| assert_eq!(covered(&ranges, seq), want, "{seq}");
+        check(0, false);
+        check(1, true);
+        check(3, true);
+        check(4, false);
+        check(7, true);
+        check(8, false);
+        check(12, true);
+        check(13, false);
+        assert!(!covered(&[], 1));
     }
 
     #[tokio::test(start_paused = true)]
@@ -731,5 +1014,117 @@ mod tests {
         supervise(make, shared.clone(), Duration::from_secs(10)).await;
         assert_eq!(runs.load(Ordering::SeqCst), 2);
         assert_eq!(shared.restarts.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_ack_the_writer_could_not_record_is_sent_again_without_a_restart() {
+        use crate::agent::record::Trusted;
+        use crate::agent::store::read::ViewCtx;
+        use crate::agent::store::writer::{Writer, WriterConfig};
+        use crate::agent::store::Row;
+
+        let dir = tempfile::tempdir().unwrap();
+        let db_path = dir.path().join("agent.db");
+        let stats = Arc::new(Stats::default());
+        let writer = Writer::open(
+            WriterConfig {
+                db_path: db_path.clone(),
+                state_dir: dir.path().to_owned(),
+                synchronous_full: false,
+                max_bytes: 1 << 30,
+                min_free_bytes: 0,
+                commit_interval: Duration::from_millis(5),
+                commit_records: 1000,
+                view: ViewCtx {
+                    device_id: "d".into(),
+                    device_name: "n".into(),
+                    sessions_dir: dir.path().join("sessions"),
+                    boot_id: "b".into(),
+                },
+            },
+            stats.clone(),
+        )
+        .unwrap();
+        let (tx, rx) = mpsc::channel(16);
+        let thread = writer.spawn(rx, tokio::runtime::Handle::current()).unwrap();
+        let rows = (0..5)
+            .map(|i| Row {
+                ts_ns: i,
+                level: crate::wire::Level::Info,
+                module: "m".into(),
+                message: format!("line {i}"),
+                metadata: String::new(),
+                trusted: Arc::new(Trusted::default()),
+                client_dropped: 0,
+            })
+            .collect();
+        tx.send(Msg::Rows(rows)).await.unwrap();
+        let (ftx, frx) = oneshot::channel();
+        tx.send(Msg::Flush(ftx)).await.unwrap();
+        assert_eq!(frx.await.unwrap(), 5);
+
+        let cfg = SyncConfig {
+            hub: "http://127.0.0.1:9".into(),
+            token: "t".into(),
+            max_bytes_per_sec: None,
+            batch_records: 100,
+            batch_bytes: 1 << 20,
+            linger: Duration::ZERO,
+            retry_min: Duration::from_millis(100),
+            retry_max: Duration::from_secs(1),
+            stall_timeout: Duration::from_secs(60),
+        };
+        let mut up = Uploader::new(Arc::new(UploaderCtx {
+            cfg,
+            device: Device {
+                id: "d".into(),
+                name: "n".into(),
+            },
+            db_path: db_path.clone(),
+            boot_id: "b".into(),
+            writer: tx,
+            stats: stats.clone(),
+            shared: Arc::new(SyncShared::new(true)),
+            throttle: Arc::new(Throttle::new(None)),
+        }));
+        let seqs = |w: &Work| w.batch.records.iter().map(|r| r.seq).collect::<Vec<_>>();
+        let ack = || Acked {
+            records: vec![(1, 5)],
+            ..Acked::default()
+        };
+
+        let w = up.gather().await.unwrap();
+        assert_eq!(seqs(&w), vec![1, 2, 3, 4, 5]);
+        // The hub acked all of it (as in `send`), and SQLite refuses to
+        // record that: a trigger stands in for a full disk.
+        up.scan = w.next;
+        let side = rusqlite::Connection::open(&db_path).unwrap();
+        side.execute_batch(
+            "CREATE TRIGGER full BEFORE INSERT ON meta WHEN NEW.key = 'synced_through' \
+             BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END;",
+        )
+        .unwrap();
+        let mut keep = true;
+        assert!(up.hand_over(ack(), &mut keep).await);
+        assert!(keep);
+        // While the writer holds the ack, a read leaves those records out.
+        assert_eq!(seqs(&up.gather().await.unwrap()), Vec::<u64>::new());
+        // The writer's answer brings them back, with no restart.
+        assert_eq!(up.settle_marking().await, Settled::Failed);
+        let w = up.gather().await.unwrap();
+        assert_eq!(seqs(&w), vec![1, 2, 3, 4, 5]);
+
+        // Once SQLite records the resend's ack, nothing is pending.
+        side.execute_batch("DROP TRIGGER full").unwrap();
+        up.scan = w.next;
+        assert!(up.hand_over(ack(), &mut keep).await);
+        assert_eq!(up.settle_marking().await, Settled::Ok);
+        assert_eq!(seqs(&up.gather().await.unwrap()), Vec::<u64>::new());
+        assert_eq!(stats.records_synced.load(Ordering::Relaxed), 5);
+
+        drop(up);
+        tokio::task::spawn_blocking(move || thread.join().unwrap())
+            .await
+            .unwrap();
     }
 }

@@ -27,6 +27,7 @@ use crate::agent::store::artifacts::ArtifactCmd;
 use crate::agent::store::read::{Reader, ViewCtx};
 use crate::agent::store::writer::Msg;
 use crate::agent::store::{rfc3339, Stats};
+use crate::agent::sync::throttle::Throttle;
 use crate::agent::types::ArtifactStatus;
 
 /// What the artifact tasks need from the configuration.
@@ -47,8 +48,8 @@ pub struct ArtifactsConfig {
     pub event_queue: usize,
     /// Longest retry wait (`artifacts.retry_max_secs`).
     pub retry_max: Duration,
-    /// `sync.max_bytes_per_sec`; `None` for no cap.
-    pub max_bytes_per_sec: Option<u64>,
+    /// The `sync.max_bytes_per_sec` bucket, shared with the batch uploader.
+    pub throttle: Arc<Throttle>,
 }
 
 impl ArtifactsConfig {
@@ -57,6 +58,7 @@ impl ArtifactsConfig {
         cfg: &AgentConfig,
         view: ViewCtx,
         token: tokio::sync::watch::Receiver<Arc<str>>,
+        throttle: Arc<Throttle>,
     ) -> Option<ArtifactsConfig> {
         let hub = cfg.raw.sync.hub.trim();
         if hub.is_empty() {
@@ -73,7 +75,7 @@ impl ArtifactsConfig {
             chunk_bytes: a.chunk_bytes,
             event_queue: a.event_queue as usize,
             retry_max: Duration::from_secs_f64(a.retry_max_secs),
-            max_bytes_per_sec: Some(cfg.raw.sync.max_bytes_per_sec).filter(|r| *r > 0),
+            throttle,
         })
     }
 }

@@ -52,7 +52,8 @@ struct Uploader {
     writer: mpsc::Sender<Msg>,
     stats: Arc<ArtifactStats>,
     tus: TusClient,
-    throttle: Throttle,
+    /// Shared with the batch uploader: one cap for logs and artifacts.
+    throttle: Arc<Throttle>,
     /// Bytes per PATCH: `artifacts.chunk_bytes`, halved on each 413 (a
     /// proxy in front of the hub with a smaller body limit).
     chunk: u64,
@@ -104,7 +105,7 @@ pub async fn run(
     };
     let probe = probe_addr(&cfg.hub);
     let mut up = Uploader {
-        throttle: Throttle::new(cfg.max_bytes_per_sec),
+        throttle: cfg.throttle.clone(),
         chunk: cfg.chunk_bytes,
         cfg: cfg.clone(),
         reader,
