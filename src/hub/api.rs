@@ -774,7 +774,7 @@ pub async fn metrics(State(hub): Hs, headers: HeaderMap) -> Result<Response, Api
         return Err(ApiError::forbidden("metrics need an operator key"));
     }
     Ok((
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(header::CONTENT_TYPE, crate::prom::CONTENT_TYPE)],
         hub.metrics.render(),
     )
         .into_response())
