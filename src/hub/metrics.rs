@@ -123,4 +123,69 @@ mod tests {
         assert!(text.contains("\nlogbook_hub_batches_total 2\n"), "{text}");
         assert!(text.contains("logbook_hub_rejects_total{reason=\"gzip_bomb\"} 2\n"));
     }
+
+    /// The whole body, pinned: dashboards and alerts match these names and
+    /// the families' order and help text.
+    #[test]
+    fn renders_the_whole_text() {
+        let m = Metrics::default();
+        Metrics::add(&m.records_stored, 42);
+        m.reject("unauthorized");
+        let families = [
+            ("batches_total", "Batches stored.", "counter", "0"),
+            ("records_total", "Records newly stored.", "counter", "42"),
+            (
+                "records_duplicate_total",
+                "Records received again (retries, overlaps).",
+                "counter",
+                "0",
+            ),
+            (
+                "bytes_in_total",
+                "Request body bytes received by ingest and uploads.",
+                "counter",
+                "0",
+            ),
+            (
+                "uploads_created_total",
+                "Artifact uploads created.",
+                "counter",
+                "0",
+            ),
+            (
+                "uploads_completed_total",
+                "Artifact uploads completed and verified.",
+                "counter",
+                "0",
+            ),
+            (
+                "upload_bytes_total",
+                "Artifact bytes received.",
+                "counter",
+                "0",
+            ),
+            (
+                "upload_acked_bytes_total",
+                "Artifact bytes of PATCHes kept (verified, not rolled back).",
+                "counter",
+                "0",
+            ),
+            (
+                "active_streams",
+                "Live WebSocket log streams.",
+                "gauge",
+                "0",
+            ),
+        ];
+        let mut expected = String::new();
+        for (name, help, kind, v) in families {
+            expected += &format!(
+                "# HELP logbook_hub_{name} {help}\n# TYPE logbook_hub_{name} {kind}\nlogbook_hub_{name} {v}\n"
+            );
+        }
+        expected += "# HELP logbook_hub_rejects_total Requests refused, by reason.\n\
+                     # TYPE logbook_hub_rejects_total counter\n\
+                     logbook_hub_rejects_total{reason=\"unauthorized\"} 1\n";
+        assert_eq!(m.render(), expected);
+    }
 }
