@@ -17,29 +17,19 @@
 //! target/release/examples/agent_bench --protocol all --records 400000
 //! ```
 
+mod common;
+
 use std::io::Write;
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{arg, proc_stats, thread_cpu, LEVELS, MODULES};
 use logbook::agent::store::schema;
 
-const LEVELS: &[&str] = &[
-    "debug", "info", "info", "info", "warn", "debug", "error", "trace",
-];
-const MODULES: &[&str] = &[
-    "nav::planner",
-    "nav::localization",
-    "perception.lidar",
-    "perception.camera",
-    "drive::motor_left",
-    "drive::motor_right",
-    "arm.controller",
-    "battery",
-];
-
-/// One line of 150–300 bytes, varying with `i`.
+/// One line of 150–300 bytes, varying with `i`: the shared level and
+/// module mix, padded and tagged with its client (its own shape, not
+/// `common::line`, so the figures in BENCHMARKS.md stay comparable).
 fn line(client: usize, i: usize) -> String {
     let level = LEVELS[i % LEVELS.len()];
     let module = MODULES[(i / 3 + client) % MODULES.len()];
@@ -51,54 +41,6 @@ fn line(client: usize, i: usize) -> String {
         40 + i % 30,
         i % 10
     )
-}
-
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-        .unwrap_or_else(|| default.to_owned())
-}
-
-/// CPU seconds per thread name of `pid`, busiest first.
-fn thread_cpu(pid: u32) -> Vec<(String, f64)> {
-    let mut by_name: std::collections::BTreeMap<String, f64> = Default::default();
-    for e in std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .flatten()
-    {
-        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
-            continue;
-        };
-        let name = stat[stat.find('(').unwrap() + 1..stat.rfind(')').unwrap()].to_owned();
-        let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
-            .split_whitespace()
-            .collect();
-        let secs = (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / 100.0;
-        *by_name.entry(name).or_default() += secs;
-    }
-    let mut v: Vec<_> = by_name.into_iter().collect();
-    v.sort_by(|a, b| b.1.total_cmp(&a.1));
-    v
-}
-
-/// (utime + stime in seconds, VmRSS KiB, VmHWM KiB) of `pid`.
-fn proc_stats(pid: u32) -> (f64, u64, u64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let after = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib = |key: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    (ticks / 100.0, kib("VmRSS:"), kib("VmHWM:"))
 }
 
 /// Records per PackedForward message.
@@ -203,26 +145,10 @@ fn run_agent(logbookd: &Path, protocol: &str, clients: usize, records: usize) ->
     let run = dir.path().join("run");
     let api = run.join("api.sock");
 
-    let mut child = Command::new(logbookd)
-        .arg("--state-dir")
-        .arg(&state)
-        .arg("--runtime-dir")
-        .arg(&run)
-        .env("LOGBOOK_DEVICE_ID", "bench")
-        .env("LOGBOOK_BUFFER_MAX_BYTES", "1GiB")
-        .env("LOGBOOK_BUFFER_MIN_FREE_BYTES", "0")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
+    let mut child = common::logbookd(logbookd, &state, &run, "1GiB")
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {}: {e}", logbookd.display()));
-    let start = Instant::now();
-    while UnixStream::connect(&api).is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "logbookd did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_for_api(&run, Duration::from_secs(20));
     let pid = child.id();
     std::thread::sleep(Duration::from_millis(500));
     let (cpu0, idle_rss, _) = proc_stats(pid);
@@ -306,16 +232,9 @@ fn main() {
     let clients: usize = arg("--clients", "4").parse().unwrap();
     let records: usize = arg("--records", "1000000").parse().unwrap();
     let protocol = arg("--protocol", "json");
-    let exe_dir = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .to_owned();
     let logbookd = PathBuf::from(arg(
         "--logbookd",
-        &exe_dir.join("logbookd").display().to_string(),
+        &common::bin_dir().join("logbookd").display().to_string(),
     ));
     let protocols: Vec<&str> = if protocol == "all" {
         vec!["json", "syslog", "forward", "packed"]

@@ -17,6 +17,8 @@
 //! target/release/examples/sync_bench --records 1000000 --rate 2000 --online-secs 20
 //! ```
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
@@ -26,45 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-const LEVELS: &[&str] = &[
-    "debug", "info", "info", "info", "warn", "debug", "error", "trace",
-];
-const MODULES: &[&str] = &[
-    "nav::planner",
-    "nav::localization",
-    "perception.lidar",
-    "perception.camera",
-    "drive::motor_left",
-    "drive::motor_right",
-    "arm.controller",
-    "battery",
-];
-
-/// A realistic robot log line of 150–300 bytes, distinct for every `i`.
-fn line(i: u64) -> String {
-    let level = LEVELS[(i % LEVELS.len() as u64) as usize];
-    let module = MODULES[((i / 3) % MODULES.len() as u64) as usize];
-    format!(
-        r#"{{"level":"{level}","target":"{module}","msg":"cycle {i} done in {}us, queue depth {}, pose x={}.{} y={}.{}","fields":{{"seq":{i},"temp_c":{}.{},"mission":"m-{}"}}}}"#,
-        (i * 37) % 5000,
-        i % 17,
-        (i * 13) % 200,
-        i % 1000,
-        (i * 7) % 150,
-        (i * 3) % 1000,
-        40 + i % 30,
-        i % 10,
-        i / 10_000
-    )
-}
-
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-        .unwrap_or_else(|| default.to_owned())
-}
+use common::{arg, cpu_secs, line};
 
 fn body_json(resp: &str) -> serde_json::Value {
     let body = resp.split_once("\r\n\r\n").map_or("", |(_, b)| b);
@@ -91,15 +55,6 @@ fn loadavg() -> String {
         .unwrap_or_default()
 }
 
-/// utime + stime of `pid`, seconds.
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
-        .split_whitespace()
-        .collect();
-    (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / 100.0
-}
-
 fn now_ns() -> u128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -120,20 +75,11 @@ fn token(hub: &Path, data: &Path, args: &[&str]) -> String {
 }
 
 fn start_agent(logbookd: &Path, state: &Path, run: &Path, sync: Option<(&str, &str)>) -> Child {
-    let mut cmd = Command::new(logbookd);
-    cmd.arg("--state-dir")
-        .arg(state)
-        .arg("--runtime-dir")
-        .arg(run)
-        .env("LOGBOOK_DEVICE_ID", "bench")
-        .env("LOGBOOK_BUFFER_MAX_BYTES", "2GiB")
-        .env("LOGBOOK_BUFFER_MIN_FREE_BYTES", "0")
-        .env(
-            "LOGBOOK_LOG_LEVEL",
-            std::env::var("BENCH_AGENT_LOG").unwrap_or("warn".into()),
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
+    let mut cmd = common::logbookd(logbookd, state, run, "2GiB");
+    cmd.env(
+        "LOGBOOK_LOG_LEVEL",
+        std::env::var("BENCH_AGENT_LOG").unwrap_or("warn".into()),
+    );
     if let Some((url, token)) = sync {
         cmd.env("LOGBOOK_SYNC_HUB", url)
             .env("LOGBOOK_SYNC_TOKEN", token);
@@ -141,14 +87,7 @@ fn start_agent(logbookd: &Path, state: &Path, run: &Path, sync: Option<(&str, &s
     let child = cmd
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {}: {e}", logbookd.display()));
-    let start = Instant::now();
-    while UnixStream::connect(run.join("api.sock")).is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "logbookd did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_for_api(run, Duration::from_secs(60));
     child
 }
 
@@ -164,13 +103,7 @@ fn main() {
     let rate: u64 = arg("--rate", "2000").parse().unwrap();
     let online_secs: u64 = arg("--online-secs", "20").parse().unwrap();
     let load_before = loadavg();
-    let bin_dir = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .to_owned();
+    let bin_dir = common::bin_dir();
     let logbookd = bin_dir.join("logbookd");
     let hub_bin = bin_dir.join("logbook-hub");
     let dir = tempfile::tempdir().unwrap();

@@ -15,16 +15,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::arg;
 use logbook::agent::ingest::json::parse_line;
 use logbook::wire::{Batch, Device, Record};
-
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-        .unwrap_or_else(|| default.to_owned())
-}
 
 /// The record `logbookd` stores for line `i` sent by one program over
 /// `ingest.sock`: stamped on arrival (about 2 µs apart, the agent's ingest

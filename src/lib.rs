@@ -12,4 +12,5 @@ pub mod config;
 pub mod dev;
 pub mod exit;
 pub mod hub;
+pub mod prom;
 pub mod wire;

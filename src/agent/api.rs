@@ -26,6 +26,7 @@ use crate::agent::store::{Stats, StoreError};
 use crate::agent::types::{
     AddTag, ArtifactStatus, Flushed, OpenSession, SessionError, StopSession, Target,
 };
+use crate::prom::{self, Kind, Text};
 use crate::wire::{ErrorBody, ErrorDetail, Level, SessionStatus};
 
 /// Largest request body the local API reads.
@@ -500,268 +501,189 @@ async fn status(State(st): St) -> Result<Response, ApiError> {
 
 async fn metrics(State(st): St) -> Result<Response, ApiError> {
     let s = gather(st).await?;
-    let mut out = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
-        for (labels, v) in samples {
-            out.push_str(&format!("{name}{labels} {v}\n"));
-        }
-    };
-    let one = |v: f64| vec![(String::new(), v)];
-    metric(
+    let mut t = Text::default();
+    t.gauge(
         "logbook_uptime_seconds",
-        "gauge",
         "Seconds since logbookd started.",
-        &one(s.uptime_seconds),
+        s.uptime_seconds,
     );
-    metric(
+    t.gauge(
         "logbook_buffer_bytes",
-        "gauge",
         "Bytes of agent.db plus its WAL.",
-        &one(s.buffer.bytes_used as f64),
+        s.buffer.bytes_used,
     );
-    metric(
+    t.gauge(
         "logbook_buffer_limit_bytes",
-        "gauge",
         "buffer.max_bytes.",
-        &one(s.buffer.bytes_limit as f64),
+        s.buffer.bytes_limit,
     );
-    metric(
+    t.family(
         "logbook_records",
-        "gauge",
+        Kind::Gauge,
         "Records in the buffer by sync state.",
-        &[
-            ("{state=\"synced\"}".into(), s.records.synced as f64),
-            ("{state=\"unsynced\"}".into(), s.records.unsynced as f64),
-        ],
-    );
-    metric(
+    )
+    .sample(&[("state", "synced")], s.records.synced)
+    .sample(&[("state", "unsynced")], s.records.unsynced);
+    t.gauge(
         "logbook_last_seq",
-        "gauge",
         "Highest committed seq.",
-        &one(s.records.last_seq as f64),
+        s.records.last_seq,
     );
-    metric(
+    t.family(
         "logbook_evicted_records_total",
-        "counter",
+        Kind::Counter,
         "Records evicted to keep the size bound.",
-        &[
-            ("{state=\"synced\"}".into(), s.records.evicted_synced as f64),
-            (
-                "{state=\"unsynced\"}".into(),
-                s.records.evicted_unsynced as f64,
-            ),
-        ],
-    );
+    )
+    .sample(&[("state", "synced")], s.records.evicted_synced)
+    .sample(&[("state", "unsynced")], s.records.evicted_unsynced);
     // Accepted records by protocol: their sum is the total.
-    let mut ingest: Vec<(String, f64)> = s
-        .ingest
-        .accepted_by_protocol
-        .iter()
-        .map(|(p, n)| {
-            (
-                format!("{{outcome=\"accepted\",protocol=\"{p}\"}}"),
-                *n as f64,
-            )
-        })
-        .collect();
-    ingest.extend([
-        (
-            "{outcome=\"truncated\"}".to_string(),
-            s.ingest.truncated as f64,
-        ),
-        ("{outcome=\"refused\"}".to_string(), s.ingest.refused as f64),
-        (
-            "{outcome=\"write_failed\"}".to_string(),
-            s.ingest.write_failed as f64,
-        ),
-    ]);
-    for (reason, n) in &s.ingest.bad {
-        ingest.push((
-            format!("{{outcome=\"bad\",reason=\"{reason}\"}}"),
-            *n as f64,
-        ));
-    }
-    metric(
+    let mut ingest = t.family(
         "logbook_ingest_records_total",
-        "counter",
+        Kind::Counter,
         "Records received by outcome.",
-        &ingest,
     );
-    metric(
+    for (p, n) in &s.ingest.accepted_by_protocol {
+        ingest.sample(&[("outcome", "accepted"), ("protocol", p)], n);
+    }
+    ingest
+        .sample(&[("outcome", "truncated")], s.ingest.truncated)
+        .sample(&[("outcome", "refused")], s.ingest.refused)
+        .sample(&[("outcome", "write_failed")], s.ingest.write_failed);
+    for (reason, n) in &s.ingest.bad {
+        ingest.sample(&[("outcome", "bad"), ("reason", reason)], n);
+    }
+    t.counter(
         "logbook_committed_records_total",
-        "counter",
         "Records committed to SQLite.",
-        &one(s.ingest.committed as f64),
+        s.ingest.committed,
     );
-    metric(
+    t.counter(
         "logbook_commits_total",
-        "counter",
         "SQLite transactions committed.",
-        &one(s.ingest.commits as f64),
+        s.ingest.commits,
     );
-    metric(
+    t.gauge(
         "logbook_ingest_connections",
-        "gauge",
         "Open ingest connections.",
-        &one(s.ingest.connections_open as f64),
+        s.ingest.connections_open,
     );
-    let gaps: Vec<(String, f64)> = s
-        .gaps
-        .iter()
-        .map(|g| {
-            (
-                format!(
-                    "{{session=\"{}\",level=\"{}\",reason=\"{}\"}}",
-                    g.session_id.map(|u| u.to_string()).unwrap_or_default(),
-                    g.level.as_str(),
-                    g.reason
-                ),
-                g.dropped as f64,
-            )
-        })
-        .collect();
-    metric(
+    let mut gaps = t.family(
         "logbook_gap_records_total",
-        "counter",
+        Kind::Counter,
         "Records that will never reach the hub.",
-        &gaps,
     );
-    metric(
+    for g in &s.gaps {
+        let session = g.session_id.map(|u| u.to_string()).unwrap_or_default();
+        gaps.sample(
+            &[
+                ("session", &session),
+                ("level", g.level.as_str()),
+                ("reason", &g.reason),
+            ],
+            g.dropped,
+        );
+    }
+    t.gauge(
         "logbook_session_active",
-        "gauge",
         "1 while a session is active.",
-        &one(if s.current_session.is_some() {
-            1.0
-        } else {
-            0.0
-        }),
+        u8::from(s.current_session.is_some()),
     );
     let y = &s.sync;
-    let links = ["disabled", "online", "offline", "auth-failed"]
-        .iter()
-        .map(|l| {
-            (
-                format!("{{state=\"{l}\"}}"),
-                if y.link.as_str() == *l { 1.0 } else { 0.0 },
-            )
-        })
-        .collect::<Vec<_>>();
-    metric(
+    let mut link = t.family(
         "logbook_sync_link",
-        "gauge",
+        Kind::Gauge,
         "1 for the current state of the link to the hub.",
-        &links,
     );
-    metric(
+    for l in ["disabled", "online", "offline", "auth-failed"] {
+        link.sample(&[("state", l)], u8::from(y.link.as_str() == l));
+    }
+    t.gauge(
         "logbook_sync_last_success_timestamp_seconds",
-        "gauge",
         "Unix time of the last batch the hub acknowledged (0 = never).",
-        &one(y
-            .last_success
+        y.last_success
             .as_deref()
             .and_then(|t| {
                 time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
             })
-            .map_or(0.0, |t| t.unix_timestamp() as f64)),
+            .map_or(0, |t| t.unix_timestamp()),
     );
-    metric(
+    t.gauge(
         "logbook_sync_backlog_records",
-        "gauge",
         "Records the hub has not acknowledged.",
-        &one(y.backlog_records as f64),
+        y.backlog_records,
     );
-    metric(
+    t.gauge(
         "logbook_sync_backlog_bytes",
-        "gauge",
         "Approximate buffer bytes of those records.",
-        &one(y.backlog_bytes as f64),
+        y.backlog_bytes,
     );
-    metric(
+    t.gauge(
         "logbook_sync_backoff_seconds",
-        "gauge",
         "Upper bound of the current retry wait (0 when not backing off).",
-        &one(y.backoff_seconds.unwrap_or(0.0)),
+        y.backoff_seconds.unwrap_or(0.0),
     );
-    metric(
+    t.family(
         "logbook_sync_sent_bytes_total",
-        "counter",
+        Kind::Counter,
         "Bytes of acknowledged batches by encoding.",
-        &[
-            ("{encoding=\"gzip\"}".into(), y.bytes_sent as f64),
-            (
-                "{encoding=\"identity\"}".into(),
-                y.bytes_uncompressed as f64,
-            ),
-        ],
-    );
-    metric(
+    )
+    .sample(&[("encoding", "gzip")], y.bytes_sent)
+    .sample(&[("encoding", "identity")], y.bytes_uncompressed);
+    t.gauge(
         "logbook_sync_compression_ratio",
-        "gauge",
         "Uncompressed over compressed bytes of acknowledged batches.",
-        &one(y.compression_ratio),
+        y.compression_ratio,
     );
-    metric(
+    t.family(
         "logbook_sync_batches_total",
-        "counter",
+        Kind::Counter,
         "Batch requests by outcome.",
-        &[
-            ("{outcome=\"acked\"}".into(), y.batches_sent as f64),
-            ("{outcome=\"failed\"}".into(), y.failures as f64),
-            ("{outcome=\"set_aside\"}".into(), y.set_aside_batches as f64),
-        ],
-    );
-    metric(
+    )
+    .sample(&[("outcome", "acked")], y.batches_sent)
+    .sample(&[("outcome", "failed")], y.failures)
+    .sample(&[("outcome", "set_aside")], y.set_aside_batches);
+    t.family(
         "logbook_sync_records_total",
-        "counter",
+        Kind::Counter,
         "Records the hub acknowledged, and records set aside as rejected.",
-        &[
-            ("{outcome=\"acked\"}".into(), y.records_sent as f64),
-            ("{outcome=\"set_aside\"}".into(), y.set_aside_records as f64),
-        ],
-    );
-    metric(
+    )
+    .sample(&[("outcome", "acked")], y.records_sent)
+    .sample(&[("outcome", "set_aside")], y.set_aside_records);
+    t.counter(
         "logbook_sync_uploader_restarts_total",
-        "counter",
         "Stalled or crashed uploaders the supervisor restarted.",
-        &one(y.uploader_restarts as f64),
+        y.uploader_restarts,
     );
     let a = &s.artifacts;
-    metric(
+    t.family(
         "logbook_artifacts",
-        "gauge",
+        Kind::Gauge,
         "Artifact files by upload state.",
-        &[
-            ("{state=\"pending\"}".into(), a.pending as f64),
-            ("{state=\"uploading\"}".into(), a.uploading as f64),
-            ("{state=\"uploaded\"}".into(), a.uploaded as f64),
-            ("{state=\"refused\"}".into(), a.refused as f64),
-            ("{state=\"failed\"}".into(), a.failed as f64),
-        ],
-    );
-    metric(
+    )
+    .sample(&[("state", "pending")], a.pending)
+    .sample(&[("state", "uploading")], a.uploading)
+    .sample(&[("state", "uploaded")], a.uploaded)
+    .sample(&[("state", "refused")], a.refused)
+    .sample(&[("state", "failed")], a.failed);
+    t.gauge(
         "logbook_artifact_pending_bytes",
-        "gauge",
         "Artifact bytes not yet acknowledged by the hub.",
-        &one(a.bytes_pending as f64),
+        a.bytes_pending,
     );
-    metric(
+    t.counter(
         "logbook_artifact_sent_bytes_total",
-        "counter",
         "Artifact bytes acknowledged by the hub since start.",
-        &one(a.bytes_sent as f64),
+        a.bytes_sent,
     );
-    metric(
+    t.gauge(
         "logbook_artifact_backoff_seconds",
-        "gauge",
         "Current artifact retry wait (0 when not backing off).",
-        &one(a.backoff_seconds.unwrap_or(0.0)),
+        a.backoff_seconds.unwrap_or(0.0),
     );
-    metric(
+    t.gauge(
         "logbook_artifact_auth_failed",
-        "gauge",
         "1 when the hub refused the device token for uploads.",
-        &one(if a.auth_failed { 1.0 } else { 0.0 }),
+        u8::from(a.auth_failed),
     );
-    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
+    Ok(([(header::CONTENT_TYPE, prom::CONTENT_TYPE)], t.finish()).into_response())
 }

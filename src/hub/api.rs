@@ -286,6 +286,11 @@ struct TagBody {
 
 // ----- helpers -----
 
+/// The 404 of every route naming a session the project does not have.
+fn no_session(id: &str) -> ApiError {
+    ApiError::not_found(format!("no session {id}"))
+}
+
 /// The row id of a session the operator may see, or 404.
 pub async fn session_pk(
     hub: &Arc<Hub>,
@@ -296,7 +301,20 @@ pub async fn session_pk(
     let (o, p, i) = (org.to_owned(), project.to_owned(), id.to_owned());
     hub.db(move |s| s.find_session(&o, &p, &i))
         .await?
-        .ok_or_else(|| ApiError::not_found(format!("no session {id}")))
+        .ok_or_else(|| no_session(id))
+}
+
+/// The session as the API shows it, with metrics, or 404.
+async fn session_row(
+    hub: &Arc<Hub>,
+    org: &str,
+    project: &str,
+    id: &str,
+) -> Result<SessionRow, ApiError> {
+    let (o, p, i) = (org.to_owned(), project.to_owned(), id.to_owned());
+    hub.db(move |s| s.get_session(&o, &p, &i))
+        .await?
+        .ok_or_else(|| no_session(id))
 }
 
 /// Log filters shared by the logs route, exports and live streams.
@@ -512,11 +530,7 @@ pub async fn get_session(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     auth::operator(&hub, &headers, None, &org).await?;
-    let shown = id.clone();
-    let row = hub
-        .db(move |s| s.get_session(&org, &project, &id))
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("no session {shown}")))?;
+    let row = session_row(&hub, &org, &project, &id).await?;
     Ok(Json(session_json(row, true)).into_response())
 }
 
@@ -530,7 +544,7 @@ pub async fn delete_session(
     let deleted = hub
         .db(move |s| s.delete_session(&org, &project, &id))
         .await?
-        .ok_or_else(|| ApiError::not_found(format!("no session {shown}")))?;
+        .ok_or_else(|| no_session(&shown))?;
     // The rows are gone; the files follow. A file that cannot be removed
     // is logged, not an error: nothing refers to it any more.
     let h = hub.clone();
@@ -572,13 +586,9 @@ pub async fn add_tag(
     }
     let (o, p, i) = (org.clone(), project.clone(), id.clone());
     if !hub.db(move |s| s.add_tag(&o, &p, &i, &tag)).await? {
-        return Err(ApiError::not_found(format!("no session {id}")));
+        return Err(no_session(&id));
     }
-    let shown = id.clone();
-    let row = hub
-        .db(move |s| s.get_session(&org, &project, &id))
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("no session {shown}")))?;
+    let row = session_row(&hub, &org, &project, &id).await?;
     Ok(Json(session_json(row, true)).into_response())
 }
 
@@ -593,7 +603,7 @@ pub async fn remove_tag(
         .db(move |s| s.remove_tag(&org, &project, &id, &tag))
         .await?
     {
-        None => Err(ApiError::not_found(format!("no session {shown}"))),
+        None => Err(no_session(&shown)),
         Some(false) => Err(ApiError::not_found(format!(
             "session {shown} has no tag {shown_tag:?}"
         ))),
@@ -774,7 +784,7 @@ pub async fn metrics(State(hub): Hs, headers: HeaderMap) -> Result<Response, Api
         return Err(ApiError::forbidden("metrics need an operator key"));
     }
     Ok((
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(header::CONTENT_TYPE, crate::prom::CONTENT_TYPE)],
         hub.metrics.render(),
     )
         .into_response())

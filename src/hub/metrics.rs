@@ -4,9 +4,10 @@
 //! small mutex-guarded map of reject reasons (a handful of fixed names).
 
 use std::collections::BTreeMap;
-use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
+
+use crate::prom::{Kind, Text};
 
 #[derive(Default)]
 pub struct Metrics {
@@ -41,70 +42,60 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        let mut counter = |name: &str, help: &str, kind: &str, v: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
-            );
-        };
-        counter(
-            "logbook_hub_batches_total",
-            "Batches stored.",
-            "counter",
-            self.batches.load(Relaxed),
-        );
-        counter(
-            "logbook_hub_records_total",
-            "Records newly stored.",
-            "counter",
-            self.records_stored.load(Relaxed),
-        );
-        counter(
-            "logbook_hub_records_duplicate_total",
-            "Records received again (retries, overlaps).",
-            "counter",
-            self.records_duplicate.load(Relaxed),
-        );
-        counter(
-            "logbook_hub_bytes_in_total",
-            "Request body bytes received by ingest and uploads.",
-            "counter",
-            self.bytes_in.load(Relaxed),
-        );
-        counter(
-            "logbook_hub_uploads_created_total",
-            "Artifact uploads created.",
-            "counter",
-            self.uploads_created.load(Relaxed),
-        );
-        counter(
-            "logbook_hub_uploads_completed_total",
-            "Artifact uploads completed and verified.",
-            "counter",
-            self.uploads_completed.load(Relaxed),
-        );
-        counter(
-            "logbook_hub_upload_bytes_total",
-            "Artifact bytes received.",
-            "counter",
-            self.upload_bytes.load(Relaxed),
-        );
-        counter(
-            "logbook_hub_upload_acked_bytes_total",
-            "Artifact bytes of PATCHes kept (verified, not rolled back).",
-            "counter",
-            self.upload_acked_bytes.load(Relaxed),
-        );
-        counter(
+        let mut t = Text::default();
+        for (name, help, counter) in [
+            (
+                "logbook_hub_batches_total",
+                "Batches stored.",
+                &self.batches,
+            ),
+            (
+                "logbook_hub_records_total",
+                "Records newly stored.",
+                &self.records_stored,
+            ),
+            (
+                "logbook_hub_records_duplicate_total",
+                "Records received again (retries, overlaps).",
+                &self.records_duplicate,
+            ),
+            (
+                "logbook_hub_bytes_in_total",
+                "Request body bytes received by ingest and uploads.",
+                &self.bytes_in,
+            ),
+            (
+                "logbook_hub_uploads_created_total",
+                "Artifact uploads created.",
+                &self.uploads_created,
+            ),
+            (
+                "logbook_hub_uploads_completed_total",
+                "Artifact uploads completed and verified.",
+                &self.uploads_completed,
+            ),
+            (
+                "logbook_hub_upload_bytes_total",
+                "Artifact bytes received.",
+                &self.upload_bytes,
+            ),
+            (
+                "logbook_hub_upload_acked_bytes_total",
+                "Artifact bytes of PATCHes kept (verified, not rolled back).",
+                &self.upload_acked_bytes,
+            ),
+        ] {
+            t.counter(name, help, counter.load(Relaxed));
+        }
+        t.gauge(
             "logbook_hub_active_streams",
             "Live WebSocket log streams.",
-            "gauge",
             self.active_streams.load(Relaxed),
         );
-        let _ = writeln!(
-            out,
-            "# HELP logbook_hub_rejects_total Requests refused, by reason.\n# TYPE logbook_hub_rejects_total counter"
+        let mut rejects = t.family(
+            "logbook_hub_rejects_total",
+            Kind::Counter,
+            "Requests refused, by reason.",
         );
         for (reason, n) in self
             .rejects
@@ -112,9 +103,9 @@ impl Metrics {
             .unwrap_or_else(|p| p.into_inner())
             .iter()
         {
-            let _ = writeln!(out, "logbook_hub_rejects_total{{reason=\"{reason}\"}} {n}");
+            rejects.sample(&[("reason", reason)], n);
         }
-        out
+        t.finish()
     }
 }
 
@@ -131,5 +122,70 @@ mod tests {
         let text = m.render();
         assert!(text.contains("\nlogbook_hub_batches_total 2\n"), "{text}");
         assert!(text.contains("logbook_hub_rejects_total{reason=\"gzip_bomb\"} 2\n"));
+    }
+
+    /// The whole body, pinned: dashboards and alerts match these names and
+    /// the families' order and help text.
+    #[test]
+    fn renders_the_whole_text() {
+        let m = Metrics::default();
+        Metrics::add(&m.records_stored, 42);
+        m.reject("unauthorized");
+        let families = [
+            ("batches_total", "Batches stored.", "counter", "0"),
+            ("records_total", "Records newly stored.", "counter", "42"),
+            (
+                "records_duplicate_total",
+                "Records received again (retries, overlaps).",
+                "counter",
+                "0",
+            ),
+            (
+                "bytes_in_total",
+                "Request body bytes received by ingest and uploads.",
+                "counter",
+                "0",
+            ),
+            (
+                "uploads_created_total",
+                "Artifact uploads created.",
+                "counter",
+                "0",
+            ),
+            (
+                "uploads_completed_total",
+                "Artifact uploads completed and verified.",
+                "counter",
+                "0",
+            ),
+            (
+                "upload_bytes_total",
+                "Artifact bytes received.",
+                "counter",
+                "0",
+            ),
+            (
+                "upload_acked_bytes_total",
+                "Artifact bytes of PATCHes kept (verified, not rolled back).",
+                "counter",
+                "0",
+            ),
+            (
+                "active_streams",
+                "Live WebSocket log streams.",
+                "gauge",
+                "0",
+            ),
+        ];
+        let mut expected = String::new();
+        for (name, help, kind, v) in families {
+            expected += &format!(
+                "# HELP logbook_hub_{name} {help}\n# TYPE logbook_hub_{name} {kind}\nlogbook_hub_{name} {v}\n"
+            );
+        }
+        expected += "# HELP logbook_hub_rejects_total Requests refused, by reason.\n\
+                     # TYPE logbook_hub_rejects_total counter\n\
+                     logbook_hub_rejects_total{reason=\"unauthorized\"} 1\n";
+        assert_eq!(m.render(), expected);
     }
 }
