@@ -241,8 +241,11 @@ fn main() {
     } else {
         vec![protocol.as_str()]
     };
-    let runs: Vec<Run> = protocols
-        .iter()
+    // Rounds run the protocols interleaved, so a change in the machine's
+    // load hits every protocol of a round alike; ratios are per round.
+    let rounds: usize = arg("--rounds", "1").parse().unwrap();
+    let runs: Vec<Run> = (0..rounds.max(1))
+        .flat_map(|_| protocols.iter())
         .map(|p| run_agent(&logbookd, p, clients, records))
         .collect();
     let total = runs[0].total;
@@ -313,12 +316,31 @@ fn main() {
         );
     }
     println!("bare rusqlite      {bare_rate:.0} records/s");
-    if let Some(json) = runs.iter().find(|r| r.protocol == "json") {
-        for r in runs.iter().filter(|r| r.protocol != "json") {
+    if !protocols.contains(&"json") {
+        return;
+    }
+    for p in protocols.iter().filter(|p| **p != "json") {
+        // The ratio of each round, against that round's JSON-lines run.
+        let mut ratios: Vec<f64> = runs
+            .chunks(protocols.len())
+            .map(|round| {
+                let rate = |name: &str| round.iter().find(|r| r.protocol == name).unwrap().rate;
+                rate(p) / rate("json")
+            })
+            .collect();
+        let each: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+        ratios.sort_by(f64::total_cmp);
+        let median = ratios[ratios.len() / 2];
+        if ratios.len() == 1 {
             println!(
-                "{:<18} {:.2} of JSON lines' records/s",
-                format!("{} / json", r.protocol),
-                r.rate / json.rate
+                "{:<18} {median:.2} of JSON lines' records/s",
+                format!("{p} / json")
+            );
+        } else {
+            println!(
+                "{:<18} {median:.2} of JSON lines' records/s (median of rounds: {})",
+                format!("{p} / json"),
+                each.join(", ")
             );
         }
     }
