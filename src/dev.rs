@@ -154,6 +154,11 @@ pub async fn run(
             .map_err(io("finding the current directory"))?
             .join(&opts.dir)
     };
+    // `./x` would print as `/cwd/./x`: drop the `.` parts.
+    let dir: PathBuf = dir
+        .components()
+        .filter(|c| *c != std::path::Component::CurDir)
+        .collect();
     let hub_dir = dir.join("hub");
     let state_dir = dir.join("agent");
     for d in [&dir, &hub_dir, &state_dir] {
@@ -321,6 +326,8 @@ logbook dev: a hub and an agent on this machine, wired together.
   device         {DEVICE_ID}
   agent API      {api_socket}
   log ingest     {ingest}  (JSON lines)
+                 {syslog}  (syslog)
+                 {forward}  (Fluent Forward)
 
 Try:
   # 1. start a session
@@ -339,6 +346,8 @@ Ctrl-C stops both.
         op = i.keys.operator,
         api_socket = i.api_socket.display(),
         ingest = i.ingest_socket.display(),
+        syslog = i.runtime.join("syslog.sock").display(),
+        forward = i.runtime.join("forward.sock").display(),
         cli = i.cli.display(),
         runtime = i.runtime.display(),
     )
