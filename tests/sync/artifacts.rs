@@ -488,7 +488,10 @@ fn a_file_rewritten_mid_upload_ends_up_as_its_new_version() {
     let rig = Rig::start(
         "art_rewrite",
         Fault::Pass,
-        &[("LOGBOOK_SYNC_MAX_BYTES_PER_SEC", "1MiB")],
+        // 3 MiB at 512 KiB/s (after a 512 KiB burst): a window of about five
+        // seconds for the rewrite to land mid-upload, even on a loaded
+        // machine. The test ends soon after the rewrite either way.
+        &[("LOGBOOK_SYNC_MAX_BYTES_PER_SEC", "512KiB")],
     );
     let (id, dir) = rig.open_session();
     write_artifact(&dir, "trace.bin", 3 << 20, 21);
