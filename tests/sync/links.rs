@@ -280,3 +280,63 @@ fn a_batch_too_large_for_the_hub_is_split() {
     assert_eq!(st["set_aside_batches"], 0, "{st}");
     assert!(st["failures"].as_u64().unwrap() >= 1, "{st}");
 }
+
+#[test]
+fn a_batch_held_back_by_the_bandwidth_cap_carries_the_clock_of_its_sending() {
+    let hub = HubProc::start("sync_restamp");
+    let dir = TestDir::new("sync_restamp");
+    let mut env = sync_env(&hub.url, &hub.device);
+    // 1,000 B/s. A body larger than the one-second burst goes at once and
+    // is paid back by the next batch, which then waits seconds.
+    env.push(("LOGBOOK_SYNC_MAX_BYTES_PER_SEC".into(), "1000".into()));
+    let agent = start_agent(&dir, &env);
+    // Text that gzip cannot shrink much, so the first body is ~6 KB.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut noise = || -> String {
+        (0..4)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                format!("{x:016x}")
+            })
+            .collect()
+    };
+    let big: Vec<String> = (0..160)
+        .map(|i| {
+            format!(
+                r#"{{"level":"info","msg":"big {i}","noise":"{}"}}"#,
+                noise()
+            )
+        })
+        .collect();
+    let at_hub = |n: usize| {
+        // 404 until the device's first batch has arrived.
+        let url = hub.api(&format!("/devices/{DEVICE}/logs?limit=500"));
+        let (status, page) = hub_get(&hub, &url);
+        (status == 200 && page["items"].as_array().map(Vec::len) == Some(n)).then_some(())
+    };
+    send_lines(&agent, &big.iter().map(String::as_str).collect::<Vec<_>>());
+    wait_for(
+        "the first batch at the hub",
+        Duration::from_secs(60),
+        || at_hub(160),
+    );
+    let start = Instant::now();
+    send_lines(&agent, &[r#"{"level":"warn","msg":"held back"}"#]);
+    wait_for("the held-back batch", Duration::from_secs(60), || {
+        at_hub(161)
+    });
+    assert!(
+        start.elapsed() > Duration::from_secs(2),
+        "the cap did not hold the batch back, so this test shows nothing"
+    );
+    // Agent and hub share this machine's clock: the skew the hub recorded
+    // is the time between the batch's stamp and its arrival.
+    let (_, devices) = hub_get(&hub, &hub.api("/devices"));
+    let skew = devices["items"][0]["clock_skew_ms"].as_i64().unwrap();
+    assert!(
+        skew.abs() < 1000,
+        "clock skew {skew} ms: the batch kept the stamp it was packed with"
+    );
+}

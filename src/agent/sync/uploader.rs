@@ -45,6 +45,9 @@ use crate::wire::{Batch, BatchAck, Device, BATCHES_PATH, BATCH_VERSION, CONTENT_
 /// JSON lines (see `examples/wire_bench.rs`), and encoding is the drain's
 /// CPU on a robot's small core.
 const GZIP_LEVEL: u32 = 3;
+/// A batch packed longer ago than this (it waited for the bandwidth cap) is
+/// stamped with the robot's clock and packed again before it is sent.
+const RESTAMP_AFTER_NS: i64 = 1_000_000_000;
 /// Most session states in one batch.
 const MAX_SESSIONS: usize = 100;
 /// An idle uploader still posts an empty batch this often, so the hub
@@ -384,14 +387,7 @@ impl Uploader {
     }
 
     async fn send(&mut self, ready: Ready, shutdown: &CancellationToken) -> Step {
-        let Ready {
-            mut work,
-            body,
-            raw_len,
-            read_time,
-            encode_time,
-        } = ready;
-        let body_len = body.len() as u64;
+        let body_len = ready.body.len() as u64;
         {
             // A capped link may hold a batch back for a long while: that is
             // progress, so keep the heartbeat going for the supervisor.
@@ -407,6 +403,27 @@ impl Uploader {
                 }
             }
         }
+        // The batch carries the robot's clock for the hub's skew figure: one
+        // that waited long (a capped link) is stamped and packed again.
+        let ready = if now_ns().saturating_sub(ready.work.batch.sent_at_ns) > RESTAMP_AFTER_NS {
+            let read_time = ready.read_time;
+            match tokio::task::spawn_blocking(move || encode(ready.work, read_time)).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!("packing a batch failed: {e}");
+                    return Step::Next;
+                }
+            }
+        } else {
+            ready
+        };
+        let Ready {
+            mut work,
+            body,
+            raw_len,
+            read_time,
+            encode_time,
+        } = ready;
         let post_start = Instant::now();
         self.ctx.shared.beat();
         // Read per request: a SIGHUP may have brought a new token.
