@@ -16,6 +16,7 @@ use logbook::agent::types::{
     ArtifactItem, Flushed, LogItem, OpenSession, Page, SessionView, StopSession,
 };
 use logbook::client::hub::{HubClient, HubLog, HubSession, LogFilter, LogScope, SessionFilter};
+use logbook::client::percent_encode;
 use logbook::wire::{ErrorBody, Level, Package};
 
 /// Sessions, logs and artifacts of the logbook agent on this machine, or of
@@ -345,19 +346,6 @@ fn socket_path(cli: &Cli) -> PathBuf {
         .join("api.sock")
 }
 
-/// Percent-encodes a query value.
-fn enc(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let api = Api {
         socket: socket_path(&cli),
@@ -420,7 +408,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let s: SessionView = api
                     .json(
                         Method::POST,
-                        &format!("/v1/sessions/{}/tags", enc(&id)),
+                        &format!("/v1/sessions/{}/tags", percent_encode(&id)),
                         Some(body),
                     )
                     .await?;
@@ -449,7 +437,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             SessionCommand::Status { id: Some(id), json } | SessionCommand::Show { id, json } => {
                 let s: serde_json::Value = api
-                    .json(Method::GET, &format!("/v1/sessions/{}", enc(&id)), None)
+                    .json(Method::GET, &format!("/v1/sessions/{}", percent_encode(&id)), None)
                     .await?;
                 if json {
                     writeln!(out, "{s}")?;
@@ -465,7 +453,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let mut filter = String::new();
             if let Some(st) = &a.status {
-                filter.push_str(&format!("&status={}", enc(st)));
+                filter.push_str(&format!("&status={}", percent_encode(st)));
             }
             let mut seen = 0usize;
             let mut before: Option<String> = None;
@@ -476,7 +464,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 let mut path = format!("/v1/sessions?limit={want}{filter}");
                 if let Some(b) = &before {
-                    path.push_str(&format!("&before={}", enc(b)));
+                    path.push_str(&format!("&before={}", percent_encode(b)));
                 }
                 let page: Page<serde_json::Value> = api.json(Method::GET, &path, None).await?;
                 for v in &page.items {
@@ -508,7 +496,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Artifacts { session, .. } => {
             let s: SessionView = match session {
                 Some(id) => {
-                    api.json(Method::GET, &format!("/v1/sessions/{}", enc(&id)), None)
+                    api.json(Method::GET, &format!("/v1/sessions/{}", percent_encode(&id)), None)
                         .await?
                 }
                 None => {
@@ -1156,7 +1144,7 @@ async fn logs(api: &Api, out: &mut impl Write, a: LogsArgs) -> anyhow::Result<()
         ("until", &a.until),
     ] {
         if let Some(v) = v {
-            filter.push_str(&format!("&{k}={}", enc(v)));
+            filter.push_str(&format!("&{k}={}", percent_encode(v)));
         }
     }
     let mut last_seq: u64 = 0;

@@ -12,6 +12,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+
+use super::percent_encode;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
@@ -172,7 +174,7 @@ impl LogFilter {
     fn query(&self) -> String {
         self.0
             .iter()
-            .map(|(k, v)| format!("&{k}={}", enc(v)))
+            .map(|(k, v)| format!("&{k}={}", percent_encode(v)))
             .collect()
     }
 }
@@ -215,22 +217,12 @@ pub struct Downloaded {
     pub sha256: String,
 }
 
-/// Percent-encodes a query value or a path segment.
-pub fn enc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 /// A relative artifact path with each segment encoded and the slashes kept.
 fn enc_path(p: &str) -> String {
-    p.split('/').map(enc).collect::<Vec<_>>().join("/")
+    p.split('/')
+        .map(percent_encode)
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 /// One hub, one organization and project, one operator key.
@@ -306,8 +298,8 @@ impl HubClient {
         format!(
             "{}/api/v1/organizations/{}/projects/{}{path}",
             self.base,
-            enc(&self.org),
-            enc(&self.project)
+            percent_encode(&self.org),
+            percent_encode(&self.project)
         )
     }
 
@@ -400,13 +392,13 @@ impl HubClient {
         }
         let mut filter = String::new();
         if let Some(d) = &f.device {
-            filter.push_str(&format!("&device_id={}", enc(d)));
+            filter.push_str(&format!("&device_id={}", percent_encode(d)));
         }
         if let Some(s) = &f.status {
-            filter.push_str(&format!("&status={}", enc(s)));
+            filter.push_str(&format!("&status={}", percent_encode(s)));
         }
         for t in &f.tags {
-            filter.push_str(&format!("&tag={}", enc(t)));
+            filter.push_str(&format!("&tag={}", percent_encode(t)));
         }
         let mut out = Vec::new();
         let mut before: Option<String> = None;
@@ -414,7 +406,7 @@ impl HubClient {
             let want = f.limit.map_or(PAGE, |n| (n - out.len()).min(PAGE));
             let mut url = self.project_url(&format!("/sessions?limit={want}{filter}"));
             if let Some(b) = &before {
-                url.push_str(&format!("&before={}", enc(b)));
+                url.push_str(&format!("&before={}", percent_encode(b)));
             }
             let page: Page<HubSession> = self.json(self.http.get(url)).await?;
             let n = page.items.len();
@@ -427,12 +419,12 @@ impl HubClient {
     }
 
     pub async fn session(&self, id: &str) -> Result<HubSession, HubError> {
-        let url = self.project_url(&format!("/sessions/{}", enc(id)));
+        let url = self.project_url(&format!("/sessions/{}", percent_encode(id)));
         self.json(self.http.get(url)).await
     }
 
     pub async fn add_tag(&self, id: &str, tag: &str) -> Result<HubSession, HubError> {
-        let url = self.project_url(&format!("/sessions/{}/tags", enc(id)));
+        let url = self.project_url(&format!("/sessions/{}/tags", percent_encode(id)));
         let body = serde_json::json!({ "tag": tag }).to_string();
         self.json(
             self.http
@@ -453,8 +445,8 @@ impl HubClient {
         cursor: Option<(&str, u64)>,
     ) -> Result<Page<HubLog>, HubError> {
         let path = match scope {
-            LogScope::Session(id) => format!("/sessions/{}/logs", enc(id)),
-            LogScope::Device(id) => format!("/devices/{}/logs", enc(id)),
+            LogScope::Session(id) => format!("/sessions/{}/logs", percent_encode(id)),
+            LogScope::Device(id) => format!("/devices/{}/logs", percent_encode(id)),
         };
         let mut url = self.project_url(&format!(
             "{path}?limit={}{}",
@@ -468,7 +460,7 @@ impl HubClient {
     }
 
     pub async fn artifacts(&self, session: &str) -> Result<Vec<HubArtifact>, HubError> {
-        let url = self.project_url(&format!("/sessions/{}/files", enc(session)));
+        let url = self.project_url(&format!("/sessions/{}/files", percent_encode(session)));
         let page: Page<HubArtifact> = self.json(self.http.get(url)).await?;
         Ok(page.items)
     }
@@ -525,7 +517,7 @@ impl HubClient {
         if resumed_from < art.size_bytes {
             let url = self.project_url(&format!(
                 "/sessions/{}/files/{}",
-                enc(session),
+                percent_encode(session),
                 enc_path(path)
             ));
             let mut req = self.http.get(url);
@@ -587,7 +579,7 @@ impl HubClient {
     ) -> Result<u64, HubError> {
         let url = self.project_url(&format!(
             "/sessions/{}/files/{}",
-            enc(session),
+            percent_encode(session),
             enc_path(path)
         ));
         let mut resp = self.send(self.http.get(url)).await?;
@@ -612,9 +604,9 @@ impl HubClient {
         let url = format!(
             "{}/api/v1/ws/organizations/{}/projects/{}/sessions/{}/logs?tail={tail}{}",
             self.base,
-            enc(&self.org),
-            enc(&self.project),
-            enc(session),
+            percent_encode(&self.org),
+            percent_encode(&self.project),
+            percent_encode(session),
             filter.query()
         );
         let key = tokio_tungstenite::tungstenite::handshake::client::generate_key();
@@ -797,7 +789,7 @@ mod tests {
 
     #[test]
     fn encoding() {
-        let check = |s: &str, want: &str| assert_eq!(enc(s), want, "{s}");
+        let check = |s: &str, want: &str| assert_eq!(percent_encode(s), want, "{s}");
         check("abc-1_2.3~", "abc-1_2.3~");
         check("a b/c", "a%20b%2Fc");
         check("ü", "%C3%BC");

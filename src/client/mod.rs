@@ -42,5 +42,19 @@ pub const INGEST_SOCKET_ENV: &str = "LOGBOOK_INGEST_SOCKET";
 /// Module of the records the client itself writes (the drop count).
 pub const CLIENT_MODULE: &str = "logbook::client";
 
+/// Percent-encodes a query value or a path segment (RFC 3986 unreserved
+/// characters pass), for the local API and the hub alike.
+pub fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests;

@@ -286,3 +286,13 @@ fn stalled_agent_never_blocks_the_caller() {
     );
     assert!(!handle.flush(Duration::from_millis(50)));
 }
+
+#[test]
+fn percent_encoding_of_query_values_and_path_segments() {
+    let check = |input: &str, expected: &str| assert_eq!(super::percent_encode(input), expected);
+    check("robot-1_a.b~c", "robot-1_a.b~c");
+    check("a b/c?d&e=f", "a%20b%2Fc%3Fd%26e%3Df");
+    check("nav*", "nav%2A");
+    check("über", "%C3%BCber");
+    check("", "");
+}
