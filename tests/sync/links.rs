@@ -2,6 +2,7 @@
 //! agent that starts offline catches up, a bad token stops the uploader
 //! loudly, and a batch the hub refuses is set aside while the rest flows.
 
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 use super::faultproxy::{Fault, FaultProxy};
@@ -286,11 +287,14 @@ fn a_batch_held_back_by_the_bandwidth_cap_carries_the_clock_of_its_sending() {
     let hub = HubProc::start("sync_restamp");
     let dir = TestDir::new("sync_restamp");
     let mut env = sync_env(&hub.url, &hub.device);
-    // 1,000 B/s. A body larger than the one-second burst goes at once and
-    // is paid back by the next batch, which then waits seconds.
-    env.push(("LOGBOOK_SYNC_MAX_BYTES_PER_SEC".into(), "1000".into()));
+    // 2,000 B/s. A body larger than the one-second burst goes at once and
+    // is paid back by the next batch, which then waits seconds. A linger of
+    // 1 s keeps the first write of lines in one batch.
+    env.retain(|(k, _)| k != "LOGBOOK_SYNC_LINGER");
+    env.push(("LOGBOOK_SYNC_LINGER".into(), "1".into()));
+    env.push(("LOGBOOK_SYNC_MAX_BYTES_PER_SEC".into(), "2000".into()));
     let agent = start_agent(&dir, &env);
-    // Text that gzip cannot shrink much, so the first body is ~6 KB.
+    // Text that gzip cannot shrink much, so the first body is ~10 KB.
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut noise = || -> String {
         (0..4)
@@ -302,10 +306,10 @@ fn a_batch_held_back_by_the_bandwidth_cap_carries_the_clock_of_its_sending() {
             })
             .collect()
     };
-    let big: Vec<String> = (0..160)
+    let big: String = (0..250)
         .map(|i| {
             format!(
-                r#"{{"level":"info","msg":"big {i}","noise":"{}"}}"#,
+                "{{\"level\":\"info\",\"msg\":\"big {i}\",\"noise\":\"{}\"}}\n",
                 noise()
             )
         })
@@ -316,20 +320,23 @@ fn a_batch_held_back_by_the_bandwidth_cap_carries_the_clock_of_its_sending() {
         let (status, page) = hub_get(&hub, &url);
         (status == 200 && page["items"].as_array().map(Vec::len) == Some(n)).then_some(())
     };
-    send_lines(&agent, &big.iter().map(String::as_str).collect::<Vec<_>>());
+    // One write, one batch.
+    agent.ingest().write_all(big.as_bytes()).unwrap();
     wait_for(
         "the first batch at the hub",
         Duration::from_secs(60),
-        || at_hub(160),
+        || at_hub(250),
     );
     let start = Instant::now();
     send_lines(&agent, &[r#"{"level":"warn","msg":"held back"}"#]);
     wait_for("the held-back batch", Duration::from_secs(60), || {
-        at_hub(161)
+        at_hub(251)
     });
+    // Its linger (1 s), then the wait behind the cap.
+    let took = start.elapsed();
     assert!(
-        start.elapsed() > Duration::from_secs(2),
-        "the cap did not hold the batch back, so this test shows nothing"
+        took > Duration::from_millis(2500),
+        "the cap held the batch back only {took:?}, so this test shows nothing"
     );
     // Agent and hub share this machine's clock: the skew the hub recorded
     // is the time between the batch's stamp and its arrival.
@@ -337,6 +344,6 @@ fn a_batch_held_back_by_the_bandwidth_cap_carries_the_clock_of_its_sending() {
     let skew = devices["items"][0]["clock_skew_ms"].as_i64().unwrap();
     assert!(
         skew.abs() < 1000,
-        "clock skew {skew} ms: the batch kept the stamp it was packed with"
+        "clock skew {skew} ms after {took:?}: the batch kept the stamp it was packed with"
     );
 }
