@@ -434,8 +434,15 @@ impl Uploader {
                 f.read_exact_at(&mut buf, offset).map(|()| buf)
             })
             .await
-            .map_err(|e| SyncError::Local(e.to_string()))?
-            .map_err(|e| SyncError::Local(format!("reading {}: {e}", row.path)))?;
+            .map_err(|e| SyncError::Local(e.to_string()))?;
+            // A rewrite may land between the check above and the read (a
+            // shorter file fails the read): that is a changed file, not a
+            // read error to retry.
+            if !self.unchanged(&file, row)? {
+                return self.changed(row, Some(&url)).await;
+            }
+            let chunk =
+                chunk.map_err(|e| SyncError::Local(format!("reading {}: {e}", row.path)))?;
             self.throttle.take(n).await;
             let appended = match self
                 .tus
