@@ -1,7 +1,8 @@
 //! How the three binaries end on an error: the whole cause chain on one line
 //! on stderr, behind the program's name (`logbook: no socket at …: …`), and a
 //! non-zero status, except for a closed pipe (`logbook logs | head`), which
-//! is a normal way for a reader to stop and exits 0 quietly.
+//! is a normal way for a reader to stop and exits 0 quietly. And how they
+//! are asked to stop: [`terminated`], SIGTERM or SIGINT.
 
 use std::error::Error;
 use std::process::ExitCode;
@@ -25,6 +26,24 @@ pub fn one_line(err: &(dyn Error + 'static)) -> String {
         next = e.source();
     }
     out
+}
+
+/// Resolves when the process gets SIGTERM (systemd's stop) or SIGINT
+/// (Ctrl-C): every binary's signal to shut down cleanly.
+pub async fn terminated() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(e) => {
+            tracing::error!("cannot install the SIGTERM handler ({e}); only Ctrl-C stops");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }
 
 fn is_broken_pipe(err: &(dyn Error + 'static)) -> bool {

@@ -136,20 +136,7 @@ async fn serve(cfg: HubConfig) -> anyhow::Result<()> {
         .and_then(|()| std::fs::rename(&tmp, &addr_file))
         .with_context(|| format!("cannot write {}", addr_file.display()))?;
     println!("logbook-hub listening on http://{addr}");
-    let shutdown = async {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = tokio::signal::ctrl_c().await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-    };
+    let shutdown = logbook::exit::terminated();
     let result = hub::serve(listener, cfg, shutdown).await;
     let _ = std::fs::remove_file(&addr_file);
     Ok(result?)

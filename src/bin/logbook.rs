@@ -252,18 +252,7 @@ async fn dev(dir: PathBuf, listen: String) -> anyhow::Result<()> {
     let shutdown = tokio_util::sync::CancellationToken::new();
     let signals = shutdown.clone();
     tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
-            tracing::error!("cannot install signal handlers");
-            return;
-        };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
+        logbook::exit::terminated().await;
         eprintln!("logbook dev: stopping (the agent commits everything first)");
         signals.cancel();
     });
@@ -849,7 +838,8 @@ fn record_line(
     }
     write!(out, "{message}")?;
     if let Some(m) = metadata.filter(|m| !m.is_empty()) {
-        write!(out, " {}", serde_json::Value::Object(m.clone()))?;
+        write!(out, " ")?;
+        serde_json::to_writer(&mut *out, m)?;
     }
     if let Some(p) = process {
         write!(out, " [{p}")?;

@@ -74,18 +74,7 @@ fn run() -> anyhow::Result<()> {
         let shutdown = tokio_util::sync::CancellationToken::new();
         let signals = shutdown.clone();
         tokio::spawn(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut term), Ok(mut int)) = (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) else {
-                tracing::error!("cannot install signal handlers");
-                return;
-            };
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
+            logbook::exit::terminated().await;
             signals.cancel();
         });
         agent::run_with_reload(cfg, passed, shutdown, notifier, Some(reload)).await
