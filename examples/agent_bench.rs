@@ -8,8 +8,8 @@
 //! 5424 datagrams on `syslog.sock`, fields as structured data), `forward`
 //! (Fluent Forward Message mode on `forward.sock`, one record per message
 //! as fluent-logger sends), `packed` (PackedForward, 512 records per
-//! message as Fluent Bit sends), or `all`: each on a fresh agent in the
-//! same run, with its ratio to JSON lines.
+//! message as Fluent Bit sends), a comma list of those, or `all`: each on
+//! a fresh agent in the same run, with its ratio to JSON lines.
 //!
 //! ```text
 //! cargo build --release --bins --example agent_bench
@@ -239,7 +239,7 @@ fn main() {
     let protocols: Vec<&str> = if protocol == "all" {
         vec!["json", "syslog", "forward", "packed"]
     } else {
-        vec![protocol.as_str()]
+        protocol.split(',').collect()
     };
     // Rounds run the protocols interleaved, so a change in the machine's
     // load hits every protocol of a round alike; ratios are per round.

@@ -155,6 +155,21 @@ impl ForwardDecoder {
     /// fatal error after which the connection should be closed (a
     /// non-fatal problem is reported inside the [`Frame`]).
     pub fn next_frame(&mut self) -> Result<Option<Frame>, BadForward> {
+        let mut records = Vec::new();
+        let frame = self.next_frame_with(&mut |r| records.push(r))?;
+        Ok(frame.map(|f| Frame { records, ..f }))
+    }
+
+    /// [`Self::next_frame`], handing each record to `sink` as soon as it is
+    /// decoded instead of collecting them in [`Frame::records`] (left
+    /// empty). A listener turns each into a row at once, so a 512-entry
+    /// PackedForward frame never holds 512 decoded records and their maps
+    /// at the same time: the allocator reuses one record's memory for the
+    /// next instead of spilling out of its thread cache.
+    pub fn next_frame_with(
+        &mut self,
+        sink: &mut impl FnMut(Incoming),
+    ) -> Result<Option<Frame>, BadForward> {
         if let Some(e) = &self.poisoned {
             return Err(e.clone());
         }
@@ -175,7 +190,7 @@ impl ForwardDecoder {
             }
         }
         let end = self.scan.pos;
-        let frame = decode_frame(&self.buf[self.start..end], &self.limits);
+        let frame = decode_frame_with(&self.buf[self.start..end], &self.limits, sink);
         self.start = end;
         self.scan = Scan::new(end);
         Ok(Some(frame))
@@ -191,8 +206,16 @@ impl ForwardDecoder {
 
 /// Decodes one complete frame (its bytes are exactly one msgpack value).
 pub fn decode_frame(bytes: &[u8], limits: &Limits) -> Frame {
+    let mut records = Vec::new();
+    let frame = decode_frame_with(bytes, limits, &mut |r| records.push(r));
+    Frame { records, ..frame }
+}
+
+/// [`decode_frame`], each record handed to `sink` (see
+/// [`ForwardDecoder::next_frame_with`]).
+fn decode_frame_with(bytes: &[u8], limits: &Limits, sink: &mut impl FnMut(Incoming)) -> Frame {
     let mut frame = Frame::default();
-    if let Err(e) = decode_into(bytes, limits, &mut frame) {
+    if let Err(e) = decode_into(bytes, limits, &mut frame, sink) {
         frame.fail(e);
     }
     frame
@@ -205,7 +228,12 @@ struct Options {
     compressed: Option<String>,
 }
 
-fn decode_into(bytes: &[u8], limits: &Limits, frame: &mut Frame) -> Result<(), BadForward> {
+fn decode_into(
+    bytes: &[u8],
+    limits: &Limits,
+    frame: &mut Frame,
+    sink: &mut impl FnMut(Incoming),
+) -> Result<(), BadForward> {
     let bad = BadForward::BadFrame;
     let mut r = Reader::new(bytes);
     let n = match r.head() {
@@ -226,7 +254,7 @@ fn decode_into(bytes: &[u8], limits: &Limits, frame: &mut Frame) -> Result<(), B
                 return Err(bad("truncated"));
             };
             // Entries first, in place; the options come after them.
-            entries_into(&mut r, Some(entries), limits, frame);
+            entries_into(&mut r, Some(entries), limits, frame, sink);
             let opts = options(&mut r, n, 3)?;
             ack(frame, &opts);
         }
@@ -238,10 +266,12 @@ fn decode_into(bytes: &[u8], limits: &Limits, frame: &mut Frame) -> Result<(), B
             let opts = options(&mut r, n, 3)?;
             ack(frame, &opts);
             match opts.compressed.as_deref() {
-                None | Some("text") => entries_into(&mut Reader::new(payload), None, limits, frame),
+                None | Some("text") => {
+                    entries_into(&mut Reader::new(payload), None, limits, frame, sink)
+                }
                 Some("gzip") => {
                     let raw = gunzip(payload, limits.max_decompressed_bytes)?;
-                    entries_into(&mut Reader::new(&raw), None, limits, frame)
+                    entries_into(&mut Reader::new(&raw), None, limits, frame, sink)
                 }
                 Some(other) => return Err(BadForward::UnknownCompression(other.to_owned())),
             }
@@ -262,7 +292,7 @@ fn decode_into(bytes: &[u8], limits: &Limits, frame: &mut Frame) -> Result<(), B
             let opts = options(&mut r, n, 4)?;
             ack(frame, &opts);
             match parsed {
-                Ok(rec) => frame.records.push(rec),
+                Ok(rec) => sink(rec),
                 Err(what) => frame.fail(BadForward::BadEntry { index: 0, what }),
             }
         }
@@ -322,7 +352,13 @@ fn ack(frame: &mut Frame, opts: &Options) {
 /// Decodes concatenated `[time, record]` entries (all of `r`, or `count`).
 /// A malformed entry is counted and skipped; bytes that are not msgpack end
 /// the payload, since nothing after them can be framed.
-fn entries_into(r: &mut Reader<'_>, count: Option<u32>, limits: &Limits, frame: &mut Frame) {
+fn entries_into(
+    r: &mut Reader<'_>,
+    count: Option<u32>,
+    limits: &Limits,
+    frame: &mut Frame,
+    sink: &mut impl FnMut(Incoming),
+) {
     let mut index = 0usize;
     while count.map_or(!r.at_end(), |c| index < c as usize) {
         let start = r.pos;
@@ -331,7 +367,7 @@ fn entries_into(r: &mut Reader<'_>, count: Option<u32>, limits: &Limits, frame: 
             _ => Err("not a [time, record] pair"),
         };
         match parsed {
-            Ok(rec) => frame.records.push(rec),
+            Ok(rec) => sink(rec),
             Err(what) => {
                 // Step over the whole unusable entry, if it can be framed.
                 r.pos = start;

@@ -215,16 +215,13 @@ impl Conn {
         let mut rows = Vec::new();
         let mut acks = Vec::new();
         let mut open = true;
+        let (pipeline, trusted) = (&self.pipeline, &self.trusted);
         loop {
-            match self.decoder.next_frame() {
+            // Each record becomes a row as soon as it is decoded.
+            let mut row = |r| rows.push(pipeline.row(r, trusted.clone(), arrival));
+            match self.decoder.next_frame_with(&mut row) {
                 Ok(Some(frame)) => {
                     self.count(&frame);
-                    rows.extend(
-                        frame
-                            .records
-                            .into_iter()
-                            .map(|r| self.pipeline.row(r, self.trusted.clone(), arrival)),
-                    );
                     acks.extend(frame.ack);
                 }
                 Ok(None) => break,
