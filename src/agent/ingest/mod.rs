@@ -179,6 +179,7 @@ impl Pipeline {
         if rows.is_empty() {
             return true;
         }
+        self.stats.spent.free();
         let n = rows.len() as u64;
         match self.tx.try_send(Msg::Rows(rows)) {
             Ok(()) => true,
@@ -196,6 +197,7 @@ impl Pipeline {
         if rows.is_empty() {
             return;
         }
+        self.stats.spent.free();
         let n = rows.len() as u64;
         if self.tx.send(Msg::Rows(rows)).await.is_err() {
             self.stats.refused.fetch_add(n, Ordering::Relaxed);

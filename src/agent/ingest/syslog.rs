@@ -362,6 +362,7 @@ impl Receiver {
             return;
         }
         let rows = std::mem::replace(&mut self.pending, Vec::with_capacity(BATCH));
+        self.pipeline.stats.spent.free();
         let n = rows.len() as u64;
         if self.pipeline.tx.blocking_send(Msg::Rows(rows)).is_err() {
             self.pipeline

@@ -3,8 +3,12 @@
 //! time, applies session commands, and keeps the on-disk size bound by
 //! evicting in the design's order and counting what it evicts as gaps.
 //!
-//! Invariant: the only writer of `agent.db`. Every reply (flush, session
-//! command) is sent after the transaction holding its effect has committed.
+//! A second thread, [`checkpointer`], copies committed WAL pages into the
+//! database file, so the writer never waits for a checkpoint's fsyncs.
+//!
+//! Invariant: the only writer of `agent.db`'s content (the checkpointer
+//! only copies committed pages). Every reply (flush, session command) is
+//! sent after the transaction holding its effect has committed.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -107,6 +111,11 @@ pub struct Writer {
     /// Replies to sync acknowledgements, sent once their commit is done (so
     /// the uploader never reads its own acknowledged work as pending).
     sync_replies: Vec<(SyncReply, u64)>,
+    /// Wakes the checkpointer thread (see [`checkpointer`]); `None` until
+    /// [`Writer::spawn`], and in tests.
+    checkpoints: Option<std::sync::mpsc::SyncSender<()>>,
+    /// Record bytes committed since the checkpointer was last woken.
+    since_checkpoint: usize,
 }
 
 impl Writer {
@@ -117,7 +126,9 @@ impl Writer {
         super::sync::create_tables(&conn)?;
         let wal_limit = (cfg.max_bytes / 16).clamp(32 << 10, 16 << 20);
         conn.pragma_update(None, "journal_size_limit", wal_limit as i64)?;
-        conn.pragma_update(None, "wal_autocheckpoint", (wal_limit / 4096).max(8) as i64)?;
+        // Checkpoints run on their own thread (see `checkpointer`); the
+        // writer only truncates a WAL that outgrew its limit.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         let mut w = Writer {
             conn,
             tx_bytes: (wal_limit / 4) as usize,
@@ -129,6 +140,8 @@ impl Writer {
             next_seq: 1,
             stopping: false,
             sync_replies: Vec::new(),
+            checkpoints: None,
+            since_checkpoint: 0,
         };
         let stored: i64 = w
             .conn
@@ -192,10 +205,16 @@ impl Writer {
     /// Spawns the writer thread. It runs until every sender is dropped,
     /// then commits what it holds and returns.
     pub fn spawn(
-        self,
+        mut self,
         rx: mpsc::Receiver<Msg>,
         rt: tokio::runtime::Handle,
     ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let (wake, woken) = std::sync::mpsc::sync_channel(1);
+        let path = self.cfg.db_path.clone();
+        std::thread::Builder::new()
+            .name("logbook-checkpoint".into())
+            .spawn(move || checkpointer(&path, &woken))?;
+        self.checkpoints = Some(wake);
         std::thread::Builder::new()
             .name("logbook-writer".into())
             .spawn(move || self.run(rx, rt))
@@ -210,7 +229,9 @@ impl Writer {
                 .block_on(async { tokio::time::timeout(Duration::from_secs(1), rx.recv()).await })
             {
                 Err(_) => {
-                    // Idle: keep the bound (free space can shrink under us).
+                    // Idle: nobody else will free what is left.
+                    self.stats.spent.free();
+                    // Keep the bound (free space can shrink under us).
                     if let Err(e) = self.enforce_bound() {
                         tracing::error!("keeping the buffer bound failed: {e}");
                     }
@@ -250,6 +271,14 @@ impl Writer {
                 must_commit = self.handle(msg, &mut flushes, &mut records, &mut bytes);
             }
             self.commit();
+            self.since_checkpoint += bytes;
+            if self.since_checkpoint >= self.tx_bytes {
+                if let Some(wake) = &self.checkpoints {
+                    // Full means it is still busy with the last one.
+                    let _ = wake.try_send(());
+                }
+                self.since_checkpoint = 0;
+            }
             // The bound first, so whoever waits on a flush sees it held.
             if let Err(e) = self.enforce_bound() {
                 tracing::error!("keeping the buffer bound failed: {e}");
@@ -291,6 +320,7 @@ impl Writer {
                         .fetch_add(rows.len() as u64, Ordering::Relaxed);
                     tracing::error!("storing {} records failed: {e}", rows.len());
                 }
+                self.stats.spent.put(rows);
                 false
             }
             Msg::Flush(reply) => {
@@ -744,6 +774,28 @@ impl Writer {
     }
 }
 
+/// The checkpointer thread: copies committed WAL pages into `agent.db`
+/// (a passive checkpoint, which never blocks the writer or readers) each
+/// time the writer has committed another [`Writer::tx_bytes`], so the
+/// writer never waits for the two fsyncs a checkpoint costs, which on a
+/// robot's flash can take longer than the records they follow. Ends when
+/// the writer drops its sender.
+fn checkpointer(path: &std::path::Path, woken: &std::sync::mpsc::Receiver<()>) {
+    let conn = match Connection::open(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("the checkpointer cannot open {}: {e}", path.display());
+            return;
+        }
+    };
+    let _ = conn.busy_timeout(Duration::from_secs(5));
+    while woken.recv().is_ok() {
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!("WAL checkpoint failed: {e}");
+        }
+    }
+}
+
 /// Tags per session: enough for any labelling scheme, small enough that a
 /// session row stays small.
 const MAX_TAGS: usize = 64;
@@ -821,6 +873,79 @@ mod tests {
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
             .unwrap();
         out.collect::<rusqlite::Result<_>>().unwrap()
+    }
+
+    #[test]
+    fn stored_rows_go_back_to_be_freed_elsewhere_within_a_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = writer(dir.path());
+        w.conn.execute_batch("BEGIN").unwrap();
+        for _ in 0..super::super::SPENT_MAX + 3 {
+            w.handle(
+                Msg::Rows(rows(Level::Info, 2)),
+                &mut Vec::new(),
+                &mut 0,
+                &mut 0,
+            );
+        }
+        w.commit();
+        // Held for the ingest threads, at most SPENT_MAX batches (the writer
+        // frees the rest itself)...
+        assert_eq!(w.stats.spent.batches(), super::super::SPENT_MAX);
+        assert_eq!(seqs(&w).len(), 2 * (super::super::SPENT_MAX + 3));
+        // ...until an ingest thread (or the idle writer) frees them.
+        w.stats.spent.free();
+        assert_eq!(w.stats.spent.batches(), 0);
+    }
+
+    #[test]
+    fn a_running_writer_checkpoints_on_another_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = writer(dir.path());
+        let (stats, tx_bytes, wal_limit) = (w.stats.clone(), w.tx_bytes, w.wal_limit);
+        let db_len = || {
+            std::fs::metadata(dir.path().join("agent.db"))
+                .unwrap()
+                .len()
+        };
+        let before = db_len();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (tx, rx) = mpsc::channel(4);
+        let thread = w.spawn(rx, rt.handle().clone()).unwrap();
+        // More than one checkpoint's worth of records, less than the WAL
+        // limit at which the writer would truncate the WAL itself.
+        let big = |i: usize| {
+            let mut r = rows(Level::Info, 100);
+            for row in &mut r {
+                row.message = format!("{i} {}", "x".repeat(1000));
+            }
+            r
+        };
+        let n = (tx_bytes * 3 / 2) / (100 * 1000) + 1;
+        assert!(n * 100 * 1100 < wal_limit as usize);
+        for i in 0..n {
+            tx.blocking_send(Msg::Rows(big(i))).unwrap();
+        }
+        let (done, flushed) = oneshot::channel();
+        tx.blocking_send(Msg::Flush(done)).unwrap();
+        rt.block_on(flushed).unwrap();
+        assert_eq!(stats.committed.load(Ordering::Relaxed), n as u64 * 100);
+        // Only a checkpoint moves pages from the WAL into agent.db.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while db_len() < before + tx_bytes as u64 {
+            assert!(
+                Instant::now() < deadline,
+                "no checkpoint: agent.db is {} bytes",
+                db_len()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        drop(tx);
+        thread.join().unwrap();
     }
 
     #[test]
