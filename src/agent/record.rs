@@ -14,9 +14,25 @@ pub struct Incoming {
     pub message: String,
     /// Every field the parser did not map to the ones above.
     pub metadata: serde_json::Map<String, serde_json::Value>,
+    /// The same fields already rendered as the JSON object text the store
+    /// keeps (empty text: none), by a parser that skipped building
+    /// `metadata` (which is then empty). See [`Incoming::take_metadata_text`].
+    pub rendered: Option<String>,
     /// The record was over `ingest.max_record_bytes` and was cut, with a
     /// visible mark in its message.
     pub truncated: bool,
+}
+
+impl Incoming {
+    /// Takes the metadata as the store keeps it: JSON object text, empty
+    /// when there is none.
+    pub fn take_metadata_text(&mut self) -> String {
+        match self.rendered.take() {
+            Some(text) => text,
+            None if self.metadata.is_empty() => String::new(),
+            None => serde_json::to_string(&std::mem::take(&mut self.metadata)).unwrap_or_default(),
+        }
+    }
 }
 
 /// Fields a client cannot forge: from `SO_PEERCRED` (stream sockets) or

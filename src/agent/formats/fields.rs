@@ -10,6 +10,7 @@
 
 use serde_json::{Map, Value};
 
+use super::msgpack::{Head, Reader};
 use super::{truncate_message, TRUNCATION_MARK};
 use crate::agent::record::Incoming;
 use crate::wire::Level;
@@ -68,28 +69,20 @@ pub fn to_incoming(mut map: Map<String, Value>, cx: &Context<'_>) -> Incoming {
         }
     }
 
-    let message = take_first(&mut map, MESSAGE_KEYS, |v| match v {
-        Value::String(s) => Ok(s),
-        Value::Null => Err(v),
-        other => Ok(other.to_string()),
-    })
-    // A structured message (an object or array) only when no alias holds
-    // text: it is shown as its JSON.
-    .or_else(|| {
-        let key = MESSAGE_KEYS
-            .iter()
-            .find(|k| matches!(map.get(**k), Some(Value::Object(_) | Value::Array(_))))?;
-        map.remove(*key).map(|v| v.to_string())
-    });
+    let message = take_first(&mut map, MESSAGE_KEYS, message_of)
+        // A structured message (an object or array) only when no alias holds
+        // text: it is shown as its JSON.
+        .or_else(|| {
+            let key = MESSAGE_KEYS
+                .iter()
+                .find(|k| matches!(map.get(**k), Some(Value::Object(_) | Value::Array(_))))?;
+            map.remove(*key).map(|v| v.to_string())
+        });
     let level = take_first(&mut map, LEVEL_KEYS, |v| level_of(&v).ok_or(v)).unwrap_or(Level::Info);
     let timestamp_ns =
         take_first(&mut map, TIME_KEYS, |v| time_of(&v).ok_or(v)).or(cx.default_time_ns);
-    let module = take_first(&mut map, MODULE_KEYS, |v| match v {
-        Value::String(s) if !s.is_empty() => Ok(s),
-        Value::Number(n) => Ok(n.to_string()),
-        other => Err(other),
-    })
-    .or_else(|| cx.default_module.map(str::to_owned));
+    let module = take_first(&mut map, MODULE_KEYS, module_of)
+        .or_else(|| cx.default_module.map(str::to_owned));
 
     // Top-level fields win over nested ones of the same name: they are what
     // the program wrote most directly.
@@ -111,12 +104,284 @@ pub fn to_incoming(mut map: Map<String, Value>, cx: &Context<'_>) -> Incoming {
         module,
         message,
         metadata,
+        rendered: None,
         truncated: false,
     };
     if cx.encoded_len > cx.max_record_bytes || record.message.len() > cx.max_record_bytes {
         truncate(&mut record, cx.max_record_bytes);
     }
     record
+}
+
+/// A message alias's value as the message; `Err` hands it back (it stays
+/// in metadata).
+fn message_of(v: Value) -> Result<String, Value> {
+    match v {
+        Value::String(s) => Ok(s),
+        Value::Null => Err(v),
+        other => Ok(other.to_string()),
+    }
+}
+
+/// A module alias's value as the module; `Err` hands it back.
+fn module_of(v: Value) -> Result<String, Value> {
+    match v {
+        Value::String(s) if !s.is_empty() => Ok(s),
+        Value::Number(n) => Ok(n.to_string()),
+        other => Err(other),
+    }
+}
+
+/// [`to_incoming`] straight from a msgpack map (Fluent Forward records),
+/// for the common shape: text keys, no key twice, nested `metadata` or
+/// `fields` maps whose keys are all new and none a message alias, a message
+/// that is not a structure, at most 64 fields, nothing over the size limit
+/// and no `logbook_dropped`. The metadata is written as JSON text straight
+/// from the msgpack bytes, without the map of owned keys and values that
+/// [`to_incoming`] takes (building and tearing down that map was most of
+/// the Forward listener's work). `None` for any other shape: the caller
+/// then decodes the map and calls [`to_incoming`], which gives the same
+/// record for everything this accepts (a test compares the two over
+/// generated records, and the `forward` fuzz target on every input).
+///
+/// `pos` is at the map's first key (its head, of `n` pairs, already read);
+/// `entry_start` is where the whole entry began, for the size limit. Also
+/// returns the position after the map.
+pub fn from_msgpack(
+    buf: &[u8],
+    pos: usize,
+    n: u32,
+    entry_start: usize,
+    cx: &Context<'_>,
+) -> Option<(Incoming, usize)> {
+    // Depth of the record's own values, as `Reader::map_body(n, 1)` counts
+    // it, so a record too deep for the map is left to it (and refused).
+    const TOP: usize = 2;
+    // More fields than `taken` has bits (and an untrusted count: never an
+    // allocation size).
+    if n > 64 {
+        return None;
+    }
+    let mut r = Reader { buf, pos };
+    // (key, encoded value, depth) of every field, nested ones lifted.
+    let mut fields: Vec<(&str, &[u8], usize)> = Vec::with_capacity(n as usize + 8);
+    // Nested maps to lift, per METADATA_KEYS entry: (pairs, position).
+    let mut nested: [Option<(u32, usize)>; METADATA_KEYS.len()] = [None; METADATA_KEYS.len()];
+    for _ in 0..n {
+        let key = text_key(r.head().ok()?)?;
+        let start = r.pos;
+        if let Some(i) = METADATA_KEYS.iter().position(|k| *k == key) {
+            let mut inner = r.clone();
+            match inner.head() {
+                Ok(Head::Map(m)) => {
+                    if nested[i].replace((m, inner.pos)).is_some() {
+                        return None;
+                    }
+                    r.skip().ok()?;
+                    continue;
+                }
+                // An extension decodes to an object, which would be lifted.
+                Ok(Head::Ext(..)) => return None,
+                _ => {}
+            }
+        }
+        r.skip().ok()?;
+        fields.push((key, &buf[start..r.pos], TOP));
+    }
+    let end = r.pos;
+    for (i, slot) in nested.iter().enumerate() {
+        let Some((m, at)) = *slot else { continue };
+        if fields.iter().any(|f| f.0 == METADATA_KEYS[i]) {
+            return None;
+        }
+        if m > 64 {
+            return None;
+        }
+        let mut r = Reader { buf, pos: at };
+        for _ in 0..m {
+            let key = text_key(r.head().ok()?)?;
+            if MESSAGE_KEYS.contains(&key) || METADATA_KEYS.contains(&key) {
+                return None;
+            }
+            let start = r.pos;
+            r.skip().ok()?;
+            fields.push((key, &buf[start..r.pos], TOP + 1));
+        }
+    }
+    if fields.len() > 64 {
+        return None;
+    }
+    // Sorted as the map's keys are, so the text comes out in its order.
+    fields.sort_by(|a, b| a.0.cmp(b.0));
+    if fields.windows(2).any(|w| w[0].0 == w[1].0) {
+        return None;
+    }
+    let find = |key: &str| fields.binary_search_by(|f| f.0.cmp(key)).ok();
+    if find("logbook_dropped").is_some() {
+        return None;
+    }
+    // The aliases, as `take_first` picks them: the first one present whose
+    // value is usable; containers and refused values stay in metadata.
+    let mut container = false;
+    let message = first_alias(&fields, MESSAGE_KEYS, &mut container, |v| {
+        message_of(v).ok()
+    })?;
+    if message.is_none() && container {
+        // A structured message: `to_incoming` shows it as its JSON.
+        return None;
+    }
+    let level = first_alias(&fields, LEVEL_KEYS, &mut container, |v| level_of(&v))?;
+    let time = first_alias(&fields, TIME_KEYS, &mut container, |v| time_of(&v))?;
+    let module = first_alias(&fields, MODULE_KEYS, &mut container, |v| module_of(v).ok())?;
+    let mut taken: u64 = 0;
+    for i in [
+        message.as_ref().map(|m| m.0),
+        level.map(|l| l.0),
+        time.map(|t| t.0),
+        module.as_ref().map(|m| m.0),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        taken |= 1 << i;
+    }
+    let (message, level, timestamp_ns, module) = (
+        message.map(|m| m.1),
+        level.map(|l| l.1),
+        time.map(|t| t.1),
+        module.map(|m| m.1),
+    );
+    let mut message = message.unwrap_or_default();
+    while message.ends_with('\n') || message.ends_with('\r') {
+        message.pop();
+    }
+    if end - entry_start > cx.max_record_bytes || message.len() > cx.max_record_bytes {
+        // To be cut: `to_incoming` measures and cuts.
+        return None;
+    }
+    let mut out: Vec<u8> = Vec::new();
+    for (i, (key, raw, depth)) in fields.iter().enumerate() {
+        if taken & (1 << i) != 0 {
+            continue;
+        }
+        out.push(if out.is_empty() { b'{' } else { b',' });
+        serde_json::to_writer(&mut out, key).ok()?;
+        out.push(b':');
+        json_value(&mut out, raw, *depth)?;
+    }
+    if !out.is_empty() {
+        out.push(b'}');
+    }
+    let record = Incoming {
+        timestamp_ns: timestamp_ns.or(cx.default_time_ns),
+        level: level.unwrap_or(Level::Info),
+        module: module.or_else(|| cx.default_module.map(str::to_owned)),
+        message,
+        metadata: Map::new(),
+        rendered: Some(String::from_utf8(out).ok()?),
+        truncated: false,
+    };
+    Some((record, end))
+}
+
+/// The first of `keys` among `fields` (sorted) whose value `take` accepts,
+/// with its index; `container` is set when one of them holds an array or
+/// a map (skipped, as `take_first` skips them). `None` when a value cannot
+/// be decoded.
+fn first_alias<T>(
+    fields: &[(&str, &[u8], usize)],
+    keys: &[&str],
+    container: &mut bool,
+    take: impl Fn(Value) -> Option<T>,
+) -> Option<Option<(usize, T)>> {
+    for key in keys {
+        let Ok(i) = fields.binary_search_by(|f| f.0.cmp(key)) else {
+            continue;
+        };
+        let (_, raw, depth) = fields[i];
+        let v = Reader::new(raw).value_at(depth).ok()?;
+        if !accepts(&v) {
+            *container = true;
+            continue;
+        }
+        if let Some(t) = take(v) {
+            return Some(Some((i, t)));
+        }
+    }
+    Some(None)
+}
+
+/// Checks [`from_msgpack`] against the map path on `record` (a msgpack
+/// map, after `prefix` bytes of its entry) with `max` as the record limit:
+/// they must agree whenever the fast path takes the record. Returns whether
+/// it did. For the unit test over generated records and the `forward` fuzz
+/// target; panics on a difference.
+pub fn compare_msgpack_paths(record: &[u8], prefix: usize, max: usize) -> bool {
+    let mut r = Reader::new(record);
+    let Ok(Head::Map(n)) = r.head() else {
+        return false;
+    };
+    let cx = Context {
+        default_module: Some("tag.default"),
+        default_time_ns: Some(7),
+        max_record_bytes: max,
+        encoded_len: 0,
+    };
+    // As `forward::entry` calls it: positions within the entry.
+    let mut entry = vec![0; prefix];
+    entry.extend_from_slice(record);
+    let fast = from_msgpack(&entry, prefix + r.pos, n, 0, &cx);
+    let decoded = match r.map_body(n, 1) {
+        Ok(m) => m,
+        Err(_) => {
+            assert!(fast.is_none(), "the map path refuses {record:x?}");
+            return false;
+        }
+    };
+    let Some((mut fast, end)) = fast else {
+        return false;
+    };
+    assert_eq!(end, prefix + r.pos, "{record:x?}");
+    let cx = Context {
+        encoded_len: prefix + r.pos,
+        ..cx
+    };
+    let mut slow = to_incoming(decoded, &cx);
+    let (f, s) = (fast.take_metadata_text(), slow.take_metadata_text());
+    assert_eq!((&fast, f), (&slow, s), "{record:x?}");
+    true
+}
+
+/// A map key `from_msgpack` takes: valid UTF-8 text.
+fn text_key(h: Head<'_>) -> Option<&str> {
+    match h {
+        Head::Str(s) => std::str::from_utf8(s).ok(),
+        _ => None,
+    }
+}
+
+/// Writes one encoded msgpack value as the JSON `serde_json` writes for the
+/// [`Value`] the map decoder makes of it: text and numbers directly, the
+/// rest through that `Value`. `None` if it is deeper than the decoder goes.
+fn json_value(out: &mut Vec<u8>, raw: &[u8], depth: usize) -> Option<()> {
+    let mut r = Reader::new(raw);
+    let written = match r.head().ok()? {
+        Head::Str(s) => match std::str::from_utf8(s) {
+            Ok(t) => serde_json::to_writer(&mut *out, t),
+            Err(_) => return json_decoded(out, raw, depth),
+        },
+        Head::Uint(u) => serde_json::to_writer(&mut *out, &u),
+        Head::Int(i) => serde_json::to_writer(&mut *out, &i),
+        Head::Bool(b) => serde_json::to_writer(&mut *out, &b),
+        Head::Nil => serde_json::to_writer(&mut *out, &()),
+        _ => return json_decoded(out, raw, depth),
+    };
+    written.ok()
+}
+
+fn json_decoded(out: &mut Vec<u8>, raw: &[u8], depth: usize) -> Option<()> {
+    let v = Reader::new(raw).value_at(depth).ok()?;
+    serde_json::to_writer(&mut *out, &v).ok()
 }
 
 /// Longest module kept in an over-size record.
@@ -323,6 +588,167 @@ fn bound_metadata(metadata: &mut Map<String, Value>, budget: usize) -> bool {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// A small deterministic generator (xorshift64*), so a failure names
+    /// its case.
+    struct Gen(u64);
+
+    impl Gen {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    const KEYS: &[&str] = &[
+        "message",
+        "msg",
+        "event",
+        "log",
+        "level",
+        "lvl",
+        "severity",
+        "levelname",
+        "timestamp",
+        "time",
+        "ts",
+        "module",
+        "target",
+        "logger",
+        "name",
+        "metadata",
+        "fields",
+        "a",
+        "b",
+        "seq",
+        "logbook_dropped",
+        "q\"uote",
+        "é",
+    ];
+    const TEXTS: &[&str] = &[
+        "",
+        "warn",
+        "INFO",
+        "3",
+        "42",
+        "1700000000",
+        "1700000000123",
+        "2026-11-26T01:02:03.5Z",
+        "hello\n",
+        "x\"\\y\u{1}",
+        "nav.planner",
+        "null",
+    ];
+
+    /// One msgpack value; maps and arrays nest up to `depth` more levels.
+    fn value(g: &mut Gen, out: &mut Vec<u8>, depth: usize) {
+        use rmp::encode::*;
+        match g.below(if depth == 0 { 12 } else { 15 }) {
+            0 => write_nil(out).unwrap(),
+            1 => write_bool(out, g.below(2) == 1).unwrap(),
+            2 => {
+                write_uint(out, g.next() % 100).unwrap();
+            }
+            3 => {
+                let _ = write_sint(out, -(g.below(1000) as i64)).unwrap();
+            }
+            4 => {
+                let _ = write_uint(out, g.next()).unwrap();
+            }
+            5 => write_f64(out, [3.5, f64::NAN, 1e21, -0.0, 1.7e9][g.below(5)]).unwrap(),
+            6 => write_f32(out, 0.1).unwrap(),
+            7 | 8 => write_str(out, TEXTS[g.below(TEXTS.len())]).unwrap(),
+            9 => write_bin(out, [&b"ok"[..], &[0xff, 0xfe][..]][g.below(2)]).unwrap(),
+            10 => {
+                // EventTime, or another extension type.
+                let t = [0i8, 5][g.below(2)];
+                let _ = write_ext_meta(out, 8, t).unwrap();
+                out.extend_from_slice(&[0x65, 0, 0, 0, 0, 0, 0, 1]);
+            }
+            11 => {
+                // Invalid UTF-8 in a str.
+                out.extend_from_slice(&[0xa2, 0xc3, 0x28]);
+            }
+            12 | 13 => map(g, out, depth - 1),
+            _ => {
+                let n = g.below(3);
+                let _ = write_array_len(out, n as u32).unwrap();
+                for _ in 0..n {
+                    value(g, out, depth - 1);
+                }
+            }
+        }
+    }
+
+    /// A msgpack map of up to 7 pairs; keys from [`KEYS`], now and then
+    /// twice or not text.
+    fn map(g: &mut Gen, out: &mut Vec<u8>, depth: usize) {
+        let n = g.below(8);
+        let _ = rmp::encode::write_map_len(out, n as u32).unwrap();
+        for _ in 0..n {
+            if g.below(40) == 0 {
+                let _ = rmp::encode::write_uint(out, 7).unwrap();
+            } else {
+                rmp::encode::write_str(out, KEYS[g.below(KEYS.len())]).unwrap();
+            }
+            value(g, out, depth);
+        }
+    }
+
+    /// The fast path and the map path agree on every record the fast path
+    /// takes, and the fast path takes the common shapes.
+    #[test]
+    fn msgpack_records_map_as_their_decoded_maps_do() {
+        let mut g = Gen(0x9e37_79b9_7f4a_7c15);
+        let mut taken = 0;
+        let cases = 20_000;
+        for case in 0..cases {
+            let mut bytes = vec![0x92, 0x01]; // [1, {record}]
+            map(&mut g, &mut bytes, 3);
+            let max = [1 << 16, 40][g.below(2)];
+            if compare_msgpack_paths(&bytes[2..], 2, max) {
+                taken += 1;
+            }
+            let _ = case;
+        }
+        assert!(
+            taken > cases / 5,
+            "the fast path took only {taken} of {cases}"
+        );
+    }
+
+    #[test]
+    fn a_robot_record_takes_the_fast_path() {
+        let v = json!({"level": "warn", "target": "nav", "msg": "replanning\n",
+                       "fields": {"seq": 3, "temp_c": 40.5, "ok": true}});
+        let bytes = rmp_serde::to_vec(&(1_700_000_000u64, &v)).unwrap();
+        let mut r = Reader::new(&bytes);
+        r.head().unwrap();
+        r.head().unwrap();
+        let Ok(Head::Map(n)) = r.head() else {
+            unreachable!()
+        };
+        let (mut got, end) = from_msgpack(&bytes, r.pos, n, 0, &cx()).expect("fast path");
+        assert_eq!(end, bytes.len());
+        assert_eq!(
+            (
+                got.level,
+                got.module.as_deref(),
+                got.message.as_str(),
+                got.timestamp_ns
+            ),
+            (Level::Warn, Some("nav"), "replanning", Some(7))
+        );
+        assert_eq!(
+            got.take_metadata_text(),
+            r#"{"ok":true,"seq":3,"temp_c":40.5}"#
+        );
+    }
 
     fn cx() -> Context<'static> {
         Context {

@@ -156,7 +156,7 @@ impl<'a> Reader<'a> {
         self.value_at(0)
     }
 
-    fn value_at(&mut self, depth: usize) -> Result<Value, Error> {
+    pub fn value_at(&mut self, depth: usize) -> Result<Value, Error> {
         if depth > MAX_DEPTH {
             return Err(Error::TooDeep);
         }

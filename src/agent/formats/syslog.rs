@@ -171,6 +171,7 @@ pub fn parse_in(
         module: parsed.module,
         message,
         metadata,
+        rendered: None,
         truncated,
     })
 }

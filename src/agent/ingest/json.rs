@@ -74,6 +74,7 @@ pub fn cut_line(prefix: &[u8], total_len: usize, max_record_bytes: usize) -> Inc
         module: None,
         message,
         metadata,
+        rendered: None,
         truncated: true,
     }
 }

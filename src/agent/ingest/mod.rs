@@ -205,7 +205,7 @@ impl Pipeline {
     }
 
     /// Turns a parsed record into its stored form, counting it.
-    pub fn row(&self, r: Incoming, trusted: Arc<Trusted>, arrival_ns: i64) -> Row {
+    pub fn row(&self, mut r: Incoming, trusted: Arc<Trusted>, arrival_ns: i64) -> Row {
         self.stats.accepted.fetch_add(1, Ordering::Relaxed);
         self.stats.accepted_by[self.protocol as usize].fetch_add(1, Ordering::Relaxed);
         if r.truncated {
@@ -216,16 +216,13 @@ impl Pipeline {
             .get("logbook_dropped")
             .and_then(|v| v.as_u64())
             .unwrap_or(0);
+        let metadata = r.take_metadata_text();
         Row {
             ts_ns: r.timestamp_ns.unwrap_or(arrival_ns),
             level: r.level,
             module: r.module.unwrap_or_default(),
             message: r.message,
-            metadata: if r.metadata.is_empty() {
-                String::new()
-            } else {
-                serde_json::to_string(&r.metadata).unwrap_or_default()
-            },
+            metadata,
             trusted,
             client_dropped,
         }
@@ -605,6 +602,7 @@ mod tests {
             module: None,
             message: msg.into(),
             metadata,
+            rendered: None,
             truncated: true,
         }
     }
