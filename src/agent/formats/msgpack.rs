@@ -13,6 +13,9 @@ use serde_json::{Map, Number, Value};
 /// Deepest nesting converted; a record nested deeper is refused (a stack
 /// overflow would take the whole agent down).
 pub const MAX_DEPTH: usize = 64;
+/// Longest map key kept from a key that is not text (see
+/// [`Reader::map_body`]).
+pub const MAX_KEY: usize = 256;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Error {
@@ -189,7 +192,21 @@ impl<'a> Reader<'a> {
             // JSON text so no information is lost.
             let key = match self.value_at(depth + 1)? {
                 Value::String(s) => s,
-                other => other.to_string(),
+                // A key that is not text is kept as its JSON, cut short:
+                // maps as keys of maps as keys would otherwise grow
+                // exponentially with the nesting (each level escapes the
+                // quotes of the one below).
+                other => {
+                    let mut k = other.to_string();
+                    if k.len() > MAX_KEY {
+                        let mut at = MAX_KEY;
+                        while !k.is_char_boundary(at) {
+                            at -= 1;
+                        }
+                        k.truncate(at);
+                    }
+                    k
+                }
             };
             let v = self.value_at(depth + 1)?;
             m.insert(key, v);
@@ -287,6 +304,22 @@ pub fn event_time(t: i8, data: &[u8]) -> Option<i64> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// Maps as keys of maps as keys, 60 deep, whose quotes each level
+    /// escapes again: bounded keys, not an exponential string (found by
+    /// the `forward` fuzz target, as an out-of-memory).
+    #[test]
+    fn keys_that_are_maps_stay_short_however_deep() {
+        // {key: nil} whose key is the next map, down to {"\"": nil}.
+        let mut bytes = vec![0x81; 60];
+        bytes.extend_from_slice(b"\xa1\"\xc0");
+        bytes.extend([0xc0; 60]);
+        let v = Reader::new(&bytes).value().unwrap();
+        let Value::Object(m) = v else { panic!() };
+        let (key, _) = m.iter().next().unwrap();
+        assert!(key.len() <= MAX_KEY, "{}", key.len());
+        assert!(key.starts_with("{\"{\\\""), "{key}");
+    }
 
     fn check(bytes: &[u8], expected: Result<Value, Error>) {
         let mut r = Reader::new(bytes);
