@@ -334,14 +334,14 @@ impl Receiver {
 
     /// Parses the `n` datagrams just received into the pending batch.
     fn take(&mut self, n: usize, arrival: i64) {
+        let now = time::OffsetDateTime::from_unix_timestamp_nanos(arrival as i128)
+            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
         for i in 0..n {
             let (bytes, d) = self.mm.get(i);
             if d.len == 0 && d.cred.is_some_and(|c| c.pid == self.me) {
                 // Our own wake-up (see Waker).
                 continue;
             }
-            let now = time::OffsetDateTime::from_unix_timestamp_nanos(arrival as i128)
-                .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
             let parsed = formats::syslog::parse_in(bytes, self.max, now, &self.zone);
             if let Some((r, t)) = record(&self.pipeline, self.max, parsed, d, &mut self.last) {
                 let row = self.pipeline.row(r, t, arrival);
