@@ -116,6 +116,8 @@ pub struct Writer {
     checkpoints: Option<std::sync::mpsc::SyncSender<()>>,
     /// Record bytes committed since the checkpointer was last woken.
     since_checkpoint: usize,
+    /// Held while a checkpoint runs, by this thread or the checkpointer.
+    checkpointing: Arc<std::sync::Mutex<()>>,
 }
 
 impl Writer {
@@ -142,6 +144,7 @@ impl Writer {
             sync_replies: Vec::new(),
             checkpoints: None,
             since_checkpoint: 0,
+            checkpointing: Arc::default(),
         };
         let stored: i64 = w
             .conn
@@ -210,10 +213,10 @@ impl Writer {
         rt: tokio::runtime::Handle,
     ) -> std::io::Result<std::thread::JoinHandle<()>> {
         let (wake, woken) = std::sync::mpsc::sync_channel(1);
-        let path = self.cfg.db_path.clone();
+        let (path, one) = (self.cfg.db_path.clone(), self.checkpointing.clone());
         std::thread::Builder::new()
             .name("logbook-checkpoint".into())
-            .spawn(move || checkpointer(&path, &woken))?;
+            .spawn(move || checkpointer(&path, &woken, &one))?;
         self.checkpoints = Some(wake);
         std::thread::Builder::new()
             .name("logbook-writer".into())
@@ -719,12 +722,22 @@ impl Writer {
         Ok(())
     }
 
+    /// Copies the whole WAL into `agent.db` and truncates it. Waits for a
+    /// checkpoint the checkpointer thread is running: SQLite refuses a
+    /// second one at once (busy, without asking the busy handler), which
+    /// would leave the WAL over its bound.
     fn checkpoint(&self) {
-        if let Err(e) = self
+        let _one = self.checkpointing.lock().unwrap_or_else(|p| p.into_inner());
+        match self
             .conn
-            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
-        {
-            tracing::warn!("WAL checkpoint failed: {e}");
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                r.get::<_, i64>(0)
+            }) {
+            Ok(0) => {}
+            Ok(_) => {
+                tracing::debug!("WAL checkpoint left frames behind (a reader is still on them)")
+            }
+            Err(e) => tracing::warn!("WAL checkpoint failed: {e}"),
         }
     }
 
@@ -779,8 +792,13 @@ impl Writer {
 /// time the writer has committed another [`Writer::tx_bytes`], so the
 /// writer never waits for the two fsyncs a checkpoint costs, which on a
 /// robot's flash can take longer than the records they follow. Ends when
-/// the writer drops its sender.
-fn checkpointer(path: &std::path::Path, woken: &std::sync::mpsc::Receiver<()>) {
+/// the writer drops its sender. `one` is held during each checkpoint (see
+/// [`Writer::checkpoint`]).
+fn checkpointer(
+    path: &std::path::Path,
+    woken: &std::sync::mpsc::Receiver<()>,
+    one: &std::sync::Mutex<()>,
+) {
     let conn = match Connection::open(path) {
         Ok(c) => c,
         Err(e) => {
@@ -790,6 +808,7 @@ fn checkpointer(path: &std::path::Path, woken: &std::sync::mpsc::Receiver<()>) {
     };
     let _ = conn.busy_timeout(Duration::from_secs(5));
     while woken.recv().is_ok() {
+        let _one = one.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
             tracing::warn!("WAL checkpoint failed: {e}");
         }
