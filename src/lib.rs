@@ -14,3 +14,25 @@ pub mod exit;
 pub mod hub;
 pub mod prom;
 pub mod wire;
+
+/// A tiny deterministic generator (xorshift64) for the unit tests that
+/// mutate or generate inputs: no dependency, the same cases on every run.
+#[cfg(test)]
+pub(crate) mod test_rng {
+    pub struct Rng(u64);
+
+    impl Rng {
+        pub fn new(seed: u64) -> Rng {
+            Rng(seed | 1)
+        }
+        pub fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        pub fn below(&mut self, n: usize) -> usize {
+            (self.next() % n.max(1) as u64) as usize
+        }
+    }
+}

@@ -1105,13 +1105,8 @@ mod tests {
     /// re-encodes to something that decodes to the same batch.
     #[test]
     fn mutated_bodies_never_panic() {
-        let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut rng = crate::test_rng::Rng::new(0x9E37_79B9_7F4A_7C15);
+        let mut next = || rng.next();
         for version in [1, 2] {
             let mut b = sample_v(version);
             b.records = varied();

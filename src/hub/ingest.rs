@@ -362,14 +362,8 @@ mod tests {
         let raw = b.to_msgpack();
         let gz = b.encode(6);
         let lim = limits();
-        let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
-        let mut next = || {
-            // xorshift64: reproducible without a dependency.
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut rng = crate::test_rng::Rng::new(0x9E37_79B9_7F4A_7C15);
+        let mut next = || rng.next();
         for round in 0..3000 {
             let (src, gzip) = if round % 2 == 0 {
                 (&raw, false)

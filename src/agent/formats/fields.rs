@@ -587,23 +587,8 @@ fn bound_metadata(metadata: &mut Map<String, Value>, budget: usize) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_rng::Rng;
     use serde_json::json;
-
-    /// A small deterministic generator (xorshift64*), so a failure is
-    /// the same on every run.
-    struct Gen(u64);
-
-    impl Gen {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-    }
 
     const KEYS: &[&str] = &[
         "message",
@@ -646,7 +631,7 @@ mod tests {
     ];
 
     /// One msgpack value; maps and arrays nest up to `depth` more levels.
-    fn value(g: &mut Gen, out: &mut Vec<u8>, depth: usize) {
+    fn value(g: &mut Rng, out: &mut Vec<u8>, depth: usize) {
         use rmp::encode::*;
         match g.below(if depth == 0 { 12 } else { 15 }) {
             0 => write_nil(out).unwrap(),
@@ -687,7 +672,7 @@ mod tests {
 
     /// A msgpack map of up to 7 pairs; keys from [`KEYS`], now and then
     /// twice or not text.
-    fn map(g: &mut Gen, out: &mut Vec<u8>, depth: usize) {
+    fn map(g: &mut Rng, out: &mut Vec<u8>, depth: usize) {
         let n = g.below(8);
         let _ = rmp::encode::write_map_len(out, n as u32).unwrap();
         for _ in 0..n {
@@ -704,7 +689,7 @@ mod tests {
     /// takes, and the fast path takes the common shapes.
     #[test]
     fn msgpack_records_map_as_their_decoded_maps_do() {
-        let mut g = Gen(0x9e37_79b9_7f4a_7c15);
+        let mut g = Rng::new(0x9e37_79b9_7f4a_7c15);
         let mut taken = 0;
         let cases = 20_000;
         for _ in 0..cases {

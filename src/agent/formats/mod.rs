@@ -50,25 +50,10 @@ pub fn truncate_message(message: &mut String, max_bytes: usize) -> bool {
 }
 
 /// Deterministic byte mutations of real samples, shared by the parsers'
-/// "never panics" tests: a tiny xorshift so no dependency and no flakiness.
+/// "never panics" tests, driven by [`crate::test_rng::Rng`].
 #[cfg(test)]
 pub(crate) mod mutate {
-    pub struct Rng(u64);
-
-    impl Rng {
-        pub fn new(seed: u64) -> Rng {
-            Rng(seed | 1)
-        }
-        pub fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        pub fn below(&mut self, n: usize) -> usize {
-            (self.next() % n.max(1) as u64) as usize
-        }
-    }
+    pub use crate::test_rng::Rng;
 
     /// One to four flips, inserts or deletes at random places.
     pub fn mutate(rng: &mut Rng, sample: &[u8]) -> Vec<u8> {
