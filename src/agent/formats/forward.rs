@@ -204,15 +204,17 @@ impl ForwardDecoder {
     }
 }
 
-/// Decodes one complete frame (its bytes are exactly one msgpack value).
-pub fn decode_frame(bytes: &[u8], limits: &Limits) -> Frame {
+/// Decodes one complete frame (its bytes are exactly one msgpack value),
+/// records collected (the tests' form; the decoder hands them over).
+#[cfg(test)]
+fn decode_frame(bytes: &[u8], limits: &Limits) -> Frame {
     let mut records = Vec::new();
     let frame = decode_frame_with(bytes, limits, &mut |r| records.push(r));
     Frame { records, ..frame }
 }
 
-/// [`decode_frame`], each record handed to `sink` (see
-/// [`ForwardDecoder::next_frame_with`]).
+/// Decodes one complete frame (its bytes are exactly one msgpack value),
+/// each record handed to `sink` (see [`ForwardDecoder::next_frame_with`]).
 fn decode_frame_with(bytes: &[u8], limits: &Limits, sink: &mut impl FnMut(Incoming)) -> Frame {
     let mut frame = Frame::default();
     if let Err(e) = decode_into(bytes, limits, &mut frame, sink) {
