@@ -308,10 +308,9 @@ async fn artifacts_list_and_download_byte_identical() {
     );
 
     // A partial file is resumed and ends identical; a complete one is kept.
-    let part = dir.join("part.bin");
-    std::fs::write(&part, &data[..1_234_567]).unwrap();
-    let out = cli(&hub)
-        .args([
+    let download_to = |to: &std::path::Path| {
+        let mut c = cli(&hub);
+        c.args([
             "artifacts",
             "--session",
             &sid,
@@ -319,9 +318,12 @@ async fn artifacts_list_and_download_byte_identical() {
             "bags/run 1.bin",
             "-o",
         ])
-        .arg(&part)
-        .output()
-        .unwrap();
+        .arg(to);
+        c
+    };
+    let part = dir.join("part.bin");
+    std::fs::write(&part, &data[..1_234_567]).unwrap();
+    let out = download_to(&part).output().unwrap();
     assert!(out.status.success());
     let note = String::from_utf8_lossy(&out.stderr);
     assert!(note.contains("resumed at byte 1234567"), "{note}");
@@ -329,34 +331,13 @@ async fn artifacts_list_and_download_byte_identical() {
         std::fs::read(&part).unwrap() == data,
         "resumed byte-identical"
     );
-    let out = cli(&hub)
-        .args([
-            "artifacts",
-            "--session",
-            &sid,
-            "--download",
-            "bags/run 1.bin",
-            "-o",
-        ])
-        .arg(&part)
-        .output()
-        .unwrap();
+    let out = download_to(&part).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("already complete"));
 
     // A stale prefix is caught by the checksum, not kept silently.
     let stale = dir.join("stale.bin");
     std::fs::write(&stale, vec![0u8; 1000]).unwrap();
-    let mut c = cli(&hub);
-    c.args([
-        "artifacts",
-        "--session",
-        &sid,
-        "--download",
-        "bags/run 1.bin",
-        "-o",
-    ])
-    .arg(&stale);
-    let err = fails(c, &[]);
+    let err = fails(download_to(&stale), &[]);
     assert!(
         err.contains("changed at the hub while downloading"),
         "{err}"
