@@ -1,9 +1,7 @@
 //! Listing, filtering, showing and tagging sessions, paging logs, and
 //! listing and downloading artifacts at a hub with `logbook --hub`.
 
-use base64::Engine;
 use logbook::wire::{Device, Level, SessionStatus};
-use sha2::{Digest, Sha256};
 
 use super::*;
 use crate::hub::{batch, record, session_id, state};
@@ -218,31 +216,9 @@ async fn sessions_and_logs_against_a_hub() {
     assert_eq!(seqs(&window), (10..20).collect::<Vec<_>>());
 }
 
-fn b64(data: &[u8]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(data)
-}
-
 /// Uploads `data` as artifact `path` of `session` over tus, as an agent does.
 async fn upload(hub: &HubProc, session: uuid::Uuid, path: &str, data: &[u8]) {
-    let meta = format!(
-        "session_id {},path {},content_type {},sha256 {}",
-        b64(session.to_string().as_bytes()),
-        b64(path.as_bytes()),
-        b64(b"application/octet-stream"),
-        b64(hex::encode(Sha256::digest(data)).as_bytes())
-    );
-    let r = hub
-        .http
-        .post(format!("{}/api/v1/ingest/uploads", hub.url))
-        .bearer_auth(&hub.device)
-        .header("tus-resumable", "1.0.0")
-        .header("upload-length", data.len().to_string())
-        .header("upload-metadata", meta)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    let url = format!("{}{}", hub.url, r.headers()["location"].to_str().unwrap());
+    let url = hub.create_upload(session, path, data, None).await;
     let r = hub
         .http
         .patch(url)

@@ -166,6 +166,39 @@ impl HubProc {
     }
 
     /// Posts a gzip batch with the device token.
+    /// Creates a tus upload of `data` as artifact `path` of `session`, as
+    /// an agent does (`sha256`: the digest declared, by default the data's
+    /// own); returns the upload's absolute URL.
+    pub async fn create_upload(
+        &self,
+        session: Uuid,
+        path: &str,
+        data: &[u8],
+        sha256: Option<&str>,
+    ) -> String {
+        use sha2::Digest;
+        let digest = hex::encode(sha2::Sha256::digest(data));
+        let meta = format!(
+            "session_id {},path {},content_type {},sha256 {}",
+            b64(session.to_string().as_bytes()),
+            b64(path.as_bytes()),
+            b64(b"application/octet-stream"),
+            b64(sha256.unwrap_or(&digest).as_bytes())
+        );
+        let r = self
+            .http
+            .post(format!("{}/api/v1/ingest/uploads", self.url))
+            .bearer_auth(&self.device)
+            .header("tus-resumable", "1.0.0")
+            .header("upload-length", data.len().to_string())
+            .header("upload-metadata", meta)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        format!("{}{}", self.url, r.headers()["location"].to_str().unwrap())
+    }
+
     pub async fn post_batch(&self, batch: &Batch) -> (u16, Value) {
         self.post_body(&batch.encode(1), &self.device).await
     }
@@ -229,6 +262,12 @@ pub fn raw_request(addr: &str, request: &str) -> Option<String> {
     let mut out = Vec::new();
     s.read_to_end(&mut out).ok()?;
     Some(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Standard base64, as tus `Upload-Metadata` values are written.
+pub fn b64(data: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(data)
 }
 
 pub fn session_id(n: u128) -> Uuid {

@@ -6,16 +6,11 @@ use std::io::Write;
 use std::net::TcpStream;
 use std::time::Duration;
 
-use base64::Engine;
 use logbook::wire::SessionStatus;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::*;
-
-fn b64(data: &[u8]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(data)
-}
 
 fn content(len: usize, seed: u32) -> Vec<u8> {
     (0..len as u32)
@@ -34,31 +29,7 @@ impl Tus<'_> {
 
     /// Creates an upload; returns its absolute URL.
     async fn create(&self, session: Uuid, path: &str, data: &[u8], sha: Option<&str>) -> String {
-        let digest = hex::encode(Sha256::digest(data));
-        let meta = format!(
-            "session_id {},path {},content_type {},sha256 {}",
-            b64(session.to_string().as_bytes()),
-            b64(path.as_bytes()),
-            b64(b"application/octet-stream"),
-            b64(sha.unwrap_or(&digest).as_bytes())
-        );
-        let r = self
-            .hub
-            .http
-            .post(self.url())
-            .bearer_auth(&self.hub.device)
-            .header("tus-resumable", "1.0.0")
-            .header("upload-length", data.len().to_string())
-            .header("upload-metadata", meta)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 201);
-        format!(
-            "{}{}",
-            self.hub.url,
-            r.headers()["location"].to_str().unwrap()
-        )
+        self.hub.create_upload(session, path, data, sha).await
     }
 
     async fn offset(&self, url: &str) -> Option<u64> {
