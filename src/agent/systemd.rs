@@ -2,8 +2,9 @@
 //! WATCHDOG=1, STATUS=, STOPPING=1) over `$NOTIFY_SOCKET`, and socket
 //! activation (adopting `$LISTEN_FDS` sockets by `$LISTEN_FDNAMES`).
 //!
-//! Invariant: the only unsafe code of the crate is `adopt::listener`, which
-//! takes ownership of a file descriptor systemd passed and nothing else owns.
+//! Invariant: the only unsafe code here is `adopt::listener`, which takes
+//! ownership of a file descriptor systemd passed and nothing else owns (the
+//! crate's other unsafe code is in `ingest::mmsg` and `store::insert`).
 
 use std::collections::HashMap;
 use std::os::unix::net::UnixDatagram;

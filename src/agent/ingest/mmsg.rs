@@ -2,8 +2,8 @@
 //! sender's `SCM_CREDENTIALS`, in one system call. rustix 1.x wraps
 //! `sendmmsg` but not `recvmmsg`, so this is a raw libc call.
 //!
-//! Invariant: the crate's second (and last) unsafe module, next to
-//! `agent::systemd::adopt`. Every pointer handed to the kernel points into
+//! Invariant: one of the crate's three unsafe modules, with
+//! `agent::systemd::adopt` and `agent::store::insert`. Every pointer handed to the kernel points into
 //! buffers this struct owns and are rebuilt right before each call (so a
 //! moved `Batch` can never leave stale pointers behind); lengths come from
 //! those buffers; every file descriptor a sender passes (`SCM_RIGHTS`) is

@@ -8,6 +8,7 @@
 //! the writer.
 
 pub mod artifacts;
+mod insert;
 pub mod read;
 pub mod schema;
 pub mod sync;

@@ -85,8 +85,6 @@ pub struct WriterConfig {
     pub view: ViewCtx,
 }
 
-const INSERT: &str = "INSERT INTO records(seq, session, ts_ns, level, module, message, metadata, pid, uid, gid, process) \
-                      VALUES (?11, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
 const ADD_GAP: &str = "INSERT INTO gaps(session, level, reason, dropped) VALUES (?1, ?2, ?3, ?4) \
                        ON CONFLICT(session, level, reason) DO UPDATE SET dropped = dropped + excluded.dropped";
 
@@ -410,26 +408,14 @@ impl Writer {
 
     fn insert(&mut self, rows: &[Row]) -> rusqlite::Result<()> {
         let session = self.current.map(|(sid, _)| sid);
-        let mut stmt = self.conn.prepare_cached(INSERT)?;
+        let mut insert = super::insert::Insert::new(&self.conn)?;
         let mut dropped: u64 = 0;
         for r in rows {
-            stmt.execute(params![
-                session,
-                r.ts_ns,
-                r.level.code(),
-                r.module,
-                r.message,
-                r.metadata,
-                r.trusted.pid,
-                r.trusted.uid,
-                r.trusted.gid,
-                r.trusted.process,
-                self.next_seq,
-            ])?;
+            insert.row(self.next_seq, session, r)?;
             self.next_seq += 1;
             dropped += r.client_dropped;
         }
-        drop(stmt);
+        drop(insert);
         if dropped > 0 {
             self.conn.prepare_cached(ADD_GAP)?.execute(params![
                 session.unwrap_or(0),
