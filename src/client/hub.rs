@@ -599,10 +599,14 @@ impl HubClient {
         &self,
         session: &str,
         filter: &LogFilter,
-        tail: usize,
+        start: LiveStart,
     ) -> Result<WebSocketStream<reqwest::Upgraded>, HubError> {
+        let start = match start {
+            LiveStart::Tail(n) => format!("tail={n}"),
+            LiveStart::After(id) => format!("after_id={id}"),
+        };
         let url = format!(
-            "{}/api/v1/ws/organizations/{}/projects/{}/sessions/{}/logs?tail={tail}{}",
+            "{}/api/v1/ws/organizations/{}/projects/{}/sessions/{}/logs?{start}{}",
             self.base,
             percent_encode(&self.org),
             percent_encode(&self.project),
@@ -650,13 +654,16 @@ impl HubClient {
     }
 
     /// Follows a session's live logs until the hub says the session ended,
-    /// calling `each` once per record. A dropped connection (or a hub
-    /// restart) is retried with jittered exponential backoff (`timing`);
-    /// every reconnect replays the newest [`LIVE_TAIL`] records and skips
-    /// those already passed to `each`. `seen` holds the seqs printed before
-    /// following (the tail read by pages); replayed records older than the
-    /// oldest of them were left out on purpose and stay out. `notice` gets one-line notes
-    /// (reconnecting, lagging) meant for stderr.
+    /// calling `each` once per record. The first connection replays the
+    /// newest [`LIVE_TAIL`] records and skips those already passed to
+    /// `each`: `seen` holds the seqs printed before following (the tail
+    /// read by pages), and tail records older than the oldest of them were
+    /// left out on purpose and stay out. A dropped connection (or a hub
+    /// restart) is retried with jittered exponential backoff (`timing`),
+    /// resuming after the hub row id of the last record the stream gave
+    /// (or its `caught_up` mark), so nothing committed meanwhile is missed,
+    /// however much it is. `notice` gets one-line notes (reconnecting,
+    /// lagging) meant for stderr.
     pub async fn follow(
         &self,
         session: &str,
@@ -670,8 +677,15 @@ impl HubClient {
         let floor = seen.first().copied().unwrap_or(0);
         let mut delay = Duration::from_millis(200);
         let mut connected_once = false;
+        // Where to resume: the hub row id every record up to which was
+        // given (or deliberately left out).
+        let mut resume: Option<i64> = None;
         loop {
-            let ws = match self.connect_live(session, filter, LIVE_TAIL).await {
+            let start = match resume {
+                Some(id) => LiveStart::After(id),
+                None => LiveStart::Tail(LIVE_TAIL),
+            };
+            let ws = match self.connect_live(session, filter, start).await {
                 Ok(ws) => ws,
                 // Only a link problem is worth retrying; a refused key or
                 // an unknown session stays refused.
@@ -724,18 +738,34 @@ impl HubClient {
                             Ok(v) => v,
                             Err(e) => break Some(Err(format!("a bad live message: {e}"))),
                         };
-                        if v.get("event").and_then(|e| e.as_str()) == Some("lagged") {
-                            notice(&format!(
-                                "the live stream fell behind and skipped {} batches (read them with `logs` without --follow)",
-                                v["missed_batches"]
-                            ));
+                        if let Some(event) = v.get("event") {
+                            match event.as_str() {
+                                Some("caught_up") => {
+                                    if let Some(id) = v["id"].as_i64() {
+                                        resume = Some(resume.map_or(id, |r| r.max(id)));
+                                    }
+                                }
+                                Some("lagged") => notice(&format!(
+                                    "the live stream fell behind and skipped {} batches (read them with `logs` without --follow)",
+                                    v["missed_batches"]
+                                )),
+                                // A newer hub's note: nothing to print.
+                                _ => {}
+                            }
                             continue;
                         }
+                        let tail = v["tail"].as_bool() == Some(true);
+                        let id = v["id"].as_i64();
                         let r: HubLog = match serde_json::from_value(v) {
                             Ok(r) => r,
                             Err(e) => break Some(Err(format!("a bad live record: {e}"))),
                         };
-                        if r.seq >= floor && seen.insert(r.seq) {
+                        // Tail records come newest seq last, not in id order;
+                        // the others in the order the hub committed them.
+                        if let (false, Some(id)) = (tail, id) {
+                            resume = Some(resume.map_or(id, |r| r.max(id)));
+                        }
+                        if (!tail || r.seq >= floor) && seen.insert(r.seq) {
                             if seen.len() > SEEN_CAP {
                                 seen.pop_first();
                             }
@@ -775,6 +805,15 @@ impl HubClient {
             delay = (delay * 2).min(max_backoff);
         }
     }
+}
+
+/// Where a live stream starts.
+#[derive(Debug, Clone, Copy)]
+enum LiveStart {
+    /// The newest N records first.
+    Tail(usize),
+    /// Every record the hub committed after this row id.
+    After(i64),
 }
 
 /// Between half and all of `d`: many CLIs following one hub that restarts

@@ -260,6 +260,7 @@ mod tests {
     #[test]
     fn csv_quotes_what_it_must() {
         let r = LogRow {
+            id: 1,
             session_pk: Some(1),
             session_id: Some("s".into()),
             device_id: "d".into(),

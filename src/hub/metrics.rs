@@ -23,6 +23,9 @@ pub struct Metrics {
     /// upload lengths.
     pub upload_acked_bytes: AtomicU64,
     pub active_streams: AtomicU64,
+    /// Times a live stream fell behind the broadcast and read what it
+    /// missed back from the database.
+    pub stream_catch_ups: AtomicU64,
     rejects: Mutex<BTreeMap<&'static str, u64>>,
 }
 
@@ -83,6 +86,11 @@ impl Metrics {
                 "logbook_hub_upload_acked_bytes_total",
                 "Artifact bytes of PATCHes kept (verified, not rolled back).",
                 &self.upload_acked_bytes,
+            ),
+            (
+                "logbook_hub_stream_catch_ups_total",
+                "Times a live stream fell behind and read what it missed from the database.",
+                &self.stream_catch_ups,
             ),
         ] {
             t.counter(name, help, counter.load(Relaxed));
@@ -167,6 +175,12 @@ mod tests {
             (
                 "upload_acked_bytes_total",
                 "Artifact bytes of PATCHes kept (verified, not rolled back).",
+                "counter",
+                "0",
+            ),
+            (
+                "stream_catch_ups_total",
+                "Times a live stream fell behind and read what it missed from the database.",
                 "counter",
                 "0",
             ),

@@ -1,14 +1,26 @@
 //! Live log streams over WebSocket: an operator watching a session gets
-//! its last `tail` records first (optional), then every record as its batch
-//! is committed, one JSON log item per text message; the stream ends with
-//! a close frame when the session leaves `active` or the hub shuts down.
+//! its last `tail` records first (optional), or every record committed
+//! after hub row id `after_id` (a reconnecting client's resume point), then
+//! every record as its batch is committed, one JSON log item per text
+//! message; the stream ends with a close frame when the session leaves
+//! `active` or the hub shuts down.
 //!
-//! Invariant: a stream subscribes before it reads the tail, and skips live
-//! records it already sent, so nothing committed during connection setup
-//! is lost or repeated. A slow client is told how many records it missed
-//! (`{"event":"lagged","missed_batches":N}`) instead of slowing ingest.
+//! Each message carries the record's hub row `id` (the order the hub
+//! committed records in, which a device's `seq` is not: errors and
+//! set-asides arrive out of it) and, for the records of a `tail`,
+//! `"tail": true`. Once the tail or the records after `after_id` are out,
+//! `{"event":"caught_up","id":N}` says every record up to id N was sent or
+//! left out on purpose. A client that reconnects with `after_id` set to the
+//! larger of that N and the last non-tail `id` it got misses nothing and
+//! gets nothing twice.
+//!
+//! Invariant: a stream subscribes before it reads the database, and skips
+//! live records it already covered (by id, or by seq for the tail), so
+//! nothing committed during connection setup is lost or repeated. A client
+//! too slow for the live feed is not dropped and does not slow ingest: when
+//! it falls behind the broadcast, what it missed is read back from the
+//! database, page by page, at the pace it reads.
 
-use std::collections::HashSet;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
@@ -21,11 +33,13 @@ use tokio::sync::broadcast::error::RecvError;
 use super::api::{self, log_item, param, Params};
 use super::auth;
 use super::error::ApiError;
-use super::store::{LogQuery, LogRow, LogScope};
+use super::store::{LogQuery, LogRow};
 use super::Hub;
 
 /// Most records a client may ask to replay before the live stream.
 pub const MAX_TAIL: u64 = 1000;
+/// Records read from the database at once when catching up after an id.
+const CATCH_UP_PAGE: u64 = 500;
 
 pub async fn ws_logs(
     State(hub): State<Arc<Hub>>,
@@ -49,6 +63,22 @@ pub async fn ws_logs(
     if tail > MAX_TAIL {
         return Err(ApiError::bad_request(format!("tail: at most {MAX_TAIL}")));
     }
+    let after_id = param(&p, "after_id")
+        .map(|v| v.parse::<i64>())
+        .transpose()
+        .ok()
+        .flatten()
+        .filter(|id| *id >= 0);
+    if param(&p, "after_id").is_some() && after_id.is_none() {
+        return Err(ApiError::bad_request(
+            "after_id: expected the non-negative id of a record this stream sent",
+        ));
+    }
+    if after_id.is_some() && tail > 0 {
+        return Err(ApiError::bad_request(
+            "give tail (the newest records first) or after_id (resume after a record), not both",
+        ));
+    }
     q.limit = tail;
     q.ascending = false;
     q.cursor = None;
@@ -67,7 +97,7 @@ pub async fn ws_logs(
     let ws = ws.max_message_size(64 << 10).max_frame_size(64 << 10);
     Ok(ws.on_upgrade(move |socket| async move {
         hub.metrics.active_streams.fetch_add(1, Relaxed);
-        if let Err(e) = run(&hub, socket, pk, q).await {
+        if let Err(e) = run(&hub, socket, pk, q, after_id).await {
             tracing::debug!(error = %e, "log stream ended");
         }
         hub.metrics.active_streams.fetch_sub(1, Relaxed);
@@ -90,12 +120,56 @@ fn matches(q: &LogQuery, r: &LogRow) -> bool {
             .is_none_or(|s| r.message.to_lowercase().contains(&s.trim().to_lowercase()))
 }
 
-fn text(r: &LogRow) -> Message {
+/// A record as one stream message: its log item, its hub row id, and
+/// whether it is part of the tail asked for.
+fn text(r: &LogRow, tail: bool) -> Message {
+    #[derive(serde::Serialize)]
+    struct Item<'a> {
+        #[serde(flatten)]
+        item: api::LogItem<'a>,
+        id: i64,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        tail: bool,
+    }
+    let item = Item {
+        item: log_item(r),
+        id: r.id,
+        tail,
+    };
     Message::Text(
-        serde_json::to_string(&log_item(r))
+        serde_json::to_string(&item)
             .expect("a log item serializes")
             .into(),
     )
+}
+
+/// Sends every record of session `pk` matching `q` committed after hub row
+/// id `after`, page by page from the database; returns the id it covered
+/// through (every matching record up to it was sent).
+async fn catch_up(
+    hub: &Arc<Hub>,
+    socket: &mut WebSocket,
+    pk: i64,
+    q: &LogQuery,
+    mut after: i64,
+) -> Result<i64, axum::Error> {
+    loop {
+        let q2 = q.clone();
+        let page = hub
+            .db(move |s| s.logs_after(pk, after, &q2, CATCH_UP_PAGE))
+            .await;
+        // A failed read ends the stream (logged by the caller); the client
+        // reconnects after the last id it got.
+        let (rows, next) = page.map_err(|e| axum::Error::new(e.message))?;
+        for r in &rows {
+            socket.send(text(r, false)).await?;
+        }
+        let done = (rows.len() as u64) < CATCH_UP_PAGE;
+        after = next;
+        if done {
+            return Ok(after);
+        }
+    }
 }
 
 async fn run(
@@ -103,18 +177,30 @@ async fn run(
     mut socket: WebSocket,
     pk: i64,
     q: LogQuery,
+    after_id: Option<i64>,
 ) -> Result<(), axum::Error> {
     let mut live = hub.live.subscribe();
-    let mut sent = HashSet::new();
-    if q.limit > 0 {
-        let q2 = q.clone();
-        let page = hub.db(move |s| s.logs(LogScope::Session(pk), &q2)).await;
-        if let Ok(page) = page {
-            for r in page.items.iter().rev() {
-                sent.insert(r.seq);
-                socket.send(text(r)).await?;
+    // Every matching record with an id up to this one was sent, or was
+    // older than the tail asked for; `None`: the tail was unreadable, so
+    // nothing is known covered.
+    let mut through: Option<i64> = None;
+    match after_id {
+        Some(after) => through = Some(catch_up(hub, &mut socket, pk, &q, after).await?),
+        None => {
+            let q2 = q.clone();
+            if let Ok((page, last)) = hub.db(move |s| s.logs_tail(pk, &q2)).await {
+                for r in page.items.iter().rev() {
+                    socket.send(text(r, true)).await?;
+                }
+                through = Some(last.unwrap_or(0));
             }
         }
+    }
+    if let Some(id) = through {
+        // Where a client that loses this stream resumes, whether or not a
+        // record follows (tail records come in seq order, not id order).
+        let mark = serde_json::json!({"event": "caught_up", "id": id});
+        socket.send(Message::Text(mark.to_string().into())).await?;
     }
     let status = hub.db(move |s| s.session_status(pk)).await.ok().flatten();
     if status.as_deref() != Some("active") {
@@ -128,21 +214,33 @@ async fn run(
             event = live.recv() => match event {
                 Ok(ev) => {
                     for r in ev.records.iter().filter(|r| r.session_pk == Some(pk)) {
-                        if !sent.is_empty() && sent.remove(&r.seq) {
+                        if through.is_some_and(|t| r.id <= t) {
                             continue;
                         }
                         if matches(&q, r) {
-                            socket.send(text(r)).await?;
+                            socket.send(text(r, false)).await?;
+                        }
+                        if let Some(t) = &mut through {
+                            *t = r.id;
                         }
                     }
                     if ev.ended.contains(&pk) {
                         return close(socket, "session ended").await;
                     }
                 }
-                Err(RecvError::Lagged(missed)) => {
-                    let note = serde_json::json!({"event": "lagged", "missed_batches": missed});
-                    socket.send(Message::Text(note.to_string().into())).await?;
-                }
+                Err(RecvError::Lagged(missed)) => match through {
+                    // Read back what the broadcast dropped, at this
+                    // client's pace; later events it already covered are
+                    // skipped by id.
+                    Some(t) => {
+                        hub.metrics.stream_catch_ups.fetch_add(1, Relaxed);
+                        through = Some(catch_up(hub, &mut socket, pk, &q, t).await?);
+                    }
+                    None => {
+                        let note = serde_json::json!({"event": "lagged", "missed_batches": missed});
+                        socket.send(Message::Text(note.to_string().into())).await?;
+                    }
+                },
                 Err(RecvError::Closed) => return close(socket, "hub is shutting down").await,
             },
             msg = socket.recv() => match msg {

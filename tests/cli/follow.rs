@@ -1,13 +1,14 @@
 //! `logbook --hub … logs --follow`: the newest records first, then every
-//! record posted afterwards exactly once, across a hub restart, until the
-//! session ends.
+//! record posted afterwards exactly once, across a hub restart or a cut
+//! link (however much arrived meanwhile), until the session ends.
 
 use std::time::Duration;
 
-use logbook::wire::{Level, SessionStatus};
+use logbook::wire::{Batch, Level, SessionStatus};
 
 use super::*;
 use crate::hub::{batch, record, session_id, state};
+use crate::sync::faultproxy::{Fault, FaultProxy};
 use crate::util::wait_for;
 
 fn printed_seqs(run: &Running) -> Vec<u64> {
@@ -120,4 +121,108 @@ async fn follow_prints_new_records_once_across_a_hub_restart() {
     sorted.dedup();
     assert_eq!(sorted.len(), got.len(), "printed twice: {got:?}");
     assert_eq!(sorted, (26..=more).collect::<Vec<_>>(), "{got:?}");
+}
+
+/// Posts one record at a time (from `*next` on) until `run` printed more
+/// than `printed` records: the live stream is then surely connected.
+async fn until_live(
+    hub: &HubProc,
+    run: &Running,
+    post: impl Fn(u64) -> Batch,
+    next: &mut u64,
+    printed: usize,
+) {
+    loop {
+        if printed_seqs(run).len() > printed {
+            return;
+        }
+        let (st, _) = hub.post_batch(&post(*next)).await;
+        assert_eq!(st, 200);
+        *next += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(*next < 200, "no live record printed: {}", run.stderr());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follow_misses_nothing_that_arrived_while_the_link_was_cut() {
+    let hub = HubProc::start("cli_follow_cut");
+    let proxy = FaultProxy::start(hub.addr.parse().unwrap());
+    let s = session_id(2);
+    let post = |seqs: std::ops::RangeInclusive<u64>, level: Level, status: SessionStatus| {
+        let revision = if status == SessionStatus::Active {
+            1
+        } else {
+            2
+        };
+        batch(
+            vec![state(s, revision, status, &[])],
+            seqs.map(|i| record(i, Some(s), level, "nav", &format!("r{i}")))
+                .collect(),
+            vec![],
+        )
+    };
+    let (st, body) = hub
+        .post_batch(&post(1..=5, Level::Info, SessionStatus::Active))
+        .await;
+    assert_eq!(st, 200, "{body}");
+
+    let sid = s.to_string();
+    let mut cmd = cli(&hub);
+    cmd.env("LOGBOOK_HUB_URL", proxy.url());
+    let run = Running::spawn(cmd, &["logs", "--session", &sid, "--follow", "--json"]);
+    let mut next = 6;
+    let one = |i: u64| post(i..=i, Level::Info, SessionStatus::Active);
+    until_live(&hub, &run, one, &mut next, 5).await;
+
+    // The link goes down; meanwhile the hub takes 2,000 more records (twice
+    // what a stream replays as its tail): errors first, out of seq order,
+    // as an agent sends them after an outage, then the rest.
+    proxy.set(Fault::Down);
+    let first = next;
+    let last = first + 1999;
+    let (st, _) = hub
+        .post_batch(&post(last - 9..=last, Level::Error, SessionStatus::Active))
+        .await;
+    assert_eq!(st, 200);
+    for from in (first..last - 9).step_by(500) {
+        let to = (from + 499).min(last - 10);
+        let (st, body) = hub
+            .post_batch(&post(from..=to, Level::Info, SessionStatus::Active))
+            .await;
+        assert_eq!(st, 200, "{body}");
+    }
+    wait_for("the CLI to notice the cut", Duration::from_secs(20), || {
+        run.stderr().contains("reconnect").then_some(())
+    });
+    proxy.set(Fault::Pass);
+    wait_for(
+        "the records posted while cut",
+        Duration::from_secs(30),
+        || (printed_seqs(&run).len() >= last as usize).then_some(()),
+    );
+
+    // The session ends: the CLI exits 0, having printed every record once.
+    let (st, _) = hub
+        .post_batch(&post(
+            last + 1..=last + 1,
+            Level::Info,
+            SessionStatus::Completed,
+        ))
+        .await;
+    assert_eq!(st, 200);
+    let mut run = run;
+    let status = wait_for("logbook to exit", Duration::from_secs(20), || {
+        run.child.try_wait().unwrap()
+    });
+    assert!(status.success(), "{}", run.stderr());
+    let got = printed_seqs(&run);
+    let mut sorted = got.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), got.len(), "printed twice");
+    assert_eq!(sorted, (1..=last + 1).collect::<Vec<_>>());
+    // In the order the hub took them: the errors before the rest.
+    let at = |seq: u64| got.iter().position(|s| *s == seq).unwrap();
+    assert!(at(last) < at(first), "{:?}", &got[..20]);
 }

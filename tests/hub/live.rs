@@ -38,10 +38,14 @@ async fn websocket_streams_records_while_batches_arrive() {
         let (addr, op, p) = (addr.clone(), op.clone(), format!("{prefix}{path}"));
         let c = tokio::task::spawn_blocking(move || {
             let mut c = WsClient::connect(&addr, &p, &op).unwrap();
-            let tail: Vec<u64> = (0..3)
-                .map(|_| c.json(Duration::from_secs(5))["seq"].as_u64().unwrap())
-                .collect();
-            assert_eq!(tail, vec![8, 9, 10], "oldest of the tail first");
+            let tail: Vec<Value> = (0..3).map(|_| c.json(Duration::from_secs(5))).collect();
+            let seqs: Vec<u64> = tail.iter().map(|v| v["seq"].as_u64().unwrap()).collect();
+            assert_eq!(seqs, vec![8, 9, 10], "oldest of the tail first");
+            assert!(tail.iter().all(|v| v["tail"] == true && v["id"].is_i64()));
+            // Then where a reconnect would resume: past every record so far.
+            let mark = c.json(Duration::from_secs(5));
+            assert_eq!(mark["event"], "caught_up", "{mark}");
+            assert_eq!(mark["id"], tail[2]["id"], "{mark}");
             c
         })
         .await
@@ -84,6 +88,7 @@ async fn websocket_streams_records_while_batches_arrive() {
             );
             let seqs: Vec<u64> = got.iter().map(|v| v["seq"].as_u64().unwrap()).collect();
             assert_eq!(seqs, (11 + b * 4..15 + b * 4).collect::<Vec<_>>());
+            assert!(got.iter().all(|v| v.get("tail").is_none()), "{got:?}");
             assert_eq!(got[0]["level"], "WARN");
             assert_eq!(got[0]["session_id"], s.to_string());
         }
@@ -106,6 +111,180 @@ async fn websocket_streams_records_while_batches_arrive() {
             None => panic!("expected close, got nothing"),
         }
     }
+}
+
+/// Every text message until `n` records and then a `caught_up` mark came:
+/// the records, and the mark's id.
+fn records_then_mark(c: &mut WsClient, n: usize) -> (Vec<Value>, i64) {
+    let got: Vec<Value> = (0..n).map(|_| c.json(Duration::from_secs(10))).collect();
+    let mark = c.json(Duration::from_secs(10));
+    assert_eq!(mark["event"], "caught_up", "{mark}");
+    (got, mark["id"].as_i64().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_resumed_after_an_id_gets_everything_since_once_in_commit_order() {
+    let hub = HubProc::start("hub_ws_resume");
+    let s = session_id(1);
+    let post = |seqs: std::ops::RangeInclusive<u64>, level: Level| {
+        let recs = seqs
+            .map(|i| record(i, Some(s), level, "nav", &format!("r{i}")))
+            .collect();
+        batch(vec![state(s, 1, SessionStatus::Active, &[])], recs, vec![])
+    };
+    assert_eq!(hub.post_batch(&post(1..=10, Level::Info)).await.0, 200);
+    let base = format!("/ws/organizations/{ORG}/projects/{PROJECT}/sessions/{s}/logs");
+    let (addr, op) = (hub.addr.clone(), hub.operator.clone());
+    let connect = move |query: String| {
+        let (addr, op, path) = (addr.clone(), op.clone(), format!("{base}?{query}"));
+        move || WsClient::connect(&addr, &path, &op)
+    };
+
+    // A client sees the last two, and where it would resume; then it is
+    // gone while much more than a tail's worth arrives: errors first (as an
+    // agent sends them after an outage), then the rest in 500-record
+    // batches.
+    let (_, resume) = tokio::task::spawn_blocking({
+        let c = connect("tail=2".into());
+        move || records_then_mark(&mut c().unwrap(), 2)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        hub.post_batch(&post(1601..=1610, Level::Error)).await.0,
+        200
+    );
+    for from in [11, 511, 1011] {
+        let (st, body) = hub.post_batch(&post(from..=from + 499, Level::Info)).await;
+        assert_eq!(st, 200, "{body}");
+    }
+
+    // Resuming after that id: all 1,510 once, in the order the hub
+    // committed them (not seq order), none marked as tail, then the mark.
+    let c = tokio::task::spawn_blocking({
+        let c = connect(format!("after_id={resume}"));
+        move || {
+            let mut c = c().unwrap();
+            let (got, mark) = records_then_mark(&mut c, 1510);
+            let seqs: Vec<u64> = got.iter().map(|v| v["seq"].as_u64().unwrap()).collect();
+            let want: Vec<u64> = (1601..=1610).chain(11..=1510).collect();
+            assert_eq!(seqs, want);
+            let ids: Vec<i64> = got.iter().map(|v| v["id"].as_i64().unwrap()).collect();
+            assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids in commit order");
+            assert!(ids[0] > resume);
+            assert_eq!(mark, *ids.last().unwrap());
+            assert!(got.iter().all(|v| v.get("tail").is_none()));
+            assert_eq!(got[0]["level"], "ERROR");
+            c
+        }
+    })
+    .await
+    .unwrap();
+    // ...and then live, as any stream.
+    assert_eq!(hub.post_batch(&post(1511..=1511, Level::Info)).await.0, 200);
+    let live = tokio::task::spawn_blocking(move || {
+        let mut c = c;
+        c.json(Duration::from_secs(10))
+    })
+    .await
+    .unwrap();
+    assert_eq!(live["seq"], 1511);
+
+    // Filters apply to what is read back: only the errors, then the mark
+    // (past the newest record, so a reconnect does not read them again).
+    let (errors, mark) = tokio::task::spawn_blocking({
+        let c = connect(format!("after_id={resume}&level=error"));
+        move || records_then_mark(&mut c().unwrap(), 10)
+    })
+    .await
+    .unwrap();
+    let seqs: Vec<u64> = errors.iter().map(|v| v["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1601..=1610).collect::<Vec<_>>());
+    assert!(mark > errors[9]["id"].as_i64().unwrap(), "{mark}");
+
+    // A bad resume point, or both starts at once, is a 400 with a reason.
+    for query in ["after_id=-1", "after_id=x", "after_id=5&tail=3"] {
+        let refused = tokio::task::spawn_blocking(connect(query.into()))
+            .await
+            .unwrap()
+            .err()
+            .unwrap_or_else(|| panic!("{query} was accepted"));
+        assert!(refused.starts_with("HTTP/1.1 400"), "{query}: {refused}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_too_slow_for_the_live_feed_still_gets_every_record_once() {
+    let hub = HubProc::start("hub_ws_slow");
+    let s = session_id(1);
+    let opened = batch(
+        vec![state(s, 1, SessionStatus::Active, &[])],
+        vec![],
+        vec![],
+    );
+    assert_eq!(hub.post_batch(&opened).await.0, 200);
+    let path = format!("/ws/organizations/{ORG}/projects/{PROJECT}/sessions/{s}/logs");
+    let (addr, op) = (hub.addr.clone(), hub.operator.clone());
+    let mut c = tokio::task::spawn_blocking(move || {
+        let mut c = WsClient::connect(&addr, &path, &op).unwrap();
+        let mark = c.json(Duration::from_secs(5));
+        assert_eq!(mark["event"], "caught_up", "{mark}");
+        c
+    })
+    .await
+    .unwrap();
+
+    // The client reads nothing while batches keep coming, one record of
+    // 16 KiB each: its socket buffers fill, the hub's sender for it waits,
+    // and the live feed (1,024 batches deep) runs past it.
+    const BATCHES: u64 = 2400;
+    let pad = "x".repeat(16 << 10);
+    for seq in 1..=BATCHES {
+        let r = record(seq, Some(s), Level::Info, "nav", &format!("r{seq} {pad}"));
+        let b = batch(
+            vec![state(s, 1, SessionStatus::Active, &[])],
+            vec![r],
+            vec![],
+        );
+        assert_eq!(hub.post_batch(&b).await.0, 200);
+    }
+
+    // It then reads at its own pace: every record once, in order, with no
+    // "lagged" note, because what the feed dropped was read back.
+    let seqs = tokio::task::spawn_blocking(move || {
+        (1..=BATCHES)
+            .map(|_| {
+                let v = c.json(Duration::from_secs(20));
+                assert!(v.get("event").is_none(), "{v}");
+                v["seq"].as_u64().unwrap()
+            })
+            .collect::<Vec<u64>>()
+    })
+    .await
+    .unwrap();
+    let wrong = seqs.iter().zip(1..).position(|(got, want)| *got != want);
+    assert!(
+        wrong.is_none(),
+        "out of order or repeated from position {wrong:?}: {:?}",
+        &seqs[wrong.unwrap_or(0)..][..10]
+    );
+    let m = hub
+        .http
+        .get(format!("{}/metrics", hub.url))
+        .bearer_auth(&hub.operator)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let catch_ups: u64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("logbook_hub_stream_catch_ups_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(catch_ups >= 1, "the feed never ran past the client:\n{m}");
 }
 
 /// A stand-in while a client is lent to a blocking task.

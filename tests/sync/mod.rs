@@ -5,7 +5,7 @@
 mod artifacts;
 mod chaos;
 mod dev;
-mod faultproxy;
+pub(crate) mod faultproxy;
 mod links;
 
 use std::time::Duration;

@@ -85,6 +85,10 @@ pub struct DeviceScope {
 /// One stored log record, joined with its session and device ids.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LogRow {
+    /// The hub's row id: the order records were committed in here (not the
+    /// device's `seq` order: errors and set-asides arrive out of it). Live
+    /// streams resume after it.
+    pub id: i64,
     pub session_pk: Option<i64>,
     pub session_id: Option<String>,
     pub device_id: String,
@@ -319,7 +323,7 @@ fn level_of(code: i64) -> Level {
 
 /// `SELECT` columns for a [`LogRow`], in the order `log_row` reads them.
 const LOG_COLUMNS: &str = "l.session_pk, s.id, d.device_id, l.seq, l.ts, l.level, l.module, \
-     l.message, l.metadata, l.pid, l.uid, l.gid, l.process";
+     l.message, l.metadata, l.pid, l.uid, l.gid, l.process, l.id";
 
 fn log_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LogRow> {
     Ok(LogRow {
@@ -336,6 +340,7 @@ fn log_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LogRow> {
         uid: r.get(10)?,
         gid: r.get(11)?,
         process: r.get(12)?,
+        id: r.get(13)?,
     })
 }
 
@@ -586,6 +591,7 @@ impl Store {
                     }
                     if want_live {
                         live.push(LogRow {
+                            id,
                             session_pk,
                             session_id: rec.session_id.map(|u| u.to_string()),
                             device_id: scope.device_id.clone(),
@@ -958,6 +964,61 @@ impl Store {
         self.read(|c| logs_page(c, scope, q))
     }
 
+    /// A session's newest `q.limit` records as [`Store::logs`] gives them,
+    /// and the id of the last record the session had in that same snapshot
+    /// (`None` when it has none): a live stream's starting point.
+    pub fn logs_tail(&self, pk: i64, q: &LogQuery) -> Result<(LogPage, Option<i64>), StoreError> {
+        self.read(|c| {
+            let tx = c.unchecked_transaction()?;
+            let page = logs_page(&tx, LogScope::Session(pk), q)?;
+            let last = session_log_ids(&tx, pk)?.1;
+            tx.finish()?;
+            Ok((page, last))
+        })
+    }
+
+    /// Up to `limit` records of session `pk` committed after hub row id
+    /// `after` (see [`LogRow::id`]) and matching `q` (its limit, order and
+    /// cursor aside), in commit order, and the id the next call should
+    /// start after: the last one read, or, when fewer than `limit` came
+    /// back, the session's last id in the same snapshot (so records that
+    /// did not match are not read again).
+    pub fn logs_after(
+        &self,
+        pk: i64,
+        after: i64,
+        q: &LogQuery,
+        limit: u64,
+    ) -> Result<(Vec<LogRow>, i64), StoreError> {
+        self.read(|c| {
+            let tx = c.unchecked_transaction()?;
+            let last = session_log_ids(&tx, pk)?.1.unwrap_or(after);
+            // A range of the primary key, bounded by the session's last id:
+            // the rows the hub committed since `after` are read (all
+            // devices'), never the session's whole index and a sort of it.
+            let (mut where_, mut args) = log_where(&tx, LogScope::Session(pk), q, false)?;
+            where_.push_str(" AND l.id > ? AND l.id <= ?");
+            args.push(after.into());
+            args.push(last.into());
+            let sql = format!(
+                "SELECT {LOG_COLUMNS} FROM logs l
+                 LEFT JOIN sessions s ON s.pk = l.session_pk
+                 JOIN devices d ON d.pk = l.device_pk
+                 WHERE {where_} ORDER BY l.id LIMIT {limit}"
+            );
+            let rows: Vec<LogRow> = tx
+                .prepare_cached(&sql)?
+                .query_map(rusqlite::params_from_iter(args.iter()), log_row)?
+                .collect::<Result<_, _>>()?;
+            tx.finish()?;
+            let next = match rows.last() {
+                Some(r) if rows.len() as u64 >= limit => r.id,
+                _ => last.max(after),
+            };
+            Ok((rows, next))
+        })
+    }
+
     /// Whether a session's state says it is still active.
     pub fn session_status(&self, pk: i64) -> Result<Option<String>, StoreError> {
         self.read(|c| {
@@ -1188,10 +1249,30 @@ impl Where {
     }
 }
 
-fn logs_page(c: &Connection, scope: LogScope, q: &LogQuery) -> Result<LogPage, StoreError> {
+/// A session's first and last hub row ids.
+fn session_log_ids(c: &Connection, pk: i64) -> Result<(Option<i64>, Option<i64>), StoreError> {
+    Ok(
+        c.prepare_cached("SELECT first_log_id, last_log_id FROM sessions WHERE pk = ?1")?
+            .query_row([pk], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?
+            .unwrap_or((None, None)),
+    )
+}
+
+/// The WHERE clause (and its arguments) of `q`'s filters in `scope`.
+/// `session_index`: whether SQLite may find a session's rows through its
+/// index (when false, the caller bounds the scan some other way).
+fn log_where(
+    c: &Connection,
+    scope: LogScope,
+    q: &LogQuery,
+    session_index: bool,
+) -> Result<(String, Vec<Value>), StoreError> {
     let mut w = Where::default();
     match scope {
-        LogScope::Session(pk) => w.and("l.session_pk = ?", [pk.into()]),
+        LogScope::Session(pk) if session_index => w.and("l.session_pk = ?", [pk.into()]),
+        // `+` keeps the column from being looked up in an index.
+        LogScope::Session(pk) => w.and("+l.session_pk = ?", [pk.into()]),
         LogScope::Device(pk) => w.and("l.device_pk = ? AND l.session_pk IS NULL", [pk.into()]),
     }
     w.and_some("l.level >= ?", q.min_level.map(|l| i64::from(l.code())));
@@ -1212,11 +1293,7 @@ fn logs_page(c: &Connection, scope: LogScope, q: &LogQuery) -> Result<LogPage, S
             // rowid bounds inside the index, so a common word costs the
             // session's share of matches, not the whole hub's.
             let range: (Option<i64>, Option<i64>) = match scope {
-                LogScope::Session(pk) => c
-                    .prepare_cached("SELECT first_log_id, last_log_id FROM sessions WHERE pk = ?1")?
-                    .query_row([pk], |r| Ok((r.get(0)?, r.get(1)?)))
-                    .optional()?
-                    .unwrap_or((None, None)),
+                LogScope::Session(pk) => session_log_ids(c, pk)?,
                 LogScope::Device(_) => (None, None),
             };
             w.and(
@@ -1234,7 +1311,11 @@ fn logs_page(c: &Connection, scope: LogScope, q: &LogQuery) -> Result<LogPage, S
             [search.trim().to_owned().into()],
         );
     }
-    let (where_, mut args) = w.finish();
+    Ok(w.finish())
+}
+
+fn logs_page(c: &Connection, scope: LogScope, q: &LogQuery) -> Result<LogPage, StoreError> {
+    let (where_, mut args) = log_where(c, scope, q, true)?;
     let total = if q.want_total {
         let n: i64 = c
             .prepare_cached(&format!("SELECT count(*) FROM logs l WHERE {where_}"))?

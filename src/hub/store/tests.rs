@@ -572,3 +572,82 @@ fn fts_queries_quote_user_text() {
     check("a\"b OR c", Some("\"a\" AND \"b\" AND \"OR\" AND \"c\""));
     check("  ;; ", None);
 }
+
+#[test]
+fn logs_after_an_id_page_through_one_session_in_commit_order() {
+    let (_d, store) = open();
+    let (a, b) = (sid(7), sid(8));
+    // Two robots' sessions interleaved, and session a's errors arriving
+    // before its older records (as after an outage).
+    let post = |device: &str, s: Uuid, seqs: &[u64], level: Level| {
+        let recs = seqs
+            .iter()
+            .map(|&i| rec(i, Some(s), level, "nav", &format!("{device} {i}")))
+            .collect();
+        let states = vec![state(s, 1, SessionStatus::Active, &[])];
+        store
+            .ingest(&scope(device), &batch(device, states, recs, vec![]), false)
+            .unwrap();
+    };
+    post("r1", a, &[1, 2], Level::Info);
+    post("r2", b, &[1, 2, 3], Level::Info);
+    post("r1", a, &[9, 10], Level::Error);
+    post("r2", b, &[4], Level::Info);
+    post("r1", a, &[3, 4, 5], Level::Info);
+    let pk = |s: Uuid| {
+        store
+            .find_session("acme", "warehouse", &s.to_string())
+            .unwrap()
+            .unwrap()
+    };
+    let read_all = |q: &LogQuery, page: u64| {
+        let (mut after, mut seqs, mut pages) = (0, Vec::new(), 0);
+        loop {
+            let (rows, next) = store.logs_after(pk(a), after, q, page).unwrap();
+            assert!(rows
+                .iter()
+                .all(|r| r.id > after && r.session_pk == Some(pk(a))));
+            assert!(next >= after);
+            seqs.extend(rows.iter().map(|r| r.seq));
+            pages += 1;
+            let short = (rows.len() as u64) < page;
+            after = next;
+            if short {
+                return (seqs, after, pages);
+            }
+        }
+    };
+    let (seqs, last, pages) = read_all(&LogQuery::default(), 2);
+    assert_eq!(seqs, [1, 2, 9, 10, 3, 4, 5], "commit order, not seq order");
+    assert_eq!(pages, 4);
+    // Caught up: nothing after the last id, and it stays there.
+    assert_eq!(
+        store
+            .logs_after(pk(a), last, &LogQuery::default(), 2)
+            .unwrap(),
+        (vec![], last)
+    );
+
+    // A filter that matches few rows still ends past every row of the
+    // session, so the next call does not read them again.
+    let errors = LogQuery {
+        min_level: Some(Level::Error),
+        ..Default::default()
+    };
+    let (seqs, after_errors, _) = read_all(&errors, 500);
+    assert_eq!(seqs, [9, 10]);
+    assert_eq!(after_errors, last);
+
+    // The tail comes with the session's last id of the same snapshot.
+    let (page, last_id) = store
+        .logs_tail(
+            pk(b),
+            &LogQuery {
+                limit: 2,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(page.items.iter().map(|r| r.seq).collect::<Vec<_>>(), [4, 3]);
+    assert_eq!(last_id, Some(page.items[0].id));
+}
