@@ -115,12 +115,16 @@ async fn follow_prints_new_records_once_across_a_hub_restart() {
 
     // Printed exactly once each, from seq 26 on, with nothing the hub holds
     // for that range missing.
-    let got = printed_seqs(&run);
-    let mut sorted = got.clone();
+    each_once(&printed_seqs(&run), 26..=more);
+}
+
+/// Asserts `got` holds every seq of `want` exactly once (in any order).
+fn each_once(got: &[u64], want: std::ops::RangeInclusive<u64>) {
+    let mut sorted = got.to_vec();
     sorted.sort();
     sorted.dedup();
     assert_eq!(sorted.len(), got.len(), "printed twice: {got:?}");
-    assert_eq!(sorted, (26..=more).collect::<Vec<_>>(), "{got:?}");
+    assert_eq!(sorted, want.collect::<Vec<_>>(), "{got:?}");
 }
 
 /// Posts one record at a time (from `*next` on) until `run` printed more
@@ -217,11 +221,7 @@ async fn follow_misses_nothing_that_arrived_while_the_link_was_cut() {
     });
     assert!(status.success(), "{}", run.stderr());
     let got = printed_seqs(&run);
-    let mut sorted = got.clone();
-    sorted.sort();
-    sorted.dedup();
-    assert_eq!(sorted.len(), got.len(), "printed twice");
-    assert_eq!(sorted, (1..=last + 1).collect::<Vec<_>>());
+    each_once(&got, 1..=last + 1);
     // In the order the hub took them: the errors before the rest.
     let at = |seq: u64| got.iter().position(|s| *s == seq).unwrap();
     assert!(at(last) < at(first), "{:?}", &got[..20]);

@@ -314,16 +314,7 @@ async fn batches_read_back_through_every_route() {
     assert_eq!(hub.get(&hub.api(&format!("/sessions/{s1}"))).await.0, 404);
 
     // Metrics count what happened.
-    let m = hub
-        .http
-        .get(format!("{}/metrics", hub.url))
-        .bearer_auth(&hub.operator)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = hub.metrics().await;
     assert!(m.contains("logbook_hub_records_total 42\n"), "{m}");
     assert!(m.contains("logbook_hub_batches_total"));
 }

@@ -199,6 +199,28 @@ impl HubProc {
         format!("{}{}", self.url, r.headers()["location"].to_str().unwrap())
     }
 
+    /// `GET /metrics` as an operator: the Prometheus text.
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.url))
+            .bearer_auth(&self.operator)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// One sample of `/metrics` (0 when absent), by its name and labels.
+    pub async fn metric(&self, sample: &str) -> u64 {
+        self.metrics()
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
+            .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
+    }
+
     pub async fn post_batch(&self, batch: &Batch) -> (u16, Value) {
         self.post_body(&batch.encode(1), &self.device).await
     }

@@ -165,16 +165,7 @@ async fn oversize_bomb_and_malformed_bodies() {
         .unwrap();
     assert_eq!(r.status(), 415);
     // The hub is still serving, and counted the refusals.
-    let m = hub
-        .http
-        .get(format!("{}/metrics", hub.url))
-        .bearer_auth(&hub.operator)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = hub.metrics().await;
     assert!(m.contains("reason=\"decompressed_too_large\"} 1"), "{m}");
     assert!(m.contains("reason=\"body_too_large\"} 1"), "{m}");
 }

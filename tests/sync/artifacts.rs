@@ -115,21 +115,7 @@ impl Rig {
 
     /// A sample of the hub's `/metrics` (0 when absent).
     fn hub_metric(&self, sample: &str) -> u64 {
-        let text = self.rt.block_on(async {
-            self.hub
-                .http
-                .get(format!("{}/metrics", self.hub.url))
-                .bearer_auth(&self.hub.operator)
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap()
-        });
-        text.lines()
-            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
-            .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
+        self.rt.block_on(self.hub.metric(sample))
     }
 
     /// No PATCH ever re-sent acknowledged bytes, and the bytes the hub
