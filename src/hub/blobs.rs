@@ -56,6 +56,13 @@ impl Blobs {
         Ok(tokio::fs::metadata(self.part_path(upload_id)?).await?.len())
     }
 
+    /// When a part was last written.
+    pub async fn part_modified(&self, upload_id: &str) -> std::io::Result<std::time::SystemTime> {
+        tokio::fs::metadata(self.part_path(upload_id)?)
+            .await?
+            .modified()
+    }
+
     /// Removes a part; a part already gone is fine.
     pub fn remove_part(&self, upload_id: &str) -> std::io::Result<()> {
         ignore_missing(std::fs::remove_file(self.part_path(upload_id)?))

@@ -64,6 +64,12 @@ pub const KEYS: &[Key] = &[
         kind: Kind::Bytes,
         doc: "largest artifact upload",
     },
+    Key {
+        section: "uploads",
+        key: "expire_after",
+        kind: Kind::Secs,
+        doc: "an unfinished upload with no write for this long is deleted (tus expiration)",
+    },
 ];
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -95,6 +101,7 @@ struct RawIngest {
 #[serde(default, deny_unknown_fields)]
 struct RawUploads {
     max_bytes: u64,
+    expire_after: f64,
 }
 
 impl Default for Raw {
@@ -113,6 +120,8 @@ impl Default for Raw {
             },
             uploads: RawUploads {
                 max_bytes: 16 << 30,
+                // A robot may be offline for days mid-upload.
+                expire_after: 7.0 * 24.0 * 3600.0,
             },
         }
     }
@@ -141,6 +150,8 @@ pub struct HubConfig {
     pub data_dir: PathBuf,
     pub max_streams: usize,
     pub limits: Limits,
+    /// An unfinished upload with no write for this long is deleted.
+    pub upload_expire_after: std::time::Duration,
 }
 
 /// Bounds on what one request may make the hub read or hold.
@@ -204,6 +215,9 @@ fn resolve(raw: Raw, origin: &str) -> Result<HubConfig, ConfigError> {
             return Err(err(format!("{name}: must be greater than 0")));
         }
     }
+    if raw.uploads.expire_after <= 0.0 {
+        return Err(err("uploads.expire_after: must be greater than 0".into()));
+    }
     let size = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
     Ok(HubConfig {
         listen,
@@ -216,6 +230,8 @@ fn resolve(raw: Raw, origin: &str) -> Result<HubConfig, ConfigError> {
             max_field_bytes: size(raw.ingest.max_field_bytes),
             max_upload_bytes: raw.uploads.max_bytes,
         },
+        upload_expire_after: std::time::Duration::try_from_secs_f64(raw.uploads.expire_after)
+            .map_err(|e| err(format!("uploads.expire_after: {e}")))?,
     })
 }
 
@@ -261,6 +277,10 @@ mod tests {
         check(
             &[("LOGBOOK_INGEST_MAX_RECORDS", "0")],
             Err("env: ingest.max_records: must be greater than 0"),
+        );
+        check(
+            &[("LOGBOOK_UPLOADS_EXPIRE_AFTER", "0s")],
+            Err("env: uploads.expire_after: must be greater than 0"),
         );
     }
 

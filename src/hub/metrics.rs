@@ -22,6 +22,9 @@ pub struct Metrics {
     /// acknowledged range ever re-sent, this equals the sum of completed
     /// upload lengths.
     pub upload_acked_bytes: AtomicU64,
+    /// Unfinished uploads deleted after `uploads.expire_after` without a
+    /// write.
+    pub uploads_expired: AtomicU64,
     pub active_streams: AtomicU64,
     /// Times a live stream fell behind the broadcast and read what it
     /// missed back from the database.
@@ -86,6 +89,11 @@ impl Metrics {
                 "logbook_hub_upload_acked_bytes_total",
                 "Artifact bytes of PATCHes kept (verified, not rolled back).",
                 &self.upload_acked_bytes,
+            ),
+            (
+                "logbook_hub_uploads_expired_total",
+                "Unfinished uploads deleted after uploads.expire_after without a write.",
+                &self.uploads_expired,
             ),
             (
                 "logbook_hub_stream_catch_ups_total",
@@ -175,6 +183,12 @@ mod tests {
             (
                 "upload_acked_bytes_total",
                 "Artifact bytes of PATCHes kept (verified, not rolled back).",
+                "counter",
+                "0",
+            ),
+            (
+                "uploads_expired_total",
+                "Unfinished uploads deleted after uploads.expire_after without a write.",
                 "counter",
                 "0",
             ),

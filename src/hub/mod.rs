@@ -149,6 +149,7 @@ pub async fn serve(
         busy_uploads: Default::default(),
     });
     let addr = listener.local_addr().map_err(HubError::Serve)?;
+    tokio::spawn(tus::expire_periodically(hub.clone()));
     tracing::info!(%addr, data_dir = %data_dir.display(), "logbook-hub serving");
     axum::serve(listener, router(hub))
         .with_graceful_shutdown(async move {

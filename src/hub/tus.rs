@@ -1,15 +1,21 @@
 //! Artifact uploads over tus 1.0.0: core (HEAD, PATCH), creation, checksum
-//! (sha256 per PATCH) and termination, on `/api/v1/ingest/uploads[/{id}]`.
-//! A finished upload is checked against the whole file's SHA-256 from
-//! `Upload-Metadata` and becomes the session's artifact at its path.
+//! (sha256 per PATCH), termination and expiration, on
+//! `/api/v1/ingest/uploads[/{id}]`. A finished upload is checked against
+//! the whole file's SHA-256 from `Upload-Metadata` and becomes the
+//! session's artifact at its path. An unfinished upload with no write for
+//! `uploads.expire_after` is deleted (its part file too): by
+//! [`sweep_expired`], which the hub runs periodically, or when it is next
+//! asked for (410 Gone); a device that comes back then creates it again.
 //!
 //! Invariant: upload bytes live in `uploads/<id>.part` (the offset is its
-//! length) and finished artifacts under `blobs/<random>`; no file name on
-//! disk is ever derived from a device-supplied path.
+//! length, its modification time the last write) and finished artifacts
+//! under `blobs/<random>`; no file name on disk is ever derived from a
+//! device-supplied path; an upload with a PATCH in progress never expires.
 
 use std::collections::HashMap;
 use std::io::{Seek, Write};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -28,7 +34,7 @@ use super::Hub;
 use crate::wire::upload_meta;
 
 const TUS_VERSION: &str = "1.0.0";
-const EXTENSIONS: &str = "creation,checksum,termination";
+const EXTENSIONS: &str = "creation,checksum,termination,expiration";
 const OFFSET_OCTET_STREAM: &str = "application/offset+octet-stream";
 /// Unfinished uploads one device may hold at once.
 pub const MAX_UNFINISHED_UPLOADS: u64 = 64;
@@ -218,6 +224,10 @@ async fn create(hub: &Arc<Hub>, scope: DeviceScope, h: &HeaderMap) -> Result<Res
             // upload already under way and its offset.
             let offset = current_offset(hub, &id).await?;
             tracing::info!(device = %scope.device_id, upload = %id, offset, "upload creation repeated; resuming");
+            let i = id.clone();
+            if let Some(up) = hub.db(move |s| s.get_upload(&i)).await? {
+                return Ok(with_expiry(hub, &up, created(&id, offset)).await);
+            }
             return Ok(created(&id, offset));
         }
     }
@@ -257,8 +267,102 @@ async fn create(hub: &Arc<Hub>, scope: DeviceScope, h: &HeaderMap) -> Result<Res
     tracing::info!(device = %scope.device_id, upload = %id, path = %upload.path, length, "upload created");
     if length == 0 {
         finish(hub, &upload).await?;
+        return Ok(created(&id, 0));
     }
-    Ok(created(&id, 0))
+    Ok(with_expiry(hub, &upload, created(&id, 0)).await)
+}
+
+/// When upload `up` expires: `uploads.expire_after` past its last write
+/// (its part file's modification time) or its creation, the later.
+async fn expires_at(hub: &Hub, up: &UploadRow) -> SystemTime {
+    let created = SystemTime::UNIX_EPOCH + Duration::from_nanos(up.created_at_ns.max(0) as u64);
+    let written = hub.blobs.part_modified(&up.id).await.ok();
+    written.map_or(created, |w| w.max(created)) + hub.config.upload_expire_after
+}
+
+/// `t` as an HTTP date (`Upload-Expires`).
+fn http_date(t: SystemTime) -> HeaderValue {
+    let format = time::macros::format_description!(
+        "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+    );
+    let text = time::OffsetDateTime::from(t)
+        .format(format)
+        .unwrap_or_default();
+    HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static(""))
+}
+
+/// Adds `Upload-Expires` for upload `up` to `resp`.
+async fn with_expiry(hub: &Hub, up: &UploadRow, mut resp: Response) -> Response {
+    let at = expires_at(hub, up).await;
+    resp.headers_mut().insert("upload-expires", http_date(at));
+    resp
+}
+
+/// Deletes upload `up` (row and part file) if it has expired and no PATCH
+/// is writing to it; returns whether it did.
+async fn expire_if_due(hub: &Arc<Hub>, up: &UploadRow) -> Result<bool, ApiError> {
+    if expires_at(hub, up).await > SystemTime::now() {
+        return Ok(false);
+    }
+    let Some(_busy) = Busy::take(hub, &up.id) else {
+        return Ok(false);
+    };
+    if hub.blobs.part_len(&up.id).await.ok() == Some(up.length) {
+        // Every byte arrived but the hub stopped before finishing it:
+        // finish it rather than throw it away.
+        finish(hub, up).await?;
+        return Ok(false);
+    }
+    let id = up.id.clone();
+    hub.db(move |s| s.delete_upload(&id)).await?;
+    if let Err(e) = hub.blobs.remove_part(&up.id) {
+        tracing::warn!(upload = %up.id, error = %e, "cannot remove an expired upload's file");
+    }
+    Metrics::add(&hub.metrics.uploads_expired, 1);
+    tracing::info!(upload = %up.id, path = %up.path, "unfinished upload expired; deleted");
+    Ok(true)
+}
+
+/// Deletes every expired unfinished upload (at most 1,000 per call);
+/// returns how many.
+pub async fn sweep_expired(hub: &Arc<Hub>) -> usize {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64;
+    let before = now.saturating_sub(hub.config.upload_expire_after.as_nanos() as i64);
+    let candidates = match hub
+        .db(move |s| s.uploads_created_before(before, 1000))
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e.message, "cannot look for expired uploads");
+            return 0;
+        }
+    };
+    let mut n = 0;
+    for up in &candidates {
+        match expire_if_due(hub, up).await {
+            Ok(true) => n += 1,
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(upload = %up.id, error = %e.message, "cannot expire an upload")
+            }
+        }
+    }
+    n
+}
+
+/// Runs [`sweep_expired`] every quarter of `uploads.expire_after` (within
+/// 100 ms and an hour) until the hub shuts down.
+pub async fn expire_periodically(hub: Arc<Hub>) {
+    let every = (hub.config.upload_expire_after / 4)
+        .clamp(Duration::from_millis(100), Duration::from_secs(3600));
+    loop {
+        sweep_expired(&hub).await;
+        tokio::select! {
+            _ = hub.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
 }
 
 /// `201 Created` naming upload `id`, which holds `offset` bytes.
@@ -301,6 +405,16 @@ async fn resource_inner(
         return Err(ApiError::not_found(format!("no upload {id:?}")));
     }
     let upload = find_upload(hub, &scope, &id).await?;
+    if method != Method::DELETE && expire_if_due(hub, &upload).await? {
+        return Err(ApiError::new(
+            StatusCode::GONE,
+            "upload_expired",
+            format!(
+                "upload {id} had no write for {:?} and was deleted; create it again",
+                hub.config.upload_expire_after
+            ),
+        ));
+    }
     match method {
         Method::HEAD => head(hub, &upload).await,
         Method::PATCH => patch(hub, &upload, headers, body).await,
@@ -361,6 +475,9 @@ async fn head(hub: &Arc<Hub>, up: &UploadRow) -> Result<Response, ApiError> {
         if !up.metadata.is_empty() {
             h.insert("upload-metadata", v);
         }
+    }
+    if offset < up.length {
+        return Ok(with_expiry(hub, up, resp).await);
     }
     Ok(resp)
 }
@@ -558,6 +675,9 @@ async fn patch(
     let mut resp = StatusCode::NO_CONTENT.into_response();
     resp.headers_mut()
         .insert("upload-offset", HeaderValue::from(written));
+    if written < up.length {
+        return Ok(with_expiry(hub, up, resp).await);
+    }
     Ok(resp)
 }
 

@@ -277,7 +277,7 @@ async fn checksum_mismatch_termination_and_zip() {
     assert_eq!(r.headers()["tus-version"], "1.0.0");
     assert_eq!(
         r.headers()["tus-extension"],
-        "creation,checksum,termination"
+        "creation,checksum,termination,expiration"
     );
     assert_eq!(r.headers()["tus-checksum-algorithm"], "sha256");
 
@@ -413,4 +413,82 @@ async fn repeated_creation_resumes_the_same_upload() {
         .unwrap();
     assert_eq!(r.status(), 201);
     assert_eq!(r.headers()["upload-offset"], "1000");
+}
+
+/// An unfinished upload nobody writes to is deleted after
+/// `uploads.expire_after`, part file and all; one still being written to
+/// stays, and every answer says when it would expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_uploads_expire_unless_written_to() {
+    let hub = HubProc::start_with("hub_tus_expire", &[("LOGBOOK_UPLOADS_EXPIRE_AFTER", "2s")]);
+    let tus = Tus { hub: &hub };
+    let s = session_id(5);
+    let data = content(1000, 5);
+    let stale = tus.create(s, "stale.bin", &data, None).await;
+    let alive = tus.create(s, "alive.bin", &data, None).await;
+    assert_eq!(tus.patch(&stale, 0, &data[..100], None).await.0, 204);
+    let part = |url: &str| {
+        let id = url.rsplit('/').next().unwrap();
+        hub.data_dir().join("uploads").join(format!("{id}.part"))
+    };
+    assert!(part(&stale).exists());
+
+    // `alive` gets a chunk every half second for three seconds; each answer
+    // moves its expiry on.
+    let expiry = |r: &reqwest::Response| {
+        let text = r.headers()["upload-expires"].to_str().unwrap().to_owned();
+        let format = time::macros::format_description!(
+            "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+        );
+        time::PrimitiveDateTime::parse(&text, format)
+            .unwrap_or_else(|e| panic!("Upload-Expires {text:?}: {e}"))
+            .assume_utc()
+    };
+    let mut expiries = Vec::new();
+    for i in 0..6u64 {
+        let r = hub
+            .http
+            .patch(&alive)
+            .bearer_auth(&hub.device)
+            .header("tus-resumable", "1.0.0")
+            .header("content-type", "application/offset+octet-stream")
+            .header("upload-offset", (i * 10).to_string())
+            .body(data[(i * 10) as usize..(i * 10 + 10) as usize].to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 204);
+        expiries.push(expiry(&r));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let now = time::OffsetDateTime::now_utc();
+    assert!(expiries.windows(2).all(|w| w[0] <= w[1]), "{expiries:?}");
+    assert!(expiries[5] > expiries[0], "{expiries:?}");
+    assert!(
+        expiries[5] > now - time::Duration::seconds(2)
+            && expiries[5] < now + time::Duration::seconds(4),
+        "{expiries:?} at {now}"
+    );
+
+    // `stale` had no write for three seconds: the hub's sweeper deleted it.
+    util::wait_for(
+        "the stale upload's file to go",
+        Duration::from_secs(10),
+        || (!part(&stale).exists()).then_some(()),
+    );
+    assert_eq!(tus.offset(&stale).await, None);
+    assert!(hub.metric("logbook_hub_uploads_expired_total").await >= 1);
+
+    // `alive` is where it was, and finishes.
+    assert_eq!(tus.offset(&alive).await, Some(60));
+    assert_eq!(tus.patch(&alive, 60, &data[60..], None).await.0, 204);
+    let (st, files) = hub.get(&hub.api(&format!("/sessions/{s}/files"))).await;
+    assert_eq!(st, 200);
+    let paths: Vec<&str> = files["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths, ["alive.bin"]);
 }

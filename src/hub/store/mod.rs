@@ -1128,28 +1128,14 @@ impl Store {
 
     pub fn get_upload(&self, id: &str) -> Result<Option<UploadRow>, StoreError> {
         self.read(|c| {
-            Ok(c.prepare_cached(
-                "SELECT id, device_pk, session_pk, path, content_type, sha256, length, metadata,
-                        created_at_ns FROM uploads WHERE id = ?1",
-            )?
-            .query_row([id], |r| {
-                Ok(UploadRow {
-                    id: r.get(0)?,
-                    device_pk: r.get(1)?,
-                    session_pk: r.get(2)?,
-                    path: r.get(3)?,
-                    content_type: r.get(4)?,
-                    sha256: r.get(5)?,
-                    length: r.get::<_, i64>(6)? as u64,
-                    metadata: r.get(7)?,
-                    created_at_ns: r.get(8)?,
-                })
-            })
+            Ok(c.prepare_cached(&format!(
+                "SELECT {UPLOAD_COLUMNS} FROM uploads WHERE id = ?1"
+            ))?
+            .query_row([id], upload_row)
             .optional()?)
         })
     }
 
-    /// Uploads a device has started and not finished.
     /// An unfinished upload of this device for the same file version, so
     /// a retried creation (its answer lost on the way) resumes that upload
     /// instead of leaving an orphan behind.
@@ -1174,6 +1160,7 @@ impl Store {
         })
     }
 
+    /// Uploads a device has started and not finished.
     pub fn unfinished_uploads(&self, device_pk: i64) -> Result<u64, StoreError> {
         self.read(|c| {
             Ok(
@@ -1183,9 +1170,47 @@ impl Store {
         })
     }
 
+    /// Up to `limit` unfinished uploads created before `before_ns`, oldest
+    /// first: the candidates for expiry.
+    pub fn uploads_created_before(
+        &self,
+        before_ns: i64,
+        limit: u32,
+    ) -> Result<Vec<UploadRow>, StoreError> {
+        self.read(|c| {
+            let mut st = c.prepare_cached(&format!(
+                "SELECT {UPLOAD_COLUMNS} FROM uploads WHERE created_at_ns < ?1
+                 ORDER BY created_at_ns LIMIT ?2"
+            ))?;
+            let rows = st
+                .query_map(params![before_ns, limit], upload_row)?
+                .collect::<Result<_, _>>()?;
+            Ok(rows)
+        })
+    }
+
     pub fn delete_upload(&self, id: &str) -> Result<bool, StoreError> {
         self.write(|tx| Ok(tx.execute("DELETE FROM uploads WHERE id = ?1", [id])? > 0))
     }
+}
+
+/// `SELECT` columns for an [`UploadRow`], in the order `upload_row` reads
+/// them.
+const UPLOAD_COLUMNS: &str =
+    "id, device_pk, session_pk, path, content_type, sha256, length, metadata, created_at_ns";
+
+fn upload_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<UploadRow> {
+    Ok(UploadRow {
+        id: r.get(0)?,
+        device_pk: r.get(1)?,
+        session_pk: r.get(2)?,
+        path: r.get(3)?,
+        content_type: r.get(4)?,
+        sha256: r.get(5)?,
+        length: r.get::<_, i64>(6)? as u64,
+        metadata: r.get(7)?,
+        created_at_ns: r.get(8)?,
+    })
 }
 
 fn device_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRow> {
