@@ -15,7 +15,7 @@
 //! gets nothing twice.
 //!
 //! Invariant: a stream subscribes before it reads the database, and skips
-//! live records it already covered (by id, or by seq for the tail), so
+//! live records up to the id it has covered, so
 //! nothing committed during connection setup is lost or repeated. A client
 //! too slow for the live feed is not dropped and does not slow ingest: when
 //! it falls behind the broadcast, what it missed is read back from the
@@ -158,9 +158,12 @@ async fn catch_up(
         let page = hub
             .db(move |s| s.logs_after(pk, after, &q2, CATCH_UP_PAGE))
             .await;
-        // A failed read ends the stream (logged by the caller); the client
-        // reconnects after the last id it got.
-        let (rows, next) = page.map_err(|e| axum::Error::new(e.message))?;
+        // A failed read ends the stream; the client reconnects after the
+        // last id it got.
+        let (rows, next) = page.map_err(|e| {
+            tracing::warn!(error = %e.message, "a live stream could not read the logs it missed");
+            axum::Error::new(e.message)
+        })?;
         for r in &rows {
             socket.send(text(r, false)).await?;
         }
@@ -235,6 +238,12 @@ async fn run(
                     Some(t) => {
                         hub.metrics.stream_catch_ups.fetch_add(1, Relaxed);
                         through = Some(catch_up(hub, &mut socket, pk, &q, t).await?);
+                        // The event that ended the session may be among
+                        // those dropped.
+                        let status = hub.db(move |s| s.session_status(pk)).await.ok().flatten();
+                        if status.as_deref() != Some("active") {
+                            return close(socket, "session ended").await;
+                        }
                     }
                     None => {
                         let note = serde_json::json!({"event": "lagged", "missed_batches": missed});

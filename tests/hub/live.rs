@@ -249,16 +249,30 @@ async fn a_client_too_slow_for_the_live_feed_still_gets_every_record_once() {
         assert_eq!(hub.post_batch(&b).await.0, 200);
     }
 
+    let ended = batch(
+        vec![state(s, 2, SessionStatus::Completed, &[])],
+        vec![],
+        vec![],
+    );
+    assert_eq!(hub.post_batch(&ended).await.0, 200);
+
     // It then reads at its own pace: every record once, in order, with no
-    // "lagged" note, because what the feed dropped was read back.
+    // "lagged" note, because what the feed dropped was read back; then the
+    // stream closes, the session having ended.
     let seqs = tokio::task::spawn_blocking(move || {
-        (1..=BATCHES)
+        let seqs = (1..=BATCHES)
             .map(|_| {
                 let v = c.json(Duration::from_secs(20));
                 assert!(v.get("event").is_none(), "{v}");
                 v["seq"].as_u64().unwrap()
             })
-            .collect::<Vec<u64>>()
+            .collect::<Vec<u64>>();
+        match c.next(Duration::from_secs(20)) {
+            Some(WsMessage::Close(why)) => assert_eq!(why, "session ended"),
+            Some(WsMessage::Text(t)) => panic!("expected the close, got {t}"),
+            None => panic!("expected the close, got nothing"),
+        }
+        seqs
     })
     .await
     .unwrap();
