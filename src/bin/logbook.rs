@@ -1031,9 +1031,6 @@ async fn run_hub(cli: Cli) -> anyhow::Result<()> {
 /// the hub's WebSocket live route.
 async fn hub_logs(hub: &HubClient, out: &mut impl Write, a: LogsArgs) -> anyhow::Result<()> {
     let scope = match (a.session.as_deref(), a.device) {
-        (_, Some(d)) if a.follow => {
-            bail!("--follow streams a session: give --session ID instead of --device {d}")
-        }
         (_, Some(d)) => LogScope::Device(d),
         (Some("current") | None, None) => bail!(
             "with --hub, logs needs --session ID or --device D (list sessions with `sessions`)"
@@ -1095,15 +1092,12 @@ async fn hub_logs(hub: &HubClient, out: &mut impl Write, a: LogsArgs) -> anyhow:
         }
     }
     out.flush()?;
-    let LogScope::Session(session) = scope else {
-        return Ok(());
-    };
     if !a.follow {
         return Ok(());
     }
     let json = a.json;
     hub.follow(
-        &session,
+        &scope,
         &filter,
         seen,
         |r| {

@@ -206,6 +206,16 @@ pub enum LogScope {
     Device(String),
 }
 
+impl LogScope {
+    /// The logs route under the project, for pages and live streams.
+    fn logs_path(&self) -> String {
+        match self {
+            LogScope::Session(id) => format!("/sessions/{}/logs", percent_encode(id)),
+            LogScope::Device(id) => format!("/devices/{}/logs", percent_encode(id)),
+        }
+    }
+}
+
 /// How [`HubClient::download`] ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Downloaded {
@@ -444,10 +454,7 @@ impl HubClient {
         limit: usize,
         cursor: Option<(&str, u64)>,
     ) -> Result<Page<HubLog>, HubError> {
-        let path = match scope {
-            LogScope::Session(id) => format!("/sessions/{}/logs", percent_encode(id)),
-            LogScope::Device(id) => format!("/devices/{}/logs", percent_encode(id)),
-        };
+        let path = scope.logs_path();
         let mut url = self.project_url(&format!(
             "{path}?limit={}{}",
             limit.clamp(1, PAGE),
@@ -597,7 +604,7 @@ impl HubClient {
     /// same client, so https hubs need no second TLS stack).
     async fn connect_live(
         &self,
-        session: &str,
+        scope: &LogScope,
         filter: &LogFilter,
         start: LiveStart,
     ) -> Result<WebSocketStream<reqwest::Upgraded>, HubError> {
@@ -606,11 +613,11 @@ impl HubClient {
             LiveStart::After(id) => format!("after_id={id}"),
         };
         let url = format!(
-            "{}/api/v1/ws/organizations/{}/projects/{}/sessions/{}/logs?{start}{}",
+            "{}/api/v1/ws/organizations/{}/projects/{}{}?{start}{}",
             self.base,
             percent_encode(&self.org),
             percent_encode(&self.project),
-            percent_encode(session),
+            scope.logs_path(),
             filter.query()
         );
         let key = tokio_tungstenite::tungstenite::handshake::client::generate_key();
@@ -653,7 +660,8 @@ impl HubClient {
         Ok(WebSocketStream::from_raw_socket(upgraded, Role::Client, Some(config)).await)
     }
 
-    /// Follows a session's live logs until the hub says the session ended,
+    /// Follows the live logs of `scope` (a session's until the hub says it
+    /// ended; a device's records outside sessions until interrupted),
     /// calling `each` once per record. The first connection replays the
     /// newest [`LIVE_TAIL`] records and skips those already passed to
     /// `each`: `seen` holds the seqs printed before following (the tail
@@ -666,7 +674,7 @@ impl HubClient {
     /// lagging) meant for stderr.
     pub async fn follow(
         &self,
-        session: &str,
+        scope: &LogScope,
         filter: &LogFilter,
         mut seen: BTreeSet<u64>,
         mut each: impl FnMut(&HubLog) -> std::io::Result<()>,
@@ -685,7 +693,7 @@ impl HubClient {
                 Some(id) => LiveStart::After(id),
                 None => LiveStart::Tail(LIVE_TAIL),
             };
-            let ws = match self.connect_live(session, filter, start).await {
+            let ws = match self.connect_live(scope, filter, start).await {
                 Ok(ws) => ws,
                 // Only a link problem is worth retrying; a refused key or
                 // an unknown session stays refused.
@@ -926,7 +934,7 @@ mod tests {
         let r = tokio::time::timeout(
             Duration::from_secs(10),
             client.follow(
-                "s1",
+                &LogScope::Session("s1".into()),
                 &LogFilter::default(),
                 BTreeSet::new(),
                 |_| Ok(()),

@@ -261,6 +261,7 @@ mod tests {
     fn csv_quotes_what_it_must() {
         let r = LogRow {
             id: 1,
+            device_pk: 1,
             session_pk: Some(1),
             session_id: Some("s".into()),
             device_id: "d".into(),

@@ -184,6 +184,7 @@ fn router(hub: Arc<Hub>) -> Router {
         .route("/devices", get(api::list_devices))
         .route("/devices/{device_id}/logs", get(api::device_logs));
     let ws = "/organizations/{org}/projects/{project}/sessions/{id}/logs";
+    let ws_device = "/organizations/{org}/projects/{project}/devices/{device_id}/logs";
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(api::metrics))
@@ -196,6 +197,11 @@ fn router(hub: Arc<Hub>) -> Router {
         .nest("/api/v1/organizations/{org}/projects/{project}", project)
         .route(&format!("/ws{ws}"), get(stream::ws_logs))
         .route(&format!("/api/v1/ws{ws}"), get(stream::ws_logs))
+        .route(&format!("/ws{ws_device}"), get(stream::ws_device_logs))
+        .route(
+            &format!("/api/v1/ws{ws_device}"),
+            get(stream::ws_device_logs),
+        )
         .fallback(api::not_found)
         .with_state(hub)
 }

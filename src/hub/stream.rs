@@ -1,9 +1,10 @@
-//! Live log streams over WebSocket: an operator watching a session gets
-//! its last `tail` records first (optional), or every record committed
-//! after hub row id `after_id` (a reconnecting client's resume point), then
-//! every record as its batch is committed, one JSON log item per text
-//! message; the stream ends with a close frame when the session leaves
-//! `active` or the hub shuts down.
+//! Live log streams over WebSocket: an operator watching a session (or the
+//! records a device sends outside sessions) gets its last `tail` records
+//! first (optional), or every record committed after hub row id `after_id`
+//! (a reconnecting client's resume point), then every record as its batch
+//! is committed, one JSON log item per text message; a session's stream
+//! ends with a close frame when the session leaves `active`, every stream
+//! when the hub shuts down.
 //!
 //! Each message carries the record's hub row `id` (the order the hub
 //! committed records in, which a device's `seq` is not: errors and
@@ -33,7 +34,7 @@ use tokio::sync::broadcast::error::RecvError;
 use super::api::{self, log_item, param, Params};
 use super::auth;
 use super::error::ApiError;
-use super::store::{LogQuery, LogRow};
+use super::store::{LogQuery, LogRow, LogScope};
 use super::Hub;
 
 /// Most records a client may ask to replay before the live stream.
@@ -41,6 +42,7 @@ pub const MAX_TAIL: u64 = 1000;
 /// Records read from the database at once when catching up after an id.
 const CATCH_UP_PAGE: u64 = 500;
 
+/// `GET …/sessions/{id}/logs` upgraded: a session's live logs.
 pub async fn ws_logs(
     State(hub): State<Arc<Hub>>,
     Path((org, project, id)): Path<(String, String, String)>,
@@ -49,41 +51,83 @@ pub async fn ws_logs(
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     auth::operator(&hub, &headers, param(&p, "access_token"), &org).await?;
-    let mut q = api::log_query(
-        &p.iter()
-            .filter(|(k, _)| k != "limit")
-            .cloned()
-            .collect::<Vec<_>>(),
-    )?;
-    let tail = param(&p, "tail")
-        .map(|v| v.parse::<u64>())
-        .transpose()
-        .map_err(|_| ApiError::bad_request("tail: expected a non-negative integer"))?
-        .unwrap_or(0);
-    if tail > MAX_TAIL {
-        return Err(ApiError::bad_request(format!("tail: at most {MAX_TAIL}")));
-    }
-    let after_id = param(&p, "after_id")
-        .map(|v| v.parse::<i64>())
-        .transpose()
-        .ok()
-        .flatten()
-        .filter(|id| *id >= 0);
-    if param(&p, "after_id").is_some() && after_id.is_none() {
-        return Err(ApiError::bad_request(
-            "after_id: expected the non-negative id of a record this stream sent",
-        ));
-    }
-    if after_id.is_some() && tail > 0 {
-        return Err(ApiError::bad_request(
-            "give tail (the newest records first) or after_id (resume after a record), not both",
-        ));
-    }
-    q.limit = tail;
-    q.ascending = false;
-    q.cursor = None;
-    q.want_total = false;
+    let start = Start::of(&p)?;
     let pk = api::session_pk(&hub, &org, &project, &id).await?;
+    upgrade(hub, ws, LogScope::Session(pk), start)
+}
+
+/// `GET …/devices/{device_id}/logs` upgraded: the live logs a device sends
+/// outside any session. The stream ends only with the hub.
+pub async fn ws_device_logs(
+    State(hub): State<Arc<Hub>>,
+    Path((org, project, device_id)): Path<(String, String, String)>,
+    Query(p): Params,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    auth::operator(&hub, &headers, param(&p, "access_token"), &org).await?;
+    let start = Start::of(&p)?;
+    let shown = device_id.clone();
+    let device = hub
+        .db(move |s| s.find_device(&org, &project, &device_id))
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no device {shown}")))?;
+    upgrade(hub, ws, LogScope::Device(device.pk), start)
+}
+
+/// What a stream sends before the live records: the filters, and the tail
+/// or the id to resume after.
+struct Start {
+    q: LogQuery,
+    after_id: Option<i64>,
+}
+
+impl Start {
+    fn of(p: &[(String, String)]) -> Result<Start, ApiError> {
+        let mut q = api::log_query(
+            &p.iter()
+                .filter(|(k, _)| k != "limit")
+                .cloned()
+                .collect::<Vec<_>>(),
+        )?;
+        let tail = param(p, "tail")
+            .map(|v| v.parse::<u64>())
+            .transpose()
+            .map_err(|_| ApiError::bad_request("tail: expected a non-negative integer"))?
+            .unwrap_or(0);
+        if tail > MAX_TAIL {
+            return Err(ApiError::bad_request(format!("tail: at most {MAX_TAIL}")));
+        }
+        let after_id = param(p, "after_id")
+            .map(|v| v.parse::<i64>())
+            .transpose()
+            .ok()
+            .flatten()
+            .filter(|id| *id >= 0);
+        if param(p, "after_id").is_some() && after_id.is_none() {
+            return Err(ApiError::bad_request(
+                "after_id: expected the non-negative id of a record this stream sent",
+            ));
+        }
+        if after_id.is_some() && tail > 0 {
+            return Err(ApiError::bad_request(
+                "give tail (the newest records first) or after_id (resume after a record), not both",
+            ));
+        }
+        q.limit = tail;
+        q.ascending = false;
+        q.cursor = None;
+        q.want_total = false;
+        Ok(Start { q, after_id })
+    }
+}
+
+fn upgrade(
+    hub: Arc<Hub>,
+    ws: WebSocketUpgrade,
+    scope: LogScope,
+    start: Start,
+) -> Result<Response, ApiError> {
     let permit = hub.streams.clone().try_acquire_owned().map_err(|_| {
         hub.metrics.reject("too_many_streams");
         ApiError::new(
@@ -97,12 +141,30 @@ pub async fn ws_logs(
     let ws = ws.max_message_size(64 << 10).max_frame_size(64 << 10);
     Ok(ws.on_upgrade(move |socket| async move {
         hub.metrics.active_streams.fetch_add(1, Relaxed);
-        if let Err(e) = run(&hub, socket, pk, q, after_id).await {
+        if let Err(e) = run(&hub, socket, scope, start.q, start.after_id).await {
             tracing::debug!(error = %e, "log stream ended");
         }
         hub.metrics.active_streams.fetch_sub(1, Relaxed);
         drop(permit);
     }))
+}
+
+/// Whether live record `r` belongs to `scope`.
+fn in_scope(scope: LogScope, r: &LogRow) -> bool {
+    match scope {
+        LogScope::Session(pk) => r.session_pk == Some(pk),
+        LogScope::Device(pk) => r.session_pk.is_none() && r.device_pk == pk,
+    }
+}
+
+/// Whether the stream of `scope` should end: its session is not active
+/// (a device's stream goes on).
+async fn ended(hub: &Arc<Hub>, scope: LogScope) -> bool {
+    let LogScope::Session(pk) = scope else {
+        return false;
+    };
+    let status = hub.db(move |s| s.session_status(pk)).await.ok().flatten();
+    status.as_deref() != Some("active")
 }
 
 fn matches(q: &LogQuery, r: &LogRow) -> bool {
@@ -143,20 +205,20 @@ fn text(r: &LogRow, tail: bool) -> Message {
     )
 }
 
-/// Sends every record of session `pk` matching `q` committed after hub row
-/// id `after`, page by page from the database; returns the id it covered
+/// Sends every record of `scope` matching `q` committed after hub row id
+/// `after`, page by page from the database; returns the id it covered
 /// through (every matching record up to it was sent).
 async fn catch_up(
     hub: &Arc<Hub>,
     socket: &mut WebSocket,
-    pk: i64,
+    scope: LogScope,
     q: &LogQuery,
     mut after: i64,
 ) -> Result<i64, axum::Error> {
     loop {
         let q2 = q.clone();
         let page = hub
-            .db(move |s| s.logs_after(pk, after, &q2, CATCH_UP_PAGE))
+            .db(move |s| s.logs_after(scope, after, &q2, CATCH_UP_PAGE))
             .await;
         // A failed read ends the stream; the client reconnects after the
         // last id it got.
@@ -178,7 +240,7 @@ async fn catch_up(
 async fn run(
     hub: &Arc<Hub>,
     mut socket: WebSocket,
-    pk: i64,
+    scope: LogScope,
     q: LogQuery,
     after_id: Option<i64>,
 ) -> Result<(), axum::Error> {
@@ -188,10 +250,10 @@ async fn run(
     // nothing is known covered.
     let mut through: Option<i64> = None;
     match after_id {
-        Some(after) => through = Some(catch_up(hub, &mut socket, pk, &q, after).await?),
+        Some(after) => through = Some(catch_up(hub, &mut socket, scope, &q, after).await?),
         None => {
             let q2 = q.clone();
-            if let Ok((page, last)) = hub.db(move |s| s.logs_tail(pk, &q2)).await {
+            if let Ok((page, last)) = hub.db(move |s| s.logs_tail(scope, &q2)).await {
                 for r in page.items.iter().rev() {
                     socket.send(text(r, true)).await?;
                 }
@@ -205,8 +267,7 @@ async fn run(
         let mark = serde_json::json!({"event": "caught_up", "id": id});
         socket.send(Message::Text(mark.to_string().into())).await?;
     }
-    let status = hub.db(move |s| s.session_status(pk)).await.ok().flatten();
-    if status.as_deref() != Some("active") {
+    if ended(hub, scope).await {
         return close(socket, "session is not active").await;
     }
     loop {
@@ -216,7 +277,7 @@ async fn run(
             }
             event = live.recv() => match event {
                 Ok(ev) => {
-                    for r in ev.records.iter().filter(|r| r.session_pk == Some(pk)) {
+                    for r in ev.records.iter().filter(|r| in_scope(scope, r)) {
                         if through.is_some_and(|t| r.id <= t) {
                             continue;
                         }
@@ -227,7 +288,7 @@ async fn run(
                             *t = r.id;
                         }
                     }
-                    if ev.ended.contains(&pk) {
+                    if matches!(scope, LogScope::Session(pk) if ev.ended.contains(&pk)) {
                         return close(socket, "session ended").await;
                     }
                 }
@@ -237,11 +298,10 @@ async fn run(
                     // skipped by id.
                     Some(t) => {
                         hub.metrics.stream_catch_ups.fetch_add(1, Relaxed);
-                        through = Some(catch_up(hub, &mut socket, pk, &q, t).await?);
+                        through = Some(catch_up(hub, &mut socket, scope, &q, t).await?);
                         // The event that ended the session may be among
                         // those dropped.
-                        let status = hub.db(move |s| s.session_status(pk)).await.ok().flatten();
-                        if status.as_deref() != Some("active") {
+                        if ended(hub, scope).await {
                             return close(socket, "session ended").await;
                         }
                     }

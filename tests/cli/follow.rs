@@ -226,3 +226,40 @@ async fn follow_misses_nothing_that_arrived_while_the_link_was_cut() {
     let at = |seq: u64| got.iter().position(|s| *s == seq).unwrap();
     assert!(at(last) < at(first), "{:?}", &got[..20]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follow_a_device_prints_its_new_records_from_outside_sessions() {
+    let hub = HubProc::start("cli_follow_device");
+    let outside = |from: u64, to: u64| {
+        batch(
+            vec![],
+            (from..=to)
+                .map(|i| record(i, None, Level::Info, "boot", &format!("out {i}")))
+                .collect(),
+            vec![],
+        )
+    };
+    assert_eq!(hub.post_batch(&outside(1, 12)).await.0, 200);
+    let mut run = Running::spawn(
+        cli(&hub),
+        &["logs", "--device", "robot-1", "--follow", "--json"],
+    );
+    // Like journalctl -f: the last ten first...
+    wait_for("the tail", Duration::from_secs(10), || {
+        (printed_seqs(&run).len() >= 10).then_some(())
+    });
+    // ...then what the device sends outside sessions, as it comes.
+    let mut next = 13;
+    until_live(&hub, &run, |i| outside(i, i), &mut next, 10).await;
+    let (st, _) = hub.post_batch(&outside(next, next + 4)).await;
+    assert_eq!(st, 200);
+    let last = next + 4;
+    wait_for("the live batch", Duration::from_secs(10), || {
+        printed_seqs(&run).contains(&last).then_some(())
+    });
+    // A device's stream has no end of its own: the operator stops it.
+    assert!(run.child.try_wait().unwrap().is_none(), "{}", run.stderr());
+    run.child.kill().unwrap();
+    run.child.wait().unwrap();
+    each_once(&printed_seqs(&run), 3..=last);
+}

@@ -286,6 +286,88 @@ async fn a_client_too_slow_for_the_live_feed_still_gets_every_record_once() {
     assert!(catch_ups >= 1, "the feed never ran past the client");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_stream_carries_its_records_from_outside_sessions() {
+    let hub = HubProc::start("hub_ws_device");
+    let robot2 = hub.token(ORG, PROJECT, Some("robot-2"));
+    let outside = |seqs: std::ops::RangeInclusive<u64>| {
+        let recs = seqs
+            .map(|i| record(i, None, Level::Info, "boot", &format!("out {i}")))
+            .collect();
+        batch(vec![], recs, vec![])
+    };
+    assert_eq!(hub.post_batch(&outside(1..=3)).await.0, 200);
+    let path = |device: &str, query: &str| {
+        format!("/ws/organizations/{ORG}/projects/{PROJECT}/devices/{device}/logs?{query}")
+    };
+    let (addr, op) = (hub.addr.clone(), hub.operator.clone());
+    let connect = move |path: String| {
+        let (addr, op) = (addr.clone(), op.clone());
+        move || WsClient::connect(&addr, &path, &op)
+    };
+    let unknown = tokio::task::spawn_blocking(connect(path("robot-9", "tail=1")))
+        .await
+        .unwrap();
+    assert!(unknown.err().unwrap().starts_with("HTTP/1.1 404"));
+
+    let (tail, _) = tokio::task::spawn_blocking({
+        let c = connect(path(DEVICE, "tail=2"));
+        move || records_then_mark(&mut c().unwrap(), 2)
+    })
+    .await
+    .unwrap();
+    let seqs: Vec<u64> = tail.iter().map(|v| v["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, [2, 3]);
+    let resume = tail[1]["id"].as_i64().unwrap();
+
+    // Live: robot-1's records outside sessions only, not those of its
+    // session, nor robot-2's (same project) outside sessions.
+    let c = tokio::task::spawn_blocking({
+        let c = connect(path(DEVICE, ""));
+        move || {
+            let mut c = c().unwrap();
+            assert_eq!(c.json(Duration::from_secs(5))["event"], "caught_up");
+            c
+        }
+    })
+    .await
+    .unwrap();
+    let s = session_id(9);
+    let in_session = batch(
+        vec![state(s, 1, SessionStatus::Active, &[])],
+        vec![record(4, Some(s), Level::Info, "nav", "in the session")],
+        vec![],
+    );
+    assert_eq!(hub.post_batch(&in_session).await.0, 200);
+    let mut theirs = outside(1..=2);
+    theirs.device.id = "robot-2".into();
+    assert_eq!(hub.post_body(&theirs.encode(1), &robot2).await.0, 200);
+    assert_eq!(hub.post_batch(&outside(5..=6)).await.0, 200);
+    let got = tokio::task::spawn_blocking(move || {
+        let mut c = c;
+        (0..2)
+            .map(|_| c.json(Duration::from_secs(5)))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    let seqs: Vec<u64> = got.iter().map(|v| v["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, [5, 6], "{got:?}");
+    assert!(got
+        .iter()
+        .all(|v| v["device_id"] == DEVICE && v["session_id"].is_null()));
+
+    // Resuming after the tail's last record gives exactly what came since.
+    let (since, _) = tokio::task::spawn_blocking({
+        let c = connect(path(DEVICE, &format!("after_id={resume}")));
+        move || records_then_mark(&mut c().unwrap(), 2)
+    })
+    .await
+    .unwrap();
+    let seqs: Vec<u64> = since.iter().map(|v| v["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, [5, 6]);
+}
+
 /// A stand-in while a client is lent to a blocking task.
 fn placeholder() -> WsClient {
     WsClient::dangling()

@@ -89,6 +89,7 @@ pub struct LogRow {
     /// device's `seq` order: errors and set-asides arrive out of it). Live
     /// streams resume after it.
     pub id: i64,
+    pub device_pk: i64,
     pub session_pk: Option<i64>,
     pub session_id: Option<String>,
     pub device_id: String,
@@ -323,7 +324,7 @@ fn level_of(code: i64) -> Level {
 
 /// `SELECT` columns for a [`LogRow`], in the order `log_row` reads them.
 const LOG_COLUMNS: &str = "l.session_pk, s.id, d.device_id, l.seq, l.ts, l.level, l.module, \
-     l.message, l.metadata, l.pid, l.uid, l.gid, l.process, l.id";
+     l.message, l.metadata, l.pid, l.uid, l.gid, l.process, l.id, l.device_pk";
 
 fn log_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LogRow> {
     Ok(LogRow {
@@ -341,6 +342,7 @@ fn log_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LogRow> {
         gid: r.get(11)?,
         process: r.get(12)?,
         id: r.get(13)?,
+        device_pk: r.get(14)?,
     })
 }
 
@@ -592,6 +594,7 @@ impl Store {
                     if want_live {
                         live.push(LogRow {
                             id,
+                            device_pk,
                             session_pk,
                             session_id: rec.session_id.map(|u| u.to_string()),
                             device_id: scope.device_id.clone(),
@@ -964,39 +967,43 @@ impl Store {
         self.read(|c| logs_page(c, scope, q))
     }
 
-    /// A session's newest `q.limit` records as [`Store::logs`] gives them,
-    /// and the id of the last record the session had in that same snapshot
-    /// (`None` when it has none): a live stream's starting point.
-    pub fn logs_tail(&self, pk: i64, q: &LogQuery) -> Result<(LogPage, Option<i64>), StoreError> {
+    /// The newest `q.limit` records of `scope` as [`Store::logs`] gives
+    /// them, and an id every record of that same snapshot is at or below
+    /// (`None` when there is none): a live stream's starting point.
+    pub fn logs_tail(
+        &self,
+        scope: LogScope,
+        q: &LogQuery,
+    ) -> Result<(LogPage, Option<i64>), StoreError> {
         self.read(|c| {
             let tx = c.unchecked_transaction()?;
-            let page = logs_page(&tx, LogScope::Session(pk), q)?;
-            let last = session_log_ids(&tx, pk)?.1;
+            let page = logs_page(&tx, scope, q)?;
+            let last = last_log_id(&tx, scope)?;
             tx.finish()?;
             Ok((page, last))
         })
     }
 
-    /// Up to `limit` records of session `pk` committed after hub row id
-    /// `after` (see [`LogRow::id`]) and matching `q` (its limit, order and
-    /// cursor aside), in commit order, and the id the next call should
-    /// start after: the last one read, or, when fewer than `limit` came
-    /// back, the session's last id in the same snapshot (so records that
-    /// did not match are not read again).
+    /// Up to `limit` records of `scope` committed after hub row id `after`
+    /// (see [`LogRow::id`]) and matching `q` (its limit, order and cursor
+    /// aside), in commit order, and the id the next call should start
+    /// after: the last one read, or, when fewer than `limit` came back, the
+    /// last id of the same snapshot (so records that did not match are not
+    /// read again).
     pub fn logs_after(
         &self,
-        pk: i64,
+        scope: LogScope,
         after: i64,
         q: &LogQuery,
         limit: u64,
     ) -> Result<(Vec<LogRow>, i64), StoreError> {
         self.read(|c| {
             let tx = c.unchecked_transaction()?;
-            let last = session_log_ids(&tx, pk)?.1.unwrap_or(after);
-            // A range of the primary key, bounded by the session's last id:
-            // the rows the hub committed since `after` are read (all
-            // devices'), never the session's whole index and a sort of it.
-            let (mut where_, mut args) = log_where(&tx, LogScope::Session(pk), q, false)?;
+            let last = last_log_id(&tx, scope)?.unwrap_or(after);
+            // A range of the primary key, bounded by the last id: the rows
+            // the hub committed since `after` are read (all devices'),
+            // never a scope's whole index and a sort of it.
+            let (mut where_, mut args) = log_where(&tx, scope, q, false)?;
             where_.push_str(" AND l.id > ? AND l.id <= ?");
             args.push(after.into());
             args.push(last.into());
@@ -1274,6 +1281,18 @@ impl Where {
     }
 }
 
+/// An id no record of `scope` is above: the session's last one, or, for a
+/// device's records outside sessions, the hub's last (finding the device's
+/// own would read all of them).
+fn last_log_id(c: &Connection, scope: LogScope) -> Result<Option<i64>, StoreError> {
+    match scope {
+        LogScope::Session(pk) => Ok(session_log_ids(c, pk)?.1),
+        LogScope::Device(_) => Ok(c
+            .prepare_cached("SELECT max(id) FROM logs")?
+            .query_row([], |r| r.get(0))?),
+    }
+}
+
 /// A session's first and last hub row ids.
 fn session_log_ids(c: &Connection, pk: i64) -> Result<(Option<i64>, Option<i64>), StoreError> {
     Ok(
@@ -1285,7 +1304,7 @@ fn session_log_ids(c: &Connection, pk: i64) -> Result<(Option<i64>, Option<i64>)
 }
 
 /// The WHERE clause (and its arguments) of `q`'s filters in `scope`.
-/// `session_index`: whether SQLite may find a session's rows through its
+/// `session_index`: whether SQLite may find the scope's rows through its
 /// index (when false, the caller bounds the scan some other way).
 fn log_where(
     c: &Connection,
@@ -1298,7 +1317,10 @@ fn log_where(
         LogScope::Session(pk) if session_index => w.and("l.session_pk = ?", [pk.into()]),
         // `+` keeps the column from being looked up in an index.
         LogScope::Session(pk) => w.and("+l.session_pk = ?", [pk.into()]),
-        LogScope::Device(pk) => w.and("l.device_pk = ? AND l.session_pk IS NULL", [pk.into()]),
+        LogScope::Device(pk) if session_index => {
+            w.and("l.device_pk = ? AND l.session_pk IS NULL", [pk.into()])
+        }
+        LogScope::Device(pk) => w.and("+l.device_pk = ? AND l.session_pk IS NULL", [pk.into()]),
     }
     w.and_some("l.level >= ?", q.min_level.map(|l| i64::from(l.code())));
     if let Some(m) = &q.module {

@@ -603,7 +603,9 @@ fn logs_after_an_id_page_through_one_session_in_commit_order() {
     let read_all = |q: &LogQuery, page: u64| {
         let (mut after, mut seqs, mut pages) = (0, Vec::new(), 0);
         loop {
-            let (rows, next) = store.logs_after(pk(a), after, q, page).unwrap();
+            let (rows, next) = store
+                .logs_after(LogScope::Session(pk(a)), after, q, page)
+                .unwrap();
             assert!(rows
                 .iter()
                 .all(|r| r.id > after && r.session_pk == Some(pk(a))));
@@ -623,7 +625,7 @@ fn logs_after_an_id_page_through_one_session_in_commit_order() {
     // Caught up: nothing after the last id, and it stays there.
     assert_eq!(
         store
-            .logs_after(pk(a), last, &LogQuery::default(), 2)
+            .logs_after(LogScope::Session(pk(a)), last, &LogQuery::default(), 2)
             .unwrap(),
         (vec![], last)
     );
@@ -641,7 +643,7 @@ fn logs_after_an_id_page_through_one_session_in_commit_order() {
     // The tail comes with the session's last id of the same snapshot.
     let (page, last_id) = store
         .logs_tail(
-            pk(b),
+            LogScope::Session(pk(b)),
             &LogQuery {
                 limit: 2,
                 ..Default::default()
