@@ -317,6 +317,14 @@ async fn session_row(
         .ok_or_else(|| no_session(id))
 }
 
+/// The logs route's filters from `p`, leaving out its `limit` (exports
+/// and live streams page on their own).
+pub fn log_filters(p: &[(String, String)]) -> Result<LogQuery, ApiError> {
+    let without_limit: Vec<(String, String)> =
+        p.iter().filter(|(k, _)| k != "limit").cloned().collect();
+    log_query(&without_limit)
+}
+
 /// Log filters shared by the logs route, exports and live streams.
 pub fn log_query(p: &[(String, String)]) -> Result<LogQuery, ApiError> {
     let min_level = param(p, "level")

@@ -167,12 +167,7 @@ pub async fn export_logs(
         }
     };
     // Same filters as the logs route; always oldest first, every page.
-    let mut q = api::log_query(
-        &p.iter()
-            .filter(|(k, _)| k != "limit")
-            .cloned()
-            .collect::<Vec<_>>(),
-    )?;
+    let mut q = api::log_filters(&p)?;
     q.ascending = true;
     q.cursor = None;
     q.limit = PAGE;

@@ -84,12 +84,7 @@ struct Start {
 
 impl Start {
     fn of(p: &[(String, String)]) -> Result<Start, ApiError> {
-        let mut q = api::log_query(
-            &p.iter()
-                .filter(|(k, _)| k != "limit")
-                .cloned()
-                .collect::<Vec<_>>(),
-        )?;
+        let mut q = api::log_filters(p)?;
         let tail = param(p, "tail")
             .map(|v| v.parse::<u64>())
             .transpose()
