@@ -72,6 +72,21 @@ pub(crate) struct Hub {
 }
 
 impl Hub {
+    /// The shared state of a hub serving `config` from `store` and `blobs`.
+    fn new(config: HubConfig, store: Store, blobs: blobs::Blobs) -> Arc<Hub> {
+        let (live, _) = broadcast::channel(1024);
+        Arc::new(Hub {
+            store: Arc::new(store),
+            streams: Arc::new(Semaphore::new(config.max_streams)),
+            config,
+            blobs,
+            live,
+            metrics: metrics::Metrics::default(),
+            shutdown: CancellationToken::new(),
+            busy_uploads: Default::default(),
+        })
+    }
+
     /// Runs a store call on the blocking pool.
     pub async fn db<T: Send + 'static>(
         self: &Arc<Self>,
@@ -136,18 +151,8 @@ pub async fn serve(
             .await
             .map_err(|e| HubError::Serve(std::io::Error::other(e)))??
     };
-    let (live, _) = broadcast::channel(1024);
-    let cancel = CancellationToken::new();
-    let hub = Arc::new(Hub {
-        store: Arc::new(store),
-        streams: Arc::new(Semaphore::new(config.max_streams)),
-        config,
-        blobs,
-        live,
-        metrics: metrics::Metrics::default(),
-        shutdown: cancel.clone(),
-        busy_uploads: Default::default(),
-    });
+    let hub = Hub::new(config, store, blobs);
+    let cancel = hub.shutdown.clone();
     let addr = listener.local_addr().map_err(HubError::Serve)?;
     tokio::spawn(tus::expire_periodically(hub.clone()));
     tracing::info!(%addr, data_dir = %data_dir.display(), "logbook-hub serving");

@@ -727,6 +727,164 @@ async fn finish(hub: &Arc<Hub>, up: &UploadRow) -> Result<(), ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hub::config::HubConfig;
+    use crate::wire::{Batch, Device, SessionState, SessionStatus, BATCH_VERSION};
+
+    /// A hub on `dir` whose uploads expire after a minute, with robot-1's
+    /// session 1: its (device, session) keys.
+    fn hub_with_session(dir: &std::path::Path) -> (Arc<Hub>, i64, i64) {
+        let config = HubConfig {
+            data_dir: dir.to_owned(),
+            upload_expire_after: Duration::from_secs(60),
+            ..HubConfig::default()
+        };
+        let store = crate::hub::open_store(dir).unwrap();
+        let scope = DeviceScope {
+            org: "acme".into(),
+            project: "warehouse".into(),
+            device_id: "robot-1".into(),
+        };
+        let session = uuid::Uuid::from_u128(1);
+        let state = SessionState {
+            id: session,
+            revision: 1,
+            status: SessionStatus::Active,
+            started_at_ns: 1,
+            ended_at_ns: None,
+            duration_ns: None,
+            tags: vec![],
+            package: None,
+            metadata: Default::default(),
+            error: None,
+        };
+        let batch = Batch {
+            version: BATCH_VERSION,
+            device: Device {
+                id: "robot-1".into(),
+                name: "r1".into(),
+            },
+            sent_at_ns: 0,
+            sessions: vec![state],
+            records: vec![],
+            gaps: vec![],
+        };
+        store.ingest(&scope, &batch, false).unwrap();
+        let device = store
+            .find_device("acme", "warehouse", "robot-1")
+            .unwrap()
+            .unwrap();
+        let session = store
+            .find_session("acme", "warehouse", &session.to_string())
+            .unwrap()
+            .unwrap();
+        let blobs = crate::hub::blobs::Blobs::open(dir).unwrap();
+        (
+            crate::hub::Hub::new(config, store, blobs),
+            device.pk,
+            session,
+        )
+    }
+
+    /// An upload of `content` (a 100-byte file) holding `held` bytes,
+    /// created and last written `idle` ago.
+    async fn upload(
+        hub: &Arc<Hub>,
+        keys: (i64, i64),
+        name: &str,
+        held: usize,
+        idle: Duration,
+    ) -> UploadRow {
+        let content = vec![7u8; 100];
+        let then = SystemTime::now() - idle;
+        let up = UploadRow {
+            id: hex::encode(&Sha256::digest(name.as_bytes())[..16]),
+            device_pk: keys.0,
+            session_pk: keys.1,
+            path: format!("{name}.bin"),
+            content_type: "application/octet-stream".into(),
+            sha256: hex::encode(Sha256::digest(&content)),
+            length: content.len() as u64,
+            metadata: String::new(),
+            created_at_ns: then
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as i64,
+        };
+        hub.store.create_upload(&up).unwrap();
+        let part = hub.blobs.part_path(&up.id).unwrap();
+        std::fs::write(&part, &content[..held]).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&part)
+            .unwrap()
+            .set_modified(then)
+            .unwrap();
+        up
+    }
+
+    #[tokio::test]
+    async fn only_an_idle_unfinished_upload_nobody_is_writing_to_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let (hub, device, session) = hub_with_session(dir.path());
+        let keys = (device, session);
+        let hour = Duration::from_secs(3600);
+        let gone = |up: &UploadRow| {
+            hub.store.get_upload(&up.id).unwrap().is_none()
+                && !hub.blobs.part_path(&up.id).unwrap().exists()
+        };
+
+        // Idle an hour, half sent: expired, row and file.
+        let idle = upload(&hub, keys, "idle", 50, hour).await;
+        assert!(expire_if_due(&hub, &idle).await.unwrap());
+        assert!(gone(&idle));
+        assert_eq!(
+            hub.metrics
+                .uploads_expired
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+
+        // Created an hour ago but written a moment ago: not yet.
+        let written = upload(&hub, keys, "written", 50, hour).await;
+        let part = hub.blobs.part_path(&written.id).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&part)
+            .unwrap()
+            .set_modified(SystemTime::now())
+            .unwrap();
+        assert!(!expire_if_due(&hub, &written).await.unwrap());
+        assert!(!gone(&written));
+        let expires = expires_at(&hub, &written).await;
+        assert!(expires > SystemTime::now() + Duration::from_secs(50));
+
+        // Idle, but a PATCH holds it: left alone until the PATCH ends.
+        let busy_one = upload(&hub, keys, "busy", 50, hour).await;
+        let busy = Busy::take(&hub, &busy_one.id).unwrap();
+        assert!(!expire_if_due(&hub, &busy_one).await.unwrap());
+        assert!(!gone(&busy_one));
+        drop(busy);
+        assert!(expire_if_due(&hub, &busy_one).await.unwrap());
+
+        // Every byte arrived but it was never finished: finished, not lost.
+        let complete = upload(&hub, keys, "complete", 100, hour).await;
+        assert!(!expire_if_due(&hub, &complete).await.unwrap());
+        assert!(hub.store.get_upload(&complete.id).unwrap().is_none());
+        let artifact = hub.store.get_artifact(session, "complete.bin").unwrap();
+        assert_eq!(artifact.map(|a| a.size), Some(100));
+
+        // The sweeper finds the idle ones by themselves; the live one stays.
+        let a = upload(&hub, keys, "sweep-a", 10, hour).await;
+        let b = upload(&hub, keys, "sweep-b", 0, hour).await;
+        assert_eq!(sweep_expired(&hub).await, 2);
+        assert!(gone(&a) && gone(&b) && !gone(&written));
+    }
+
+    #[test]
+    fn upload_expires_is_an_http_date() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777);
+        assert_eq!(http_date(t), "Sun, 06 Nov 1994 08:49:37 GMT");
+    }
 
     #[test]
     fn metadata() {
