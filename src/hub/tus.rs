@@ -298,8 +298,14 @@ async fn with_expiry(hub: &Hub, up: &UploadRow, mut resp: Response) -> Response 
     resp
 }
 
-/// Deletes upload `up` (row and part file) if it has expired and no PATCH
-/// is writing to it; returns whether it did.
+/// Whether every byte of upload `up` has arrived.
+async fn complete(hub: &Hub, up: &UploadRow) -> bool {
+    hub.blobs.part_len(&up.id).await.ok() == Some(up.length)
+}
+
+/// Deletes upload `up` (row and part file) if it has expired, no PATCH is
+/// writing to it and it is not complete (a complete one is finished, by
+/// the next HEAD or the sweeper); returns whether it did.
 async fn expire_if_due(hub: &Arc<Hub>, up: &UploadRow) -> Result<bool, ApiError> {
     if expires_at(hub, up).await > SystemTime::now() {
         return Ok(false);
@@ -307,10 +313,7 @@ async fn expire_if_due(hub: &Arc<Hub>, up: &UploadRow) -> Result<bool, ApiError>
     let Some(_busy) = Busy::take(hub, &up.id) else {
         return Ok(false);
     };
-    if hub.blobs.part_len(&up.id).await.ok() == Some(up.length) {
-        // Every byte arrived but the hub stopped before finishing it:
-        // finish it rather than throw it away.
-        finish(hub, up).await?;
+    if complete(hub, up).await {
         return Ok(false);
     }
     let id = up.id.clone();
@@ -323,8 +326,9 @@ async fn expire_if_due(hub: &Arc<Hub>, up: &UploadRow) -> Result<bool, ApiError>
     Ok(true)
 }
 
-/// Deletes every expired unfinished upload (at most 1,000 per call);
-/// returns how many.
+/// Deletes every expired unfinished upload, and finishes every complete
+/// one left unfinished, among the 1,000 oldest; returns how many it
+/// deleted.
 pub async fn sweep_expired(hub: &Arc<Hub>) -> usize {
     let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64;
     let before = now.saturating_sub(hub.config.upload_expire_after.as_nanos() as i64);
@@ -340,6 +344,16 @@ pub async fn sweep_expired(hub: &Arc<Hub>) -> usize {
     };
     let mut n = 0;
     for up in &candidates {
+        if complete(hub, up).await {
+            // Every byte arrived but the hub stopped before finishing it
+            // and nobody asked since: finish it rather than keep it.
+            if let Some(_busy) = Busy::take(hub, &up.id) {
+                if let Err(e) = finish(hub, up).await {
+                    tracing::warn!(upload = %up.id, error = %e.message, "cannot finish an upload");
+                }
+            }
+            continue;
+        }
         match expire_if_due(hub, up).await {
             Ok(true) => n += 1,
             Ok(false) => {}
@@ -866,18 +880,21 @@ mod tests {
         drop(busy);
         assert!(expire_if_due(&hub, &busy_one).await.unwrap());
 
-        // Every byte arrived but it was never finished: finished, not lost.
-        let complete = upload(&hub, keys, "complete", 100, hour).await;
-        assert!(!expire_if_due(&hub, &complete).await.unwrap());
-        assert!(hub.store.get_upload(&complete.id).unwrap().is_none());
-        let artifact = hub.store.get_artifact(session, "complete.bin").unwrap();
-        assert_eq!(artifact.map(|a| a.size), Some(100));
+        // Every byte arrived but it was never finished: not expired (a
+        // HEAD would finish it)...
+        let done = upload(&hub, keys, "complete", 100, hour).await;
+        assert!(!expire_if_due(&hub, &done).await.unwrap());
+        assert!(hub.store.get_upload(&done.id).unwrap().is_some());
 
-        // The sweeper finds the idle ones by themselves; the live one stays.
+        // ...and the sweeper finishes it, and deletes the idle ones it
+        // finds by itself; the live one stays.
         let a = upload(&hub, keys, "sweep-a", 10, hour).await;
         let b = upload(&hub, keys, "sweep-b", 0, hour).await;
         assert_eq!(sweep_expired(&hub).await, 2);
         assert!(gone(&a) && gone(&b) && !gone(&written));
+        assert!(hub.store.get_upload(&done.id).unwrap().is_none());
+        let artifact = hub.store.get_artifact(session, "complete.bin").unwrap();
+        assert_eq!(artifact.map(|a| a.size), Some(100));
     }
 
     #[test]
