@@ -327,42 +327,65 @@ async fn expire_if_due(hub: &Arc<Hub>, up: &UploadRow) -> Result<bool, ApiError>
 }
 
 /// Deletes every expired unfinished upload, and finishes every complete
-/// one left unfinished, among the 1,000 oldest; returns how many it
-/// deleted.
+/// one left unfinished, reading the candidates 500 at a time; returns how
+/// many it deleted.
 pub async fn sweep_expired(hub: &Arc<Hub>) -> usize {
+    sweep(hub, 500).await
+}
+
+/// [`sweep_expired`], reading `page` candidates at a time.
+async fn sweep(hub: &Arc<Hub>, page: u32) -> usize {
     let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64;
     let before = now.saturating_sub(hub.config.upload_expire_after.as_nanos() as i64);
-    let candidates = match hub
-        .db(move |s| s.uploads_created_before(before, 1000))
-        .await
-    {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!(error = %e.message, "cannot look for expired uploads");
-            return 0;
-        }
-    };
+    let mut after: Option<(i64, String)> = None;
     let mut n = 0;
-    for up in &candidates {
-        if complete(hub, up).await {
-            // Every byte arrived but the hub stopped before finishing it
-            // and nobody asked since: finish it rather than keep it.
-            if let Some(_busy) = Busy::take(hub, &up.id) {
-                if let Err(e) = finish(hub, up).await {
-                    tracing::warn!(upload = %up.id, error = %e.message, "cannot finish an upload");
-                }
-            }
-            continue;
-        }
-        match expire_if_due(hub, up).await {
-            Ok(true) => n += 1,
-            Ok(false) => {}
+    loop {
+        let cursor = after.clone();
+        let read = hub
+            .db(move |s| {
+                let cursor = cursor.as_ref().map(|(at, id)| (*at, id.as_str()));
+                s.uploads_created_before(before, cursor, page)
+            })
+            .await;
+        let candidates = match read {
+            Ok(c) => c,
             Err(e) => {
-                tracing::warn!(upload = %up.id, error = %e.message, "cannot expire an upload")
+                tracing::warn!(error = %e.message, "cannot look for expired uploads");
+                return n;
             }
+        };
+        for up in &candidates {
+            n += usize::from(sweep_one(hub, up).await);
+        }
+        match candidates.last() {
+            Some(last) if candidates.len() as u32 == page => {
+                after = Some((last.created_at_ns, last.id.clone()));
+            }
+            _ => return n,
         }
     }
-    n
+}
+
+/// Finishes candidate `up` if complete, else expires it if due; returns
+/// whether it was deleted.
+async fn sweep_one(hub: &Arc<Hub>, up: &UploadRow) -> bool {
+    if complete(hub, up).await {
+        // Every byte arrived but the hub stopped before finishing it and
+        // nobody asked since: finish it rather than keep it.
+        if let Some(_busy) = Busy::take(hub, &up.id) {
+            if let Err(e) = finish(hub, up).await {
+                tracing::warn!(upload = %up.id, error = %e.message, "cannot finish an upload");
+            }
+        }
+        return false;
+    }
+    match expire_if_due(hub, up).await {
+        Ok(deleted) => deleted,
+        Err(e) => {
+            tracing::warn!(upload = %up.id, error = %e.message, "cannot expire an upload");
+            false
+        }
+    }
 }
 
 /// Runs [`sweep_expired`] every quarter of `uploads.expire_after` (within
@@ -887,10 +910,11 @@ mod tests {
         assert!(hub.store.get_upload(&done.id).unwrap().is_some());
 
         // ...and the sweeper finishes it, and deletes the idle ones it
-        // finds by itself; the live one stays.
+        // finds by itself (reading one candidate at a time, so its cursor
+        // must move past those it keeps); the live one stays.
         let a = upload(&hub, keys, "sweep-a", 10, hour).await;
         let b = upload(&hub, keys, "sweep-b", 0, hour).await;
-        assert_eq!(sweep_expired(&hub).await, 2);
+        assert_eq!(sweep(&hub, 1).await, 2);
         assert!(gone(&a) && gone(&b) && !gone(&written));
         assert!(hub.store.get_upload(&done.id).unwrap().is_none());
         let artifact = hub.store.get_artifact(session, "complete.bin").unwrap();

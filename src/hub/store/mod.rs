@@ -1178,19 +1178,23 @@ impl Store {
     }
 
     /// Up to `limit` unfinished uploads created before `before_ns`, oldest
-    /// first: the candidates for expiry.
+    /// first and after `(created_at_ns, id)` cursor `after` when given: the
+    /// candidates for expiry, a page at a time.
     pub fn uploads_created_before(
         &self,
         before_ns: i64,
+        after: Option<(i64, &str)>,
         limit: u32,
     ) -> Result<Vec<UploadRow>, StoreError> {
+        let (at, id) = after.unwrap_or((i64::MIN, ""));
         self.read(|c| {
             let mut st = c.prepare_cached(&format!(
-                "SELECT {UPLOAD_COLUMNS} FROM uploads WHERE created_at_ns < ?1
-                 ORDER BY created_at_ns LIMIT ?2"
+                "SELECT {UPLOAD_COLUMNS} FROM uploads
+                 WHERE created_at_ns < ?1 AND (created_at_ns, id) > (?2, ?3)
+                 ORDER BY created_at_ns, id LIMIT ?4"
             ))?;
             let rows = st
-                .query_map(params![before_ns, limit], upload_row)?
+                .query_map(params![before_ns, at, id, limit], upload_row)?
                 .collect::<Result<_, _>>()?;
             Ok(rows)
         })
