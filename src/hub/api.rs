@@ -291,6 +291,20 @@ fn no_session(id: &str) -> ApiError {
     ApiError::not_found(format!("no session {id}"))
 }
 
+/// The row id of a device of the project, or 404.
+pub async fn device_pk(
+    hub: &Arc<Hub>,
+    org: &str,
+    project: &str,
+    device_id: &str,
+) -> Result<i64, ApiError> {
+    let (o, p, d) = (org.to_owned(), project.to_owned(), device_id.to_owned());
+    hub.db(move |s| s.find_device(&o, &p, &d))
+        .await?
+        .map(|d| d.pk)
+        .ok_or_else(|| ApiError::not_found(format!("no device {device_id}")))
+}
+
 /// The row id of a session the operator may see, or 404.
 pub async fn session_pk(
     hub: &Arc<Hub>,
@@ -640,13 +654,9 @@ pub async fn device_logs(
 ) -> Result<Response, ApiError> {
     auth::operator(&hub, &headers, None, &org).await?;
     let q = log_query(&p)?;
-    let shown = device_id.clone();
-    let device = hub
-        .db(move |s| s.find_device(&org, &project, &device_id))
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("no device {shown}")))?;
+    let device = device_pk(&hub, &org, &project, &device_id).await?;
     let page = hub
-        .db(move |s| s.logs(LogScope::Device(device.pk), &q))
+        .db(move |s| s.logs(LogScope::Device(device), &q))
         .await?;
     Ok(logs_response(page))
 }

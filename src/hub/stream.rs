@@ -67,12 +67,8 @@ pub async fn ws_device_logs(
 ) -> Result<Response, ApiError> {
     auth::operator(&hub, &headers, param(&p, "access_token"), &org).await?;
     let start = Start::of(&p)?;
-    let shown = device_id.clone();
-    let device = hub
-        .db(move |s| s.find_device(&org, &project, &device_id))
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("no device {shown}")))?;
-    upgrade(hub, ws, LogScope::Device(device.pk), start)
+    let device = api::device_pk(&hub, &org, &project, &device_id).await?;
+    upgrade(hub, ws, LogScope::Device(device), start)
 }
 
 /// What a stream sends before the live records: the filters, and the tail
