@@ -219,16 +219,12 @@ async fn create(hub: &Arc<Hub>, scope: DeviceScope, h: &HeaderMap) -> Result<Res
         let same = hub
             .db(move |s| s.find_unfinished_upload(device_pk, session_pk, &p, &sha, length))
             .await?;
-        if let Some(id) = same {
+        if let Some(up) = same {
             // Creation is idempotent per file version: answer with the
             // upload already under way and its offset.
-            let offset = current_offset(hub, &id).await?;
-            tracing::info!(device = %scope.device_id, upload = %id, offset, "upload creation repeated; resuming");
-            let i = id.clone();
-            if let Some(up) = hub.db(move |s| s.get_upload(&i)).await? {
-                return Ok(with_expiry(hub, &up, created(&id, offset)).await);
-            }
-            return Ok(created(&id, offset));
+            let offset = current_offset(hub, &up.id).await?;
+            tracing::info!(device = %scope.device_id, upload = %up.id, offset, "upload creation repeated; resuming");
+            return Ok(with_expiry(hub, &up, created(&up.id, offset)).await);
         }
     }
     // Each unfinished upload holds a partial file: bound how many a device

@@ -1153,15 +1153,15 @@ impl Store {
         path: &str,
         sha256: &str,
         length: u64,
-    ) -> Result<Option<String>, StoreError> {
+    ) -> Result<Option<UploadRow>, StoreError> {
         self.read(|c| {
-            Ok(c.prepare_cached(
-                "SELECT id FROM uploads WHERE device_pk = ?1 AND session_pk = ?2 AND path = ?3
-                 AND sha256 = ?4 AND length = ?5 ORDER BY created_at_ns DESC LIMIT 1",
-            )?
+            Ok(c.prepare_cached(&format!(
+                "SELECT {UPLOAD_COLUMNS} FROM uploads WHERE device_pk = ?1 AND session_pk = ?2
+                 AND path = ?3 AND sha256 = ?4 AND length = ?5 ORDER BY created_at_ns DESC LIMIT 1"
+            ))?
             .query_row(
                 params![device_pk, session_pk, path, sha256, length as i64],
-                |r| r.get(0),
+                upload_row,
             )
             .optional()?)
         })
