@@ -748,11 +748,7 @@ impl HubClient {
                         };
                         if let Some(event) = v.get("event") {
                             match event.as_str() {
-                                Some("caught_up") => {
-                                    if let Some(id) = v["id"].as_i64() {
-                                        resume = Some(resume.map_or(id, |r| r.max(id)));
-                                    }
-                                }
+                                Some("caught_up") => resume = resume.max(v["id"].as_i64()),
                                 Some("lagged") => notice(&format!(
                                     "the live stream fell behind and skipped {} batches (read them with `logs` without --follow)",
                                     v["missed_batches"]
@@ -770,8 +766,8 @@ impl HubClient {
                         };
                         // Tail records come newest seq last, not in id order;
                         // the others in the order the hub committed them.
-                        if let (false, Some(id)) = (tail, id) {
-                            resume = Some(resume.map_or(id, |r| r.max(id)));
+                        if !tail {
+                            resume = resume.max(id);
                         }
                         if (!tail || r.seq >= floor) && seen.insert(r.seq) {
                             if seen.len() > SEEN_CAP {
