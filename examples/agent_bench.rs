@@ -393,11 +393,9 @@ fn report(name: &str, ratios: &[f64], what: &str) {
 
 /// The ceiling of syslog ingest on this machine: the bench's syslog
 /// clients send the same datagrams to a socket set up as `syslog.sock` is
-/// (`SO_PASSCRED`, the same receive buffer), read by one thread that takes
-/// up to 32 at a time with `recvmmsg`, as the agent does, and discards
-/// them. Datagrams/s.
+/// (`SO_PASSCRED`, the same receive buffer), read by one thread with the
+/// agent's own `recvmmsg` batch, and discarded. Datagrams/s.
 fn bare_datagrams(clients: usize, records: usize) -> f64 {
-    use std::os::fd::AsRawFd;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("syslog.sock");
     let socket = UnixDatagram::bind(&path).unwrap();
@@ -406,19 +404,9 @@ fn bare_datagrams(clients: usize, records: usize) -> f64 {
     let rings: Vec<Vec<Unit>> = (0..clients).map(|c| units("syslog", c)).collect();
     let per_client = records / clients;
     let total = per_client * clients;
-    const MMSG: usize = 32;
-    let mut bufs = vec![vec![0u8; 8192]; MMSG];
-    let mut control = vec![[0u64; 8]; MMSG];
-    let mut iovs: Vec<libc::iovec> = bufs
-        .iter_mut()
-        .map(|b| libc::iovec {
-            iov_base: b.as_mut_ptr().cast(),
-            iov_len: b.len(),
-        })
-        .collect();
-    // SAFETY: zeroed mmsghdrs are valid; each then points at its own iovec
-    // and control buffer, which outlive every recvmmsg call below.
-    let mut hdrs: Vec<libc::mmsghdr> = (0..MMSG).map(|_| unsafe { std::mem::zeroed() }).collect();
+    // The agent's own receive: 32 datagrams per call at most, with
+    // credentials, as `syslog.sock`'s listener takes them.
+    let mut batch = logbook::agent::ingest::mmsg::Batch::new(32, 8192);
     let t0 = Instant::now();
     std::thread::scope(|s| {
         for ring in &rings {
@@ -433,24 +421,7 @@ fn bare_datagrams(clients: usize, records: usize) -> f64 {
         }
         let mut got = 0;
         while got < total {
-            for (i, h) in hdrs.iter_mut().enumerate() {
-                h.msg_hdr.msg_iov = &mut iovs[i];
-                h.msg_hdr.msg_iovlen = 1;
-                h.msg_hdr.msg_control = control[i].as_mut_ptr().cast();
-                h.msg_hdr.msg_controllen = std::mem::size_of_val(&control[i]) as _;
-            }
-            // SAFETY: MMSG headers, each with valid buffers (see above).
-            let n = unsafe {
-                libc::recvmmsg(
-                    socket.as_raw_fd(),
-                    hdrs.as_mut_ptr(),
-                    MMSG as u32,
-                    libc::MSG_WAITFORONE,
-                    std::ptr::null_mut(),
-                )
-            };
-            assert!(n > 0, "recvmmsg: {}", std::io::Error::last_os_error());
-            got += n as usize;
+            got += batch.recv(&socket, true).expect("recvmmsg");
         }
     });
     total as f64 / t0.elapsed().as_secs_f64()

@@ -1,6 +1,7 @@
 //! `recvmmsg(2)` for the syslog listener: many datagrams, each with the
 //! sender's `SCM_CREDENTIALS`, in one system call. rustix 1.x wraps
-//! `sendmmsg` but not `recvmmsg`, so this is a raw libc call.
+//! `sendmmsg` but not `recvmmsg`, so this is a raw libc call. Public so
+//! `agent_bench` measures the kernel's ceiling with this same receive.
 //!
 //! Invariant: one of the crate's three unsafe modules, with
 //! `agent::systemd::adopt` and `agent::store::insert`. Every pointer handed to the kernel points into

@@ -9,7 +9,7 @@
 
 pub mod forward;
 pub mod json;
-mod mmsg;
+pub mod mmsg;
 pub mod syslog;
 
 use std::collections::HashMap;
