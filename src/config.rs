@@ -54,6 +54,16 @@ impl Key {
     }
 }
 
+/// The environment variable of `section.key` in `keys`, for code that sets
+/// one (`logbook dev` wiring its agent). Panics on a key the table does not
+/// have: a typo here is a programming error that the first run shows.
+pub fn env_name(keys: &[Key], section: &str, key: &str) -> String {
+    keys.iter()
+        .find(|k| k.section == section && k.key == key)
+        .unwrap_or_else(|| panic!("no config key {section}.{key}"))
+        .env_name()
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{file}: cannot read: {source}")]

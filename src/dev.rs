@@ -208,14 +208,12 @@ pub async fn run(
     let mut env: Vec<(String, String)> = std::env::vars()
         .filter(|(k, _)| k.starts_with("LOGBOOK_"))
         .collect();
-    env.extend(
-        [
-            ("LOGBOOK_DEVICE_ID", DEVICE_ID),
-            ("LOGBOOK_SYNC_HUB", url.as_str()),
-            ("LOGBOOK_SYNC_TOKEN", keys.device.as_str()),
-        ]
-        .map(|(k, v)| (k.to_owned(), v.to_owned())),
-    );
+    let var = |section, key| crate::config::env_name(agent::config::KEYS, section, key);
+    env.extend([
+        (var("device", "id"), DEVICE_ID.to_owned()),
+        (var("sync", "hub"), url.clone()),
+        (var("sync", "token"), keys.device.clone()),
+    ]);
     let overrides = agent::config::Overrides {
         state_dir: Some(state_dir.clone()),
         runtime_dir: Some(runtime.clone()),

@@ -41,6 +41,12 @@ pub const KEYS: &[Key] = &[
     key("paths", "state_dir", Kind::Str, "database and artifacts"),
     key("paths", "runtime_dir", Kind::Str, "sockets"),
     key(
+        "paths",
+        "boot_id_file",
+        Kind::Str,
+        "the kernel's boot id, which tells a reboot from an agent restart",
+    ),
+    key(
         "ingest",
         "max_record_bytes",
         Kind::Bytes,
@@ -208,6 +214,7 @@ pub struct RawDevice {
 pub struct RawPaths {
     pub state_dir: String,
     pub runtime_dir: String,
+    pub boot_id_file: String,
 }
 
 impl Default for RawPaths {
@@ -215,6 +222,7 @@ impl Default for RawPaths {
         RawPaths {
             state_dir: "/var/lib/logbook".into(),
             runtime_dir: "/run/logbook".into(),
+            boot_id_file: "/proc/sys/kernel/random/boot_id".into(),
         }
     }
 }
@@ -479,27 +487,21 @@ pub fn load(
     overrides: &Overrides,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<AgentConfig, ConfigError> {
-    let env: Vec<(String, String)> = env.into_iter().collect();
     let (path, required) = match file {
         Some(p) => (p.to_owned(), true),
         None => (PathBuf::from(DEFAULT_CONFIG), false),
     };
-    let mut raw: RawConfig = crate::config::load(KEYS, Some(&path), required, env.clone())?;
+    let mut raw: RawConfig = crate::config::load(KEYS, Some(&path), required, env)?;
     if let Some(dir) = &overrides.state_dir {
         raw.paths.state_dir = dir.display().to_string();
     }
     if let Some(dir) = &overrides.runtime_dir {
         raw.paths.runtime_dir = dir.display().to_string();
     }
-    let boot_id_file = env
-        .iter()
-        .find(|(k, _)| k == "LOGBOOK_BOOT_ID_FILE")
-        .map(|(_, v)| PathBuf::from(v))
-        .unwrap_or_else(|| PathBuf::from("/proc/sys/kernel/random/boot_id"));
-    resolve(raw, &path, boot_id_file)
+    resolve(raw, &path)
 }
 
-fn resolve(raw: RawConfig, file: &Path, boot_id_file: PathBuf) -> Result<AgentConfig, ConfigError> {
+fn resolve(raw: RawConfig, file: &Path) -> Result<AgentConfig, ConfigError> {
     let bad = |key: &str, message: String| ConfigError::Key {
         origin: file.display().to_string(),
         message: format!("{key}: {message}"),
@@ -519,6 +521,7 @@ fn resolve(raw: RawConfig, file: &Path, boot_id_file: PathBuf) -> Result<AgentCo
     };
     let state_dir = abs("paths.state_dir", &raw.paths.state_dir)?;
     let runtime_dir = abs("paths.runtime_dir", &raw.paths.runtime_dir)?;
+    let boot_id_file = abs("paths.boot_id_file", &raw.paths.boot_id_file)?;
     // A Unix socket path is limited to 108 bytes; say so now, not at bind.
     if runtime_dir.join("forward.sock").as_os_str().len() >= 108 {
         return Err(bad(

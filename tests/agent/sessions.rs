@@ -196,7 +196,7 @@ fn a_session_from_an_earlier_boot_is_failed_on_start() {
     let boot = dir.join("boot_id");
     std::fs::write(&boot, "boot-a\n").unwrap();
     let boot_env = boot.display().to_string();
-    let env = [("LOGBOOK_BOOT_ID_FILE", boot_env.as_str())];
+    let env = [("LOGBOOK_PATHS_BOOT_ID_FILE", boot_env.as_str())];
     let mut agent = Agent::start(&dir, &env);
     let id = agent.ok("POST", "/v1/sessions", Some("{}"))["id"]
         .as_str()
@@ -239,15 +239,8 @@ fn logs_follow_prints_new_records_and_a_closed_pipe_is_quiet() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let stdout = child.stdout.take().unwrap();
-    let _guard = Kill(child);
+    let _guard = crate::util::KillOnDrop(child);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in std::io::BufReader::new(stdout).lines() {
