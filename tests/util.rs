@@ -133,3 +133,14 @@ pub fn interop_client(program: &str) -> bool {
     eprintln!("SKIPPED: {program} is not installed (bash .ci/run installs it)");
     false
 }
+
+/// A child process killed and reaped when the guard drops, so a failing
+/// test never leaves a daemon or a follower behind.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -97,14 +97,7 @@ fn socket_activation_with_systemd_socket_activate() {
         .stderr(log)
         .spawn()
         .unwrap();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut child = Kill(child);
+    let mut child = crate::util::KillOnDrop(child);
     let status = wait_for("the activated API", Duration::from_secs(20), || {
         if let Some(st) = child.0.try_wait().unwrap() {
             panic!(

@@ -206,14 +206,7 @@ fn socket_activation_of_the_syslog_and_forward_sockets() {
             .stderr(log)
             .spawn()
             .unwrap();
-        struct Kill(std::process::Child);
-        impl Drop for Kill {
-            fn drop(&mut self) {
-                let _ = self.0.kill();
-                let _ = self.0.wait();
-            }
-        }
-        let _child = Kill(child);
+        let _child = crate::util::KillOnDrop(child);
         // systemd-socket-activate binds, then starts the program on the
         // first message.
         crate::util::wait_for(

@@ -12,7 +12,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use super::faultproxy::{Fault, FaultProxy};
+use super::faultproxy::{schedule_rng, Fault, FaultProxy};
 use crate::agent::Agent;
 use crate::hub::HubProc;
 use crate::util::{wait_for, TestDir};
@@ -264,32 +264,13 @@ fn offline_first_session_with_a_50mb_artifact_goes_up_when_the_hub_appears() {
 
 #[test]
 fn faults_never_make_an_acknowledged_byte_go_twice() {
-    let seed: u64 = std::env::var("LOGBOOK_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
-    eprintln!("fault schedule seed {seed} (rerun with LOGBOOK_TEST_SEED={seed})");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut rng = schedule_rng();
     let rig = Rig::start("art_faults", Fault::Pass, &[]);
     let (id, dir) = rig.open_session();
     let mut files = Vec::new();
     let mut log = rig.agent.ingest();
     for step in 0..14u64 {
-        let fault = match rng.random_range(0..8) {
-            0 | 1 => Fault::Pass,
-            2 => Fault::Refuse,
-            3 => Fault::ResetAfter(rng.random_range(1_000..300_000)),
-            4 => Fault::Delay(Duration::from_millis(rng.random_range(1..30))),
-            5 => Fault::Down,
-            6 => Fault::Status {
-                code: 503,
-                retry_after: Some(1),
-            },
-            _ => Fault::Status {
-                code: 429,
-                retry_after: Some(1),
-            },
-        };
+        let fault = Fault::random(&mut rng, 1_000..300_000, 1..30);
         eprintln!("step {step}: {fault:?}");
         // Cut kept-alive connections first, so the new fault applies to
         // every request from now on.
@@ -298,7 +279,7 @@ fn faults_never_make_an_acknowledged_byte_go_twice() {
         if step % 2 == 0 {
             let len = rng.random_range(1..3_000_000);
             let rel = format!("cam/frames-{step}.bin");
-            let sha = write_artifact(&dir, &rel, len, seed ^ step);
+            let sha = write_artifact(&dir, &rel, len, rng.random());
             files.push((rel, sha, len as u64));
         }
         let hold = Duration::from_millis(rng.random_range(300..1200));

@@ -8,63 +8,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::faultproxy::{Fault, FaultProxy};
+use rand::Rng;
+
+use super::faultproxy::{schedule_rng, Fault, FaultProxy};
 use super::{assert_exact_seqs, hub_logs, start_agent, sync_env, wait_synced};
 use crate::hub::{HubProc, DEVICE};
 use crate::util::{wait_for, TestDir};
 
-/// xorshift64*: enough randomness for a fault schedule, and reproducible
-/// from the printed seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-fn seed() -> u64 {
-    std::env::var("LOGBOOK_CHAOS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        })
-}
-
-fn fault(rng: &mut Rng) -> Fault {
-    match rng.below(8) {
-        0 | 1 => Fault::Pass,
-        2 => Fault::Refuse,
-        3 => Fault::ResetAfter(100 + rng.below(4000)),
-        4 => Fault::Delay(Duration::from_millis(20 + rng.below(150))),
-        5 => Fault::Down,
-        6 => Fault::Status {
-            code: 503,
-            retry_after: Some(1),
-        },
-        _ => Fault::Status {
-            code: 429,
-            retry_after: Some(1),
-        },
-    }
-}
-
 #[test]
 fn every_record_arrives_once_through_a_faulty_network() {
-    let seed = seed();
-    eprintln!("fault schedule seed {seed} (rerun with LOGBOOK_CHAOS_SEED={seed})");
-    let mut rng = Rng(seed);
+    let mut rng = schedule_rng();
     let hub = HubProc::start("sync_chaos");
     let proxy = FaultProxy::start(hub.addr.parse().unwrap());
     let dir = TestDir::new("sync_chaos");
@@ -92,8 +45,8 @@ fn every_record_arrives_once_through_a_faulty_network() {
     };
     // The schedule itself is time: each fault holds for a random while.
     for _ in 0..24 {
-        let f = fault(&mut rng);
-        let hold = Duration::from_millis(100 + rng.below(400));
+        let f = Fault::random(&mut rng, 100..4_100, 20..170);
+        let hold = Duration::from_millis(rng.random_range(100..500));
         eprintln!("fault {f:?} for {hold:?}");
         let pass = f == Fault::Pass;
         proxy.set(f);

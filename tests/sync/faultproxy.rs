@@ -6,10 +6,14 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 /// What the proxy does to connections, from now on.
 #[derive(Debug, Clone, PartialEq)]
@@ -29,6 +33,41 @@ pub enum Fault {
     /// Answer every request with this status (and `Retry-After` seconds,
     /// when given) without forwarding it.
     Status { code: u16, retry_after: Option<u32> },
+}
+
+/// A reproducible generator for a fault schedule: seeded from
+/// `LOGBOOK_TEST_SEED` when set, else at random, the seed printed so a
+/// failing schedule can be replayed.
+pub fn schedule_rng() -> StdRng {
+    let seed: u64 = std::env::var("LOGBOOK_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("fault schedule seed {seed} (rerun with LOGBOOK_TEST_SEED={seed})");
+    StdRng::seed_from_u64(seed)
+}
+
+impl Fault {
+    /// One step of a fault schedule: a pass one time in four, else each
+    /// fault alike, with a reset after `reset_after` client bytes and a
+    /// delay of `delay_ms`, the ranges sized to what the test sends.
+    pub fn random(rng: &mut StdRng, reset_after: Range<u64>, delay_ms: Range<u64>) -> Fault {
+        match rng.random_range(0..8) {
+            0 | 1 => Fault::Pass,
+            2 => Fault::Refuse,
+            3 => Fault::ResetAfter(rng.random_range(reset_after)),
+            4 => Fault::Delay(Duration::from_millis(rng.random_range(delay_ms))),
+            5 => Fault::Down,
+            6 => Fault::Status {
+                code: 503,
+                retry_after: Some(1),
+            },
+            _ => Fault::Status {
+                code: 429,
+                retry_after: Some(1),
+            },
+        }
+    }
 }
 
 struct Shared {
