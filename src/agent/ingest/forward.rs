@@ -14,11 +14,13 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{serve_stream, trusted_of, FormatBad, Pipeline, DRAIN_CHUNKS, READ_CHUNK};
+use super::{
+    serve_conn, serve_stream, trusted_of, Asked, FormatBad, Pipeline, StreamConn, DRAIN_CHUNKS,
+    READ_CHUNK,
+};
 use crate::agent::formats::forward::{BadForward, ForwardDecoder, Frame, Limits};
 use crate::agent::record::Trusted;
 use crate::agent::store::now_ns;
@@ -75,7 +77,7 @@ struct Conn {
     decoder: ForwardDecoder,
     buf: Vec<u8>,
     id: u64,
-    asked: mpsc::Receiver<oneshot::Sender<()>>,
+    asked: Asked,
     /// Partial-frame bytes of every connection ([`PARTIAL_BUDGET`]).
     partial: Arc<AtomicUsize>,
     /// This connection's share of `partial`.
@@ -88,6 +90,40 @@ enum Read {
     Open,
     /// The client closed (or the connection broke).
     Closed,
+}
+
+impl StreamConn for Conn {
+    fn wait_parts(&mut self) -> (&UnixStream, &mut Asked) {
+        (&self.stream, &mut self.asked)
+    }
+
+    async fn read_some(&mut self) -> bool {
+        match self.stream.try_read(&mut self.buf) {
+            Ok(0) => false,
+            Ok(n) => {
+                self.decoder.feed(&self.buf[..n]);
+                self.frames().await && self.within_budget()
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => true,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => true,
+            Err(_) => false,
+        }
+    }
+
+    async fn drain(&mut self) -> bool {
+        for _ in 0..DRAIN_CHUNKS {
+            match self.read_now() {
+                Some(Read::Open) => {
+                    if !(self.frames().await && self.within_budget()) {
+                        return false;
+                    }
+                }
+                Some(Read::Closed) => return false,
+                None => return true,
+            }
+        }
+        true
+    }
 }
 
 impl Conn {
@@ -137,57 +173,9 @@ impl Conn {
     }
 
     async fn run(mut self, shutdown: CancellationToken) {
-        loop {
-            let open = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => {
-                    self.drain().await;
-                    break;
-                }
-                Some(ack) = self.asked.recv() => {
-                    let open = self.drain().await;
-                    drop(ack);
-                    open
-                }
-                r = self.stream.readable() => match r {
-                    Ok(()) => match self.stream.try_read(&mut self.buf) {
-                        Ok(0) => false,
-                        Ok(n) => {
-                            self.decoder.feed(&self.buf[..n]);
-                            self.frames().await && self.within_budget()
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => true,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => true,
-                        Err(_) => false,
-                    },
-                    Err(_) => false,
-                },
-            };
-            if !open {
-                break;
-            }
-        }
+        serve_conn(&mut self, shutdown).await;
         self.partial.fetch_sub(self.held, Ordering::Relaxed);
         self.pipeline.unregister_conn(self.id);
-    }
-
-    /// Hands over every frame already readable (a flush or shutdown asked).
-    /// Reads with read(2) directly, like the JSON listener: tokio's reads
-    /// wait for the reactor to have seen the data. Bounded, so a client that
-    /// never pauses cannot hold up a flush. Returns false once closed.
-    async fn drain(&mut self) -> bool {
-        for _ in 0..DRAIN_CHUNKS {
-            match self.read_now() {
-                Some(Read::Open) => {
-                    if !(self.frames().await && self.within_budget()) {
-                        return false;
-                    }
-                }
-                Some(Read::Closed) => return false,
-                None => return true,
-            }
-        }
-        true
     }
 
     /// One non-blocking read(2); `None` when nothing is ready.

@@ -9,7 +9,6 @@
 //! moved `Batch` can never leave stale pointers behind); lengths come from
 //! those buffers; every file descriptor a sender passes (`SCM_RIGHTS`) is
 //! closed at once.
-#![allow(unsafe_code)]
 
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 
@@ -45,11 +44,14 @@ pub struct Batch {
     got: Vec<Got>,
 }
 
-// The raw pointers inside `iovs`/`hdrs` only ever point into `data` and
-// `control`, owned by the same struct; they are rewritten before each use.
+// SAFETY: the raw pointers inside `iovs`/`hdrs` only ever point into
+// `data` and `control`, owned by the same struct; they are rewritten before
+// each use, so moving the struct to another thread moves what they point at.
+#[allow(unsafe_code)]
 unsafe impl Send for Batch {}
 
 impl Batch {
+    #[allow(unsafe_code)]
     pub fn new(n: usize, cap: usize) -> Batch {
         let n = n.max(1);
         Batch {
@@ -74,13 +76,14 @@ impl Batch {
     /// to the socket's receive timeout), then take what is queued
     /// (`MSG_WAITFORONE`); otherwise never block. Returns how many arrived;
     /// `Err(WouldBlock)` when none.
+    #[allow(unsafe_code)]
     pub fn recv(&mut self, socket: &impl AsFd, wait: bool) -> std::io::Result<usize> {
         let n = self.hdrs.len();
         let data = self.data.as_mut_ptr();
         let control = self.control.as_mut_ptr().cast::<u8>();
         for i in 0..n {
             self.iovs[i] = libc::iovec {
-                // SAFETY (pointer arithmetic): i * cap < data.len().
+                // SAFETY: pointer arithmetic within `data`: i * cap < data.len().
                 iov_base: unsafe { data.add(i * self.cap) }.cast(),
                 iov_len: self.cap,
             };
@@ -90,10 +93,11 @@ impl Batch {
             let m = &mut h.msg_hdr;
             m.msg_name = std::ptr::null_mut();
             m.msg_namelen = 0;
-            // SAFETY (pointer arithmetic): i < iovs.len(), and
-            // i * CONTROL < control.len() * 8.
+            // SAFETY: pointer arithmetic within `iovs`: i < iovs.len().
             m.msg_iov = unsafe { iovs.add(i) };
             m.msg_iovlen = 1;
+            // SAFETY: pointer arithmetic within `control`:
+            // i * CONTROL < control.len() * 8.
             m.msg_control = unsafe { control.add(i * CONTROL) }.cast();
             m.msg_controllen = CONTROL as _;
             m.msg_flags = 0;
@@ -146,6 +150,7 @@ impl Batch {
     }
 
     /// Reads the credentials of datagram `i` and closes any fds passed.
+    #[allow(unsafe_code)]
     fn control_of(&self, i: usize) -> Option<Cred> {
         let h = &self.hdrs[i].msg_hdr;
         let mut cred = None;

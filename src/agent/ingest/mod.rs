@@ -132,7 +132,7 @@ impl Pipeline {
 
     /// Registers a connection for flush handovers: its id (for
     /// [`Pipeline::unregister_conn`]) and where the asks arrive.
-    pub(crate) fn register_conn(&self) -> (u64, mpsc::Receiver<oneshot::Sender<()>>) {
+    pub(crate) fn register_conn(&self) -> (u64, Asked) {
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
         self.stats.connections_open.fetch_add(1, Ordering::Relaxed);
@@ -387,6 +387,62 @@ fn accept_now(listener: &UnixListener) -> Option<UnixStream> {
     UnixStream::from_std(std::os::unix::net::UnixStream::from(fd)).ok()
 }
 
+/// Flush asks a connection receives: each is answered (dropped) once what
+/// the connection had read is handed over.
+pub(crate) type Asked = mpsc::Receiver<oneshot::Sender<()>>;
+
+/// One connection of a stream listener (`ingest.sock`, `forward.sock`), as
+/// the loop they share, [`serve_conn`], drives it.
+pub(crate) trait StreamConn {
+    /// The socket and the flush asks, borrowed together so the loop can
+    /// wait on both.
+    fn wait_parts(&mut self) -> (&UnixStream, &mut Asked);
+    /// Reads what is available without waiting and hands over every
+    /// complete record. False once the client closed or must be closed.
+    async fn read_some(&mut self) -> bool;
+    /// Hands over everything already readable (a flush or shutdown asked).
+    /// Reads with read(2) directly: tokio's reads report WouldBlock until
+    /// the reactor has seen the data arrive, and a flush must not depend on
+    /// that. Bounded ([`DRAIN_CHUNKS`]), so a client that never pauses
+    /// cannot hold up a flush or the shutdown. False once closed.
+    async fn drain(&mut self) -> bool;
+}
+
+/// Serves one stream connection until its client closes or `shutdown`
+/// fires; either way everything it had read is handed over first, and a
+/// flush ask is answered only after that.
+pub(crate) async fn serve_conn(conn: &mut impl StreamConn, shutdown: CancellationToken) {
+    enum Woke {
+        Shutdown,
+        Asked(oneshot::Sender<()>),
+        Readable(std::io::Result<()>),
+    }
+    loop {
+        let (stream, asked) = conn.wait_parts();
+        let woke = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => Woke::Shutdown,
+            Some(ack) = asked.recv() => Woke::Asked(ack),
+            r = stream.readable() => Woke::Readable(r),
+        };
+        let open = match woke {
+            Woke::Shutdown => {
+                conn.drain().await;
+                false
+            }
+            Woke::Asked(ack) => {
+                let open = conn.drain().await;
+                drop(ack);
+                open
+            }
+            Woke::Readable(r) => r.is_ok() && conn.read_some().await,
+        };
+        if !open {
+            return;
+        }
+    }
+}
+
 struct Connection {
     stream: UnixStream,
     pipeline: Pipeline,
@@ -396,91 +452,18 @@ struct Connection {
     /// An over-long line being skipped: its kept start and total length.
     cut: Option<(Vec<u8>, usize)>,
     id: u64,
-    asked: mpsc::Receiver<oneshot::Sender<()>>,
+    asked: Asked,
 }
 
-impl Connection {
-    fn new(stream: UnixStream, pipeline: Pipeline, max: usize) -> Connection {
-        let trusted = Arc::new(trusted_of(&stream));
-        let (id, asked) = pipeline.register_conn();
-        Connection {
-            asked,
-            stream,
-            pipeline,
-            trusted,
-            max,
-            buf: Vec::with_capacity(READ_CHUNK),
-            cut: None,
-            id,
-        }
+impl StreamConn for Connection {
+    fn wait_parts(&mut self) -> (&UnixStream, &mut Asked) {
+        (&self.stream, &mut self.asked)
     }
 
-    async fn run(mut self, shutdown: CancellationToken) {
-        loop {
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => {
-                    self.drain().await;
-                    break;
-                }
-                Some(ack) = self.asked.recv() => {
-                    let open = self.drain().await;
-                    drop(ack);
-                    if !open {
-                        break;
-                    }
-                }
-                r = self.stream.readable() => {
-                    if r.is_err() || !self.read_some().await {
-                        break;
-                    }
-                }
-            }
-        }
-        self.pipeline.unregister_conn(self.id);
-    }
-
-    /// Reads what is available without waiting and hands over every
-    /// complete line. Returns false once the client has closed.
     async fn read_some(&mut self) -> bool {
         self.read_chunk().await.0
     }
 
-    /// One read of up to [`READ_CHUNK`]: (client still open, more may be
-    /// readable right away).
-    async fn read_chunk(&mut self) -> (bool, bool) {
-        let mut open = true;
-        let mut more = false;
-        loop {
-            self.buf.reserve(READ_CHUNK);
-            match self.stream.try_read_buf(&mut self.buf) {
-                Ok(0) => {
-                    open = false;
-                    break;
-                }
-                Ok(_) => {
-                    if self.buf.len() >= READ_CHUNK {
-                        more = true;
-                        break;
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(_) => {
-                    open = false;
-                    break;
-                }
-            }
-        }
-        let rows = self.lines(!open);
-        self.pipeline.submit_wait(rows).await;
-        (open, more)
-    }
-
-    /// Hands over everything already readable (a flush or shutdown asked).
-    /// Returns false once the client has closed. Reads with read(2)
-    /// directly: tokio's `try_read` reports WouldBlock until the reactor has
-    /// seen the data arrive, and a flush must not depend on that.
     async fn drain(&mut self) -> bool {
         let mut open = true;
         // Bounded, so a client that never pauses cannot hold up a flush or
@@ -515,6 +498,59 @@ impl Connection {
         let rows = self.lines(!open);
         self.pipeline.submit_wait(rows).await;
         open
+    }
+}
+
+impl Connection {
+    fn new(stream: UnixStream, pipeline: Pipeline, max: usize) -> Connection {
+        let trusted = Arc::new(trusted_of(&stream));
+        let (id, asked) = pipeline.register_conn();
+        Connection {
+            asked,
+            stream,
+            pipeline,
+            trusted,
+            max,
+            buf: Vec::with_capacity(READ_CHUNK),
+            cut: None,
+            id,
+        }
+    }
+
+    async fn run(mut self, shutdown: CancellationToken) {
+        serve_conn(&mut self, shutdown).await;
+        self.pipeline.unregister_conn(self.id);
+    }
+
+    /// One read of up to [`READ_CHUNK`]: (client still open, more may be
+    /// readable right away).
+    async fn read_chunk(&mut self) -> (bool, bool) {
+        let mut open = true;
+        let mut more = false;
+        loop {
+            self.buf.reserve(READ_CHUNK);
+            match self.stream.try_read_buf(&mut self.buf) {
+                Ok(0) => {
+                    open = false;
+                    break;
+                }
+                Ok(_) => {
+                    if self.buf.len() >= READ_CHUNK {
+                        more = true;
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    open = false;
+                    break;
+                }
+            }
+        }
+        let rows = self.lines(!open);
+        self.pipeline.submit_wait(rows).await;
+        (open, more)
     }
 
     /// Splits complete lines off the buffer and parses them. At EOF a final
