@@ -88,3 +88,126 @@ fn architecture_names_every_module() {
         "ARCHITECTURE.md does not name {missing:?}"
     );
 }
+
+/// The part of a source file before its unit tests (`#[cfg(test)]`), where
+/// house rules about shipped code apply.
+fn shipped_part(text: &str) -> &str {
+    text.split("#[cfg(test)]").next().unwrap_or(text)
+}
+
+/// Config keys' variables are made from the key tables (`Key::env_name`,
+/// `config::env_name`), never written by hand: a `LOGBOOK_*` name spelled
+/// out in shipped code is one of the few variables that are not config
+/// keys (the CLI's and the client library's own), and none of those may
+/// shadow a key.
+#[test]
+fn env_names_come_from_the_key_tables() {
+    // Not config keys: read by the CLI, the client library and the tests.
+    const NOT_KEYS: &[&str] = &[
+        "LOGBOOK_LOG",
+        "LOGBOOK_API_SOCKET",
+        "LOGBOOK_INGEST_SOCKET",
+        "LOGBOOK_RUNTIME_DIR",
+        "LOGBOOK_HUB_URL",
+        "LOGBOOK_HUB_KEY",
+        "LOGBOOK_ORG",
+        "LOGBOOK_PROJECT",
+    ];
+    let keys: Vec<String> = logbook::agent::config::KEYS
+        .iter()
+        .chain(logbook::hub::config::KEYS)
+        .map(|k| k.env_name())
+        .collect();
+    for name in NOT_KEYS {
+        assert!(!keys.contains(&name.to_string()), "{name} is a config key");
+    }
+    let mut files = Vec::new();
+    rust_files(&root().join("src"), &mut files);
+    let mut hand_written = Vec::new();
+    for f in files {
+        if f.ends_with("tests.rs") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&f).unwrap();
+        let code = shipped_part(&text)
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("//"));
+        for line in code {
+            let mut rest = line;
+            while let Some(at) = rest.find("LOGBOOK_") {
+                let name: String = rest[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_')
+                    .collect();
+                rest = &rest[at + name.len()..];
+                // `LOGBOOK_` alone is the prefix the tables' names are made with.
+                if name != "LOGBOOK_" && !NOT_KEYS.contains(&name.as_str()) {
+                    hand_written.push(format!("{}: {name}", f.display()));
+                }
+            }
+        }
+    }
+    assert!(
+        hand_written.is_empty(),
+        "variable names written by hand instead of from a key table: {hand_written:?}"
+    );
+}
+
+/// Unsafe code is denied crate-wide (`[lints]` in Cargo.toml); it is let in
+/// only item by item, in the three modules ARCHITECTURE.md names, never for
+/// a whole module.
+#[test]
+fn unsafe_code_only_in_the_audited_items() {
+    const AUDITED: [&str; 3] = [
+        "src/agent/ingest/mmsg.rs",
+        "src/agent/store/insert.rs",
+        "src/agent/systemd.rs",
+    ];
+    let map = std::fs::read_to_string(root().join("ARCHITECTURE.md")).unwrap();
+    for module in [
+        "agent::ingest::mmsg",
+        "agent::store::insert",
+        "agent::systemd",
+    ] {
+        assert!(map.contains(&format!("`{module}`")), "{module}");
+    }
+    let cargo = std::fs::read_to_string(root().join("Cargo.toml")).unwrap();
+    assert!(cargo.contains("unsafe_code = \"deny\""));
+    assert!(cargo.contains("undocumented_unsafe_blocks = \"deny\""));
+    let mut files = Vec::new();
+    for dir in ["src", "tests", "examples"] {
+        rust_files(&root().join(dir), &mut files);
+    }
+    for f in files {
+        let rel = f.strip_prefix(root()).unwrap().to_str().unwrap().to_owned();
+        if rel == "tests/tidy.rs" {
+            continue;
+        }
+        let text = std::fs::read_to_string(&f).unwrap();
+        assert!(
+            !text.contains("#![allow(unsafe_code)]"),
+            "{rel}: unsafe code is allowed item by item, not for a module"
+        );
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            if !line.contains("allow(unsafe_code)") || line.trim_start().starts_with("//") {
+                continue;
+            }
+            assert!(
+                AUDITED.contains(&rel.as_str()),
+                "{rel}:{}: unsafe code outside the audited modules",
+                i + 1
+            );
+            let item = lines[i + 1..]
+                .iter()
+                .map(|l| l.trim_start())
+                .find(|l| !l.starts_with("#[") && !l.starts_with("//"))
+                .unwrap_or("");
+            assert!(
+                !item.starts_with("mod ") && !item.starts_with("pub mod "),
+                "{rel}:{}: unsafe code is allowed for a function or impl, not a module",
+                i + 1
+            );
+        }
+    }
+}

@@ -132,7 +132,6 @@ pub fn listen_fds() -> HashMap<String, std::os::unix::net::UnixListener> {
     out
 }
 
-#[allow(unsafe_code)]
 mod adopt {
     use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
@@ -143,6 +142,7 @@ mod adopt {
     /// program opens or owns them before `listen_fds` runs, which happens
     /// once at startup before any other file is opened. The fd is checked to
     /// be open and a socket before ownership is taken.
+    #[allow(unsafe_code)]
     pub fn listener(fd: RawFd) -> Option<std::os::unix::net::UnixListener> {
         // SAFETY: borrowing only to inspect; fcntl on a closed fd fails
         // harmlessly with EBADF.

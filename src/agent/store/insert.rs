@@ -10,7 +10,6 @@
 //! every binding is cleared before `row` returns; the statement is
 //! finalized when the [`Insert`] drops, which the borrow of its
 //! `Connection` keeps before the connection closes.
-#![allow(unsafe_code)]
 
 use std::ffi::{c_char, c_int, CStr};
 use std::marker::PhantomData;
@@ -33,6 +32,7 @@ pub struct Insert<'c> {
 
 impl<'c> Insert<'c> {
     /// Prepares the statement on `conn`.
+    #[allow(unsafe_code)]
     pub fn new(conn: &'c Connection) -> rusqlite::Result<Insert<'c>> {
         // SAFETY: the handle is only used while `conn` is borrowed ('c).
         let db = unsafe { conn.handle() };
@@ -54,6 +54,7 @@ impl<'c> Insert<'c> {
     }
 
     /// Inserts `row` in `session` as record `seq`.
+    #[allow(unsafe_code)]
     pub fn row(&mut self, seq: i64, session: Option<i64>, row: &Row) -> rusqlite::Result<()> {
         let s = self.stmt.as_ptr();
         let t = &row.trusted;
@@ -93,6 +94,7 @@ impl<'c> Insert<'c> {
 }
 
 impl Drop for Insert<'_> {
+    #[allow(unsafe_code)]
     fn drop(&mut self) {
         // SAFETY: the statement is live and finalized only here.
         unsafe { ffi::sqlite3_finalize(self.stmt.as_ptr()) };
@@ -101,6 +103,10 @@ impl Drop for Insert<'_> {
 
 /// Binds `text` (or NULL) without a copy: it must stay alive and unchanged
 /// until the statement's next step has run.
+///
+/// # Safety
+/// `s` must be a live statement and `i` one of its parameters.
+#[allow(unsafe_code)]
 unsafe fn bind_text(s: *mut ffi::sqlite3_stmt, i: c_int, text: Option<&str>) -> c_int {
     match text {
         None => ffi::sqlite3_bind_null(s, i),
@@ -117,6 +123,11 @@ unsafe fn bind_text(s: *mut ffi::sqlite3_stmt, i: c_int, text: Option<&str>) -> 
     }
 }
 
+/// Binds `v` (or NULL).
+///
+/// # Safety
+/// `s` must be a live statement and `i` one of its parameters.
+#[allow(unsafe_code)]
 unsafe fn bind_opt_int(s: *mut ffi::sqlite3_stmt, i: c_int, v: Option<i64>) -> c_int {
     match v {
         None => ffi::sqlite3_bind_null(s, i),
@@ -125,6 +136,7 @@ unsafe fn bind_opt_int(s: *mut ffi::sqlite3_stmt, i: c_int, v: Option<i64>) -> c
 }
 
 /// The connection's error for result code `rc`, as rusqlite reports it.
+#[allow(unsafe_code)]
 fn error(db: *mut ffi::sqlite3, rc: c_int) -> rusqlite::Error {
     // SAFETY: `db` is a live connection; its message is copied at once.
     let (code, msg) = unsafe {
