@@ -259,8 +259,9 @@ fn short(v: &toml::Value) -> String {
     }
 }
 
-/// Parses `123`, `64KiB`, `256MiB`, `1GiB`, `10MB`, `1.5GiB` into bytes.
-pub fn parse_bytes(s: &str) -> Result<u64, String> {
+/// Splits `1.5GiB` into its number and its unit (trimmed, maybe empty);
+/// `expected` names the form in the error.
+fn number_and_unit<'a>(s: &'a str, expected: &str) -> Result<(f64, &'a str), String> {
     let t = s.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -268,8 +269,14 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
     let (num, unit) = t.split_at(split);
     let num: f64 = num
         .parse()
-        .map_err(|_| format!("expected a size like 256MiB, found {s:?}"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        .map_err(|_| format!("expected {expected}, found {s:?}"))?;
+    Ok((num, unit.trim()))
+}
+
+/// Parses `123`, `64KiB`, `256MiB`, `1GiB`, `10MB`, `1.5GiB` into bytes.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let (num, unit) = number_and_unit(s, "a size like 256MiB")?;
+    let mult: u64 = match unit.to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" => 1_000,
         "kib" => 1 << 10,
@@ -290,15 +297,8 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
 
 /// Parses `2`, `2.5`, `500ms`, `2s`, `5m`, `1h` into seconds.
 pub fn parse_secs(s: &str) -> Result<f64, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let num: f64 = num
-        .parse()
-        .map_err(|_| format!("expected a duration like 2s or 500ms, found {s:?}"))?;
-    let mult = match unit.trim() {
+    let (num, unit) = number_and_unit(s, "a duration like 2s or 500ms")?;
+    let mult = match unit {
         "" | "s" => 1.0,
         "ms" => 0.001,
         "us" | "µs" => 0.000_001,

@@ -165,7 +165,6 @@ impl HubProc {
         (status, serde_json::from_str(&text).unwrap_or(Value::Null))
     }
 
-    /// Posts a gzip batch with the device token.
     /// Creates a tus upload of `data` as artifact `path` of `session`, as
     /// an agent does (`sha256`: the digest declared, by default the data's
     /// own); returns the upload's absolute URL.
@@ -221,6 +220,7 @@ impl HubProc {
             .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
     }
 
+    /// Posts a batch, gzipped, with the device token.
     pub async fn post_batch(&self, batch: &Batch) -> (u16, Value) {
         self.post_body(&batch.encode(1), &self.device).await
     }

@@ -41,22 +41,11 @@ pub fn start_agent(dir: &TestDir, env: &[(String, String)]) -> Agent {
 
 /// GET with the hub's operator key, blocking.
 pub fn hub_get(hub: &HubProc, url: &str) -> (u16, Value) {
-    let rt = tokio::runtime::Builder::new_current_thread()
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .unwrap();
-    let op = hub.operator.clone();
-    rt.block_on(async move {
-        let r = reqwest::Client::new()
-            .get(url)
-            .bearer_auth(op)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        let text = r.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-    })
+        .unwrap()
+        .block_on(hub.get(url))
 }
 
 /// Every record at the hub under `path` (`/sessions/{id}/logs` or
