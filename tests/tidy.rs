@@ -211,3 +211,65 @@ fn unsafe_code_only_in_the_audited_items() {
         }
     }
 }
+
+/// The map names nothing that is gone: every crate path ARCHITECTURE.md
+/// shows in backticks (`agent::sync::status`, `hub::serve`,
+/// `agent::systemd::adopt::listener`) is a module of the tree, or an item
+/// its module's files still mention.
+#[test]
+fn architecture_names_only_what_exists() {
+    const TOP: [&str; 8] = [
+        "agent", "hub", "client", "wire", "config", "dev", "exit", "prom",
+    ];
+    let map = std::fs::read_to_string(root().join("ARCHITECTURE.md")).unwrap();
+    let src = root().join("src");
+    let mut stale = Vec::new();
+    for (i, span) in map.split('`').enumerate() {
+        // Odd pieces are inside backticks.
+        let path = span.trim_end_matches("()");
+        let parts: Vec<&str> = path.split("::").collect();
+        let is_path = i % 2 == 1
+            && parts.len() > 1
+            && TOP.contains(&parts[0])
+            && parts
+                .iter()
+                .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+        if !is_path {
+            continue;
+        }
+        // The longest prefix that is a module file, then the rest as items.
+        let mut dir = src.clone();
+        let mut module_files: Vec<PathBuf> = Vec::new();
+        let mut rest = &parts[..];
+        while let Some((first, tail)) = rest.split_first() {
+            let file = dir.join(format!("{first}.rs"));
+            let sub = dir.join(first);
+            if file.is_file() {
+                module_files = vec![file];
+            } else if sub.join("mod.rs").is_file() {
+                module_files = vec![sub.join("mod.rs")];
+            } else {
+                break;
+            }
+            dir = sub;
+            rest = tail;
+        }
+        if module_files.is_empty() {
+            stale.push(path.to_owned());
+            continue;
+        }
+        // Items may sit in the module's own files below it, too.
+        rust_files(&dir, &mut module_files);
+        let text: String = module_files
+            .iter()
+            .filter_map(|f| std::fs::read_to_string(f).ok())
+            .collect();
+        if rest.iter().any(|item| !text.contains(item)) {
+            stale.push(path.to_owned());
+        }
+    }
+    assert!(
+        stale.is_empty(),
+        "ARCHITECTURE.md names what the tree no longer has: {stale:?}"
+    );
+}
