@@ -651,6 +651,43 @@ pub fn to_toml(cfg: &AgentConfig) -> String {
 mod tests {
     use super::*;
 
+    /// The commented `agent.toml` the Debian package installs names every
+    /// key, and the values it shows are the defaults (but for the device
+    /// and hub, which it shows as examples).
+    #[test]
+    fn the_packaged_agent_toml_shows_every_key_with_its_default() {
+        let shipped = include_str!("../../packaging/agent.toml");
+        let mut section = "";
+        let mut shown = Vec::new();
+        let mut uncommented = String::new();
+        for line in shipped.lines() {
+            if let Some(name) = line.strip_prefix('[') {
+                section = name.trim_end_matches(']');
+                uncommented.push_str(line);
+            } else if let Some(kv) = line.strip_prefix("# ").filter(|kv| {
+                kv.split_once(" = ")
+                    .is_some_and(|(k, _)| k.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+            }) {
+                shown.push(format!("{section}.{}", kv.split_once(" = ").unwrap().0));
+                uncommented.push_str(kv);
+            }
+            uncommented.push('\n');
+        }
+        let keys: Vec<String> = KEYS.iter().map(|k| k.dotted()).collect();
+        let mut sorted = shown.clone();
+        sorted.sort();
+        let mut want = keys.clone();
+        want.sort();
+        assert_eq!(sorted, want, "packaging/agent.toml must show every key once");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, uncommented).unwrap();
+        let mut raw: RawConfig = crate::config::load(KEYS, Some(&path), true, []).unwrap();
+        raw.device = RawDevice::default();
+        raw.sync.hub = RawConfig::default().sync.hub;
+        assert_eq!(raw, RawConfig::default());
+    }
+
     #[test]
     fn table_and_struct_agree() {
         // Every field of the serialized struct is a key of the table, and
