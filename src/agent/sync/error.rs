@@ -20,8 +20,9 @@ use crate::wire::{error_code, BATCH_VERSION, SUPPORTED_BATCH_VERSIONS};
 /// What the uploader must do after a failed request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
-    /// Transient: connection errors, timeouts, 5xx, 429. Retry forever with
-    /// backoff; `after` is the hub's `Retry-After`, which overrides backoff.
+    /// Transient: connection errors, timeouts, 5xx, 408, 429. Retry forever
+    /// with backoff; `after` is the hub's `Retry-After` (on 429 and 503),
+    /// which replaces the backoff's wait.
     Retry { after: Option<Duration> },
     /// 401/403: the token is wrong or revoked. Retrying cannot help; stop,
     /// show `auth-failed`, and wait for a new token (or a restart).
@@ -169,15 +170,18 @@ impl Encoding {
     }
 }
 
-/// Maps an HTTP status to the action the design prescribes.
+/// Maps an HTTP status to the action the design prescribes. `Retry-After`
+/// is taken from 429 and 503 only, the answers that define it as a delay
+/// (RFC 6585, RFC 9110); on any other status it is ignored.
 pub fn classify(status: StatusCode, retry_after: Option<Duration>) -> Action {
     match status.as_u16() {
         401 | 403 => Action::Stop,
         413 => Action::Split,
-        // 408 Request Timeout and 429 Too Many Requests are transient.
-        408 | 429 => Action::Retry { after: retry_after },
+        429 | 503 => Action::Retry { after: retry_after },
+        // 408 Request Timeout is transient.
+        408 => Action::Retry { after: None },
         400..=499 => Action::SetAside,
-        _ => Action::Retry { after: retry_after },
+        _ => Action::Retry { after: None },
     }
 }
 
@@ -217,6 +221,20 @@ mod tests {
         check(500, Action::Retry { after: None });
         check(502, Action::Retry { after: None });
         check(503, Action::Retry { after: None });
+        let after = Some(Duration::from_secs(5));
+        let check = |code: u16, want: Option<Duration>| {
+            let status = StatusCode::from_u16(code).unwrap();
+            assert_eq!(
+                classify(status, after),
+                Action::Retry { after: want },
+                "{code}"
+            );
+        };
+        check(429, after);
+        check(503, after);
+        check(408, None);
+        check(500, None);
+        check(502, None);
     }
 
     fn headers(v: &str) -> HeaderMap {

@@ -3,6 +3,7 @@
 pub mod artifacts;
 pub mod backoff;
 pub mod error;
+pub mod link;
 pub mod status;
 pub mod throttle;
 pub mod tus;

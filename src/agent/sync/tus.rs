@@ -1,5 +1,5 @@
 //! The agent's tus 1.0 client (core + creation + checksum): create an upload,
-//! ask its offset, append chunks. Holds no state of its own: the caller
+//! ask its offset, append chunks, over a [`Link`]. Holds no state of its own: the caller
 //! keeps the upload URL and acknowledged offset in SQLite, so an upload
 //! resumes after a dropped connection or an agent restart without re-sending
 //! acknowledged bytes.
@@ -10,6 +10,7 @@ use reqwest::{Method, StatusCode};
 use sha2::{Digest, Sha256};
 
 use super::error::SyncError;
+use super::link::Link;
 use crate::wire::{upload_meta, UPLOADS_PATH};
 
 pub const TUS_VERSION: &str = "1.0.0";
@@ -35,29 +36,23 @@ pub enum Appended {
     OffsetMismatch,
 }
 
-#[derive(Clone)]
-pub struct TusClient {
-    http: reqwest::Client,
-    endpoint: reqwest::Url,
-    token: String,
+/// The tus requests of one [`Link`]: its client, its token and its hub.
+pub struct TusClient<'a> {
+    link: &'a Link,
+    endpoint: String,
 }
 
-impl TusClient {
-    pub fn new(http: reqwest::Client, hub: &str, token: &str) -> Result<TusClient, SyncError> {
-        let endpoint = reqwest::Url::parse(hub.trim_end_matches('/'))
-            .and_then(|u| u.join(UPLOADS_PATH))
-            .map_err(|e| SyncError::Local(format!("bad hub URL {hub:?}: {e}")))?;
-        Ok(TusClient {
-            http,
-            endpoint,
-            token: token.to_owned(),
-        })
+impl<'a> TusClient<'a> {
+    pub fn new(link: &'a Link) -> TusClient<'a> {
+        TusClient {
+            endpoint: link.endpoint(UPLOADS_PATH),
+            link,
+        }
     }
 
     fn request(&self, method: Method, url: &str) -> reqwest::RequestBuilder {
-        self.http
+        self.link
             .request(method, url)
-            .bearer_auth(&self.token)
             .header("Tus-Resumable", TUS_VERSION)
     }
 
@@ -72,7 +67,7 @@ impl TusClient {
             (upload_meta::SHA256, upload.sha256),
         ];
         let resp = self
-            .request(Method::POST, self.endpoint.as_str())
+            .request(Method::POST, &self.endpoint)
             .header("Upload-Length", upload.length.to_string())
             .header("Upload-Metadata", encode_metadata(&meta))
             .send()
@@ -91,10 +86,7 @@ impl TusClient {
             Some(_) => upload_offset(resp.headers())?,
             None => 0,
         };
-        self.endpoint
-            .join(location)
-            .map(|u| (u.to_string(), offset))
-            .map_err(|e| SyncError::BadResponse(format!("bad Location {location:?}: {e}")))
+        absolute(&self.endpoint, location).map(|u| (u, offset))
     }
 
     /// The hub's offset for an upload; `Ok(None)` when the hub no longer
@@ -152,6 +144,14 @@ impl TusClient {
     }
 }
 
+/// The upload URL a `Location` names, relative to the creation endpoint.
+fn absolute(endpoint: &str, location: &str) -> Result<String, SyncError> {
+    reqwest::Url::parse(endpoint)
+        .and_then(|u| u.join(location))
+        .map(String::from)
+        .map_err(|e| SyncError::BadResponse(format!("bad Location {location:?}: {e}")))
+}
+
 async fn error_of(resp: reqwest::Response) -> SyncError {
     let status = resp.status();
     let headers = resp.headers().clone();
@@ -189,19 +189,17 @@ mod tests {
     }
 
     #[test]
-    fn endpoint_joins_the_hub_url() {
-        let http = reqwest::Client::new();
-        for hub in ["http://hub:8080", "http://hub:8080/"] {
-            let c = TusClient::new(http.clone(), hub, "t").unwrap();
-            assert_eq!(c.endpoint.as_str(), "http://hub:8080/api/v1/ingest/uploads");
-            assert_eq!(
-                c.endpoint
-                    .join("/api/v1/ingest/uploads/abc")
-                    .unwrap()
-                    .as_str(),
-                "http://hub:8080/api/v1/ingest/uploads/abc"
-            );
-        }
-        assert!(TusClient::new(http, "not a url", "t").is_err());
+    fn locations_resolve_against_the_endpoint() {
+        let check = |location: &str, want: &str| {
+            let got = absolute("http://hub:8080/api/v1/ingest/uploads", location).unwrap();
+            assert_eq!(got, want, "{location}");
+        };
+        check(
+            "/api/v1/ingest/uploads/abc",
+            "http://hub:8080/api/v1/ingest/uploads/abc",
+        );
+        check("uploads/abc", "http://hub:8080/api/v1/ingest/uploads/abc");
+        check("https://other/u/1", "https://other/u/1");
+        assert!(absolute("http://hub:8080/x", "http://[bad").is_err());
     }
 }

@@ -25,12 +25,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use reqwest::header::{CONTENT_ENCODING, CONTENT_TYPE};
+use reqwest::Method;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::backoff::Backoff;
 use super::error::{Action, SyncError, BATCH_ENCODING};
-use super::status::{LinkState, SyncShared};
+use super::link::{Link, LinkConfig};
+use super::status::SyncShared;
 use super::throttle::Throttle;
 use crate::agent::config::SyncConfig;
 use crate::agent::store::sync::{Acked, PendingRecord, SetAside, SyncReader};
@@ -54,10 +55,9 @@ const MAX_SESSIONS: usize = 100;
 /// knows the device is alive (and its clock skew) and the link state is
 /// fresh.
 const HEARTBEAT: Duration = Duration::from_secs(30);
-/// While backing off from connection errors, the hub is probed with a TCP
-/// connect this often; a connect that works after one that failed ends the
-/// wait, so sync resumes within seconds of the link coming back.
-const PROBE_EVERY: Duration = Duration::from_secs(2);
+/// Longest one post may take, body and answer: a batch is at most
+/// `sync.batch_bytes` and goes once the bandwidth cap lets it.
+const POST_TIMEOUT: Duration = Duration::from_secs(60);
 /// Largest acknowledgement body read from the hub.
 const MAX_ACK_BYTES: usize = 1 << 20;
 
@@ -76,18 +76,46 @@ pub struct UploaderCtx {
 
 /// Runs the uploader under its supervisor until `shutdown`.
 pub async fn run(ctx: Arc<UploaderCtx>, shutdown: CancellationToken) {
+    // A hub URL the link cannot use fails the same way on every restart.
+    if let Err(e) = batch_link(&ctx) {
+        tracing::error!("batch uploads disabled: {e}");
+        ctx.shared.set_error(Some(e.to_string()));
+        return;
+    }
     let stall = ctx.cfg.stall_timeout;
     let shared = ctx.shared.clone();
     supervise(
         move || {
             let ctx = ctx.clone();
             let shutdown = shutdown.clone();
-            async move { Uploader::new(ctx).run(shutdown).await }
+            async move {
+                match Uploader::new(ctx) {
+                    Ok(up) => up.run(shutdown).await,
+                    Err(e) => Done::Restart(e.to_string()),
+                }
+            }
         },
         shared,
         stall,
     )
     .await
+}
+
+/// The batch uploader's link: `sync.hub` and `sync.retry_*`, the device
+/// token of `SyncShared`, which also shows its state.
+fn batch_link(ctx: &UploaderCtx) -> Result<Link, SyncError> {
+    let cfg = LinkConfig {
+        hub: ctx.cfg.hub.clone(),
+        retry_min: ctx.cfg.retry_min,
+        retry_max: ctx.cfg.retry_max,
+    };
+    Link::new(
+        "batch upload",
+        &cfg,
+        ctx.shared.token_updates(),
+        ctx.throttle.clone(),
+        ctx.shared.clone(),
+    )
 }
 
 /// Keeps one uploader running: restarts it when it returns early (a
@@ -189,12 +217,13 @@ impl Work {
 
 struct Uploader {
     ctx: Arc<UploaderCtx>,
-    http: reqwest::Client,
+    /// Client, token, backoff, probe and the bandwidth share; its state
+    /// shows in `SyncShared`.
+    link: Link,
     url: String,
     /// Held between batches; a Mutex only so `&Uploader` is `Send` across
     /// awaits (one task uses it).
     reader: std::sync::Mutex<Option<SyncReader>>,
-    backoff: Backoff,
     /// Where the next batch's reads start.
     scan: Scan,
     /// The next batch, read and packed while the previous one was in flight.
@@ -214,21 +243,28 @@ struct Uploader {
 /// An acknowledgement in the writer's hands: its reply and its seq ranges.
 type Marking = (oneshot::Receiver<Result<u64, String>>, Vec<(u64, u64)>);
 
+/// What the next turn of the loop does.
+enum Turn {
+    Send(Box<Ready>),
+    /// Nothing to send yet (lingering, idle, a failed read): look again.
+    Again,
+    Shutdown,
+}
+
+/// How long each stage of one batch took, for the debug log.
+struct Timing {
+    read: Duration,
+    encode: Duration,
+    post: Duration,
+}
+
 impl Uploader {
-    fn new(ctx: Arc<UploaderCtx>) -> Uploader {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(60))
-            .pool_idle_timeout(Duration::from_secs(50))
-            .tcp_nodelay(true)
-            .user_agent(concat!("logbookd/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .expect("a plain reqwest client always builds");
-        Uploader {
-            url: format!("{}{}", ctx.cfg.hub, BATCHES_PATH),
-            backoff: Backoff::new(ctx.cfg.retry_min, ctx.cfg.retry_max),
+    fn new(ctx: Arc<UploaderCtx>) -> Result<Uploader, SyncError> {
+        let link = batch_link(&ctx)?;
+        Ok(Uploader {
+            url: link.endpoint(BATCHES_PATH),
+            link,
             limit: ctx.cfg.batch_records,
-            http,
             reader: std::sync::Mutex::new(None),
             scan: Scan::default(),
             prefetched: None,
@@ -236,7 +272,7 @@ impl Uploader {
             last_post: None,
             marking: None,
             ctx,
-        }
+        })
     }
 
     async fn run(mut self, shutdown: CancellationToken) -> Done {
@@ -250,81 +286,15 @@ impl Uploader {
                     self.scan = r.work.start;
                     r
                 }
-                None => {
-                    let gather_start = Instant::now();
-                    let work = match self.gather().await {
-                        Ok(w) => w,
-                        Err(e) => {
-                            tracing::error!("reading pending sync work failed: {e}");
-                            *self.reader.lock().expect("reader lock") = None;
-                            if sleep_or_cancel(Duration::from_secs(1), &shutdown).await {
-                                return Done::Shutdown;
-                            }
-                            continue;
-                        }
-                    };
-                    let heartbeat_due = self.last_post.is_none_or(|t| t.elapsed() >= HEARTBEAT);
-                    if work.is_empty() && !heartbeat_due {
-                        self.pending_since = None;
-                        // Nothing to send: hear the writer out, so a failed
-                        // marking brings its records back now.
-                        match self.settle_marking().await {
-                            Settled::Ok => {}
-                            Settled::Failed => continue,
-                            Settled::WriterGone => {
-                                shutdown.cancelled().await;
-                                return Done::Shutdown;
-                            }
-                        }
-                        // Input-driven (a commit) or timer-driven (a backlog
-                        // that a missed wake-up left behind drains anyway).
-                        tokio::select! {
-                            _ = shutdown.cancelled() => return Done::Shutdown,
-                            _ = self.ctx.stats.committed_notify.notified() => {}
-                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        }
-                        continue;
-                    }
-                    if !work.is_empty() && !work.full {
-                        // Let a batch fill for up to `linger` after its first
-                        // change.
-                        let since = *self.pending_since.get_or_insert_with(Instant::now);
-                        let left = self.ctx.cfg.linger.saturating_sub(since.elapsed());
-                        if !left.is_zero() {
-                            if sleep_or_cancel(left, &shutdown).await {
-                                return Done::Shutdown;
-                            }
-                            continue;
-                        }
-                    }
-                    let read_time = gather_start.elapsed();
-                    match tokio::task::spawn_blocking(move || encode(work, read_time)).await {
-                        Ok(r) => r,
-                        Err(e) => {
-                            tracing::error!("packing a batch failed: {e}");
-                            continue;
-                        }
-                    }
-                }
+                None => match self.next_batch(&shutdown).await {
+                    Turn::Send(r) => *r,
+                    Turn::Again => continue,
+                    Turn::Shutdown => return Done::Shutdown,
+                },
             };
             match self.send(ready, &shutdown).await {
                 Step::Next => {}
                 Step::Shutdown => return Done::Shutdown,
-                Step::Parked => {
-                    // 401/403: retrying the same token cannot help. Wait for
-                    // a new one (SIGHUP) or a restart; stay alive for the
-                    // supervisor.
-                    let mut updates = self.ctx.shared.token_updates();
-                    while self.ctx.shared.link() == LinkState::AuthFailed {
-                        tokio::select! {
-                            _ = shutdown.cancelled() => return Done::Shutdown,
-                            _ = updates.changed() => {}
-                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        }
-                        self.ctx.shared.beat();
-                    }
-                    tracing::info!("trying the new device token");
-                }
                 Step::WriterGone => {
                     // The writer only goes away at shutdown.
                     shutdown.cancelled().await;
@@ -334,6 +304,66 @@ impl Uploader {
         }
     }
 
+    /// Reads and packs the next batch once it is due: full, lingered long
+    /// enough, or an idle heartbeat. Waits for new input when there is
+    /// nothing to send.
+    async fn next_batch(&mut self, shutdown: &CancellationToken) -> Turn {
+        let gather_start = Instant::now();
+        let work = match self.gather().await {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!("reading pending sync work failed: {e}");
+                *self.reader.lock().expect("reader lock") = None;
+                return match sleep_or_cancel(Duration::from_secs(1), shutdown).await {
+                    true => Turn::Shutdown,
+                    false => Turn::Again,
+                };
+            }
+        };
+        let heartbeat_due = self.last_post.is_none_or(|t| t.elapsed() >= HEARTBEAT);
+        if work.is_empty() && !heartbeat_due {
+            return self.idle(shutdown).await;
+        }
+        if !work.is_empty() && !work.full {
+            // Let a batch fill for up to `linger` after its first change.
+            let since = *self.pending_since.get_or_insert_with(Instant::now);
+            let left = self.ctx.cfg.linger.saturating_sub(since.elapsed());
+            if !left.is_zero() {
+                return match sleep_or_cancel(left, shutdown).await {
+                    true => Turn::Shutdown,
+                    false => Turn::Again,
+                };
+            }
+        }
+        let read_time = gather_start.elapsed();
+        match tokio::task::spawn_blocking(move || encode(work, read_time)).await {
+            Ok(r) => Turn::Send(Box::new(r)),
+            Err(e) => {
+                tracing::error!("packing a batch failed: {e}");
+                Turn::Again
+            }
+        }
+    }
+
+    /// Nothing to send: hears the writer out (so a failed marking brings
+    /// its records back now), then waits for a commit, or a second (a
+    /// backlog that a missed wake-up left behind drains anyway).
+    async fn idle(&mut self, shutdown: &CancellationToken) -> Turn {
+        self.pending_since = None;
+        match self.settle_marking().await {
+            Settled::Ok => {}
+            Settled::Failed => return Turn::Again,
+            Settled::WriterGone => {
+                shutdown.cancelled().await;
+                return Turn::Shutdown;
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => Turn::Shutdown,
+            _ = self.ctx.stats.committed_notify.notified() => Turn::Again,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => Turn::Again,
+        }
+    }
     /// Takes the held read connection, or opens one.
     async fn take_reader(&self) -> Result<SyncReader, StoreError> {
         let held = self.reader.lock().expect("reader lock").take();
@@ -386,39 +416,19 @@ impl Uploader {
         Ok(work)
     }
 
+    /// Sends one batch and acts on the hub's answer: waits for the
+    /// bandwidth share, posts (reading the next batch meanwhile when this
+    /// one is full), then marks what was acked or handles the failure.
     async fn send(&mut self, ready: Ready, shutdown: &CancellationToken) -> Step {
         let body_len = ready.body.len() as u64;
-        {
-            // A capped link may hold a batch back for a long while: that is
-            // progress, so keep the heartbeat going for the supervisor.
-            let shared = self.ctx.shared.clone();
-            let throttle = self.ctx.throttle.clone();
-            let take = throttle.take(body_len);
-            tokio::pin!(take);
-            loop {
-                tokio::select! {
-                    _ = &mut take => break,
-                    _ = shutdown.cancelled() => return Step::Shutdown,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => shared.beat(),
-                }
-            }
+        if self.link.share(body_len, shutdown).await {
+            return Step::Shutdown;
         }
-        // The batch carries the robot's clock for the hub's skew figure: one
-        // that waited long (a capped link) is stamped and packed again.
-        let ready = if now_ns().saturating_sub(ready.work.batch.sent_at_ns) > RESTAMP_AFTER_NS {
-            let read_time = ready.read_time;
-            match tokio::task::spawn_blocking(move || encode(ready.work, read_time)).await {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!("packing a batch failed: {e}");
-                    return Step::Next;
-                }
-            }
-        } else {
-            ready
+        let Some(ready) = restamped(ready).await else {
+            return Step::Next;
         };
         let Ready {
-            mut work,
+            work,
             body,
             raw_len,
             read_time,
@@ -426,18 +436,40 @@ impl Uploader {
         } = ready;
         let post_start = Instant::now();
         self.ctx.shared.beat();
-        // Read per request: a SIGHUP may have brought a new token.
-        let token = self.ctx.shared.token();
         let request = self
-            .http
-            .post(&self.url)
-            .bearer_auth(&*token)
+            .link
+            .request(Method::POST, &self.url)
+            .timeout(POST_TIMEOUT)
             .header(CONTENT_TYPE, CONTENT_TYPE_MSGPACK)
             .header(CONTENT_ENCODING, "gzip")
             .body(body);
-        // A full batch says a backlog is draining: read and pack the next
-        // one while this one is on the wire.
-        let prefetch = if work.full {
+        let read_ahead = self.read_ahead(&work).await;
+        let (result, read_ahead) = tokio::select! {
+            _ = shutdown.cancelled() => return Step::Shutdown,
+            r = async { tokio::join!(post(request), read_ahead) } => r,
+        };
+        let prefetched = self.keep_read_ahead(read_ahead);
+        self.last_post = Some(Instant::now());
+        let timing = Timing {
+            read: read_time,
+            encode: encode_time,
+            post: post_start.elapsed(),
+        };
+        match result {
+            Ok(ack) => {
+                let sizes = (body_len, raw_len as u64);
+                self.acknowledged(work, ack, prefetched, sizes, timing)
+                    .await
+            }
+            Err(e) => self.failed(work, e, shutdown).await,
+        }
+    }
+
+    /// A full batch says a backlog is draining: starts reading and packing
+    /// the next one (leaving out this one's records) to run while this one
+    /// is on the wire.
+    async fn read_ahead(&self, work: &Work) -> impl Future<Output = Option<ReadAhead>> {
+        let handle = if work.full {
             match self.take_reader().await {
                 Ok(reader) => {
                     let sent = crate::wire::seq_ranges(work.records.iter().map(|r| r.0));
@@ -457,209 +489,145 @@ impl Uploader {
         } else {
             None
         };
-        let prefetch = async move {
-            match prefetch {
+        async move {
+            match handle {
                 Some(h) => h.await.ok(),
                 None => None,
-            }
-        };
-        let (result, prefetched) = tokio::select! {
-            _ = shutdown.cancelled() => return Step::Shutdown,
-            r = async { tokio::join!(post(request), prefetch) } => r,
-        };
-        let prefetched = match prefetched {
-            Some((reader, out)) => {
-                *self.reader.lock().expect("reader lock") = Some(reader);
-                match out {
-                    Ok(ready) => ready,
-                    Err(e) => {
-                        tracing::warn!("reading ahead failed: {e}");
-                        None
-                    }
-                }
-            }
-            None => None,
-        };
-        self.last_post = Some(Instant::now());
-        let post_time = post_start.elapsed();
-        let n_records = work.batch.records.len();
-        let shared = self.ctx.shared.clone();
-        match result {
-            Ok(ack) => {
-                let mut acked = std::mem::take(&mut work.acked);
-                // Only what this batch carried is marked, whatever else the
-                // hub's ranges may span.
-                let mut ranges = ack.acked.clone();
-                ranges.sort_unstable();
-                acked.records = crate::wire::seq_ranges(
-                    work.records
-                        .iter()
-                        .map(|r| r.0)
-                        .filter(|seq| covered(&ranges, *seq)),
-                );
-                let acked_all = acked
-                    .records
-                    .iter()
-                    .map(|(lo, hi)| hi - lo + 1)
-                    .sum::<u64>();
-                // The scan moves past this batch only if all of it was
-                // acked; otherwise start again from the first unsynced
-                // record, and the batch read ahead (which assumed it) goes.
-                let all = acked_all == work.records.len() as u64;
-                let mark_start = Instant::now();
-                let mut keep = all;
-                self.scan = if all { work.next } else { Scan::default() };
-                if !self.hand_over(acked, &mut keep).await {
-                    return Step::WriterGone;
-                }
-                if keep {
-                    self.prefetched = prefetched;
-                }
-                let mark_time = mark_start.elapsed();
-                shared.set_link(LinkState::Online);
-                shared.set_error(None);
-                shared.set_backoff(None);
-                shared.last_success_ns.store(now_ns(), Ordering::Relaxed);
-                shared.bytes_sent.fetch_add(body_len, Ordering::Relaxed);
-                shared
-                    .bytes_raw
-                    .fetch_add(raw_len as u64, Ordering::Relaxed);
-                shared.batches_sent.fetch_add(1, Ordering::Relaxed);
-                shared.records_sent.fetch_add(acked_all, Ordering::Relaxed);
-                self.backoff.reset();
-                self.pending_since = None;
-                if self.limit < self.ctx.cfg.batch_records {
-                    self.limit = (self.limit * 2).min(self.ctx.cfg.batch_records);
-                }
-                tracing::debug!(
-                    records = n_records,
-                    stored = ack.stored,
-                    duplicates = ack.duplicates,
-                    bytes = body_len,
-                    read_ms = read_time.as_millis() as u64,
-                    encode_ms = encode_time.as_millis() as u64,
-                    post_ms = post_time.as_millis() as u64,
-                    mark_ms = mark_time.as_millis() as u64,
-                    "batch acknowledged"
-                );
-                Step::Next
-            }
-            Err(e) => {
-                shared.failures.fetch_add(1, Ordering::Relaxed);
-                shared.set_error(Some(e.to_string()));
-                let action = BATCH_ENCODING.decide(&e, work.batch.version);
-                match action {
-                    // Nothing was marked: the next round reads the same
-                    // records and sends them in the older version.
-                    Action::OlderVersion => Step::Next,
-                    Action::Stop => {
-                        shared.set_link(LinkState::AuthFailed);
-                        shared.set_backoff(None);
-                        // Parked first, then checked: a token that arrived
-                        // meanwhile is tried now, not after the next reload.
-                        if shared.token() != token {
-                            shared.set_link(LinkState::Offline);
-                            return Step::Next;
-                        }
-                        tracing::error!(
-                            "the hub refused this device's token ({e}); uploading stopped: fix sync.token and reload logbookd (SIGHUP)"
-                        );
-                        Step::Parked
-                    }
-                    Action::Split | Action::SetAside if n_records > 1 => {
-                        // Halve until the batch fits (413) or the record the
-                        // hub refuses stands alone (400), so one bad record
-                        // never costs its neighbours.
-                        self.limit = (n_records / 2).max(1);
-                        tracing::warn!("{e}; retrying with {} records per batch", self.limit);
-                        Step::Next
-                    }
-                    Action::Split | Action::SetAside => {
-                        let reason = e.to_string();
-                        tracing::error!(
-                            "the hub refused a batch for good ({reason}); setting it aside as a gap"
-                        );
-                        let aside = SetAside {
-                            acked: std::mem::take(&mut work.acked),
-                            records: std::mem::take(&mut work.records),
-                            reason,
-                        };
-                        let n = aside.records.len() as u64;
-                        if self.settle_marking().await == Settled::WriterGone {
-                            return Step::WriterGone;
-                        }
-                        match self.to_writer(|tx| Msg::SetAside(aside, tx)).await {
-                            Settled::Ok => {}
-                            Settled::Failed => self.scan = Scan::default(),
-                            Settled::WriterGone => return Step::WriterGone,
-                        }
-                        shared.set_aside_batches.fetch_add(1, Ordering::Relaxed);
-                        shared.set_aside_records.fetch_add(n, Ordering::Relaxed);
-                        // The hub answered: the link itself works.
-                        shared.set_link(LinkState::Online);
-                        Step::Next
-                    }
-                    Action::Retry { after } => {
-                        shared.set_link(LinkState::Offline);
-                        let wait = self.backoff.next_delay(after);
-                        shared.set_backoff(self.backoff.current().map(|b| b.max(wait)));
-                        tracing::warn!("{e}; retrying in {wait:.1?}");
-                        let probe = e.is_offline() && after.is_none();
-                        if self.wait(wait, probe, e.is_connect(), shutdown).await {
-                            return Step::Shutdown;
-                        }
-                        Step::Next
-                    }
-                }
             }
         }
     }
 
-    /// Waits `wait` (beating the heartbeat); with `probe`, ends early once a
-    /// TCP connect to the hub works after one that failed (`connect_failed`:
-    /// the request that led here could not connect at all). A hub that
-    /// accepts connections and drops them never cuts the backoff short, so
-    /// a fleet does not hammer a broken load balancer. Returns true on
-    /// shutdown.
-    async fn wait(
-        &self,
-        wait: Duration,
-        probe: bool,
-        connect_failed: bool,
-        shutdown: &CancellationToken,
-    ) -> bool {
-        let deadline = tokio::time::Instant::now() + wait;
-        let target = probe.then(|| hub_addr(&self.ctx.cfg.hub)).flatten();
-        let mut seen_down = connect_failed;
-        loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            let step = left.min(if target.is_some() {
-                PROBE_EVERY
-            } else {
-                Duration::from_secs(1)
-            });
-            if sleep_or_cancel(step, shutdown).await {
-                return true;
-            }
-            self.ctx.shared.beat();
-            if let Some((host, port)) = &target {
-                let up = tokio::time::timeout(
-                    Duration::from_secs(1),
-                    tokio::net::TcpStream::connect((host.as_str(), *port)),
-                )
-                .await
-                .is_ok_and(|r| r.is_ok());
-                if !up {
-                    seen_down = true;
-                } else if seen_down {
-                    tracing::info!("the hub answers again; retrying now");
-                    return false;
-                }
-            }
+    /// Takes the read connection back from a read-ahead, and its batch.
+    fn keep_read_ahead(&self, read_ahead: Option<ReadAhead>) -> Option<Ready> {
+        let (reader, out) = read_ahead?;
+        *self.reader.lock().expect("reader lock") = Some(reader);
+        out.unwrap_or_else(|e| {
+            tracing::warn!("reading ahead failed: {e}");
+            None
+        })
+    }
+
+    /// The hub answered with a `BatchAck`: hands exactly the acked seqs
+    /// this batch carried to the writer and moves the scan on.
+    async fn acknowledged(
+        &mut self,
+        mut work: Work,
+        ack: BatchAck,
+        prefetched: Option<Ready>,
+        (body_len, raw_len): (u64, u64),
+        timing: Timing,
+    ) -> Step {
+        let mut acked = std::mem::take(&mut work.acked);
+        // Only what this batch carried is marked, whatever else the hub's
+        // ranges may span.
+        let mut ranges = ack.acked.clone();
+        ranges.sort_unstable();
+        acked.records = crate::wire::seq_ranges(
+            work.records
+                .iter()
+                .map(|r| r.0)
+                .filter(|seq| covered(&ranges, *seq)),
+        );
+        let acked_all = acked
+            .records
+            .iter()
+            .map(|(lo, hi)| hi - lo + 1)
+            .sum::<u64>();
+        // The scan moves past this batch only if all of it was acked;
+        // otherwise start again from the first unsynced record, and the
+        // batch read ahead (which assumed it) goes.
+        let all = acked_all == work.records.len() as u64;
+        let mark_start = Instant::now();
+        let mut keep = all;
+        self.scan = if all { work.next } else { Scan::default() };
+        if !self.hand_over(acked, &mut keep).await {
+            return Step::WriterGone;
         }
+        if keep {
+            self.prefetched = prefetched;
+        }
+        let mark_time = mark_start.elapsed();
+        self.link.progressed();
+        let shared = &self.ctx.shared;
+        shared.set_error(None);
+        shared.last_success_ns.store(now_ns(), Ordering::Relaxed);
+        shared.bytes_sent.fetch_add(body_len, Ordering::Relaxed);
+        shared.bytes_raw.fetch_add(raw_len, Ordering::Relaxed);
+        shared.batches_sent.fetch_add(1, Ordering::Relaxed);
+        shared.records_sent.fetch_add(acked_all, Ordering::Relaxed);
+        self.pending_since = None;
+        if self.limit < self.ctx.cfg.batch_records {
+            self.limit = (self.limit * 2).min(self.ctx.cfg.batch_records);
+        }
+        tracing::debug!(
+            records = work.batch.records.len(),
+            stored = ack.stored,
+            duplicates = ack.duplicates,
+            bytes = body_len,
+            read_ms = timing.read.as_millis() as u64,
+            encode_ms = timing.encode.as_millis() as u64,
+            post_ms = timing.post.as_millis() as u64,
+            mark_ms = mark_time.as_millis() as u64,
+            "batch acknowledged"
+        );
+        Step::Next
+    }
+
+    /// The post failed: counts it, then does what its class says.
+    async fn failed(&mut self, work: Work, e: SyncError, shutdown: &CancellationToken) -> Step {
+        let shared = &self.ctx.shared;
+        shared.failures.fetch_add(1, Ordering::Relaxed);
+        shared.set_error(Some(e.to_string()));
+        let n_records = work.batch.records.len();
+        match BATCH_ENCODING.decide(&e, work.batch.version) {
+            // Nothing was marked: the next round reads the same records
+            // and sends them in the older version.
+            Action::OlderVersion => Step::Next,
+            Action::Stop => match self.link.refused(&e, shutdown).await {
+                true => Step::Shutdown,
+                false => Step::Next,
+            },
+            Action::Split | Action::SetAside if n_records > 1 => {
+                // Halve until the batch fits (413) or the record the hub
+                // refuses stands alone (400), so one bad record never costs
+                // its neighbours.
+                self.limit = (n_records / 2).max(1);
+                tracing::warn!("{e}; retrying with {} records per batch", self.limit);
+                Step::Next
+            }
+            Action::Split | Action::SetAside => self.set_aside(work, e).await,
+            Action::Retry { after } => match self.link.retry(&e, after, shutdown).await {
+                true => Step::Shutdown,
+                false => Step::Next,
+            },
+        }
+    }
+
+    /// The hub refused a batch of one record for good: it becomes a
+    /// `rejected` gap, and the ones after it go on.
+    async fn set_aside(&mut self, mut work: Work, e: SyncError) -> Step {
+        let reason = e.to_string();
+        tracing::error!("the hub refused a batch for good ({reason}); setting it aside as a gap");
+        let aside = SetAside {
+            acked: std::mem::take(&mut work.acked),
+            records: std::mem::take(&mut work.records),
+            reason,
+        };
+        let n = aside.records.len() as u64;
+        if self.settle_marking().await == Settled::WriterGone {
+            return Step::WriterGone;
+        }
+        match self.to_writer(|tx| Msg::SetAside(aside, tx)).await {
+            Settled::Ok => {}
+            Settled::Failed => self.scan = Scan::default(),
+            Settled::WriterGone => return Step::WriterGone,
+        }
+        let shared = &self.ctx.shared;
+        shared.set_aside_batches.fetch_add(1, Ordering::Relaxed);
+        shared.set_aside_records.fetch_add(n, Ordering::Relaxed);
+        // The hub answered: the link itself works.
+        self.link.answered();
+        Step::Next
     }
 
     /// Hands an acknowledgement to the writer without waiting for its
@@ -749,6 +717,27 @@ fn encode(mut work: Work, read_time: Duration) -> Ready {
     }
 }
 
+/// The batch carries the robot's clock for the hub's skew figure: one that
+/// waited long (a capped link) is stamped and packed again. `None` when
+/// packing failed.
+async fn restamped(ready: Ready) -> Option<Ready> {
+    if now_ns().saturating_sub(ready.work.batch.sent_at_ns) <= RESTAMP_AFTER_NS {
+        return Some(ready);
+    }
+    let read_time = ready.read_time;
+    match tokio::task::spawn_blocking(move || encode(ready.work, read_time)).await {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::error!("packing a batch failed: {e}");
+            None
+        }
+    }
+}
+
+/// A batch read ahead: the read connection back, and the packed batch when
+/// it was full (a partial one is read again when it is due).
+type ReadAhead = (SyncReader, Result<Option<Ready>, StoreError>);
+
 /// What [`build`] reads with.
 struct Plan {
     device: Device,
@@ -764,7 +753,6 @@ struct Plan {
 enum Step {
     Next,
     Shutdown,
-    Parked,
     WriterGone,
 }
 
@@ -896,12 +884,6 @@ fn gzip(raw: &[u8]) -> Vec<u8> {
     gz.finish().expect("writing to a Vec cannot fail")
 }
 
-/// Host and port of the hub URL, for the reachability probe.
-fn hub_addr(hub: &str) -> Option<(String, u16)> {
-    let url = reqwest::Url::parse(hub).ok()?;
-    Some((url.host_str()?.to_owned(), url.port_or_known_default()?))
-}
-
 fn join_err(e: tokio::task::JoinError) -> StoreError {
     StoreError::Io {
         what: "a sync query".into(),
@@ -921,17 +903,6 @@ async fn sleep_or_cancel(d: Duration, shutdown: &CancellationToken) -> bool {
 mod tests {
     use super::*;
     use crate::wire::Device;
-
-    #[test]
-    fn hub_addresses() {
-        let check = |url: &str, want: Option<(&str, u16)>| {
-            assert_eq!(hub_addr(url), want.map(|(h, p)| (h.to_owned(), p)), "{url}");
-        };
-        check("http://127.0.0.1:8470", Some(("127.0.0.1", 8470)));
-        check("https://hub.example.com", Some(("hub.example.com", 443)));
-        check("http://hub", Some(("hub", 80)));
-        check("not a url", None);
-    }
 
     #[test]
     fn a_batch_that_leaves_out_records_in_flight_still_counts_as_full() {
@@ -1103,7 +1074,8 @@ mod tests {
             stats: stats.clone(),
             shared: Arc::new(SyncShared::new(true)),
             throttle: Arc::new(Throttle::new(None)),
-        }));
+        }))
+        .unwrap();
         let seqs = |w: &Work| w.batch.records.iter().map(|r| r.seq).collect::<Vec<_>>();
         let ack = || Acked {
             records: vec![(1, 5)],

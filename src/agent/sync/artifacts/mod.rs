@@ -46,6 +46,8 @@ pub struct ArtifactsConfig {
     pub chunk_bytes: u64,
     /// File events queued for the watcher (`artifacts.event_queue`).
     pub event_queue: usize,
+    /// First retry wait's bound (`sync.retry_min`, as for batches).
+    pub retry_min: Duration,
     /// Longest retry wait (`artifacts.retry_max_secs`).
     pub retry_max: Duration,
     /// The `sync.max_bytes_per_sec` bucket, shared with the batch uploader.
@@ -60,13 +62,10 @@ impl ArtifactsConfig {
         token: tokio::sync::watch::Receiver<Arc<str>>,
         throttle: Arc<Throttle>,
     ) -> Option<ArtifactsConfig> {
-        let hub = cfg.raw.sync.hub.trim();
-        if hub.is_empty() {
-            return None;
-        }
+        let sync = cfg.sync.as_ref()?;
         let a = &cfg.raw.artifacts;
         Some(ArtifactsConfig {
-            hub: hub.to_owned(),
+            hub: sync.hub.clone(),
             token,
             db_path: cfg.db_path(),
             view,
@@ -74,6 +73,7 @@ impl ArtifactsConfig {
             rescan: Duration::from_secs_f64(a.rescan_secs),
             chunk_bytes: a.chunk_bytes,
             event_queue: a.event_queue as usize,
+            retry_min: sync.retry_min,
             retry_max: Duration::from_secs_f64(a.retry_max_secs),
             throttle,
         })

@@ -1,10 +1,10 @@
 //! The artifact uploader: takes the smallest pending file from the store
 //! once the logs are not behind, hashes it (SHA-256 of the whole file),
 //! creates a tus upload or asks an existing one for its offset (HEAD), and
-//! appends chunks, committing the acknowledged offset after each. Errors
-//! follow the design's classes: transient ones back off (cut short by a TCP
-//! probe when the hub was unreachable), 401/403 stop uploads, and a file the
-//! hub will never take is set aside with the hub's reason.
+//! appends chunks, committing the acknowledged offset after each. The
+//! [`Link`] it owns waits out transient errors (backoff, `Retry-After`, the
+//! probe) and a refused token; a file the hub will never take is set aside
+//! with the hub's reason, and one whose upload went wrong starts over.
 //!
 //! Invariant: a PATCH is only ever sent at an offset the hub reported (by
 //! the create, the last PATCH answer or a HEAD); after any failed request
@@ -26,9 +26,8 @@ use crate::agent::store::artifacts::{state, ArtifactCmd, ArtifactRow};
 use crate::agent::store::read::Reader;
 use crate::agent::store::writer::Msg;
 use crate::agent::store::{now_ns, Stats};
-use crate::agent::sync::backoff::Backoff;
 use crate::agent::sync::error::{Action, SyncError};
-use crate::agent::sync::throttle::Throttle;
+use crate::agent::sync::link::{Link, LinkConfig};
 use crate::agent::sync::tus::{Appended, NewUpload, TusClient};
 
 /// Unsynced records above which logs count as behind (about one batch).
@@ -41,8 +40,6 @@ const MAX_LOG_WAIT: Duration = Duration::from_secs(60);
 const MAX_ATTEMPTS: u64 = 5;
 /// Smallest PATCH the uploader halves down to.
 const MIN_CHUNK: u64 = 64 << 10;
-/// Period of the TCP probe while backing off from an unreachable hub.
-const PROBE_EVERY: Duration = Duration::from_secs(2);
 /// Idle poll, in case a wake-up was missed.
 const IDLE_POLL: Duration = Duration::from_secs(2);
 
@@ -51,9 +48,9 @@ struct Uploader {
     reader: Arc<Reader>,
     writer: mpsc::Sender<Msg>,
     stats: Arc<ArtifactStats>,
-    tus: TusClient,
-    /// Shared with the batch uploader: one cap for logs and artifacts.
-    throttle: Arc<Throttle>,
+    /// Client, token, backoff and probe; its bandwidth share is the one
+    /// the batch uploader draws from too.
+    link: Link,
     /// Bytes per PATCH: `artifacts.chunk_bytes`, halved on each 413 (a
     /// proxy in front of the hub with a smaller body limit).
     chunk: u64,
@@ -67,6 +64,27 @@ enum Outcome {
     Skipped,
 }
 
+/// Where an upload starts: at the hub's offset, or not at all.
+enum Start {
+    At { url: String, offset: u64 },
+    Not(Outcome),
+}
+
+/// What the uploader does about a failed attempt at a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AfterFailure {
+    /// Wait (the hub's `Retry-After`, or the backoff) and try again.
+    Retry { after: Option<Duration> },
+    /// The token was refused: wait for a new one.
+    Stop,
+    /// The hub will never take this file: set it aside in this state.
+    SetAside(&'static str),
+    /// The upload is in a state we cannot use (checksum mismatch, an
+    /// answer we cannot read): start this version over, a bounded number
+    /// of times.
+    StartOver,
+}
+
 pub async fn run(
     cfg: Arc<ArtifactsConfig>,
     reader: Arc<Reader>,
@@ -76,229 +94,74 @@ pub async fn run(
     wake: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
-    let http = match reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(5))
-        // A dead link must not hold a PATCH forever; a chunk at a slow
-        // rate still fits (the throttle waits before sending, not during).
-        .read_timeout(Duration::from_secs(60))
-        .user_agent(concat!("logbookd/", env!("CARGO_PKG_VERSION")))
-        .build()
-    {
-        Ok(h) => h,
-        Err(e) => {
-            tracing::error!("artifact uploads disabled: cannot build an HTTP client: {e}");
-            stats.set_error(Some(e.to_string()));
-            return;
-        }
+    let link_cfg = LinkConfig {
+        hub: cfg.hub.clone(),
+        retry_min: cfg.retry_min,
+        retry_max: cfg.retry_max,
     };
-    // The device token: read now, and again whenever a SIGHUP brings a new
-    // one (checked before each file, and awaited after a 401/403).
-    let mut token = cfg.token.clone();
-    let mut used = token.borrow_and_update().clone();
-    let tus = match TusClient::new(http.clone(), &cfg.hub, &used) {
-        Ok(t) => t,
+    // The device token is read for every request, so a SIGHUP's new one
+    // is used at once, and ends a wait after a 401/403.
+    let link = Link::new(
+        "artifact upload",
+        &link_cfg,
+        cfg.token.clone(),
+        cfg.throttle.clone(),
+        stats.clone(),
+    );
+    let link = match link {
+        Ok(l) => l,
         Err(e) => {
             tracing::error!("artifact uploads disabled: {e}");
             stats.set_error(Some(e.to_string()));
             return;
         }
     };
-    let probe = probe_addr(&cfg.hub);
     let mut up = Uploader {
-        throttle: cfg.throttle.clone(),
         chunk: cfg.chunk_bytes,
-        cfg: cfg.clone(),
+        cfg,
         reader,
         writer,
-        stats: stats.clone(),
-        tus,
+        stats,
+        link,
         shutdown: shutdown.clone(),
     };
-    let mut backoff = Backoff::new(Duration::from_millis(250), cfg.retry_max);
-    loop {
-        if shutdown.is_cancelled() {
-            return;
-        }
-        let now = token.borrow_and_update().clone();
-        if now != used {
-            match TusClient::new(http.clone(), &cfg.hub, &now) {
-                Ok(t) => {
-                    up.tus = t;
-                    used = now;
-                    stats.auth_failed.store(false, Ordering::Relaxed);
-                    tracing::info!("artifact uploads use the new device token");
-                }
-                Err(e) => {
-                    // Counted as seen, so a 401 waits for the next one.
-                    tracing::error!("cannot use the new device token: {e}");
-                    used = now;
-                }
-            }
-        }
-        let r = up.reader.clone();
-        let next = match tokio::task::spawn_blocking(move || r.next_artifact()).await {
-            Ok(Ok(n)) => n,
-            Ok(Err(e)) => {
-                tracing::warn!("cannot read artifact state: {e}");
-                None
-            }
-            Err(_) => None,
-        };
-        let Some(row) = next else {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = wake.notified() => {}
-                _ = tokio::time::sleep(IDLE_POLL) => {}
-            }
-            continue;
-        };
+    while let Some(row) = up.next_row(&wake).await {
         wait_for_logs(&store_stats, &shutdown).await;
         let result = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = up.upload(&row) => r,
         };
-        let err = match result {
-            Ok(Outcome::Done) => {
-                backoff.reset();
-                stats.backoff_ms.store(0, Ordering::Relaxed);
-                stats.set_error(None);
-                continue;
-            }
-            Ok(Outcome::Skipped) => continue,
-            Err(e) => e,
-        };
-        stats.set_error(Some(format!("{}: {err}", row.path)));
-        if let Some(state) = give_up_state(&err) {
-            tracing::warn!(
-                "artifact {} of session {} set aside: {err}",
-                row.path,
-                row.session
-            );
-            let cmd = ArtifactCmd::Fail {
-                of: row.version(),
-                state,
-                error: err.to_string(),
-            };
-            let _ = store(&up.writer, cmd).await;
-            continue;
-        }
-        if is_checksum_mismatch(&err) || matches!(&err, SyncError::BadResponse(_)) {
-            // The file changed between hashing and reading, or the upload is
-            // in a state we cannot read: start this version over, a bounded
-            // number of times.
-            let cmd = if row.attempts + 1 >= MAX_ATTEMPTS {
-                ArtifactCmd::Fail {
-                    of: row.version(),
-                    state: state::FAILED,
-                    error: format!("gave up after {MAX_ATTEMPTS} attempts: {err}"),
-                }
-            } else {
-                ArtifactCmd::Reset {
-                    of: row.version(),
-                    error: err.to_string(),
-                }
-            };
-            let _ = store(&up.writer, cmd).await;
-            continue;
-        }
-        match err.action() {
-            Action::Stop => {
-                stats.auth_failed.store(true, Ordering::Relaxed);
-                // A token that arrived during the request is tried at once;
-                // otherwise wait for the next one (the loop's top uses it).
-                if *token.borrow() == used {
-                    tracing::error!(
-                        "the hub refuses this device's token ({err}); artifact uploads stopped until \
-                         sync.token is fixed and logbookd reloaded (SIGHUP)"
-                    );
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        r = token.changed() => if r.is_err() {
-                            shutdown.cancelled().await;
-                            return;
-                        },
-                    }
-                }
-            }
-            _ => {
-                let after = match err.action() {
-                    Action::Retry { after } => after,
-                    _ => None,
-                };
-                let delay = backoff.next_delay(after);
-                stats
-                    .backoff_ms
-                    .store(delay.as_millis().max(1) as u64, Ordering::Relaxed);
-                tracing::info!(
-                    "artifact upload of {} failed ({err}); retrying in {delay:.1?}",
-                    row.path
-                );
-                let probing = err.is_offline() && after.is_none();
-                wait_retry(
-                    delay,
-                    probing.then_some(probe.as_deref()).flatten(),
-                    &shutdown,
-                )
-                .await;
-                stats.backoff_ms.store(0, Ordering::Relaxed);
-            }
-        }
-    }
-}
-
-/// The state a file is set aside in for errors retrying cannot fix.
-fn give_up_state(err: &SyncError) -> Option<&'static str> {
-    let SyncError::Status { status, .. } = err else {
-        return None;
-    };
-    match status.as_u16() {
-        // Locked (another PATCH still running at the hub) and conflicts are
-        // transient for uploads.
-        409 | 423 => None,
-        460 => None,
-        // Too large for the hub: retrying or splitting cannot help a file.
-        413 => Some(state::FAILED),
-        401 | 403 | 408 | 429 => None,
-        400..=499 => Some(state::REFUSED),
-        _ => None,
-    }
-}
-
-fn is_checksum_mismatch(err: &SyncError) -> bool {
-    matches!(err, SyncError::Status { status, .. } if status.as_u16() == 460)
-}
-
-/// `host:port` of the hub, for the reachability probe.
-fn probe_addr(hub: &str) -> Option<String> {
-    let url = reqwest::Url::parse(hub).ok()?;
-    Some(format!(
-        "{}:{}",
-        url.host_str()?,
-        url.port_or_known_default()?
-    ))
-}
-
-/// Waits `delay`, or less: with `probe`, a TCP connect every couple of
-/// seconds ends the wait as soon as the hub accepts connections again, so a
-/// long outage does not leave uploads waiting out the full backoff.
-async fn wait_retry(delay: Duration, probe: Option<&str>, shutdown: &CancellationToken) {
-    let end = tokio::time::Instant::now() + delay;
-    loop {
-        let step = end
-            .saturating_duration_since(tokio::time::Instant::now())
-            .min(if probe.is_some() { PROBE_EVERY } else { delay });
-        if step.is_zero() {
+        if up.settle(&row, result).await {
             return;
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(step) => {}
+    }
+}
+
+/// What a failed attempt leads to. Statuses are read as for uploads:
+/// conflicts and locks (another PATCH still running at the hub) are
+/// transient, and a file can be neither split nor sent in another version.
+fn after_failure(err: &SyncError) -> AfterFailure {
+    if matches!(err, SyncError::BadResponse(_)) {
+        return AfterFailure::StartOver;
+    }
+    if let SyncError::Status { status, .. } = err {
+        match status.as_u16() {
+            // The file changed between hashing and reading.
+            460 => return AfterFailure::StartOver,
+            409 | 423 => return AfterFailure::Retry { after: None },
+            // Too large for the hub: retrying or splitting cannot help a
+            // file (a chunk too large was halved before this).
+            413 => return AfterFailure::SetAside(state::FAILED),
+            401 | 403 | 408 | 429 => {}
+            400..=499 => return AfterFailure::SetAside(state::REFUSED),
+            _ => {}
         }
-        if let Some(addr) = probe {
-            let connect = tokio::net::TcpStream::connect(addr);
-            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(1), connect).await {
-                return;
-            }
+    }
+    match err.action() {
+        Action::Stop => AfterFailure::Stop,
+        Action::Retry { after } => AfterFailure::Retry { after },
+        Action::Split | Action::SetAside | Action::OlderVersion => {
+            AfterFailure::Retry { after: None }
         }
     }
 }
@@ -330,125 +193,220 @@ impl Uploader {
         self.cfg.view.artifact_dir(&row.session)
     }
 
-    async fn upload(&mut self, row: &ArtifactRow) -> Result<Outcome, SyncError> {
-        let root = self.dir(row);
-        let (r, rel) = (root.clone(), row.path.clone());
-        let opened = tokio::task::spawn_blocking(move || open_inside(&r, &rel))
-            .await
-            .map_err(|e| SyncError::Local(e.to_string()))?;
-        let file = match opened {
-            Ok(f) => Arc::new(f),
-            Err(e) => {
-                let (st, why) = if e.kind() == std::io::ErrorKind::NotFound {
-                    (
-                        state::FAILED,
-                        "the file disappeared before it was uploaded".to_string(),
-                    )
-                } else {
-                    (state::REFUSED, format!("cannot open it safely: {e}"))
+    fn tus(&self) -> TusClient<'_> {
+        TusClient::new(&self.link)
+    }
+
+    /// The next file to upload, waiting while there is none; `None` on
+    /// shutdown.
+    async fn next_row(&self, wake: &Notify) -> Option<ArtifactRow> {
+        loop {
+            if self.shutdown.is_cancelled() {
+                return None;
+            }
+            let r = self.reader.clone();
+            let next = match tokio::task::spawn_blocking(move || r.next_artifact()).await {
+                Ok(Ok(n)) => n,
+                Ok(Err(e)) => {
+                    tracing::warn!("cannot read artifact state: {e}");
+                    None
+                }
+                Err(_) => None,
+            };
+            if next.is_some() {
+                return next;
+            }
+            self.link.idle();
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return None,
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(IDLE_POLL) => {}
+            }
+        }
+    }
+
+    /// Acts on how an attempt at `row` ended. True on shutdown.
+    async fn settle(&mut self, row: &ArtifactRow, result: Result<Outcome, SyncError>) -> bool {
+        let err = match result {
+            Ok(Outcome::Done) => {
+                self.link.progressed();
+                self.stats.set_error(None);
+                return false;
+            }
+            Ok(Outcome::Skipped) => return false,
+            Err(e) => e,
+        };
+        self.stats.set_error(Some(format!("{}: {err}", row.path)));
+        match after_failure(&err) {
+            AfterFailure::SetAside(state) => {
+                tracing::warn!(
+                    "artifact {} of session {} set aside: {err}",
+                    row.path,
+                    row.session
+                );
+                let cmd = ArtifactCmd::Fail {
+                    of: row.version(),
+                    state,
+                    error: err.to_string(),
                 };
-                tracing::warn!("artifact {}: {why}", row.path);
-                store(
-                    &self.writer,
+                let _ = store(&self.writer, cmd).await;
+                false
+            }
+            AfterFailure::StartOver => {
+                let cmd = if row.attempts + 1 >= MAX_ATTEMPTS {
                     ArtifactCmd::Fail {
                         of: row.version(),
-                        state: st,
-                        error: why,
-                    },
-                )
-                .await?;
-                return Ok(Outcome::Skipped);
+                        state: state::FAILED,
+                        error: format!("gave up after {MAX_ATTEMPTS} attempts: {err}"),
+                    }
+                } else {
+                    ArtifactCmd::Reset {
+                        of: row.version(),
+                        error: err.to_string(),
+                    }
+                };
+                let _ = store(&self.writer, cmd).await;
+                false
             }
+            AfterFailure::Stop => self.link.refused(&err, &self.shutdown).await,
+            AfterFailure::Retry { after } => {
+                tracing::info!("artifact upload of {} failed: {err}", row.path);
+                self.link.retry(&err, after, &self.shutdown).await
+            }
+        }
+    }
+
+    /// One attempt at one file: open it, start or resume its upload, send
+    /// what the hub lacks, record it done.
+    async fn upload(&mut self, row: &ArtifactRow) -> Result<Outcome, SyncError> {
+        let Some(file) = self.open(row).await? else {
+            return Ok(Outcome::Skipped);
         };
         if !self.unchanged(&file, row)? {
             return self.changed(row, row.upload_url.as_deref()).await;
         }
-        let (url, mut offset) = match (&row.upload_url, &row.sha256) {
-            (Some(url), Some(_)) => match self.tus.offset(url).await? {
-                Some(o) => (url.clone(), o),
-                None => return self.forgotten(row).await,
-            },
-            _ => {
-                let f = file.clone();
-                let sha = tokio::task::spawn_blocking(move || hash(&f))
-                    .await
-                    .map_err(|e| SyncError::Local(e.to_string()))?
-                    .map_err(|e| SyncError::Local(format!("reading {}: {e}", row.path)))?;
-                if !self.unchanged(&file, row)? {
-                    return self.changed(row, row.upload_url.as_deref()).await;
-                }
-                let (url, offset) = self
-                    .tus
-                    .create(&NewUpload {
-                        session_id: &row.session.to_string(),
-                        path: &row.path,
-                        content_type: content_type(&row.path),
-                        sha256: &sha,
-                        length: row.size,
-                    })
-                    .await?;
-                store(
-                    &self.writer,
-                    ArtifactCmd::Started {
-                        of: row.version(),
-                        sha256: sha,
-                        url: url.clone(),
-                    },
-                )
-                .await?;
-                tracing::info!(
-                    "uploading artifact {} ({} bytes) to {url} from offset {offset}",
-                    row.path,
-                    row.size
-                );
-                (url, offset)
-            }
+        let (url, offset) = match self.start(row, &file).await? {
+            Start::At { url, offset } => (url, offset),
+            Start::Not(outcome) => return Ok(outcome),
         };
-        if offset > row.size {
-            return Err(SyncError::BadResponse(format!(
-                "the hub reports offset {offset} past the file's {} bytes",
-                row.size
-            )));
-        }
+        let offset = within(row, offset)?;
         if offset != row.acked {
-            store(
-                &self.writer,
-                ArtifactCmd::Progress {
-                    of: row.version(),
-                    acked: offset,
-                },
-            )
-            .await?;
+            let cmd = ArtifactCmd::Progress {
+                of: row.version(),
+                acked: offset,
+            };
+            store(&self.writer, cmd).await?;
         }
-        while offset < row.size {
-            if self.shutdown.is_cancelled() {
-                return Ok(Outcome::Skipped);
-            }
-            if !self.unchanged(&file, row)? {
-                return self.changed(row, Some(&url)).await;
-            }
-            let n = (row.size - offset).min(self.chunk);
-            let f = file.clone();
-            let chunk = tokio::task::spawn_blocking(move || {
-                let mut buf = vec![0u8; n as usize];
-                f.read_exact_at(&mut buf, offset).map(|()| buf)
-            })
+        if let Some(outcome) = self.send_from(row, &file, &url, offset).await? {
+            return Ok(outcome);
+        }
+        store(&self.writer, ArtifactCmd::Done { of: row.version() }).await?;
+        self.stats
+            .last_success_ns
+            .store(now_ns(), Ordering::Relaxed);
+        tracing::info!("artifact {} of session {} uploaded", row.path, row.session);
+        Ok(Outcome::Done)
+    }
+
+    /// Opens the file safely; `None` when it cannot be (set aside, with
+    /// the reason).
+    async fn open(&self, row: &ArtifactRow) -> Result<Option<Arc<std::fs::File>>, SyncError> {
+        let (r, rel) = (self.dir(row), row.path.clone());
+        let opened = tokio::task::spawn_blocking(move || open_inside(&r, &rel))
             .await
             .map_err(|e| SyncError::Local(e.to_string()))?;
-            // A rewrite may land between the check above and the read (a
-            // shorter file fails the read): that is a changed file, not a
-            // read error to retry.
-            if !self.unchanged(&file, row)? {
-                return self.changed(row, Some(&url)).await;
+        let e = match opened {
+            Ok(f) => return Ok(Some(Arc::new(f))),
+            Err(e) => e,
+        };
+        let (st, why) = if e.kind() == std::io::ErrorKind::NotFound {
+            (
+                state::FAILED,
+                "the file disappeared before it was uploaded".to_string(),
+            )
+        } else {
+            (state::REFUSED, format!("cannot open it safely: {e}"))
+        };
+        tracing::warn!("artifact {}: {why}", row.path);
+        let cmd = ArtifactCmd::Fail {
+            of: row.version(),
+            state: st,
+            error: why,
+        };
+        store(&self.writer, cmd).await?;
+        Ok(None)
+    }
+
+    /// Resumes the row's upload at the hub's offset (HEAD), or hashes the
+    /// file and creates one.
+    async fn start(
+        &self,
+        row: &ArtifactRow,
+        file: &Arc<std::fs::File>,
+    ) -> Result<Start, SyncError> {
+        if let (Some(url), Some(_)) = (&row.upload_url, &row.sha256) {
+            return Ok(match self.tus().offset(url).await? {
+                Some(offset) => Start::At {
+                    url: url.clone(),
+                    offset,
+                },
+                None => Start::Not(self.forgotten(row).await?),
+            });
+        }
+        let f = file.clone();
+        let sha = tokio::task::spawn_blocking(move || hash(&f))
+            .await
+            .map_err(|e| SyncError::Local(e.to_string()))?
+            .map_err(|e| SyncError::Local(format!("reading {}: {e}", row.path)))?;
+        if !self.unchanged(file, row)? {
+            let outcome = self.changed(row, row.upload_url.as_deref()).await?;
+            return Ok(Start::Not(outcome));
+        }
+        let (url, offset) = self
+            .tus()
+            .create(&NewUpload {
+                session_id: &row.session.to_string(),
+                path: &row.path,
+                content_type: content_type(&row.path),
+                sha256: &sha,
+                length: row.size,
+            })
+            .await?;
+        let cmd = ArtifactCmd::Started {
+            of: row.version(),
+            sha256: sha,
+            url: url.clone(),
+        };
+        store(&self.writer, cmd).await?;
+        tracing::info!(
+            "uploading artifact {} ({} bytes) to {url} from offset {offset}",
+            row.path,
+            row.size
+        );
+        Ok(Start::At { url, offset })
+    }
+
+    /// Appends the file from `offset` to its end, a chunk at a time, each
+    /// at the offset the hub last reported. `Some` when the attempt ended
+    /// before the end without an error.
+    async fn send_from(
+        &mut self,
+        row: &ArtifactRow,
+        file: &Arc<std::fs::File>,
+        url: &str,
+        mut offset: u64,
+    ) -> Result<Option<Outcome>, SyncError> {
+        while offset < row.size {
+            if self.shutdown.is_cancelled() {
+                return Ok(Some(Outcome::Skipped));
             }
-            let chunk =
-                chunk.map_err(|e| SyncError::Local(format!("reading {}: {e}", row.path)))?;
-            self.throttle.take(n).await;
-            let appended = match self
-                .tus
-                .append(&url, offset, bytes::Bytes::from(chunk))
-                .await
-            {
+            let Some(chunk) = self.read_chunk(row, file, offset).await? else {
+                return self.changed(row, Some(url)).await.map(Some);
+            };
+            if self.link.share(chunk.len() as u64, &self.shutdown).await {
+                return Ok(Some(Outcome::Skipped));
+            }
+            let appended = match self.tus().append(url, offset, chunk.into()).await {
                 Err(SyncError::Status { status, .. })
                     if status.as_u16() == 413 && self.chunk > MIN_CHUNK =>
                 {
@@ -462,54 +420,71 @@ impl Uploader {
                 }
                 Err(SyncError::Status { status, .. }) if matches!(status.as_u16(), 404 | 410) => {
                     // The upload expired or was deleted mid-way: start over.
-                    return self.forgotten(row).await;
+                    return self.forgotten(row).await.map(Some);
                 }
                 other => other?,
             };
-            match appended {
-                Appended::Offset(o) => {
-                    if o <= offset || o > row.size {
-                        return Err(SyncError::BadResponse(format!(
-                            "PATCH at {offset} answered with offset {o}"
-                        )));
-                    }
-                    self.stats
-                        .bytes_sent
-                        .fetch_add(o - offset, Ordering::Relaxed);
-                    self.stats
-                        .last_success_ns
-                        .store(now_ns(), Ordering::Relaxed);
-                    offset = o;
-                    store(
-                        &self.writer,
-                        ArtifactCmd::Progress {
-                            of: row.version(),
-                            acked: offset,
-                        },
-                    )
-                    .await?;
-                }
-                Appended::OffsetMismatch => {
-                    // Ask where the hub is rather than guess.
-                    offset = match self.tus.offset(&url).await? {
-                        Some(o) if o <= row.size => o,
-                        Some(o) => {
-                            return Err(SyncError::BadResponse(format!(
-                                "the hub reports offset {o} past the file's {} bytes",
-                                row.size
-                            )))
-                        }
-                        None => return self.forgotten(row).await,
-                    };
-                }
-            }
+            offset = match appended {
+                Appended::Offset(o) => self.acked(row, offset, o).await?,
+                // Ask where the hub is rather than guess.
+                Appended::OffsetMismatch => match self.tus().offset(url).await? {
+                    Some(o) => within(row, o)?,
+                    None => return self.forgotten(row).await.map(Some),
+                },
+            };
         }
-        store(&self.writer, ArtifactCmd::Done { of: row.version() }).await?;
+        Ok(None)
+    }
+
+    /// The next chunk at `offset`; `None` when the file changed (a rewrite
+    /// may land between the check and the read, and a shorter file fails
+    /// the read: that is a changed file, not a read error to retry).
+    async fn read_chunk(
+        &self,
+        row: &ArtifactRow,
+        file: &Arc<std::fs::File>,
+        offset: u64,
+    ) -> Result<Option<Vec<u8>>, SyncError> {
+        if !self.unchanged(file, row)? {
+            return Ok(None);
+        }
+        let n = (row.size - offset).min(self.chunk);
+        let f = file.clone();
+        let chunk = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; n as usize];
+            f.read_exact_at(&mut buf, offset).map(|()| buf)
+        })
+        .await
+        .map_err(|e| SyncError::Local(e.to_string()))?;
+        if !self.unchanged(file, row)? {
+            return Ok(None);
+        }
+        chunk
+            .map(Some)
+            .map_err(|e| SyncError::Local(format!("reading {}: {e}", row.path)))
+    }
+
+    /// The hub took a PATCH at `offset` and now holds `o` bytes: count and
+    /// commit it. The link made progress, so its backoff starts over.
+    async fn acked(&mut self, row: &ArtifactRow, offset: u64, o: u64) -> Result<u64, SyncError> {
+        if o <= offset || o > row.size {
+            return Err(SyncError::BadResponse(format!(
+                "PATCH at {offset} answered with offset {o}"
+            )));
+        }
+        self.link.progressed();
+        self.stats
+            .bytes_sent
+            .fetch_add(o - offset, Ordering::Relaxed);
         self.stats
             .last_success_ns
             .store(now_ns(), Ordering::Relaxed);
-        tracing::info!("artifact {} of session {} uploaded", row.path, row.session);
-        Ok(Outcome::Done)
+        let cmd = ArtifactCmd::Progress {
+            of: row.version(),
+            acked: o,
+        };
+        store(&self.writer, cmd).await?;
+        Ok(o)
     }
 
     /// The hub no longer knows the upload (expired or deleted): reset the
@@ -543,7 +518,7 @@ impl Uploader {
         if let Some(url) = url {
             // The hub bounds unfinished uploads per device: free this one.
             // Best effort; a failure leaves only a partial file at the hub.
-            if let Err(e) = self.tus.terminate(url).await {
+            if let Err(e) = self.tus().terminate(url).await {
                 tracing::debug!("cannot terminate the upload of the old version: {e}");
             }
         }
@@ -558,6 +533,18 @@ impl Uploader {
         .await?;
         Ok(Outcome::Skipped)
     }
+}
+
+/// `offset` when it lies within the file; an offset past its end is an
+/// answer we cannot use.
+fn within(row: &ArtifactRow, offset: u64) -> Result<u64, SyncError> {
+    if offset > row.size {
+        return Err(SyncError::BadResponse(format!(
+            "the hub reports offset {offset} past the file's {} bytes",
+            row.size
+        )));
+    }
+    Ok(offset)
 }
 
 fn hash(file: &std::fs::File) -> std::io::Result<String> {
@@ -599,24 +586,33 @@ mod tests {
     use reqwest::StatusCode;
 
     #[test]
-    fn errors_the_hub_will_repeat_set_the_file_aside() {
-        let check = |code: u16, want: Option<&str>| {
+    fn each_failure_leads_to_its_step() {
+        let check = |code: u16, retry_after: Option<u64>, want: AfterFailure| {
             let e = SyncError::Status {
                 status: StatusCode::from_u16(code).unwrap(),
                 message: String::new(),
-                retry_after: None,
+                retry_after: retry_after.map(Duration::from_secs),
             };
-            assert_eq!(give_up_state(&e), want, "{code}");
+            assert_eq!(after_failure(&e), want, "{code}");
         };
-        check(400, Some("refused"));
-        check(404, Some("refused"));
-        check(413, Some("failed"));
-        check(409, None);
-        check(423, None);
-        check(460, None);
-        check(401, None);
-        check(429, None);
-        check(503, None);
+        let retry = AfterFailure::Retry { after: None };
+        check(400, None, AfterFailure::SetAside("refused"));
+        check(404, None, AfterFailure::SetAside("refused"));
+        check(413, None, AfterFailure::SetAside("failed"));
+        check(409, None, retry);
+        check(423, None, retry);
+        check(460, None, AfterFailure::StartOver);
+        check(401, None, AfterFailure::Stop);
+        check(403, None, AfterFailure::Stop);
+        check(408, None, retry);
+        check(500, None, retry);
+        let after = Some(Duration::from_secs(3));
+        check(429, Some(3), AfterFailure::Retry { after });
+        check(503, Some(3), AfterFailure::Retry { after });
+        let unreadable = SyncError::BadResponse("no Upload-Offset".into());
+        assert_eq!(after_failure(&unreadable), AfterFailure::StartOver);
+        let local = SyncError::Local("reading a.txt: EIO".into());
+        assert_eq!(after_failure(&local), retry);
     }
 
     #[test]
@@ -626,18 +622,5 @@ mod tests {
         check("cam/frame.PNG", "image/png");
         check("run.mcap", "application/octet-stream");
         check("noext", "application/octet-stream");
-    }
-
-    #[test]
-    fn probe_address_from_the_hub_url() {
-        assert_eq!(
-            probe_addr("http://127.0.0.1:9000").as_deref(),
-            Some("127.0.0.1:9000")
-        );
-        assert_eq!(
-            probe_addr("https://hub.example").as_deref(),
-            Some("hub.example:443")
-        );
-        assert_eq!(probe_addr("nonsense"), None);
     }
 }

@@ -71,53 +71,12 @@ pub async fn run(
     wake: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
-    // Paths queued between the notify thread and this task; beyond the
-    // bound the queue counts as overflowed and a rescan replaces the lost
-    // events.
     let queue = cfg.event_queue.max(1);
-    let (ev_tx, mut ev_rx) = mpsc::channel::<(PathBuf, bool)>(queue);
-    let overflow = Arc::new(AtomicBool::new(false));
-    let flag = overflow.clone();
-    // The callback runs on notify's own thread: it must never block, so a
-    // full queue only raises the overflow flag.
-    let handler = move |res: notify::Result<notify::Event>| {
-        let ev = match res {
-            Ok(ev) if !ev.need_rescan() => ev,
-            other => {
-                tracing::debug!("artifact watch: {other:?}; a rescan follows");
-                flag.store(true, Ordering::Relaxed);
-                return;
-            }
-        };
-        // Opens (our own scans and uploads open files and directories) say
-        // nothing about content; reacting to them would feed a loop.
-        if matches!(ev.kind, EventKind::Access(a) if a != AccessKind::Close(AccessMode::Write)) {
-            return;
-        }
-        let hinted = matches!(
-            ev.kind,
-            EventKind::Access(AccessKind::Close(AccessMode::Write))
-                | EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both))
-        );
-        for p in ev.paths {
-            if ev_tx.try_send((p, hinted)).is_err() {
-                flag.store(true, Ordering::Relaxed);
-            }
-        }
-    };
-    let mut watcher = match notify::RecommendedWatcher::new(
-        handler,
-        notify::Config::default().with_follow_symlinks(false),
-    ) {
-        Ok(w) => Some(w),
-        Err(e) => {
-            tracing::warn!(
-                "cannot watch artifact directories ({e}); relying on rescans every {:?}",
-                cfg.rescan
-            );
-            None
-        }
-    };
+    let Events {
+        mut watcher,
+        mut paths,
+        overflow,
+    } = watch_events(queue, cfg.rescan);
     let mut w = Watch {
         cfg,
         reader,
@@ -135,12 +94,12 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            ev = ev_rx.recv() => {
+            ev = paths.recv() => {
                 let Some((path, hinted)) = ev else { return };
                 w.on_path(&path, hinted, false).await;
                 // Take what else is queued without waiting.
                 for _ in 0..queue {
-                    match ev_rx.try_recv() {
+                    match paths.try_recv() {
                         Ok((p, h)) => w.on_path(&p, h, false).await,
                         Err(_) => break,
                     }
@@ -170,6 +129,67 @@ pub async fn run(
             }
         }
         w.settle().await;
+    }
+}
+
+/// The file events of the watched directories, as paths.
+struct Events {
+    /// `None` when inotify is unavailable: rescans find everything.
+    watcher: Option<notify::RecommendedWatcher>,
+    /// Paths, and whether their event says the file is complete.
+    paths: mpsc::Receiver<(PathBuf, bool)>,
+    /// Raised when events were lost; a rescan replaces them.
+    overflow: Arc<AtomicBool>,
+}
+
+/// Starts the notify watcher, its events queued as paths. Beyond `queue`
+/// paths the queue counts as overflowed and a rescan replaces the lost
+/// events.
+fn watch_events(queue: usize, rescan: Duration) -> Events {
+    let (ev_tx, paths) = mpsc::channel::<(PathBuf, bool)>(queue);
+    let overflow = Arc::new(AtomicBool::new(false));
+    let flag = overflow.clone();
+    // The callback runs on notify's own thread: it must never block, so a
+    // full queue only raises the overflow flag.
+    let handler = move |res: notify::Result<notify::Event>| {
+        let ev = match res {
+            Ok(ev) if !ev.need_rescan() => ev,
+            other => {
+                tracing::debug!("artifact watch: {other:?}; a rescan follows");
+                flag.store(true, Ordering::Relaxed);
+                return;
+            }
+        };
+        // Opens (our own scans and uploads open files and directories) say
+        // nothing about content; reacting to them would feed a loop.
+        if matches!(ev.kind, EventKind::Access(a) if a != AccessKind::Close(AccessMode::Write)) {
+            return;
+        }
+        let hinted = matches!(
+            ev.kind,
+            EventKind::Access(AccessKind::Close(AccessMode::Write))
+                | EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both))
+        );
+        for p in ev.paths {
+            if ev_tx.try_send((p, hinted)).is_err() {
+                flag.store(true, Ordering::Relaxed);
+            }
+        }
+    };
+    let config = notify::Config::default().with_follow_symlinks(false);
+    let watcher = match notify::RecommendedWatcher::new(handler, config) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(
+                "cannot watch artifact directories ({e}); relying on rescans every {rescan:?}"
+            );
+            None
+        }
+    };
+    Events {
+        watcher,
+        paths,
+        overflow,
     }
 }
 
