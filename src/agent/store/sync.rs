@@ -21,7 +21,8 @@ use std::path::Path;
 use rusqlite::{params, Connection, OptionalExtension};
 use uuid::Uuid;
 
-use super::{boottime_ns, now_ns, schema, StoreError};
+use super::duration::{duration_ns, Now, Span};
+use super::{now_ns, schema, StoreError};
 use crate::wire::{gap_reason, Gap, Level, Package, Record, SessionState, SessionStatus};
 
 /// A session state to send, with the row it came from.
@@ -110,15 +111,14 @@ impl SyncReader {
             let duration: Option<i64> = r.get(6)?;
             let boot: String = r.get(7)?;
             let started_boot: i64 = r.get(8)?;
-            // An active session's duration so far, from the monotonic clock
-            // when this boot saw its start.
-            let duration = duration.or_else(|| {
-                Some(if boot == self.boot_id {
-                    boottime_ns() - started_boot
-                } else {
-                    now_ns() - started
-                })
-            });
+            let ended: Option<i64> = r.get(5)?;
+            let span = Span {
+                started_ns: started,
+                started_boottime_ns: started_boot,
+                boot_id: &boot,
+                ended_ns: ended,
+                duration_ns: duration,
+            };
             let tags: String = r.get(9)?;
             let package_name: Option<String> = r.get(10)?;
             let metadata: String = r.get(12)?;
@@ -129,8 +129,8 @@ impl SyncReader {
                     revision: r.get::<_, i64>(2)? as u64,
                     status: SessionStatus::parse(&status).unwrap_or(SessionStatus::Failed),
                     started_at_ns: started,
-                    ended_at_ns: r.get(5)?,
-                    duration_ns: duration.map(|d| d.max(0)),
+                    ended_at_ns: ended,
+                    duration_ns: Some(duration_ns(&span, &self.boot_id, Now::read())),
                     tags: serde_json::from_str(&tags).unwrap_or_default(),
                     package: package_name.map(|name| Package {
                         name,

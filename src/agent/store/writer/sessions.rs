@@ -4,12 +4,13 @@
 //!
 //! Invariant: at most one session is active (`Writer::current`), and only
 //! one started in this boot; a command that fails leaves its session as it
-//! was.
+//! was; a duration comes from `store::duration`, never from arithmetic here.
 
 use rusqlite::{params, OptionalExtension};
 use uuid::Uuid;
 
 use super::{SessionCmd, Writer};
+use crate::agent::store::duration::{duration_ns, Now, Span};
 use crate::agent::store::read::session_by_sid;
 use crate::agent::store::{boottime_ns, now_ns, StoreError};
 use crate::agent::types::{SessionError, SessionView, Target};
@@ -20,14 +21,17 @@ impl Writer {
     /// as failed with "device rebooted", ending at its last record; the
     /// newest one from this boot (the agent itself restarted) stays active.
     pub(super) fn close_sessions_of_earlier_boots(&mut self) -> Result<(), StoreError> {
-        let active: Vec<(i64, String, String, i64)> = {
+        let active: Vec<(i64, String, String, i64, i64)> = {
             let mut stmt = self.conn.prepare(
-                "SELECT sid, id, boot_id, started_at_ns FROM sessions WHERE status = 'active' ORDER BY sid DESC",
+                "SELECT sid, id, boot_id, started_at_ns, started_boottime_ns FROM sessions \
+                 WHERE status = 'active' ORDER BY sid DESC",
             )?;
-            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+            let rows = stmt.query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })?;
             rows.collect::<rusqlite::Result<_>>()?
         };
-        for (sid, id, boot, started) in active {
+        for (sid, id, boot, started, started_boot) in active {
             if boot == self.cfg.view.boot_id && self.current.is_none() {
                 self.current = Some((sid, Uuid::parse_str(&id).unwrap_or_default()));
                 tracing::info!("session {id} is still active (same boot)");
@@ -40,10 +44,18 @@ impl Writer {
                 |r| r.get(0),
             )?;
             let ended = last.unwrap_or(started).max(started);
+            let span = Span {
+                started_ns: started,
+                started_boottime_ns: started_boot,
+                boot_id: &boot,
+                ended_ns: Some(ended),
+                duration_ns: None,
+            };
+            let duration = duration_ns(&span, &self.cfg.view.boot_id, Now::read());
             self.conn.execute(
                 "UPDATE sessions SET status = 'failed', error = 'device rebooted', ended_at_ns = ?2, \
                  duration_ns = ?3, revision = revision + 1 WHERE sid = ?1",
-                params![sid, ended, ended - started],
+                params![sid, ended, duration],
             )?;
             tracing::warn!("session {id} was active during an earlier boot: closed as failed");
         }
@@ -156,14 +168,15 @@ impl Writer {
                         |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
                     )
                     .map_err(store)?;
-                let now = now_ns();
-                // The monotonic clock where this boot saw both ends; the
-                // wall clock otherwise.
-                let duration = if boot == self.cfg.view.boot_id {
-                    boottime_ns() - started_boot
-                } else {
-                    now - started
+                let now = Now::read();
+                let span = Span {
+                    started_ns: started,
+                    started_boottime_ns: started_boot,
+                    boot_id: &boot,
+                    ended_ns: None,
+                    duration_ns: None,
                 };
+                let duration = duration_ns(&span, &self.cfg.view.boot_id, now);
                 let error = if failed {
                     Some(error.unwrap_or_else(|| "failed".into()))
                 } else {
@@ -176,8 +189,8 @@ impl Writer {
                         params![
                             sid,
                             if failed { "failed" } else { "completed" },
-                            now,
-                            duration.max(0),
+                            now.wall_ns,
+                            duration,
                             error
                         ],
                     )
