@@ -108,9 +108,10 @@ pub struct Writer {
     /// Replies to sync acknowledgements, sent once their commit is done (so
     /// the uploader never reads its own acknowledged work as pending).
     sync_replies: Vec<(SyncReply, u64)>,
-    /// Wakes the checkpointer thread (see [`checkpoint::checkpointer`]); `None` until
-    /// [`Writer::spawn`], and in tests.
-    checkpoints: Option<std::sync::mpsc::SyncSender<()>>,
+    /// Wakes the checkpointer thread (see [`checkpoint::checkpointer`]),
+    /// joined when the writer stops; `None` until [`Writer::spawn`], and in
+    /// tests.
+    checkpoints: Option<(std::sync::mpsc::SyncSender<()>, std::thread::JoinHandle<()>)>,
     /// Record bytes committed since the checkpointer was last woken.
     since_checkpoint: usize,
     /// Held while a checkpoint runs, by this thread or the checkpointer.
@@ -171,8 +172,9 @@ impl Writer {
         self.current.map(|(_, id)| id)
     }
 
-    /// Spawns the writer thread. It runs until every sender is dropped,
-    /// then commits what it holds and returns.
+    /// Spawns the writer thread (and its checkpointer). It runs until every
+    /// sender is dropped or [`Msg::Stop`] arrives, then commits what it
+    /// holds, joins the checkpointer and returns.
     pub fn spawn(
         mut self,
         rx: mpsc::Receiver<Msg>,
@@ -180,10 +182,10 @@ impl Writer {
     ) -> std::io::Result<std::thread::JoinHandle<()>> {
         let (wake, woken) = std::sync::mpsc::sync_channel(1);
         let (path, one) = (self.cfg.db_path.clone(), self.checkpointing.clone());
-        std::thread::Builder::new()
+        let checkpointer = std::thread::Builder::new()
             .name("logbook-checkpoint".into())
             .spawn(move || checkpoint::checkpointer(&path, &woken, &one))?;
-        self.checkpoints = Some(wake);
+        self.checkpoints = Some((wake, checkpointer));
         std::thread::Builder::new()
             .name("logbook-writer".into())
             .spawn(move || self.run(rx, rt))
@@ -242,7 +244,7 @@ impl Writer {
             self.commit();
             self.since_checkpoint += bytes;
             if self.since_checkpoint >= self.tx_bytes {
-                if let Some(wake) = &self.checkpoints {
+                if let Some((wake, _)) = &self.checkpoints {
                     // Full means it is still busy with the last one.
                     let _ = wake.try_send(());
                 }
@@ -267,6 +269,13 @@ impl Writer {
             }
         }
         self.commit();
+        if let Some((wake, checkpointer)) = self.checkpoints.take() {
+            // Its last checkpoint done, it ends once its sender is gone.
+            drop(wake);
+            if checkpointer.join().is_err() {
+                tracing::error!("the checkpointer thread panicked");
+            }
+        }
         tracing::info!("writer stopped; everything received is committed");
     }
 
