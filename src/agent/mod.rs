@@ -1,11 +1,14 @@
 //! The on-robot daemon `logbookd`: ingest, ring buffer, sessions, local API.
 //!
-//! [`run`] wires the parts together: the writer thread ([`store::writer`]),
-//! the ingest listeners ([`ingest`]), the local API ([`api`]) and systemd
-//! notifications ([`systemd`]); it returns after a clean shutdown with every
-//! received record committed. On SIGHUP it re-reads the configuration
-//! through the caller's [`Reloader`] and hands a new `sync.token` to both
-//! uploaders; other changed keys are logged as needing a restart.
+//! [`run`] wires the parts together, each started by its own function: the
+//! writer thread ([`store::writer`]), the batch uploader ([`sync`]), the
+//! ingest listeners ([`ingest`]), the artifact tasks, the SIGHUP reload
+//! task, the local API ([`api`]) and the systemd heartbeat ([`systemd`]).
+//! On shutdown `Running::stop` joins them in order, so it returns with
+//! every received record committed and no task left running. On SIGHUP it
+//! re-reads the configuration through the caller's [`Reloader`] and hands
+//! a new `sync.token` to both uploaders; other changed keys are logged as
+//! needing a restart.
 
 pub mod api;
 pub mod config;
@@ -111,16 +114,8 @@ pub async fn run_with_reload(
     start_listeners(&cfg, sockets.listeners, &pipeline, &shutdown, &tasks);
     let artifacts = start_artifacts(&cfg, &view, &pipeline, &sync, &shutdown, &tasks);
     let reloader = hup.map(|hup| start_reload(hup, &cfg, &sync, &shutdown));
-    let api = start_api(
-        &cfg,
-        view,
-        sockets.api,
-        &pipeline,
-        &sync,
-        artifacts,
-        started,
-        &shutdown,
-    );
+    let state = api_state(&cfg, view, &pipeline, &sync, artifacts, started);
+    let api = start_api(state, sockets.api, &shutdown);
     let notifier = announce_ready(&cfg, notifier, &stats);
     let heartbeat = tokio::spawn(heartbeat(notifier.clone(), stats, shutdown.clone()));
 
@@ -423,20 +418,16 @@ fn start_artifacts(
     stats
 }
 
-/// Serves the local API on `api.sock` until shutdown, letting requests in
-/// flight finish.
-#[allow(clippy::too_many_arguments)]
-fn start_api(
+/// What the local API's handlers share.
+fn api_state(
     cfg: &AgentConfig,
     view: ViewCtx,
-    listener: UnixListener,
     pipeline: &Pipeline,
     sync: &SyncParts,
     artifacts: Arc<sync::artifacts::ArtifactStats>,
     started: Instant,
-    shutdown: &CancellationToken,
-) -> JoinHandle<std::io::Result<()>> {
-    let state = Arc::new(api::ApiState {
+) -> Arc<api::ApiState> {
+    Arc::new(api::ApiState {
         reader: Reader::new(&cfg.db_path(), view),
         pipeline: pipeline.clone(),
         started,
@@ -445,7 +436,16 @@ fn start_api(
         device_name: cfg.device_name.clone(),
         sync: sync.shared.clone(),
         artifacts,
-    });
+    })
+}
+
+/// Serves the local API on `api.sock` until shutdown, letting requests in
+/// flight finish.
+fn start_api(
+    state: Arc<api::ApiState>,
+    listener: UnixListener,
+    shutdown: &CancellationToken,
+) -> JoinHandle<std::io::Result<()>> {
     let shutdown = shutdown.clone();
     tokio::spawn(async move {
         axum::serve(listener, api::router(state))
