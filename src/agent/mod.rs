@@ -1,11 +1,14 @@
 //! The on-robot daemon `logbookd`: ingest, ring buffer, sessions, local API.
 //!
-//! [`run`] wires the parts together: the writer thread ([`store::writer`]),
-//! the ingest listeners ([`ingest`]), the local API ([`api`]) and systemd
-//! notifications ([`systemd`]); it returns after a clean shutdown with every
-//! received record committed. On SIGHUP it re-reads the configuration
-//! through the caller's [`Reloader`] and hands a new `sync.token` to both
-//! uploaders; other changed keys are logged as needing a restart.
+//! [`run`] wires the parts together, each started by its own function: the
+//! writer thread ([`store::writer`]), the batch uploader ([`sync`]), the
+//! ingest listeners ([`ingest`]), the artifact tasks, the SIGHUP reload
+//! task, the local API ([`api`]) and the systemd heartbeat ([`systemd`]).
+//! On shutdown `Running::stop` joins them in order, so it returns with
+//! every received record committed and no task left running. On SIGHUP it
+//! re-reads the configuration through the caller's [`Reloader`] and hands
+//! a new `sync.token` to both uploaders; other changed keys are logged as
+//! needing a restart.
 
 pub mod api;
 pub mod config;
@@ -24,6 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::UnixListener;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -83,6 +87,12 @@ pub async fn run(
 /// configuration: a new `sync.token` is used by the next request of both
 /// uploaders (a link stopped as auth-failed resumes at once); a bad
 /// configuration is logged on one line and the running one stays.
+///
+/// Everything that can fail (the database, the SIGHUP handler, the
+/// sockets, the writer thread) happens before any task starts, so an error
+/// leaves nothing running. Each part is started by its own function; on
+/// shutdown [`Running::stop`] joins them in the order ARCHITECTURE.md's
+/// "Shutdown order" gives.
 pub async fn run_with_reload(
     cfg: AgentConfig,
     mut passed: HashMap<String, std::os::unix::net::UnixListener>,
@@ -91,16 +101,147 @@ pub async fn run_with_reload(
     reload: Option<Reloader>,
 ) -> Result<(), AgentError> {
     let started = Instant::now();
+    let view = prepare(&cfg)?;
+    let stats = Arc::new(Stats::default());
+    let writer = open_writer(&cfg, &view, &stats).await?;
+    let hup = reload.map(install_sighup).transpose()?;
+    let sockets = Sockets::bind(&cfg, &mut passed)?;
+    let (writer, pipeline) = start_writer(writer, &stats)?;
+
+    let sync = SyncParts::new(&cfg);
+    let uploader = start_uploader(&cfg, &view, &pipeline, &sync, &shutdown);
+    let tasks = TaskTracker::new();
+    start_listeners(&cfg, sockets.listeners, &pipeline, &shutdown, &tasks);
+    let artifacts = start_artifacts(&cfg, &view, &pipeline, &sync, &shutdown, &tasks);
+    let reloader = hup.map(|hup| start_reload(hup, &cfg, &sync, &shutdown));
+    let state = api_state(&cfg, view, &pipeline, &sync, artifacts, started);
+    let api = start_api(state, sockets.api, &shutdown);
+    let notifier = announce_ready(&cfg, notifier, &stats);
+    let heartbeat = tokio::spawn(heartbeat(notifier.clone(), stats, shutdown.clone()));
+
+    shutdown.cancelled().await;
+    Running {
+        notifier,
+        tasks,
+        api,
+        reloader,
+        heartbeat,
+        uploader,
+        pipeline,
+        writer,
+        created: sockets.created,
+    }
+    .stop()
+    .await;
+    Ok(())
+}
+
+/// Every running part of the agent, in the order [`Running::stop`] joins
+/// them.
+struct Running {
+    notifier: Arc<Notifier>,
+    /// The listeners, their connections and the artifact tasks.
+    tasks: TaskTracker,
+    api: JoinHandle<std::io::Result<()>>,
+    reloader: Option<JoinHandle<()>>,
+    heartbeat: JoinHandle<()>,
+    /// The uploader may wait on a writer reply: it stops before the writer.
+    uploader: Option<JoinHandle<()>>,
+    pipeline: Pipeline,
+    writer: std::thread::JoinHandle<()>,
+    /// Socket files this process created, removed last.
+    created: Vec<PathBuf>,
+}
+
+impl Running {
+    /// Called once the shutdown token fired: every part has been told.
+    async fn stop(self) {
+        self.notifier.stopping();
+        tracing::info!("stopping: committing everything received");
+        self.tasks.close();
+        if tokio::time::timeout(STOP_WITHIN, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("some ingest connections did not stop in time");
+        }
+        if let Some(Err(e)) = join("local API", self.api).await {
+            tracing::warn!("local API stopped with an error: {e}");
+        }
+        if let Some(task) = self.reloader {
+            join("the reload task", task).await;
+        }
+        join("the systemd heartbeat", self.heartbeat).await;
+        if let Some(task) = self.uploader {
+            join("the uploader", task).await;
+        }
+        stop_writer(self.pipeline, self.writer).await;
+        for path in self.created {
+            let _ = std::fs::remove_file(path);
+        }
+        tracing::info!("stopped");
+    }
+}
+
+/// How long shutdown waits for each part that is not the writer.
+const STOP_WITHIN: Duration = Duration::from_secs(5);
+
+/// Waits up to [`STOP_WITHIN`] for a task that was told to stop; a task
+/// that panicked or does not stop is logged, and `None`.
+async fn join<T>(what: &str, task: JoinHandle<T>) -> Option<T> {
+    match tokio::time::timeout(STOP_WITHIN, task).await {
+        Ok(Ok(out)) => Some(out),
+        Ok(Err(e)) => {
+            tracing::error!("{what} failed: {e}");
+            None
+        }
+        Err(_) => {
+            tracing::warn!("{what} did not stop in time");
+            None
+        }
+    }
+}
+
+/// Asks the writer to commit everything queued and stop, and waits for
+/// its thread (up to 10 s).
+async fn stop_writer(pipeline: Pipeline, writer: std::thread::JoinHandle<()>) {
+    // Everything the connections handed over is queued ahead of this.
+    let _ = tokio::time::timeout(
+        Duration::from_secs(2),
+        pipeline.writer().send(store::writer::Msg::Stop),
+    )
+    .await;
+    drop(pipeline);
+    let joined = tokio::task::spawn_blocking(move || writer.join());
+    match tokio::time::timeout(Duration::from_secs(10), joined).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(_))) => tracing::error!("the writer thread panicked"),
+        Ok(Err(e)) => tracing::error!("waiting for the writer failed: {e}"),
+        Err(_) => tracing::error!("the writer did not finish in time"),
+    }
+}
+
+/// Creates the state, runtime and sessions directories; the view every
+/// session is shown with.
+fn prepare(cfg: &AgentConfig) -> Result<ViewCtx, AgentError> {
     for dir in [&cfg.state_dir, &cfg.runtime_dir, &cfg.sessions_dir()] {
         std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
     }
-    let boot_id = boot_id(&cfg.boot_id_file);
-    let view = ViewCtx {
+    Ok(ViewCtx {
         device_id: cfg.device_id.clone(),
         device_name: cfg.device_name.clone(),
         sessions_dir: cfg.sessions_dir(),
-        boot_id,
-    };
+        boot_id: boot_id(&cfg.boot_id_file),
+    })
+}
+
+/// Opens the database on the blocking pool (applying the boot-id rule and
+/// the size bound); the writer does not run yet.
+async fn open_writer(
+    cfg: &AgentConfig,
+    view: &ViewCtx,
+    stats: &Arc<Stats>,
+) -> Result<Writer, AgentError> {
     let wcfg = WriterConfig {
         db_path: cfg.db_path(),
         state_dir: cfg.state_dir.clone(),
@@ -111,149 +252,210 @@ pub async fn run_with_reload(
         commit_records: cfg.commit_records,
         view: view.clone(),
     };
-    let stats = Arc::new(Stats::default());
-    let stats2 = stats.clone();
-    let writer = tokio::task::spawn_blocking(move || Writer::open(wcfg, stats2))
-        .await
-        .expect("opening the database panicked")?;
+    let stats = stats.clone();
+    Ok(
+        tokio::task::spawn_blocking(move || Writer::open(wcfg, stats))
+            .await
+            .expect("opening the database panicked")?,
+    )
+}
+
+/// Starts the writer thread, and the pipeline every listener submits to.
+fn start_writer(
+    writer: Writer,
+    stats: &Arc<Stats>,
+) -> Result<(std::thread::JoinHandle<()>, Pipeline), AgentError> {
     let (tx, rx) = tokio::sync::mpsc::channel(ingest::PIPELINE_CAPACITY);
-    let writer_thread = writer
+    let thread = writer
         .spawn(rx, tokio::runtime::Handle::current())
         .map_err(io("starting the writer thread"))?;
-    let pipeline = Pipeline::new(tx, stats.clone());
+    Ok((thread, Pipeline::new(tx, stats.clone())))
+}
 
-    // Sync to the hub (issue 4): the batch uploader under its supervisor.
-    let sync_shared = Arc::new(sync::status::SyncShared::new(cfg.sync.is_some()));
-    if let Some(sc) = &cfg.sync {
-        sync_shared.set_token(&sc.token);
-    }
-    // Installed before READY=1: SIGHUP's default action ends the process.
-    let hup = match reload {
-        Some(r) => Some((
-            r,
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-                .map_err(io("installing the SIGHUP handler"))?,
-        )),
-        None => None,
-    };
-    // One bandwidth cap for logs and artifacts together.
-    let throttle = Arc::new(sync::throttle::Throttle::new(
-        cfg.sync.as_ref().and_then(|s| s.max_bytes_per_sec),
-    ));
-    let sync_task = start_uploader(
-        &cfg,
-        &view,
-        pipeline.writer().clone(),
-        stats.clone(),
-        sync_shared.clone(),
-        throttle.clone(),
+/// A SIGHUP handler and what to do on it.
+type Hup = (Reloader, tokio::signal::unix::Signal);
+
+/// Installed before READY=1: SIGHUP's default action ends the process.
+fn install_sighup(reload: Reloader) -> Result<Hup, AgentError> {
+    let signal = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(io("installing the SIGHUP handler"))?;
+    Ok((reload, signal))
+}
+
+/// Spawns [`reload_on_hup`].
+fn start_reload(
+    (reload, signal): Hup,
+    cfg: &AgentConfig,
+    sync: &SyncParts,
+    shutdown: &CancellationToken,
+) -> JoinHandle<()> {
+    tokio::spawn(reload_on_hup(
+        reload,
+        signal,
+        cfg.clone(),
+        sync.shared.clone(),
         shutdown.clone(),
-    );
+    ))
+}
 
-    let gid = match &cfg.socket_group {
-        Some(g) => Some(group_id(g)?),
-        None => None,
-    };
-    let mut created = Vec::new();
-    let ingest_listener = listener(
-        &mut passed,
-        "ingest",
-        &cfg.ingest_socket(),
-        gid,
-        &mut created,
-    )?;
-    let api_listener = listener(&mut passed, "api", &cfg.api_socket(), gid, &mut created)?;
-    // A disabled listener's socket is not created, and one left by an
-    // earlier run is removed, so senders fail at once instead of filling a
-    // socket nobody reads.
-    let syslog_socket = if cfg.syslog {
-        Some(datagram(
-            &mut passed,
-            &cfg.syslog_socket(),
-            gid,
-            &mut created,
-        )?)
-    } else {
-        disabled(&mut passed, "syslog", &cfg.syslog_socket())?;
-        None
-    };
-    let forward_listener = if cfg.forward {
-        Some(listener(
-            &mut passed,
-            "forward",
-            &cfg.forward_socket(),
-            gid,
-            &mut created,
-        )?)
-    } else {
-        disabled(&mut passed, "forward", &cfg.forward_socket())?;
-        None
-    };
+/// What the batch and artifact uploaders share.
+struct SyncParts {
+    /// Link state, counters and the device token.
+    shared: Arc<sync::status::SyncShared>,
+    /// One bandwidth cap for logs and artifacts together.
+    throttle: Arc<sync::throttle::Throttle>,
+}
 
-    let tracker = TaskTracker::new();
-    tracker.spawn(ingest::serve_json(
-        ingest_listener,
+impl SyncParts {
+    fn new(cfg: &AgentConfig) -> SyncParts {
+        let shared = Arc::new(sync::status::SyncShared::new(cfg.sync.is_some()));
+        if let Some(sc) = &cfg.sync {
+            shared.set_token(&sc.token);
+        }
+        SyncParts {
+            shared,
+            throttle: Arc::new(sync::throttle::Throttle::new(
+                cfg.sync.as_ref().and_then(|s| s.max_bytes_per_sec),
+            )),
+        }
+    }
+}
+
+/// Spawns the batch uploader under its supervisor when a hub is configured.
+fn start_uploader(
+    cfg: &AgentConfig,
+    view: &ViewCtx,
+    pipeline: &Pipeline,
+    sync: &SyncParts,
+    shutdown: &CancellationToken,
+) -> Option<JoinHandle<()>> {
+    let sync_cfg = cfg.sync.clone()?;
+    tracing::info!("syncing to {}", sync_cfg.hub);
+    let ctx = Arc::new(sync::uploader::UploaderCtx {
+        cfg: sync_cfg,
+        device: crate::wire::Device {
+            id: cfg.device_id.clone(),
+            name: cfg.device_name.clone(),
+        },
+        db_path: cfg.db_path(),
+        boot_id: view.boot_id.clone(),
+        writer: pipeline.writer().clone(),
+        stats: pipeline.stats.clone(),
+        shared: sync.shared.clone(),
+        throttle: sync.throttle.clone(),
+    });
+    Some(tokio::spawn(sync::uploader::run(ctx, shutdown.clone())))
+}
+
+/// Spawns the JSON-lines listener and, when enabled, the syslog and
+/// Forward listeners on `tasks` (which their connections join).
+fn start_listeners(
+    cfg: &AgentConfig,
+    listeners: Listeners,
+    pipeline: &Pipeline,
+    shutdown: &CancellationToken,
+    tasks: &TaskTracker,
+) {
+    tasks.spawn(ingest::serve_json(
+        listeners.ingest,
         pipeline.clone(),
         cfg.max_record_bytes,
         cfg.max_connections,
         shutdown.clone(),
-        tracker.clone(),
+        tasks.clone(),
     ));
-    if let Some(socket) = syslog_socket {
-        tracker.spawn(ingest::syslog::serve(
+    if let Some(socket) = listeners.syslog {
+        tasks.spawn(ingest::syslog::serve(
             socket,
             pipeline.clone(),
             cfg.max_record_bytes,
             shutdown.clone(),
         ));
     }
-    if let Some(listener) = forward_listener {
-        tracker.spawn(ingest::forward::serve(
+    if let Some(listener) = listeners.forward {
+        tasks.spawn(ingest::forward::serve(
             listener,
             pipeline.clone(),
             cfg.max_record_bytes,
             cfg.max_connections,
             shutdown.clone(),
-            tracker.clone(),
+            tasks.clone(),
         ));
     }
-    let artifact_stats = spawn_artifacts(
-        &cfg,
-        &view,
-        &pipeline,
-        &sync_shared,
-        throttle,
-        &shutdown,
-        &tracker,
-    );
-    if let Some((reload, signal)) = hup {
-        tokio::spawn(reload_on_hup(
-            reload,
-            signal,
-            cfg.clone(),
-            sync_shared.clone(),
-            shutdown.clone(),
-        ));
+}
+
+/// Starts the artifact watcher and uploader when a hub is configured (on
+/// `tasks`, so shutdown waits for them before stopping the writer).
+fn start_artifacts(
+    cfg: &AgentConfig,
+    view: &ViewCtx,
+    pipeline: &Pipeline,
+    sync: &SyncParts,
+    shutdown: &CancellationToken,
+    tasks: &TaskTracker,
+) -> Arc<sync::artifacts::ArtifactStats> {
+    let stats = Arc::new(sync::artifacts::ArtifactStats::default());
+    let token = sync.shared.token_updates();
+    match sync::artifacts::ArtifactsConfig::from_agent(
+        cfg,
+        view.clone(),
+        token,
+        sync.throttle.clone(),
+    ) {
+        Some(acfg) => {
+            tracing::info!("artifacts of sessions go to {}", acfg.hub);
+            sync::artifacts::spawn(
+                acfg,
+                pipeline.writer().clone(),
+                pipeline.stats.clone(),
+                stats.clone(),
+                shutdown.clone(),
+                tasks,
+            );
+        }
+        None => tracing::info!("sync.hub is not set: artifacts stay on this device"),
     }
-    let state = Arc::new(api::ApiState {
+    stats
+}
+
+/// What the local API's handlers share.
+fn api_state(
+    cfg: &AgentConfig,
+    view: ViewCtx,
+    pipeline: &Pipeline,
+    sync: &SyncParts,
+    artifacts: Arc<sync::artifacts::ArtifactStats>,
+    started: Instant,
+) -> Arc<api::ApiState> {
+    Arc::new(api::ApiState {
         reader: Reader::new(&cfg.db_path(), view),
         pipeline: pipeline.clone(),
         started,
         max_bytes: cfg.max_bytes,
         device_id: cfg.device_id.clone(),
         device_name: cfg.device_name.clone(),
-        sync: sync_shared.clone(),
-        artifacts: artifact_stats,
-    });
-    let app = api::router(state);
-    let api_shutdown = shutdown.clone();
-    let api_task = tokio::spawn(async move {
-        axum::serve(api_listener, app)
-            .with_graceful_shutdown(async move { api_shutdown.cancelled().await })
-            .await
-    });
+        sync: sync.shared.clone(),
+        artifacts,
+    })
+}
 
-    let notifier = Arc::new(notifier);
+/// Serves the local API on `api.sock` until shutdown, letting requests in
+/// flight finish.
+fn start_api(
+    state: Arc<api::ApiState>,
+    listener: UnixListener,
+    shutdown: &CancellationToken,
+) -> JoinHandle<std::io::Result<()>> {
+    let shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        axum::serve(listener, api::router(state))
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await
+    })
+}
+
+/// Tells systemd (READY=1) and the log that the agent is ready.
+fn announce_ready(cfg: &AgentConfig, notifier: Notifier, stats: &Stats) -> Arc<Notifier> {
     notifier.ready(&format!(
         "accepting logs on {}; {} records buffered",
         cfg.ingest_socket().display(),
@@ -268,110 +470,7 @@ pub async fn run_with_reload(
         cfg.api_socket().display(),
         cfg.db_path().display()
     );
-    let heart = tokio::spawn(heartbeat(notifier.clone(), stats.clone(), shutdown.clone()));
-
-    shutdown.cancelled().await;
-    notifier.stopping();
-    tracing::info!("stopping: committing everything received");
-    tracker.close();
-    if tokio::time::timeout(Duration::from_secs(5), tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("some ingest connections did not stop in time");
-    }
-    match tokio::time::timeout(Duration::from_secs(5), api_task).await {
-        Ok(Ok(Err(e))) => tracing::warn!("local API stopped with an error: {e}"),
-        Err(_) => tracing::warn!("local API did not stop in time"),
-        _ => {}
-    }
-    heart.abort();
-    // The uploader may wait on a writer reply: it stops before the writer.
-    if let Some(task) = sync_task {
-        if tokio::time::timeout(Duration::from_secs(5), task)
-            .await
-            .is_err()
-        {
-            tracing::warn!("the uploader did not stop in time");
-        }
-    }
-    // Everything the connections handed over is queued ahead of this.
-    let _ = tokio::time::timeout(
-        Duration::from_secs(2),
-        pipeline.writer().send(store::writer::Msg::Stop),
-    )
-    .await;
-    drop(pipeline);
-    let joined = tokio::task::spawn_blocking(move || writer_thread.join());
-    if tokio::time::timeout(Duration::from_secs(10), joined)
-        .await
-        .is_err()
-    {
-        tracing::error!("the writer did not finish in time");
-    }
-    for path in created {
-        let _ = std::fs::remove_file(path);
-    }
-    tracing::info!("stopped");
-    Ok(())
-}
-
-/// Spawns the batch uploader when a hub is configured.
-fn start_uploader(
-    cfg: &AgentConfig,
-    view: &ViewCtx,
-    writer: tokio::sync::mpsc::Sender<store::writer::Msg>,
-    stats: Arc<Stats>,
-    shared: Arc<sync::status::SyncShared>,
-    throttle: Arc<sync::throttle::Throttle>,
-    shutdown: CancellationToken,
-) -> Option<tokio::task::JoinHandle<()>> {
-    let sync_cfg = cfg.sync.clone()?;
-    tracing::info!("syncing to {}", sync_cfg.hub);
-    let ctx = Arc::new(sync::uploader::UploaderCtx {
-        cfg: sync_cfg,
-        device: crate::wire::Device {
-            id: cfg.device_id.clone(),
-            name: cfg.device_name.clone(),
-        },
-        db_path: cfg.db_path(),
-        boot_id: view.boot_id.clone(),
-        writer,
-        stats,
-        shared,
-        throttle,
-    });
-    Some(tokio::spawn(sync::uploader::run(ctx, shutdown)))
-}
-
-/// Starts the artifact watcher and uploader when a hub is configured (on
-/// `tracker`, so shutdown waits for them before stopping the writer).
-fn spawn_artifacts(
-    cfg: &AgentConfig,
-    view: &ViewCtx,
-    pipeline: &Pipeline,
-    sync_shared: &sync::status::SyncShared,
-    throttle: Arc<sync::throttle::Throttle>,
-    shutdown: &CancellationToken,
-    tracker: &TaskTracker,
-) -> Arc<sync::artifacts::ArtifactStats> {
-    let stats = Arc::new(sync::artifacts::ArtifactStats::default());
-    let token = sync_shared.token_updates();
-    match sync::artifacts::ArtifactsConfig::from_agent(cfg, view.clone(), token, throttle) {
-        Some(acfg) => {
-            tracing::info!("artifacts of sessions go to {}", acfg.hub);
-            sync::artifacts::spawn(
-                acfg,
-                pipeline.writer().clone(),
-                pipeline.stats.clone(),
-                stats.clone(),
-                shutdown.clone(),
-                tracker,
-            );
-        }
-        None => tracing::info!("sync.hub is not set: artifacts stay on this device"),
-    }
-    stats
+    Arc::new(notifier)
 }
 
 /// On each SIGHUP: load the configuration again, apply a new `sync.token`,
@@ -495,6 +594,67 @@ async fn heartbeat(notifier: Arc<Notifier>, stats: Arc<Stats>, shutdown: Cancell
     }
 }
 
+/// The ingest listeners.
+struct Listeners {
+    ingest: UnixListener,
+    syslog: Option<tokio::net::UnixDatagram>,
+    forward: Option<UnixListener>,
+}
+
+/// Every socket the agent serves, bound (or adopted from systemd) before
+/// any part starts.
+struct Sockets {
+    listeners: Listeners,
+    api: UnixListener,
+    /// Socket files this process created, removed at shutdown.
+    created: Vec<PathBuf>,
+}
+
+impl Sockets {
+    fn bind(
+        cfg: &AgentConfig,
+        passed: &mut HashMap<String, std::os::unix::net::UnixListener>,
+    ) -> Result<Sockets, AgentError> {
+        let gid = match &cfg.socket_group {
+            Some(g) => Some(group_id(g)?),
+            None => None,
+        };
+        let mut created = Vec::new();
+        let ingest = listener(passed, "ingest", &cfg.ingest_socket(), gid, &mut created)?;
+        let api = listener(passed, "api", &cfg.api_socket(), gid, &mut created)?;
+        // A disabled listener's socket is not created, and one left by an
+        // earlier run is removed, so senders fail at once instead of filling a
+        // socket nobody reads.
+        let syslog = if cfg.syslog {
+            Some(datagram(passed, &cfg.syslog_socket(), gid, &mut created)?)
+        } else {
+            disabled(passed, "syslog", &cfg.syslog_socket())?;
+            None
+        };
+        let forward = if cfg.forward {
+            Some(listener(
+                passed,
+                "forward",
+                &cfg.forward_socket(),
+                gid,
+                &mut created,
+            )?)
+        } else {
+            disabled(passed, "forward", &cfg.forward_socket())?;
+            None
+        };
+        Ok(Sockets {
+            listeners: Listeners {
+                ingest,
+                syslog,
+                forward,
+            },
+            api,
+            created,
+        })
+    }
+}
+
 /// The socket systemd passed under `name`, or a fresh one bound at `path`
 /// (a stale file from an earlier run is replaced) with mode 0660.
 fn listener(
@@ -614,6 +774,77 @@ fn group_id(group: &str) -> Result<u32, AgentError> {
 mod tests {
     use super::config::RawConfig;
     use super::*;
+
+    /// A reload in progress when shutdown comes is waited for: the reload
+    /// task is joined, not left running after `run` returns.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_joins_a_reload_in_progress() {
+        use std::sync::atomic::AtomicBool;
+        use std::sync::Mutex;
+
+        let dir = tempfile::tempdir().unwrap();
+        let (file, boot) = (dir.path().join("agent.toml"), dir.path().join("boot_id"));
+        std::fs::write(&file, "[device]\nid = \"robot-1\"\n").unwrap();
+        std::fs::write(&boot, "boot-1\n").unwrap();
+        let overrides = config::Overrides {
+            state_dir: Some(dir.path().join("state")),
+            runtime_dir: Some(dir.path().join("run")),
+        };
+        let env = [(
+            "LOGBOOK_BOOT_ID_FILE".to_owned(),
+            boot.display().to_string(),
+        )];
+        let load = move || config::load(Some(&file), &overrides, env.clone());
+        let cfg = load().unwrap();
+        let api_socket = cfg.api_socket();
+
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let released = Mutex::new(released);
+        let finished = Arc::new(AtomicBool::new(false));
+        let done = finished.clone();
+        let reload: Reloader = Arc::new(move || {
+            let _ = entered_tx.send(());
+            let _ = released.lock().unwrap().recv();
+            done.store(true, Ordering::SeqCst);
+            load()
+        });
+        let shutdown = CancellationToken::new();
+        let agent = tokio::spawn(run_with_reload(
+            cfg,
+            HashMap::new(),
+            shutdown.clone(),
+            Notifier::new(None),
+            Some(reload),
+        ));
+        // The SIGHUP handler is installed before the sockets are bound.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !api_socket.exists() {
+            assert!(Instant::now() < deadline, "the agent did not start");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::HUP)
+            .unwrap();
+        tokio::task::spawn_blocking(move || entered.recv_timeout(Duration::from_secs(20)))
+            .await
+            .unwrap()
+            .expect("SIGHUP did not start a reload");
+        shutdown.cancel();
+        // Let the rest of shutdown run ahead before the reload may finish.
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            let _ = release.send(());
+        });
+        tokio::time::timeout(Duration::from_secs(30), agent)
+            .await
+            .expect("the agent did not stop")
+            .unwrap()
+            .unwrap();
+        assert!(
+            finished.load(Ordering::SeqCst),
+            "run returned while a reload was still running"
+        );
+    }
 
     #[test]
     fn changed_keys_are_named() {

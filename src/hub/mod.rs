@@ -29,6 +29,7 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 pub use config::HubConfig;
 use store::{LogRow, Principal, Store, StoreError, TokenKind};
@@ -67,6 +68,9 @@ pub(crate) struct Hub {
     pub metrics: metrics::Metrics,
     pub streams: Arc<Semaphore>,
     pub shutdown: CancellationToken,
+    /// Tasks that outlive a request (the upload sweeper, an upload
+    /// finishing after its client went away): [`serve`] waits for them.
+    pub tasks: TaskTracker,
     /// Upload ids with a PATCH in progress (one writer per upload).
     pub busy_uploads: std::sync::Mutex<std::collections::HashSet<String>>,
 }
@@ -83,6 +87,7 @@ impl Hub {
             live,
             metrics: metrics::Metrics::default(),
             shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
             busy_uploads: Default::default(),
         })
     }
@@ -151,19 +156,35 @@ pub async fn serve(
             .await
             .map_err(|e| HubError::Serve(std::io::Error::other(e)))??
     };
-    let hub = Hub::new(config, store, blobs);
-    let cancel = hub.shutdown.clone();
     let addr = listener.local_addr().map_err(HubError::Serve)?;
-    tokio::spawn(tus::expire_periodically(hub.clone()));
     tracing::info!(%addr, data_dir = %data_dir.display(), "logbook-hub serving");
-    axum::serve(listener, router(hub))
+    serve_hub(listener, Hub::new(config, store, blobs), shutdown).await
+}
+
+/// Serves `hub` with its upload sweeper until `shutdown` resolves; returns
+/// once in-flight requests and every task on `hub.tasks` have ended.
+async fn serve_hub(
+    listener: TcpListener,
+    hub: Arc<Hub>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), HubError> {
+    let sweeper = hub.tasks.spawn(tus::expire_periodically(hub.clone()));
+    let cancel = hub.shutdown.clone();
+    let served = axum::serve(listener, router(hub.clone()))
         .with_graceful_shutdown(async move {
             shutdown.await;
             tracing::info!("shutting down: finishing in-flight requests");
             cancel.cancel();
         })
-        .await
-        .map_err(HubError::Serve)?;
+        .await;
+    // Also when serving failed: the sweeper and live streams stop.
+    hub.shutdown.cancel();
+    if let Err(e) = sweeper.await {
+        tracing::error!("the upload sweeper failed: {e}");
+    }
+    hub.tasks.close();
+    hub.tasks.wait().await;
+    served.map_err(HubError::Serve)?;
     tracing::info!("logbook-hub stopped");
     Ok(())
 }
@@ -209,4 +230,38 @@ fn router(hub: Arc<Hub>) -> Router {
         )
         .fallback(api::not_found)
         .with_state(hub)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `serve` returns only after its own tasks ended: nothing it started
+    /// still holds the hub (the upload sweeper holds it while it runs).
+    #[tokio::test]
+    async fn shutdown_waits_for_the_upload_sweeper() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = HubConfig {
+            data_dir: dir.path().to_owned(),
+            ..HubConfig::default()
+        };
+        let hub = Hub::new(
+            config,
+            open_store(dir.path()).unwrap(),
+            blobs::Blobs::open(dir.path()).unwrap(),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let serving = tokio::spawn(serve_hub(listener, hub.clone(), async move {
+            let _ = stopped.await;
+        }));
+        // The sweeper has started once it holds the hub.
+        while Arc::strong_count(&hub) < 3 {
+            tokio::task::yield_now().await;
+        }
+        stop.send(()).unwrap();
+        serving.await.unwrap().unwrap();
+        assert_eq!(Arc::strong_count(&hub), 1, "a hub task outlived serve");
+        assert!(hub.tasks.is_closed() && hub.tasks.is_empty());
+    }
 }

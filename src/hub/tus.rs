@@ -692,8 +692,9 @@ async fn patch(
     // on the blocking pool (an fsync can take a while). The sync and the
     // finish run in their own task: a client that goes away now (its
     // request future dropped) must not leave a complete upload unfinished.
+    // On `hub.tasks`, so shutdown waits for it too.
     let (h, u) = (hub.clone(), up.clone());
-    let tail = tokio::spawn(async move {
+    let tail = hub.tasks.spawn(async move {
         let _busy = busy;
         tokio::task::spawn_blocking(move || file.sync_data())
             .await?

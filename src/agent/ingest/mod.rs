@@ -339,6 +339,7 @@ pub(crate) async fn serve_stream<F, Fut>(
             return;
         };
         let served = start(stream, shutdown.clone());
+        // Owned by `tracker`, which shutdown waits on: no handle to keep.
         tracker.spawn(async move {
             served.await;
             drop(permit);

@@ -157,10 +157,13 @@ pub async fn serve(
             rx.run(&socket, &ctl_rx);
             drop(done_tx);
         });
-    if let Err(e) = spawned {
-        tracing::error!("syslog.sock: cannot start the receiver thread: {e}");
-        return;
-    }
+    let thread = match spawned {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!("syslog.sock: cannot start the receiver thread: {e}");
+            return;
+        }
+    };
     loop {
         tokio::select! {
             biased;
@@ -176,6 +179,10 @@ pub async fn serve(
         }
     }
     let _ = done_rx.await;
+    // It has ended (or is unwinding): joined to report a panic.
+    if let Ok(Err(_)) = tokio::task::spawn_blocking(move || thread.join()).await {
+        tracing::error!("syslog.sock: the receiver thread panicked");
+    }
 }
 
 /// Wakes the receiver thread out of a blocking `recvmsg` with an empty

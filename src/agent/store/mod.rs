@@ -8,6 +8,7 @@
 //! the writer.
 
 pub mod artifacts;
+pub mod duration;
 mod insert;
 pub mod read;
 pub mod schema;

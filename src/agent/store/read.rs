@@ -10,7 +10,8 @@ use std::sync::Mutex;
 use rusqlite::{params_from_iter, types::Value as Sql, Connection, OptionalExtension};
 use uuid::Uuid;
 
-use super::{boottime_ns, now_ns, rfc3339, schema, StoreError};
+use super::duration::{duration_ns, Now, Span};
+use super::{rfc3339, schema, StoreError};
 use crate::agent::types::{LogItem, Page, SessionView};
 use crate::wire::{Gap, Level, Package, SessionStatus};
 
@@ -44,11 +45,14 @@ pub fn session_from_row(ctx: &ViewCtx, r: &rusqlite::Row<'_>) -> rusqlite::Resul
     let duration: Option<i64> = r.get(5)?;
     let boot_id: String = r.get(6)?;
     let started_boot: i64 = r.get(7)?;
-    let duration_ns = match duration {
-        Some(d) => d,
-        None if boot_id == ctx.boot_id => boottime_ns() - started_boot,
-        None => now_ns() - started,
+    let span = Span {
+        started_ns: started,
+        started_boottime_ns: started_boot,
+        boot_id: &boot_id,
+        ended_ns: ended,
+        duration_ns: duration,
     };
+    let duration_ns = duration_ns(&span, &ctx.boot_id, Now::read());
     let tags: String = r.get(8)?;
     let package_name: Option<String> = r.get(9)?;
     let package_version: Option<String> = r.get(10)?;
@@ -60,7 +64,7 @@ pub fn session_from_row(ctx: &ViewCtx, r: &rusqlite::Row<'_>) -> rusqlite::Resul
         status,
         started_at: rfc3339(started),
         ended_at: ended.map(rfc3339),
-        duration_seconds: duration_ns.max(0) as f64 / 1e9,
+        duration_seconds: duration_ns as f64 / 1e9,
         tags: serde_json::from_str(&tags).unwrap_or_default(),
         package: package_name.map(|name| Package {
             name,

@@ -21,7 +21,8 @@ use std::path::Path;
 use rusqlite::{params, Connection, OptionalExtension};
 use uuid::Uuid;
 
-use super::{boottime_ns, now_ns, schema, StoreError};
+use super::duration::{duration_ns, Now, Span};
+use super::{now_ns, schema, StoreError};
 use crate::wire::{gap_reason, Gap, Level, Package, Record, SessionState, SessionStatus};
 
 /// A session state to send, with the row it came from.
@@ -73,7 +74,7 @@ pub struct SyncReader {
 const UNSYNCED: &str =
     "r.seq > ?3 AND NOT EXISTS (SELECT 1 FROM synced_ahead a WHERE a.seq = r.seq)";
 /// Not synced ahead of the watermark (point lookups on its primary key).
-const NOT_AHEAD: &str = "NOT EXISTS (SELECT 1 FROM synced_ahead a WHERE a.seq = r.seq)";
+pub(super) const NOT_AHEAD: &str = "NOT EXISTS (SELECT 1 FROM synced_ahead a WHERE a.seq = r.seq)";
 
 const RECORD_COLUMNS: &str = "r.seq, s.id, r.ts_ns, r.level, r.module, r.message, r.metadata, \
                               r.pid, r.uid, r.gid, r.process, coalesce(r.session, 0)";
@@ -110,15 +111,14 @@ impl SyncReader {
             let duration: Option<i64> = r.get(6)?;
             let boot: String = r.get(7)?;
             let started_boot: i64 = r.get(8)?;
-            // An active session's duration so far, from the monotonic clock
-            // when this boot saw its start.
-            let duration = duration.or_else(|| {
-                Some(if boot == self.boot_id {
-                    boottime_ns() - started_boot
-                } else {
-                    now_ns() - started
-                })
-            });
+            let ended: Option<i64> = r.get(5)?;
+            let span = Span {
+                started_ns: started,
+                started_boottime_ns: started_boot,
+                boot_id: &boot,
+                ended_ns: ended,
+                duration_ns: duration,
+            };
             let tags: String = r.get(9)?;
             let package_name: Option<String> = r.get(10)?;
             let metadata: String = r.get(12)?;
@@ -129,8 +129,8 @@ impl SyncReader {
                     revision: r.get::<_, i64>(2)? as u64,
                     status: SessionStatus::parse(&status).unwrap_or(SessionStatus::Failed),
                     started_at_ns: started,
-                    ended_at_ns: r.get(5)?,
-                    duration_ns: duration.map(|d| d.max(0)),
+                    ended_at_ns: ended,
+                    duration_ns: Some(duration_ns(&span, &self.boot_id, Now::read())),
                     tags: serde_json::from_str(&tags).unwrap_or_default(),
                     package: package_name.map(|name| Package {
                         name,
@@ -497,79 +497,10 @@ pub fn apply_set_aside(conn: &Connection, s: &SetAside) -> rusqlite::Result<u64>
     Ok(n)
 }
 
-/// Writer side: evicts up to `n` synced records, oldest first (those up to
-/// W, then the ahead set). Returns how many went.
-pub fn evict_synced(conn: &Connection, n: i64) -> rusqlite::Result<i64> {
-    if n <= 0 {
-        return Ok(0);
-    }
-    let w = watermark(conn)?;
-    let cutoff: Option<i64> = conn
-        .query_row(
-            "SELECT seq FROM records WHERE seq <= ?1 ORDER BY seq LIMIT 1 OFFSET ?2",
-            [w, n - 1],
-            |r| r.get(0),
-        )
-        .optional()?;
-    let mut gone =
-        conn.execute("DELETE FROM records WHERE seq <= ?1", [cutoff.unwrap_or(w)])? as i64;
-    if gone < n {
-        // Everything up to W went; the ahead set is next, oldest first.
-        let mut stmt = conn.prepare_cached("SELECT seq FROM synced_ahead ORDER BY seq LIMIT ?1")?;
-        let seqs: Vec<i64> = stmt
-            .query_map([n - gone], |r| r.get(0))?
-            .collect::<rusqlite::Result<_>>()?;
-        let mut del = conn.prepare_cached("DELETE FROM records WHERE seq = ?1")?;
-        let mut unahead = conn.prepare_cached("DELETE FROM synced_ahead WHERE seq = ?1")?;
-        for s in seqs {
-            gone += del.execute([s])? as i64;
-            unahead.execute([s])?;
-        }
-    }
-    Ok(gone)
-}
-
-/// Writer side: the unsynced records of `level` that eviction takes next:
-/// per session, how many of the oldest `n` there are, and the seq up to
-/// which they go (`None` when there are none).
-pub fn evict_unsynced(
-    conn: &Connection,
-    level: Level,
-    n: i64,
-) -> rusqlite::Result<(Vec<(i64, i64)>, i64)> {
-    let w = watermark(conn)?;
-    let code = level.code() as i64;
-    let cutoff: i64 = conn
-        .query_row(
-            &format!(
-                "SELECT r.seq FROM records r WHERE r.level = ?1 AND r.seq > ?3 AND {NOT_AHEAD} \
-                 ORDER BY r.seq LIMIT 1 OFFSET ?2"
-            ),
-            params![code, n - 1, w],
-            |r| r.get(0),
-        )
-        .optional()?
-        .unwrap_or(i64::MAX);
-    let counts: Vec<(i64, i64)> = {
-        let mut stmt = conn.prepare_cached(&format!(
-            "SELECT coalesce(r.session, 0), count(*) FROM records r \
-             WHERE r.level = ?1 AND r.seq > ?3 AND r.seq <= ?2 AND {NOT_AHEAD} GROUP BY r.session"
-        ))?;
-        let rows = stmt.query_map(params![code, cutoff, w], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        rows.collect::<rusqlite::Result<_>>()?
-    };
-    let gone = conn.execute(
-        &format!(
-            "DELETE FROM records AS r WHERE r.level = ?1 AND r.seq > ?3 AND r.seq <= ?2 AND {NOT_AHEAD}"
-        ),
-        params![code, cutoff, w],
-    )? as i64;
-    Ok((counts, gone))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agent::store::writer::bound::{evict_synced, evict_unsynced};
 
     /// A database with `levels.len()` records (seq 1..) and one session
     /// holding the first two.

@@ -1,14 +1,16 @@
 //! The writer: one dedicated thread owns the write connection, drains the
-//! bounded channel, commits rows in transactions bounded by count, bytes and
-//! time, applies session commands, and keeps the on-disk size bound by
-//! evicting in the design's order and counting what it evicts as gaps.
-//!
-//! A second thread, [`checkpointer`], copies committed WAL pages into the
-//! database file, so the writer never waits for a checkpoint's fsyncs.
+//! bounded channel and commits rows in transactions bounded by count, bytes
+//! and time. Its parts: [`sessions`] (open, close, tag, and the boot-id rule
+//! at start), [`bound`] (the size bound, eviction and gap counting) and
+//! [`checkpoint`] (WAL checkpoints, mostly on a thread of their own).
 //!
 //! Invariant: the only writer of `agent.db`'s content (the checkpointer
 //! only copies committed pages). Every reply (flush, session command) is
 //! sent after the transaction holding its effect has committed.
+
+pub(super) mod bound;
+mod checkpoint;
+mod sessions;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -16,12 +18,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use super::read::{session_by_sid, ViewCtx};
-use super::{boottime_ns, now_ns, schema, Row, Stats, StoreError};
+use super::read::ViewCtx;
+use super::{schema, Row, Stats, StoreError};
 use crate::agent::types::{OpenSession, SessionError, SessionView, Target};
 use crate::wire::{gap_reason, Level};
 
@@ -85,9 +87,6 @@ pub struct WriterConfig {
     pub view: ViewCtx,
 }
 
-const ADD_GAP: &str = "INSERT INTO gaps(session, level, reason, dropped) VALUES (?1, ?2, ?3, ?4) \
-                       ON CONFLICT(session, level, reason) DO UPDATE SET dropped = dropped + excluded.dropped";
-
 pub struct Writer {
     conn: Connection,
     cfg: WriterConfig,
@@ -109,9 +108,10 @@ pub struct Writer {
     /// Replies to sync acknowledgements, sent once their commit is done (so
     /// the uploader never reads its own acknowledged work as pending).
     sync_replies: Vec<(SyncReply, u64)>,
-    /// Wakes the checkpointer thread (see [`checkpointer`]); `None` until
-    /// [`Writer::spawn`], and in tests.
-    checkpoints: Option<std::sync::mpsc::SyncSender<()>>,
+    /// Wakes the checkpointer thread (see [`checkpoint::checkpointer`]),
+    /// joined when the writer stops; `None` until [`Writer::spawn`], and in
+    /// tests.
+    checkpoints: Option<(std::sync::mpsc::SyncSender<()>, std::thread::JoinHandle<()>)>,
     /// Record bytes committed since the checkpointer was last woken.
     since_checkpoint: usize,
     /// Held while a checkpoint runs, by this thread or the checkpointer.
@@ -172,39 +172,9 @@ impl Writer {
         self.current.map(|(_, id)| id)
     }
 
-    fn close_sessions_of_earlier_boots(&mut self) -> Result<(), StoreError> {
-        let active: Vec<(i64, String, String, i64)> = {
-            let mut stmt = self.conn.prepare(
-                "SELECT sid, id, boot_id, started_at_ns FROM sessions WHERE status = 'active' ORDER BY sid DESC",
-            )?;
-            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
-            rows.collect::<rusqlite::Result<_>>()?
-        };
-        for (sid, id, boot, started) in active {
-            if boot == self.cfg.view.boot_id && self.current.is_none() {
-                self.current = Some((sid, Uuid::parse_str(&id).unwrap_or_default()));
-                tracing::info!("session {id} is still active (same boot)");
-                continue;
-            }
-            // The session's last record is the best guess of when it ended.
-            let last: Option<i64> = self.conn.query_row(
-                "SELECT max(ts_ns) FROM records WHERE session = ?1",
-                [sid],
-                |r| r.get(0),
-            )?;
-            let ended = last.unwrap_or(started).max(started);
-            self.conn.execute(
-                "UPDATE sessions SET status = 'failed', error = 'device rebooted', ended_at_ns = ?2, \
-                 duration_ns = ?3, revision = revision + 1 WHERE sid = ?1",
-                params![sid, ended, ended - started],
-            )?;
-            tracing::warn!("session {id} was active during an earlier boot: closed as failed");
-        }
-        Ok(())
-    }
-
-    /// Spawns the writer thread. It runs until every sender is dropped,
-    /// then commits what it holds and returns.
+    /// Spawns the writer thread (and its checkpointer). It runs until every
+    /// sender is dropped or [`Msg::Stop`] arrives, then commits what it
+    /// holds, joins the checkpointer and returns.
     pub fn spawn(
         mut self,
         rx: mpsc::Receiver<Msg>,
@@ -212,10 +182,10 @@ impl Writer {
     ) -> std::io::Result<std::thread::JoinHandle<()>> {
         let (wake, woken) = std::sync::mpsc::sync_channel(1);
         let (path, one) = (self.cfg.db_path.clone(), self.checkpointing.clone());
-        std::thread::Builder::new()
+        let checkpointer = std::thread::Builder::new()
             .name("logbook-checkpoint".into())
-            .spawn(move || checkpointer(&path, &woken, &one))?;
-        self.checkpoints = Some(wake);
+            .spawn(move || checkpoint::checkpointer(&path, &woken, &one))?;
+        self.checkpoints = Some((wake, checkpointer));
         std::thread::Builder::new()
             .name("logbook-writer".into())
             .spawn(move || self.run(rx, rt))
@@ -274,7 +244,7 @@ impl Writer {
             self.commit();
             self.since_checkpoint += bytes;
             if self.since_checkpoint >= self.tx_bytes {
-                if let Some(wake) = &self.checkpoints {
+                if let Some((wake, _)) = &self.checkpoints {
                     // Full means it is still busy with the last one.
                     let _ = wake.try_send(());
                 }
@@ -299,6 +269,13 @@ impl Writer {
             }
         }
         self.commit();
+        if let Some((wake, checkpointer)) = self.checkpoints.take() {
+            // Its last checkpoint done, it ends once its sender is gone.
+            drop(wake);
+            if checkpointer.join().is_err() {
+                tracing::error!("the checkpointer thread panicked");
+            }
+        }
         tracing::info!("writer stopped; everything received is committed");
     }
 
@@ -417,12 +394,13 @@ impl Writer {
         }
         drop(insert);
         if dropped > 0 {
-            self.conn.prepare_cached(ADD_GAP)?.execute(params![
+            bound::add_gap(
+                &self.conn,
                 session.unwrap_or(0),
-                Level::Info.code(),
+                Level::Info,
                 gap_reason::CLIENT_DROPPED,
-                dropped as i64
-            ])?;
+                dropped as i64,
+            )?;
         }
         if let Some(sid) = session {
             *self.log_counts.entry(sid).or_default() += rows.len() as u64;
@@ -473,346 +451,6 @@ impl Writer {
             }
         }
     }
-
-    fn resolve(&self, target: Target) -> Result<i64, SessionError> {
-        match target {
-            Target::Current => self
-                .current
-                .map(|(sid, _)| sid)
-                .ok_or(SessionError::NoActive),
-            Target::Id(id) => self
-                .conn
-                .query_row(
-                    "SELECT sid FROM sessions WHERE id = ?1",
-                    [id.to_string()],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(|e| SessionError::Store(e.to_string()))?
-                .ok_or(SessionError::NotFound(id)),
-        }
-    }
-
-    fn view(&self, sid: i64) -> Result<SessionView, SessionError> {
-        session_by_sid(&self.conn, &self.cfg.view, sid)
-            .map_err(|e| SessionError::Store(e.to_string()))?
-            .ok_or_else(|| SessionError::Store("session vanished".into()))
-    }
-
-    fn session(&mut self, cmd: SessionCmd) -> Result<SessionView, SessionError> {
-        let store = |e: rusqlite::Error| SessionError::Store(e.to_string());
-        self.conn.execute_batch("BEGIN").map_err(store)?;
-        match cmd {
-            SessionCmd::Open(req) => {
-                if let Some((_, id)) = self.current {
-                    return Err(SessionError::Active(id));
-                }
-                if req.tags.len() > MAX_TAGS {
-                    return Err(SessionError::Invalid(format!(
-                        "a session has at most {MAX_TAGS} tags"
-                    )));
-                }
-                let mut tags = Vec::new();
-                for t in req.tags {
-                    let t = check_tag(&t)?;
-                    if !tags.contains(&t) {
-                        tags.push(t);
-                    }
-                }
-                if let Some(p) = &req.package {
-                    if p.name.trim().is_empty() || p.name.len() > 256 {
-                        return Err(SessionError::Invalid(
-                            "package name must be 1 to 256 characters".into(),
-                        ));
-                    }
-                }
-                let metadata = serde_json::to_string(&req.metadata)
-                    .map_err(|e| SessionError::Invalid(e.to_string()))?;
-                if metadata.len() > 64 << 10 {
-                    return Err(SessionError::Invalid(
-                        "session metadata is over 64KiB".into(),
-                    ));
-                }
-                let id = Uuid::now_v7();
-                let dir = self.cfg.view.artifact_dir(&id);
-                std::fs::create_dir_all(&dir).map_err(|e| {
-                    SessionError::Store(format!(
-                        "cannot create artifact directory {}: {e}",
-                        dir.display()
-                    ))
-                })?;
-                self.conn
-                    .execute(
-                        "INSERT INTO sessions(id, status, started_at_ns, boot_id, started_boottime_ns, tags, \
-                         package_name, package_version, metadata) VALUES (?1, 'active', ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                        params![
-                            id.to_string(),
-                            now_ns(),
-                            self.cfg.view.boot_id,
-                            boottime_ns(),
-                            serde_json::to_string(&tags).expect("strings serialize"),
-                            req.package.as_ref().map(|p| p.name.clone()),
-                            req.package.as_ref().and_then(|p| p.version.clone()),
-                            metadata,
-                        ],
-                    )
-                    .map_err(store)?;
-                let sid = self.conn.last_insert_rowid();
-                self.current = Some((sid, id));
-                tracing::info!("session {id} opened");
-                self.view(sid)
-            }
-            SessionCmd::Stop {
-                target,
-                failed,
-                error,
-            } => {
-                let sid = self.resolve(target)?;
-                if self.current.map(|(s, _)| s) != Some(sid) {
-                    let v = self.view(sid)?;
-                    return Err(SessionError::NotActive(v.id));
-                }
-                let (started, boot, started_boot): (i64, String, i64) = self
-                    .conn
-                    .query_row(
-                        "SELECT started_at_ns, boot_id, started_boottime_ns FROM sessions WHERE sid = ?1",
-                        [sid],
-                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                    )
-                    .map_err(store)?;
-                let now = now_ns();
-                // The monotonic clock where this boot saw both ends; the
-                // wall clock otherwise.
-                let duration = if boot == self.cfg.view.boot_id {
-                    boottime_ns() - started_boot
-                } else {
-                    now - started
-                };
-                let error = if failed {
-                    Some(error.unwrap_or_else(|| "failed".into()))
-                } else {
-                    error
-                };
-                self.conn
-                    .execute(
-                        "UPDATE sessions SET status = ?2, ended_at_ns = ?3, duration_ns = ?4, error = ?5, \
-                         revision = revision + 1 WHERE sid = ?1",
-                        params![
-                            sid,
-                            if failed { "failed" } else { "completed" },
-                            now,
-                            duration.max(0),
-                            error
-                        ],
-                    )
-                    .map_err(store)?;
-                self.current = None;
-                let v = self.view(sid)?;
-                tracing::info!("session {} {}", v.id, v.status.as_str());
-                Ok(v)
-            }
-            SessionCmd::Tag { target, tag } => {
-                let sid = self.resolve(target)?;
-                let tag = check_tag(&tag)?;
-                let mut v = self.view(sid)?;
-                if !v.tags.contains(&tag) {
-                    if v.tags.len() >= MAX_TAGS {
-                        return Err(SessionError::Invalid(format!(
-                            "a session has at most {MAX_TAGS} tags"
-                        )));
-                    }
-                    v.tags.push(tag);
-                    self.set_tags(sid, &v.tags)?;
-                }
-                self.view(sid)
-            }
-            SessionCmd::Untag { target, tag } => {
-                let sid = self.resolve(target)?;
-                let mut v = self.view(sid)?;
-                let before = v.tags.len();
-                v.tags.retain(|t| *t != tag);
-                if v.tags.len() != before {
-                    self.set_tags(sid, &v.tags)?;
-                }
-                self.view(sid)
-            }
-        }
-    }
-
-    fn set_tags(&self, sid: i64, tags: &[String]) -> Result<(), SessionError> {
-        self.conn
-            .execute(
-                "UPDATE sessions SET tags = ?2, revision = revision + 1 WHERE sid = ?1",
-                params![sid, serde_json::to_string(tags).expect("strings serialize")],
-            )
-            .map_err(|e| SessionError::Store(e.to_string()))?;
-        Ok(())
-    }
-
-    fn file_len(&self, suffix: &str) -> u64 {
-        let mut p = self.cfg.db_path.as_os_str().to_owned();
-        p.push(suffix);
-        std::fs::metadata(PathBuf::from(p)).map_or(0, |m| m.len())
-    }
-
-    /// Keeps `agent.db` + WAL under `buffer.max_bytes` and the filesystem's
-    /// free space above `buffer.min_free_bytes`. Called outside any
-    /// transaction, after each commit.
-    fn enforce_bound(&mut self) -> Result<(), StoreError> {
-        if !self.conn.is_autocommit() {
-            return Ok(());
-        }
-        if self.file_len("-wal") > self.wal_limit {
-            self.checkpoint();
-        }
-        let on_disk = self.file_len("") + self.file_len("-wal");
-        self.stats.disk_bytes.store(on_disk, Ordering::Relaxed);
-        let free = rustix::fs::statvfs(&self.cfg.state_dir)
-            .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
-            .unwrap_or(u64::MAX);
-        // What the buffer may occupy: its own bound, and no more than leaves
-        // min_free_bytes free on the filesystem.
-        let limit = self
-            .cfg
-            .max_bytes
-            .min((on_disk + free).saturating_sub(self.cfg.min_free_bytes));
-        // Room for a full WAL and one more transaction on top of the pages.
-        let budget = limit.saturating_sub(self.wal_limit + self.tx_bytes as u64 * 2);
-        let page_size: u64 = self
-            .conn
-            .pragma_query_value(None, "page_size", |r| r.get(0))?;
-        let pages: u64 = self
-            .conn
-            .pragma_query_value(None, "page_count", |r| r.get(0))?;
-        let free_pages: u64 = self
-            .conn
-            .pragma_query_value(None, "freelist_count", |r| r.get(0))?;
-        let used = (pages - free_pages) * page_size;
-        let file = pages * page_size;
-        if used <= budget && file <= budget {
-            return Ok(());
-        }
-        if used > budget {
-            // Evict down to 90% of the budget, so eviction runs in chunks
-            // rather than on every commit.
-            let target = budget / 10 * 9;
-            let stored = self.stats.records_stored.load(Ordering::Relaxed).max(1) as u64;
-            let per_record = (used / stored).max(1);
-            let n = (used - target).div_ceil(per_record).min(stored);
-            self.evict(n)?;
-        }
-        self.conn.execute_batch("PRAGMA incremental_vacuum")?;
-        self.checkpoint();
-        let on_disk = self.file_len("") + self.file_len("-wal");
-        self.stats.disk_bytes.store(on_disk, Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// Copies the whole WAL into `agent.db` and truncates it. Waits for a
-    /// checkpoint the checkpointer thread is running: SQLite refuses a
-    /// second one at once (busy, without asking the busy handler), which
-    /// would leave the WAL over its bound.
-    fn checkpoint(&self) {
-        let _one = self.checkpointing.lock().unwrap_or_else(|p| p.into_inner());
-        match self
-            .conn
-            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
-                r.get::<_, i64>(0)
-            }) {
-            Ok(0) => {}
-            Ok(_) => {
-                tracing::debug!("WAL checkpoint left frames behind (a reader is still on them)")
-            }
-            Err(e) => tracing::warn!("WAL checkpoint failed: {e}"),
-        }
-    }
-
-    /// Evicts `n` records: synced ones oldest first, then unsynced ones from
-    /// the lowest level up, oldest first, counting those as gaps per
-    /// session and level.
-    fn evict(&mut self, n: u64) -> Result<(), StoreError> {
-        if n == 0 {
-            return Ok(());
-        }
-        let tx = self.conn.transaction()?;
-        let mut left = n as i64;
-        let synced_gone = super::sync::evict_synced(&tx, left)?;
-        left -= synced_gone;
-        let mut unsynced_gone = 0i64;
-        for level in Level::ALL {
-            if left <= 0 {
-                break;
-            }
-            let (per_session, gone) = super::sync::evict_unsynced(&tx, level, left)?;
-            let mut gap = tx.prepare_cached(ADD_GAP)?;
-            for (session, count) in per_session {
-                gap.execute(params![session, level.code(), gap_reason::EVICTED, count])?;
-            }
-            unsynced_gone += gone;
-            left -= gone;
-        }
-        tx.commit()?;
-        self.stats
-            .records_stored
-            .fetch_sub(synced_gone + unsynced_gone, Ordering::Relaxed);
-        self.stats
-            .records_synced
-            .fetch_sub(synced_gone, Ordering::Relaxed);
-        self.stats
-            .evicted_synced
-            .fetch_add(synced_gone as u64, Ordering::Relaxed);
-        self.stats
-            .evicted_unsynced
-            .fetch_add(unsynced_gone as u64, Ordering::Relaxed);
-        if unsynced_gone > 0 {
-            tracing::warn!(
-                "buffer full: evicted {synced_gone} synced and {unsynced_gone} unsynced records (counted as gaps)"
-            );
-        }
-        Ok(())
-    }
-}
-
-/// The checkpointer thread: copies committed WAL pages into `agent.db`
-/// (a passive checkpoint, which never blocks the writer or readers) each
-/// time the writer has committed another [`Writer::tx_bytes`], so the
-/// writer never waits for the two fsyncs a checkpoint costs, which on a
-/// robot's flash can take longer than the records they follow. Ends when
-/// the writer drops its sender. `one` is held during each checkpoint (see
-/// [`Writer::checkpoint`]).
-fn checkpointer(
-    path: &std::path::Path,
-    woken: &std::sync::mpsc::Receiver<()>,
-    one: &std::sync::Mutex<()>,
-) {
-    let conn = match Connection::open(path) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!("the checkpointer cannot open {}: {e}", path.display());
-            return;
-        }
-    };
-    let _ = conn.busy_timeout(Duration::from_secs(5));
-    while woken.recv().is_ok() {
-        let _one = one.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            tracing::warn!("WAL checkpoint failed: {e}");
-        }
-    }
-}
-
-/// Tags per session: enough for any labelling scheme, small enough that a
-/// session row stays small.
-const MAX_TAGS: usize = 64;
-
-fn check_tag(tag: &str) -> Result<String, SessionError> {
-    let t = tag.trim();
-    if t.is_empty() || t.len() > 128 || t.chars().any(char::is_control) {
-        return Err(SessionError::Invalid(format!(
-            "tag {tag:?} must be 1 to 128 characters without control characters"
-        )));
-    }
-    Ok(t.to_owned())
 }
 
 #[cfg(test)]
@@ -820,7 +458,12 @@ mod tests {
     use super::*;
     use crate::agent::record::Trusted;
 
-    fn writer(dir: &std::path::Path) -> Writer {
+    pub(super) fn writer(dir: &std::path::Path) -> Writer {
+        writer_in_boot(dir, "b")
+    }
+
+    /// A writer as it opens in the boot `boot_id`.
+    pub(super) fn writer_in_boot(dir: &std::path::Path, boot_id: &str) -> Writer {
         let cfg = WriterConfig {
             db_path: dir.join("agent.db"),
             state_dir: dir.to_owned(),
@@ -833,13 +476,13 @@ mod tests {
                 device_id: "d".into(),
                 device_name: "n".into(),
                 sessions_dir: dir.join("sessions"),
-                boot_id: "b".into(),
+                boot_id: boot_id.into(),
             },
         };
         Writer::open(cfg, Arc::new(Stats::default())).unwrap()
     }
 
-    fn rows(level: Level, n: usize) -> Vec<Row> {
+    pub(super) fn rows(level: Level, n: usize) -> Vec<Row> {
         (0..n)
             .map(|i| Row {
                 ts_ns: i as i64,
@@ -854,13 +497,13 @@ mod tests {
     }
 
     /// Inserts in a committed transaction, as the writer loop does.
-    fn put(w: &mut Writer, rows: Vec<Row>) {
+    pub(super) fn put(w: &mut Writer, rows: Vec<Row>) {
         w.conn.execute_batch("BEGIN").unwrap();
         w.insert(&rows).unwrap();
         w.commit();
     }
 
-    fn seqs(w: &Writer) -> Vec<i64> {
+    pub(super) fn seqs(w: &Writer) -> Vec<i64> {
         let mut stmt = w
             .conn
             .prepare("SELECT seq FROM records ORDER BY seq")
@@ -869,7 +512,7 @@ mod tests {
         out.collect::<rusqlite::Result<_>>().unwrap()
     }
 
-    fn gaps(w: &Writer) -> Vec<(i64, i64, String, i64)> {
+    pub(super) fn gaps(w: &Writer) -> Vec<(i64, i64, String, i64)> {
         let mut stmt = w
             .conn
             .prepare("SELECT session, level, reason, dropped FROM gaps ORDER BY level")
@@ -901,83 +544,6 @@ mod tests {
         // ...until an ingest thread (or the idle writer) frees them.
         w.stats.spent.free();
         assert_eq!(w.stats.spent.batches(), 0);
-    }
-
-    #[test]
-    fn a_running_writer_checkpoints_on_another_thread() {
-        let dir = tempfile::tempdir().unwrap();
-        let w = writer(dir.path());
-        let (stats, tx_bytes, wal_limit) = (w.stats.clone(), w.tx_bytes, w.wal_limit);
-        let db_len = || {
-            std::fs::metadata(dir.path().join("agent.db"))
-                .unwrap()
-                .len()
-        };
-        let before = db_len();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let (tx, rx) = mpsc::channel(4);
-        let thread = w.spawn(rx, rt.handle().clone()).unwrap();
-        // More than one checkpoint's worth of records, less than the WAL
-        // limit at which the writer would truncate the WAL itself.
-        let big = |i: usize| {
-            let mut r = rows(Level::Info, 100);
-            for row in &mut r {
-                row.message = format!("{i} {}", "x".repeat(1000));
-            }
-            r
-        };
-        let n = (tx_bytes * 3 / 2) / (100 * 1000) + 1;
-        assert!(n * 100 * 1100 < wal_limit as usize);
-        for i in 0..n {
-            tx.blocking_send(Msg::Rows(big(i))).unwrap();
-        }
-        let (done, flushed) = oneshot::channel();
-        tx.blocking_send(Msg::Flush(done)).unwrap();
-        rt.block_on(flushed).unwrap();
-        assert_eq!(stats.committed.load(Ordering::Relaxed), n as u64 * 100);
-        // Only a checkpoint moves pages from the WAL into agent.db.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while db_len() < before + tx_bytes as u64 {
-            assert!(
-                Instant::now() < deadline,
-                "no checkpoint: agent.db is {} bytes",
-                db_len()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        drop(tx);
-        thread.join().unwrap();
-    }
-
-    #[test]
-    fn eviction_takes_synced_first_then_lowest_level_oldest_first() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut w = writer(dir.path());
-        put(&mut w, rows(Level::Info, 5)); // seq 1-5
-        put(&mut w, rows(Level::Debug, 5)); // seq 6-10
-        put(&mut w, rows(Level::Error, 2)); // seq 11-12
-        put(&mut w, rows(Level::Trace, 1)); // seq 13
-        assert_eq!(
-            super::super::sync::mark_records(&w.conn, &[(2, 3), (12, 12)]).unwrap(),
-            3
-        );
-        w.evict(6).unwrap();
-        // Synced 2, 3, 12 first; then the trace record; then the two oldest
-        // debug records (6, 7). Info 1 is older but outranks them.
-        assert_eq!(seqs(&w), vec![1, 4, 5, 8, 9, 10, 11]);
-        assert_eq!(
-            gaps(&w),
-            vec![
-                (0, Level::Trace.code() as i64, "evicted".into(), 1),
-                (0, Level::Debug.code() as i64, "evicted".into(), 2)
-            ]
-        );
-        assert_eq!(w.stats.evicted_synced.load(Ordering::Relaxed), 3);
-        assert_eq!(w.stats.evicted_unsynced.load(Ordering::Relaxed), 3);
     }
 
     #[test]
