@@ -1,8 +1,12 @@
 //! Unit tests of the store: migrations, idempotent ingest, session
 //! revisions, gaps, search, deletion and keyset pagination.
 
+use super::logs::fts_query;
 use super::*;
+use crate::hub::store::*;
+use crate::wire::{Batch, SessionState, SessionStatus};
 use crate::wire::{Device, Gap, Package, Record, BATCH_VERSION};
+use rusqlite::Connection;
 use uuid::Uuid;
 
 fn open() -> (tempfile::TempDir, Store) {
