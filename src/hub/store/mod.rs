@@ -1,31 +1,36 @@
-//! The hub's storage, as the domain sees it: the rows, filters and cursors
-//! every backend shares, and the backends. Today one: [`sqlite`], a SQLite
-//! database in WAL mode.
+//! The hub's storage seam: the [`Store`] trait the route handlers call,
+//! the rows, filters and cursors every backend shares, and the backends.
+//! Today one, [`sqlite`] ([`SqliteStore`]); a PostgreSQL backend would be a
+//! second implementation of the same trait, with its own migrations.
 //!
-//! Invariant: only the backends run SQL; what this module defines speaks
-//! of sessions, batches, logs and uploads, never of tables. One batch is
-//! one transaction: it is stored whole or not at all.
+//! Invariant: only the backends run SQL; [`Store`] speaks of sessions,
+//! batches, logs and uploads, never of tables or connections. One batch is
+//! one transaction: it is stored whole or not at all. Handlers only
+//! `.await` a method: a backend that blocks moves the work off the async
+//! threads itself.
 
-use std::path::PathBuf;
+use std::sync::Arc;
 
-use crate::wire::{BatchAck, Level, SessionStatus};
+use crate::wire::{Batch, BatchAck, Level, SessionStatus};
 
 mod sqlite;
 
-pub use sqlite::Store;
+pub use sqlite::SqliteStore;
+
+/// A backend's own failure, kept whole for the log.
+pub type BackendError = Box<dyn std::error::Error + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("database {path}: {source}")]
-    Open {
-        path: PathBuf,
-        source: rusqlite::Error,
-    },
+    /// The database cannot be opened (`what` names it: a path or a URL
+    /// without its password).
+    #[error("database {what}: {source}")]
+    Open { what: String, source: BackendError },
     #[error(
-        "database {path} has schema version {found}, newer than this logbook-hub understands ({known}); upgrade logbook-hub"
+        "database {what} has schema version {found}, newer than this logbook-hub understands ({known}); upgrade logbook-hub"
     )]
     NewerSchema {
-        path: PathBuf,
+        what: String,
         found: i64,
         known: i64,
     },
@@ -34,7 +39,198 @@ pub enum StoreError {
     #[error("{0}")]
     Conflict(String),
     #[error("database: {0}")]
-    Sql(#[from] rusqlite::Error),
+    Backend(BackendError),
+}
+
+/// The hub's storage, as the route handlers see it. Methods are grouped
+/// by domain as the SQLite backend's files are: tokens, ingest, sessions
+/// and devices, logs, artifacts, uploads.
+///
+/// What a backend on several replicas needs is in the answers, not in
+/// process memory: [`Store::ingest`] returns the records it newly stored
+/// (the live fan-out of this process), and [`Store::logs_after`] reads
+/// everything committed after a hub row id, so a replica that did not
+/// ingest a record can still stream it.
+#[async_trait::async_trait]
+pub trait Store: Send + Sync {
+    // ----- tokens -----
+
+    /// Stores the hash of a new token.
+    async fn create_token(&self, hash: &str, principal: &Principal) -> Result<(), StoreError>;
+
+    /// Whom the token with this hash belongs to.
+    async fn find_token(&self, hash: &str) -> Result<Option<Principal>, StoreError>;
+
+    // ----- ingest -----
+
+    /// Stores one batch in one transaction. `want_live` asks for copies of
+    /// the newly stored records (only worth it when someone streams).
+    async fn ingest(
+        &self,
+        scope: &DeviceScope,
+        batch: Arc<Batch>,
+        want_live: bool,
+    ) -> Result<Ingested, StoreError>;
+
+    /// The (session, device) row ids of a device's session, the session
+    /// made as an active placeholder if its state has not arrived yet
+    /// (uploads may race the batch that opens it). `None` when the session
+    /// was deleted.
+    async fn session_for_device(
+        &self,
+        scope: &DeviceScope,
+        id: uuid::Uuid,
+    ) -> Result<Option<(i64, i64)>, StoreError>;
+
+    // ----- sessions and devices -----
+
+    /// The session's row id, if it exists in this org and project.
+    async fn find_session(
+        &self,
+        org: &str,
+        project: &str,
+        id: &str,
+    ) -> Result<Option<i64>, StoreError>;
+
+    /// One session with its tags and gaps.
+    async fn get_session(
+        &self,
+        org: &str,
+        project: &str,
+        id: &str,
+    ) -> Result<Option<SessionRow>, StoreError>;
+
+    /// A page of a project's sessions (tags filled, gaps not).
+    async fn list_sessions(
+        &self,
+        org: &str,
+        project: &str,
+        q: &SessionQuery,
+    ) -> Result<SessionPage, StoreError>;
+
+    /// Deletes a session with its logs, tags, gaps, artifacts and uploads,
+    /// and remembers it so a late batch does not bring it back; returns
+    /// the blobs and upload parts to remove, or `None` if there was no
+    /// such session.
+    async fn delete_session(
+        &self,
+        org: &str,
+        project: &str,
+        id: &str,
+    ) -> Result<Option<Deleted>, StoreError>;
+
+    /// Adds an operator tag; false if the session does not exist.
+    async fn add_tag(
+        &self,
+        org: &str,
+        project: &str,
+        id: &str,
+        tag: &str,
+    ) -> Result<bool, StoreError>;
+
+    /// Removes a tag whoever set it; `None` if the session does not exist,
+    /// else whether the tag was there.
+    async fn remove_tag(
+        &self,
+        org: &str,
+        project: &str,
+        id: &str,
+        tag: &str,
+    ) -> Result<Option<bool>, StoreError>;
+
+    /// A session's status (`active`, `completed`, ...), by row id.
+    async fn session_status(&self, pk: i64) -> Result<Option<String>, StoreError>;
+
+    async fn list_devices(&self, org: &str, project: &str) -> Result<Vec<DeviceRow>, StoreError>;
+
+    async fn find_device(
+        &self,
+        org: &str,
+        project: &str,
+        device_id: &str,
+    ) -> Result<Option<DeviceRow>, StoreError>;
+
+    // ----- logs -----
+
+    /// A page of `scope`'s records matching `q`, by seq.
+    async fn logs(&self, scope: LogScope, q: &LogQuery) -> Result<LogPage, StoreError>;
+
+    /// The newest `q.limit` records of `scope` as [`Store::logs`] gives
+    /// them, and an id every record of that same snapshot is at or below
+    /// (`None` when there is none): a live stream's starting point.
+    async fn logs_tail(
+        &self,
+        scope: LogScope,
+        q: &LogQuery,
+    ) -> Result<(LogPage, Option<i64>), StoreError>;
+
+    /// Up to `limit` records of `scope` committed after hub row id `after`
+    /// (see [`LogRow::id`]) and matching `q` (its limit, order and cursor
+    /// aside), in commit order, and the id the next call should start
+    /// after: the last one read, or, when fewer than `limit` came back, the
+    /// last id of the same snapshot (so records that did not match are not
+    /// read again).
+    async fn logs_after(
+        &self,
+        scope: LogScope,
+        after: i64,
+        q: &LogQuery,
+        limit: u64,
+    ) -> Result<(Vec<LogRow>, i64), StoreError>;
+
+    // ----- artifacts -----
+
+    /// A session's artifacts, by path.
+    async fn list_artifacts(&self, session_pk: i64) -> Result<Vec<ArtifactRow>, StoreError>;
+
+    async fn get_artifact(
+        &self,
+        session_pk: i64,
+        path: &str,
+    ) -> Result<Option<ArtifactRow>, StoreError>;
+
+    /// Records a completed upload as the session's artifact at its path,
+    /// stored as `blob`, replacing (and returning the blob of) any earlier
+    /// one, and forgets the upload.
+    async fn complete_upload(
+        &self,
+        upload: &UploadRow,
+        blob: &str,
+    ) -> Result<Option<String>, StoreError>;
+
+    // ----- uploads -----
+
+    async fn create_upload(&self, upload: &UploadRow) -> Result<(), StoreError>;
+
+    async fn get_upload(&self, id: &str) -> Result<Option<UploadRow>, StoreError>;
+
+    /// An unfinished upload of this device for the same file version, so
+    /// a retried creation (its answer lost on the way) resumes that upload
+    /// instead of leaving an orphan behind.
+    async fn find_unfinished_upload(
+        &self,
+        device_pk: i64,
+        session_pk: i64,
+        path: &str,
+        sha256: &str,
+        length: u64,
+    ) -> Result<Option<UploadRow>, StoreError>;
+
+    /// How many uploads a device has started and not finished.
+    async fn unfinished_uploads(&self, device_pk: i64) -> Result<u64, StoreError>;
+
+    /// Up to `limit` unfinished uploads created before `before_ns`, oldest
+    /// first and after `(created_at_ns, id)` cursor `after` when given: the
+    /// candidates for expiry, a page at a time.
+    async fn uploads_created_before(
+        &self,
+        before_ns: i64,
+        after: Option<(i64, &str)>,
+        limit: u32,
+    ) -> Result<Vec<UploadRow>, StoreError>;
+
+    /// Forgets an upload; false if there was none.
+    async fn delete_upload(&self, id: &str) -> Result<bool, StoreError>;
 }
 
 /// What a token allows.
@@ -254,3 +450,6 @@ pub struct Deleted {
     pub blobs: Vec<String>,
     pub uploads: Vec<String>,
 }
+
+#[cfg(test)]
+mod tests;

@@ -4,10 +4,10 @@
 use rusqlite::{params, OptionalExtension};
 
 use super::rows::artifact_row;
-use super::{now_ns, Store};
+use super::{now_ns, Db};
 use crate::hub::store::{ArtifactRow, StoreError, UploadRow};
 
-impl Store {
+impl Db {
     pub fn list_artifacts(&self, session_pk: i64) -> Result<Vec<ArtifactRow>, StoreError> {
         self.read(|c| {
             let mut st = c.prepare_cached(

@@ -6,11 +6,11 @@ use std::collections::HashMap;
 
 use rusqlite::{params, OptionalExtension, Transaction};
 
-use super::{now_ns, Store};
+use super::{now_ns, Db};
 use crate::hub::store::{DeviceScope, Ingested, LogRow, StoreError};
 use crate::wire::{Batch, BatchAck, SessionState};
 
-impl Store {
+impl Db {
     /// Stores one batch in one transaction. `want_live` asks for copies of
     /// the newly stored records (only worth it when someone streams).
     pub fn ingest(

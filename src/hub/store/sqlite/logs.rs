@@ -6,7 +6,7 @@ use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension};
 
 use super::rows::{log_row, Where, LOG_COLUMNS};
-use super::Store;
+use super::Db;
 use crate::hub::store::{LogPage, LogQuery, LogRow, LogScope, StoreError};
 
 /// Turns a user's search text into an FTS5 query: every word must occur as
@@ -28,12 +28,12 @@ pub(super) fn fts_query(search: &str) -> Option<String> {
     }
 }
 
-impl Store {
+impl Db {
     pub fn logs(&self, scope: LogScope, q: &LogQuery) -> Result<LogPage, StoreError> {
         self.read(|c| logs_page(c, scope, q))
     }
 
-    /// The newest `q.limit` records of `scope` as [`Store::logs`] gives
+    /// The newest `q.limit` records of `scope` as [`Db::logs`] gives
     /// them, and an id every record of that same snapshot is at or below
     /// (`None` when there is none): a live stream's starting point.
     pub fn logs_tail(

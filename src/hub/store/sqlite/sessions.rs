@@ -5,13 +5,13 @@
 use rusqlite::{params, OptionalExtension};
 
 use super::rows::{device_row, session_pk, session_row, tags_of, Where, SESSION_COLUMNS};
-use super::{level_of, Store};
+use super::{level_of, Db};
 use crate::hub::store::{
     Deleted, DeviceRow, GapRow, SessionCursor, SessionPage, SessionQuery, SessionRow, SessionSort,
     StoreError,
 };
 
-impl Store {
+impl Db {
     /// The session's row id, if it exists in this org and project.
     pub fn find_session(
         &self,

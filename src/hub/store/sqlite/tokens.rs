@@ -3,10 +3,10 @@
 
 use rusqlite::{params, OptionalExtension};
 
-use super::{now_ns, Store};
+use super::{now_ns, Db};
 use crate::hub::store::{Principal, StoreError, TokenKind};
 
-impl Store {
+impl Db {
     /// Stores the hash of a new token.
     pub fn create_token(&self, hash: &str, principal: &Principal) -> Result<(), StoreError> {
         self.write(|tx| {

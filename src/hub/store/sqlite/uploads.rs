@@ -4,10 +4,10 @@
 use rusqlite::{params, OptionalExtension};
 
 use super::rows::{upload_row, UPLOAD_COLUMNS};
-use super::Store;
+use super::Db;
 use crate::hub::store::{StoreError, UploadRow};
 
-impl Store {
+impl Db {
     pub fn create_upload(&self, upload: &UploadRow) -> Result<(), StoreError> {
         self.write(|tx| {
             tx.execute(

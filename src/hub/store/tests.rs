@@ -1,0 +1,696 @@
+//! The store's test suite, written against the [`Store`] trait and run
+//! against every backend (`per_backend!` below): idempotent ingest,
+//! session revisions, gaps, search, deletion, keyset pagination and the
+//! live stream's reads. What only one backend has (its migrations, its
+//! indexes) is tested beside it.
+
+use std::sync::Arc;
+
+use super::*;
+use crate::wire::{Device, Gap, Package, Record, SessionState, BATCH_VERSION};
+use uuid::Uuid;
+
+/// Each test of the suite as a `#[tokio::test]` per backend, on a fresh
+/// store. A second backend adds a module here.
+macro_rules! per_backend {
+    ($($test:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    let dir = tempfile::tempdir().unwrap();
+                    let store = crate::hub::store::SqliteStore::open(&dir.path().join("hub.db"))
+                        .unwrap();
+                    super::$test(&store).await;
+                }
+            )*
+        }
+    };
+}
+
+per_backend!(
+    ingest_is_idempotent_per_device_and_seq,
+    newest_revision_wins_and_gaps_keep_the_maximum,
+    filters_search_and_cursors,
+    delete_removes_everything_and_stays_deleted,
+    session_list_filters_sorts_and_pages,
+    logs_after_an_id_page_through_one_session_in_commit_order,
+);
+
+pub(super) fn scope(device: &str) -> DeviceScope {
+    DeviceScope {
+        org: "acme".into(),
+        project: "warehouse".into(),
+        device_id: device.into(),
+    }
+}
+
+pub(super) fn sid(n: u128) -> Uuid {
+    Uuid::from_u128(0x0193_0000_0000_7000_8000_0000_0000_0000 + n)
+}
+
+pub(super) fn rec(
+    seq: u64,
+    session: Option<Uuid>,
+    level: Level,
+    module: &str,
+    message: &str,
+) -> Record {
+    Record {
+        seq,
+        session_id: session,
+        timestamp_ns: 1_000 + seq as i64,
+        level,
+        module: module.into(),
+        message: message.into(),
+        metadata: String::new(),
+        pid: Some(1),
+        uid: Some(2),
+        gid: Some(3),
+        process: Some("proc".into()),
+    }
+}
+
+pub(super) fn state(id: Uuid, revision: u64, status: SessionStatus, tags: &[&str]) -> SessionState {
+    SessionState {
+        id,
+        revision,
+        status,
+        started_at_ns: 1_000,
+        ended_at_ns: (status != SessionStatus::Active).then_some(9_000),
+        duration_ns: Some(8_000),
+        tags: tags.iter().map(|t| t.to_string()).collect(),
+        package: Some(Package {
+            name: "perception".into(),
+            version: Some("2.1.0".into()),
+        }),
+        metadata: serde_json::json!({"site": "berlin"})
+            .as_object()
+            .unwrap()
+            .clone(),
+        error: None,
+    }
+}
+
+pub(super) fn batch(
+    device: &str,
+    sessions: Vec<SessionState>,
+    records: Vec<Record>,
+    gaps: Vec<Gap>,
+) -> Arc<Batch> {
+    Arc::new(Batch {
+        version: BATCH_VERSION,
+        device: Device {
+            id: device.into(),
+            name: format!("{device}-name"),
+        },
+        sent_at_ns: 0,
+        sessions,
+        records,
+        gaps,
+    })
+}
+
+async fn all_logs(store: &dyn Store, pk: i64, q: LogQuery) -> Vec<u64> {
+    store
+        .logs(LogScope::Session(pk), &LogQuery { limit: 500, ..q })
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|r| r.seq)
+        .collect()
+}
+
+async fn ingest_is_idempotent_per_device_and_seq(store: &dyn Store) {
+    let s = sid(1);
+    let recs: Vec<Record> = (1..=10)
+        .map(|i| rec(i, Some(s), Level::Info, "nav", "moving"))
+        .collect();
+    let first = store
+        .ingest(
+            &scope("r1"),
+            batch(
+                "r1",
+                vec![state(s, 1, SessionStatus::Active, &[])],
+                recs[..6].to_vec(),
+                vec![],
+            ),
+            false,
+        )
+        .await
+        .unwrap();
+    assert_eq!((first.ack.stored, first.ack.duplicates), (6, 0));
+    // Overlap: 4..=10 again; 4, 5, 6 are duplicates.
+    let second = store
+        .ingest(
+            &scope("r1"),
+            batch("r1", vec![], recs[3..].to_vec(), vec![]),
+            true,
+        )
+        .await
+        .unwrap();
+    assert_eq!((second.ack.stored, second.ack.duplicates), (4, 3));
+    assert_eq!(second.ack.acked, vec![(4, 10)]);
+    assert_eq!(second.live.len(), 4);
+    let pk = store
+        .find_session("acme", "warehouse", &s.to_string())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        all_logs(store, pk, LogQuery::default()).await,
+        (1..=10).rev().collect::<Vec<_>>()
+    );
+    let row = store
+        .get_session("acme", "warehouse", &s.to_string())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.level_counts[Level::Info.code() as usize], 10);
+    // Another device may use the same seqs.
+    let other = store
+        .ingest(
+            &scope("r2"),
+            batch(
+                "r2",
+                vec![],
+                recs[..2]
+                    .iter()
+                    .map(|r| Record {
+                        session_id: None,
+                        ..r.clone()
+                    })
+                    .collect(),
+                vec![],
+            ),
+            false,
+        )
+        .await
+        .unwrap();
+    assert_eq!(other.ack.stored, 2);
+}
+
+async fn newest_revision_wins_and_gaps_keep_the_maximum(store: &dyn Store) {
+    let s = sid(2);
+    let gap = |n| Gap {
+        session_id: Some(s),
+        level: Level::Debug,
+        reason: "evicted".into(),
+        dropped: n,
+    };
+    store
+        .ingest(
+            &scope("r1"),
+            batch(
+                "r1",
+                vec![state(s, 2, SessionStatus::Active, &["a"])],
+                vec![],
+                vec![gap(10)],
+            ),
+            false,
+        )
+        .await
+        .unwrap();
+    store
+        .ingest(
+            &scope("r1"),
+            batch(
+                "r1",
+                vec![state(s, 3, SessionStatus::Completed, &["b"])],
+                vec![],
+                vec![gap(4312)],
+            ),
+            false,
+        )
+        .await
+        .unwrap();
+    // An older state and a smaller (stale) counter change nothing.
+    let stale = store
+        .ingest(
+            &scope("r1"),
+            batch(
+                "r1",
+                vec![state(s, 1, SessionStatus::Active, &["c"])],
+                vec![],
+                vec![gap(7)],
+            ),
+            false,
+        )
+        .await
+        .unwrap();
+    assert_eq!(stale.ack.sessions, 0);
+    let row = store
+        .get_session("acme", "warehouse", &s.to_string())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.status, "completed");
+    assert_eq!(row.tags, vec!["b"]);
+    assert_eq!(
+        row.gaps,
+        vec![GapRow {
+            level: Level::Debug,
+            reason: "evicted".into(),
+            dropped: 4312
+        }]
+    );
+    // Another device cannot write into this session.
+    let err = store
+        .ingest(
+            &scope("r2"),
+            batch(
+                "r2",
+                vec![state(s, 9, SessionStatus::Failed, &[])],
+                vec![],
+                vec![],
+            ),
+            false,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err}");
+}
+
+async fn filters_search_and_cursors(store: &dyn Store) {
+    let s = sid(3);
+    let recs = vec![
+        rec(1, Some(s), Level::Debug, "nav", "planning route"),
+        rec(
+            2,
+            Some(s),
+            Level::Error,
+            "perception",
+            "Detected 5 obstacles",
+        ),
+        rec(3, Some(s), Level::Warn, "perception", "lidar timeout"),
+        rec(
+            4,
+            Some(s),
+            Level::Fatal,
+            "nav.planner",
+            "obstacle too close",
+        ),
+        rec(5, Some(s), Level::Info, "perception", "detected nothing"),
+    ];
+    store
+        .ingest(&scope("r1"), batch("r1", vec![], recs, vec![]), false)
+        .await
+        .unwrap();
+    let pk = store
+        .find_session("acme", "warehouse", &s.to_string())
+        .await
+        .unwrap()
+        .unwrap();
+    let check = async |q: LogQuery, want: &[u64]| assert_eq!(all_logs(store, pk, q).await, want);
+    check(
+        LogQuery {
+            min_level: Some(Level::Warn),
+            ..Default::default()
+        },
+        &[4, 3, 2],
+    )
+    .await;
+    check(
+        LogQuery {
+            module: Some("perception".into()),
+            ..Default::default()
+        },
+        &[5, 3, 2],
+    )
+    .await;
+    check(
+        LogQuery {
+            module: Some("nav*".into()),
+            ..Default::default()
+        },
+        &[4, 1],
+    )
+    .await;
+    // Whole words: "obstacle" is not "obstacles".
+    check(
+        LogQuery {
+            search: Some("obstacle".into()),
+            ..Default::default()
+        },
+        &[4],
+    )
+    .await;
+    check(
+        LogQuery {
+            search: Some("obstacles".into()),
+            ..Default::default()
+        },
+        &[2],
+    )
+    .await;
+    check(
+        LogQuery {
+            search: Some("DETECTED 5".into()),
+            ..Default::default()
+        },
+        &[2],
+    )
+    .await;
+    check(
+        LogQuery {
+            search: Some("\"); DROP".into()),
+            ..Default::default()
+        },
+        &[],
+    )
+    .await;
+    check(
+        LogQuery {
+            since_ns: Some(1_002),
+            until_ns: Some(1_004),
+            ..Default::default()
+        },
+        &[3, 2],
+    )
+    .await;
+    check(
+        LogQuery {
+            ascending: true,
+            cursor: Some(3),
+            ..Default::default()
+        },
+        &[4, 5],
+    )
+    .await;
+    check(
+        LogQuery {
+            cursor: Some(3),
+            ..Default::default()
+        },
+        &[2, 1],
+    )
+    .await;
+    let page = store
+        .logs(
+            LogScope::Session(pk),
+            &LogQuery {
+                limit: 2,
+                want_total: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!((page.total, page.next_cursor), (Some(5), Some(4)));
+}
+
+async fn delete_removes_everything_and_stays_deleted(store: &dyn Store) {
+    let s = sid(4);
+    store
+        .ingest(
+            &scope("r1"),
+            batch(
+                "r1",
+                vec![state(s, 1, SessionStatus::Active, &[])],
+                vec![rec(1, Some(s), Level::Info, "m", "gone soon")],
+                vec![],
+            ),
+            false,
+        )
+        .await
+        .unwrap();
+    assert!(store
+        .add_tag("acme", "warehouse", &s.to_string(), "keep")
+        .await
+        .unwrap());
+    let pk = store
+        .find_session("acme", "warehouse", &s.to_string())
+        .await
+        .unwrap()
+        .unwrap();
+    let deleted = store
+        .delete_session("acme", "warehouse", &s.to_string())
+        .await
+        .unwrap();
+    assert!(deleted.is_some());
+    assert!(store
+        .get_session("acme", "warehouse", &s.to_string())
+        .await
+        .unwrap()
+        .is_none());
+    // A late retry is acknowledged but does not bring it back.
+    let late = store
+        .ingest(
+            &scope("r1"),
+            batch(
+                "r1",
+                vec![state(s, 2, SessionStatus::Completed, &[])],
+                vec![rec(2, Some(s), Level::Info, "m", "late")],
+                vec![],
+            ),
+            false,
+        )
+        .await
+        .unwrap();
+    assert_eq!(late.ack.acked, vec![(2, 2)]);
+    assert!(store
+        .get_session("acme", "warehouse", &s.to_string())
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(all_logs(store, pk, LogQuery::default()).await, [0u64; 0]);
+    let (rows, _) = store
+        .logs_after(LogScope::Session(pk), 0, &LogQuery::default(), 10)
+        .await
+        .unwrap();
+    assert!(rows.is_empty());
+}
+
+async fn session_list_filters_sorts_and_pages(store: &dyn Store) {
+    for i in 0..7u128 {
+        let mut st = state(
+            sid(10 + i),
+            1,
+            if i % 2 == 0 {
+                SessionStatus::Completed
+            } else {
+                SessionStatus::Active
+            },
+            if i < 3 { &["prod"] } else { &[] },
+        );
+        st.started_at_ns = 1_000 * i as i64;
+        st.duration_ns = Some(100 * (7 - i as i64));
+        let recs = if i == 5 {
+            vec![rec(1, Some(sid(10 + i)), Level::Error, "m", "boom")]
+        } else {
+            vec![]
+        };
+        store
+            .ingest(&scope("r1"), batch("r1", vec![st], recs, vec![]), false)
+            .await
+            .unwrap();
+    }
+    let list = async |q: SessionQuery| {
+        let p = store
+            .list_sessions(
+                "acme",
+                "warehouse",
+                &SessionQuery {
+                    limit: if q.limit == 0 { 100 } else { q.limit },
+                    ..q
+                },
+            )
+            .await
+            .unwrap();
+        (
+            p.total,
+            p.items
+                .iter()
+                .map(|s| s.started_at_ns / 1_000)
+                .collect::<Vec<_>>(),
+            p.next_cursor,
+        )
+    };
+    assert_eq!(
+        list(SessionQuery {
+            descending: true,
+            ..Default::default()
+        })
+        .await
+        .1,
+        vec![6, 5, 4, 3, 2, 1, 0]
+    );
+    assert_eq!(
+        list(SessionQuery {
+            status: Some("completed".into()),
+            descending: true,
+            ..Default::default()
+        })
+        .await
+        .1,
+        vec![6, 4, 2, 0]
+    );
+    assert_eq!(
+        list(SessionQuery {
+            tags: vec!["prod".into()],
+            ..Default::default()
+        })
+        .await
+        .1,
+        vec![0, 1, 2]
+    );
+    assert_eq!(
+        list(SessionQuery {
+            has_errors: Some(true),
+            ..Default::default()
+        })
+        .await
+        .1,
+        vec![5]
+    );
+    assert_eq!(
+        list(SessionQuery {
+            sort: SessionSort::Duration,
+            ..Default::default()
+        })
+        .await
+        .1,
+        vec![6, 5, 4, 3, 2, 1, 0]
+    );
+    assert_eq!(
+        list(SessionQuery {
+            metadata: vec![("site".into(), "berlin".into())],
+            ..Default::default()
+        })
+        .await
+        .0,
+        7
+    );
+    assert_eq!(
+        list(SessionQuery {
+            metadata: vec![("site".into(), "paris".into())],
+            ..Default::default()
+        })
+        .await
+        .0,
+        0
+    );
+    assert_eq!(
+        list(SessionQuery {
+            package_name: Some("perception".into()),
+            package_version: Some("2.1.0".into()),
+            ..Default::default()
+        })
+        .await
+        .0,
+        7
+    );
+    // Keyset pages cover everything once.
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    loop {
+        let (total, items, next) = list(SessionQuery {
+            descending: true,
+            limit: 3,
+            cursor,
+            ..Default::default()
+        })
+        .await;
+        assert_eq!(total, 7);
+        seen.extend(items);
+        match next {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    assert_eq!(seen, vec![6, 5, 4, 3, 2, 1, 0]);
+    let (_, items, _) = list(SessionQuery {
+        descending: true,
+        limit: 3,
+        offset: 3,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(items, vec![3, 2, 1]);
+}
+
+async fn logs_after_an_id_page_through_one_session_in_commit_order(store: &dyn Store) {
+    let (a, b) = (sid(7), sid(8));
+    // Two robots' sessions interleaved, and session a's errors arriving
+    // before its older records (as after an outage).
+    let post = async |device: &str, s: Uuid, seqs: &[u64], level: Level| {
+        let recs = seqs
+            .iter()
+            .map(|&i| rec(i, Some(s), level, "nav", &format!("{device} {i}")))
+            .collect();
+        let states = vec![state(s, 1, SessionStatus::Active, &[])];
+        store
+            .ingest(&scope(device), batch(device, states, recs, vec![]), false)
+            .await
+            .unwrap();
+    };
+    post("r1", a, &[1, 2], Level::Info).await;
+    post("r2", b, &[1, 2, 3], Level::Info).await;
+    post("r1", a, &[9, 10], Level::Error).await;
+    post("r2", b, &[4], Level::Info).await;
+    post("r1", a, &[3, 4, 5], Level::Info).await;
+    let pk = async |s: Uuid| {
+        store
+            .find_session("acme", "warehouse", &s.to_string())
+            .await
+            .unwrap()
+            .unwrap()
+    };
+    let pa = pk(a).await;
+    let read_all = async |q: &LogQuery, page: u64| {
+        let (mut after, mut seqs, mut pages) = (0, Vec::new(), 0);
+        loop {
+            let (rows, next) = store
+                .logs_after(LogScope::Session(pa), after, q, page)
+                .await
+                .unwrap();
+            assert!(rows
+                .iter()
+                .all(|r| r.id > after && r.session_pk == Some(pa)));
+            assert!(next >= after);
+            seqs.extend(rows.iter().map(|r| r.seq));
+            pages += 1;
+            let short = (rows.len() as u64) < page;
+            after = next;
+            if short {
+                return (seqs, after, pages);
+            }
+        }
+    };
+    let (seqs, last, pages) = read_all(&LogQuery::default(), 2).await;
+    assert_eq!(seqs, [1, 2, 9, 10, 3, 4, 5], "commit order, not seq order");
+    assert_eq!(pages, 4);
+    // Caught up: nothing after the last id, and it stays there.
+    assert_eq!(
+        store
+            .logs_after(LogScope::Session(pa), last, &LogQuery::default(), 2)
+            .await
+            .unwrap(),
+        (vec![], last)
+    );
+
+    // A filter that matches few rows still ends past every row of the
+    // session, so the next call does not read them again.
+    let errors = LogQuery {
+        min_level: Some(Level::Error),
+        ..Default::default()
+    };
+    let (seqs, after_errors, _) = read_all(&errors, 500).await;
+    assert_eq!(seqs, [9, 10]);
+    assert_eq!(after_errors, last);
+
+    // The tail comes with the session's last id of the same snapshot.
+    let (page, last_id) = store
+        .logs_tail(
+            LogScope::Session(pk(b).await),
+            &LogQuery {
+                limit: 2,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(page.items.iter().map(|r| r.seq).collect::<Vec<_>>(), [4, 3]);
+    assert_eq!(last_id, Some(page.items[0].id));
+}
