@@ -139,12 +139,18 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), HubError> {
     let data_dir = config.data_dir.clone();
-    let blobs = Arc::new(blobs::DirBlobs::open(&data_dir).map_err(data_dir_err(&data_dir))?);
-    let store = {
-        let data_dir = data_dir.clone();
-        tokio::task::spawn_blocking(move || open_store(&data_dir))
-            .await
-            .map_err(|e| HubError::Serve(std::io::Error::other(e)))??
+    let blobs: Arc<dyn blobs::Blobs> = match config.blobs {
+        config::BlobStorage::DirInDataDir => {
+            Arc::new(blobs::DirBlobs::open(&data_dir).map_err(data_dir_err(&data_dir))?)
+        }
+    };
+    let store = match config.database {
+        config::Database::SqliteInDataDir => {
+            let data_dir = data_dir.clone();
+            tokio::task::spawn_blocking(move || open_store(&data_dir))
+                .await
+                .map_err(|e| HubError::Serve(std::io::Error::other(e)))??
+        }
     };
     let hub = Hub::new(config, store, blobs);
     let cancel = hub.shutdown.clone();
