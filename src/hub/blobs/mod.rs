@@ -1,6 +1,6 @@
 //! The blob seam: the [`Blobs`] trait every artifact byte goes through,
 //! finished artifacts (named by the hub) and tus upload parts (named by
-//! their upload id), and its backends. Today one, [`dir`] ([`DirBlobs`]):
+//! their upload id), and its backends. Today one, `dir` ([`DirBlobs`]):
 //! files under the data directory. An S3-compatible backend
 //! (`object_store`) would be a second implementation: nothing here hands
 //! out a file, a path or a whole object in memory, only streams, ranges

@@ -1,6 +1,6 @@
 //! The hub's storage seam: the [`Store`] trait the route handlers call,
 //! the rows, filters and cursors every backend shares, and the backends.
-//! Today one, [`sqlite`] ([`SqliteStore`]); a PostgreSQL backend would be a
+//! Today one, `sqlite` ([`SqliteStore`]); a PostgreSQL backend would be a
 //! second implementation of the same trait, with its own migrations.
 //!
 //! Invariant: only the backends run SQL; [`Store`] speaks of sessions,
