@@ -3,7 +3,7 @@
 //! `/api/v1/ingest/uploads[/{id}]`. A finished upload is checked against
 //! the whole file's SHA-256 from `Upload-Metadata` and becomes the
 //! session's artifact at its path. An unfinished upload with no write for
-//! `uploads.expire_after` is deleted (its part file too): by
+//! `uploads.expire_after` is deleted (its part too): by
 //! [`sweep_expired`], which the hub runs periodically, or when it is next
 //! asked for (410 Gone); a device that comes back then creates it again.
 //!
@@ -268,7 +268,7 @@ async fn create(hub: &Arc<Hub>, scope: DeviceScope, h: &HeaderMap) -> Result<Res
 }
 
 /// When upload `up` expires: `uploads.expire_after` past its last write
-/// (its part file's modification time) or its creation, the later.
+/// (its part's last write) or its creation, the later.
 async fn expires_at(hub: &Hub, up: &UploadRow) -> SystemTime {
     let created = SystemTime::UNIX_EPOCH + Duration::from_nanos(up.created_at_ns.max(0) as u64);
     let written = hub.blobs.part(&up.id).await.ok().map(|p| p.modified);
@@ -298,7 +298,7 @@ async fn complete(hub: &Hub, up: &UploadRow) -> bool {
     hub.blobs.part(&up.id).await.ok().map(|p| p.len) == Some(up.length)
 }
 
-/// Deletes upload `up` (row and part file) if it has expired, no PATCH is
+/// Deletes upload `up` (row and part) if it has expired, no PATCH is
 /// writing to it and it is not complete (a complete one is finished, by
 /// the next HEAD or the sweeper); returns whether it did.
 async fn expire_if_due(hub: &Arc<Hub>, up: &UploadRow) -> Result<bool, ApiError> {
