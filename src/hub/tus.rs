@@ -267,8 +267,8 @@ async fn create(hub: &Arc<Hub>, scope: DeviceScope, h: &HeaderMap) -> Result<Res
     Ok(with_expiry(hub, &upload, created(&id, 0)).await)
 }
 
-/// When upload `up` expires: `uploads.expire_after` past its last write
-/// (its part's last write) or its creation, the later.
+/// When upload `up` expires: `uploads.expire_after` past its part's last
+/// write or its creation, the later.
 async fn expires_at(hub: &Hub, up: &UploadRow) -> SystemTime {
     let created = SystemTime::UNIX_EPOCH + Duration::from_nanos(up.created_at_ns.max(0) as u64);
     let written = hub.blobs.part(&up.id).await.ok().map(|p| p.modified);
