@@ -678,7 +678,10 @@ mod tests {
         sorted.sort();
         let mut want = keys.clone();
         want.sort();
-        assert_eq!(sorted, want, "packaging/agent.toml must show every key once");
+        assert_eq!(
+            sorted, want,
+            "packaging/agent.toml must show every key once"
+        );
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agent.toml");
         std::fs::write(&path, uncommented).unwrap();

@@ -298,8 +298,8 @@ pub async fn device_pk(
     project: &str,
     device_id: &str,
 ) -> Result<i64, ApiError> {
-    let (o, p, d) = (org.to_owned(), project.to_owned(), device_id.to_owned());
-    hub.db(move |s| s.find_device(&o, &p, &d))
+    hub.store
+        .find_device(org, project, device_id)
         .await?
         .map(|d| d.pk)
         .ok_or_else(|| ApiError::not_found(format!("no device {device_id}")))
@@ -312,8 +312,8 @@ pub async fn session_pk(
     project: &str,
     id: &str,
 ) -> Result<i64, ApiError> {
-    let (o, p, i) = (org.to_owned(), project.to_owned(), id.to_owned());
-    hub.db(move |s| s.find_session(&o, &p, &i))
+    hub.store
+        .find_session(org, project, id)
         .await?
         .ok_or_else(|| no_session(id))
 }
@@ -325,8 +325,8 @@ async fn session_row(
     project: &str,
     id: &str,
 ) -> Result<SessionRow, ApiError> {
-    let (o, p, i) = (org.to_owned(), project.to_owned(), id.to_owned());
-    hub.db(move |s| s.get_session(&o, &p, &i))
+    hub.store
+        .get_session(org, project, id)
         .await?
         .ok_or_else(|| no_session(id))
 }
@@ -530,7 +530,7 @@ pub async fn list_sessions(
     let page_no = q.offset / q.limit + 1;
     let limit = q.limit;
     let has_cursor = q.cursor.is_some();
-    let page = hub.db(move |s| s.list_sessions(&org, &project, &q)).await?;
+    let page = hub.store.list_sessions(&org, &project, &q).await?;
     let items: Vec<Session> = page
         .items
         .into_iter()
@@ -562,28 +562,24 @@ pub async fn delete_session(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     auth::operator(&hub, &headers, None, &org).await?;
-    let shown = id.clone();
     let deleted = hub
-        .db(move |s| s.delete_session(&org, &project, &id))
+        .store
+        .delete_session(&org, &project, &id)
         .await?
-        .ok_or_else(|| no_session(&shown))?;
+        .ok_or_else(|| no_session(&id))?;
     // The rows are gone; the files follow. A file that cannot be removed
     // is logged, not an error: nothing refers to it any more.
-    let h = hub.clone();
-    tokio::task::spawn_blocking(move || {
-        let removed = deleted
-            .blobs
-            .iter()
-            .map(|b| (b, h.blobs.remove(b)))
-            .chain(deleted.uploads.iter().map(|u| (u, h.blobs.remove_part(u))));
-        for (name, result) in removed {
-            if let Err(e) = result {
-                tracing::warn!(file = %name, error = %e, "cannot remove deleted session's file");
-            }
+    for blob in &deleted.blobs {
+        if let Err(e) = hub.blobs.remove(blob).await {
+            tracing::warn!(blob = %blob, error = %e, "cannot remove deleted session's file");
         }
-    })
-    .await?;
-    tracing::info!(session = %shown, "session deleted");
+    }
+    for upload in &deleted.uploads {
+        if let Err(e) = hub.blobs.remove_part(upload).await {
+            tracing::warn!(upload = %upload, error = %e, "cannot remove deleted session's file");
+        }
+    }
+    tracing::info!(session = %id, "session deleted");
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -606,8 +602,7 @@ pub async fn add_tag(
             "tag: must be 1 to 128 bytes without control characters",
         ));
     }
-    let (o, p, i) = (org.clone(), project.clone(), id.clone());
-    if !hub.db(move |s| s.add_tag(&o, &p, &i, &tag)).await? {
+    if !hub.store.add_tag(&org, &project, &id, &tag).await? {
         return Err(no_session(&id));
     }
     let row = session_row(&hub, &org, &project, &id).await?;
@@ -620,14 +615,10 @@ pub async fn remove_tag(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     auth::operator(&hub, &headers, None, &org).await?;
-    let (shown, shown_tag) = (id.clone(), tag.clone());
-    match hub
-        .db(move |s| s.remove_tag(&org, &project, &id, &tag))
-        .await?
-    {
-        None => Err(no_session(&shown)),
+    match hub.store.remove_tag(&org, &project, &id, &tag).await? {
+        None => Err(no_session(&id)),
         Some(false) => Err(ApiError::not_found(format!(
-            "session {shown} has no tag {shown_tag:?}"
+            "session {id} has no tag {tag:?}"
         ))),
         Some(true) => Ok(StatusCode::NO_CONTENT.into_response()),
     }
@@ -642,7 +633,7 @@ pub async fn session_logs(
     auth::operator(&hub, &headers, None, &org).await?;
     let q = log_query(&p)?;
     let pk = session_pk(&hub, &org, &project, &id).await?;
-    let page = hub.db(move |s| s.logs(LogScope::Session(pk), &q)).await?;
+    let page = hub.store.logs(LogScope::Session(pk), &q).await?;
     Ok(logs_response(page))
 }
 
@@ -655,9 +646,7 @@ pub async fn device_logs(
     auth::operator(&hub, &headers, None, &org).await?;
     let q = log_query(&p)?;
     let device = device_pk(&hub, &org, &project, &device_id).await?;
-    let page = hub
-        .db(move |s| s.logs(LogScope::Device(device), &q))
-        .await?;
+    let page = hub.store.logs(LogScope::Device(device), &q).await?;
     Ok(logs_response(page))
 }
 
@@ -667,7 +656,7 @@ pub async fn list_devices(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     auth::operator(&hub, &headers, None, &org).await?;
-    let rows = hub.db(move |s| s.list_devices(&org, &project)).await?;
+    let rows = hub.store.list_devices(&org, &project).await?;
     let items: Vec<Device> = rows
         .into_iter()
         .map(|d| Device {
@@ -687,7 +676,7 @@ pub async fn list_files(
 ) -> Result<Response, ApiError> {
     auth::operator(&hub, &headers, None, &org).await?;
     let pk = session_pk(&hub, &org, &project, &id).await?;
-    let rows = hub.db(move |s| s.list_artifacts(pk)).await?;
+    let rows = hub.store.list_artifacts(pk).await?;
     let items: Vec<Artifact> = rows.into_iter().map(artifact_json).collect();
     Ok(Json(serde_json::json!({ "items": items })).into_response())
 }
@@ -735,11 +724,11 @@ pub async fn download_file(
 ) -> Result<Response, ApiError> {
     auth::operator(&hub, &headers, None, &org).await?;
     let pk = session_pk(&hub, &org, &project, &id).await?;
-    let shown = path.clone();
     let art = hub
-        .db(move |s| s.get_artifact(pk, &path))
+        .store
+        .get_artifact(pk, &path)
         .await?
-        .ok_or_else(|| ApiError::not_found(format!("session {id} has no artifact {shown:?}")))?;
+        .ok_or_else(|| ApiError::not_found(format!("session {id} has no artifact {path:?}")))?;
     let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
         Some(v) => parse_range(v, art.size).map_err(|()| {
             ApiError::new(
@@ -754,15 +743,14 @@ pub async fn download_file(
         Some((a, b)) => (StatusCode::PARTIAL_CONTENT, a, b - a + 1),
         None => (StatusCode::OK, 0, art.size),
     };
-    let file = hub
+    let stream = hub
         .blobs
-        .open_range(&art.blob, start, len)
+        .read_range(&art.blob, start, len)
         .await
         .map_err(|e| {
             tracing::error!(blob = %art.blob, error = %e, "artifact blob missing");
             ApiError::internal("artifact file is missing on the hub")
         })?;
-    let stream = tokio_util::io::ReaderStream::with_capacity(file, 64 << 10);
     let mut resp = Response::new(Body::from_stream(stream));
     *resp.status_mut() = status;
     let h = resp.headers_mut();

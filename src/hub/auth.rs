@@ -58,8 +58,7 @@ pub async fn authenticate(
         ));
     };
     let hash = hash_token(token);
-    let store = hub.store.clone();
-    match tokio::task::spawn_blocking(move || store.find_token(&hash)).await?? {
+    match hub.store.find_token(&hash).await? {
         Some(p) => Ok(p),
         None => {
             hub.metrics.reject("unauthorized");

@@ -70,6 +70,18 @@ pub const KEYS: &[Key] = &[
         kind: Kind::Secs,
         doc: "an unfinished upload with no write for this long is deleted (tus expiration)",
     },
+    Key {
+        section: "storage",
+        key: "database",
+        kind: Kind::Str,
+        doc: "postgres:// URL of the database (not yet supported); unset: SQLite hub.db in server.data_dir",
+    },
+    Key {
+        section: "storage",
+        key: "blobs",
+        kind: Kind::Str,
+        doc: "s3://bucket/prefix for artifacts (not yet supported); unset: blobs/ and uploads/ in server.data_dir",
+    },
 ];
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -78,6 +90,7 @@ struct Raw {
     server: RawServer,
     ingest: RawIngest,
     uploads: RawUploads,
+    storage: RawStorage,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -95,6 +108,15 @@ struct RawIngest {
     max_decompressed_bytes: u64,
     max_records: u64,
     max_field_bytes: u64,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+struct RawStorage {
+    /// Empty: the default.
+    database: String,
+    /// Empty: the default.
+    blobs: String,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -123,6 +145,7 @@ impl Default for Raw {
                 // A robot may be offline for days mid-upload.
                 expire_after: 7.0 * 24.0 * 3600.0,
             },
+            storage: RawStorage::default(),
         }
     }
 }
@@ -152,6 +175,22 @@ pub struct HubConfig {
     pub limits: Limits,
     /// An unfinished upload with no write for this long is deleted.
     pub upload_expire_after: std::time::Duration,
+    pub database: Database,
+    pub blobs: BlobStorage,
+}
+
+/// Where the hub keeps its rows (`storage.database`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Database {
+    /// SQLite, `hub.db` in the data directory (the key unset).
+    SqliteInDataDir,
+}
+
+/// Where the hub keeps artifact bytes (`storage.blobs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlobStorage {
+    /// `blobs/` and `uploads/` in the data directory (the key unset).
+    DirInDataDir,
 }
 
 /// Bounds on what one request may make the hub read or hold.
@@ -218,6 +257,32 @@ fn resolve(raw: Raw, origin: &str) -> Result<HubConfig, ConfigError> {
     if raw.uploads.expire_after <= 0.0 {
         return Err(err("uploads.expire_after: must be greater than 0".into()));
     }
+    let database = match raw.storage.database.trim() {
+        "" => Database::SqliteInDataDir,
+        url if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            return Err(err(
+                "storage.database: PostgreSQL is not yet supported by this logbook-hub; leave it unset for SQLite in server.data_dir".into(),
+            ))
+        }
+        _ => {
+            return Err(err(
+                "storage.database: expected a postgres:// URL, or nothing for SQLite in server.data_dir".into(),
+            ))
+        }
+    };
+    let blobs = match raw.storage.blobs.trim() {
+        "" => BlobStorage::DirInDataDir,
+        url if url.starts_with("s3://") => {
+            return Err(err(
+                "storage.blobs: S3 is not yet supported by this logbook-hub; leave it unset for blobs/ in server.data_dir".into(),
+            ))
+        }
+        _ => {
+            return Err(err(
+                "storage.blobs: expected an s3://bucket/prefix URL, or nothing for blobs/ in server.data_dir".into(),
+            ))
+        }
+    };
     let size = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
     Ok(HubConfig {
         listen,
@@ -232,6 +297,8 @@ fn resolve(raw: Raw, origin: &str) -> Result<HubConfig, ConfigError> {
         },
         upload_expire_after: std::time::Duration::try_from_secs_f64(raw.uploads.expire_after)
             .map_err(|e| err(format!("uploads.expire_after: {e}")))?,
+        database,
+        blobs,
     })
 }
 
@@ -285,9 +352,55 @@ mod tests {
     }
 
     #[test]
+    fn storage_defaults_to_the_data_dir_and_refuses_what_this_build_cannot_serve() {
+        let check = |env: &[(&str, &str)], expected: Result<(Database, BlobStorage), &str>| {
+            let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+            let got = crate::config::load::<Raw>(KEYS, None, false, env)
+                .map_err(|e| e.to_string())
+                .and_then(|raw| resolve(raw, "env").map_err(|e| e.to_string()))
+                .map(|c| (c.database, c.blobs));
+            assert_eq!(
+                got.as_ref().map_err(|e| e.as_str()),
+                expected.as_ref().map_err(|e| *e)
+            );
+        };
+        let default = (Database::SqliteInDataDir, BlobStorage::DirInDataDir);
+        check(&[], Ok(default));
+        check(
+            &[
+                ("LOGBOOK_STORAGE_DATABASE", ""),
+                ("LOGBOOK_STORAGE_BLOBS", " "),
+            ],
+            Ok(default),
+        );
+        check(
+            &[("LOGBOOK_STORAGE_DATABASE", "postgres://hub@db/logbook")],
+            Err("env: storage.database: PostgreSQL is not yet supported by this logbook-hub; leave it unset for SQLite in server.data_dir"),
+        );
+        check(
+            &[("LOGBOOK_STORAGE_DATABASE", "postgresql://db/logbook")],
+            Err("env: storage.database: PostgreSQL is not yet supported by this logbook-hub; leave it unset for SQLite in server.data_dir"),
+        );
+        check(
+            &[("LOGBOOK_STORAGE_DATABASE", "/srv/hub.db")],
+            Err("env: storage.database: expected a postgres:// URL, or nothing for SQLite in server.data_dir"),
+        );
+        check(
+            &[("LOGBOOK_STORAGE_BLOBS", "s3://fleet-logs/hub")],
+            Err("env: storage.blobs: S3 is not yet supported by this logbook-hub; leave it unset for blobs/ in server.data_dir"),
+        );
+        check(
+            &[("LOGBOOK_STORAGE_BLOBS", "/srv/blobs")],
+            Err("env: storage.blobs: expected an s3://bucket/prefix URL, or nothing for blobs/ in server.data_dir"),
+        );
+    }
+
+    #[test]
     fn env_names() {
         let names: Vec<String> = KEYS.iter().map(Key::env_name).collect();
         assert!(names.contains(&"LOGBOOK_SERVER_DATA_DIR".to_string()));
         assert!(names.contains(&"LOGBOOK_UPLOADS_MAX_BYTES".to_string()));
+        assert!(names.contains(&"LOGBOOK_STORAGE_DATABASE".to_string()));
+        assert!(names.contains(&"LOGBOOK_STORAGE_BLOBS".to_string()));
     }
 }

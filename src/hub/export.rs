@@ -1,12 +1,11 @@
 //! Streamed downloads: a session's logs as JSON or CSV, and all of its
-//! artifacts as one ZIP. A blocking task pages through the store (or the
-//! blob files) and feeds a bounded channel that becomes the response body.
+//! artifacts as one ZIP. A task pages through the store (or the blob
+//! files) and feeds a bounded channel that becomes the response body.
 //!
 //! Invariant: memory per download is one page of rows plus a few chunks in
 //! the channel, whatever the session's size; a client that goes away stops
 //! the producer at its next send.
 
-use std::io::Write;
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -14,12 +13,14 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::Response;
 use bytes::Bytes;
+use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
 use super::api::{self, log_item, param, Params};
 use super::auth;
+use super::blobs::Blobs;
 use super::error::ApiError;
-use super::store::{LogRow, LogScope};
+use super::store::{ArtifactRow, LogQuery, LogRow, LogScope, Store};
 use super::Hub;
 
 /// Bytes gathered before a chunk is handed to the response.
@@ -29,72 +30,63 @@ const IN_FLIGHT: usize = 4;
 /// Rows read from the store per query.
 const PAGE: u64 = 1000;
 
-/// A `Write` that sends full chunks down a bounded channel; a closed
-/// channel (client gone) is a broken pipe.
-struct ChannelWriter {
+/// The sending end of a streamed response body: bytes gather into chunks
+/// of [`CHUNK`], and a full chunk waits for room in a bounded channel; a
+/// closed channel (client gone) is a broken pipe.
+struct BodyWriter {
     tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
     buf: Vec<u8>,
 }
 
-impl ChannelWriter {
-    fn new(tx: mpsc::Sender<Result<Bytes, std::io::Error>>) -> ChannelWriter {
-        ChannelWriter {
-            tx,
-            buf: Vec::with_capacity(CHUNK),
+impl BodyWriter {
+    /// Appends `data`, sending a chunk when one is full.
+    async fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= CHUNK {
+            self.send().await?;
         }
+        Ok(())
     }
 
-    fn send(&mut self) -> std::io::Result<()> {
+    async fn send(&mut self) -> std::io::Result<()> {
         if self.buf.is_empty() {
             return Ok(());
         }
         let chunk = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
         self.tx
-            .blocking_send(Ok(chunk))
+            .send(Ok(chunk))
+            .await
             .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))
     }
 
-    /// Ends the body with an error, so the client sees a cut transfer
-    /// rather than a short file that looks complete.
-    fn fail(&self, e: std::io::Error) {
-        let _ = self.tx.blocking_send(Err(e));
-    }
-}
-
-impl Write for ChannelWriter {
-    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        self.buf.extend_from_slice(data);
-        if self.buf.len() >= CHUNK {
-            self.send()?;
-        }
-        Ok(data.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.send()
-    }
-}
-
-/// A response whose body is produced by `produce` on the blocking pool.
-fn streamed(
-    content_type: &'static str,
-    filename: &str,
-    produce: impl FnOnce(&mut ChannelWriter) -> std::io::Result<()> + Send + 'static,
-) -> Response {
-    let (tx, rx) = mpsc::channel(IN_FLIGHT);
-    tokio::task::spawn_blocking(move || {
-        let mut w = ChannelWriter::new(tx);
-        match produce(&mut w).and_then(|()| w.flush()) {
+    /// Ends the body: sends what is left after a success; after a failure
+    /// ends it with an error, so the client sees a cut transfer rather
+    /// than a short file that looks complete.
+    async fn finish(mut self, produced: std::io::Result<()>) {
+        let sent = match produced {
+            Ok(()) => self.send().await,
+            Err(e) => Err(e),
+        };
+        match sent {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
                 tracing::debug!("download cancelled by the client");
             }
             Err(e) => {
                 tracing::error!(error = %e, "download failed midway");
-                w.fail(e);
+                let _ = self.tx.send(Err(e)).await;
             }
         }
-    });
+    }
+}
+
+/// A response streaming what its [`BodyWriter`] is given.
+fn body_channel(content_type: &'static str, filename: &str) -> (BodyWriter, Response) {
+    let (tx, rx) = mpsc::channel(IN_FLIGHT);
+    let w = BodyWriter {
+        tx,
+        buf: Vec::with_capacity(CHUNK),
+    };
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
     });
@@ -104,7 +96,7 @@ fn streamed(
     if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{filename}\"")) {
         h.insert(header::CONTENT_DISPOSITION, v);
     }
-    resp
+    (w, resp)
 }
 
 /// One CSV field, quoted when it must be (RFC 4180).
@@ -173,46 +165,57 @@ pub async fn export_logs(
     q.limit = PAGE;
     q.want_total = false;
     let pk = api::session_pk(&hub, &org, &project, &id).await?;
-    let store = hub.store.clone();
     let (ctype, ext) = if csv {
         ("text/csv; charset=utf-8", "csv")
     } else {
         ("application/json", "json")
     };
-    Ok(streamed(
-        ctype,
-        &format!("session-{id}-logs.{ext}"),
-        move |w| {
-            let mut line = Vec::with_capacity(1024);
-            w.write_all(if csv { CSV_HEADER.as_bytes() } else { b"[" })?;
-            let mut first = true;
-            loop {
-                let page = store
-                    .logs(LogScope::Session(pk), &q)
-                    .map_err(std::io::Error::other)?;
-                for r in &page.items {
-                    line.clear();
-                    if csv {
-                        csv_row(&mut line, r);
-                    } else {
-                        line.extend_from_slice(if first { b"\n" } else { b",\n" });
-                        serde_json::to_writer(&mut line, &log_item(r))
-                            .map_err(std::io::Error::other)?;
-                    }
-                    first = false;
-                    w.write_all(&line)?;
-                }
-                match page.next_cursor {
-                    Some(c) => q.cursor = Some(c),
-                    None => break,
-                }
+    let (mut w, resp) = body_channel(ctype, &format!("session-{id}-logs.{ext}"));
+    tokio::spawn(async move {
+        let produced = write_logs(hub.store.as_ref(), &mut w, pk, q, csv).await;
+        w.finish(produced).await;
+    });
+    Ok(resp)
+}
+
+/// Writes every record of session `pk` matching `q`, a page at a time, as
+/// CSV or as one JSON array.
+async fn write_logs(
+    store: &dyn Store,
+    w: &mut BodyWriter,
+    pk: i64,
+    mut q: LogQuery,
+    csv: bool,
+) -> std::io::Result<()> {
+    let mut line = Vec::with_capacity(1024);
+    w.write(if csv { CSV_HEADER.as_bytes() } else { b"[" })
+        .await?;
+    let mut first = true;
+    loop {
+        let page = store
+            .logs(LogScope::Session(pk), &q)
+            .await
+            .map_err(std::io::Error::other)?;
+        for r in &page.items {
+            line.clear();
+            if csv {
+                csv_row(&mut line, r);
+            } else {
+                line.extend_from_slice(if first { b"\n" } else { b",\n" });
+                serde_json::to_writer(&mut line, &log_item(r)).map_err(std::io::Error::other)?;
             }
-            if !csv {
-                w.write_all(if first { b"]\n" } else { b"\n]\n" })?;
-            }
-            Ok(())
-        },
-    ))
+            first = false;
+            w.write(&line).await?;
+        }
+        match page.next_cursor {
+            Some(c) => q.cursor = Some(c),
+            None => break,
+        }
+    }
+    if !csv {
+        w.write(if first { b"]\n" } else { b"\n]\n" }).await?;
+    }
+    Ok(())
 }
 
 pub async fn download_zip(
@@ -222,29 +225,35 @@ pub async fn download_zip(
 ) -> Result<Response, ApiError> {
     auth::operator(&hub, &headers, None, &org).await?;
     let pk = api::session_pk(&hub, &org, &project, &id).await?;
-    let artifacts = hub.db(move |s| s.list_artifacts(pk)).await?;
-    let h = hub.clone();
-    Ok(streamed(
-        "application/zip",
-        &format!("session-{id}-artifacts.zip"),
-        move |w| {
-            let mut zip = super::zip::ZipWriter::new(w);
-            let mut buf = vec![0u8; CHUNK];
-            for a in &artifacts {
-                let mut f = h.blobs.reader(&a.blob)?;
-                zip.start_entry(&a.path, a.size, a.created_at_ns / 1_000_000_000)?;
-                loop {
-                    let n = std::io::Read::read(&mut f, &mut buf)?;
-                    if n == 0 {
-                        break;
-                    }
-                    zip.write_data(&buf[..n])?;
-                }
+    let artifacts = hub.store.list_artifacts(pk).await?;
+    let (mut w, resp) = body_channel("application/zip", &format!("session-{id}-artifacts.zip"));
+    tokio::spawn(async move {
+        let produced = write_zip(hub.blobs.as_ref(), &mut w, &artifacts).await;
+        w.finish(produced).await;
+    });
+    Ok(resp)
+}
+
+/// Writes `artifacts` as one ZIP, each blob read as a stream.
+async fn write_zip(
+    blobs: &dyn Blobs,
+    w: &mut BodyWriter,
+    artifacts: &[ArtifactRow],
+) -> std::io::Result<()> {
+    let mut zip = super::zip::ZipWriter::new(Vec::with_capacity(CHUNK));
+    for a in artifacts {
+        let mut bytes = blobs.read_range(&a.blob, 0, a.size).await?;
+        zip.start_entry(&a.path, a.size, a.created_at_ns / 1_000_000_000)?;
+        while let Some(chunk) = bytes.next().await {
+            zip.write_data(&chunk?)?;
+            let out = zip.get_mut();
+            if out.len() >= CHUNK {
+                w.write(out).await?;
+                out.clear();
             }
-            zip.finish()?;
-            Ok(())
-        },
-    ))
+        }
+    }
+    w.write(&zip.finish()?).await
 }
 
 #[cfg(test)]

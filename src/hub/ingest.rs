@@ -223,12 +223,12 @@ pub async fn post_batch(
     .await?;
     let batch = checked.map_err(|(e, reason)| reject(reason, e))?;
     let want_live = hub.live.receiver_count() > 0;
-    let scope2 = scope.clone();
     let batch = Arc::new(batch);
-    let b = batch.clone();
     let ingested = hub
-        .db(move |s| s.ingest(&scope2, &b, want_live))
+        .store
+        .ingest(&scope, batch.clone(), want_live)
         .await
+        .map_err(ApiError::from)
         .map_err(|e| {
             if e.status == StatusCode::CONFLICT {
                 reject("conflict", e)

@@ -3,8 +3,9 @@
 //! streams, exports and ZIP downloads.
 //!
 //! Invariant: `hub` never imports `agent`; it shares only `wire` and
-//! `config` with it. Handlers never run SQL themselves: they call
-//! [`store::Store`] on the blocking pool.
+//! `config` with it. Handlers never run SQL themselves: they `.await`
+//! the [`store::Store`] and [`blobs::Blobs`] traits, not knowing which
+//! backends serve them.
 
 mod api;
 mod auth;
@@ -32,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::HubConfig;
-use store::{LogRow, Principal, Store, StoreError, TokenKind};
+use store::{LogRow, Principal, SqliteStore, Store, StoreError, TokenKind};
 
 /// Name of the file in the data directory that holds the bound address
 /// (`127.0.0.1:PORT`) while the hub runs, for scripts and tests using port 0.
@@ -61,9 +62,9 @@ pub(crate) struct LiveEvent {
 
 /// Shared state of a running hub.
 pub(crate) struct Hub {
-    pub store: Arc<Store>,
+    pub store: Arc<dyn Store>,
     pub config: HubConfig,
-    pub blobs: blobs::Blobs,
+    pub blobs: Arc<dyn blobs::Blobs>,
     pub live: broadcast::Sender<Arc<LiveEvent>>,
     pub metrics: metrics::Metrics,
     pub streams: Arc<Semaphore>,
@@ -77,10 +78,10 @@ pub(crate) struct Hub {
 
 impl Hub {
     /// The shared state of a hub serving `config` from `store` and `blobs`.
-    fn new(config: HubConfig, store: Store, blobs: blobs::Blobs) -> Arc<Hub> {
+    fn new(config: HubConfig, store: Arc<dyn Store>, blobs: Arc<dyn blobs::Blobs>) -> Arc<Hub> {
         let (live, _) = broadcast::channel(1024);
         Arc::new(Hub {
-            store: Arc::new(store),
+            store,
             streams: Arc::new(Semaphore::new(config.max_streams)),
             config,
             blobs,
@@ -91,15 +92,6 @@ impl Hub {
             busy_uploads: Default::default(),
         })
     }
-
-    /// Runs a store call on the blocking pool.
-    pub async fn db<T: Send + 'static>(
-        self: &Arc<Self>,
-        f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
-    ) -> Result<T, error::ApiError> {
-        let store = self.store.clone();
-        Ok(tokio::task::spawn_blocking(move || f(&store)).await??)
-    }
 }
 
 fn data_dir_err(path: &Path) -> impl FnOnce(std::io::Error) -> HubError + '_ {
@@ -109,13 +101,15 @@ fn data_dir_err(path: &Path) -> impl FnOnce(std::io::Error) -> HubError + '_ {
     }
 }
 
-/// Opens (creating) the store of a data directory.
-pub fn open_store(data_dir: &Path) -> Result<Store, HubError> {
+/// Opens (creating) the store of a data directory. Blocking.
+pub fn open_store(data_dir: &Path) -> Result<Arc<dyn Store>, HubError> {
     std::fs::create_dir_all(data_dir).map_err(data_dir_err(data_dir))?;
-    Ok(Store::open(&data_dir.join("hub.db"))?)
+    Ok(Arc::new(SqliteStore::open(&data_dir.join("hub.db"))?))
 }
 
 /// `logbook-hub token create`: a new token, stored hashed, returned once.
+/// Blocking (it runs the store on a runtime of its own): call it from
+/// `main` or a blocking thread, never from async code.
 pub fn create_token(
     data_dir: &Path,
     org: &str,
@@ -129,15 +123,16 @@ pub fn create_token(
         TokenKind::Operator
     };
     let token = auth::new_token(kind);
-    store.create_token(
-        &auth::hash_token(&token),
-        &Principal {
-            kind,
-            org: org.to_owned(),
-            project: project.to_owned(),
-            device_id: device_id.map(str::to_owned),
-        },
-    )?;
+    let principal = Principal {
+        kind,
+        org: org.to_owned(),
+        project: project.to_owned(),
+        device_id: device_id.map(str::to_owned),
+    };
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .map_err(HubError::Serve)?
+        .block_on(store.create_token(&auth::hash_token(&token), &principal))?;
     Ok(token)
 }
 
@@ -149,12 +144,18 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), HubError> {
     let data_dir = config.data_dir.clone();
-    let blobs = blobs::Blobs::open(&data_dir).map_err(data_dir_err(&data_dir))?;
-    let store = {
-        let data_dir = data_dir.clone();
-        tokio::task::spawn_blocking(move || open_store(&data_dir))
-            .await
-            .map_err(|e| HubError::Serve(std::io::Error::other(e)))??
+    let blobs: Arc<dyn blobs::Blobs> = match config.blobs {
+        config::BlobStorage::DirInDataDir => {
+            Arc::new(blobs::DirBlobs::open(&data_dir).map_err(data_dir_err(&data_dir))?)
+        }
+    };
+    let store = match config.database {
+        config::Database::SqliteInDataDir => {
+            let data_dir = data_dir.clone();
+            tokio::task::spawn_blocking(move || open_store(&data_dir))
+                .await
+                .map_err(|e| HubError::Serve(std::io::Error::other(e)))??
+        }
     };
     let addr = listener.local_addr().map_err(HubError::Serve)?;
     tracing::info!(%addr, data_dir = %data_dir.display(), "logbook-hub serving");
@@ -248,7 +249,7 @@ mod tests {
         let hub = Hub::new(
             config,
             open_store(dir.path()).unwrap(),
-            blobs::Blobs::open(dir.path()).unwrap(),
+            Arc::new(blobs::DirBlobs::open(dir.path()).unwrap()),
         );
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

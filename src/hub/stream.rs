@@ -154,7 +154,7 @@ async fn ended(hub: &Arc<Hub>, scope: LogScope) -> bool {
     let LogScope::Session(pk) = scope else {
         return false;
     };
-    let status = hub.db(move |s| s.session_status(pk)).await.ok().flatten();
+    let status = hub.store.session_status(pk).await.ok().flatten();
     status.as_deref() != Some("active")
 }
 
@@ -207,15 +207,12 @@ async fn catch_up(
     mut after: i64,
 ) -> Result<i64, axum::Error> {
     loop {
-        let q2 = q.clone();
-        let page = hub
-            .db(move |s| s.logs_after(scope, after, &q2, CATCH_UP_PAGE))
-            .await;
+        let page = hub.store.logs_after(scope, after, q, CATCH_UP_PAGE).await;
         // A failed read ends the stream; the client reconnects after the
         // last id it got.
         let (rows, next) = page.map_err(|e| {
-            tracing::warn!(error = %e.message, "a live stream could not read the logs it missed");
-            axum::Error::new(e.message)
+            tracing::warn!(error = %e, "a live stream could not read the logs it missed");
+            axum::Error::new(e)
         })?;
         for r in &rows {
             socket.send(text(r, false)).await?;
@@ -243,8 +240,7 @@ async fn run(
     match after_id {
         Some(after) => through = Some(catch_up(hub, &mut socket, scope, &q, after).await?),
         None => {
-            let q2 = q.clone();
-            if let Ok((page, last)) = hub.db(move |s| s.logs_tail(scope, &q2)).await {
+            if let Ok((page, last)) = hub.store.logs_tail(scope, &q).await {
                 for r in page.items.iter().rev() {
                     socket.send(text(r, true)).await?;
                 }

@@ -3,17 +3,17 @@
 //! `/api/v1/ingest/uploads[/{id}]`. A finished upload is checked against
 //! the whole file's SHA-256 from `Upload-Metadata` and becomes the
 //! session's artifact at its path. An unfinished upload with no write for
-//! `uploads.expire_after` is deleted (its part file too): by
+//! `uploads.expire_after` is deleted (its part too): by
 //! [`sweep_expired`], which the hub runs periodically, or when it is next
 //! asked for (410 Gone); a device that comes back then creates it again.
 //!
-//! Invariant: upload bytes live in `uploads/<id>.part` (the offset is its
-//! length, its modification time the last write) and finished artifacts
-//! under `blobs/<random>`; no file name on disk is ever derived from a
-//! device-supplied path; an upload with a PATCH in progress never expires.
+//! Invariant: upload bytes live in the upload's part in [`Blobs`] (the
+//! offset is its length, its last write when it was last written) and
+//! finished artifacts in blobs the hub names; no blob or part name is ever
+//! derived from a device-supplied path; an upload with a PATCH in progress
+//! never expires.
 
 use std::collections::HashMap;
-use std::io::{Seek, Write};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -196,17 +196,17 @@ async fn create(hub: &Arc<Hub>, scope: DeviceScope, h: &HeaderMap) -> Result<Res
         .filter(|c| c.len() <= 255 && HeaderValue::from_str(c).is_ok())
         .cloned()
         .unwrap_or_else(|| "application/octet-stream".into());
-    let scope2 = scope.clone();
     let (session_pk, device_pk) = hub
-        .db(move |s| s.session_for_device(&scope2, session_uuid))
+        .store
+        .session_for_device(&scope, session_uuid)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("session {session_uuid} was deleted")))?;
     if !sha256.is_empty() {
-        let (p, sha) = (path.clone(), sha256.clone());
         let held = hub
-            .db(move |s| s.get_artifact(session_pk, &p))
+            .store
+            .get_artifact(session_pk, &path)
             .await?
-            .filter(|a| a.sha256 == sha && a.size == length);
+            .filter(|a| a.sha256 == sha256 && a.size == length);
         if held.is_some() {
             // The hub already holds this very file (the answer to its last
             // PATCH was lost, or the device forgot it uploaded it): the
@@ -215,9 +215,9 @@ async fn create(hub: &Arc<Hub>, scope: DeviceScope, h: &HeaderMap) -> Result<Res
             let id = uuid::Uuid::now_v7().simple().to_string();
             return Ok(created(&id, length));
         }
-        let (p, sha) = (path.clone(), sha256.clone());
         let same = hub
-            .db(move |s| s.find_unfinished_upload(device_pk, session_pk, &p, &sha, length))
+            .store
+            .find_unfinished_upload(device_pk, session_pk, &path, &sha256, length)
             .await?;
         if let Some(up) = same {
             // Creation is idempotent per file version: answer with the
@@ -229,7 +229,7 @@ async fn create(hub: &Arc<Hub>, scope: DeviceScope, h: &HeaderMap) -> Result<Res
     }
     // Each unfinished upload holds a partial file: bound how many a device
     // may leave lying around.
-    if hub.db(move |s| s.unfinished_uploads(device_pk)).await? >= MAX_UNFINISHED_UPLOADS {
+    if hub.store.unfinished_uploads(device_pk).await? >= MAX_UNFINISHED_UPLOADS {
         return Err(reject(
             "too_many_uploads",
             ApiError::new(
@@ -257,8 +257,7 @@ async fn create(hub: &Arc<Hub>, scope: DeviceScope, h: &HeaderMap) -> Result<Res
         .create_part(&id)
         .await
         .map_err(|e| ApiError::internal(format!("cannot create upload file: {e}")))?;
-    let row = upload.clone();
-    hub.db(move |s| s.create_upload(&row)).await?;
+    hub.store.create_upload(&upload).await?;
     Metrics::add(&hub.metrics.uploads_created, 1);
     tracing::info!(device = %scope.device_id, upload = %id, path = %upload.path, length, "upload created");
     if length == 0 {
@@ -268,11 +267,11 @@ async fn create(hub: &Arc<Hub>, scope: DeviceScope, h: &HeaderMap) -> Result<Res
     Ok(with_expiry(hub, &upload, created(&id, 0)).await)
 }
 
-/// When upload `up` expires: `uploads.expire_after` past its last write
-/// (its part file's modification time) or its creation, the later.
+/// When upload `up` expires: `uploads.expire_after` past its part's last
+/// write or its creation, the later.
 async fn expires_at(hub: &Hub, up: &UploadRow) -> SystemTime {
     let created = SystemTime::UNIX_EPOCH + Duration::from_nanos(up.created_at_ns.max(0) as u64);
-    let written = hub.blobs.part_modified(&up.id).await.ok();
+    let written = hub.blobs.part(&up.id).await.ok().map(|p| p.modified);
     written.map_or(created, |w| w.max(created)) + hub.config.upload_expire_after
 }
 
@@ -296,10 +295,10 @@ async fn with_expiry(hub: &Hub, up: &UploadRow, mut resp: Response) -> Response 
 
 /// Whether every byte of upload `up` has arrived.
 async fn complete(hub: &Hub, up: &UploadRow) -> bool {
-    hub.blobs.part_len(&up.id).await.ok() == Some(up.length)
+    hub.blobs.part(&up.id).await.ok().map(|p| p.len) == Some(up.length)
 }
 
-/// Deletes upload `up` (row and part file) if it has expired, no PATCH is
+/// Deletes upload `up` (row and part) if it has expired, no PATCH is
 /// writing to it and it is not complete (a complete one is finished, by
 /// the next HEAD or the sweeper); returns whether it did.
 async fn expire_if_due(hub: &Arc<Hub>, up: &UploadRow) -> Result<bool, ApiError> {
@@ -312,9 +311,8 @@ async fn expire_if_due(hub: &Arc<Hub>, up: &UploadRow) -> Result<bool, ApiError>
     if complete(hub, up).await {
         return Ok(false);
     }
-    let id = up.id.clone();
-    hub.db(move |s| s.delete_upload(&id)).await?;
-    if let Err(e) = hub.blobs.remove_part(&up.id) {
+    hub.store.delete_upload(&up.id).await?;
+    if let Err(e) = hub.blobs.remove_part(&up.id).await {
         tracing::warn!(upload = %up.id, error = %e, "cannot remove an expired upload's file");
     }
     Metrics::add(&hub.metrics.uploads_expired, 1);
@@ -336,17 +334,12 @@ async fn sweep(hub: &Arc<Hub>, page: u32) -> usize {
     let mut after: Option<(i64, String)> = None;
     let mut n = 0;
     loop {
-        let cursor = after.clone();
-        let read = hub
-            .db(move |s| {
-                let cursor = cursor.as_ref().map(|(at, id)| (*at, id.as_str()));
-                s.uploads_created_before(before, cursor, page)
-            })
-            .await;
+        let cursor = after.as_ref().map(|(at, id)| (*at, id.as_str()));
+        let read = hub.store.uploads_created_before(before, cursor, page).await;
         let candidates = match read {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(error = %e.message, "cannot look for expired uploads");
+                tracing::warn!(error = %e, "cannot look for expired uploads");
                 return n;
             }
         };
@@ -453,9 +446,8 @@ async fn resource_inner(
         Method::PATCH => patch(hub, &upload, headers, body).await,
         Method::DELETE => {
             check_version(headers)?;
-            let uid = upload.id.clone();
-            hub.db(move |s| s.delete_upload(&uid)).await?;
-            if let Err(e) = hub.blobs.remove_part(&id) {
+            hub.store.delete_upload(&upload.id).await?;
+            if let Err(e) = hub.blobs.remove_part(&id).await {
                 tracing::warn!(upload = %id, error = %e, "cannot remove upload file");
             }
             Ok(StatusCode::NO_CONTENT.into_response())
@@ -469,23 +461,23 @@ async fn resource_inner(
 }
 
 async fn find_upload(hub: &Arc<Hub>, scope: &DeviceScope, id: &str) -> Result<UploadRow, ApiError> {
-    let (i, s) = (id.to_owned(), scope.clone());
-    let found = hub
-        .db(move |st| {
-            let Some(up) = st.get_upload(&i)? else {
-                return Ok(None);
-            };
-            let dev = st.find_device(&s.org, &s.project, &s.device_id)?;
-            Ok(dev.filter(|d| d.pk == up.device_pk).map(|_| up))
-        })
+    let missing = || ApiError::not_found(format!("no upload {id}"));
+    let up = hub.store.get_upload(id).await?.ok_or_else(missing)?;
+    let device = hub
+        .store
+        .find_device(&scope.org, &scope.project, &scope.device_id)
         .await?;
-    found.ok_or_else(|| ApiError::not_found(format!("no upload {id}")))
+    match device {
+        Some(d) if d.pk == up.device_pk => Ok(up),
+        _ => Err(missing()),
+    }
 }
 
 async fn current_offset(hub: &Hub, id: &str) -> Result<u64, ApiError> {
     hub.blobs
-        .part_len(id)
+        .part(id)
         .await
+        .map(|p| p.len)
         .map_err(|e| ApiError::internal(format!("upload file is missing: {e}")))
 }
 
@@ -543,23 +535,6 @@ impl Drop for Busy {
     }
 }
 
-/// Cuts the part file back to where the PATCH began unless disarmed: a
-/// chunk with a checksum is all or nothing, even if the client vanishes.
-struct Rollback {
-    file: Option<std::fs::File>,
-    offset: u64,
-}
-
-impl Drop for Rollback {
-    fn drop(&mut self) {
-        if let Some(f) = self.file.take() {
-            if let Err(e) = f.set_len(self.offset) {
-                tracing::error!(error = %e, "cannot roll back an upload chunk");
-            }
-        }
-    }
-}
-
 async fn patch(
     hub: &Arc<Hub>,
     up: &UploadRow,
@@ -601,10 +576,6 @@ async fn patch(
             "another PATCH to this upload is in progress",
         ));
     };
-    let part_path = hub
-        .blobs
-        .part_path(&up.id)
-        .map_err(|e| ApiError::internal(e.to_string()))?;
     let offset = current_offset(hub, &up.id).await?;
     if claimed != offset {
         // A PATCH below the upload's offset re-sends acknowledged bytes:
@@ -618,23 +589,14 @@ async fn patch(
             "Upload-Offset {claimed} does not match the upload's offset {offset}"
         )));
     }
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&part_path)
+    // A chunk with a checksum is stored whole or not at all: the append
+    // is dropped unkept (and cut back) on any failure, or when the client
+    // goes away and this future with it.
+    let mut part = hub
+        .blobs
+        .append_part(&up.id, offset, checksum.is_some())
+        .await
         .map_err(|e| ApiError::internal(format!("cannot open upload file: {e}")))?;
-    file.seek(std::io::SeekFrom::Start(offset))
-        .map_err(|e| ApiError::internal(format!("cannot seek upload file: {e}")))?;
-    let mut rollback = Rollback {
-        file: if checksum.is_some() {
-            Some(
-                file.try_clone()
-                    .map_err(|e| ApiError::internal(e.to_string()))?,
-            )
-        } else {
-            None
-        },
-        offset,
-    };
     let mut hasher = Sha256::new();
     let mut written = offset;
     let mut stream = body.into_data_stream();
@@ -654,9 +616,8 @@ async fn patch(
                 up.length
             )));
         }
-        // Small synchronous writes of at most one body frame: the page
-        // cache absorbs them, and holding no buffer keeps memory flat.
-        file.write_all(&chunk)
+        part.write(&chunk)
+            .await
             .map_err(|e| ApiError::internal(format!("cannot write upload file: {e}")))?;
         if checksum.is_some() {
             hasher.update(&chunk);
@@ -683,21 +644,19 @@ async fn patch(
             ));
         }
     }
-    rollback.file = None;
-    drop(rollback);
-    // Kept from here on, even if the client goes away during the fsync
+    // Kept from here on, even if the client goes away during the sync
     // below (HEAD reports these bytes, so they are never needed again).
     Metrics::add(&hub.metrics.upload_acked_bytes, written - offset);
-    // The offset HEAD reports must survive a crash: sync before answering,
-    // on the blocking pool (an fsync can take a while). The sync and the
-    // finish run in their own task: a client that goes away now (its
-    // request future dropped) must not leave a complete upload unfinished.
-    // On `hub.tasks`, so shutdown waits for it too.
+    // The offset HEAD reports must survive a crash: the append is kept
+    // (made durable) before answering. The keep and the finish run in
+    // their own task: a client that goes away now (its request future
+    // dropped) must neither lose the chunk nor leave a complete upload
+    // unfinished. On `hub.tasks`, so shutdown waits for it too.
     let (h, u) = (hub.clone(), up.clone());
     let tail = hub.tasks.spawn(async move {
         let _busy = busy;
-        tokio::task::spawn_blocking(move || file.sync_data())
-            .await?
+        part.keep()
+            .await
             .map_err(|e| ApiError::internal(format!("cannot sync upload file: {e}")))?;
         if written == u.length {
             finish(&h, &u).await?;
@@ -717,15 +676,14 @@ async fn patch(
 
 /// Verifies a complete upload's SHA-256 and makes it the artifact.
 async fn finish(hub: &Arc<Hub>, up: &UploadRow) -> Result<(), ApiError> {
-    let h = hub.clone();
-    let id = up.id.clone();
-    let actual = tokio::task::spawn_blocking(move || h.blobs.part_sha256(&id))
-        .await?
+    let actual = hub
+        .blobs
+        .part_sha256(&up.id)
+        .await
         .map_err(|e| ApiError::internal(format!("cannot read upload file: {e}")))?;
     if !up.sha256.is_empty() && actual != up.sha256 {
-        let uid = up.id.clone();
-        hub.db(move |s| s.delete_upload(&uid)).await?;
-        if let Err(e) = hub.blobs.remove_part(&up.id) {
+        hub.store.delete_upload(&up.id).await?;
+        if let Err(e) = hub.blobs.remove_part(&up.id).await {
             tracing::warn!(upload = %up.id, error = %e, "cannot remove upload file");
         }
         hub.metrics.reject("file_checksum");
@@ -741,15 +699,14 @@ async fn finish(hub: &Arc<Hub>, up: &UploadRow) -> Result<(), ApiError> {
     }
     let blob = hub
         .blobs
-        .commit(&up.id)
+        .finish_upload(&up.id)
         .await
         .map_err(|e| ApiError::internal(format!("cannot store artifact: {e}")))?;
     let mut done = up.clone();
     done.sha256 = actual;
-    let b = blob.clone();
-    let old = hub.db(move |s| s.complete_upload(&done, &b)).await?;
+    let old = hub.store.complete_upload(&done, &blob).await?;
     if let Some(old) = old {
-        if let Err(e) = hub.blobs.remove(&old) {
+        if let Err(e) = hub.blobs.remove(&old).await {
             tracing::warn!(blob = %old, error = %e, "cannot remove replaced artifact");
         }
     }
@@ -766,7 +723,7 @@ mod tests {
 
     /// A hub on `dir` whose uploads expire after a minute, with robot-1's
     /// session 1: its (device, session) keys.
-    fn hub_with_session(dir: &std::path::Path) -> (Arc<Hub>, i64, i64) {
+    async fn hub_with_session(dir: &std::path::Path) -> (Arc<Hub>, i64, i64) {
         let config = HubConfig {
             data_dir: dir.to_owned(),
             upload_expire_after: Duration::from_secs(60),
@@ -802,21 +759,31 @@ mod tests {
             records: vec![],
             gaps: vec![],
         };
-        store.ingest(&scope, &batch, false).unwrap();
+        store.ingest(&scope, Arc::new(batch), false).await.unwrap();
         let device = store
             .find_device("acme", "warehouse", "robot-1")
+            .await
             .unwrap()
             .unwrap();
         let session = store
             .find_session("acme", "warehouse", &session.to_string())
+            .await
             .unwrap()
             .unwrap();
-        let blobs = crate::hub::blobs::Blobs::open(dir).unwrap();
+        let blobs = Arc::new(crate::hub::blobs::DirBlobs::open(dir).unwrap());
         (
             crate::hub::Hub::new(config, store, blobs),
             device.pk,
             session,
         )
+    }
+
+    /// The file of an upload's part (the hub's blobs are a directory).
+    fn part_path(hub: &Hub, id: &str) -> std::path::PathBuf {
+        crate::hub::blobs::DirBlobs::open(&hub.config.data_dir)
+            .unwrap()
+            .part_path(id)
+            .unwrap()
     }
 
     /// An upload of `content` (a 100-byte file) holding `held` bytes,
@@ -844,8 +811,8 @@ mod tests {
                 .unwrap()
                 .as_nanos() as i64,
         };
-        hub.store.create_upload(&up).unwrap();
-        let part = hub.blobs.part_path(&up.id).unwrap();
+        hub.store.create_upload(&up).await.unwrap();
+        let part = part_path(hub, &up.id);
         std::fs::write(&part, &content[..held]).unwrap();
         std::fs::File::options()
             .write(true)
@@ -859,18 +826,18 @@ mod tests {
     #[tokio::test]
     async fn only_an_idle_unfinished_upload_nobody_is_writing_to_expires() {
         let dir = tempfile::tempdir().unwrap();
-        let (hub, device, session) = hub_with_session(dir.path());
+        let (hub, device, session) = hub_with_session(dir.path()).await;
         let keys = (device, session);
         let hour = Duration::from_secs(3600);
-        let gone = |up: &UploadRow| {
-            hub.store.get_upload(&up.id).unwrap().is_none()
-                && !hub.blobs.part_path(&up.id).unwrap().exists()
+        let gone = async |up: &UploadRow| {
+            hub.store.get_upload(&up.id).await.unwrap().is_none()
+                && !part_path(&hub, &up.id).exists()
         };
 
         // Idle an hour, half sent: expired, row and file.
         let idle = upload(&hub, keys, "idle", 50, hour).await;
         assert!(expire_if_due(&hub, &idle).await.unwrap());
-        assert!(gone(&idle));
+        assert!(gone(&idle).await);
         assert_eq!(
             hub.metrics
                 .uploads_expired
@@ -880,7 +847,7 @@ mod tests {
 
         // Created an hour ago but written a moment ago: not yet.
         let written = upload(&hub, keys, "written", 50, hour).await;
-        let part = hub.blobs.part_path(&written.id).unwrap();
+        let part = part_path(&hub, &written.id);
         std::fs::File::options()
             .write(true)
             .open(&part)
@@ -888,7 +855,7 @@ mod tests {
             .set_modified(SystemTime::now())
             .unwrap();
         assert!(!expire_if_due(&hub, &written).await.unwrap());
-        assert!(!gone(&written));
+        assert!(!gone(&written).await);
         let expires = expires_at(&hub, &written).await;
         assert!(expires > SystemTime::now() + Duration::from_secs(50));
 
@@ -896,7 +863,7 @@ mod tests {
         let busy_one = upload(&hub, keys, "busy", 50, hour).await;
         let busy = Busy::take(&hub, &busy_one.id).unwrap();
         assert!(!expire_if_due(&hub, &busy_one).await.unwrap());
-        assert!(!gone(&busy_one));
+        assert!(!gone(&busy_one).await);
         drop(busy);
         assert!(expire_if_due(&hub, &busy_one).await.unwrap());
 
@@ -904,7 +871,7 @@ mod tests {
         // HEAD would finish it)...
         let done = upload(&hub, keys, "complete", 100, hour).await;
         assert!(!expire_if_due(&hub, &done).await.unwrap());
-        assert!(hub.store.get_upload(&done.id).unwrap().is_some());
+        assert!(hub.store.get_upload(&done.id).await.unwrap().is_some());
 
         // ...and the sweeper finishes it, and deletes the idle ones it
         // finds by itself (reading one candidate at a time, so its cursor
@@ -912,9 +879,13 @@ mod tests {
         let a = upload(&hub, keys, "sweep-a", 10, hour).await;
         let b = upload(&hub, keys, "sweep-b", 0, hour).await;
         assert_eq!(sweep(&hub, 1).await, 2);
-        assert!(gone(&a) && gone(&b) && !gone(&written));
-        assert!(hub.store.get_upload(&done.id).unwrap().is_none());
-        let artifact = hub.store.get_artifact(session, "complete.bin").unwrap();
+        assert!(gone(&a).await && gone(&b).await && !gone(&written).await);
+        assert!(hub.store.get_upload(&done.id).await.unwrap().is_none());
+        let artifact = hub
+            .store
+            .get_artifact(session, "complete.bin")
+            .await
+            .unwrap();
         assert_eq!(artifact.map(|a| a.size), Some(100));
     }
 

@@ -143,6 +143,12 @@ impl<W: Write> ZipWriter<W> {
         Ok(())
     }
 
+    /// The sink, to take what was written so far out of it (the writer
+    /// counts offsets itself, so a drained `Vec` is fine).
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.out
+    }
+
     /// Writes the central directory and returns the sink.
     pub fn finish(mut self) -> io::Result<W> {
         self.finish_entry()?;

@@ -441,6 +441,37 @@ fn bad_config_is_one_line_and_nonzero() {
 }
 
 #[test]
+fn storage_this_build_cannot_serve_is_refused_in_one_line() {
+    let dir = crate::util::TestDir::new("hub_storage_not_yet");
+    let cfg = dir.join("hub.toml");
+    std::fs::write(&cfg, "[storage]\nblobs = \"s3://fleet-logs/hub\"\n").unwrap();
+    let serve = |env: &[(&str, &str)]| {
+        let out = Command::new(crate::util::bin("logbook-hub"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&cfg)
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8(out.stderr).unwrap()
+    };
+    let err = serve(&[]);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("storage.blobs: S3 is not yet supported"),
+        "{err}"
+    );
+    let err = serve(&[("LOGBOOK_STORAGE_DATABASE", "postgres://hub@db/logbook")]);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("storage.database: PostgreSQL is not yet supported"),
+        "{err}"
+    );
+}
+
+#[test]
 fn sigterm_stops_cleanly() {
     let mut hub = HubProc::start("hub_sigterm");
     let status = hub.terminate();

@@ -11,7 +11,7 @@ use std::time::Duration;
 use rand::Rng;
 
 use super::faultproxy::{schedule_rng, Fault, FaultProxy};
-use super::{assert_exact_seqs, hub_logs, start_agent, sync_env, wait_synced};
+use super::{assert_exact_seqs, hub_get, hub_logs, start_agent, sync_env, wait_synced};
 use crate::hub::{HubProc, DEVICE};
 use crate::util::{wait_for, TestDir};
 
@@ -100,6 +100,12 @@ fn kill_9_mid_upload_loses_and_duplicates_nothing() {
         // Kill once the hub has some of this round's records, not all.
         let before = total - 1500;
         wait_for("uploads under way", Duration::from_secs(30), || {
+            // The hub knows the device from its first batch on: until
+            // then its logs are a 404, not an empty list.
+            let first = hub_get(&hub, &hub.api(&format!("/devices/{DEVICE}/logs?limit=1")));
+            if first.0 == 404 {
+                return None;
+            }
             let n = hub_logs(&hub, &format!("/devices/{DEVICE}/logs")).len() as u64;
             (n > before + 50).then_some(())
         });

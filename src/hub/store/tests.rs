@@ -1,17 +1,43 @@
-//! Unit tests of the store: migrations, idempotent ingest, session
-//! revisions, gaps, search, deletion and keyset pagination.
+//! The store's test suite, written against the [`Store`] trait and run
+//! against every backend (`per_backend!` below): idempotent ingest,
+//! session revisions, gaps, search, deletion, keyset pagination and the
+//! live stream's reads. What only one backend has (its migrations, its
+//! indexes) is tested beside it.
+
+use std::sync::Arc;
 
 use super::*;
-use crate::wire::{Device, Gap, Package, Record, BATCH_VERSION};
+use crate::wire::{Device, Gap, Package, Record, SessionState, BATCH_VERSION};
 use uuid::Uuid;
 
-fn open() -> (tempfile::TempDir, Store) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("hub.db")).unwrap();
-    (dir, store)
+/// Each test of the suite as a `#[tokio::test]` per backend, on a fresh
+/// store. A second backend adds a module here.
+macro_rules! per_backend {
+    ($($test:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    let dir = tempfile::tempdir().unwrap();
+                    let store = crate::hub::store::SqliteStore::open(&dir.path().join("hub.db"))
+                        .unwrap();
+                    super::$test(&store).await;
+                }
+            )*
+        }
+    };
 }
 
-fn scope(device: &str) -> DeviceScope {
+per_backend!(
+    ingest_is_idempotent_per_device_and_seq,
+    newest_revision_wins_and_gaps_keep_the_maximum,
+    filters_search_and_cursors,
+    delete_removes_everything_and_stays_deleted,
+    session_list_filters_sorts_and_pages,
+    logs_after_an_id_page_through_one_session_in_commit_order,
+);
+
+pub(super) fn scope(device: &str) -> DeviceScope {
     DeviceScope {
         org: "acme".into(),
         project: "warehouse".into(),
@@ -19,11 +45,17 @@ fn scope(device: &str) -> DeviceScope {
     }
 }
 
-fn sid(n: u128) -> Uuid {
+pub(super) fn sid(n: u128) -> Uuid {
     Uuid::from_u128(0x0193_0000_0000_7000_8000_0000_0000_0000 + n)
 }
 
-fn rec(seq: u64, session: Option<Uuid>, level: Level, module: &str, message: &str) -> Record {
+pub(super) fn rec(
+    seq: u64,
+    session: Option<Uuid>,
+    level: Level,
+    module: &str,
+    message: &str,
+) -> Record {
     Record {
         seq,
         session_id: session,
@@ -39,7 +71,7 @@ fn rec(seq: u64, session: Option<Uuid>, level: Level, module: &str, message: &st
     }
 }
 
-fn state(id: Uuid, revision: u64, status: SessionStatus, tags: &[&str]) -> SessionState {
+pub(super) fn state(id: Uuid, revision: u64, status: SessionStatus, tags: &[&str]) -> SessionState {
     SessionState {
         id,
         revision,
@@ -60,8 +92,13 @@ fn state(id: Uuid, revision: u64, status: SessionStatus, tags: &[&str]) -> Sessi
     }
 }
 
-fn batch(device: &str, sessions: Vec<SessionState>, records: Vec<Record>, gaps: Vec<Gap>) -> Batch {
-    Batch {
+pub(super) fn batch(
+    device: &str,
+    sessions: Vec<SessionState>,
+    records: Vec<Record>,
+    gaps: Vec<Gap>,
+) -> Arc<Batch> {
+    Arc::new(Batch {
         version: BATCH_VERSION,
         device: Device {
             id: device.into(),
@@ -71,12 +108,13 @@ fn batch(device: &str, sessions: Vec<SessionState>, records: Vec<Record>, gaps: 
         sessions,
         records,
         gaps,
-    }
+    })
 }
 
-fn all_logs(store: &Store, pk: i64, q: LogQuery) -> Vec<u64> {
+async fn all_logs(store: &dyn Store, pk: i64, q: LogQuery) -> Vec<u64> {
     store
         .logs(LogScope::Session(pk), &LogQuery { limit: 500, ..q })
+        .await
         .unwrap()
         .items
         .iter()
@@ -84,29 +122,7 @@ fn all_logs(store: &Store, pk: i64, q: LogQuery) -> Vec<u64> {
         .collect()
 }
 
-#[test]
-fn migrations_run_once_and_newer_schema_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("hub.db");
-    drop(Store::open(&path).unwrap());
-    drop(Store::open(&path).unwrap());
-    let conn = Connection::open(&path).unwrap();
-    let v: i64 = conn
-        .pragma_query_value(None, "user_version", |r| r.get(0))
-        .unwrap();
-    assert_eq!(v, MIGRATIONS.len() as i64);
-    conn.pragma_update(None, "user_version", 99).unwrap();
-    drop(conn);
-    let err = Store::open(&path).err().unwrap().to_string();
-    assert!(
-        err.contains("schema version 99, newer than this logbook-hub understands"),
-        "{err}"
-    );
-}
-
-#[test]
-fn ingest_is_idempotent_per_device_and_seq() {
-    let (_d, store) = open();
+async fn ingest_is_idempotent_per_device_and_seq(store: &dyn Store) {
     let s = sid(1);
     let recs: Vec<Record> = (1..=10)
         .map(|i| rec(i, Some(s), Level::Info, "nav", "moving"))
@@ -114,7 +130,7 @@ fn ingest_is_idempotent_per_device_and_seq() {
     let first = store
         .ingest(
             &scope("r1"),
-            &batch(
+            batch(
                 "r1",
                 vec![state(s, 1, SessionStatus::Active, &[])],
                 recs[..6].to_vec(),
@@ -122,29 +138,33 @@ fn ingest_is_idempotent_per_device_and_seq() {
             ),
             false,
         )
+        .await
         .unwrap();
     assert_eq!((first.ack.stored, first.ack.duplicates), (6, 0));
     // Overlap: 4..=10 again; 4, 5, 6 are duplicates.
     let second = store
         .ingest(
             &scope("r1"),
-            &batch("r1", vec![], recs[3..].to_vec(), vec![]),
+            batch("r1", vec![], recs[3..].to_vec(), vec![]),
             true,
         )
+        .await
         .unwrap();
     assert_eq!((second.ack.stored, second.ack.duplicates), (4, 3));
     assert_eq!(second.ack.acked, vec![(4, 10)]);
     assert_eq!(second.live.len(), 4);
     let pk = store
         .find_session("acme", "warehouse", &s.to_string())
+        .await
         .unwrap()
         .unwrap();
     assert_eq!(
-        all_logs(&store, pk, LogQuery::default()),
+        all_logs(store, pk, LogQuery::default()).await,
         (1..=10).rev().collect::<Vec<_>>()
     );
     let row = store
         .get_session("acme", "warehouse", &s.to_string())
+        .await
         .unwrap()
         .unwrap();
     assert_eq!(row.level_counts[Level::Info.code() as usize], 10);
@@ -152,7 +172,7 @@ fn ingest_is_idempotent_per_device_and_seq() {
     let other = store
         .ingest(
             &scope("r2"),
-            &batch(
+            batch(
                 "r2",
                 vec![],
                 recs[..2]
@@ -166,13 +186,12 @@ fn ingest_is_idempotent_per_device_and_seq() {
             ),
             false,
         )
+        .await
         .unwrap();
     assert_eq!(other.ack.stored, 2);
 }
 
-#[test]
-fn newest_revision_wins_and_gaps_keep_the_maximum() {
-    let (_d, store) = open();
+async fn newest_revision_wins_and_gaps_keep_the_maximum(store: &dyn Store) {
     let s = sid(2);
     let gap = |n| Gap {
         session_id: Some(s),
@@ -183,7 +202,7 @@ fn newest_revision_wins_and_gaps_keep_the_maximum() {
     store
         .ingest(
             &scope("r1"),
-            &batch(
+            batch(
                 "r1",
                 vec![state(s, 2, SessionStatus::Active, &["a"])],
                 vec![],
@@ -191,11 +210,12 @@ fn newest_revision_wins_and_gaps_keep_the_maximum() {
             ),
             false,
         )
+        .await
         .unwrap();
     store
         .ingest(
             &scope("r1"),
-            &batch(
+            batch(
                 "r1",
                 vec![state(s, 3, SessionStatus::Completed, &["b"])],
                 vec![],
@@ -203,12 +223,13 @@ fn newest_revision_wins_and_gaps_keep_the_maximum() {
             ),
             false,
         )
+        .await
         .unwrap();
     // An older state and a smaller (stale) counter change nothing.
     let stale = store
         .ingest(
             &scope("r1"),
-            &batch(
+            batch(
                 "r1",
                 vec![state(s, 1, SessionStatus::Active, &["c"])],
                 vec![],
@@ -216,10 +237,12 @@ fn newest_revision_wins_and_gaps_keep_the_maximum() {
             ),
             false,
         )
+        .await
         .unwrap();
     assert_eq!(stale.ack.sessions, 0);
     let row = store
         .get_session("acme", "warehouse", &s.to_string())
+        .await
         .unwrap()
         .unwrap();
     assert_eq!(row.status, "completed");
@@ -236,7 +259,7 @@ fn newest_revision_wins_and_gaps_keep_the_maximum() {
     let err = store
         .ingest(
             &scope("r2"),
-            &batch(
+            batch(
                 "r2",
                 vec![state(s, 9, SessionStatus::Failed, &[])],
                 vec![],
@@ -244,13 +267,12 @@ fn newest_revision_wins_and_gaps_keep_the_maximum() {
             ),
             false,
         )
+        .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Conflict(_)), "{err}");
 }
 
-#[test]
-fn filters_search_and_cursors() {
-    let (_d, store) = open();
+async fn filters_search_and_cursors(store: &dyn Store) {
     let s = sid(3);
     let recs = vec![
         rec(1, Some(s), Level::Debug, "nav", "planning route"),
@@ -272,34 +294,39 @@ fn filters_search_and_cursors() {
         rec(5, Some(s), Level::Info, "perception", "detected nothing"),
     ];
     store
-        .ingest(&scope("r1"), &batch("r1", vec![], recs, vec![]), false)
+        .ingest(&scope("r1"), batch("r1", vec![], recs, vec![]), false)
+        .await
         .unwrap();
     let pk = store
         .find_session("acme", "warehouse", &s.to_string())
+        .await
         .unwrap()
         .unwrap();
-    let check = |q: LogQuery, want: &[u64]| assert_eq!(all_logs(&store, pk, q), want);
+    let check = async |q: LogQuery, want: &[u64]| assert_eq!(all_logs(store, pk, q).await, want);
     check(
         LogQuery {
             min_level: Some(Level::Warn),
             ..Default::default()
         },
         &[4, 3, 2],
-    );
+    )
+    .await;
     check(
         LogQuery {
             module: Some("perception".into()),
             ..Default::default()
         },
         &[5, 3, 2],
-    );
+    )
+    .await;
     check(
         LogQuery {
             module: Some("nav*".into()),
             ..Default::default()
         },
         &[4, 1],
-    );
+    )
+    .await;
     // Whole words: "obstacle" is not "obstacles".
     check(
         LogQuery {
@@ -307,28 +334,32 @@ fn filters_search_and_cursors() {
             ..Default::default()
         },
         &[4],
-    );
+    )
+    .await;
     check(
         LogQuery {
             search: Some("obstacles".into()),
             ..Default::default()
         },
         &[2],
-    );
+    )
+    .await;
     check(
         LogQuery {
             search: Some("DETECTED 5".into()),
             ..Default::default()
         },
         &[2],
-    );
+    )
+    .await;
     check(
         LogQuery {
             search: Some("\"); DROP".into()),
             ..Default::default()
         },
         &[],
-    );
+    )
+    .await;
     check(
         LogQuery {
             since_ns: Some(1_002),
@@ -336,7 +367,8 @@ fn filters_search_and_cursors() {
             ..Default::default()
         },
         &[3, 2],
-    );
+    )
+    .await;
     check(
         LogQuery {
             ascending: true,
@@ -344,14 +376,16 @@ fn filters_search_and_cursors() {
             ..Default::default()
         },
         &[4, 5],
-    );
+    )
+    .await;
     check(
         LogQuery {
             cursor: Some(3),
             ..Default::default()
         },
         &[2, 1],
-    );
+    )
+    .await;
     let page = store
         .logs(
             LogScope::Session(pk),
@@ -361,18 +395,17 @@ fn filters_search_and_cursors() {
                 ..Default::default()
             },
         )
+        .await
         .unwrap();
     assert_eq!((page.total, page.next_cursor), (Some(5), Some(4)));
 }
 
-#[test]
-fn delete_removes_everything_and_stays_deleted() {
-    let (_d, store) = open();
+async fn delete_removes_everything_and_stays_deleted(store: &dyn Store) {
     let s = sid(4);
     store
         .ingest(
             &scope("r1"),
-            &batch(
+            batch(
                 "r1",
                 vec![state(s, 1, SessionStatus::Active, &[])],
                 vec![rec(1, Some(s), Level::Info, "m", "gone soon")],
@@ -380,23 +413,32 @@ fn delete_removes_everything_and_stays_deleted() {
             ),
             false,
         )
+        .await
         .unwrap();
     assert!(store
         .add_tag("acme", "warehouse", &s.to_string(), "keep")
+        .await
         .unwrap());
+    let pk = store
+        .find_session("acme", "warehouse", &s.to_string())
+        .await
+        .unwrap()
+        .unwrap();
     let deleted = store
         .delete_session("acme", "warehouse", &s.to_string())
+        .await
         .unwrap();
     assert!(deleted.is_some());
     assert!(store
         .get_session("acme", "warehouse", &s.to_string())
+        .await
         .unwrap()
         .is_none());
     // A late retry is acknowledged but does not bring it back.
     let late = store
         .ingest(
             &scope("r1"),
-            &batch(
+            batch(
                 "r1",
                 vec![state(s, 2, SessionStatus::Completed, &[])],
                 vec![rec(2, Some(s), Level::Info, "m", "late")],
@@ -404,31 +446,23 @@ fn delete_removes_everything_and_stays_deleted() {
             ),
             false,
         )
+        .await
         .unwrap();
     assert_eq!(late.ack.acked, vec![(2, 2)]);
     assert!(store
         .get_session("acme", "warehouse", &s.to_string())
+        .await
         .unwrap()
         .is_none());
-    let n: i64 = store
-        .read(|c| Ok(c.query_row("SELECT count(*) FROM logs", [], |r| r.get(0))?))
+    assert_eq!(all_logs(store, pk, LogQuery::default()).await, [0u64; 0]);
+    let (rows, _) = store
+        .logs_after(LogScope::Session(pk), 0, &LogQuery::default(), 10)
+        .await
         .unwrap();
-    assert_eq!(n, 0);
-    let indexed: i64 = store
-        .read(|c| {
-            Ok(c.query_row(
-                "SELECT count(*) FROM logs_fts WHERE logs_fts MATCH 'gone'",
-                [],
-                |r| r.get(0),
-            )?)
-        })
-        .unwrap();
-    assert_eq!(indexed, 0, "the deleted message left the full-text index");
+    assert!(rows.is_empty());
 }
 
-#[test]
-fn session_list_filters_sorts_and_pages() {
-    let (_d, store) = open();
+async fn session_list_filters_sorts_and_pages(store: &dyn Store) {
     for i in 0..7u128 {
         let mut st = state(
             sid(10 + i),
@@ -448,10 +482,11 @@ fn session_list_filters_sorts_and_pages() {
             vec![]
         };
         store
-            .ingest(&scope("r1"), &batch("r1", vec![st], recs, vec![]), false)
+            .ingest(&scope("r1"), batch("r1", vec![st], recs, vec![]), false)
+            .await
             .unwrap();
     }
-    let list = |q: SessionQuery| {
+    let list = async |q: SessionQuery| {
         let p = store
             .list_sessions(
                 "acme",
@@ -461,6 +496,7 @@ fn session_list_filters_sorts_and_pages() {
                     ..q
                 },
             )
+            .await
             .unwrap();
         (
             p.total,
@@ -476,6 +512,7 @@ fn session_list_filters_sorts_and_pages() {
             descending: true,
             ..Default::default()
         })
+        .await
         .1,
         vec![6, 5, 4, 3, 2, 1, 0]
     );
@@ -485,6 +522,7 @@ fn session_list_filters_sorts_and_pages() {
             descending: true,
             ..Default::default()
         })
+        .await
         .1,
         vec![6, 4, 2, 0]
     );
@@ -493,6 +531,7 @@ fn session_list_filters_sorts_and_pages() {
             tags: vec!["prod".into()],
             ..Default::default()
         })
+        .await
         .1,
         vec![0, 1, 2]
     );
@@ -501,6 +540,7 @@ fn session_list_filters_sorts_and_pages() {
             has_errors: Some(true),
             ..Default::default()
         })
+        .await
         .1,
         vec![5]
     );
@@ -509,6 +549,7 @@ fn session_list_filters_sorts_and_pages() {
             sort: SessionSort::Duration,
             ..Default::default()
         })
+        .await
         .1,
         vec![6, 5, 4, 3, 2, 1, 0]
     );
@@ -517,6 +558,7 @@ fn session_list_filters_sorts_and_pages() {
             metadata: vec![("site".into(), "berlin".into())],
             ..Default::default()
         })
+        .await
         .0,
         7
     );
@@ -525,6 +567,7 @@ fn session_list_filters_sorts_and_pages() {
             metadata: vec![("site".into(), "paris".into())],
             ..Default::default()
         })
+        .await
         .0,
         0
     );
@@ -534,6 +577,7 @@ fn session_list_filters_sorts_and_pages() {
             package_version: Some("2.1.0".into()),
             ..Default::default()
         })
+        .await
         .0,
         7
     );
@@ -546,7 +590,8 @@ fn session_list_filters_sorts_and_pages() {
             limit: 3,
             cursor,
             ..Default::default()
-        });
+        })
+        .await;
         assert_eq!(total, 7);
         seen.extend(items);
         match next {
@@ -560,55 +605,49 @@ fn session_list_filters_sorts_and_pages() {
         limit: 3,
         offset: 3,
         ..Default::default()
-    });
+    })
+    .await;
     assert_eq!(items, vec![3, 2, 1]);
 }
 
-#[test]
-fn fts_queries_quote_user_text() {
-    let check = |s: &str, want: Option<&str>| assert_eq!(fts_query(s).as_deref(), want, "{s}");
-    check("obstacle", Some("\"obstacle\""));
-    check("Detected 5", Some("\"Detected\" AND \"5\""));
-    check("a\"b OR c", Some("\"a\" AND \"b\" AND \"OR\" AND \"c\""));
-    check("  ;; ", None);
-}
-
-#[test]
-fn logs_after_an_id_page_through_one_session_in_commit_order() {
-    let (_d, store) = open();
+async fn logs_after_an_id_page_through_one_session_in_commit_order(store: &dyn Store) {
     let (a, b) = (sid(7), sid(8));
     // Two robots' sessions interleaved, and session a's errors arriving
     // before its older records (as after an outage).
-    let post = |device: &str, s: Uuid, seqs: &[u64], level: Level| {
+    let post = async |device: &str, s: Uuid, seqs: &[u64], level: Level| {
         let recs = seqs
             .iter()
             .map(|&i| rec(i, Some(s), level, "nav", &format!("{device} {i}")))
             .collect();
         let states = vec![state(s, 1, SessionStatus::Active, &[])];
         store
-            .ingest(&scope(device), &batch(device, states, recs, vec![]), false)
+            .ingest(&scope(device), batch(device, states, recs, vec![]), false)
+            .await
             .unwrap();
     };
-    post("r1", a, &[1, 2], Level::Info);
-    post("r2", b, &[1, 2, 3], Level::Info);
-    post("r1", a, &[9, 10], Level::Error);
-    post("r2", b, &[4], Level::Info);
-    post("r1", a, &[3, 4, 5], Level::Info);
-    let pk = |s: Uuid| {
+    post("r1", a, &[1, 2], Level::Info).await;
+    post("r2", b, &[1, 2, 3], Level::Info).await;
+    post("r1", a, &[9, 10], Level::Error).await;
+    post("r2", b, &[4], Level::Info).await;
+    post("r1", a, &[3, 4, 5], Level::Info).await;
+    let pk = async |s: Uuid| {
         store
             .find_session("acme", "warehouse", &s.to_string())
+            .await
             .unwrap()
             .unwrap()
     };
-    let read_all = |q: &LogQuery, page: u64| {
+    let pa = pk(a).await;
+    let read_all = async |q: &LogQuery, page: u64| {
         let (mut after, mut seqs, mut pages) = (0, Vec::new(), 0);
         loop {
             let (rows, next) = store
-                .logs_after(LogScope::Session(pk(a)), after, q, page)
+                .logs_after(LogScope::Session(pa), after, q, page)
+                .await
                 .unwrap();
             assert!(rows
                 .iter()
-                .all(|r| r.id > after && r.session_pk == Some(pk(a))));
+                .all(|r| r.id > after && r.session_pk == Some(pa)));
             assert!(next >= after);
             seqs.extend(rows.iter().map(|r| r.seq));
             pages += 1;
@@ -619,13 +658,14 @@ fn logs_after_an_id_page_through_one_session_in_commit_order() {
             }
         }
     };
-    let (seqs, last, pages) = read_all(&LogQuery::default(), 2);
+    let (seqs, last, pages) = read_all(&LogQuery::default(), 2).await;
     assert_eq!(seqs, [1, 2, 9, 10, 3, 4, 5], "commit order, not seq order");
     assert_eq!(pages, 4);
     // Caught up: nothing after the last id, and it stays there.
     assert_eq!(
         store
-            .logs_after(LogScope::Session(pk(a)), last, &LogQuery::default(), 2)
+            .logs_after(LogScope::Session(pa), last, &LogQuery::default(), 2)
+            .await
             .unwrap(),
         (vec![], last)
     );
@@ -636,19 +676,20 @@ fn logs_after_an_id_page_through_one_session_in_commit_order() {
         min_level: Some(Level::Error),
         ..Default::default()
     };
-    let (seqs, after_errors, _) = read_all(&errors, 500);
+    let (seqs, after_errors, _) = read_all(&errors, 500).await;
     assert_eq!(seqs, [9, 10]);
     assert_eq!(after_errors, last);
 
     // The tail comes with the session's last id of the same snapshot.
     let (page, last_id) = store
         .logs_tail(
-            LogScope::Session(pk(b)),
+            LogScope::Session(pk(b).await),
             &LogQuery {
                 limit: 2,
                 ..Default::default()
             },
         )
+        .await
         .unwrap();
     assert_eq!(page.items.iter().map(|r| r.seq).collect::<Vec<_>>(), [4, 3]);
     assert_eq!(last_id, Some(page.items[0].id));

@@ -1,0 +1,395 @@
+//! The SQLite backend of the hub's store ([`SqliteStore`]): one database
+//! file in WAL mode, one writer connection behind a mutex and a small pool
+//! of readers; the numbered migrations (`001_initial.sql`, ...) under
+//! `PRAGMA user_version`. The blocking methods of [`Db`] are split by
+//! domain: `tokens`, `ingest`, `sessions`, `logs`, `artifacts`, `uploads`;
+//! `rows` maps result rows to the domain types. [`SqliteStore`] runs each
+//! on the blocking pool behind the [`Store`] trait.
+//!
+//! Invariant: a database newer than this binary is refused untouched;
+//! `MIGRATIONS` only grows at the end; no SQLite call runs on an async
+//! thread.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{Connection, Transaction};
+
+use super::{
+    ArtifactRow, Deleted, DeviceRow, DeviceScope, Ingested, LogPage, LogQuery, LogRow, LogScope,
+    Principal, SessionPage, SessionQuery, SessionRow, Store, StoreError, UploadRow,
+};
+use crate::wire::{Batch, Level};
+
+mod artifacts;
+mod ingest;
+mod logs;
+mod rows;
+mod sessions;
+mod tokens;
+mod uploads;
+
+/// Numbered migrations; `PRAGMA user_version` is how many have run.
+const MIGRATIONS: &[&str] = &[include_str!("001_initial.sql")];
+
+/// Reader connections kept open between requests.
+const MAX_IDLE_READERS: usize = 8;
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> StoreError {
+        StoreError::Backend(Box::new(e))
+    }
+}
+
+/// The blocking core: the connections, and (in the domain files) one
+/// method per store operation.
+pub(super) struct Db {
+    path: PathBuf,
+    writer: Mutex<Connection>,
+    readers: Mutex<Vec<Connection>>,
+}
+
+fn pragmas(conn: &Connection) -> rusqlite::Result<()> {
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "foreign_keys", "OFF")?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(())
+}
+
+/// Runs the migrations `user_version` has not seen, in one transaction;
+/// refuses a database newer than this binary.
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let known = MIGRATIONS.len() as i64;
+    if found > known {
+        return Err(StoreError::NewerSchema {
+            what: path.display().to_string(),
+            found,
+            known,
+        });
+    }
+    if found == known {
+        return Ok(());
+    }
+    let tx = conn.transaction()?;
+    for sql in &MIGRATIONS[found as usize..] {
+        tx.execute_batch(sql)?;
+    }
+    tx.pragma_update(None, "user_version", known)?;
+    tx.commit()?;
+    Ok(())
+}
+
+pub(super) fn now_ns() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64
+}
+
+pub(super) fn level_of(code: i64) -> Level {
+    Level::from_code(code.clamp(0, 5) as u8).unwrap_or(Level::Info)
+}
+
+impl Db {
+    /// Opens (creating if needed) the database at `path` and migrates it.
+    pub fn open(path: &Path) -> Result<Db, StoreError> {
+        let open_err = |source: rusqlite::Error| StoreError::Open {
+            what: path.display().to_string(),
+            source: Box::new(source),
+        };
+        let mut conn = Connection::open(path).map_err(open_err)?;
+        pragmas(&conn).map_err(open_err)?;
+        // The writer keeps the hot index pages of every device and session
+        // in memory (64 MiB), and checkpoints less often, so a page written
+        // by many batches reaches the database file once per checkpoint.
+        conn.pragma_update(None, "cache_size", -65536)
+            .and_then(|()| conn.pragma_update(None, "wal_autocheckpoint", 8192))
+            .and_then(|()| conn.pragma_update(None, "temp_store", "MEMORY"))
+            .map_err(open_err)?;
+        migrate(&mut conn, path)?;
+        Ok(Db {
+            path: path.to_owned(),
+            writer: Mutex::new(conn),
+            readers: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub(super) fn write<T>(
+        &self,
+        f: impl FnOnce(&Transaction<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    pub(super) fn read<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let conn = self.readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let conn = match conn {
+            Some(c) => c,
+            None => {
+                let c = Connection::open(&self.path)?;
+                pragmas(&c)?;
+                c
+            }
+        };
+        let out = f(&conn);
+        let mut idle = self.readers.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < MAX_IDLE_READERS {
+            idle.push(conn);
+        }
+        out
+    }
+}
+
+/// The SQLite [`Store`]: every call runs on the blocking pool.
+pub struct SqliteStore {
+    db: Arc<Db>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and migrates it.
+    /// Blocking.
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        Ok(SqliteStore {
+            db: Arc::new(Db::open(path)?),
+        })
+    }
+
+    /// Runs `f` on the blocking pool.
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Db) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&db))
+            .await
+            .map_err(|e| StoreError::Backend(Box::new(e)))?
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for SqliteStore {
+    async fn create_token(&self, hash: &str, principal: &Principal) -> Result<(), StoreError> {
+        let (hash, principal) = (hash.to_owned(), principal.clone());
+        self.run(move |db| db.create_token(&hash, &principal)).await
+    }
+
+    async fn find_token(&self, hash: &str) -> Result<Option<Principal>, StoreError> {
+        let hash = hash.to_owned();
+        self.run(move |db| db.find_token(&hash)).await
+    }
+
+    async fn ingest(
+        &self,
+        scope: &DeviceScope,
+        batch: Arc<Batch>,
+        want_live: bool,
+    ) -> Result<Ingested, StoreError> {
+        let scope = scope.clone();
+        self.run(move |db| db.ingest(&scope, &batch, want_live))
+            .await
+    }
+
+    async fn session_for_device(
+        &self,
+        scope: &DeviceScope,
+        id: uuid::Uuid,
+    ) -> Result<Option<(i64, i64)>, StoreError> {
+        let scope = scope.clone();
+        self.run(move |db| db.session_for_device(&scope, id)).await
+    }
+
+    async fn find_session(
+        &self,
+        org: &str,
+        project: &str,
+        id: &str,
+    ) -> Result<Option<i64>, StoreError> {
+        let (o, p, i) = (org.to_owned(), project.to_owned(), id.to_owned());
+        self.run(move |db| db.find_session(&o, &p, &i)).await
+    }
+
+    async fn get_session(
+        &self,
+        org: &str,
+        project: &str,
+        id: &str,
+    ) -> Result<Option<SessionRow>, StoreError> {
+        let (o, p, i) = (org.to_owned(), project.to_owned(), id.to_owned());
+        self.run(move |db| db.get_session(&o, &p, &i)).await
+    }
+
+    async fn list_sessions(
+        &self,
+        org: &str,
+        project: &str,
+        q: &SessionQuery,
+    ) -> Result<SessionPage, StoreError> {
+        let (o, p, q) = (org.to_owned(), project.to_owned(), q.clone());
+        self.run(move |db| db.list_sessions(&o, &p, &q)).await
+    }
+
+    async fn delete_session(
+        &self,
+        org: &str,
+        project: &str,
+        id: &str,
+    ) -> Result<Option<Deleted>, StoreError> {
+        let (o, p, i) = (org.to_owned(), project.to_owned(), id.to_owned());
+        self.run(move |db| db.delete_session(&o, &p, &i)).await
+    }
+
+    async fn add_tag(
+        &self,
+        org: &str,
+        project: &str,
+        id: &str,
+        tag: &str,
+    ) -> Result<bool, StoreError> {
+        let (o, p, i, t) = (
+            org.to_owned(),
+            project.to_owned(),
+            id.to_owned(),
+            tag.to_owned(),
+        );
+        self.run(move |db| db.add_tag(&o, &p, &i, &t)).await
+    }
+
+    async fn remove_tag(
+        &self,
+        org: &str,
+        project: &str,
+        id: &str,
+        tag: &str,
+    ) -> Result<Option<bool>, StoreError> {
+        let (o, p, i, t) = (
+            org.to_owned(),
+            project.to_owned(),
+            id.to_owned(),
+            tag.to_owned(),
+        );
+        self.run(move |db| db.remove_tag(&o, &p, &i, &t)).await
+    }
+
+    async fn session_status(&self, pk: i64) -> Result<Option<String>, StoreError> {
+        self.run(move |db| db.session_status(pk)).await
+    }
+
+    async fn list_devices(&self, org: &str, project: &str) -> Result<Vec<DeviceRow>, StoreError> {
+        let (o, p) = (org.to_owned(), project.to_owned());
+        self.run(move |db| db.list_devices(&o, &p)).await
+    }
+
+    async fn find_device(
+        &self,
+        org: &str,
+        project: &str,
+        device_id: &str,
+    ) -> Result<Option<DeviceRow>, StoreError> {
+        let (o, p, d) = (org.to_owned(), project.to_owned(), device_id.to_owned());
+        self.run(move |db| db.find_device(&o, &p, &d)).await
+    }
+
+    async fn logs(&self, scope: LogScope, q: &LogQuery) -> Result<LogPage, StoreError> {
+        let q = q.clone();
+        self.run(move |db| db.logs(scope, &q)).await
+    }
+
+    async fn logs_tail(
+        &self,
+        scope: LogScope,
+        q: &LogQuery,
+    ) -> Result<(LogPage, Option<i64>), StoreError> {
+        let q = q.clone();
+        self.run(move |db| db.logs_tail(scope, &q)).await
+    }
+
+    async fn logs_after(
+        &self,
+        scope: LogScope,
+        after: i64,
+        q: &LogQuery,
+        limit: u64,
+    ) -> Result<(Vec<LogRow>, i64), StoreError> {
+        let q = q.clone();
+        self.run(move |db| db.logs_after(scope, after, &q, limit))
+            .await
+    }
+
+    async fn list_artifacts(&self, session_pk: i64) -> Result<Vec<ArtifactRow>, StoreError> {
+        self.run(move |db| db.list_artifacts(session_pk)).await
+    }
+
+    async fn get_artifact(
+        &self,
+        session_pk: i64,
+        path: &str,
+    ) -> Result<Option<ArtifactRow>, StoreError> {
+        let path = path.to_owned();
+        self.run(move |db| db.get_artifact(session_pk, &path)).await
+    }
+
+    async fn complete_upload(
+        &self,
+        upload: &UploadRow,
+        blob: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let (upload, blob) = (upload.clone(), blob.to_owned());
+        self.run(move |db| db.complete_upload(&upload, &blob)).await
+    }
+
+    async fn create_upload(&self, upload: &UploadRow) -> Result<(), StoreError> {
+        let upload = upload.clone();
+        self.run(move |db| db.create_upload(&upload)).await
+    }
+
+    async fn get_upload(&self, id: &str) -> Result<Option<UploadRow>, StoreError> {
+        let id = id.to_owned();
+        self.run(move |db| db.get_upload(&id)).await
+    }
+
+    async fn find_unfinished_upload(
+        &self,
+        device_pk: i64,
+        session_pk: i64,
+        path: &str,
+        sha256: &str,
+        length: u64,
+    ) -> Result<Option<UploadRow>, StoreError> {
+        let (path, sha256) = (path.to_owned(), sha256.to_owned());
+        self.run(move |db| db.find_unfinished_upload(device_pk, session_pk, &path, &sha256, length))
+            .await
+    }
+
+    async fn unfinished_uploads(&self, device_pk: i64) -> Result<u64, StoreError> {
+        self.run(move |db| db.unfinished_uploads(device_pk)).await
+    }
+
+    async fn uploads_created_before(
+        &self,
+        before_ns: i64,
+        after: Option<(i64, &str)>,
+        limit: u32,
+    ) -> Result<Vec<UploadRow>, StoreError> {
+        let after = after.map(|(at, id)| (at, id.to_owned()));
+        self.run(move |db| {
+            let after = after.as_ref().map(|(at, id)| (*at, id.as_str()));
+            db.uploads_created_before(before_ns, after, limit)
+        })
+        .await
+    }
+
+    async fn delete_upload(&self, id: &str) -> Result<bool, StoreError> {
+        let id = id.to_owned();
+        self.run(move |db| db.delete_upload(&id)).await
+    }
+}
+
+#[cfg(test)]
+mod tests;

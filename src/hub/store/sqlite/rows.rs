@@ -1,0 +1,151 @@
+//! Result rows to domain types (the `SELECT` column lists with the
+//! functions that read them), small shared lookups, and [`Where`], the
+//! builder of filtered `WHERE` clauses.
+
+use rusqlite::types::Value;
+use rusqlite::{Connection, OptionalExtension};
+
+use super::level_of;
+use crate::hub::store::{ArtifactRow, DeviceRow, LogRow, SessionRow, UploadRow};
+
+/// `SELECT` columns for a [`LogRow`], in the order `log_row` reads them.
+pub(super) const LOG_COLUMNS: &str =
+    "l.session_pk, s.id, d.device_id, l.seq, l.ts, l.level, l.module, \
+     l.message, l.metadata, l.pid, l.uid, l.gid, l.process, l.id, l.device_pk";
+
+pub(super) fn log_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LogRow> {
+    Ok(LogRow {
+        session_pk: r.get(0)?,
+        session_id: r.get(1)?,
+        device_id: r.get(2)?,
+        seq: r.get::<_, i64>(3)? as u64,
+        timestamp_ns: r.get(4)?,
+        level: level_of(r.get(5)?),
+        module: r.get(6)?,
+        message: r.get(7)?,
+        metadata: r.get(8)?,
+        pid: r.get(9)?,
+        uid: r.get(10)?,
+        gid: r.get(11)?,
+        process: r.get(12)?,
+        id: r.get(13)?,
+        device_pk: r.get(14)?,
+    })
+}
+
+pub(super) const SESSION_COLUMNS: &str =
+    "s.pk, s.id, d.device_id, d.name, s.status, s.started_at_ns, \
+     s.ended_at_ns, s.duration_ns, s.package_name, s.package_version, s.metadata, s.error, \
+     s.n_trace, s.n_debug, s.n_info, s.n_warn, s.n_error, s.n_fatal, s.artifact_count, \
+     s.artifact_bytes";
+
+pub(super) fn session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRow> {
+    let mut level_counts = [0u64; 6];
+    for (i, c) in level_counts.iter_mut().enumerate() {
+        *c = r.get::<_, i64>(12 + i)? as u64;
+    }
+    Ok(SessionRow {
+        pk: r.get(0)?,
+        id: r.get(1)?,
+        device_id: r.get(2)?,
+        device_name: r.get(3)?,
+        status: r.get(4)?,
+        started_at_ns: r.get(5)?,
+        ended_at_ns: r.get(6)?,
+        duration_ns: r.get(7)?,
+        tags: Vec::new(),
+        package_name: r.get(8)?,
+        package_version: r.get(9)?,
+        metadata: r.get(10)?,
+        error: r.get(11)?,
+        level_counts,
+        artifact_count: r.get::<_, i64>(18)? as u64,
+        artifact_bytes: r.get::<_, i64>(19)? as u64,
+        gaps: Vec::new(),
+    })
+}
+
+/// `SELECT` columns for an [`UploadRow`], in the order `upload_row` reads
+/// them.
+pub(super) const UPLOAD_COLUMNS: &str =
+    "id, device_pk, session_pk, path, content_type, sha256, length, metadata, created_at_ns";
+
+pub(super) fn upload_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<UploadRow> {
+    Ok(UploadRow {
+        id: r.get(0)?,
+        device_pk: r.get(1)?,
+        session_pk: r.get(2)?,
+        path: r.get(3)?,
+        content_type: r.get(4)?,
+        sha256: r.get(5)?,
+        length: r.get::<_, i64>(6)? as u64,
+        metadata: r.get(7)?,
+        created_at_ns: r.get(8)?,
+    })
+}
+
+pub(super) fn device_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRow> {
+    Ok(DeviceRow {
+        pk: r.get(0)?,
+        device_id: r.get(1)?,
+        name: r.get(2)?,
+        last_seen_ns: r.get(3)?,
+        skew_ns: r.get(4)?,
+    })
+}
+
+pub(super) fn artifact_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ArtifactRow> {
+    Ok(ArtifactRow {
+        path: r.get(0)?,
+        size: r.get::<_, i64>(1)? as u64,
+        content_type: r.get(2)?,
+        sha256: r.get(3)?,
+        blob: r.get(4)?,
+        created_at_ns: r.get(5)?,
+    })
+}
+
+pub(super) fn session_pk(
+    c: &Connection,
+    org: &str,
+    project: &str,
+    id: &str,
+) -> rusqlite::Result<Option<i64>> {
+    c.prepare_cached("SELECT pk FROM sessions WHERE org = ?1 AND project = ?2 AND id = ?3")?
+        .query_row([org, project, id], |r| r.get(0))
+        .optional()
+}
+
+pub(super) fn tags_of(c: &Connection, pk: i64) -> rusqlite::Result<Vec<String>> {
+    let mut st = c.prepare_cached(
+        "SELECT DISTINCT tag FROM session_tags WHERE session_pk = ?1 ORDER BY tag",
+    )?;
+    let tags = st.query_map([pk], |r| r.get(0))?.collect();
+    tags
+}
+
+/// A `WHERE` clause built from optional filters: each condition with its
+/// `?` parameters, joined with `AND`, parameters in the same order.
+#[derive(Default)]
+pub(super) struct Where {
+    conditions: Vec<&'static str>,
+    args: Vec<Value>,
+}
+
+impl Where {
+    pub(super) fn and<const N: usize>(&mut self, condition: &'static str, args: [Value; N]) {
+        self.conditions.push(condition);
+        self.args.extend(args);
+    }
+
+    /// Adds `condition` with `value` as its one parameter, when there is one.
+    pub(super) fn and_some(&mut self, condition: &'static str, value: Option<impl Into<Value>>) {
+        if let Some(v) = value {
+            self.and(condition, [v.into()]);
+        }
+    }
+
+    pub(super) fn finish(self) -> (String, Vec<Value>) {
+        (self.conditions.join(" AND "), self.args)
+    }
+}

@@ -1,0 +1,71 @@
+//! Tests of what only the SQLite backend has: its migrations under
+//! `user_version`, its FTS5 queries and index. The behaviour every backend
+//! shares is tested in `hub::store::tests`, through the trait.
+
+use rusqlite::Connection;
+
+use super::logs::fts_query;
+use super::*;
+use crate::hub::store::tests::{batch, rec, scope, sid, state};
+use crate::wire::SessionStatus;
+
+#[test]
+fn migrations_run_once_and_newer_schema_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hub.db");
+    drop(Db::open(&path).unwrap());
+    drop(Db::open(&path).unwrap());
+    let conn = Connection::open(&path).unwrap();
+    let v: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(v, MIGRATIONS.len() as i64);
+    conn.pragma_update(None, "user_version", 99).unwrap();
+    drop(conn);
+    let err = Db::open(&path).err().unwrap().to_string();
+    assert!(
+        err.contains("schema version 99, newer than this logbook-hub understands"),
+        "{err}"
+    );
+}
+
+#[test]
+fn fts_queries_quote_user_text() {
+    let check = |s: &str, want: Option<&str>| assert_eq!(fts_query(s).as_deref(), want, "{s}");
+    check("obstacle", Some("\"obstacle\""));
+    check("Detected 5", Some("\"Detected\" AND \"5\""));
+    check("a\"b OR c", Some("\"a\" AND \"b\" AND \"OR\" AND \"c\""));
+    check("  ;; ", None);
+}
+
+#[tokio::test]
+async fn a_deleted_session_leaves_nothing_in_the_full_text_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("hub.db")).unwrap();
+    let s = sid(4);
+    let recs = vec![rec(1, Some(s), Level::Info, "m", "gone soon")];
+    let states = vec![state(s, 1, SessionStatus::Active, &[])];
+    store
+        .ingest(&scope("r1"), batch("r1", states, recs, vec![]), false)
+        .await
+        .unwrap();
+    let count = |sql: &'static str| {
+        store
+            .db
+            .read(|c| Ok(c.query_row(sql, [], |r| r.get::<_, i64>(0))?))
+            .unwrap()
+    };
+    let indexed = "SELECT count(*) FROM logs_fts WHERE logs_fts MATCH 'gone'";
+    assert_eq!(count(indexed), 1);
+    store
+        .delete_session("acme", "warehouse", &s.to_string())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(count("SELECT count(*) FROM logs"), 0);
+    assert_eq!(
+        count(indexed),
+        0,
+        "the deleted message left the full-text index"
+    );
+}
