@@ -14,7 +14,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
@@ -24,7 +24,8 @@ use crate::agent::store::read::{LogQuery, Reader};
 use crate::agent::store::writer::{Msg, SessionCmd};
 use crate::agent::store::{Stats, StoreError};
 use crate::agent::types::{
-    AddTag, ArtifactStatus, Flushed, OpenSession, SessionError, StopSession, Target,
+    AddTag, BufferStatus, Flushed, GapItem, IngestCounts, OpenSession, RecordCounts, SessionError,
+    Status, StopSession, Target,
 };
 use crate::prom::{self, Kind, Text};
 use crate::wire::{ErrorBody, ErrorDetail, Level, SessionStatus};
@@ -354,66 +355,6 @@ async fn flush(State(st): St) -> Result<Response, ApiError> {
         .await
         .map_err(|e| ApiError::new(503, "unavailable", e.to_string()))?;
     Ok(Json(Flushed { last_seq }).into_response())
-}
-
-/// `GET /v1/status`.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Status {
-    pub device_id: String,
-    pub device_name: String,
-    pub version: String,
-    pub uptime_seconds: f64,
-    pub current_session: Option<Uuid>,
-    pub buffer: BufferStatus,
-    pub records: RecordCounts,
-    pub ingest: IngestCounts,
-    pub gaps: Vec<GapItem>,
-    pub sync: crate::agent::sync::status::SyncStatus,
-    /// Artifact uploads (all zero and `enabled: false` without a hub).
-    #[serde(default)]
-    pub artifacts: ArtifactStatus,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct BufferStatus {
-    pub bytes_used: u64,
-    pub bytes_limit: u64,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct RecordCounts {
-    pub stored: i64,
-    pub synced: i64,
-    pub unsynced: i64,
-    pub last_seq: i64,
-    pub evicted_synced: u64,
-    pub evicted_unsynced: u64,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct IngestCounts {
-    pub accepted: u64,
-    /// `accepted` by protocol (`json`, `syslog`, `forward`).
-    #[serde(default)]
-    pub accepted_by_protocol: std::collections::BTreeMap<String, u64>,
-    pub truncated: u64,
-    pub refused: u64,
-    /// Bad records by reason.
-    pub bad: std::collections::BTreeMap<String, u64>,
-    pub connections_total: u64,
-    pub connections_open: i64,
-    pub committed: u64,
-    /// Records SQLite refused to store (disk full, I/O error).
-    pub write_failed: u64,
-    pub commits: u64,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct GapItem {
-    pub session_id: Option<Uuid>,
-    pub level: Level,
-    pub reason: String,
-    pub dropped: u64,
 }
 
 async fn gather(st: Arc<ApiState>) -> Result<Status, ApiError> {
