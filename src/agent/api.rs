@@ -25,7 +25,7 @@ use crate::agent::store::writer::{Msg, SessionCmd};
 use crate::agent::store::{Stats, StoreError};
 use crate::agent::types::{
     AddTag, BufferStatus, Flushed, GapItem, IngestCounts, OpenSession, RecordCounts, SessionError,
-    Status, StopSession, Target,
+    Status, StopSession, Target, FOLLOW_END_SESSION,
 };
 use crate::prom::{self, Kind, Text};
 use crate::wire::{ErrorBody, ErrorDetail, Level, SessionStatus};
@@ -46,6 +46,8 @@ pub struct ApiState {
     pub sync: Arc<crate::agent::sync::status::SyncShared>,
     /// Live counters of the artifact tasks.
     pub artifacts: Arc<crate::agent::sync::artifacts::ArtifactStats>,
+    /// Cancelled when the agent stops: live follows end then.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 type St = State<Arc<ApiState>>;
@@ -59,6 +61,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/sessions/{id}/tags/{tag}", delete(remove_tag))
         .route("/v1/sessions/{id}/artifacts", get(session_artifacts))
         .route("/v1/logs", get(logs))
+        .route("/v1/logs/follow", get(follow_logs))
         .route("/v1/flush", post(flush))
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics))
@@ -295,6 +298,8 @@ struct LogsQuery {
     before: Option<u64>,
     after: Option<u64>,
     order: Option<String>,
+    /// Only for a follow: start with the newest N.
+    tail: Option<usize>,
 }
 
 fn parse_time(name: &str, s: &str) -> Result<i64, ApiError> {
@@ -304,8 +309,9 @@ fn parse_time(name: &str, s: &str) -> Result<i64, ApiError> {
         .ok_or_else(|| ApiError::bad(format!("{name} {s:?} is not an RFC 3339 time")))
 }
 
-async fn logs(State(st): St, q: Q<LogsQuery>) -> Result<Response, ApiError> {
-    let Query(q) = q?;
+/// The filters and cursor of a logs query; `session=current` names the
+/// active session.
+async fn log_query(st: &Arc<ApiState>, q: LogsQuery) -> Result<LogQuery, ApiError> {
     let nonempty = |o: Option<String>| o.filter(|s| !s.is_empty());
     let session = match nonempty(q.session) {
         None => None,
@@ -328,7 +334,7 @@ async fn logs(State(st): St, q: Q<LogsQuery>) -> Result<Response, ApiError> {
         Some("asc") => true,
         Some(o) => return Err(ApiError::bad(format!("order {o:?} is not asc or desc"))),
     };
-    let query = LogQuery {
+    Ok(LogQuery {
         session,
         level,
         module: nonempty(q.module),
@@ -343,9 +349,163 @@ async fn logs(State(st): St, q: Q<LogsQuery>) -> Result<Response, ApiError> {
         before: q.before,
         after: q.after,
         ascending,
-    };
+    })
+}
+
+async fn logs(State(st): St, q: Q<LogsQuery>) -> Result<Response, ApiError> {
+    let Query(q) = q?;
+    if q.tail.is_some() {
+        return Err(ApiError::bad(
+            "tail goes with /v1/logs/follow; here use limit".into(),
+        ));
+    }
+    let query = log_query(&st, q).await?;
     let page = blocking(move || st.reader.logs(&query)).await?;
     Ok(Json(page).into_response())
+}
+
+/// A follow stream's idle line: it keeps a client's read timeout from
+/// firing while nothing matches, and shows the agent is alive.
+const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `GET /v1/logs/follow`: chunked JSON lines. The newest `tail` records
+/// matching the filters (oldest first), or those after `after`, then each
+/// new one once as the writer commits it. A stream with a session filter
+/// ends with `{"event":"end","reason":"session ended"}` once that session
+/// is closed and every record of it was sent; `"agent stopping"` ends any
+/// stream at shutdown. Each turn reads at most one page from the database,
+/// only when the client has taken the last one: a slow reader costs one
+/// page of memory and never slows the writer.
+async fn follow_logs(State(st): St, q: Q<LogsQuery>) -> Result<Response, ApiError> {
+    let Query(mut logs) = q?;
+    let tail = logs.tail.take();
+    if logs.before.is_some() || logs.limit.is_some() || logs.order.is_some() {
+        return Err(ApiError::bad(
+            "a follow takes `after` or `tail`, not before, limit or order".into(),
+        ));
+    }
+    let mut query = log_query(&st, logs).await?;
+    // Subscribed before the first read: no commit after it goes unseen.
+    let commits = st.pipeline.stats.committed_seq.subscribe();
+    let (first, cursor) = match query.after {
+        Some(after) => (Vec::new(), after),
+        None => {
+            let mut q = query.clone();
+            q.limit = tail.unwrap_or(0).min(MAX_LIMIT);
+            let st2 = st.clone();
+            blocking(move || st2.reader.tail(&q)).await?
+        }
+    };
+    query.limit = MAX_LIMIT;
+    query.before = None;
+    query.ascending = true;
+    let follow = Follow {
+        st,
+        query,
+        cursor,
+        commits,
+        first: Some(first),
+        done: false,
+    };
+    let stream = futures_util::stream::unfold(follow, |mut f| async move {
+        let chunk = f.next_chunk().await?;
+        Some((Ok::<_, std::convert::Infallible>(chunk), f))
+    });
+    let mut resp = Response::new(axum::body::Body::from_stream(stream));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/x-ndjson"),
+    );
+    Ok(resp)
+}
+
+/// The state of one follow stream.
+struct Follow {
+    st: Arc<ApiState>,
+    /// The filters, ascending above `cursor`.
+    query: LogQuery,
+    /// Every matching record up to here was sent.
+    cursor: u64,
+    commits: tokio::sync::watch::Receiver<u64>,
+    /// The tail, sent first.
+    first: Option<Vec<crate::agent::types::LogItem>>,
+    done: bool,
+}
+
+impl Follow {
+    /// The next piece of the body: records, a heartbeat, the end event, or
+    /// `None` once that was sent (or the database failed).
+    async fn next_chunk(&mut self) -> Option<axum::body::Bytes> {
+        if self.done {
+            return None;
+        }
+        if let Some(first) = self.first.take().filter(|f| !f.is_empty()) {
+            return Some(lines(&first));
+        }
+        loop {
+            let mut q = self.query.clone();
+            q.after = Some(self.cursor);
+            let st = self.st.clone();
+            // The session's state is read before its records: once it is
+            // closed, every record of it is committed, so the read after
+            // it is the last one that can find any.
+            let read = blocking(move || {
+                let ended = match q.session {
+                    Some(id) => st
+                        .reader
+                        .session(id)?
+                        .is_none_or(|s| s.status != SessionStatus::Active),
+                    None => false,
+                };
+                Ok((ended, st.reader.logs(&q)?))
+            })
+            .await;
+            let (ended, page) = match read {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!("a live follow stopped: {}", e.body.error.message);
+                    return self.end("the agent could not read its buffer");
+                }
+            };
+            if let Some(last) = page.items.last() {
+                self.cursor = last.seq;
+                return Some(lines(&page.items));
+            }
+            if ended {
+                return self.end(FOLLOW_END_SESSION);
+            }
+            tokio::select! {
+                changed = self.commits.changed() => {
+                    if changed.is_err() {
+                        return self.end("agent stopping");
+                    }
+                }
+                () = tokio::time::sleep(HEARTBEAT) => {
+                    return Some(axum::body::Bytes::from_static(b"\n"));
+                }
+                () = self.st.shutdown.cancelled() => return self.end("agent stopping"),
+            }
+        }
+    }
+
+    fn end(&mut self, reason: &str) -> Option<axum::body::Bytes> {
+        self.done = true;
+        let mut line = serde_json::to_vec(&serde_json::json!({ "event": "end", "reason": reason }))
+            .unwrap_or_default();
+        line.push(b'\n');
+        Some(line.into())
+    }
+}
+
+/// Records as JSON lines.
+fn lines(items: &[crate::agent::types::LogItem]) -> axum::body::Bytes {
+    let mut out = Vec::with_capacity(items.len() * 256);
+    for r in items {
+        if serde_json::to_writer(&mut out, r).is_ok() {
+            out.push(b'\n');
+        }
+    }
+    out.into()
 }
 
 async fn flush(State(st): St) -> Result<Response, ApiError> {

@@ -244,6 +244,7 @@ pub async fn run_with_reload(
         device_name: cfg.device_name.clone(),
         sync: sync_shared.clone(),
         artifacts: artifact_stats,
+        shutdown: shutdown.clone(),
     });
     let app = api::router(state);
     let api_shutdown = shutdown.clone();

@@ -73,6 +73,11 @@ pub struct LogItem {
     pub process: Option<String>,
 }
 
+/// The `reason` of the last line of a `GET /v1/logs/follow` stream whose
+/// session ended (`{"event":"end","reason":…}`); any other reason means the
+/// stream was cut short.
+pub const FOLLOW_END_SESSION: &str = "session ended";
+
 /// A page of results; `next_cursor` goes back as `before` (or `after` when
 /// ascending) to get the next page, and is null on the last one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -29,9 +29,13 @@
 mod api;
 pub mod hub;
 mod layer;
+pub mod print;
 mod sender;
 
-pub use api::{Api, ApiError, NewSession, Session, API_SOCKET_ENV, DEFAULT_API_SOCKET, MAX_BODY};
+pub use api::{
+    Api, ApiError, Cursor, Follow, FollowFrom, LogFilter, NewSession, Session, API_SOCKET_ENV,
+    DEFAULT_API_SOCKET, END_SESSION, MAX_BODY,
+};
 pub use layer::{Builder, Handle, LogbookLayer};
 
 /// Where `logbookd` listens for JSON lines unless told otherwise.

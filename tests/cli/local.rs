@@ -1,0 +1,125 @@
+//! The `logbook` CLI against a real `logbookd` on this machine: `logs -f`
+//! over the local API's streamed follow.
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::{ok, Running};
+use crate::agent::{send_lines, Agent};
+use crate::util::{wait_for, TestDir};
+
+/// The seqs of the JSON records `run` printed, in order.
+fn printed(run: &Running) -> Vec<(u64, String)> {
+    run.lines()
+        .iter()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+            (
+                v["seq"].as_u64().unwrap(),
+                v["message"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn logs_follow_streams_each_new_record_once_and_ends_with_the_session() {
+    let dir = TestDir::new("local_logs_follow");
+    let agent = Agent::start(&dir, &[]);
+    let id = ok(agent.cli(), &["session", "start"]).trim().to_owned();
+    let before: Vec<String> = (0..15)
+        .map(|i| format!(r#"{{"msg":"before {i}"}}"#))
+        .collect();
+    send_lines(
+        &agent,
+        &before.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    agent.flush();
+
+    let mut cmd = agent.cli();
+    cmd.stdin(Stdio::null());
+    let run = Running::spawn(
+        cmd,
+        &[
+            "logs",
+            "-f",
+            "--json",
+            "--session",
+            "current",
+            "--level",
+            "info",
+        ],
+    );
+    // The tail: the newest 10, oldest first.
+    let tail = wait_for("the tail", Duration::from_secs(20), || {
+        let p = printed(&run);
+        (p.len() >= 10).then_some(p)
+    });
+    let want: Vec<String> = (5..15).map(|i| format!("before {i}")).collect();
+    assert_eq!(
+        tail.iter().map(|(_, m)| m.clone()).collect::<Vec<_>>(),
+        want,
+        "{}",
+        run.stderr()
+    );
+
+    // Rounds of new records, each seen promptly; a debug one never.
+    for round in 0..5 {
+        let lines: Vec<String> = (0..40)
+            .map(|i| format!(r#"{{"msg":"round {round} line {i}"}}"#))
+            .chain([format!(r#"{{"msg":"quiet {round}","level":"debug"}}"#)])
+            .collect();
+        send_lines(
+            &agent,
+            &lines.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+        let last = format!("round {round} line 39");
+        wait_for(&last, Duration::from_secs(10), || {
+            printed(&run).iter().any(|(_, m)| *m == last).then_some(())
+        });
+    }
+
+    // The session ends: the stream ends and the CLI exits 0.
+    ok(agent.cli(), &["session", "stop"]);
+    let mut run = run;
+    let status = wait_for("logbook to exit", Duration::from_secs(20), || {
+        run.child.try_wait().unwrap()
+    });
+    assert!(status.success(), "{status:?}: {}", run.stderr());
+
+    // Every record of the session at info and above, each exactly once, in
+    // seq order.
+    let got = printed(&run);
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for (_, m) in &got {
+        *counts.entry(m).or_default() += 1;
+    }
+    assert!(counts.values().all(|&n| n == 1), "{counts:?}");
+    assert!(got.windows(2).all(|w| w[0].0 < w[1].0), "{got:?}");
+    assert!(!got.iter().any(|(_, m)| m.starts_with("quiet")));
+    let stored = agent.logs(&format!("session={id}&level=info"));
+    assert_eq!(got.len(), stored.len() - 5, "all but the 5 before the tail");
+    assert_eq!(got.len(), 10 + 5 * 40);
+}
+
+#[test]
+fn logs_follow_of_everything_starts_at_the_end_when_nothing_matches_yet() {
+    let dir = TestDir::new("local_logs_follow_empty");
+    let agent = Agent::start(&dir, &[]);
+    send_lines(&agent, &[r#"{"msg":"old","module":"other"}"#]);
+    agent.flush();
+    let mut run = Running::spawn(agent.cli(), &["logs", "-f", "--json", "--module", "nav"]);
+    // Whether it lands in the tail or in the stream, it is printed once.
+    send_lines(&agent, &[r#"{"msg":"new","module":"nav::planner"}"#]);
+    wait_for("the new record", Duration::from_secs(10), || {
+        (!printed(&run).is_empty()).then_some(())
+    });
+    let got = printed(&run);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].1, "new");
+    // Without a session there is no end: it follows until interrupted.
+    assert!(run.child.try_wait().unwrap().is_none(), "{}", run.stderr());
+}
