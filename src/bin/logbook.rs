@@ -3,7 +3,7 @@
 //! hub's Sessions API with `--hub URL` (an operator laptop).
 
 use std::collections::BTreeSet;
-use std::io::Write;
+use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -11,8 +11,10 @@ use anyhow::{anyhow, bail, Context};
 use clap::{Parser, Subcommand};
 use logbook::agent::types::StopSession;
 use logbook::client::hub::{HubClient, HubLog, LogScope, SessionFilter};
+use logbook::client::logger::{LogError, LogLine};
 use logbook::client::print;
 use logbook::client::{Api, ApiError, Cursor, FollowFrom, LogFilter, NewSession};
+use logbook::wire::Level;
 
 /// Sessions, logs and artifacts of the logbook agent on this machine, or of
 /// a whole fleet at a hub (`--hub URL`).
@@ -86,6 +88,19 @@ enum Command {
     },
     /// Wait until every record the agent received is committed.
     Flush,
+    /// Send a log record to the agent, like logger(1): the MESSAGE words
+    /// as one record, or one record per line of stdin when there are none.
+    Log {
+        /// trace, debug, info, warn, error or fatal.
+        #[arg(long, short = 'l', value_name = "L", default_value = "info")]
+        level: String,
+        /// The module the records come from (e.g. `nav::planner`).
+        #[arg(long, short = 'm', value_name = "M")]
+        module: Option<String>,
+        /// Words of the message (read stdin when there are none).
+        #[arg(value_name = "MESSAGE", trailing_var_arg = true)]
+        message: Vec<String>,
+    },
     /// Run a hub and an agent on this machine, wired together, and print
     /// where they are and what to try. Ctrl-C stops both.
     Dev {
@@ -272,6 +287,15 @@ fn local_api(cli: &Cli) -> Api {
     Api::new().socket(socket)
 }
 
+/// The ingest socket beside the API socket (`--api-socket`), else in
+/// `--runtime-dir`.
+fn ingest_socket(cli: &Cli) -> PathBuf {
+    match cli.api_socket.as_deref().and_then(Path::parent) {
+        Some(dir) => dir.join("ingest.sock"),
+        None => runtime_dir(cli).join("ingest.sock"),
+    }
+}
+
 /// A local API error as the CLI says it: what to do when the agent is not
 /// there or the socket is not ours.
 fn local(e: ApiError) -> anyhow::Error {
@@ -292,6 +316,7 @@ fn local(e: ApiError) -> anyhow::Error {
 /// Every command against the agent on this machine.
 fn run_local(cli: Cli) -> anyhow::Result<()> {
     let api = local_api(&cli);
+    let ingest = ingest_socket(&cli);
     let mut out = std::io::stdout().lock();
     match cli.command {
         Command::Session { command } => match command {
@@ -428,6 +453,30 @@ fn run_local(cli: Cli) -> anyhow::Result<()> {
         Command::Flush => {
             let f = api.flush().map_err(local)?;
             writeln!(out, "committed up to seq {}", f.last_seq)?;
+        }
+        Command::Log {
+            level,
+            module,
+            message,
+        } => {
+            let line = LogLine {
+                level: level.parse::<Level>().map_err(|e| anyhow!("--level: {e}"))?,
+                module: module.unwrap_or_default(),
+            };
+            let sent = if message.is_empty() {
+                let stdin = std::io::stdin().lock();
+                let lines = stdin.lines().filter(|l| l.as_ref().map_or(true, |l| !l.is_empty()));
+                logbook::client::logger::send(&ingest, &line, lines)
+            } else {
+                logbook::client::logger::send(&ingest, &line, [Ok(message.join(" "))])
+            };
+            sent.map_err(|e| match e {
+                LogError::NotRunning(p) => anyhow!(
+                    "is logbookd running? no socket at {} (start it, or point --runtime-dir / --api-socket at it)",
+                    p.display()
+                ),
+                e => anyhow::Error::new(e),
+            })?;
         }
         Command::Dev { .. } => unreachable!("main runs `dev` on its own runtime"),
     }
@@ -599,8 +648,8 @@ async fn run_hub(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Status { .. } | Command::Flush => bail!(
-            "`status` and `flush` ask the agent on a robot; run them there without --hub"
+        Command::Status { .. } | Command::Flush | Command::Log { .. } => bail!(
+            "`status`, `flush` and `log` talk to the agent on a robot; run them there without --hub"
         ),
         Command::Dev { .. } => unreachable!("main runs `dev` on its own runtime"),
     }

@@ -29,6 +29,7 @@
 mod api;
 pub mod hub;
 mod layer;
+pub mod logger;
 pub mod print;
 mod sender;
 

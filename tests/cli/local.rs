@@ -1,13 +1,14 @@
 //! The `logbook` CLI against a real `logbookd` on this machine: `logs -f`
-//! over the local API's streamed follow.
+//! over the local API's streamed follow, and `logbook log`.
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::Value;
 
-use super::{ok, Running};
+use super::{fails, ok, Running};
 use crate::agent::{send_lines, Agent};
 use crate::util::{wait_for, TestDir};
 
@@ -122,4 +123,89 @@ fn logs_follow_of_everything_starts_at_the_end_when_nothing_matches_yet() {
     assert_eq!(got[0].1, "new");
     // Without a session there is no end: it follows until interrupted.
     assert!(run.child.try_wait().unwrap().is_none(), "{}", run.stderr());
+}
+
+/// Runs `logbook log …` with `stdin`; its pid and output.
+fn log(agent: &Agent, args: &[&str], stdin: &str) -> (u32, std::process::Output) {
+    let mut child = agent
+        .cli()
+        .arg("log")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start logbook log");
+    let pid = child.id();
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.as_bytes()).unwrap();
+    drop(input);
+    (pid, child.wait_with_output().unwrap())
+}
+
+#[test]
+fn log_sends_a_message_or_stdin_lines_with_trusted_fields() {
+    let dir = TestDir::new("local_log");
+    let agent = Agent::start(&dir, &[]);
+
+    let (pid, out) = log(
+        &agent,
+        &["--level", "warn", "--module", "power", "battery", "low"],
+        "",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (pid2, out) = log(&agent, &["-m", "shell"], "first line\n\nsecond line\n");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let records = wait_for("the three records", Duration::from_secs(10), || {
+        agent.flush();
+        let r = agent.logs("");
+        (r.len() >= 3).then_some(r)
+    });
+    assert_eq!(records.len(), 3, "an empty stdin line is no record");
+    let r = &records[0];
+    assert_eq!(
+        (&r["level"], &r["module"], &r["message"], &r["pid"]),
+        (
+            &Value::from("WARN"),
+            &Value::from("power"),
+            &Value::from("battery low"),
+            &Value::from(pid)
+        ),
+        "{r}"
+    );
+    for (r, msg) in records[1..].iter().zip(["first line", "second line"]) {
+        assert_eq!(r["level"], "INFO", "{r}");
+        assert_eq!(r["module"], "shell", "{r}");
+        assert_eq!(r["message"], msg, "{r}");
+        assert_eq!(r["pid"], pid2, "{r}");
+        assert_eq!(r["process"], "logbook", "{r}");
+    }
+
+    let err = fails(agent.cli(), &["log", "--level", "loud", "hello"]);
+    assert!(err.contains("unknown level \"loud\""), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    agent.flush();
+    assert_eq!(agent.logs("").len(), 3, "nothing sent with a bad level");
+}
+
+#[test]
+fn log_says_when_the_agent_is_not_running() {
+    let dir = TestDir::new("local_log_no_agent");
+    let mut cmd = std::process::Command::new(crate::util::bin("logbook"));
+    cmd.arg("--runtime-dir").arg(dir.join("run"));
+    let err = fails(cmd, &["log", "hello"]);
+    assert!(
+        err.starts_with("logbook: is logbookd running? no socket at ")
+            && err.contains("ingest.sock"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
 }
