@@ -10,10 +10,10 @@ use std::process::ExitCode;
 use anyhow::{anyhow, bail, Context};
 use clap::{Parser, Subcommand};
 use logbook::agent::types::StopSession;
-use logbook::client::hub::{HubClient, HubLog, LogScope, SessionFilter};
+use logbook::client::hub::{HubClient, LogScope, SessionFilter};
 use logbook::client::logger::{LogError, LogLine};
 use logbook::client::print;
-use logbook::client::{Api, ApiError, Cursor, FollowFrom, LogFilter, NewSession};
+use logbook::client::{Api, ApiError, FollowFrom, LogFilter, NewSession};
 use logbook::wire::Level;
 
 /// Sessions, logs and artifacts of the logbook agent on this machine, or of
@@ -330,12 +330,7 @@ fn run_local(cli: Cli) -> anyhow::Result<()> {
                     new = new.tag(t);
                 }
                 if let Some(p) = package {
-                    new = match p.split_once('@') {
-                        Some((name, version)) => {
-                            new.package(name, Some(version).filter(|v| !v.is_empty()))
-                        }
-                        None => new.package(p, None),
-                    };
+                    new = new.package_spec(&p);
                 }
                 for kv in meta {
                     let (k, v) = kv
@@ -389,27 +384,14 @@ fn run_local(cli: Cli) -> anyhow::Result<()> {
             if a.device.is_some() || !a.tags.is_empty() {
                 bail!("--device and --tag filter sessions at a hub: give --hub URL");
             }
-            let mut seen = 0usize;
-            let mut before: Option<String> = None;
-            loop {
-                let want = a.limit.map_or(500, |n| (n - seen).min(500));
-                if want == 0 {
-                    break;
-                }
-                let page = api
-                    .sessions(a.status.as_deref(), want, before.as_deref())
-                    .map_err(local)?;
-                for s in &page.items {
-                    if a.json {
-                        print::json_line(&mut out, s)?;
-                    } else {
-                        print::local_session_row(&mut out, s)?;
-                    }
-                }
-                seen += page.items.len();
-                match page.next_cursor {
-                    Some(c) if !page.items.is_empty() => before = Some(c),
-                    _ => break,
+            for s in api
+                .every_session(a.status.as_deref(), a.limit)
+                .map_err(local)?
+            {
+                if a.json {
+                    print::json_line(&mut out, &s)?;
+                } else {
+                    print::local_session_row(&mut out, &s)?;
                 }
             }
         }
@@ -511,37 +493,15 @@ fn logs(api: &Api, out: &mut impl Write, a: LogsArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     if let Some(n) = a.limit {
-        // The newest N, newest first in pages, printed oldest first.
-        let mut items = Vec::new();
-        let mut before = None;
-        while items.len() < n {
-            let want = (n - items.len()).min(1000);
-            let page = api.logs(&filter, want, before).map_err(local)?;
-            let done = page.next_cursor.is_none();
-            before = page.items.last().map(|r| Cursor::Before(r.seq));
-            items.extend(page.items);
-            if done {
-                break;
-            }
-        }
-        for r in items.iter().rev() {
-            print::record(out, r, a.json)?;
+        for r in api.newest(&filter, n).map_err(local)? {
+            print::record(out, &r, a.json)?;
         }
         return Ok(());
     }
-    let mut after = 0;
-    loop {
-        let page = api
-            .logs(&filter, 1000, Some(Cursor::After(after)))
-            .map_err(local)?;
-        for r in &page.items {
-            print::record(out, r, a.json)?;
-            after = r.seq;
-        }
-        if page.next_cursor.is_none() {
-            return Ok(());
-        }
+    for r in api.every_log(&filter) {
+        print::record(out, &r.map_err(local)?, a.json)?;
     }
+    Ok(())
 }
 
 /// Every command against a hub (`--hub URL`).
@@ -681,44 +641,17 @@ async fn hub_logs(hub: &HubClient, out: &mut impl Write, a: LogsArgs) -> anyhow:
     }
     let mut seen = BTreeSet::new();
     let tail = a.limit.or(if a.follow { Some(10) } else { None });
-    if let Some(n) = tail {
-        // The newest N, newest first in pages, printed oldest first.
-        let mut items: Vec<HubLog> = Vec::new();
-        let mut before: Option<u64> = None;
-        while items.len() < n {
-            let want = n - items.len();
-            let page = hub
-                .logs_page(&scope, &filter, want, before.map(|b| ("before", b)))
-                .await?;
-            let done = page.next_cursor.is_none() || page.items.is_empty();
-            before = page.items.last().map(|r| r.seq);
-            items.extend(page.items);
-            if done {
-                break;
+    match tail {
+        // The newest N, printed oldest first.
+        Some(n) => {
+            for r in hub.newest(&scope, &filter, n).await? {
+                print::record(out, &r, a.json)?;
+                seen.insert(r.seq);
             }
         }
-        for r in items.iter().rev() {
-            print::record(out, r, a.json)?;
-            seen.insert(r.seq);
-        }
-    } else {
-        let mut after = 0u64;
-        loop {
-            let page = hub
-                .logs_page(
-                    &scope,
-                    &filter,
-                    logbook::client::hub::PAGE,
-                    Some(("after", after)),
-                )
-                .await?;
-            for r in &page.items {
-                print::record(out, r, a.json)?;
-                after = r.seq;
-            }
-            if page.next_cursor.is_none() || page.items.is_empty() {
-                break;
-            }
+        None => {
+            hub.each_log(&scope, &filter, |r| print::record(out, r, a.json))
+                .await?
         }
     }
     out.flush()?;

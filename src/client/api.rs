@@ -181,6 +181,57 @@ impl Api {
         self.json("GET", &path, None)
     }
 
+    /// The newest `n` records matching `filter`, oldest first.
+    pub fn newest(&self, filter: &LogFilter, n: usize) -> Result<Vec<LogItem>, ApiError> {
+        let mut items = Vec::new();
+        let mut before = None;
+        while items.len() < n {
+            let page = self.logs(filter, (n - items.len()).min(PAGE), before)?;
+            let done = page.next_cursor.is_none() || page.items.is_empty();
+            before = page.items.last().map(|r| Cursor::Before(r.seq));
+            items.extend(page.items);
+            if done {
+                break;
+            }
+        }
+        items.reverse();
+        Ok(items)
+    }
+
+    /// Every record matching `filter`, oldest first, a page at a time.
+    pub fn every_log<'a>(&'a self, filter: &'a LogFilter) -> LogPages<'a> {
+        LogPages {
+            api: self,
+            filter,
+            page: Vec::new().into_iter(),
+            after: 0,
+            last: false,
+        }
+    }
+
+    /// Every session (with `status`), newest first, at most `limit`.
+    pub fn every_session(
+        &self,
+        status: Option<&str>,
+        limit: Option<usize>,
+    ) -> Result<Vec<SessionView>, ApiError> {
+        let mut out = Vec::new();
+        let mut before: Option<String> = None;
+        loop {
+            let want = limit.map_or(PAGE, |n| (n - out.len()).min(PAGE));
+            if want == 0 {
+                return Ok(out);
+            }
+            let page = self.sessions(status, want, before.as_deref())?;
+            let empty = page.items.is_empty();
+            out.extend(page.items);
+            match page.next_cursor {
+                Some(c) if !empty => before = Some(c),
+                _ => return Ok(out),
+            }
+        }
+    }
+
     /// Follows the records matching `filter` (`GET /v1/logs/follow`): the
     /// newest `tail` first (oldest first), then each new record as the
     /// agent commits it, until the filter's session ends. `after` resumes
@@ -333,6 +384,14 @@ impl NewSession {
         self
     }
 
+    /// The software running, as `NAME` or `NAME@VERSION`.
+    pub fn package_spec(self, spec: &str) -> NewSession {
+        match spec.split_once('@') {
+            Some((name, version)) => self.package(name, Some(version).filter(|v| !v.is_empty())),
+            None => self.package(spec, None),
+        }
+    }
+
     pub fn meta(
         mut self,
         key: impl Into<String>,
@@ -433,6 +492,48 @@ impl LogFilter {
             }
         }
         q
+    }
+}
+
+/// Most records or sessions one page asks for (the agent's maximum).
+const PAGE: usize = 1000;
+
+/// The records of [`Api::every_log`], fetched a page at a time.
+pub struct LogPages<'a> {
+    api: &'a Api,
+    filter: &'a LogFilter,
+    page: std::vec::IntoIter<LogItem>,
+    after: u64,
+    /// The page held is the last one.
+    last: bool,
+}
+
+impl Iterator for LogPages<'_> {
+    type Item = Result<LogItem, ApiError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(r) = self.page.next() {
+                self.after = r.seq;
+                return Some(Ok(r));
+            }
+            if self.last {
+                return None;
+            }
+            match self
+                .api
+                .logs(self.filter, PAGE, Some(Cursor::After(self.after)))
+            {
+                Ok(page) => {
+                    self.last = page.next_cursor.is_none() || page.items.is_empty();
+                    self.page = page.items.into_iter();
+                }
+                Err(e) => {
+                    self.last = true;
+                    return Some(Err(e));
+                }
+            }
+        }
     }
 }
 

@@ -34,8 +34,8 @@ pub mod print;
 mod sender;
 
 pub use api::{
-    Api, ApiError, Cursor, Follow, FollowFrom, LogFilter, NewSession, Session, API_SOCKET_ENV,
-    DEFAULT_API_SOCKET, END_SESSION, MAX_BODY,
+    Api, ApiError, Cursor, Follow, FollowFrom, LogFilter, LogPages, NewSession, Session,
+    API_SOCKET_ENV, DEFAULT_API_SOCKET, END_SESSION, MAX_BODY,
 };
 pub use layer::{Builder, Handle, LogbookLayer};
 
