@@ -385,6 +385,13 @@ async fn follow_logs(State(st): St, q: Q<LogsQuery>) -> Result<Response, ApiErro
         ));
     }
     let mut query = log_query(&st, logs).await?;
+    if let Some(id) = query.session {
+        // A follow of no session would end at once: say why instead.
+        let st2 = st.clone();
+        if blocking(move || st2.reader.session(id)).await?.is_none() {
+            return Err(ApiError::new(404, "not_found", format!("no session {id}")));
+        }
+    }
     // Subscribed before the first read: no commit after it goes unseen.
     let commits = st.pipeline.stats.committed_seq.subscribe();
     let (first, cursor) = match query.after {

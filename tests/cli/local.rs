@@ -123,6 +123,15 @@ fn logs_follow_of_everything_starts_at_the_end_when_nothing_matches_yet() {
     assert_eq!(got[0].1, "new");
     // Without a session there is no end: it follows until interrupted.
     assert!(run.child.try_wait().unwrap().is_none(), "{}", run.stderr());
+
+    // A session that does not exist is an error, not an empty follow.
+    let missing = "0190a8e2-0000-7000-8000-000000000000";
+    let err = fails(agent.cli(), &["logs", "-f", "--session", missing]);
+    assert_eq!(
+        err,
+        format!("logbook: no session {missing} (not_found)\n"),
+        "{err}"
+    );
 }
 
 /// Runs `logbook log …` with `stdin`; its pid and output.
