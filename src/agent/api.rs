@@ -412,6 +412,7 @@ async fn follow_logs(State(st): St, q: Q<LogsQuery>) -> Result<Response, ApiErro
         cursor,
         commits,
         first: Some(first),
+        last_sent: tokio::time::Instant::now(),
         done: false,
     };
     let stream = futures_util::stream::unfold(follow, |mut f| async move {
@@ -436,6 +437,10 @@ struct Follow {
     commits: tokio::sync::watch::Receiver<u64>,
     /// The tail, sent first.
     first: Option<Vec<crate::agent::types::LogItem>>,
+    /// When the client was last sent anything: commits that match nothing
+    /// (a busy robot, a `level=error` follow) must not hold back the
+    /// heartbeat.
+    last_sent: tokio::time::Instant,
     done: bool,
 }
 
@@ -443,6 +448,12 @@ impl Follow {
     /// The next piece of the body: records, a heartbeat, the end event, or
     /// `None` once that was sent (or the database failed).
     async fn next_chunk(&mut self) -> Option<axum::body::Bytes> {
+        let chunk = self.next_inner().await;
+        self.last_sent = tokio::time::Instant::now();
+        chunk
+    }
+
+    async fn next_inner(&mut self) -> Option<axum::body::Bytes> {
         if self.done {
             return None;
         }
@@ -487,7 +498,7 @@ impl Follow {
                         return self.end("agent stopping");
                     }
                 }
-                () = tokio::time::sleep(HEARTBEAT) => {
+                () = tokio::time::sleep_until(self.last_sent + HEARTBEAT) => {
                     return Some(axum::body::Bytes::from_static(b"\n"));
                 }
                 () = self.st.shutdown.cancelled() => return self.end("agent stopping"),
