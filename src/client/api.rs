@@ -52,6 +52,10 @@ pub enum ApiError {
     },
     #[error("unexpected answer from logbookd: {0}")]
     Protocol(String),
+    /// A follow stream ended before its session did (the agent stopped,
+    /// closed the connection or went silent).
+    #[error("the follow stream ended: {0}")]
+    Ended(String),
 }
 
 /// A handle on the local API. Cheap; each call is one connection.
@@ -592,17 +596,15 @@ impl Iterator for Follow {
                     self.ended = true;
                     return Some(Err(match e.kind() {
                         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
-                            ApiError::Protocol(
-                                "logbookd stopped answering the follow stream".into(),
-                            )
+                            ApiError::Ended("logbookd stopped answering".into())
                         }
                         _ => io(e),
                     }));
                 }
                 Ok(0) => {
                     self.ended = true;
-                    return Some(Err(ApiError::Protocol(
-                        "logbookd closed the follow stream".into(),
+                    return Some(Err(ApiError::Ended(
+                        "logbookd closed the connection".into(),
                     )));
                 }
                 Ok(_) if !self.line.ends_with(b"\n") => {
@@ -623,9 +625,7 @@ impl Iterator for Follow {
                     if event == "end" && reason == END_SESSION {
                         return None;
                     }
-                    return Some(Err(ApiError::Protocol(format!(
-                        "the follow stream ended: {reason}"
-                    ))));
+                    return Some(Err(ApiError::Ended(reason)));
                 }
                 Err(e) => {
                     self.ended = true;

@@ -134,6 +134,34 @@ fn logs_follow_of_everything_starts_at_the_end_when_nothing_matches_yet() {
     );
 }
 
+#[test]
+fn logs_follow_says_when_the_agent_stops_and_does_not_hold_it_up() {
+    let dir = TestDir::new("local_logs_follow_stop");
+    let mut agent = Agent::start(&dir, &[]);
+    let mut run = Running::spawn(agent.cli(), &["logs", "-f"]);
+    send_lines(&agent, &[r#"{"msg":"seen"}"#]);
+    wait_for("the record", Duration::from_secs(10), || {
+        run.lines().iter().any(|l| l.contains("seen")).then_some(())
+    });
+    assert!(agent.terminate().success());
+    // The API's graceful stop waits on open requests, for at most 5 s: a
+    // follow ends at once instead of holding it up.
+    assert!(
+        !agent.log_text().contains("local API did not stop in time"),
+        "{}",
+        agent.log_text()
+    );
+    let status = wait_for("logbook to exit", Duration::from_secs(10), || {
+        run.child.try_wait().unwrap()
+    });
+    assert!(!status.success());
+    wait_for("the reason on stderr", Duration::from_secs(10), || {
+        run.stderr()
+            .contains("the follow stream ended: agent stopping")
+            .then_some(())
+    });
+}
+
 /// Runs `logbook log …` with `stdin`; its pid and output.
 fn log(agent: &Agent, args: &[&str], stdin: &str) -> (u32, std::process::Output) {
     let mut child = agent
