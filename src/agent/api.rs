@@ -1,6 +1,6 @@
-//! The local API on `api.sock`: sessions, log queries, flush, status and
-//! Prometheus metrics, HTTP/1.1 with JSON bodies and
-//! `{"error":{"code","message"}}` errors.
+//! The local API on `api.sock`: sessions, log queries and live follows
+//! (chunked JSON lines), flush, status and Prometheus metrics, HTTP/1.1
+//! with JSON bodies and `{"error":{"code","message"}}` errors.
 //!
 //! Invariant: handlers never run SQL themselves: reads go to the store's
 //! [`Reader`] on a blocking thread, changes go to the writer as messages.

@@ -1,7 +1,8 @@
 //! Client library for programs on the robot: a `tracing` layer that logs to
-//! `logbookd` without ever blocking, and session control over the local API
-//! ([`Api`]); and [`hub`], the operator's client for a hub's Sessions API
-//! (`logbook --hub URL …`).
+//! `logbookd` without ever blocking, and the local API ([`Api`]: session
+//! control, log queries and follows, status); [`hub`], the operator's client
+//! for a hub's Sessions API (`logbook --hub URL …`); and what the `logbook`
+//! CLI adds on top: [`print`] and [`logger`] (`logbook log`).
 //!
 //! ```no_run
 //! use tracing_subscriber::prelude::*;
