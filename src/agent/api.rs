@@ -371,9 +371,9 @@ const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(10);
 /// `GET /v1/logs/follow`: chunked JSON lines. The newest `tail` records
 /// matching the filters (oldest first), or those after `after`, then each
 /// new one once as the writer commits it. A stream with a session filter
-/// ends with `{"event":"end","reason":"session ended"}` once that session
-/// is closed and every record of it was sent; `"agent stopping"` ends any
-/// stream at shutdown. Each turn reads at most one page from the database,
+/// ends with `{"event":"end","reason":"session ended","seq":N}` once that
+/// session is closed and every record of it was sent; `"agent stopping"`
+/// ends any stream at shutdown (resume with `after=N`). Each turn reads at most one page from the database,
 /// only when the client has taken the last one: a slow reader costs one
 /// page of memory and never slows the writer.
 async fn follow_logs(State(st): St, q: Q<LogsQuery>) -> Result<Response, ApiError> {
@@ -508,8 +508,10 @@ impl Follow {
 
     fn end(&mut self, reason: &str) -> Option<axum::body::Bytes> {
         self.done = true;
-        let mut line = serde_json::to_vec(&serde_json::json!({ "event": "end", "reason": reason }))
-            .unwrap_or_default();
+        // `seq`: everything matching up to it was sent, so a client that
+        // reconnects resumes after it.
+        let end = serde_json::json!({ "event": "end", "reason": reason, "seq": self.cursor });
+        let mut line = serde_json::to_vec(&end).unwrap_or_default();
         line.push(b'\n');
         Some(line.into())
     }

@@ -483,10 +483,8 @@ fn logs(api: &Api, out: &mut impl Write, a: LogsArgs) -> anyhow::Result<()> {
         until: a.until,
     };
     if a.follow {
-        for r in api
-            .follow(&filter, FollowFrom::Tail(a.limit.unwrap_or(10)))
-            .map_err(local)?
-        {
+        let from = FollowFrom::Tail(a.limit.unwrap_or(10));
+        for r in api.follow_resuming(&filter, from, |note| eprintln!("logbook: {note}")) {
             print::record(out, &r.map_err(local)?, a.json)?;
             out.flush()?;
         }

@@ -267,7 +267,30 @@ impl Api {
             socket: self.socket.clone(),
             line: Vec::new(),
             ended: false,
+            covered: None,
         })
+    }
+
+    /// [`Api::follow`] across agent restarts: when the stream is cut (the
+    /// agent stopped, went silent or closed it), `notice` says so and it
+    /// reconnects, every second or two, resuming after the seq the last
+    /// stream covered, so each record is given once. An error before the
+    /// first stream, or a refusal, ends it.
+    pub fn follow_resuming<'a, N: FnMut(&str)>(
+        &'a self,
+        filter: &'a LogFilter,
+        from: FollowFrom,
+        notice: N,
+    ) -> Resuming<'a, N> {
+        Resuming {
+            api: self,
+            filter,
+            from,
+            notice,
+            stream: None,
+            cut: false,
+            done: false,
+        }
     }
 
     /// The files the agent knows in a session's artifact directory.
@@ -568,6 +591,17 @@ pub struct Follow {
     socket: PathBuf,
     line: Vec<u8>,
     ended: bool,
+    /// Every matching record up to this seq was given (the last record's,
+    /// or the agent's cursor from the end event).
+    covered: Option<u64>,
+}
+
+impl Follow {
+    /// Where to resume ([`FollowFrom::After`]) once this stream ended: the
+    /// seq every matching record up to which was given, if known.
+    pub fn covered(&self) -> Option<u64> {
+        self.covered
+    }
 }
 
 /// One line of a follow stream: a record, or the event that ends it.
@@ -575,7 +609,11 @@ pub struct Follow {
 #[serde(untagged)]
 enum FollowLine {
     Record(LogItem),
-    End { event: String, reason: String },
+    End {
+        event: String,
+        reason: String,
+        seq: Option<u64>,
+    },
 }
 
 impl Iterator for Follow {
@@ -619,9 +657,13 @@ impl Iterator for Follow {
                 continue; // a heartbeat
             }
             match serde_json::from_slice::<FollowLine>(&self.line) {
-                Ok(FollowLine::Record(r)) => return Some(Ok(r)),
-                Ok(FollowLine::End { event, reason }) => {
+                Ok(FollowLine::Record(r)) => {
+                    self.covered = Some(r.seq);
+                    return Some(Ok(r));
+                }
+                Ok(FollowLine::End { event, reason, seq }) => {
                     self.ended = true;
+                    self.covered = seq.max(self.covered);
                     if event == "end" && reason == END_SESSION {
                         return None;
                     }
@@ -631,6 +673,69 @@ impl Iterator for Follow {
                     self.ended = true;
                     return Some(Err(ApiError::Protocol(format!("follow stream: {e}"))));
                 }
+            }
+        }
+        None
+    }
+}
+
+/// The records of [`Api::follow_resuming`].
+pub struct Resuming<'a, N> {
+    api: &'a Api,
+    filter: &'a LogFilter,
+    /// Where the next stream starts.
+    from: FollowFrom,
+    notice: N,
+    stream: Option<Follow>,
+    /// A stream was cut; reconnecting.
+    cut: bool,
+    done: bool,
+}
+
+impl<N: FnMut(&str)> Iterator for Resuming<'_, N> {
+    type Item = Result<LogItem, ApiError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let mut delay = Duration::from_millis(200);
+        while !self.done {
+            let Some(stream) = self.stream.as_mut() else {
+                match self.api.follow(self.filter, self.from) {
+                    Ok(f) => {
+                        if self.cut {
+                            (self.notice)("logbookd is back; following again");
+                            self.cut = false;
+                        }
+                        self.stream = Some(f);
+                    }
+                    Err(ApiError::NotRunning(_) | ApiError::Io { .. }) if self.cut => {
+                        std::thread::sleep(delay);
+                        delay = (delay * 2).min(Duration::from_secs(2));
+                    }
+                    Err(e) => {
+                        self.done = true;
+                        return Some(Err(e));
+                    }
+                }
+                continue;
+            };
+            let next = stream.next();
+            if let Some(seq) = stream.covered() {
+                self.from = FollowFrom::After(seq);
+            }
+            match next {
+                Some(Err(ApiError::Ended(reason))) => {
+                    (self.notice)(&format!(
+                        "the follow stream ended ({reason}); waiting for logbookd"
+                    ));
+                    self.stream = None;
+                    self.cut = true;
+                }
+                None => self.done = true,
+                Some(Err(e)) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+                Some(Ok(r)) => return Some(Ok(r)),
             }
         }
         None

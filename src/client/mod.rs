@@ -35,7 +35,7 @@ pub mod print;
 mod sender;
 
 pub use api::{
-    Api, ApiError, Cursor, Follow, FollowFrom, LogFilter, LogPages, NewSession, Session,
+    Api, ApiError, Cursor, Follow, FollowFrom, LogFilter, LogPages, NewSession, Resuming, Session,
     API_SOCKET_ENV, DEFAULT_API_SOCKET, END_SESSION, MAX_BODY,
 };
 pub use layer::{Builder, Handle, LogbookLayer};

@@ -135,13 +135,13 @@ fn logs_follow_of_everything_starts_at_the_end_when_nothing_matches_yet() {
 }
 
 #[test]
-fn logs_follow_says_when_the_agent_stops_and_does_not_hold_it_up() {
-    let dir = TestDir::new("local_logs_follow_stop");
+fn logs_follow_outlives_an_agent_restart_and_prints_each_record_once() {
+    let dir = TestDir::new("local_logs_follow_restart");
     let mut agent = Agent::start(&dir, &[]);
-    let mut run = Running::spawn(agent.cli(), &["logs", "-f"]);
-    send_lines(&agent, &[r#"{"msg":"seen"}"#]);
+    let run = Running::spawn(agent.cli(), &["logs", "-f", "--json"]);
+    send_lines(&agent, &[r#"{"msg":"before"}"#]);
     wait_for("the record", Duration::from_secs(10), || {
-        run.lines().iter().any(|l| l.contains("seen")).then_some(())
+        (printed(&run).len() == 1).then_some(())
     });
     assert!(agent.terminate().success());
     // The API's graceful stop waits on open requests, for at most 5 s: a
@@ -151,15 +151,23 @@ fn logs_follow_says_when_the_agent_stops_and_does_not_hold_it_up() {
         "{}",
         agent.log_text()
     );
-    let status = wait_for("logbook to exit", Duration::from_secs(10), || {
-        run.child.try_wait().unwrap()
-    });
-    assert!(!status.success());
-    wait_for("the reason on stderr", Duration::from_secs(10), || {
+    wait_for("the notice", Duration::from_secs(10), || {
         run.stderr()
-            .contains("the follow stream ended: agent stopping")
+            .contains("(agent stopping); waiting for logbookd")
             .then_some(())
     });
+
+    let agent = Agent::start(&dir, &[]);
+    send_lines(&agent, &[r#"{"msg":"after"}"#]);
+    wait_for(
+        "the record after the restart",
+        Duration::from_secs(20),
+        || (printed(&run).len() >= 2).then_some(()),
+    );
+    agent.flush();
+    let got: Vec<String> = printed(&run).into_iter().map(|(_, m)| m).collect();
+    assert_eq!(got, ["before", "after"], "{}", run.stderr());
+    assert!(run.stderr().contains("following again"), "{}", run.stderr());
 }
 
 /// Runs `logbook log …` with `stdin`; its pid and output.
