@@ -330,8 +330,10 @@ logbook dev: a hub and an agent on this machine, wired together.
 Try:
   # 1. start a session
   {cli} --runtime-dir {runtime} session start --tag demo
-  # 2. send a log line
-  echo '{{\"level\":\"info\",\"msg\":\"hello from my robot\"}}' | socat - UNIX-CONNECT:{ingest}
+  # 2. send a log line (or pipe lines in: one record each)
+  {cli} --runtime-dir {runtime} log --level info hello from my robot
+  #    (any JSON-lines client works too, e.g. with socat:
+  #     echo '{{\"level\":\"info\",\"msg\":\"hello\"}}' | socat - UNIX-CONNECT:{ingest})
   # 3. list sessions at the hub, as from an operator laptop
   export LOGBOOK_HUB_URL={url} LOGBOOK_HUB_KEY={op} LOGBOOK_ORG={ORG} LOGBOOK_PROJECT={PROJECT}
   {cli} sessions
@@ -385,6 +387,12 @@ mod tests {
             "export LOGBOOK_HUB_URL=http://127.0.0.1:7070 LOGBOOK_HUB_KEY=lbk_op LOGBOOK_ORG={ORG} LOGBOOK_PROJECT={PROJECT}\n  /bin/logbook sessions\n"
         );
         assert!(text.contains(&export), "{text}");
+        assert!(
+            text.contains(
+                "  /bin/logbook --runtime-dir /d/run log --level info hello from my robot\n"
+            ),
+            "{text}"
+        );
         assert!(
             !text.contains("lbd_dev"),
             "the device token stays in keys.toml"

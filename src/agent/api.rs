@@ -1,6 +1,6 @@
-//! The local API on `api.sock`: sessions, log queries, flush, status and
-//! Prometheus metrics, HTTP/1.1 with JSON bodies and
-//! `{"error":{"code","message"}}` errors.
+//! The local API on `api.sock`: sessions, log queries and live follows
+//! (chunked JSON lines), flush, status and Prometheus metrics, HTTP/1.1
+//! with JSON bodies and `{"error":{"code","message"}}` errors.
 //!
 //! Invariant: handlers never run SQL themselves: reads go to the store's
 //! [`Reader`] on a blocking thread, changes go to the writer as messages.
@@ -14,7 +14,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
@@ -24,7 +24,8 @@ use crate::agent::store::read::{LogQuery, Reader};
 use crate::agent::store::writer::{Msg, SessionCmd};
 use crate::agent::store::{Stats, StoreError};
 use crate::agent::types::{
-    AddTag, ArtifactStatus, Flushed, OpenSession, SessionError, StopSession, Target,
+    AddTag, BufferStatus, Flushed, GapItem, IngestCounts, OpenSession, RecordCounts, SessionError,
+    Status, StopSession, Target, FOLLOW_END_SESSION,
 };
 use crate::prom::{self, Kind, Text};
 use crate::wire::{ErrorBody, ErrorDetail, Level, SessionStatus};
@@ -45,6 +46,8 @@ pub struct ApiState {
     pub sync: Arc<crate::agent::sync::status::SyncShared>,
     /// Live counters of the artifact tasks.
     pub artifacts: Arc<crate::agent::sync::artifacts::ArtifactStats>,
+    /// Cancelled when the agent stops: live follows end then.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 type St = State<Arc<ApiState>>;
@@ -58,6 +61,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/sessions/{id}/tags/{tag}", delete(remove_tag))
         .route("/v1/sessions/{id}/artifacts", get(session_artifacts))
         .route("/v1/logs", get(logs))
+        .route("/v1/logs/follow", get(follow_logs))
         .route("/v1/flush", post(flush))
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics))
@@ -294,6 +298,8 @@ struct LogsQuery {
     before: Option<u64>,
     after: Option<u64>,
     order: Option<String>,
+    /// Only for a follow: start with the newest N.
+    tail: Option<usize>,
 }
 
 fn parse_time(name: &str, s: &str) -> Result<i64, ApiError> {
@@ -303,8 +309,9 @@ fn parse_time(name: &str, s: &str) -> Result<i64, ApiError> {
         .ok_or_else(|| ApiError::bad(format!("{name} {s:?} is not an RFC 3339 time")))
 }
 
-async fn logs(State(st): St, q: Q<LogsQuery>) -> Result<Response, ApiError> {
-    let Query(q) = q?;
+/// The filters and cursor of a logs query; `session=current` names the
+/// active session.
+async fn log_query(st: &Arc<ApiState>, q: LogsQuery) -> Result<LogQuery, ApiError> {
     let nonempty = |o: Option<String>| o.filter(|s| !s.is_empty());
     let session = match nonempty(q.session) {
         None => None,
@@ -327,7 +334,7 @@ async fn logs(State(st): St, q: Q<LogsQuery>) -> Result<Response, ApiError> {
         Some("asc") => true,
         Some(o) => return Err(ApiError::bad(format!("order {o:?} is not asc or desc"))),
     };
-    let query = LogQuery {
+    Ok(LogQuery {
         session,
         level,
         module: nonempty(q.module),
@@ -342,9 +349,183 @@ async fn logs(State(st): St, q: Q<LogsQuery>) -> Result<Response, ApiError> {
         before: q.before,
         after: q.after,
         ascending,
-    };
+    })
+}
+
+async fn logs(State(st): St, q: Q<LogsQuery>) -> Result<Response, ApiError> {
+    let Query(q) = q?;
+    if q.tail.is_some() {
+        return Err(ApiError::bad(
+            "tail goes with /v1/logs/follow; here use limit".into(),
+        ));
+    }
+    let query = log_query(&st, q).await?;
     let page = blocking(move || st.reader.logs(&query)).await?;
     Ok(Json(page).into_response())
+}
+
+/// A follow stream's idle line: it keeps a client's read timeout from
+/// firing while nothing matches, and shows the agent is alive.
+const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `GET /v1/logs/follow`: chunked JSON lines. The newest `tail` records
+/// matching the filters (oldest first), or those after `after`, then each
+/// new one once as the writer commits it. A stream with a session filter
+/// ends with `{"event":"end","reason":"session ended","seq":N}` once that
+/// session is closed and every record of it was sent; `"agent stopping"`
+/// ends any stream at shutdown (resume with `after=N`). Each turn reads at most one page from the database,
+/// only when the client has taken the last one: a slow reader costs one
+/// page of memory and never slows the writer.
+async fn follow_logs(State(st): St, q: Q<LogsQuery>) -> Result<Response, ApiError> {
+    let Query(mut logs) = q?;
+    let tail = logs.tail.take();
+    if logs.before.is_some() || logs.limit.is_some() || logs.order.is_some() {
+        return Err(ApiError::bad(
+            "a follow takes `after` or `tail`, not before, limit or order".into(),
+        ));
+    }
+    let mut query = log_query(&st, logs).await?;
+    if let Some(id) = query.session {
+        // A follow of no session would end at once: say why instead.
+        let st2 = st.clone();
+        if blocking(move || st2.reader.session(id)).await?.is_none() {
+            return Err(ApiError::new(404, "not_found", format!("no session {id}")));
+        }
+    }
+    // Subscribed before the first read: no commit after it goes unseen.
+    let commits = st.pipeline.stats.committed_seq.subscribe();
+    let (first, cursor) = match query.after {
+        Some(after) => (Vec::new(), after),
+        None => {
+            let mut q = query.clone();
+            q.limit = tail.unwrap_or(0).min(MAX_LIMIT);
+            let st2 = st.clone();
+            blocking(move || st2.reader.tail(&q)).await?
+        }
+    };
+    query.limit = MAX_LIMIT;
+    query.before = None;
+    query.ascending = true;
+    let follow = Follow {
+        st,
+        query,
+        cursor,
+        commits,
+        first: Some(first),
+        last_sent: tokio::time::Instant::now(),
+        done: false,
+    };
+    let stream = futures_util::stream::unfold(follow, |mut f| async move {
+        let chunk = f.next_chunk().await?;
+        Some((Ok::<_, std::convert::Infallible>(chunk), f))
+    });
+    let mut resp = Response::new(axum::body::Body::from_stream(stream));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/x-ndjson"),
+    );
+    Ok(resp)
+}
+
+/// The state of one follow stream.
+struct Follow {
+    st: Arc<ApiState>,
+    /// The filters, ascending above `cursor`.
+    query: LogQuery,
+    /// Every matching record up to here was sent.
+    cursor: u64,
+    commits: tokio::sync::watch::Receiver<u64>,
+    /// The tail, sent first.
+    first: Option<Vec<crate::agent::types::LogItem>>,
+    /// When the client was last sent anything: commits that match nothing
+    /// (a busy robot, a `level=error` follow) must not hold back the
+    /// heartbeat.
+    last_sent: tokio::time::Instant,
+    done: bool,
+}
+
+impl Follow {
+    /// The next piece of the body: records, a heartbeat, the end event, or
+    /// `None` once that was sent (or the database failed).
+    async fn next_chunk(&mut self) -> Option<axum::body::Bytes> {
+        let chunk = self.next_inner().await;
+        self.last_sent = tokio::time::Instant::now();
+        chunk
+    }
+
+    async fn next_inner(&mut self) -> Option<axum::body::Bytes> {
+        if self.done {
+            return None;
+        }
+        if let Some(first) = self.first.take().filter(|f| !f.is_empty()) {
+            return Some(lines(&first));
+        }
+        loop {
+            let mut q = self.query.clone();
+            q.after = Some(self.cursor);
+            let st = self.st.clone();
+            // The session's state is read before its records: once it is
+            // closed, every record of it is committed, so the read after
+            // it is the last one that can find any.
+            let read = blocking(move || {
+                let ended = match q.session {
+                    Some(id) => st
+                        .reader
+                        .session(id)?
+                        .is_none_or(|s| s.status != SessionStatus::Active),
+                    None => false,
+                };
+                Ok((ended, st.reader.logs(&q)?))
+            })
+            .await;
+            let (ended, page) = match read {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!("a live follow stopped: {}", e.body.error.message);
+                    return self.end("the agent could not read its buffer");
+                }
+            };
+            if let Some(last) = page.items.last() {
+                self.cursor = last.seq;
+                return Some(lines(&page.items));
+            }
+            if ended {
+                return self.end(FOLLOW_END_SESSION);
+            }
+            tokio::select! {
+                changed = self.commits.changed() => {
+                    if changed.is_err() {
+                        return self.end("agent stopping");
+                    }
+                }
+                () = tokio::time::sleep_until(self.last_sent + HEARTBEAT) => {
+                    return Some(axum::body::Bytes::from_static(b"\n"));
+                }
+                () = self.st.shutdown.cancelled() => return self.end("agent stopping"),
+            }
+        }
+    }
+
+    fn end(&mut self, reason: &str) -> Option<axum::body::Bytes> {
+        self.done = true;
+        // `seq`: everything matching up to it was sent, so a client that
+        // reconnects resumes after it.
+        let end = serde_json::json!({ "event": "end", "reason": reason, "seq": self.cursor });
+        let mut line = serde_json::to_vec(&end).unwrap_or_default();
+        line.push(b'\n');
+        Some(line.into())
+    }
+}
+
+/// Records as JSON lines.
+fn lines(items: &[crate::agent::types::LogItem]) -> axum::body::Bytes {
+    let mut out = Vec::with_capacity(items.len() * 256);
+    for r in items {
+        if serde_json::to_writer(&mut out, r).is_ok() {
+            out.push(b'\n');
+        }
+    }
+    out.into()
 }
 
 async fn flush(State(st): St) -> Result<Response, ApiError> {
@@ -354,66 +535,6 @@ async fn flush(State(st): St) -> Result<Response, ApiError> {
         .await
         .map_err(|e| ApiError::new(503, "unavailable", e.to_string()))?;
     Ok(Json(Flushed { last_seq }).into_response())
-}
-
-/// `GET /v1/status`.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Status {
-    pub device_id: String,
-    pub device_name: String,
-    pub version: String,
-    pub uptime_seconds: f64,
-    pub current_session: Option<Uuid>,
-    pub buffer: BufferStatus,
-    pub records: RecordCounts,
-    pub ingest: IngestCounts,
-    pub gaps: Vec<GapItem>,
-    pub sync: crate::agent::sync::status::SyncStatus,
-    /// Artifact uploads (all zero and `enabled: false` without a hub).
-    #[serde(default)]
-    pub artifacts: ArtifactStatus,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct BufferStatus {
-    pub bytes_used: u64,
-    pub bytes_limit: u64,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct RecordCounts {
-    pub stored: i64,
-    pub synced: i64,
-    pub unsynced: i64,
-    pub last_seq: i64,
-    pub evicted_synced: u64,
-    pub evicted_unsynced: u64,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct IngestCounts {
-    pub accepted: u64,
-    /// `accepted` by protocol (`json`, `syslog`, `forward`).
-    #[serde(default)]
-    pub accepted_by_protocol: std::collections::BTreeMap<String, u64>,
-    pub truncated: u64,
-    pub refused: u64,
-    /// Bad records by reason.
-    pub bad: std::collections::BTreeMap<String, u64>,
-    pub connections_total: u64,
-    pub connections_open: i64,
-    pub committed: u64,
-    /// Records SQLite refused to store (disk full, I/O error).
-    pub write_failed: u64,
-    pub commits: u64,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct GapItem {
-    pub session_id: Option<Uuid>,
-    pub level: Level,
-    pub reason: String,
-    pub dropped: u64,
 }
 
 async fn gather(st: Arc<ApiState>) -> Result<Status, ApiError> {

@@ -114,7 +114,7 @@ pub async fn run_with_reload(
     start_listeners(&cfg, sockets.listeners, &pipeline, &shutdown, &tasks);
     let artifacts = start_artifacts(&cfg, &view, &pipeline, &sync, &shutdown, &tasks);
     let reloader = hup.map(|hup| start_reload(hup, &cfg, &sync, &shutdown));
-    let state = api_state(&cfg, view, &pipeline, &sync, artifacts, started);
+    let state = api_state(&cfg, view, &pipeline, &sync, artifacts, started, &shutdown);
     let api = start_api(state, sockets.api, &shutdown);
     let notifier = announce_ready(&cfg, notifier, &stats);
     let heartbeat = tokio::spawn(heartbeat(notifier.clone(), stats, shutdown.clone()));
@@ -426,6 +426,7 @@ fn api_state(
     sync: &SyncParts,
     artifacts: Arc<sync::artifacts::ArtifactStats>,
     started: Instant,
+    shutdown: &CancellationToken,
 ) -> Arc<api::ApiState> {
     Arc::new(api::ApiState {
         reader: Reader::new(&cfg.db_path(), view),
@@ -436,6 +437,7 @@ fn api_state(
         device_name: cfg.device_name.clone(),
         sync: sync.shared.clone(),
         artifacts,
+        shutdown: shutdown.clone(),
     })
 }
 

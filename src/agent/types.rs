@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::agent::sync::status::LinkState;
 use crate::wire::{Level, Package, SessionStatus};
 
 /// A session as the local API shows it.
@@ -71,6 +72,11 @@ pub struct LogItem {
     pub gid: Option<u32>,
     pub process: Option<String>,
 }
+
+/// The `reason` of the last line of a `GET /v1/logs/follow` stream whose
+/// session ended (`{"event":"end","reason":…}`); any other reason means the
+/// stream was cut short.
+pub const FOLLOW_END_SESSION: &str = "session ended";
 
 /// A page of results; `next_cursor` goes back as `before` (or `after` when
 /// ascending) to get the next page, and is null on the last one.
@@ -184,4 +190,173 @@ pub struct ArtifactStatus {
     pub last_error: Option<String>,
     /// RFC 3339 time of the last acknowledged chunk or completed upload.
     pub last_success: Option<String>,
+}
+
+/// `GET /v1/status`: what the agent serves and `logbook status` reads. Every
+/// field is required, so a field the CLI expects and the agent does not send
+/// is an error, never a silent zero.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub device_id: String,
+    pub device_name: String,
+    pub version: String,
+    pub uptime_seconds: f64,
+    pub current_session: Option<Uuid>,
+    pub buffer: BufferStatus,
+    pub records: RecordCounts,
+    pub ingest: IngestCounts,
+    pub gaps: Vec<GapItem>,
+    pub sync: SyncStatus,
+    /// Artifact uploads (all zero and `enabled: false` without a hub).
+    pub artifacts: ArtifactStatus,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BufferStatus {
+    pub bytes_used: u64,
+    pub bytes_limit: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecordCounts {
+    pub stored: i64,
+    pub synced: i64,
+    pub unsynced: i64,
+    pub last_seq: i64,
+    pub evicted_synced: u64,
+    pub evicted_unsynced: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IngestCounts {
+    pub accepted: u64,
+    /// `accepted` by protocol (`json`, `syslog`, `forward`).
+    pub accepted_by_protocol: std::collections::BTreeMap<String, u64>,
+    pub truncated: u64,
+    pub refused: u64,
+    /// Bad records by reason.
+    pub bad: std::collections::BTreeMap<String, u64>,
+    pub connections_total: u64,
+    pub connections_open: i64,
+    pub committed: u64,
+    /// Records SQLite refused to store (disk full, I/O error).
+    pub write_failed: u64,
+    pub commits: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GapItem {
+    pub session_id: Option<Uuid>,
+    pub level: Level,
+    pub reason: String,
+    pub dropped: u64,
+}
+
+/// The `sync` object of `GET /v1/status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SyncStatus {
+    pub link: LinkState,
+    /// RFC 3339 time of the last acknowledged batch.
+    pub last_success: Option<String>,
+    /// Records not yet acknowledged by the hub.
+    pub backlog_records: u64,
+    /// Their approximate size in the buffer.
+    pub backlog_bytes: u64,
+    /// Upper bound of the current retry wait, while backing off.
+    pub backoff_seconds: Option<f64>,
+    /// Bytes on the wire (gzip) of acknowledged batches.
+    pub bytes_sent: u64,
+    pub bytes_uncompressed: u64,
+    /// Uncompressed over compressed bytes (0 before the first batch).
+    pub compression_ratio: f64,
+    pub batches_sent: u64,
+    pub records_sent: u64,
+    /// Failed requests since start.
+    pub failures: u64,
+    /// Batches the hub refused as invalid, set aside and counted as gaps.
+    pub set_aside_batches: u64,
+    pub set_aside_records: u64,
+    pub uploader_restarts: u64,
+    pub last_error: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status() -> Status {
+        Status {
+            device_id: "d".into(),
+            device_name: "n".into(),
+            version: "0".into(),
+            uptime_seconds: 1.5,
+            current_session: None,
+            buffer: BufferStatus {
+                bytes_used: 1,
+                bytes_limit: 2,
+            },
+            records: RecordCounts {
+                stored: 3,
+                synced: 1,
+                unsynced: 2,
+                last_seq: 3,
+                evicted_synced: 0,
+                evicted_unsynced: 0,
+            },
+            ingest: IngestCounts {
+                accepted: 3,
+                accepted_by_protocol: [("json".to_owned(), 3)].into(),
+                truncated: 0,
+                refused: 0,
+                bad: Default::default(),
+                connections_total: 1,
+                connections_open: 0,
+                committed: 3,
+                write_failed: 0,
+                commits: 1,
+            },
+            gaps: Vec::new(),
+            sync: SyncStatus {
+                link: LinkState::Disabled,
+                last_success: None,
+                backlog_records: 2,
+                backlog_bytes: 10,
+                backoff_seconds: None,
+                bytes_sent: 0,
+                bytes_uncompressed: 0,
+                compression_ratio: 0.0,
+                batches_sent: 0,
+                records_sent: 0,
+                failures: 0,
+                set_aside_batches: 0,
+                set_aside_records: 0,
+                uploader_restarts: 0,
+                last_error: None,
+            },
+            artifacts: ArtifactStatus::default(),
+        }
+    }
+
+    /// The CLI reads what the agent writes; a field gone from the JSON (a
+    /// rename on one side) is an error, not a silent zero.
+    #[test]
+    fn status_round_trips_and_a_missing_field_is_an_error() {
+        let s = status();
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(serde_json::from_value::<Status>(json.clone()).unwrap(), s);
+        for (outer, inner) in [
+            ("records", "stored"),
+            ("ingest", "accepted_by_protocol"),
+            ("sync", "backlog_records"),
+            ("artifacts", "enabled"),
+        ] {
+            let mut j = json.clone();
+            j[outer].as_object_mut().unwrap().remove(inner).unwrap();
+            let e = serde_json::from_value::<Status>(j).unwrap_err();
+            assert!(e.to_string().contains(inner), "{e}");
+        }
+        let mut j = json;
+        j.as_object_mut().unwrap().remove("artifacts");
+        assert!(serde_json::from_value::<Status>(j).is_err());
+    }
 }

@@ -466,6 +466,54 @@ impl HubClient {
         self.json(self.http.get(url)).await
     }
 
+    /// The newest `n` records matching, oldest first (paging down).
+    pub async fn newest(
+        &self,
+        scope: &LogScope,
+        filter: &LogFilter,
+        n: usize,
+    ) -> Result<Vec<HubLog>, HubError> {
+        let mut items: Vec<HubLog> = Vec::new();
+        let mut before: Option<u64> = None;
+        while items.len() < n {
+            let want = n - items.len();
+            let page = self
+                .logs_page(scope, filter, want, before.map(|b| ("before", b)))
+                .await?;
+            let done = page.next_cursor.is_none() || page.items.is_empty();
+            before = page.items.last().map(|r| r.seq);
+            items.extend(page.items);
+            if done {
+                break;
+            }
+        }
+        items.reverse();
+        Ok(items)
+    }
+
+    /// Every record matching, oldest first, a page at a time, each handed
+    /// to `each`.
+    pub async fn each_log(
+        &self,
+        scope: &LogScope,
+        filter: &LogFilter,
+        mut each: impl FnMut(&HubLog) -> std::io::Result<()>,
+    ) -> Result<(), HubError> {
+        let mut after = 0u64;
+        loop {
+            let page = self
+                .logs_page(scope, filter, PAGE, Some(("after", after)))
+                .await?;
+            for r in &page.items {
+                each(r).map_err(HubError::io("printing"))?;
+                after = r.seq;
+            }
+            if page.next_cursor.is_none() || page.items.is_empty() {
+                return Ok(());
+            }
+        }
+    }
+
     pub async fn artifacts(&self, session: &str) -> Result<Vec<HubArtifact>, HubError> {
         let url = self.project_url(&format!("/sessions/{}/files", percent_encode(session)));
         let page: Page<HubArtifact> = self.json(self.http.get(url)).await?;

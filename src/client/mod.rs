@@ -1,7 +1,8 @@
 //! Client library for programs on the robot: a `tracing` layer that logs to
-//! `logbookd` without ever blocking, and session control over the local API
-//! ([`Api`]); and [`hub`], the operator's client for a hub's Sessions API
-//! (`logbook --hub URL …`).
+//! `logbookd` without ever blocking, and the local API ([`Api`]: session
+//! control, log queries and follows, status); [`hub`], the operator's client
+//! for a hub's Sessions API (`logbook --hub URL …`); and what the `logbook`
+//! CLI adds on top: [`print`] and [`logger`] (`logbook log`).
 //!
 //! ```no_run
 //! use tracing_subscriber::prelude::*;
@@ -29,9 +30,14 @@
 mod api;
 pub mod hub;
 mod layer;
+pub mod logger;
+pub mod print;
 mod sender;
 
-pub use api::{Api, ApiError, NewSession, Session, API_SOCKET_ENV, DEFAULT_API_SOCKET, MAX_BODY};
+pub use api::{
+    Api, ApiError, Cursor, Follow, FollowFrom, LogFilter, LogPages, NewSession, Resuming, Session,
+    API_SOCKET_ENV, DEFAULT_API_SOCKET, END_SESSION, MAX_BODY,
+};
 pub use layer::{Builder, Handle, LogbookLayer};
 
 /// Where `logbookd` listens for JSON lines unless told otherwise.

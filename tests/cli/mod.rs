@@ -1,9 +1,11 @@
 //! Integration tests of `logbook --hub URL …`: a real `logbook-hub` fed with
 //! batches and uploads the way agents send them, queried by the real
-//! `logbook` binary the way an operator on a laptop would.
+//! `logbook` binary the way an operator on a laptop would; and of the local
+//! commands that only this CLI has (`local`).
 
 mod errors;
 mod follow;
+mod local;
 mod query;
 mod reload;
 mod same;

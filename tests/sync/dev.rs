@@ -1,14 +1,14 @@
 //! `logbook dev` as a newcomer uses it: start it, start a session, send a
-//! log line with socat, see it through the hub's API with the printed key,
+//! log line with `logbook log`, see it through the hub's API with the printed key,
 //! stop it with Ctrl-C; run it again and find the same keys and data.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::util::{bin, interop_client, run_ok, wait_for, TestDir};
+use crate::util::{bin, run_ok, wait_for, TestDir};
 
 struct Dev {
     child: Child,
@@ -92,6 +92,7 @@ fn logbook_dev_runs_the_whole_system_and_stops_cleanly() {
     assert!(hub.starts_with("http://127.0.0.1:"), "{}", dev.intro);
     for part in [
         "session start",
+        " log --level info hello from my robot",
         "socat",
         "curl -s -H 'Authorization: Bearer",
     ] {
@@ -106,20 +107,13 @@ fn logbook_dev_runs_the_whole_system_and_stops_cleanly() {
             .args(["session", "start", "--tag", "demo"]),
     );
     let id = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    // 2. send a log line, with socat as printed when it is installed.
-    let line = r#"{"level":"info","msg":"hello from my robot"}"#;
-    if interop_client("socat") {
-        let mut socat = Command::new("socat")
-            .args(["-", &format!("UNIX-CONNECT:{ingest}")])
-            .stdin(Stdio::piped())
-            .spawn()
-            .unwrap();
-        writeln!(socat.stdin.take().unwrap(), "{line}").unwrap();
-        assert!(socat.wait().unwrap().success());
-    } else {
-        let mut s = std::os::unix::net::UnixStream::connect(&ingest).unwrap();
-        writeln!(s, "{line}").unwrap();
-    }
+    // 2. send a log line with `logbook log`, as printed.
+    run_ok(
+        Command::new(bin("logbook"))
+            .arg("--runtime-dir")
+            .arg(&runtime)
+            .args(["log", "--level", "info", "hello", "from", "my", "robot"]),
+    );
     // 3. the session and its log at the hub, with the printed key.
     let api = format!("{hub}/api/v1/organizations/dev/projects/sandbox");
     wait_for("the session at the hub", Duration::from_secs(10), || {

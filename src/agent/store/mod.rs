@@ -107,6 +107,10 @@ pub struct Stats {
     /// Woken after every commit, so the uploader is driven by new input as
     /// well as by its timer.
     pub committed_notify: tokio::sync::Notify,
+    /// The last committed seq, sent after every commit (also those that
+    /// only change a session), so each live follow of the local API wakes
+    /// and reads what is new; the writer never waits on its receivers.
+    pub committed_seq: tokio::sync::watch::Sender<u64>,
     /// Row batches the writer has stored, freed by the ingest threads.
     pub spent: Spent,
 }
@@ -155,6 +159,12 @@ impl Spent {
 impl Stats {
     pub fn get(a: &AtomicU64) -> u64 {
         a.load(Ordering::Relaxed)
+    }
+
+    /// Called by the writer after each commit: wakes every live follow.
+    pub fn committed(&self) {
+        self.committed_seq
+            .send_replace(self.last_seq.load(Ordering::Relaxed).max(0) as u64);
     }
 }
 

@@ -191,88 +191,122 @@ impl Reader {
     }
 
     pub fn logs(&self, q: &LogQuery) -> Result<Page<LogItem>, StoreError> {
-        let mut sql = String::from(
-            "SELECT r.seq, s.id, r.ts_ns, r.level, r.module, r.message, r.metadata, r.pid, r.uid, r.gid, r.process \
-             FROM records r LEFT JOIN sessions s ON s.sid = r.session WHERE 1=1",
-        );
-        let mut args: Vec<Sql> = Vec::new();
-        if let Some(id) = q.session {
-            sql.push_str(" AND r.session = (SELECT sid FROM sessions WHERE id = ?)");
-            args.push(Sql::Text(id.to_string()));
-        }
-        if let Some(l) = q.level {
-            sql.push_str(" AND r.level >= ?");
-            args.push(Sql::Integer(l.code() as i64));
-        }
-        if let Some(m) = &q.module {
-            // A module matches itself and its children (`nav` matches
-            // `nav::planner` and `nav.planner`).
-            sql.push_str(
-                " AND (r.module = ? OR r.module LIKE ? ESCAPE '\\' OR r.module LIKE ? ESCAPE '\\')",
-            );
-            args.push(Sql::Text(m.clone()));
-            args.push(Sql::Text(format!("{}::%", like_escape(m))));
-            args.push(Sql::Text(format!("{}.%", like_escape(m))));
-        }
-        if let Some(s) = &q.search {
-            sql.push_str(" AND r.message LIKE ? ESCAPE '\\'");
-            args.push(Sql::Text(format!("%{}%", like_escape(s))));
-        }
-        if let Some(t) = q.since_ns {
-            sql.push_str(" AND r.ts_ns >= ?");
-            args.push(Sql::Integer(t));
-        }
-        if let Some(t) = q.until_ns {
-            sql.push_str(" AND r.ts_ns < ?");
-            args.push(Sql::Integer(t));
-        }
-        let ascending = q.ascending || q.after.is_some();
-        if let Some(a) = q.after {
-            sql.push_str(" AND r.seq > ?");
-            args.push(Sql::Integer(a as i64));
-        }
-        if let Some(b) = q.before {
-            sql.push_str(" AND r.seq < ?");
-            args.push(Sql::Integer(b as i64));
-        }
-        sql.push_str(if ascending {
-            " ORDER BY r.seq ASC LIMIT ?"
-        } else {
-            " ORDER BY r.seq DESC LIMIT ?"
-        });
-        args.push(Sql::Integer(q.limit as i64));
-        let items = self.with(|c| {
-            let mut stmt = c.prepare_cached(&sql)?;
-            let rows = stmt.query_map(params_from_iter(args), |r| {
-                let sid: Option<String> = r.get(1)?;
-                let level: i64 = r.get(3)?;
-                let metadata: String = r.get(6)?;
-                Ok(LogItem {
-                    seq: r.get::<_, i64>(0)? as u64,
-                    session_id: sid.and_then(|s| Uuid::parse_str(&s).ok()),
-                    timestamp: rfc3339(r.get(2)?),
-                    level: Level::from_code(level as u8).unwrap_or(Level::Info),
-                    module: r.get(4)?,
-                    message: r.get(5)?,
-                    metadata: if metadata.is_empty() {
-                        serde_json::Map::new()
-                    } else {
-                        serde_json::from_str(&metadata).unwrap_or_default()
-                    },
-                    pid: r.get(7)?,
-                    uid: r.get(8)?,
-                    gid: r.get(9)?,
-                    process: r.get(10)?,
-                })
-            })?;
-            rows.collect::<rusqlite::Result<Vec<_>>>()
-        })?;
+        let items = self.with(|c| logs_on(c, q))?;
         let next_cursor = (items.len() == q.limit)
             .then(|| items.last().map(|r| r.seq.to_string()))
             .flatten();
         Ok(Page { items, next_cursor })
     }
 
+    /// Where a live follow starts: the newest `q.limit` records matching
+    /// `q` (oldest first; none when the limit is 0), and the highest seq
+    /// committed, read in one snapshot, so that following above the larger
+    /// of the two misses nothing and repeats nothing.
+    pub fn tail(&self, q: &LogQuery) -> Result<(Vec<LogItem>, u64), StoreError> {
+        let q = LogQuery {
+            before: None,
+            after: None,
+            ascending: false,
+            ..q.clone()
+        };
+        self.with(|c| {
+            let tx = c.unchecked_transaction()?;
+            let last: i64 = tx.query_row("SELECT coalesce(max(seq), 0) FROM records", [], |r| {
+                r.get(0)
+            })?;
+            let mut items = if q.limit > 0 {
+                logs_on(&tx, &q)?
+            } else {
+                Vec::new()
+            };
+            items.reverse();
+            let cursor = items.last().map_or(0, |r| r.seq).max(last.max(0) as u64);
+            Ok((items, cursor))
+        })
+    }
+}
+
+/// The records matching `q`, on one connection.
+fn logs_on(c: &Connection, q: &LogQuery) -> rusqlite::Result<Vec<LogItem>> {
+    let mut sql = String::from(
+        "SELECT r.seq, s.id, r.ts_ns, r.level, r.module, r.message, r.metadata, r.pid, r.uid, r.gid, r.process \
+         FROM records r LEFT JOIN sessions s ON s.sid = r.session WHERE 1=1",
+    );
+    let mut args: Vec<Sql> = Vec::new();
+    if let Some(id) = q.session {
+        sql.push_str(" AND r.session = (SELECT sid FROM sessions WHERE id = ?)");
+        args.push(Sql::Text(id.to_string()));
+    }
+    if let Some(l) = q.level {
+        sql.push_str(" AND r.level >= ?");
+        args.push(Sql::Integer(l.code() as i64));
+    }
+    if let Some(m) = &q.module {
+        // A module matches itself and its children (`nav` matches
+        // `nav::planner` and `nav.planner`).
+        sql.push_str(
+            " AND (r.module = ? OR r.module LIKE ? ESCAPE '\\' OR r.module LIKE ? ESCAPE '\\')",
+        );
+        args.push(Sql::Text(m.clone()));
+        args.push(Sql::Text(format!("{}::%", like_escape(m))));
+        args.push(Sql::Text(format!("{}.%", like_escape(m))));
+    }
+    if let Some(s) = &q.search {
+        sql.push_str(" AND r.message LIKE ? ESCAPE '\\'");
+        args.push(Sql::Text(format!("%{}%", like_escape(s))));
+    }
+    if let Some(t) = q.since_ns {
+        sql.push_str(" AND r.ts_ns >= ?");
+        args.push(Sql::Integer(t));
+    }
+    if let Some(t) = q.until_ns {
+        sql.push_str(" AND r.ts_ns < ?");
+        args.push(Sql::Integer(t));
+    }
+    let ascending = q.ascending || q.after.is_some();
+    if let Some(a) = q.after {
+        sql.push_str(" AND r.seq > ?");
+        args.push(Sql::Integer(a as i64));
+    }
+    if let Some(b) = q.before {
+        sql.push_str(" AND r.seq < ?");
+        args.push(Sql::Integer(b as i64));
+    }
+    sql.push_str(if ascending {
+        " ORDER BY r.seq ASC LIMIT ?"
+    } else {
+        " ORDER BY r.seq DESC LIMIT ?"
+    });
+    args.push(Sql::Integer(q.limit as i64));
+    {
+        let mut stmt = c.prepare_cached(&sql)?;
+        let rows = stmt.query_map(params_from_iter(args), |r| {
+            let sid: Option<String> = r.get(1)?;
+            let level: i64 = r.get(3)?;
+            let metadata: String = r.get(6)?;
+            Ok(LogItem {
+                seq: r.get::<_, i64>(0)? as u64,
+                session_id: sid.and_then(|s| Uuid::parse_str(&s).ok()),
+                timestamp: rfc3339(r.get(2)?),
+                level: Level::from_code(level as u8).unwrap_or(Level::Info),
+                module: r.get(4)?,
+                message: r.get(5)?,
+                metadata: if metadata.is_empty() {
+                    serde_json::Map::new()
+                } else {
+                    serde_json::from_str(&metadata).unwrap_or_default()
+                },
+                pid: r.get(7)?,
+                uid: r.get(8)?,
+                gid: r.get(9)?,
+                process: r.get(10)?,
+            })
+        })?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+    }
+}
+
+impl Reader {
     /// Cumulative gap counters, in the wire's shape.
     pub fn gaps(&self) -> Result<Vec<Gap>, StoreError> {
         self.with(|c| {

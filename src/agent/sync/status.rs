@@ -14,6 +14,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// The `sync` object of `GET /v1/status` (defined with the other local-API
+/// types).
+pub use crate::agent::types::SyncStatus;
+
 /// Where the link to the hub stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -177,34 +181,6 @@ impl SyncShared {
             last_error: self.last_error.lock().expect("sync status lock").clone(),
         }
     }
-}
-
-/// The `sync` object of `GET /v1/status`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SyncStatus {
-    pub link: LinkState,
-    /// RFC 3339 time of the last acknowledged batch.
-    pub last_success: Option<String>,
-    /// Records not yet acknowledged by the hub.
-    pub backlog_records: u64,
-    /// Their approximate size in the buffer.
-    pub backlog_bytes: u64,
-    /// Upper bound of the current retry wait, while backing off.
-    pub backoff_seconds: Option<f64>,
-    /// Bytes on the wire (gzip) of acknowledged batches.
-    pub bytes_sent: u64,
-    pub bytes_uncompressed: u64,
-    /// Uncompressed over compressed bytes (0 before the first batch).
-    pub compression_ratio: f64,
-    pub batches_sent: u64,
-    pub records_sent: u64,
-    /// Failed requests since start.
-    pub failures: u64,
-    /// Batches the hub refused as invalid, set aside and counted as gaps.
-    pub set_aside_batches: u64,
-    pub set_aside_records: u64,
-    pub uploader_restarts: u64,
-    pub last_error: Option<String>,
 }
 
 #[cfg(test)]

@@ -255,6 +255,7 @@ impl Writer {
                 tracing::error!("keeping the buffer bound failed: {e}");
             }
             self.stats.committed_notify.notify_one();
+            self.stats.committed();
             // Only acknowledgements whose commit went through are left here
             // (a failed commit answered its own with the error).
             for (reply, n) in self.sync_replies.drain(..) {
