@@ -2,7 +2,8 @@
 //! content, against the JSON-lines parser (`ingest::json::parse_line`:
 //! `serde_json` plus the field mapping every format shares) measured in the
 //! same run.
-//! Goal (issue 5): syslog and Forward at least 70% of JSON lines,
+//! Goal (BENCHMARKS.md, "Parsers of the other ingest formats"): syslog and
+//! Forward at least 70% of JSON lines,
 //! PackedForward at least 100%.
 //!
 //! ```sh

@@ -1,4 +1,4 @@
-//! Benchmark of `logbook-hub` (issue 3's performance goals), not a test:
+//! Benchmark of `logbook-hub` (BENCHMARKS.md, "Hub"), not a test:
 //! ingest of pre-encoded batches over HTTP into a fresh hub, then the
 //! latency of the first page of a filtered log query, of a full-text
 //! search and of a filtered session list, each beside a baseline measured
@@ -101,10 +101,10 @@ fn build_batches(total: u64) -> Vec<Encoded> {
     let mut next_seq = vec![1u64; DEVICES as usize];
     for i in 0..SESSIONS {
         let d = i % DEVICES;
-        let sid = session_uuid(i);
+        let session = session_uuid(i);
         let started = START_NS + (i as i64) * 3_600_000_000_000;
         let state = SessionState {
-            id: sid,
+            id: session,
             revision: 2,
             status: if i % 10 == 0 {
                 SessionStatus::Failed
@@ -140,7 +140,7 @@ fn build_batches(total: u64) -> Vec<Encoded> {
                     k += 1;
                     Record {
                         seq,
-                        session_id: Some(sid),
+                        session_id: Some(session),
                         timestamp_ns: started + k as i64 * 10_000_000,
                         level: level(&mut rng),
                         module: MODULES[rng.below(MODULES.len() as u64) as usize].into(),
@@ -326,7 +326,7 @@ fn main() -> anyhow::Result<()> {
         let per_session = (total / SESSIONS).max(1) as i64;
         let (mut filtered, mut search, mut list, mut health) = (vec![], vec![], vec![], vec![]);
         for i in [17u64, 250, 499, 777, 998] {
-            let sid = session_uuid(i);
+            let session = session_uuid(i);
             let started = START_NS + (i as i64) * 3_600_000_000_000;
             let fmt = |ns: i64| {
                 time::OffsetDateTime::from_unix_timestamp_nanos(ns as i128)
@@ -339,13 +339,13 @@ fn main() -> anyhow::Result<()> {
             filtered.extend(
                 time_get(
                     &http,
-                    &format!("{api}/sessions/{sid}/logs?level=warn&module=perception&since={since}&until={until}&limit=100"),
+                    &format!("{api}/sessions/{session}/logs?level=warn&module=perception&since={since}&until={until}&limit=100"),
                     &operator,
                 )
                 .await?,
             );
             search.extend(
-                time_get(&http, &format!("{api}/sessions/{sid}/logs?search=obstacles%20sector&limit=100"), &operator)
+                time_get(&http, &format!("{api}/sessions/{session}/logs?search=obstacles%20sector&limit=100"), &operator)
                     .await?,
             );
         }

@@ -891,7 +891,7 @@ mod tests {
     }
 
     fn sample_v(version: u32) -> Batch {
-        let sid = Uuid::from_u128(0x0193_0000_0000_7000_8000_0000_0000_0001);
+        let session = Uuid::from_u128(0x0193_0000_0000_7000_8000_0000_0000_0001);
         Batch {
             version,
             device: Device {
@@ -900,7 +900,7 @@ mod tests {
             },
             sent_at_ns: 1_736_496_000_000_000_000,
             sessions: vec![SessionState {
-                id: sid,
+                id: session,
                 revision: 3,
                 status: SessionStatus::Completed,
                 started_at_ns: 1_736_496_000_000_000_000,
@@ -919,7 +919,7 @@ mod tests {
             }],
             records: vec![Record {
                 seq: 42,
-                session_id: Some(sid),
+                session_id: Some(session),
                 timestamp_ns: 1_736_504_625_123_000_000,
                 level: Level::Info,
                 module: "perception".into(),
@@ -931,7 +931,7 @@ mod tests {
                 process: Some("perceptiond".into()),
             }],
             gaps: vec![Gap {
-                session_id: Some(sid),
+                session_id: Some(session),
                 level: Level::Debug,
                 reason: gap_reason::EVICTED.into(),
                 dropped: 4312,

@@ -38,13 +38,13 @@ async fn follow_prints_new_records_once_across_a_hub_restart() {
     let (st, body) = hub.post_batch(&post(1, 30, SessionStatus::Active, 1)).await;
     assert_eq!(st, 200, "{body}");
 
-    let sid = s.to_string();
+    let session = s.to_string();
     let run = Running::spawn(
         cli(&hub),
         &[
             "logs",
             "--session",
-            &sid,
+            &session,
             "--follow",
             "--json",
             "--limit",
@@ -171,10 +171,10 @@ async fn follow_misses_nothing_that_arrived_while_the_link_was_cut() {
         .await;
     assert_eq!(st, 200, "{body}");
 
-    let sid = s.to_string();
+    let session = s.to_string();
     let mut cmd = cli(&hub);
     cmd.env("LOGBOOK_HUB_URL", proxy.url());
-    let run = Running::spawn(cmd, &["logs", "--session", &sid, "--follow", "--json"]);
+    let run = Running::spawn(cmd, &["logs", "--session", &session, "--follow", "--json"]);
     let mut next = 6;
     let one = |i: u64| post(i..=i, Level::Info, SessionStatus::Active);
     until_live(&hub, &run, one, &mut next, 5).await;

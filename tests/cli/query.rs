@@ -250,9 +250,9 @@ async fn artifacts_list_and_download_byte_identical() {
         .collect();
     upload(&hub, s, "bags/run 1.bin", &data).await;
     upload(&hub, s, "notes.txt", b"hello\n").await;
-    let sid = s.to_string();
+    let session = s.to_string();
 
-    let list = ok(cli(&hub), &["artifacts", "--session", &sid]);
+    let list = ok(cli(&hub), &["artifacts", "--session", &session]);
     let rows: Vec<&str> = list.lines().collect();
     assert_eq!(rows.len(), 2, "{list}");
     assert!(
@@ -273,7 +273,7 @@ async fn artifacts_list_and_download_byte_identical() {
         &[
             "artifacts",
             "--session",
-            &sid,
+            &session,
             "--download",
             "bags/run 1.bin",
         ],
@@ -289,7 +289,7 @@ async fn artifacts_list_and_download_byte_identical() {
         c.args([
             "artifacts",
             "--session",
-            &sid,
+            &session,
             "--download",
             "bags/run 1.bin",
             "-o",
@@ -325,7 +325,7 @@ async fn artifacts_list_and_download_byte_identical() {
         &[
             "artifacts",
             "--session",
-            &sid,
+            &session,
             "--download",
             "notes.txt",
             "-o",
@@ -336,7 +336,7 @@ async fn artifacts_list_and_download_byte_identical() {
 
     let err = fails(
         cli(&hub),
-        &["artifacts", "--session", &sid, "--download", "nope.txt"],
+        &["artifacts", "--session", &session, "--download", "nope.txt"],
     );
     assert!(err.contains("has no artifact \"nope.txt\""), "{err}");
 }

@@ -218,7 +218,7 @@ impl Pipeline {
             .unwrap_or(0);
         let metadata = r.take_metadata_text();
         Row {
-            ts_ns: r.timestamp_ns.unwrap_or(arrival_ns),
+            timestamp_ns: r.timestamp_ns.unwrap_or(arrival_ns),
             level: r.level,
             module: r.module.unwrap_or_default(),
             message: r.message,
@@ -665,6 +665,6 @@ mod tests {
         assert_eq!(r.message, "a");
         assert_eq!(r.client_dropped, 5);
         assert_eq!(r.metadata, r#"{"logbook_dropped":5}"#);
-        assert!(r.ts_ns > 0, "stamped on arrival");
+        assert!(r.timestamp_ns > 0, "stamped on arrival");
     }
 }

@@ -95,8 +95,8 @@ pub struct ArtifactRow {
 /// are left alone too (the watcher decided those).
 const SAME_VERSION: &str = "WHERE id = ?1 AND size = ?2 AND mtime_ns = ?3 AND state != 'refused'";
 
-fn sid_of(conn: &Connection, session: &Uuid) -> rusqlite::Result<Option<i64>> {
-    conn.prepare_cached("SELECT sid FROM sessions WHERE id = ?1")?
+fn pk_of(conn: &Connection, session: &Uuid) -> rusqlite::Result<Option<i64>> {
+    conn.prepare_cached("SELECT pk FROM sessions WHERE id = ?1")?
         .query_row([session.to_string()], |r| r.get(0))
         .optional()
 }
@@ -111,7 +111,7 @@ pub fn apply(conn: &Connection, cmd: ArtifactCmd) -> rusqlite::Result<()> {
             size,
             mtime_ns,
         } => {
-            let Some(sid) = sid_of(conn, &session)? else {
+            let Some(pk) = pk_of(conn, &session)? else {
                 return Ok(());
             };
             conn.prepare_cached(
@@ -120,14 +120,14 @@ pub fn apply(conn: &Connection, cmd: ArtifactCmd) -> rusqlite::Result<()> {
                  state = 'pending', sha256 = NULL, upload_url = NULL, acked = 0, error = NULL, attempts = 0 \
                  WHERE size != excluded.size OR mtime_ns != excluded.mtime_ns OR state = 'refused'",
             )?
-            .execute(params![sid, path, size as i64, mtime_ns])?;
+            .execute(params![pk, path, size as i64, mtime_ns])?;
         }
         ArtifactCmd::Refuse {
             session,
             path,
             reason,
         } => {
-            let Some(sid) = sid_of(conn, &session)? else {
+            let Some(pk) = pk_of(conn, &session)? else {
                 return Ok(());
             };
             conn.prepare_cached(
@@ -135,7 +135,7 @@ pub fn apply(conn: &Connection, cmd: ArtifactCmd) -> rusqlite::Result<()> {
                  ON CONFLICT(session, path) DO UPDATE SET state = 'refused', error = excluded.error, \
                  sha256 = NULL, upload_url = NULL, acked = 0",
             )?
-            .execute(params![sid, path, reason])?;
+            .execute(params![pk, path, reason])?;
         }
         ArtifactCmd::Started { of, sha256, url } => {
             conn.prepare_cached(&format!(
@@ -188,10 +188,10 @@ const ROW_COLUMNS: &str =
     "a.id, s.id, a.path, a.size, a.mtime_ns, a.state, a.sha256, a.upload_url, a.acked, a.attempts";
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ArtifactRow> {
-    let sid: String = r.get(1)?;
+    let id: String = r.get(1)?;
     Ok(ArtifactRow {
         id: r.get(0)?,
-        session: Uuid::parse_str(&sid).unwrap_or_default(),
+        session: Uuid::parse_str(&id).unwrap_or_default(),
         path: r.get(2)?,
         size: r.get::<_, i64>(3)? as u64,
         mtime_ns: r.get(4)?,
@@ -212,7 +212,7 @@ impl Reader {
     pub fn next_artifact(&self) -> Result<Option<ArtifactRow>, StoreError> {
         self.with(|c| {
             c.prepare_cached(&format!(
-                "SELECT {ROW_COLUMNS} FROM artifacts a JOIN sessions s ON s.sid = a.session \
+                "SELECT {ROW_COLUMNS} FROM artifacts a JOIN sessions s ON s.pk = a.session \
                  WHERE a.state IN ('pending', 'uploading') ORDER BY a.size, a.id LIMIT 1"
             ))?
             .query_row([], row)
@@ -224,7 +224,7 @@ impl Reader {
     pub fn artifact(&self, id: i64) -> Result<Option<ArtifactRow>, StoreError> {
         self.with(|c| {
             c.prepare_cached(&format!(
-                "SELECT {ROW_COLUMNS} FROM artifacts a JOIN sessions s ON s.sid = a.session WHERE a.id = ?1"
+                "SELECT {ROW_COLUMNS} FROM artifacts a JOIN sessions s ON s.pk = a.session WHERE a.id = ?1"
             ))?
             .query_row([id], row)
             .optional()
@@ -240,7 +240,7 @@ impl Reader {
         self.with(|c| {
             let mut stmt = c.prepare_cached(
                 "SELECT a.path, a.size, a.mtime_ns, a.state FROM artifacts a \
-                 WHERE a.session = (SELECT sid FROM sessions WHERE id = ?1) LIMIT ?2",
+                 WHERE a.session = (SELECT pk FROM sessions WHERE id = ?1) LIMIT ?2",
             )?;
             let rows = stmt.query_map(params![session.to_string(), MAX_LIST], |r| {
                 Ok((r.get(0)?, r.get::<_, i64>(1)? as u64, r.get(2)?, r.get(3)?))
@@ -256,8 +256,8 @@ impl Reader {
         self.with(|c| {
             let mut stmt = c.prepare_cached(
                 "SELECT id FROM sessions WHERE status = 'active' OR ended_at_ns >= ?1 \
-                 OR sid IN (SELECT session FROM artifacts WHERE state IN ('pending', 'uploading')) \
-                 ORDER BY sid DESC LIMIT 256",
+                 OR pk IN (SELECT session FROM artifacts WHERE state IN ('pending', 'uploading')) \
+                 ORDER BY pk DESC LIMIT 256",
             )?;
             let rows = stmt.query_map([now_ns - recent_ns], |r| r.get::<_, String>(0))?;
             Ok(rows
@@ -271,7 +271,7 @@ impl Reader {
         self.with(|c| {
             let mut stmt = c.prepare_cached(
                 "SELECT a.path, a.size, a.state, a.acked, a.sha256, a.error FROM artifacts a \
-                 WHERE a.session = (SELECT sid FROM sessions WHERE id = ?1) ORDER BY a.path LIMIT ?2",
+                 WHERE a.session = (SELECT pk FROM sessions WHERE id = ?1) ORDER BY a.path LIMIT ?2",
             )?;
             let rows = stmt.query_map(params![session.to_string(), MAX_LIST], |r| {
                 Ok(ArtifactItem {

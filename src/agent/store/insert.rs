@@ -67,7 +67,7 @@ impl<'c> Insert<'c> {
             let binds = [
                 ffi::sqlite3_bind_int64(s, 1, seq),
                 bind_opt_int(s, 2, session),
-                ffi::sqlite3_bind_int64(s, 3, row.ts_ns),
+                ffi::sqlite3_bind_int64(s, 3, row.timestamp_ns),
                 ffi::sqlite3_bind_int(s, 4, c_int::from(row.level.code())),
                 bind_text(s, 5, Some(&row.module)),
                 bind_text(s, 6, Some(&row.message)),
@@ -185,7 +185,7 @@ mod tests {
         ];
         (0..30)
             .map(|i| Row {
-                ts_ns: [i64::MIN, 0, 1_700_000_000_123_456_789, i64::MAX][i % 4],
+                timestamp_ns: [i64::MIN, 0, 1_700_000_000_123_456_789, i64::MAX][i % 4],
                 level: Level::ALL[i % Level::ALL.len()],
                 module: texts[i % texts.len()].to_owned(),
                 message: texts[(i + 1) % texts.len()].repeat(i),
@@ -251,7 +251,7 @@ mod tests {
                     rusqlite::params![
                         i as i64 + 1,
                         (i % 2 == 0).then_some(3),
-                        r.ts_ns,
+                        r.timestamp_ns,
                         r.level.code(),
                         r.module,
                         r.message,

@@ -53,7 +53,7 @@ pub enum StoreError {
 /// connection task serializes metadata once, so the writer only binds.
 #[derive(Debug, Clone)]
 pub struct Row {
-    pub ts_ns: i64,
+    pub timestamp_ns: i64,
     pub level: Level,
     pub module: String,
     pub message: String,

@@ -31,7 +31,7 @@ impl ViewCtx {
 }
 
 pub const SESSION_COLUMNS: &str =
-    "sid, id, status, started_at_ns, ended_at_ns, duration_ns, boot_id, \
+    "pk, id, status, started_at_ns, ended_at_ns, duration_ns, boot_id, \
      started_boottime_ns, tags, package_name, package_version, metadata, error, log_count";
 
 /// Builds the view of the session row selected with [`SESSION_COLUMNS`].
@@ -80,12 +80,12 @@ pub fn session_from_row(ctx: &ViewCtx, r: &rusqlite::Row<'_>) -> rusqlite::Resul
 pub fn session_by_sid(
     conn: &Connection,
     ctx: &ViewCtx,
-    sid: i64,
+    pk: i64,
 ) -> rusqlite::Result<Option<SessionView>> {
     conn.prepare_cached(&format!(
-        "SELECT {SESSION_COLUMNS} FROM sessions WHERE sid = ?1"
+        "SELECT {SESSION_COLUMNS} FROM sessions WHERE pk = ?1"
     ))?
-    .query_row([sid], |r| session_from_row(ctx, r))
+    .query_row([pk], |r| session_from_row(ctx, r))
     .optional()
 }
 
@@ -152,7 +152,7 @@ impl Reader {
     pub fn current_session(&self) -> Result<Option<SessionView>, StoreError> {
         self.with(|c| {
             c.prepare_cached(&format!(
-                "SELECT {SESSION_COLUMNS} FROM sessions WHERE status = 'active' ORDER BY sid DESC LIMIT 1"
+                "SELECT {SESSION_COLUMNS} FROM sessions WHERE status = 'active' ORDER BY pk DESC LIMIT 1"
             ))?
             .query_row([], |r| session_from_row(&self.ctx, r))
             .optional()
@@ -173,10 +173,10 @@ impl Reader {
             args.push(Sql::Text(s.as_str().into()));
         }
         if let Some(b) = before {
-            sql.push_str(" AND sid < coalesce((SELECT sid FROM sessions WHERE id = ?), 0)");
+            sql.push_str(" AND pk < coalesce((SELECT pk FROM sessions WHERE id = ?), 0)");
             args.push(Sql::Text(b.to_string()));
         }
-        sql.push_str(" ORDER BY sid DESC LIMIT ?");
+        sql.push_str(" ORDER BY pk DESC LIMIT ?");
         args.push(Sql::Integer(limit as i64));
         let items = self.with(|c| {
             let mut stmt = c.prepare(&sql)?;
@@ -230,11 +230,11 @@ impl Reader {
 fn logs_on(c: &Connection, q: &LogQuery) -> rusqlite::Result<Vec<LogItem>> {
     let mut sql = String::from(
         "SELECT r.seq, s.id, r.ts_ns, r.level, r.module, r.message, r.metadata, r.pid, r.uid, r.gid, r.process \
-         FROM records r LEFT JOIN sessions s ON s.sid = r.session WHERE 1=1",
+         FROM records r LEFT JOIN sessions s ON s.pk = r.session WHERE 1=1",
     );
     let mut args: Vec<Sql> = Vec::new();
     if let Some(id) = q.session {
-        sql.push_str(" AND r.session = (SELECT sid FROM sessions WHERE id = ?)");
+        sql.push_str(" AND r.session = (SELECT pk FROM sessions WHERE id = ?)");
         args.push(Sql::Text(id.to_string()));
     }
     if let Some(l) = q.level {
@@ -281,12 +281,12 @@ fn logs_on(c: &Connection, q: &LogQuery) -> rusqlite::Result<Vec<LogItem>> {
     {
         let mut stmt = c.prepare_cached(&sql)?;
         let rows = stmt.query_map(params_from_iter(args), |r| {
-            let sid: Option<String> = r.get(1)?;
+            let id: Option<String> = r.get(1)?;
             let level: i64 = r.get(3)?;
             let metadata: String = r.get(6)?;
             Ok(LogItem {
                 seq: r.get::<_, i64>(0)? as u64,
-                session_id: sid.and_then(|s| Uuid::parse_str(&s).ok()),
+                session_id: id.and_then(|s| Uuid::parse_str(&s).ok()),
                 timestamp: rfc3339(r.get(2)?),
                 level: Level::from_code(level as u8).unwrap_or(Level::Info),
                 module: r.get(4)?,
@@ -312,7 +312,7 @@ impl Reader {
         self.with(|c| {
             let mut stmt = c.prepare_cached(
                 "SELECT s.id, g.level, g.reason, g.dropped FROM gaps g \
-                 LEFT JOIN sessions s ON s.sid = g.session ORDER BY g.session, g.level, g.reason",
+                 LEFT JOIN sessions s ON s.pk = g.session ORDER BY g.session, g.level, g.reason",
             )?;
             let rows = stmt.query_map([], |r| {
                 let id: Option<String> = r.get(0)?;

@@ -101,6 +101,10 @@ pub const MIGRATIONS: &[&str] = &[
         WHERE synced = 1 AND seq > (SELECT value FROM meta WHERE key = 'synced_through');
     DROP INDEX records_evict;
     CREATE INDEX records_level ON records(level, seq);",
+    // 5: a session's row key is `pk`, as the hub names its own (and as the
+    // code calls it); it was `sid`. Only the schema text changes: SQLite
+    // renames the column and every reference to it, no row is rewritten.
+    "ALTER TABLE sessions RENAME COLUMN sid TO pk;",
 ];
 
 /// The schema version this build writes.

@@ -28,7 +28,7 @@ use crate::wire::{gap_reason, Gap, Level, Package, Record, SessionState, Session
 /// A session state to send, with the row it came from.
 #[derive(Debug, Clone)]
 pub struct PendingSession {
-    pub sid: i64,
+    pub pk: i64,
     pub state: SessionState,
 }
 
@@ -45,7 +45,7 @@ pub struct PendingGap {
 pub struct Acked {
     /// Inclusive seq ranges (from `BatchAck.acked`).
     pub records: Vec<(u64, u64)>,
-    /// (sid, revision sent).
+    /// (pk, revision sent).
     pub sessions: Vec<(i64, u64)>,
     /// (session, level, reason, dropped sent).
     pub gaps: Vec<(i64, Level, String, u64)>,
@@ -57,7 +57,7 @@ pub struct Acked {
 #[derive(Debug, Clone, Default)]
 pub struct SetAside {
     pub acked: Acked,
-    /// (seq, sid or 0, level) of every record in the refused batch.
+    /// (seq, pk or 0, level) of every record in the refused batch.
     pub records: Vec<(u64, i64, Level)>,
     pub reason: String,
 }
@@ -82,7 +82,7 @@ const RECORD_COLUMNS: &str = "r.seq, s.id, r.ts_ns, r.level, r.module, r.message
 /// A record to send, with the row facts the writer needs if it is set aside.
 #[derive(Debug, Clone)]
 pub struct PendingRecord {
-    pub sid: i64,
+    pub pk: i64,
     pub record: Record,
     /// Rough encoded size, for closing batches by bytes.
     pub approx_bytes: usize,
@@ -100,9 +100,9 @@ impl SyncReader {
     /// first.
     pub fn pending_sessions(&self, limit: usize) -> Result<Vec<PendingSession>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT sid, id, revision, status, started_at_ns, ended_at_ns, duration_ns, boot_id, \
+            "SELECT pk, id, revision, status, started_at_ns, ended_at_ns, duration_ns, boot_id, \
              started_boottime_ns, tags, package_name, package_version, metadata, error \
-             FROM sessions WHERE revision > synced_revision ORDER BY sid LIMIT ?1",
+             FROM sessions WHERE revision > synced_revision ORDER BY pk LIMIT ?1",
         )?;
         let rows = stmt.query_map([limit as i64], |r| {
             let id: String = r.get(1)?;
@@ -123,7 +123,7 @@ impl SyncReader {
             let package_name: Option<String> = r.get(10)?;
             let metadata: String = r.get(12)?;
             Ok(PendingSession {
-                sid: r.get(0)?,
+                pk: r.get(0)?,
                 state: SessionState {
                     id: Uuid::parse_str(&id).unwrap_or_default(),
                     revision: r.get::<_, i64>(2)? as u64,
@@ -163,7 +163,7 @@ impl SyncReader {
                 // NOT INDEXED: a walk along the primary key from the cursor;
                 // the planner would otherwise pick records_evict and sort
                 // the whole backlog for every batch.
-                "SELECT {RECORD_COLUMNS} FROM records r NOT INDEXED LEFT JOIN sessions s ON s.sid = r.session \
+                "SELECT {RECORD_COLUMNS} FROM records r NOT INDEXED LEFT JOIN sessions s ON s.pk = r.session \
                  WHERE r.seq >= ?1 AND {UNSYNCED} ORDER BY r.seq LIMIT ?2"
             ),
             params![from.max(1) as i64, limit as i64, watermark(&self.conn)?],
@@ -188,7 +188,7 @@ impl SyncReader {
         for level in [Level::Error, Level::Fatal] {
             all.extend(self.records(
                 &format!(
-                    "SELECT {RECORD_COLUMNS} FROM records r LEFT JOIN sessions s ON s.sid = r.session \
+                    "SELECT {RECORD_COLUMNS} FROM records r LEFT JOIN sessions s ON s.pk = r.session \
                      WHERE r.level = ?1 AND r.seq > ?3 AND {NOT_AHEAD} ORDER BY r.seq LIMIT ?2"
                 ),
                 params![level.code() as i64, limit as i64, w],
@@ -220,11 +220,11 @@ impl SyncReader {
         let mut out = Vec::new();
         let mut bytes = 0usize;
         while let Some(r) = rows.next()? {
-            let sid: Option<String> = r.get(1)?;
+            let id: Option<String> = r.get(1)?;
             let level: i64 = r.get(3)?;
             let record = Record {
                 seq: r.get::<_, i64>(0)? as u64,
-                session_id: sid.and_then(|s| Uuid::parse_str(&s).ok()),
+                session_id: id.and_then(|s| Uuid::parse_str(&s).ok()),
                 timestamp_ns: r.get(2)?,
                 level: Level::from_code(level as u8).unwrap_or(Level::Info),
                 module: r.get(4)?,
@@ -242,7 +242,7 @@ impl SyncReader {
                 + 48;
             bytes += approx;
             out.push(PendingRecord {
-                sid: r.get(11)?,
+                pk: r.get(11)?,
                 record,
                 approx_bytes: approx,
             });
@@ -257,7 +257,7 @@ impl SyncReader {
     pub fn pending_gaps(&self) -> Result<Vec<PendingGap>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT g.session, s.id, g.level, g.reason, g.dropped FROM gaps g \
-             LEFT JOIN sessions s ON s.sid = g.session \
+             LEFT JOIN sessions s ON s.pk = g.session \
              WHERE g.dropped > g.synced_dropped ORDER BY g.session, g.level, g.reason LIMIT 1000",
         )?;
         let rows = stmt.query_map([], |r| {
@@ -450,10 +450,10 @@ pub fn mark_records(conn: &Connection, ranges: &[(u64, u64)]) -> rusqlite::Resul
 pub fn apply_acked(conn: &Connection, acked: &Acked) -> rusqlite::Result<u64> {
     let n = mark_records(conn, &acked.records)?;
     let mut stmt = conn.prepare_cached(
-        "UPDATE sessions SET synced_revision = max(synced_revision, ?2) WHERE sid = ?1",
+        "UPDATE sessions SET synced_revision = max(synced_revision, ?2) WHERE pk = ?1",
     )?;
-    for (sid, rev) in &acked.sessions {
-        stmt.execute(params![sid, *rev as i64])?;
+    for (pk, rev) in &acked.sessions {
+        stmt.execute(params![pk, *rev as i64])?;
     }
     let mut stmt = conn.prepare_cached(
         "UPDATE gaps SET synced_dropped = max(synced_dropped, ?4) \
@@ -474,9 +474,9 @@ pub fn apply_set_aside(conn: &Connection, s: &SetAside) -> rusqlite::Result<u64>
             "INSERT INTO gaps(session, level, reason, dropped) VALUES (?1, ?2, ?3, 1) \
              ON CONFLICT(session, level, reason) DO UPDATE SET dropped = dropped + 1",
         )?;
-        for (seq, sid, level) in &s.records {
+        for (seq, pk, level) in &s.records {
             if is_synced(conn, w, *seq as i64)? == Some(false) {
-                gap.execute(params![sid, level.code(), gap_reason::REJECTED])?;
+                gap.execute(params![pk, level.code(), gap_reason::REJECTED])?;
             }
         }
         n += mark_records(
@@ -510,7 +510,7 @@ mod tests {
         let conn = schema::open_writer(&path, false).unwrap();
         create_tables(&conn).unwrap();
         conn.execute(
-            "INSERT INTO sessions(sid, id, status, started_at_ns, boot_id, started_boottime_ns) \
+            "INSERT INTO sessions(pk, id, status, started_at_ns, boot_id, started_boottime_ns) \
              VALUES (1, '01930000-0000-7000-8000-000000000001', 'active', 5, 'b', 0)",
             [],
         )
@@ -551,7 +551,7 @@ mod tests {
         assert_eq!(seqs(&r.urgent_records(2, 10, 1 << 20).unwrap()), vec![4, 6]);
         assert_eq!(seqs(&r.urgent_records(0, 2, 1 << 20).unwrap()), vec![2, 4]);
         let rec = &r.records_from(1, 1, 1 << 20).unwrap()[0];
-        assert_eq!(rec.sid, 1);
+        assert_eq!(rec.pk, 1);
         assert!(rec.record.session_id.is_some());
 
         // Acked: only those ranges, the session's revision, the gap counter.

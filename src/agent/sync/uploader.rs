@@ -822,7 +822,7 @@ fn build(reader: &SyncReader, plan: Plan) -> Result<Work, StoreError> {
     let gaps = reader.pending_gaps()?;
     let acked = Acked {
         records: Vec::new(),
-        sessions: sessions.iter().map(|s| (s.sid, s.state.revision)).collect(),
+        sessions: sessions.iter().map(|s| (s.pk, s.state.revision)).collect(),
         gaps: gaps
             .iter()
             .map(|g| (g.session, g.gap.level, g.gap.reason.clone(), g.gap.dropped))
@@ -830,7 +830,7 @@ fn build(reader: &SyncReader, plan: Plan) -> Result<Work, StoreError> {
     };
     let refs = records
         .iter()
-        .map(|r| (r.record.seq, r.sid, r.record.level))
+        .map(|r| (r.record.seq, r.pk, r.record.level))
         .collect();
     let batch = Batch {
         version: BATCH_VERSION,
@@ -1037,7 +1037,7 @@ mod tests {
         let thread = writer.spawn(rx, tokio::runtime::Handle::current()).unwrap();
         let rows = (0..5)
             .map(|i| Row {
-                ts_ns: i,
+                timestamp_ns: i,
                 level: crate::wire::Level::Info,
                 module: "m".into(),
                 message: format!("line {i}"),

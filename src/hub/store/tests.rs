@@ -45,7 +45,7 @@ pub(super) fn scope(device: &str) -> DeviceScope {
     }
 }
 
-pub(super) fn sid(n: u128) -> Uuid {
+pub(super) fn session_uuid(n: u128) -> Uuid {
     Uuid::from_u128(0x0193_0000_0000_7000_8000_0000_0000_0000 + n)
 }
 
@@ -123,7 +123,7 @@ async fn all_logs(store: &dyn Store, pk: i64, q: LogQuery) -> Vec<u64> {
 }
 
 async fn ingest_is_idempotent_per_device_and_seq(store: &dyn Store) {
-    let s = sid(1);
+    let s = session_uuid(1);
     let recs: Vec<Record> = (1..=10)
         .map(|i| rec(i, Some(s), Level::Info, "nav", "moving"))
         .collect();
@@ -192,7 +192,7 @@ async fn ingest_is_idempotent_per_device_and_seq(store: &dyn Store) {
 }
 
 async fn newest_revision_wins_and_gaps_keep_the_maximum(store: &dyn Store) {
-    let s = sid(2);
+    let s = session_uuid(2);
     let gap = |n| Gap {
         session_id: Some(s),
         level: Level::Debug,
@@ -273,7 +273,7 @@ async fn newest_revision_wins_and_gaps_keep_the_maximum(store: &dyn Store) {
 }
 
 async fn filters_search_and_cursors(store: &dyn Store) {
-    let s = sid(3);
+    let s = session_uuid(3);
     let recs = vec![
         rec(1, Some(s), Level::Debug, "nav", "planning route"),
         rec(
@@ -401,7 +401,7 @@ async fn filters_search_and_cursors(store: &dyn Store) {
 }
 
 async fn delete_removes_everything_and_stays_deleted(store: &dyn Store) {
-    let s = sid(4);
+    let s = session_uuid(4);
     store
         .ingest(
             &scope("r1"),
@@ -465,7 +465,7 @@ async fn delete_removes_everything_and_stays_deleted(store: &dyn Store) {
 async fn session_list_filters_sorts_and_pages(store: &dyn Store) {
     for i in 0..7u128 {
         let mut st = state(
-            sid(10 + i),
+            session_uuid(10 + i),
             1,
             if i % 2 == 0 {
                 SessionStatus::Completed
@@ -477,7 +477,13 @@ async fn session_list_filters_sorts_and_pages(store: &dyn Store) {
         st.started_at_ns = 1_000 * i as i64;
         st.duration_ns = Some(100 * (7 - i as i64));
         let recs = if i == 5 {
-            vec![rec(1, Some(sid(10 + i)), Level::Error, "m", "boom")]
+            vec![rec(
+                1,
+                Some(session_uuid(10 + i)),
+                Level::Error,
+                "m",
+                "boom",
+            )]
         } else {
             vec![]
         };
@@ -611,7 +617,7 @@ async fn session_list_filters_sorts_and_pages(store: &dyn Store) {
 }
 
 async fn logs_after_an_id_page_through_one_session_in_commit_order(store: &dyn Store) {
-    let (a, b) = (sid(7), sid(8));
+    let (a, b) = (session_uuid(7), session_uuid(8));
     // Two robots' sessions interleaved, and session a's errors arriving
     // before its older records (as after an outage).
     let post = async |device: &str, s: Uuid, seqs: &[u64], level: Level| {

@@ -91,7 +91,7 @@ pub struct Writer {
     conn: Connection,
     cfg: WriterConfig,
     stats: Arc<Stats>,
-    /// The active session: (sid, id).
+    /// The active session: (pk, id).
     current: Option<(i64, Uuid)>,
     /// Log counts of sessions not yet written to their row.
     log_counts: HashMap<i64, u64>,
@@ -385,7 +385,7 @@ impl Writer {
     }
 
     fn insert(&mut self, rows: &[Row]) -> rusqlite::Result<()> {
-        let session = self.current.map(|(sid, _)| sid);
+        let session = self.current.map(|(pk, _)| pk);
         let mut insert = super::insert::Insert::new(&self.conn)?;
         let mut dropped: u64 = 0;
         for r in rows {
@@ -403,8 +403,8 @@ impl Writer {
                 dropped as i64,
             )?;
         }
-        if let Some(sid) = session {
-            *self.log_counts.entry(sid).or_default() += rows.len() as u64;
+        if let Some(pk) = session {
+            *self.log_counts.entry(pk).or_default() += rows.len() as u64;
         }
         self.stats
             .last_seq
@@ -423,10 +423,10 @@ impl Writer {
         if self.conn.is_autocommit() {
             return;
         }
-        for (sid, n) in self.log_counts.drain() {
+        for (pk, n) in self.log_counts.drain() {
             if let Err(e) = self.conn.execute(
-                "UPDATE sessions SET log_count = log_count + ?2 WHERE sid = ?1",
-                params![sid, n as i64],
+                "UPDATE sessions SET log_count = log_count + ?2 WHERE pk = ?1",
+                params![pk, n as i64],
             ) {
                 tracing::error!("updating a session's log count failed: {e}");
             }
@@ -486,7 +486,7 @@ mod tests {
     pub(super) fn rows(level: Level, n: usize) -> Vec<Row> {
         (0..n)
             .map(|i| Row {
-                ts_ns: i as i64,
+                timestamp_ns: i as i64,
                 level,
                 module: "m".into(),
                 message: format!("{level} {i}"),
@@ -570,17 +570,17 @@ mod tests {
         r[0].client_dropped = 9;
         put(&mut w, r.clone());
         put(&mut w, r.clone());
-        let sid: i64 = w
+        let pk: i64 = w
             .conn
             .query_row(
-                "SELECT sid FROM sessions WHERE id = ?1",
+                "SELECT pk FROM sessions WHERE id = ?1",
                 [open.id.to_string()],
                 |r| r.get(0),
             )
             .unwrap();
         assert_eq!(
             gaps(&w),
-            vec![(sid, Level::Info.code() as i64, "client_dropped".into(), 18)]
+            vec![(pk, Level::Info.code() as i64, "client_dropped".into(), 18)]
         );
     }
 

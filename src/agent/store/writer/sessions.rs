@@ -23,24 +23,24 @@ impl Writer {
     pub(super) fn close_sessions_of_earlier_boots(&mut self) -> Result<(), StoreError> {
         let active: Vec<(i64, String, String, i64, i64)> = {
             let mut stmt = self.conn.prepare(
-                "SELECT sid, id, boot_id, started_at_ns, started_boottime_ns FROM sessions \
-                 WHERE status = 'active' ORDER BY sid DESC",
+                "SELECT pk, id, boot_id, started_at_ns, started_boottime_ns FROM sessions \
+                 WHERE status = 'active' ORDER BY pk DESC",
             )?;
             let rows = stmt.query_map([], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
             })?;
             rows.collect::<rusqlite::Result<_>>()?
         };
-        for (sid, id, boot, started, started_boot) in active {
+        for (pk, id, boot, started, started_boot) in active {
             if boot == self.cfg.view.boot_id && self.current.is_none() {
-                self.current = Some((sid, Uuid::parse_str(&id).unwrap_or_default()));
+                self.current = Some((pk, Uuid::parse_str(&id).unwrap_or_default()));
                 tracing::info!("session {id} is still active (same boot)");
                 continue;
             }
             // The session's last record is the best guess of when it ended.
             let last: Option<i64> = self.conn.query_row(
                 "SELECT max(ts_ns) FROM records WHERE session = ?1",
-                [sid],
+                [pk],
                 |r| r.get(0),
             )?;
             let ended = last.unwrap_or(started).max(started);
@@ -54,8 +54,8 @@ impl Writer {
             let duration = duration_ns(&span, &self.cfg.view.boot_id, Now::read());
             self.conn.execute(
                 "UPDATE sessions SET status = 'failed', error = 'device rebooted', ended_at_ns = ?2, \
-                 duration_ns = ?3, revision = revision + 1 WHERE sid = ?1",
-                params![sid, ended, duration],
+                 duration_ns = ?3, revision = revision + 1 WHERE pk = ?1",
+                params![pk, ended, duration],
             )?;
             tracing::warn!("session {id} was active during an earlier boot: closed as failed");
         }
@@ -64,14 +64,11 @@ impl Writer {
 
     fn resolve(&self, target: Target) -> Result<i64, SessionError> {
         match target {
-            Target::Current => self
-                .current
-                .map(|(sid, _)| sid)
-                .ok_or(SessionError::NoActive),
+            Target::Current => self.current.map(|(pk, _)| pk).ok_or(SessionError::NoActive),
             Target::Id(id) => self
                 .conn
                 .query_row(
-                    "SELECT sid FROM sessions WHERE id = ?1",
+                    "SELECT pk FROM sessions WHERE id = ?1",
                     [id.to_string()],
                     |r| r.get(0),
                 )
@@ -81,8 +78,8 @@ impl Writer {
         }
     }
 
-    fn view(&self, sid: i64) -> Result<SessionView, SessionError> {
-        session_by_sid(&self.conn, &self.cfg.view, sid)
+    fn view(&self, pk: i64) -> Result<SessionView, SessionError> {
+        session_by_sid(&self.conn, &self.cfg.view, pk)
             .map_err(|e| SessionError::Store(e.to_string()))?
             .ok_or_else(|| SessionError::Store("session vanished".into()))
     }
@@ -145,26 +142,26 @@ impl Writer {
                         ],
                     )
                     .map_err(store)?;
-                let sid = self.conn.last_insert_rowid();
-                self.current = Some((sid, id));
+                let pk = self.conn.last_insert_rowid();
+                self.current = Some((pk, id));
                 tracing::info!("session {id} opened");
-                self.view(sid)
+                self.view(pk)
             }
             SessionCmd::Stop {
                 target,
                 failed,
                 error,
             } => {
-                let sid = self.resolve(target)?;
-                if self.current.map(|(s, _)| s) != Some(sid) {
-                    let v = self.view(sid)?;
+                let pk = self.resolve(target)?;
+                if self.current.map(|(s, _)| s) != Some(pk) {
+                    let v = self.view(pk)?;
                     return Err(SessionError::NotActive(v.id));
                 }
                 let (started, boot, started_boot): (i64, String, i64) = self
                     .conn
                     .query_row(
-                        "SELECT started_at_ns, boot_id, started_boottime_ns FROM sessions WHERE sid = ?1",
-                        [sid],
+                        "SELECT started_at_ns, boot_id, started_boottime_ns FROM sessions WHERE pk = ?1",
+                        [pk],
                         |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
                     )
                     .map_err(store)?;
@@ -185,9 +182,9 @@ impl Writer {
                 self.conn
                     .execute(
                         "UPDATE sessions SET status = ?2, ended_at_ns = ?3, duration_ns = ?4, error = ?5, \
-                         revision = revision + 1 WHERE sid = ?1",
+                         revision = revision + 1 WHERE pk = ?1",
                         params![
-                            sid,
+                            pk,
                             if failed { "failed" } else { "completed" },
                             now.wall_ns,
                             duration,
@@ -196,14 +193,14 @@ impl Writer {
                     )
                     .map_err(store)?;
                 self.current = None;
-                let v = self.view(sid)?;
+                let v = self.view(pk)?;
                 tracing::info!("session {} {}", v.id, v.status.as_str());
                 Ok(v)
             }
             SessionCmd::Tag { target, tag } => {
-                let sid = self.resolve(target)?;
+                let pk = self.resolve(target)?;
                 let tag = check_tag(&tag)?;
-                let mut v = self.view(sid)?;
+                let mut v = self.view(pk)?;
                 if !v.tags.contains(&tag) {
                     if v.tags.len() >= MAX_TAGS {
                         return Err(SessionError::Invalid(format!(
@@ -211,28 +208,28 @@ impl Writer {
                         )));
                     }
                     v.tags.push(tag);
-                    self.set_tags(sid, &v.tags)?;
+                    self.set_tags(pk, &v.tags)?;
                 }
-                self.view(sid)
+                self.view(pk)
             }
             SessionCmd::Untag { target, tag } => {
-                let sid = self.resolve(target)?;
-                let mut v = self.view(sid)?;
+                let pk = self.resolve(target)?;
+                let mut v = self.view(pk)?;
                 let before = v.tags.len();
                 v.tags.retain(|t| *t != tag);
                 if v.tags.len() != before {
-                    self.set_tags(sid, &v.tags)?;
+                    self.set_tags(pk, &v.tags)?;
                 }
-                self.view(sid)
+                self.view(pk)
             }
         }
     }
 
-    fn set_tags(&self, sid: i64, tags: &[String]) -> Result<(), SessionError> {
+    fn set_tags(&self, pk: i64, tags: &[String]) -> Result<(), SessionError> {
         self.conn
             .execute(
-                "UPDATE sessions SET tags = ?2, revision = revision + 1 WHERE sid = ?1",
-                params![sid, serde_json::to_string(tags).expect("strings serialize")],
+                "UPDATE sessions SET tags = ?2, revision = revision + 1 WHERE pk = ?1",
+                params![pk, serde_json::to_string(tags).expect("strings serialize")],
             )
             .map_err(|e| SessionError::Store(e.to_string()))?;
         Ok(())
@@ -271,7 +268,7 @@ mod tests {
             .query_row("SELECT started_at_ns FROM sessions", [], |r| r.get(0))
             .unwrap();
         let mut last = rows(Level::Info, 1);
-        last[0].ts_ns = started + 5_000_000_000;
+        last[0].timestamp_ns = started + 5_000_000_000;
         put(&mut w, last);
         drop(w);
 

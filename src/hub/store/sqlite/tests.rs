@@ -6,7 +6,7 @@ use rusqlite::Connection;
 
 use super::logs::fts_query;
 use super::*;
-use crate::hub::store::tests::{batch, rec, scope, sid, state};
+use crate::hub::store::tests::{batch, rec, scope, session_uuid, state};
 use crate::wire::SessionStatus;
 
 #[test]
@@ -42,7 +42,7 @@ fn fts_queries_quote_user_text() {
 async fn a_deleted_session_leaves_nothing_in_the_full_text_index() {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(&dir.path().join("hub.db")).unwrap();
-    let s = sid(4);
+    let s = session_uuid(4);
     let recs = vec![rec(1, Some(s), Level::Info, "m", "gone soon")];
     let states = vec![state(s, 1, SessionStatus::Active, &[])];
     store
