@@ -273,3 +273,77 @@ fn architecture_names_only_what_exists() {
         "ARCHITECTURE.md names what the tree no longer has: {stale:?}"
     );
 }
+
+/// Every route a router declares with a literal path (`.route("/v1/logs",
+/// …)`) is in ARCHITECTURE.md's route tables, so the map leads to each
+/// route's handler in one hop.
+#[test]
+fn architecture_lists_every_route() {
+    let map = std::fs::read_to_string(root().join("ARCHITECTURE.md")).unwrap();
+    let mut files = Vec::new();
+    rust_files(&root().join("src"), &mut files);
+    let mut routes = 0;
+    let mut missing = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        let mut rest = shipped_part(&text);
+        while let Some(at) = rest.find(".route(") {
+            rest = &rest[at + ".route(".len()..];
+            let arg = rest.trim_start();
+            let Some(lit) = arg.strip_prefix('"') else {
+                continue; // a path built from constants, named in the map by them
+            };
+            let path = &lit[..lit.find('"').unwrap()];
+            routes += 1;
+            if !map.contains(&format!(" {path}`")) && !map.contains(&format!(" {path},")) {
+                missing.push(format!("{}: {path}", f.display()));
+            }
+        }
+    }
+    assert!(routes > 20, "found only {routes} routes");
+    assert!(
+        missing.is_empty(),
+        "routes missing from ARCHITECTURE.md's route tables: {missing:?}"
+    );
+}
+
+/// Only wire, API and config types derive serde (ARCHITECTURE.md,
+/// "Boundaries"): the files that may are listed there, and no other does.
+#[test]
+fn serde_types_only_where_the_map_says() {
+    let map = std::fs::read_to_string(root().join("ARCHITECTURE.md")).unwrap();
+    let boundaries = map
+        .split("- **Boundaries.**")
+        .nth(1)
+        .and_then(|s| s.split("\n- **").next())
+        .expect("ARCHITECTURE.md has a Boundaries concern");
+    let mut files = Vec::new();
+    rust_files(&root().join("src"), &mut files);
+    let mut stray = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        let derives = shipped_part(&text).lines().any(|l| {
+            l.trim_start().starts_with("#[derive(")
+                && (l.contains("Serialize") || l.contains("Deserialize"))
+        });
+        if !derives {
+            continue;
+        }
+        let rel = f
+            .strip_prefix(root().join("src"))
+            .unwrap()
+            .with_extension("");
+        let mut parts: Vec<&str> = rel.iter().map(|p| p.to_str().unwrap()).collect();
+        if parts.last() == Some(&"mod") {
+            parts.pop();
+        }
+        let module = parts.join("::");
+        if !boundaries.contains(&format!("`{module}`")) {
+            stray.push(module);
+        }
+    }
+    assert!(
+        stray.is_empty(),
+        "serde derives in modules ARCHITECTURE.md's Boundaries does not list: {stray:?}"
+    );
+}
