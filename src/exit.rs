@@ -46,6 +46,35 @@ pub async fn terminated() {
     }
 }
 
+/// Runs `work` until it returns, cancelling `shutdown` when the process is
+/// [`terminated`] (then `on_signal` runs first, for a line to the user).
+/// No task is spawned: the signal watch lives exactly as long as `work`,
+/// and ends with it when `work` returns on its own.
+pub async fn run_until_terminated<T>(
+    shutdown: tokio_util::sync::CancellationToken,
+    work: impl std::future::Future<Output = T>,
+    on_signal: impl FnOnce(),
+) -> T {
+    let watch = shutdown.clone();
+    let signals = async move {
+        tokio::select! {
+            _ = terminated() => {
+                on_signal();
+                watch.cancel();
+            }
+            _ = watch.cancelled() => {}
+        }
+    };
+    let work = async move {
+        let out = work.await;
+        // Ends the signal watch when `work` ended by itself.
+        shutdown.cancel();
+        out
+    };
+    let (out, ()) = tokio::join!(work, signals);
+    out
+}
+
 fn is_broken_pipe(err: &(dyn Error + 'static)) -> bool {
     let mut next = Some(err);
     while let Some(e) = next {

@@ -254,19 +254,17 @@ async fn dev(dir: PathBuf, listen: String) -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let signals = shutdown.clone();
-    tokio::spawn(async move {
-        logbook::exit::terminated().await;
-        eprintln!("logbook dev: stopping (the agent commits everything first)");
-        signals.cancel();
-    });
     let opts = logbook::dev::DevOptions {
         dir,
         listen,
         cli: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("logbook")),
     };
     let mut out = std::io::stdout();
-    logbook::dev::run(opts, &mut out, shutdown).await?;
+    let dev = logbook::dev::run(opts, &mut out, shutdown.clone());
+    logbook::exit::run_until_terminated(shutdown, dev, || {
+        eprintln!("logbook dev: stopping (the agent commits everything first)");
+    })
+    .await?;
     eprintln!("logbook dev: stopped");
     Ok(())
 }

@@ -72,12 +72,8 @@ fn run() -> anyhow::Result<()> {
         .context("starting the runtime")?;
     rt.block_on(async {
         let shutdown = tokio_util::sync::CancellationToken::new();
-        let signals = shutdown.clone();
-        tokio::spawn(async move {
-            logbook::exit::terminated().await;
-            signals.cancel();
-        });
-        agent::run_with_reload(cfg, passed, shutdown, notifier, Some(reload)).await
+        let agent = agent::run_with_reload(cfg, passed, shutdown.clone(), notifier, Some(reload));
+        logbook::exit::run_until_terminated(shutdown, agent, || {}).await
     })?;
     Ok(())
 }
