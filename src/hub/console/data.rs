@@ -1,0 +1,104 @@
+//! Every store call the console makes, in one place: the same `Store`
+//! methods (and filter types) the API's routes use, never SQL of its own.
+//!
+//! Invariant: the console reads and changes hub data only through this
+//! module, and this module only through [`Store`](super::super::store::Store)
+//! methods and `hub::api` helpers the API routes share.
+
+use std::sync::Arc;
+
+use super::super::api;
+use super::super::auth;
+use super::super::error::ApiError;
+use super::super::store::{
+    ArtifactRow, DeviceRow, LogPage, LogQuery, LogScope, Principal, SessionPage, SessionQuery,
+    SessionRow,
+};
+use super::super::Hub;
+
+/// The principal of a key, as the API's bearer check finds it.
+pub async fn principal(hub: &Arc<Hub>, key: &str) -> Result<Option<Principal>, ApiError> {
+    let hash = auth::hash_token(key.trim());
+    hub.db(move |s| s.find_token(&hash)).await
+}
+
+/// One page of the session list (the API's `GET …/sessions`).
+pub async fn sessions(
+    hub: &Arc<Hub>,
+    org: &str,
+    project: &str,
+    q: SessionQuery,
+) -> Result<SessionPage, ApiError> {
+    let (o, p) = (org.to_owned(), project.to_owned());
+    hub.db(move |s| s.list_sessions(&o, &p, &q)).await
+}
+
+/// A session with its metrics, or `None` (the API's `GET …/sessions/{id}`).
+pub async fn session(
+    hub: &Arc<Hub>,
+    org: &str,
+    project: &str,
+    id: &str,
+) -> Result<Option<SessionRow>, ApiError> {
+    let (o, p, i) = (org.to_owned(), project.to_owned(), id.to_owned());
+    hub.db(move |s| s.get_session(&o, &p, &i)).await
+}
+
+/// The devices of a project (the API's `GET …/devices`).
+pub async fn devices(hub: &Arc<Hub>, org: &str, project: &str) -> Result<Vec<DeviceRow>, ApiError> {
+    let (o, p) = (org.to_owned(), project.to_owned());
+    hub.db(move |s| s.list_devices(&o, &p)).await
+}
+
+/// One device of a project, or `None`.
+pub async fn device(
+    hub: &Arc<Hub>,
+    org: &str,
+    project: &str,
+    device_id: &str,
+) -> Result<Option<DeviceRow>, ApiError> {
+    let (o, p, d) = (org.to_owned(), project.to_owned(), device_id.to_owned());
+    hub.db(move |s| s.find_device(&o, &p, &d)).await
+}
+
+/// Adds a tag; false when the session does not exist.
+pub async fn add_tag(
+    hub: &Arc<Hub>,
+    org: &str,
+    project: &str,
+    id: &str,
+    tag: String,
+) -> Result<bool, ApiError> {
+    let (o, p, i) = (org.to_owned(), project.to_owned(), id.to_owned());
+    hub.db(move |s| s.add_tag(&o, &p, &i, &tag)).await
+}
+
+/// Removes a tag: `None` without the session, `Some(false)` without the tag.
+pub async fn remove_tag(
+    hub: &Arc<Hub>,
+    org: &str,
+    project: &str,
+    id: &str,
+    tag: String,
+) -> Result<Option<bool>, ApiError> {
+    let (o, p, i) = (org.to_owned(), project.to_owned(), id.to_owned());
+    hub.db(move |s| s.remove_tag(&o, &p, &i, &tag)).await
+}
+
+/// One page of a session's logs (the API's `GET …/sessions/{id}/logs`);
+/// 404 when the project has no such session.
+pub async fn logs(
+    hub: &Arc<Hub>,
+    org: &str,
+    project: &str,
+    id: &str,
+    q: LogQuery,
+) -> Result<LogPage, ApiError> {
+    let pk = api::session_pk(hub, org, project, id).await?;
+    hub.db(move |s| s.logs(LogScope::Session(pk), &q)).await
+}
+
+/// The complete artifacts of a session (the API's `GET …/files`).
+pub async fn artifacts(hub: &Arc<Hub>, session_pk: i64) -> Result<Vec<ArtifactRow>, ApiError> {
+    hub.db(move |s| s.list_artifacts(session_pk)).await
+}
