@@ -77,6 +77,24 @@ try {
   await page.locator(".tag", { hasText: "browser-reviewed" }).waitFor();
   await shot(page, "04-session");
 
+  // The timeline: drag across its first part opens the logs of that time.
+  const over = page.locator(".timeline .u-over");
+  await over.waitFor();
+  await shot(page, "04-session-timeline");
+  const box = await over.boundingBox();
+  await page.mouse.move(box.x + 1, box.y + box.height / 2);
+  await page.mouse.down();
+  await page.mouse.move(box.x + box.width * 0.3, box.y + box.height / 2, { steps: 5 });
+  await page.mouse.up();
+  await page.waitForURL(/\/logs\?order=asc&since=.*&until=/);
+  // The range starts a pixel in (seconds after the first records): the
+  // page shows the lines of the range, oldest first.
+  await page.locator("table.logs tbody tr").first().waitFor();
+  await page.getByText("stalled").waitFor();
+  await shot(page, "05-logs-of-a-dragged-range");
+  await page.goBack();
+  await page.waitForURL(new RegExp(`/sessions/${session}$`));
+
   // Download the artifact and check its digest.
   const [download] = await Promise.all([
     page.waitForEvent("download"),
@@ -94,19 +112,28 @@ try {
   await page.waitForURL(/search=stalled/);
   await page.locator("mark", { hasText: "stalled" }).waitFor();
   await page.getByText("1 matching").waitFor();
-  await shot(page, "05-logs-search");
+  await shot(page, "06-logs-search");
   await page.goto(`${hub}/o/acme/warehouse/sessions/${session}/logs`);
-  await shot(page, "06-logs");
+  await shot(page, "07-logs");
 
   // Dark scheme and a tablet-sized window.
   await page.emulateMedia({ colorScheme: "dark" });
   await page.goto(`${hub}/o/acme/warehouse/sessions/${session}`);
-  await shot(page, "07-session-dark");
+  await shot(page, "08-session-dark");
   await page.setViewportSize({ width: 820, height: 1180 });
   await page.goto(`${hub}/o/acme/warehouse/sessions`);
-  await shot(page, "08-sessions-tablet");
+  await shot(page, "09-sessions-tablet");
   await page.emulateMedia({ colorScheme: "light" });
   await page.setViewportSize({ width: 1280, height: 800 });
+
+  // Devices, and from there the device's sessions.
+  await page.click("nav a:text('Devices')");
+  await page.waitForURL(/\/devices$/);
+  await page.getByText("warehouse-robot-01").waitFor();
+  await shot(page, "11-devices");
+  await page.click("td a:text('Sessions')");
+  await page.waitForURL(/device_id=robot-1/);
+  await page.getByText("2 matching").waitFor();
 
   // Sign out: the session's pages send back to sign-in.
   await page.click("button:text('Sign out')");
@@ -131,7 +158,7 @@ try {
     assert.equal(resp.status(), 404, path);
     assert.equal(await op2.getByText("waypoint").count(), 0);
   }
-  await shot(op2, "09-other-organization-404");
+  await shot(op2, "10-other-organization-404");
   assert.deepEqual(problems2.filter((p) => !p.includes("404")), []);
   console.log("console walkthrough: ok");
 } finally {

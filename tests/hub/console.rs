@@ -171,11 +171,13 @@ async fn every_console_route_refuses_without_a_sign_in() {
     let s = format!("{}/o/{ORG}/{PROJECT}/sessions/{}", hub.url, seeded.s1);
     let pages = [
         format!("{}/o/{ORG}/{PROJECT}/sessions", hub.url),
+        format!("{}/o/{ORG}/{PROJECT}/devices", hub.url),
         s.clone(),
         format!("{s}/logs"),
         format!("{s}/logs/export?format=csv"),
         format!("{s}/files.zip"),
         format!("{s}/files/bags/run%201.bin"),
+        format!("{s}/timeline"),
     ];
     for cookie in [None, Some("logbook_console=forged")] {
         for url in &pages {
@@ -287,6 +289,37 @@ async fn screens_show_the_organizations_data_and_tags_change() {
     ] {
         assert!(html.contains(want), "{want} in {html}");
     }
+    // Devices: robot-1 with its last batch; no session of it runs.
+    let (st, _, html) = get(&format!("{base}/devices"), Some(&cookie)).await;
+    assert_eq!(st, 200);
+    assert!(
+        html.contains("robot-1") && html.contains("warehouse-robot-01"),
+        "{html}"
+    );
+    assert!(
+        html.contains("/o/acme/warehouse/sessions?device_id=robot-1"),
+        "{html}"
+    );
+
+    // The timeline's data: the session's records per level over its time.
+    let (st, _, json) = get(&format!("{s}/timeline"), Some(&cookie)).await;
+    assert_eq!(st, 200, "{json}");
+    let t: Value = serde_json::from_str(&json).unwrap();
+    let total = |level: &str| -> u64 {
+        let series = t["series"].as_array().unwrap();
+        let s = series.iter().find(|s| s["level"] == level).unwrap();
+        s["counts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!(
+        (total("info"), total("warn"), total("error"), total("debug")),
+        (30, 1, 1, 0)
+    );
+    assert_eq!(t["start_ns"], at(0));
     let (st, _, _) = get(
         &format!("{base}/sessions/{}", session_id(99)),
         Some(&cookie),
@@ -409,11 +442,13 @@ async fn other_organizations_get_404_and_cross_site_posts_are_refused() {
     let s = format!("{}/o/{ORG}/{PROJECT}/sessions/{}", hub.url, seeded.s1);
     for url in [
         format!("{}/o/{ORG}/{PROJECT}/sessions", hub.url),
+        format!("{}/o/{ORG}/{PROJECT}/devices", hub.url),
         s.clone(),
         format!("{s}/logs"),
         format!("{s}/logs/export"),
         format!("{s}/files.zip"),
         format!("{s}/files/bags/run%201.bin"),
+        format!("{s}/timeline"),
     ] {
         let (st, _, body) = get(&url, Some(&other_cookie)).await;
         assert_eq!(st, 404, "{url}");

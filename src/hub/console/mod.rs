@@ -1,7 +1,7 @@
 //! The operator web console, served at `/` on the hub's listener:
 //! server-rendered pages (askama templates compiled into the binary) for
-//! signing in with an operator key, the sessions list, one session, and its
-//! logs; htmx (embedded) boosts links and forms when scripts run.
+//! signing in with an operator key, the sessions list, one session (with
+//! its timeline), its logs, and the devices; htmx (embedded) boosts links and forms when scripts run.
 //!
 //! Invariant: every page and form reads the hub through [`data`] (the
 //! API's store queries, no SQL of its own); every route but the sign-in
@@ -13,6 +13,7 @@ mod assets;
 mod cookies;
 mod csrf;
 mod data;
+mod devices;
 mod errors;
 mod headers;
 mod logs;
@@ -49,11 +50,13 @@ pub(crate) fn router<S: Clone + Send + Sync + 'static>(hub: Arc<Hub>) -> Router<
         .route("/sign-out", post(signin::sign_out))
         .route("/assets/{version}/{name}", get(assets::serve))
         .route("/o/{org}/{project}/sessions", get(sessions::page))
+        .route("/o/{org}/{project}/devices", get(devices::page))
         .route(session, get(session::page))
         .route(&format!("{session}/tags"), post(session::add_tag))
         .route(&format!("{session}/tags/remove"), post(session::remove_tag))
         .route(&format!("{session}/files.zip"), get(session::zip))
         .route(&format!("{session}/files/{{*path}}"), get(session::file))
+        .route(&format!("{session}/timeline"), get(session::timeline))
         .route(&format!("{session}/logs"), get(logs::page))
         .route(&format!("{session}/logs/export"), get(logs::export))
         .layer(axum::middleware::from_fn(headers::secure))

@@ -12,6 +12,7 @@ use askama::Template;
 use axum::extract::{Form, Path, State};
 use axum::http::HeaderMap;
 use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::Json;
 
 use super::super::{api, export};
 use super::errors::ConsoleError;
@@ -135,6 +136,7 @@ pub async fn page(
             })
             .collect(),
         artifact_bytes: view::bytes(s.artifact_bytes),
+
         artifacts: artifacts
             .into_iter()
             .map(|a| Artifact {
@@ -209,4 +211,40 @@ pub async fn zip(
     Path((org, project, id)): Path<(String, String, String)>,
 ) -> Result<Response, ConsoleError> {
     Ok(export::zip(&c.hub, &org, &project, &id).await?)
+}
+
+/// Slices of the timeline chart.
+const TIMELINE_BUCKETS: usize = 60;
+
+/// The timeline's data: records per level per slice of the session's time
+/// (start to end, or to now while it runs), for `console.js` to draw.
+pub async fn timeline(
+    State(c): State<Arc<Console>>,
+    _op: Operator,
+    Path((org, project, id)): Path<(String, String, String)>,
+) -> Result<Response, ConsoleError> {
+    let s = data::session(&c.hub, &org, &project, &id)
+        .await?
+        .ok_or_else(|| ConsoleError::not_found(format!("no session {id}")))?;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64;
+    let from = s.started_at_ns;
+    let to = s.ended_at_ns.unwrap_or(now).max(from + 1_000_000_000);
+    let counts = data::level_histogram(&c.hub, s.pk, from, to, TIMELINE_BUCKETS).await?;
+    let step = (to - from) / TIMELINE_BUCKETS as i64;
+    let series: Vec<serde_json::Value> = Level::ALL
+        .iter()
+        .map(|l| {
+            serde_json::json!({
+                "level": l.as_str(),
+                "counts": counts.iter().map(|c| c[l.code() as usize]).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    Ok(Json(serde_json::json!({
+        "start_ns": from,
+        "step_ns": step,
+        "buckets": TIMELINE_BUCKETS,
+        "series": series,
+    }))
+    .into_response())
 }

@@ -83,7 +83,7 @@ fn a_log_line_with_markup_renders_as_text() {
     assert!(!html.contains("nav<b>"));
     assert!(!html.contains("\"<i>\""));
     // The only scripts are the embedded files.
-    assert_eq!(html.matches("<script").count(), 2);
+    assert_eq!(html.matches("<script").count(), 3);
     assert!(html.contains("id=\"l7\""));
     assert!(html.contains("href=\"/o/acme/warehouse/sessions/s1/logs?before=8#l7\""));
 }

@@ -23,6 +23,10 @@ pub struct Layout {
     pub css: String,
     pub htmx: String,
     pub js: String,
+    /// The timeline's chart library (on every page: boosted navigation
+    /// swaps the body only, so a page cannot add scripts of its own).
+    pub uplot_js: String,
+    pub uplot_css: String,
     pub nav: Option<Nav>,
 }
 
@@ -32,6 +36,8 @@ impl Layout {
             css: assets::url("console.css"),
             htmx: assets::url("htmx.min.js"),
             js: assets::url("console.js"),
+            uplot_js: assets::url("uPlot.iife.min.js"),
+            uplot_css: assets::url("uPlot.min.css"),
             nav: None,
         }
     }
