@@ -5,6 +5,15 @@ import { chromium } from "playwright-core";
 import { createHash } from "node:crypto";
 import { readFile } from "node:fs/promises";
 import assert from "node:assert/strict";
+import readline from "node:readline";
+
+// The Rust side posts batches when asked: a line out, "ok" back on stdin.
+const replies = readline.createInterface({ input: process.stdin })[Symbol.asyncIterator]();
+async function ask(request) {
+  console.log(request);
+  const { value } = await replies.next();
+  assert.equal(value, "ok", `the test did not do: ${request}`);
+}
 
 const env = (name) => {
   const v = process.env[name];
@@ -14,6 +23,7 @@ const env = (name) => {
 const hub = env("HUB_URL");
 const session = env("SESSION_ID");
 const failed = env("FAILED_SESSION_ID");
+const running = env("LIVE_SESSION_ID");
 const shots = env("SCREENSHOTS");
 
 const browser = await chromium.launch({
@@ -135,6 +145,22 @@ try {
   await page.waitForURL(/device_id=robot-1/);
   await page.getByText("2 matching").waitFor();
 
+  // Live tail: a running session's new lines arrive while we watch.
+  await ask("live: start a session");
+  await page.goto(`${hub}/o/acme/warehouse/sessions/${running}/logs`);
+  await page.getByText("first live line").waitFor();
+  await page.click("button:text('Follow live')");
+  await page.getByText("following: new lines appear on top").waitFor();
+  await ask("live: send a line");
+  const sent = Date.now();
+  await page.locator("tr.live td.msg", { hasText: "a live line <b>bold</b>" }).waitFor({ timeout: 5000 });
+  console.log(`live: line shown after ${Date.now() - sent} ms`);
+  assert.equal(await page.locator("tr.live b").count(), 0, "live text stays text");
+  await page.locator("tr.live .lvl.warn").waitFor();
+  await shot(page, "12-logs-live");
+  await page.click("button:text('Stop following')");
+  await page.locator("button:text('Follow live')").waitFor();
+
   // Sign out: the session's pages send back to sign-in.
   await page.click("button:text('Sign out')");
   await page.waitForURL(`${hub}/`);
@@ -161,6 +187,11 @@ try {
   await shot(op2, "10-other-organization-404");
   assert.deepEqual(problems2.filter((p) => !p.includes("404")), []);
   console.log("console walkthrough: ok");
+} catch (e) {
+  console.error(e);
+  process.exitCode = 1;
 } finally {
   await browser.close();
+  // stdin (the test's answers) would keep node alive.
+  process.exit(process.exitCode ?? 0);
 }

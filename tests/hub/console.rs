@@ -3,7 +3,8 @@
 //! refused, the security headers are there, the screens show seeded data
 //! (escaped), and a Playwright run in headless Chromium clicks through it.
 
-use std::process::Command;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
 
 use logbook::wire::{Gap, Level, SessionStatus};
 use reqwest::header::{HeaderMap, LOCATION, SET_COOKIE};
@@ -89,6 +90,24 @@ pub async fn seed(hub: &HubProc) -> Seeded {
         .unwrap();
     assert_eq!(r.status(), 204);
     Seeded { s1, s2, artifact }
+}
+
+/// The status line and headers of one raw request's response (the hub
+/// keeps the connection open after it).
+fn response_head(addr: &str, request: &str) -> String {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut buf).expect("a response");
+        assert!(n > 0, "connection closed before a response");
+        head.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
 }
 
 /// Extra request headers of a case.
@@ -178,6 +197,7 @@ async fn every_console_route_refuses_without_a_sign_in() {
         format!("{s}/files.zip"),
         format!("{s}/files/bags/run%201.bin"),
         format!("{s}/timeline"),
+        format!("{s}/logs/live"),
     ];
     for cookie in [None, Some("logbook_console=forged")] {
         for url in &pages {
@@ -334,10 +354,10 @@ async fn screens_show_the_organizations_data_and_tags_change() {
         "{html}"
     );
     assert!(!html.contains("<script>alert"));
-    assert!(html.contains("32 matching"), "{html}");
+    assert!(html.contains("32</span> matching"), "{html}");
     let (_, _, html) = get(&format!("{s}/logs?search=stalled"), Some(&cookie)).await;
     assert!(
-        html.contains("<mark>stalled</mark>") && html.contains("1 matching"),
+        html.contains("<mark>stalled</mark>") && html.contains(">1</span> matching"),
         "{html}"
     );
     let (_, _, html) = get(&format!("{s}/logs?level=error"), Some(&cookie)).await;
@@ -449,6 +469,7 @@ async fn other_organizations_get_404_and_cross_site_posts_are_refused() {
         format!("{s}/files.zip"),
         format!("{s}/files/bags/run%201.bin"),
         format!("{s}/timeline"),
+        format!("{s}/logs/live"),
     ] {
         let (st, _, body) = get(&url, Some(&other_cookie)).await;
         assert_eq!(st, 404, "{url}");
@@ -499,6 +520,20 @@ async fn other_organizations_get_404_and_cross_site_posts_are_refused() {
         let (st, _) = post(&format!("{s}/tags"), Some(&cookie), &body, extra).await;
         assert_eq!(st, 403, "{what}");
     }
+    // A WebSocket handshake from another site (cross-site WebSocket
+    // hijacking) is refused before the upgrade.
+    let path = format!("/o/{ORG}/{PROJECT}/sessions/{}/logs/live", seeded.s1);
+    let handshake = |origin: &str| {
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nCookie: {cookie}\r\nOrigin: {origin}\r\n\
+             Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            addr = hub.addr
+        )
+    };
+    let r = response_head(&hub.addr, &handshake("http://evil.example"));
+    assert!(r.starts_with("HTTP/1.1 403"), "{r}");
+
     let (st, _) = post(
         &format!("{}/sign-in", hub.url),
         None,
@@ -534,35 +569,89 @@ async fn browser_walkthrough() {
     let other = hub.token("globex", "warehouse", None);
     let shots = root.join("target/console-screenshots");
     std::fs::create_dir_all(&shots).unwrap();
-    let out = tokio::task::spawn_blocking({
-        let (url, key, s1, s2) = (hub.url.clone(), hub.operator.clone(), seeded.s1, seeded.s2);
-        let sha = hex::encode(sha2::Sha256::digest(&seeded.artifact));
-        move || {
-            Command::new("node")
-                .arg("console.mjs")
-                .current_dir(&browser_dir)
-                .env("HUB_URL", url)
-                .env("OPERATOR_KEY", key)
-                .env("OTHER_KEY", other)
-                .env("SESSION_ID", s1.to_string())
-                .env("FAILED_SESSION_ID", s2.to_string())
-                .env("ARTIFACT_SHA256", sha)
-                .env("CHROMIUM", chromium)
-                .env("SCREENSHOTS", shots)
-                .output()
-                .expect("run node")
+    let live = session_id(3);
+    let sha = hex::encode(sha2::Sha256::digest(&seeded.artifact));
+    let mut child = Command::new("node")
+        .arg("console.mjs")
+        .current_dir(&browser_dir)
+        .env("HUB_URL", &hub.url)
+        .env("OPERATOR_KEY", &hub.operator)
+        .env("OTHER_KEY", other)
+        .env("SESSION_ID", seeded.s1.to_string())
+        .env("FAILED_SESSION_ID", seeded.s2.to_string())
+        .env("LIVE_SESSION_ID", live.to_string())
+        .env("ARTIFACT_SHA256", sha)
+        .env("CHROMIUM", chromium)
+        .env("SCREENSHOTS", shots)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run node");
+    let mut stdin = child.stdin.take().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
         }
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    });
+    // Answer the script's requests (batches only a device can post) until
+    // it ends.
+    let mut transcript = String::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(300);
+    while let Some(line) = tokio::time::timeout_at(deadline, rx.recv())
+        .await
+        .unwrap_or_else(|_| panic!("console.mjs still running after 300 s:\n{transcript}"))
+    {
+        transcript.push_str(&line);
+        transcript.push('\n');
+        let batch = match line.as_str() {
+            "live: start a session" => Some(batch(
+                vec![state(live, 1, SessionStatus::Active, &[])],
+                vec![record(
+                    40,
+                    Some(live),
+                    Level::Info,
+                    "nav",
+                    "first live line",
+                )],
+                vec![],
+            )),
+            "live: send a line" => Some(batch(
+                vec![],
+                vec![record(
+                    41,
+                    Some(live),
+                    Level::Warn,
+                    "nav",
+                    "a live line <b>bold</b>",
+                )],
+                vec![],
+            )),
+            _ => None,
+        };
+        if let Some(b) = batch {
+            let (st, body) = hub.post_batch(&b).await;
+            assert_eq!(st, 200, "{body}");
+            writeln!(stdin, "ok").unwrap();
+        }
+    }
+    drop(stdin);
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
-        "console.mjs failed ({})\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        "console.mjs failed ({})\nstdout:\n{transcript}\nstderr:\n{stderr}",
         out.status
     );
-    assert!(stdout.contains("console walkthrough: ok"), "{stdout}");
+    assert!(
+        transcript.contains("console walkthrough: ok"),
+        "{transcript}"
+    );
+    eprint!("{transcript}");
     let (_, v) = hub.get(&hub.api(&format!("/sessions/{}", seeded.s1))).await;
     assert!(tags_of(&v).contains(&"browser-reviewed".to_owned()), "{v}");
 }

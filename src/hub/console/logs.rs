@@ -10,16 +10,18 @@
 use std::sync::Arc;
 
 use askama::Template;
+use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
 use axum::response::{Html, Response};
 
 use super::super::api::{self, Params};
-use super::super::export;
 use super::super::store::LogRow;
+use super::super::{export, stream};
 use super::errors::ConsoleError;
 use super::signins::Operator;
 use super::view::{self, enc, qs, value, Layout};
-use super::{data, Console};
+use super::{csrf, data, Console};
 
 /// Filter fields echoed into links (paging keeps them).
 const FIELDS: [&str; 6] = ["level", "module", "search", "since", "until", "limit"];
@@ -121,6 +123,8 @@ pub struct LogsPage<'a> {
     pub newest: Option<String>,
     pub export_json: String,
     pub export_csv: String,
+    /// The live stream's URL (with the filters), on the newest page only.
+    pub live: Option<String>,
 }
 
 pub fn line<'a>(r: &'a LogRow, logs_href: &str, terms: &[String]) -> Line<'a> {
@@ -224,6 +228,13 @@ pub async fn page(
         total: page.total.unwrap_or(0),
         older,
         newest,
+        live: (!paged && !ascending).then(|| {
+            let pairs: Vec<(&str, &str)> = ["level", "module", "search"]
+                .iter()
+                .map(|f| (*f, value(&p, f)))
+                .collect();
+            format!("{action}/live{}", qs(pairs))
+        }),
         export_json: with_format("json"),
         export_csv: with_format("csv"),
         session_href,
@@ -249,6 +260,21 @@ pub async fn export(
     Query(p): Params,
 ) -> Result<Response, ConsoleError> {
     Ok(export::export(&c.hub, &org, &project, &id, &p).await?)
+}
+
+/// The session's live logs over WebSocket (the API's stream), for the
+/// viewer's "follow" button. A browser always sends `Origin` with a
+/// WebSocket handshake: one from another site is refused.
+pub async fn live(
+    State(c): State<Arc<Console>>,
+    _op: Operator,
+    Path((org, project, id)): Path<(String, String, String)>,
+    Query(p): Params,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ConsoleError> {
+    csrf::same_origin(&headers)?;
+    Ok(stream::session_stream(c.hub.clone(), &org, &project, &id, &p, ws).await?)
 }
 
 #[cfg(test)]

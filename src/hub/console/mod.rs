@@ -59,6 +59,7 @@ pub(crate) fn router<S: Clone + Send + Sync + 'static>(hub: Arc<Hub>) -> Router<
         .route(&format!("{session}/timeline"), get(session::timeline))
         .route(&format!("{session}/logs"), get(logs::page))
         .route(&format!("{session}/logs/export"), get(logs::export))
+        .route(&format!("{session}/logs/live"), get(logs::live))
         .layer(axum::middleware::from_fn(headers::secure))
         .with_state(console)
 }

@@ -66,6 +66,7 @@ fn logs_page(rows: &[LogRow], search: &str) -> String {
         newest: None,
         export_json: "/x?format=json".into(),
         export_csv: "/x?format=csv".into(),
+        live: None,
     }
     .render()
     .unwrap()

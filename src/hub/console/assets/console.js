@@ -84,3 +84,95 @@ function plot(el, t) {
 document.addEventListener("DOMContentLoaded", function () { drawTimelines(document); });
 // Pages reached through htmx (boosted links) swap the body in.
 document.addEventListener("htmx:load", function (e) { drawTimelines(e.target); });
+
+// Live tail: "Follow live" on the newest page of the log viewer opens the
+// session's WebSocket stream (same filters) and puts each new line on
+// top, keeping what the reader looks at where it is when scrolled down.
+var liveSockets = [];
+
+function setupLive(root) {
+  root.querySelectorAll("[data-live]").forEach(function (btn) {
+    if (btn.dataset.ready) return;
+    btn.dataset.ready = "1";
+    var state = btn.parentNode.querySelector(".live-state");
+    var ws = null;
+    btn.addEventListener("click", function () {
+      if (ws) { ws.close(1000, "stopped"); return; }
+      var url = new URL(btn.dataset.live, window.location.href);
+      url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+      ws = new WebSocket(url.href);
+      liveSockets.push(ws);
+      btn.textContent = "Stop following";
+      state.textContent = "connecting…";
+      ws.onopen = function () { state.textContent = "following: new lines appear on top"; };
+      ws.onmessage = function (e) {
+        var item = JSON.parse(e.data);
+        if (item.event) return;
+        addLine(item, btn.dataset.logs);
+      };
+      ws.onclose = function (e) {
+        ws = null;
+        btn.textContent = "Follow live";
+        state.textContent = e.code === 1000 && e.reason === "stopped" ? "" : (e.reason || "stream ended");
+      };
+    });
+  });
+}
+
+function cell(tr, text, cls) {
+  var td = document.createElement("td");
+  if (cls) td.className = cls;
+  if (text !== null) td.textContent = text;
+  tr.appendChild(td);
+  return td;
+}
+
+function addLine(item, logs) {
+  var tbody = document.querySelector("table.logs tbody");
+  if (!tbody) return;
+  var empty = document.getElementById("no-lines");
+  if (empty) empty.remove();
+  var tr = document.createElement("tr");
+  tr.id = "l" + item.seq;
+  tr.className = "live";
+  var a = document.createElement("a");
+  a.href = logs + "?before=" + (item.seq + 1) + "#l" + item.seq;
+  a.textContent = String(item.seq);
+  cell(tr, null, "num").appendChild(a);
+  cell(tr, item.timestamp.replace("T", " "), "mono nowrap");
+  var lvl = document.createElement("span");
+  var level = String(item.level).toLowerCase();
+  lvl.className = "lvl " + level;
+  lvl.textContent = level.toUpperCase();
+  cell(tr, null, null).appendChild(lvl);
+  cell(tr, item.module, "mono");
+  var msg = cell(tr, item.message, "msg");
+  var meta = JSON.stringify(item.metadata || {});
+  if (meta !== "{}") {
+    var m = document.createElement("div");
+    m.className = "meta mono";
+    m.textContent = meta;
+    msg.appendChild(m);
+  }
+  if (item.process || item.pid) {
+    var p = document.createElement("div");
+    p.className = "proc mono";
+    p.textContent = (item.process || "") + (item.pid ? "[" + item.pid + "]" : "");
+    msg.appendChild(p);
+  }
+  // Scrolled down: keep the lines being read still on screen.
+  var keep = window.scrollY > 0;
+  var before = document.documentElement.scrollHeight;
+  tbody.insertBefore(tr, tbody.firstChild);
+  if (keep) window.scrollBy(0, document.documentElement.scrollHeight - before);
+  var total = document.querySelector(".total");
+  if (total) total.textContent = String(Number(total.textContent) + 1);
+}
+
+document.addEventListener("DOMContentLoaded", function () { setupLive(document); });
+document.addEventListener("htmx:load", function (e) { setupLive(e.target); });
+// Leaving the page through htmx ends its streams.
+document.addEventListener("htmx:beforeSwap", function () {
+  liveSockets.forEach(function (s) { s.close(1000, "stopped"); });
+  liveSockets = [];
+});
