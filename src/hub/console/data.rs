@@ -106,19 +106,41 @@ pub async fn artifacts(hub: &Arc<Hub>, session_pk: i64) -> Result<Vec<ArtifactRo
 /// Records per level in `buckets` equal slices of `[from_ns, to_ns)` of a
 /// session, for the timeline. There is no grouped count in the store
 /// yet, so each slice is counted with the logs route's own query (at or
-/// above each level, in the slice's time range) and the levels are told
-/// apart by difference: 6 counts per slice. A `GROUP BY` query in the
-/// store would do it in one pass (see the console's report).
+/// above a level, in the slice's time range) and levels are told apart by
+/// difference; only the levels the session has (`level_counts`) are
+/// counted, and an empty slice costs one count. Each count reads the
+/// session's index, so the caller bounds the session's size; a `GROUP BY`
+/// query in the store would do it in one pass.
 pub async fn level_histogram(
     hub: &Arc<Hub>,
     session_pk: i64,
+    level_counts: [u64; 6],
     from_ns: i64,
     to_ns: i64,
     buckets: usize,
 ) -> Result<Vec<[u64; 6]>, ApiError> {
     use crate::wire::Level;
+    let present: Vec<Level> = Level::ALL
+        .into_iter()
+        .filter(|l| level_counts[l.code() as usize] > 0)
+        .collect();
     let step = ((to_ns - from_ns) / buckets as i64).max(1);
     hub.db(move |s| {
+        let count = |min: Level, since: i64, until: i64| {
+            let q = LogQuery {
+                min_level: Some(min),
+                since_ns: Some(since),
+                until_ns: Some(until),
+                limit: 1,
+                want_total: true,
+                ..LogQuery::default()
+            };
+            Ok::<_, super::super::store::StoreError>(
+                s.logs(LogScope::Session(session_pk), &q)?
+                    .total
+                    .unwrap_or(0),
+            )
+        };
         let mut out = Vec::with_capacity(buckets);
         for b in 0..buckets as i64 {
             let since = from_ns + b * step;
@@ -127,24 +149,21 @@ pub async fn level_histogram(
             } else {
                 since + step
             };
-            let mut at_or_above = [0u64; 7];
-            for l in Level::ALL {
-                let q = LogQuery {
-                    min_level: Some(l),
-                    since_ns: Some(since),
-                    until_ns: Some(until),
-                    limit: 1,
-                    want_total: true,
-                    ..LogQuery::default()
-                };
-                at_or_above[l.code() as usize] = s
-                    .logs(LogScope::Session(session_pk), &q)?
-                    .total
-                    .unwrap_or(0);
-            }
             let mut counts = [0u64; 6];
-            for i in 0..6 {
-                counts[i] = at_or_above[i].saturating_sub(at_or_above[i + 1]);
+            // At or above each present level, lowest first; a level's own
+            // count is the difference to the next one up.
+            let mut at_or_above = Vec::with_capacity(present.len());
+            for (i, l) in present.iter().enumerate() {
+                let n = if i > 0 && at_or_above[i - 1] == 0 {
+                    0
+                } else {
+                    count(*l, since, until)?
+                };
+                at_or_above.push(n);
+            }
+            for (i, l) in present.iter().enumerate() {
+                let above = at_or_above.get(i + 1).copied().unwrap_or(0);
+                counts[l.code() as usize] = at_or_above[i].saturating_sub(above);
             }
             out.push(counts);
         }

@@ -20,6 +20,8 @@ pub enum ConsoleError {
     NotFound(String),
     BadRequest(String),
     Internal(String),
+    /// Something this hub cannot do yet (503).
+    Unavailable(String),
 }
 
 impl ConsoleError {
@@ -70,6 +72,9 @@ impl IntoResponse for ConsoleError {
             ConsoleError::Forbidden(m) => (StatusCode::FORBIDDEN, "Refused", m.as_str()),
             ConsoleError::NotFound(m) => (StatusCode::NOT_FOUND, "Not found", m.as_str()),
             ConsoleError::BadRequest(m) => (StatusCode::BAD_REQUEST, "Cannot do that", m.as_str()),
+            ConsoleError::Unavailable(m) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "Not available", m.as_str())
+            }
             ConsoleError::Internal(m) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "Hub error", m.as_str())
             }

@@ -18,9 +18,20 @@ function drawTimelines(root) {
     if (el.dataset.drawn) return;
     el.dataset.drawn = "1";
     fetch(el.dataset.timeline, { credentials: "same-origin" })
-      .then(function (r) { if (!r.ok) throw new Error("timeline: HTTP " + r.status); return r.json(); })
+      .then(function (r) {
+        if (r.ok) return r.json();
+        // The hub explains a refusal in the page's one-line message.
+        return r.text().then(function (html) {
+          var doc = new DOMParser().parseFromString(html, "text/html");
+          var why = doc.querySelector("p.error");
+          throw new Error("No timeline: " + (why ? why.textContent : "HTTP " + r.status));
+        });
+      })
       .then(function (t) { plot(el, t); })
-      .catch(function (e) { el.textContent = String(e.message || e); });
+      .catch(function (e) {
+        el.classList.add("empty");
+        el.textContent = String(e.message || e);
+      });
   });
 }
 
