@@ -438,6 +438,27 @@ async fn screens_show_the_organizations_data_and_tags_change() {
     let (st, _, _) = get(&format!("{base}/sessions"), Some(&cookie)).await;
     assert_eq!(st, 303);
 
+    // Signing in again from the same browser ends its earlier sign-in.
+    let first = sign_in(&hub, &hub.operator).await;
+    let r = client()
+        .post(format!("{}/sign-in", hub.url))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("cookie", &first)
+        .body(format!("key={}", hub.operator))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let second = r.headers()[SET_COOKIE]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    assert_eq!(get(&format!("{base}/sessions"), Some(&first)).await.0, 303);
+    assert_eq!(get(&format!("{base}/sessions"), Some(&second)).await.0, 200);
+
     // Over TLS (as a proxy reports it) the cookie is Secure.
     let r = client()
         .post(format!("{}/sign-in", hub.url))

@@ -38,6 +38,7 @@ impl From<ApiError> for ConsoleError {
         match e.status {
             StatusCode::NOT_FOUND => ConsoleError::NotFound(e.message),
             StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED => ConsoleError::Forbidden(e.message),
+            StatusCode::SERVICE_UNAVAILABLE => ConsoleError::Unavailable(e.message),
             s if s.is_client_error() => ConsoleError::BadRequest(e.message),
             _ => ConsoleError::Internal(e.message),
         }

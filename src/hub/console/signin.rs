@@ -77,6 +77,10 @@ pub async fn sign_in(
         "{}/sessions",
         project_base(&principal.org, &principal.project)
     );
+    // Signing in again replaces the sign-in this browser had.
+    if let Some(old) = cookies::session_id(&headers) {
+        c.signins.remove(old);
+    }
     let id = c.signins.create(principal);
     let cookie = cookies::set(&id, cookies::over_tls(&uri, &headers));
     Ok(([(header::SET_COOKIE, cookie)], Redirect::to(&to)).into_response())
