@@ -286,6 +286,18 @@ async fn screens_show_the_organizations_data_and_tags_change() {
     )
     .await;
     assert!(html.contains(&seeded.s1.to_string()) && !html.contains(&seeded.s2.to_string()));
+    let (_, _, html) = get(
+        &format!(
+            "{base}/sessions?package=perception%402.1.0&metadata=%7B%22site%22%3A%22paris%22%7D"
+        ),
+        Some(&cookie),
+    )
+    .await;
+    assert!(html.contains("0 matching"), "{html}");
+    assert!(
+        html.contains("value=\"{&#34;site&#34;:&#34;paris&#34;}\"") || html.contains("paris"),
+        "{html}"
+    );
     let (st, _, html) = get(&format!("{base}/sessions?status=done"), Some(&cookie)).await;
     assert_eq!(st, 400);
     assert!(

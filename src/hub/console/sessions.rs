@@ -20,11 +20,13 @@ use super::{data, Console};
 use crate::wire::Level;
 
 /// The filter fields, echoed into the form and into page links.
-const FIELDS: [&str; 9] = [
+const FIELDS: [&str; 11] = [
     "device_id",
     "status",
     "has_errors",
     "tag",
+    "package",
+    "metadata",
     "since",
     "until",
     "sort",
@@ -50,6 +52,8 @@ pub struct SessionsPage {
     pub layout: Layout,
     pub action: String,
     pub tag: String,
+    pub package: String,
+    pub metadata: String,
     pub since: String,
     pub until: String,
     pub devices: Vec<Opt>,
@@ -125,6 +129,8 @@ pub async fn page(
     let html = SessionsPage {
         layout: Layout::signed_in(&op, &project),
         tag: value(&p, "tag").to_owned(),
+        package: value(&p, "package").to_owned(),
+        metadata: value(&p, "metadata").to_owned(),
         since: value(&p, "since").to_owned(),
         until: value(&p, "until").to_owned(),
         devices: device_opts,
