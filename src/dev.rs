@@ -320,6 +320,7 @@ logbook dev: a hub and an agent on this machine, wired together.
 
   directory      {dir}
   hub            {url}  (organization {ORG}, project {PROJECT})
+  console        {url}/  (open in a browser, sign in with the operator key)
   operator key   {op}
   device         {DEVICE_ID}
   agent API      {api_socket}

@@ -395,7 +395,9 @@ pub fn log_query(p: &[(String, String)]) -> Result<LogQuery, ApiError> {
     })
 }
 
-fn session_query(p: &[(String, String)]) -> Result<SessionQuery, ApiError> {
+/// The session list's filters, sort and page (the console's sessions
+/// screen parses its form with this too).
+pub fn session_query(p: &[(String, String)]) -> Result<SessionQuery, ApiError> {
     let status = param(p, "status")
         .map(|v| {
             SessionStatus::parse(v)
@@ -517,6 +519,18 @@ fn logs_response(page: super::store::LogPage) -> Response {
     .into_response()
 }
 
+/// A tag as given, trimmed, or why it cannot be one (the API's tag route
+/// and the console's).
+pub fn clean_tag(tag: &str) -> Result<String, ApiError> {
+    let tag = tag.trim();
+    if tag.is_empty() || tag.len() > 128 || tag.chars().any(char::is_control) {
+        return Err(ApiError::bad_request(
+            "tag: must be 1 to 128 bytes without control characters",
+        ));
+    }
+    Ok(tag.to_owned())
+}
+
 // ----- handlers -----
 
 pub async fn list_sessions(
@@ -596,12 +610,7 @@ pub async fn add_tag(
             "expected a JSON body like {{\"tag\": \"important\"}}: {e}"
         ))
     })?;
-    let tag = tag.trim().to_owned();
-    if tag.is_empty() || tag.len() > 128 || tag.chars().any(char::is_control) {
-        return Err(ApiError::bad_request(
-            "tag: must be 1 to 128 bytes without control characters",
-        ));
-    }
+    let tag = clean_tag(&tag)?;
     if !hub.store.add_tag(&org, &project, &id, &tag).await? {
         return Err(no_session(&id));
     }
@@ -723,7 +732,20 @@ pub async fn download_file(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     auth::operator(&hub, &headers, None, &org).await?;
-    let pk = session_pk(&hub, &org, &project, &id).await?;
+    send_file(&hub, &org, &project, &id, path, &headers).await
+}
+
+/// An artifact of a session the caller may see, honouring `Range` (the
+/// API's download route and the console's).
+pub async fn send_file(
+    hub: &Arc<Hub>,
+    org: &str,
+    project: &str,
+    id: &str,
+    path: String,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let pk = session_pk(hub, org, project, id).await?;
     let art = hub
         .store
         .get_artifact(pk, &path)

@@ -149,7 +149,19 @@ pub async fn export_logs(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     auth::operator(&hub, &headers, None, &org).await?;
-    let csv = match param(&p, "format") {
+    export(&hub, &org, &project, &id, &p).await
+}
+
+/// The filtered logs of a session the caller may see as a JSON or CSV
+/// download (the API's export route and the console's).
+pub async fn export(
+    hub: &Arc<Hub>,
+    org: &str,
+    project: &str,
+    id: &str,
+    p: &[(String, String)],
+) -> Result<Response, ApiError> {
+    let csv = match param(p, "format") {
         None | Some("json") => false,
         Some("csv") => true,
         Some(o) => {
@@ -159,20 +171,22 @@ pub async fn export_logs(
         }
     };
     // Same filters as the logs route; always oldest first, every page.
-    let mut q = api::log_filters(&p)?;
+    let mut q = api::log_filters(p)?;
     q.ascending = true;
     q.cursor = None;
     q.limit = PAGE;
     q.want_total = false;
-    let pk = api::session_pk(&hub, &org, &project, &id).await?;
+    let pk = api::session_pk(hub, org, project, id).await?;
     let (ctype, ext) = if csv {
         ("text/csv; charset=utf-8", "csv")
     } else {
         ("application/json", "json")
     };
     let (mut w, resp) = body_channel(ctype, &format!("session-{id}-logs.{ext}"));
-    tokio::spawn(async move {
-        let produced = write_logs(hub.store.as_ref(), &mut w, pk, q, csv).await;
+    let h = hub.clone();
+    // On `Hub::tasks`: a shutdown waits for the body being produced.
+    hub.tasks.spawn(async move {
+        let produced = write_logs(h.store.as_ref(), &mut w, pk, q, csv).await;
         w.finish(produced).await;
     });
     Ok(resp)
@@ -224,11 +238,18 @@ pub async fn download_zip(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     auth::operator(&hub, &headers, None, &org).await?;
-    let pk = api::session_pk(&hub, &org, &project, &id).await?;
+    zip(&hub, &org, &project, &id).await
+}
+
+/// Every artifact of a session the caller may see, as one streamed ZIP
+/// (the API's route and the console's).
+pub async fn zip(hub: &Arc<Hub>, org: &str, project: &str, id: &str) -> Result<Response, ApiError> {
+    let pk = api::session_pk(hub, org, project, id).await?;
     let artifacts = hub.store.list_artifacts(pk).await?;
     let (mut w, resp) = body_channel("application/zip", &format!("session-{id}-artifacts.zip"));
-    tokio::spawn(async move {
-        let produced = write_zip(hub.blobs.as_ref(), &mut w, &artifacts).await;
+    let h = hub.clone();
+    hub.tasks.spawn(async move {
+        let produced = write_zip(h.blobs.as_ref(), &mut w, &artifacts).await;
         w.finish(produced).await;
     });
     Ok(resp)

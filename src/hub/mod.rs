@@ -1,6 +1,6 @@
 //! The fleet server `logbook-hub`: batch ingest, tus artifact uploads, the
 //! Sessions API (seed 000 plus cursors, sorting and filters), live log
-//! streams, exports and ZIP downloads.
+//! streams, exports and ZIP downloads, and the operator console at `/`.
 //!
 //! Invariant: `hub` never imports `agent`; it shares only `wire` and
 //! `config` with it. Handlers never run SQL themselves: they `.await`
@@ -11,6 +11,7 @@ mod api;
 mod auth;
 pub mod blobs;
 pub mod config;
+mod console;
 mod error;
 mod export;
 mod ingest;
@@ -229,6 +230,7 @@ fn router(hub: Arc<Hub>) -> Router {
             &format!("/api/v1/ws{ws_device}"),
             get(stream::ws_device_logs),
         )
+        .merge(console::router(hub.clone()))
         .fallback(api::not_found)
         .with_state(hub)
 }

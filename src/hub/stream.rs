@@ -51,8 +51,21 @@ pub async fn ws_logs(
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     auth::operator(&hub, &headers, param(&p, "access_token"), &org).await?;
-    let start = Start::of(&p)?;
-    let pk = api::session_pk(&hub, &org, &project, &id).await?;
+    session_stream(hub, &org, &project, &id, &p, ws).await
+}
+
+/// A session's live logs for a caller already allowed to see the project
+/// (the API's route above and the console's log viewer).
+pub async fn session_stream(
+    hub: Arc<Hub>,
+    org: &str,
+    project: &str,
+    id: &str,
+    p: &[(String, String)],
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let start = Start::of(p)?;
+    let pk = api::session_pk(&hub, org, project, id).await?;
     upgrade(hub, ws, LogScope::Session(pk), start)
 }
 

@@ -3,6 +3,7 @@
 //! over HTTP, WebSocket and tus the way agents and operators use it.
 
 mod api;
+mod console;
 mod export;
 mod interop;
 mod live;
