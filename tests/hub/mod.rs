@@ -6,6 +6,7 @@ mod api;
 mod export;
 mod interop;
 mod live;
+mod postgres;
 mod refusals;
 mod uploads;
 mod versions;
@@ -54,7 +55,8 @@ impl HubProc {
                 Command::new(util::bin("logbook-hub"))
                     .args(["token", "create", "--data-dir"])
                     .arg(&data)
-                    .args(args),
+                    .args(args)
+                    .envs(env.iter().copied()),
             );
             String::from_utf8(out.stdout).unwrap().trim().to_owned()
         };

@@ -60,8 +60,8 @@ impl From<deadpool_postgres::PoolError> for StoreError {
     }
 }
 
-/// `url` without its password, to name the database in messages.
-pub fn redact(url: &str) -> String {
+/// `url` without its password (`user:***@`).
+fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
@@ -187,6 +187,11 @@ impl PgStore {
     /// (`logbook-hub migrate`).
     pub async fn migrate_url(url: &str) -> Result<i64, StoreError> {
         PgStore::connect(url)?.migrate(url).await
+    }
+
+    /// `url` without its password, to name the database in messages.
+    pub fn redact(url: &str) -> String {
+        redact(url)
     }
 
     /// The schema version this binary writes.
