@@ -1,6 +1,6 @@
-//! `logbook-hub` on PostgreSQL: `migrate` and its one-line errors, and a
-//! real hub serving from a fresh database answering the Sessions API with
-//! the same bytes as a hub on SQLite fed the same batches. The cluster is
+//! `logbook-hub` on PostgreSQL: `migrate` (on SQLite too) and its one-line
+//! errors, and a real hub serving from a fresh database answering the
+//! Sessions API with the same bytes as a hub on SQLite fed the same batches. The cluster is
 //! the library's test harness (one per test process; skipped with a notice
 //! where PostgreSQL is not installed, never under CI).
 
@@ -159,4 +159,29 @@ async fn raw(hub: &HubProc, route: &str) -> (u16, String) {
         .await
         .unwrap();
     (r.status().as_u16(), r.text().await.unwrap())
+}
+
+/// `migrate` on the default backend: SQLite's hub.db in the data directory.
+#[test]
+fn migrate_without_a_database_url_migrates_sqlite_in_the_data_dir() {
+    let dir = crate::util::TestDir::new("hub_migrate_sqlite");
+    let data = dir.join("data");
+    let cfg = dir.join("hub.toml");
+    std::fs::write(
+        &cfg,
+        format!("[server]\ndata_dir = \"{}\"\n", data.display()),
+    )
+    .unwrap();
+    let out = crate::util::run_ok(
+        Command::new(crate::util::bin("logbook-hub"))
+            .args(["migrate", "--config"])
+            .arg(&cfg)
+            .env_remove("LOGBOOK_STORAGE_DATABASE")
+            .env_remove("LOGBOOK_SERVER_DATA_DIR"),
+    );
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        format!("schema version 1 ({})\n", data.join("hub.db").display())
+    );
+    assert!(data.join("hub.db").exists());
 }
