@@ -1,6 +1,7 @@
 //! `logbook-hub` on PostgreSQL: `migrate` (on SQLite too) and its one-line
 //! errors, and a real hub serving from a fresh database answering the
-//! Sessions API with the same bytes as a hub on SQLite fed the same batches. The cluster is
+//! Sessions API with the same bytes as a hub on SQLite fed the same batches,
+//! and a real agent syncing through it. The cluster is
 //! the library's test harness (one per test process; skipped with a notice
 //! where PostgreSQL is not installed, never under CI).
 
@@ -184,4 +185,37 @@ fn migrate_without_a_database_url_migrates_sqlite_in_the_data_dir() {
         format!("schema version 1 ({})\n", data.join("hub.db").display())
     );
     assert!(data.join("hub.db").exists());
+}
+
+/// A real agent syncing to a hub on PostgreSQL: every record arrives once,
+/// in order, and the session closes.
+#[test]
+fn an_agent_syncs_through_a_hub_on_postgres() {
+    use crate::sync::{
+        assert_exact_seqs, hub_logs, hub_session, start_agent, sync_env, wait_synced,
+    };
+    let Some(url) = testdb::fresh_database("hub::postgres::agent_syncs") else {
+        return;
+    };
+    let hub = HubProc::start_with("hub_pg_sync", &[("LOGBOOK_STORAGE_DATABASE", &url)]);
+    let dir = crate::util::TestDir::new("hub_pg_sync_agent");
+    let agent = start_agent(&dir, &sync_env(&hub.url, &hub.device));
+    let (status, open) = agent.api("POST", "/v1/sessions", Some(r#"{"tags":["fleet"]}"#));
+    assert_eq!(status, 201, "{open}");
+    let id = open["id"].as_str().unwrap().to_owned();
+    let lines: Vec<String> = (1..=25)
+        .map(|i| format!(r#"{{"level":"info","module":"nav","msg":"line {i}"}}"#))
+        .collect();
+    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+    crate::agent::send_lines(&agent, &refs);
+    agent.flush();
+    agent.ok("POST", "/v1/sessions/current/stop", Some("{}"));
+    let s = crate::util::wait_for(
+        "the session closed at the hub with its 25 records",
+        Duration::from_secs(20),
+        || hub_session(&hub, &id).filter(|s| s["status"] == "completed" && s["log_count"] == 25),
+    );
+    assert_eq!(s["tags"], serde_json::json!(["fleet"]));
+    assert_exact_seqs(&hub_logs(&hub, &format!("/sessions/{id}/logs")), 1..=25);
+    wait_synced(&agent, Duration::from_secs(10));
 }
