@@ -1,5 +1,5 @@
-//! `logbook-hub`: the fleet server (`serve`) and its token tool
-//! (`token create`). A thin shell over `logbook::hub`.
+//! `logbook-hub`: the fleet server (`serve`), its token tool (`token
+//! create`) and its schema tool (`migrate`). A thin shell over `logbook::hub`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,6 +29,13 @@ enum Command {
         #[arg(long)]
         listen: Option<String>,
     },
+    /// Bring the database's schema up to this binary's (also done by
+    /// `serve`) and print its version.
+    Migrate {
+        /// Configuration file (default /etc/logbook/hub.toml if present).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Manage tokens.
     Token {
         #[command(subcommand)]
@@ -45,9 +52,13 @@ enum TokenCommand {
 #[derive(Args)]
 #[command(group = clap::ArgGroup::new("kind").required(true).args(["operator", "device"]))]
 struct CreateArgs {
-    /// The hub's data directory (where hub.db is).
+    /// The hub's data directory (where hub.db is); overrides server.data_dir.
     #[arg(long)]
-    data_dir: PathBuf,
+    data_dir: Option<PathBuf>,
+    /// Configuration file (default /etc/logbook/hub.toml if present): the
+    /// token goes to its storage.database, as `serve` would store it.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Organization the token belongs to.
     #[arg(long)]
     org: String,
@@ -81,10 +92,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(d) = &a.device {
                 anyhow::ensure!(!d.trim().is_empty(), "--device must not be empty");
             }
-            let token = hub::create_token(&a.data_dir, &a.org, &a.project, a.device.as_deref())
-                .context("cannot create token")?;
+            // The token goes where `serve` with the same configuration
+            // (file, environment, --data-dir) keeps its rows.
+            let mut cfg = HubConfig::load(a.config.as_deref(), std::env::vars())?;
+            if let Some(d) = a.data_dir {
+                cfg.data_dir = d;
+            }
+            let token = hub::create_token_in(
+                &cfg.database,
+                &cfg.data_dir,
+                &a.org,
+                &a.project,
+                a.device.as_deref(),
+            )
+            .context("cannot create token")?;
             use std::io::Write;
             writeln!(std::io::stdout(), "{token}")?;
+            Ok(())
+        }
+        Command::Migrate { config } => {
+            let cfg = HubConfig::load(config.as_deref(), std::env::vars())?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the runtime")?;
+            let done = rt.block_on(hub::migrate(&cfg)).context("cannot migrate")?;
+            use std::io::Write;
+            writeln!(std::io::stdout(), "{done}")?;
             Ok(())
         }
         Command::Serve {

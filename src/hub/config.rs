@@ -74,7 +74,7 @@ pub const KEYS: &[Key] = &[
         section: "storage",
         key: "database",
         kind: Kind::Str,
-        doc: "postgres:// URL of the database (not yet supported); unset: SQLite hub.db in server.data_dir",
+        doc: "postgres:// URL of the database (a fleet of replicas); unset: SQLite hub.db in server.data_dir",
     },
     Key {
         section: "storage",
@@ -180,10 +180,35 @@ pub struct HubConfig {
 }
 
 /// Where the hub keeps its rows (`storage.database`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Database {
     /// SQLite, `hub.db` in the data directory (the key unset).
     SqliteInDataDir,
+    /// PostgreSQL at this URL (`postgres://` or `postgresql://`).
+    Postgres(PostgresUrl),
+}
+
+/// A PostgreSQL URL; its `Debug` and [`PostgresUrl::redacted`] never show
+/// the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PostgresUrl(String);
+
+impl PostgresUrl {
+    /// The URL itself, password included: only for connecting.
+    pub fn secret(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with its password replaced by `***`, for messages.
+    pub fn redacted(&self) -> String {
+        crate::hub::store::PgStore::redact(&self.0)
+    }
+}
+
+impl std::fmt::Debug for PostgresUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PostgresUrl({})", self.redacted())
+    }
 }
 
 /// Where the hub keeps artifact bytes (`storage.blobs`).
@@ -260,9 +285,21 @@ fn resolve(raw: Raw, origin: &str) -> Result<HubConfig, ConfigError> {
     let database = match raw.storage.database.trim() {
         "" => Database::SqliteInDataDir,
         url if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
-            return Err(err(
-                "storage.database: PostgreSQL is not yet supported by this logbook-hub; leave it unset for SQLite in server.data_dir".into(),
-            ))
+            // Parsed now, so a malformed URL is a configuration error, not
+            // a failure at the first connection.
+            if let Err(e) = url.parse::<tokio_postgres::Config>() {
+                let mut why = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(s) = source {
+                    why = format!("{why}: {s}");
+                    source = s.source();
+                }
+                return Err(err(format!(
+                    "storage.database: {}: {why}",
+                    crate::hub::store::PgStore::redact(url)
+                )));
+            }
+            Database::Postgres(PostgresUrl(url.to_owned()))
         }
         _ => {
             return Err(err(
@@ -365,7 +402,7 @@ mod tests {
             );
         };
         let default = (Database::SqliteInDataDir, BlobStorage::DirInDataDir);
-        check(&[], Ok(default));
+        check(&[], Ok(default.clone()));
         check(
             &[
                 ("LOGBOOK_STORAGE_DATABASE", ""),
@@ -373,13 +410,28 @@ mod tests {
             ],
             Ok(default),
         );
+        let pg = |url: &str| Database::Postgres(PostgresUrl(url.into()));
         check(
             &[("LOGBOOK_STORAGE_DATABASE", "postgres://hub@db/logbook")],
-            Err("env: storage.database: PostgreSQL is not yet supported by this logbook-hub; leave it unset for SQLite in server.data_dir"),
+            Ok((pg("postgres://hub@db/logbook"), BlobStorage::DirInDataDir)),
         );
         check(
-            &[("LOGBOOK_STORAGE_DATABASE", "postgresql://db/logbook")],
-            Err("env: storage.database: PostgreSQL is not yet supported by this logbook-hub; leave it unset for SQLite in server.data_dir"),
+            &[(
+                "LOGBOOK_STORAGE_DATABASE",
+                " postgresql://hub:pw@db/logbook ",
+            )],
+            Ok((
+                pg("postgresql://hub:pw@db/logbook"),
+                BlobStorage::DirInDataDir,
+            )),
+        );
+        check(
+            &[("LOGBOOK_STORAGE_DATABASE", "postgres://hub:pw@db:notaport/logbook")],
+            Err("env: storage.database: postgres://hub:***@db:notaport/logbook: invalid connection string: invalid value for option `port`"),
+        );
+        assert_eq!(
+            format!("{:?}", pg("postgres://hub:secret@db/logbook")),
+            "Postgres(PostgresUrl(postgres://hub:***@db/logbook))"
         );
         check(
             &[("LOGBOOK_STORAGE_DATABASE", "/srv/hub.db")],

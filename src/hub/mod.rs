@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::HubConfig;
-use store::{LogRow, Principal, SqliteStore, Store, StoreError, TokenKind};
+use store::{LogRow, PgStore, Principal, SqliteStore, Store, StoreError, TokenKind};
 
 /// Name of the file in the data directory that holds the bound address
 /// (`127.0.0.1:PORT`) while the hub runs, for scripts and tests using port 0.
@@ -108,6 +108,43 @@ pub fn open_store(data_dir: &Path) -> Result<Arc<dyn Store>, HubError> {
     Ok(Arc::new(SqliteStore::open(&data_dir.join("hub.db"))?))
 }
 
+/// Opens (creating or migrating) the store `database` names: SQLite in
+/// `data_dir`, or PostgreSQL (waiting for another hub migrating it).
+pub async fn open_database(
+    database: &config::Database,
+    data_dir: &Path,
+) -> Result<Arc<dyn Store>, HubError> {
+    match database {
+        config::Database::SqliteInDataDir => {
+            let data_dir = data_dir.to_owned();
+            tokio::task::spawn_blocking(move || open_store(&data_dir))
+                .await
+                .map_err(|e| HubError::Serve(std::io::Error::other(e)))?
+        }
+        config::Database::Postgres(url) => Ok(Arc::new(PgStore::open(url.secret()).await?)),
+    }
+}
+
+/// `logbook-hub migrate`: brings the configured database's schema up to
+/// this binary's and says which version it is at, and where.
+pub async fn migrate(config: &HubConfig) -> Result<String, HubError> {
+    match &config.database {
+        config::Database::SqliteInDataDir => {
+            let path = config.data_dir.join("hub.db");
+            open_database(&config.database, &config.data_dir).await?;
+            Ok(format!(
+                "schema version {} ({})",
+                SqliteStore::schema_version(),
+                path.display()
+            ))
+        }
+        config::Database::Postgres(url) => {
+            let version = PgStore::migrate_url(url.secret()).await?;
+            Ok(format!("schema version {version} ({})", url.redacted()))
+        }
+    }
+}
+
 /// `logbook-hub token create`: a new token, stored hashed, returned once.
 /// Blocking (it runs the store on a runtime of its own): call it from
 /// `main` or a blocking thread, never from async code.
@@ -117,7 +154,29 @@ pub fn create_token(
     project: &str,
     device_id: Option<&str>,
 ) -> Result<String, HubError> {
-    let store = open_store(data_dir)?;
+    create_token_in(
+        &config::Database::SqliteInDataDir,
+        data_dir,
+        org,
+        project,
+        device_id,
+    )
+}
+
+/// [`create_token`] in the store `database` names (`token create
+/// --config`, for a hub on PostgreSQL). Blocking, as [`create_token`].
+pub fn create_token_in(
+    database: &config::Database,
+    data_dir: &Path,
+    org: &str,
+    project: &str,
+    device_id: Option<&str>,
+) -> Result<String, HubError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(HubError::Serve)?;
+    let store = rt.block_on(open_database(database, data_dir))?;
     let kind = if device_id.is_some() {
         TokenKind::Device
     } else {
@@ -130,10 +189,7 @@ pub fn create_token(
         project: project.to_owned(),
         device_id: device_id.map(str::to_owned),
     };
-    tokio::runtime::Builder::new_current_thread()
-        .build()
-        .map_err(HubError::Serve)?
-        .block_on(store.create_token(&auth::hash_token(&token), &principal))?;
+    rt.block_on(store.create_token(&auth::hash_token(&token), &principal))?;
     Ok(token)
 }
 
@@ -150,14 +206,7 @@ pub async fn serve(
             Arc::new(blobs::DirBlobs::open(&data_dir).map_err(data_dir_err(&data_dir))?)
         }
     };
-    let store = match config.database {
-        config::Database::SqliteInDataDir => {
-            let data_dir = data_dir.clone();
-            tokio::task::spawn_blocking(move || open_store(&data_dir))
-                .await
-                .map_err(|e| HubError::Serve(std::io::Error::other(e)))??
-        }
-    };
+    let store = open_database(&config.database, &data_dir).await?;
     let addr = listener.local_addr().map_err(HubError::Serve)?;
     tracing::info!(%addr, data_dir = %data_dir.display(), "logbook-hub serving");
     serve_hub(listener, Hub::new(config, store, blobs), shutdown).await

@@ -463,10 +463,10 @@ fn storage_this_build_cannot_serve_is_refused_in_one_line() {
         err.contains("storage.blobs: S3 is not yet supported"),
         "{err}"
     );
-    let err = serve(&[("LOGBOOK_STORAGE_DATABASE", "postgres://hub@db/logbook")]);
+    let err = serve(&[("LOGBOOK_STORAGE_DATABASE", "postgres://hub@db:x/logbook")]);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(
-        err.contains("storage.database: PostgreSQL is not yet supported"),
+        err.contains("storage.database: postgres://hub@db:x/logbook: invalid connection string"),
         "{err}"
     );
 }

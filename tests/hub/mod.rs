@@ -7,6 +7,7 @@ mod console;
 mod export;
 mod interop;
 mod live;
+mod postgres;
 mod refusals;
 mod uploads;
 mod versions;
@@ -55,7 +56,8 @@ impl HubProc {
                 Command::new(util::bin("logbook-hub"))
                     .args(["token", "create", "--data-dir"])
                     .arg(&data)
-                    .args(args),
+                    .args(args)
+                    .envs(env.iter().copied()),
             );
             String::from_utf8(out.stdout).unwrap().trim().to_owned()
         };

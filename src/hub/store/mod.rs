@@ -1,7 +1,8 @@
 //! The hub's storage seam: the [`Store`] trait the route handlers call,
 //! the rows, filters and cursors every backend shares, and the backends.
-//! Today one, `sqlite` ([`SqliteStore`]); a PostgreSQL backend would be a
-//! second implementation of the same trait, with its own migrations.
+//! Two: `sqlite` ([`SqliteStore`], one file in the data directory) and
+//! `postgres` ([`PgStore`], for a fleet of replicas), each with its own
+//! migrations.
 //!
 //! Invariant: only the backends run SQL; [`Store`] speaks of sessions,
 //! batches, logs and uploads, never of tables or connections. One batch is
@@ -13,8 +14,10 @@ use std::sync::Arc;
 
 use crate::wire::{Batch, BatchAck, Level, SessionStatus};
 
+mod postgres;
 mod sqlite;
 
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 /// A backend's own failure, kept whole for the log.

@@ -11,7 +11,8 @@ use crate::wire::{Device, Gap, Package, Record, SessionState, BATCH_VERSION};
 use uuid::Uuid;
 
 /// Each test of the suite as a `#[tokio::test]` per backend, on a fresh
-/// store. A second backend adds a module here.
+/// store: SQLite in a temporary directory, PostgreSQL in a fresh database
+/// of this process's throwaway cluster (`postgres::testdb`).
 macro_rules! per_backend {
     ($($test:ident),* $(,)?) => {
         mod sqlite {
@@ -21,6 +22,22 @@ macro_rules! per_backend {
                     let dir = tempfile::tempdir().unwrap();
                     let store = crate::hub::store::SqliteStore::open(&dir.path().join("hub.db"))
                         .unwrap();
+                    super::$test(&store).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    // Skips with a notice where PostgreSQL is not installed
+                    // (never under CI).
+                    let Some(url) = crate::hub::store::postgres::testdb::fresh_database(
+                        concat!("postgres::", stringify!($test)),
+                    ) else {
+                        return;
+                    };
+                    let store = crate::hub::store::PgStore::open(&url).await.unwrap();
                     super::$test(&store).await;
                 }
             )*

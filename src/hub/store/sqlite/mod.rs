@@ -161,6 +161,11 @@ impl SqliteStore {
         })
     }
 
+    /// The schema version (`user_version`) this binary migrates to.
+    pub fn schema_version() -> i64 {
+        MIGRATIONS.len() as i64
+    }
+
     /// Runs `f` on the blocking pool.
     async fn run<T: Send + 'static>(
         &self,
