@@ -200,10 +200,21 @@ async fn follow_misses_nothing_that_arrived_while_the_link_was_cut() {
         run.stderr().contains("reconnect").then_some(())
     });
     proxy.set(Fault::Pass);
-    wait_for(
-        "the records posted while cut",
-        Duration::from_secs(30),
-        || (printed_seqs(&run).len() >= last as usize).then_some(()),
+    let since = std::time::Instant::now();
+    let deadline = since + Duration::from_secs(30);
+    while printed_seqs(&run).len() < last as usize {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "after {:?}, {} of {last} records printed; stderr:\n{}",
+            since.elapsed(),
+            printed_seqs(&run).len(),
+            run.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    eprintln!(
+        "the records posted while cut printed in {:?}",
+        since.elapsed()
     );
 
     // The session ends: the CLI exits 0, having printed every record once.
