@@ -127,8 +127,11 @@ fn each_once(got: &[u64], want: std::ops::RangeInclusive<u64>) {
     assert_eq!(sorted, want.collect::<Vec<_>>(), "{got:?}");
 }
 
-/// Posts one record at a time (from `*next` on) until `run` printed more
-/// than `printed` records: the live stream is then surely connected.
+/// Once `run` printed its first `printed` records (read by pages, before
+/// it follows), posts one record at a time (from `*next` on) until it
+/// printed more: those came over the live stream, which is then connected
+/// and has a resume point. (Posting before the pages were read would let a
+/// page, under load, show a record the stream has not covered yet.)
 async fn until_live(
     hub: &HubProc,
     run: &Running,
@@ -136,6 +139,9 @@ async fn until_live(
     next: &mut u64,
     printed: usize,
 ) {
+    wait_for("the records read by pages", Duration::from_secs(20), || {
+        (printed_seqs(run).len() >= printed).then_some(())
+    });
     loop {
         if printed_seqs(run).len() > printed {
             return;
