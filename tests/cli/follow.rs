@@ -108,9 +108,7 @@ async fn follow_prints_new_records_once_across_a_hub_restart() {
         .await;
     assert_eq!(st, 200);
     let mut run = run;
-    let status = wait_for("logbook to exit", Duration::from_secs(10), || {
-        run.child.try_wait().unwrap()
-    });
+    let status = run.wait_exit(Duration::from_secs(10));
     assert!(status.success(), "{}", run.stderr());
 
     // Printed exactly once each, from seq 26 on, with nothing the hub holds
@@ -233,9 +231,7 @@ async fn follow_misses_nothing_that_arrived_while_the_link_was_cut() {
         .await;
     assert_eq!(st, 200);
     let mut run = run;
-    let status = wait_for("logbook to exit", Duration::from_secs(20), || {
-        run.child.try_wait().unwrap()
-    });
+    let status = run.wait_exit(Duration::from_secs(20));
     assert!(status.success(), "{}", run.stderr());
     let got = printed_seqs(&run);
     each_once(&got, 1..=last + 1);
