@@ -7,8 +7,8 @@
 //! On shutdown `Running::stop` joins them in order, so it returns with
 //! every received record committed and no task left running. On SIGHUP it
 //! re-reads the configuration through the caller's [`Reloader`] and hands
-//! a new `sync.token` to both uploaders; other changed keys are logged as
-//! needing a restart.
+//! a new `sync.hub` and `sync.token` to both uploaders; other changed keys
+//! are logged as needing a restart.
 
 pub mod api;
 pub mod config;
@@ -84,8 +84,9 @@ pub async fn run(
 }
 
 /// [`run`], and with a `reload` function, SIGHUP re-reads the
-/// configuration: a new `sync.token` is used by the next request of both
-/// uploaders (a link stopped as auth-failed resumes at once); a bad
+/// configuration: a new `sync.hub` or `sync.token` is used by the next
+/// request of both uploaders (a link stopped as auth-failed resumes at
+/// once); a bad
 /// configuration is logged on one line and the running one stays.
 ///
 /// Everything that can fail (the database, the SIGHUP handler, the
@@ -310,7 +311,7 @@ impl SyncParts {
     fn new(cfg: &AgentConfig) -> SyncParts {
         let shared = Arc::new(sync::status::SyncShared::new(cfg.sync.is_some()));
         if let Some(sc) = &cfg.sync {
-            shared.set_token(&sc.token);
+            shared.set_remote(&sc.hub, &sc.token);
         }
         SyncParts {
             shared,
@@ -395,15 +396,15 @@ fn start_artifacts(
     tasks: &TaskTracker,
 ) -> Arc<sync::artifacts::ArtifactStats> {
     let stats = Arc::new(sync::artifacts::ArtifactStats::default());
-    let token = sync.shared.token_updates();
+    let remote = sync.shared.remote_updates();
     match sync::artifacts::ArtifactsConfig::from_agent(
         cfg,
         view.clone(),
-        token,
+        remote,
         sync.throttle.clone(),
     ) {
         Some(acfg) => {
-            tracing::info!("artifacts of sessions go to {}", acfg.hub);
+            tracing::info!("artifacts of sessions go to {}", sync.shared.hub());
             sync::artifacts::spawn(
                 acfg,
                 pipeline.writer().clone(),
@@ -475,9 +476,11 @@ fn announce_ready(cfg: &AgentConfig, notifier: Notifier, stats: &Stats) -> Arc<N
     Arc::new(notifier)
 }
 
-/// On each SIGHUP: load the configuration again, apply a new `sync.token`,
-/// and name every other changed key as needing a restart (names only: values
-/// may be secrets). A configuration that does not load changes nothing.
+/// On each SIGHUP: load the configuration again, apply a new `sync.hub` and
+/// `sync.token` (together, so neither uploader sends one hub the other's
+/// token), and name every other changed key as needing a restart (names
+/// only: values may be secrets). A configuration that does not load
+/// changes nothing.
 async fn reload_on_hup(
     reload: Reloader,
     mut signal: tokio::signal::unix::Signal,
@@ -504,16 +507,22 @@ async fn reload_on_hup(
             }
         };
         let mut restart = changed_keys(&running.raw, &new.raw);
-        restart.retain(|k| k != "sync.token");
+        restart.retain(|k| k != "sync.token" && k != "sync.hub");
         match (&running.sync, &new.sync) {
-            // A token for another hub is no use to the running uploaders.
-            (Some(old), Some(sc)) if old.hub != sc.hub => {
-                if old.token != sc.token {
-                    restart.push("sync.token".into());
-                }
-            }
             (Some(_), Some(sc)) => {
-                if shared.set_token(&sc.token) {
+                if let Err(e) = reqwest::Url::parse(&sc.hub) {
+                    tracing::error!(
+                        "reload refused, the running configuration stays: sync.hub: {e}"
+                    );
+                    continue;
+                }
+                let changed = shared.set_remote(&sc.hub, &sc.token);
+                if changed.hub {
+                    // Uploads begun at the old hub start over at this one.
+                    tracing::info!("reloaded: the uploaders send to {} from now on", sc.hub);
+                    running.raw.sync.hub = new.raw.sync.hub.clone();
+                }
+                if changed.token {
                     tracing::info!("reloaded: the uploaders use the new sync.token from now on");
                     running.raw.sync.token = new.raw.sync.token.clone();
                 }

@@ -714,7 +714,9 @@ impl HubClient {
     /// newest [`LIVE_TAIL`] records and skips those already passed to
     /// `each`: `seen` holds the seqs printed before following (the tail
     /// read by pages), and tail records older than the oldest of them were
-    /// left out on purpose and stay out. A dropped connection (or a hub
+    /// left out on purpose and stay out; they are printed once the
+    /// `caught_up` mark after them arrives, so nothing printed is beyond
+    /// the resume point. A dropped connection (or a hub
     /// restart) is retried with jittered exponential backoff (`timing`),
     /// resuming after the hub row id of the last record the stream gave
     /// (or its `caught_up` mark), so nothing committed meanwhile is missed,
@@ -769,6 +771,11 @@ impl HubClient {
             ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             ping.tick().await;
             let mut heard = tokio::time::Instant::now();
+            // Tail records wait here for their `caught_up` mark, so that
+            // whatever is printed is covered by a resume point: a link cut
+            // between the tail and its mark would otherwise resume with a
+            // tail again, and miss what arrived meanwhile beyond its size.
+            let mut tail: Vec<HubLog> = Vec::new();
             let ended = loop {
                 let next = tokio::select! {
                     m = rx.next() => m,
@@ -796,7 +803,17 @@ impl HubClient {
                         };
                         if let Some(event) = v.get("event") {
                             match event.as_str() {
-                                Some("caught_up") => resume = resume.max(v["id"].as_i64()),
+                                Some("caught_up") => {
+                                    for r in tail.drain(..) {
+                                        if r.seq >= floor && seen.insert(r.seq) {
+                                            if seen.len() > SEEN_CAP {
+                                                seen.pop_first();
+                                            }
+                                            each(&r).map_err(HubError::io("printing"))?;
+                                        }
+                                    }
+                                    resume = resume.max(v["id"].as_i64());
+                                }
                                 Some("lagged") => notice(&format!(
                                     "the live stream fell behind and skipped {} batches (read them with `logs` without --follow)",
                                     v["missed_batches"]
@@ -806,18 +823,23 @@ impl HubClient {
                             }
                             continue;
                         }
-                        let tail = v["tail"].as_bool() == Some(true);
+                        let is_tail = v["tail"].as_bool() == Some(true);
                         let id = v["id"].as_i64();
                         let r: HubLog = match serde_json::from_value(v) {
                             Ok(r) => r,
                             Err(e) => break Some(Err(format!("a bad live record: {e}"))),
                         };
-                        // Tail records come newest seq last, not in id order;
-                        // the others in the order the hub committed them.
-                        if !tail {
-                            resume = resume.max(id);
+                        // Tail records come newest seq last, not in id order,
+                        // and are printed with their mark; the others in the
+                        // order the hub committed them.
+                        if is_tail {
+                            if tail.len() < LIVE_TAIL {
+                                tail.push(r);
+                            }
+                            continue;
                         }
-                        if (!tail || r.seq >= floor) && seen.insert(r.seq) {
+                        resume = resume.max(id);
+                        if seen.insert(r.seq) {
                             if seen.len() > SEEN_CAP {
                                 seen.pop_first();
                             }

@@ -17,7 +17,11 @@
 //!
 //! Invariant: a stream subscribes before it reads the database, and skips
 //! live records up to the id it has covered, so
-//! nothing committed during connection setup is lost or repeated. A client
+//! nothing committed during connection setup is lost or repeated. A
+//! session's stream closes only after reading the database past the last id
+//! it covered, once it has seen the session's end (from the database or
+//! the broadcast): every record committed with or before the end (the
+//! closing batch's own included) is sent before the close frame. A client
 //! too slow for the live feed is not dropped and does not slow ingest: when
 //! it falls behind the broadcast, what it missed is read back from the
 //! database, page by page, at the pace it reads.
@@ -268,7 +272,7 @@ async fn run(
         socket.send(Message::Text(mark.to_string().into())).await?;
     }
     if ended(hub, scope).await {
-        return close(socket, "session is not active").await;
+        return finish(hub, socket, scope, &q, through, "session is not active").await;
     }
     loop {
         tokio::select! {
@@ -289,7 +293,7 @@ async fn run(
                         }
                     }
                     if matches!(scope, LogScope::Session(pk) if ev.ended.contains(&pk)) {
-                        return close(socket, "session ended").await;
+                        return finish(hub, socket, scope, &q, through, "session ended").await;
                     }
                 }
                 Err(RecvError::Lagged(missed)) => match through {
@@ -302,7 +306,7 @@ async fn run(
                         // The event that ended the session may be among
                         // those dropped.
                         if ended(hub, scope).await {
-                            return close(socket, "session ended").await;
+                            return finish(hub, socket, scope, &q, through, "session ended").await;
                         }
                     }
                     None => {
@@ -319,6 +323,27 @@ async fn run(
             },
         }
     }
+}
+
+/// Ends a session's stream once its end was seen: first every record
+/// committed after `through` (the id covered so far), read from the
+/// database to exhaustion, then the close frame. The end was committed
+/// with or after the session's last records, so this read sees them all,
+/// whether or not their broadcast reached this stream yet (it may sit
+/// unread in the receiver, behind a tail being sent, or be among the
+/// events a lagging stream lost).
+async fn finish(
+    hub: &Arc<Hub>,
+    mut socket: WebSocket,
+    scope: LogScope,
+    q: &LogQuery,
+    through: Option<i64>,
+    reason: &str,
+) -> Result<(), axum::Error> {
+    if let Some(t) = through {
+        catch_up(hub, &mut socket, scope, q, t).await?;
+    }
+    close(socket, reason).await
 }
 
 async fn close(mut socket: WebSocket, reason: &str) -> Result<(), axum::Error> {

@@ -108,9 +108,7 @@ async fn follow_prints_new_records_once_across_a_hub_restart() {
         .await;
     assert_eq!(st, 200);
     let mut run = run;
-    let status = wait_for("logbook to exit", Duration::from_secs(10), || {
-        run.child.try_wait().unwrap()
-    });
+    let status = run.wait_exit(Duration::from_secs(10));
     assert!(status.success(), "{}", run.stderr());
 
     // Printed exactly once each, from seq 26 on, with nothing the hub holds
@@ -127,8 +125,11 @@ fn each_once(got: &[u64], want: std::ops::RangeInclusive<u64>) {
     assert_eq!(sorted, want.collect::<Vec<_>>(), "{got:?}");
 }
 
-/// Posts one record at a time (from `*next` on) until `run` printed more
-/// than `printed` records: the live stream is then surely connected.
+/// Once `run` printed its first `printed` records (read by pages, before
+/// it follows), posts one record at a time (from `*next` on) until it
+/// printed more: those came over the live stream, which is then connected
+/// and has a resume point. (Posting before the pages were read would let a
+/// page, under load, show a record the stream has not covered yet.)
 async fn until_live(
     hub: &HubProc,
     run: &Running,
@@ -136,6 +137,9 @@ async fn until_live(
     next: &mut u64,
     printed: usize,
 ) {
+    wait_for("the records read by pages", Duration::from_secs(20), || {
+        (printed_seqs(run).len() >= printed).then_some(())
+    });
     loop {
         if printed_seqs(run).len() > printed {
             return;
@@ -200,10 +204,21 @@ async fn follow_misses_nothing_that_arrived_while_the_link_was_cut() {
         run.stderr().contains("reconnect").then_some(())
     });
     proxy.set(Fault::Pass);
-    wait_for(
-        "the records posted while cut",
-        Duration::from_secs(30),
-        || (printed_seqs(&run).len() >= last as usize).then_some(()),
+    let since = std::time::Instant::now();
+    let deadline = since + Duration::from_secs(30);
+    while printed_seqs(&run).len() < last as usize {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "after {:?}, {} of {last} records printed; stderr:\n{}",
+            since.elapsed(),
+            printed_seqs(&run).len(),
+            run.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    eprintln!(
+        "the records posted while cut printed in {:?}",
+        since.elapsed()
     );
 
     // The session ends: the CLI exits 0, having printed every record once.
@@ -216,9 +231,7 @@ async fn follow_misses_nothing_that_arrived_while_the_link_was_cut() {
         .await;
     assert_eq!(st, 200);
     let mut run = run;
-    let status = wait_for("logbook to exit", Duration::from_secs(20), || {
-        run.child.try_wait().unwrap()
-    });
+    let status = run.wait_exit(Duration::from_secs(20));
     assert!(status.success(), "{}", run.stderr());
     let got = printed_seqs(&run);
     each_once(&got, 1..=last + 1);

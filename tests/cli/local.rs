@@ -86,9 +86,7 @@ fn logs_follow_streams_each_new_record_once_and_ends_with_the_session() {
     // The session ends: the stream ends and the CLI exits 0.
     ok(agent.cli(), &["session", "stop"]);
     let mut run = run;
-    let status = wait_for("logbook to exit", Duration::from_secs(20), || {
-        run.child.try_wait().unwrap()
-    });
+    let status = run.wait_exit(Duration::from_secs(20));
     assert!(status.success(), "{status:?}: {}", run.stderr());
 
     // Every record of the session at info and above, each exactly once, in

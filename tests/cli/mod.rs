@@ -13,6 +13,7 @@ mod same;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -67,6 +68,8 @@ pub struct Running {
     pub child: Child,
     pub lines: Arc<Mutex<Vec<String>>>,
     pub stderr: Arc<Mutex<String>>,
+    /// The threads reading stdout and stderr: they end at the pipes' EOF.
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Running {
@@ -80,13 +83,13 @@ impl Running {
         let lines = Arc::new(Mutex::new(Vec::new()));
         let stderr = Arc::new(Mutex::new(String::new()));
         let (out, l) = (child.stdout.take().unwrap(), lines.clone());
-        std::thread::spawn(move || {
+        let stdout = std::thread::spawn(move || {
             for line in BufReader::new(out).lines().map_while(Result::ok) {
                 l.lock().unwrap().push(line);
             }
         });
         let (err, e) = (child.stderr.take().unwrap(), stderr.clone());
-        std::thread::spawn(move || {
+        let errors = std::thread::spawn(move || {
             for line in BufReader::new(err).lines().map_while(Result::ok) {
                 let mut e = e.lock().unwrap();
                 e.push_str(&line);
@@ -97,7 +100,21 @@ impl Running {
             child,
             lines,
             stderr,
+            readers: vec![stdout, errors],
         }
+    }
+
+    /// Waits (at most `timeout`) for the process to exit, then for every
+    /// line it wrote: the pipes' last lines may still be unread when the
+    /// exit is seen.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let status = crate::util::wait_for("logbook to exit", timeout, || {
+            self.child.try_wait().unwrap()
+        });
+        for r in self.readers.drain(..) {
+            r.join().unwrap();
+        }
+        status
     }
 
     pub fn lines(&self) -> Vec<String> {

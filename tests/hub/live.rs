@@ -372,3 +372,93 @@ async fn a_device_stream_carries_its_records_from_outside_sessions() {
 fn placeholder() -> WsClient {
     WsClient::dangling()
 }
+
+/// Issue 15: the batch that ends a session also carries its last records
+/// (often the one that says why it ended). A stream that learns of the end
+/// from the database, after the batch's broadcast reached it but before it
+/// read that broadcast, must still send those records before it closes.
+///
+/// Made deterministic: the stream's start (a tail, or every record after
+/// an id, each one read from the database at once) is far larger than the
+/// socket buffers between hub and client, so while the client reads
+/// nothing the hub is held sending it; the closing batch is committed in
+/// that time, and only then does the client read on. The hub meets the
+/// session's end only after the closing batch was committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_batch_that_ends_a_session_reaches_a_stream_before_its_close() {
+    let hub = HubProc::start("hub_ws_last_batch");
+    // 400 records of 48 KiB: 19 MiB, well past loopback's socket buffers
+    // while the client does not read (the kernel grows a receive buffer
+    // only as its reader reads).
+    const N: u64 = 400;
+    let pad = "x".repeat(48 << 10);
+    for (n, start) in ["tail=400", "after_id=0"].into_iter().enumerate() {
+        let s = session_id(10 + n as u128);
+        // Seqs are the device's: each session has its own range.
+        let base = n as u64 * 1000;
+        for from in (base + 1..=base + N).step_by(100) {
+            let recs = (from..from + 100)
+                .map(|i| record(i, Some(s), Level::Info, "nav", &format!("r{i} {pad}")))
+                .collect();
+            let b = batch(vec![state(s, 1, SessionStatus::Active, &[])], recs, vec![]);
+            assert_eq!(hub.post_batch(&b).await.0, 200, "{start}");
+        }
+        let path = format!("/ws/organizations/{ORG}/projects/{PROJECT}/sessions/{s}/logs?{start}");
+        let (addr, op) = (hub.addr.clone(), hub.operator.clone());
+        // The first record proves the start was read from the database.
+        let c = tokio::task::spawn_blocking(move || {
+            let mut c = WsClient::connect(&addr, &path, &op).unwrap();
+            assert_eq!(c.json(Duration::from_secs(10))["seq"], base + 1, "{start}");
+            c
+        })
+        .await
+        .unwrap();
+        let last = (base + N + 1..=base + N + 3)
+            .map(|i| {
+                record(
+                    i,
+                    Some(s),
+                    Level::Error,
+                    "mission",
+                    &format!("why it ended {i}"),
+                )
+            })
+            .collect();
+        let ending = batch(
+            vec![state(s, 2, SessionStatus::Completed, &[])],
+            last,
+            vec![],
+        );
+        assert_eq!(hub.post_batch(&ending).await.0, 200, "{start}");
+
+        let (seqs, closed) = tokio::task::spawn_blocking(move || {
+            let mut c = c;
+            let mut seqs = vec![base + 1];
+            loop {
+                match c.next(Duration::from_secs(20)) {
+                    Some(WsMessage::Text(t)) => {
+                        let v: Value = serde_json::from_str(&t).unwrap();
+                        if v.get("event").is_none() {
+                            seqs.push(v["seq"].as_u64().unwrap());
+                        }
+                    }
+                    Some(WsMessage::Close(why)) => return (seqs, why),
+                    None => return (seqs, "no close frame".to_owned()),
+                }
+            }
+        })
+        .await
+        .unwrap();
+        let want: Vec<u64> = (base + 1..=base + N + 3).collect();
+        assert!(
+            seqs == want,
+            "{start}: {} records before the close ({closed}), the last {:?}",
+            seqs.len(),
+            &seqs[seqs.len().saturating_sub(3)..]
+        );
+        assert!(
+            closed == "session ended" || closed == "session is not active",
+            "{start}: {closed}"
+        );
+    }
+}

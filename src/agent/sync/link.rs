@@ -1,5 +1,6 @@
 //! The agent's one link to the hub, used by the batch and the artifact
-//! uploader alike: the HTTP client and the device token on every request,
+//! uploader alike: the HTTP client, the hub URL and the device token on
+//! every request (both replaced by a reload, see [`Remote`]),
 //! the share of the bandwidth cap, and what happens after a failure —
 //! backoff with full jitter and a cap, the hub's `Retry-After`, a TCP probe
 //! that ends the wait once an unreachable hub is back, and parking on a
@@ -13,7 +14,8 @@
 //! about the other actions (split, set aside, start over) stays with its
 //! uploader.
 //!
-//! Invariant: the token is read for every request, never cached; a probe
+//! Invariant: the hub URL and the token are read for every request, never
+//! cached (the probe reads the URL when it starts); a probe
 //! ends a wait only after a connect failed and a later one worked, so a hub
 //! that accepts connections and then drops them is never hammered; a
 //! `Retry-After` is waited out in full, without probing.
@@ -28,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use super::artifacts::ArtifactStats;
 use super::backoff::Backoff;
 use super::error::SyncError;
-use super::status::{LinkState, SyncShared};
+use super::status::{LinkState, Remote, SyncShared};
 use super::throttle::Throttle;
 
 /// While backing off from an unreachable hub, a TCP connect is tried this
@@ -82,11 +84,9 @@ impl Report for ArtifactStats {
     }
 }
 
-/// What a link needs from the configuration.
+/// What a link needs from the configuration besides the [`Remote`].
 #[derive(Debug, Clone)]
 pub struct LinkConfig {
-    /// `sync.hub`: scheme, host, port and an optional path prefix.
-    pub hub: String,
     /// First retry wait's bound (`sync.retry_min`); it doubles per failure.
     pub retry_min: Duration,
     /// Largest bound (`sync.retry_max`, `artifacts.retry_max_secs`).
@@ -97,14 +97,11 @@ pub struct Link {
     /// Names the uploader in logs ("batch upload", "artifact upload").
     name: &'static str,
     http: reqwest::Client,
-    /// The hub URL without a trailing slash; endpoints are appended.
-    base: String,
-    /// `host:port` of the hub, for the reachability probe.
-    probe: Option<String>,
-    /// The device token. A request marks the current value seen, so after
-    /// a 401/403 `has_changed` says whether a newer one arrived meanwhile.
+    /// The hub URL (endpoints are appended to it) and the device token. A
+    /// request marks the current value seen, so after a 401/403
+    /// `has_changed` says whether a newer token or hub arrived meanwhile.
     /// (A mutex only so requests take `&self`; never held across an await.)
-    token: Mutex<watch::Receiver<Arc<str>>>,
+    remote: Mutex<watch::Receiver<Remote>>,
     throttle: Arc<Throttle>,
     report: Arc<dyn Report>,
     backoff: Backoff,
@@ -114,13 +111,13 @@ impl Link {
     pub fn new(
         name: &'static str,
         cfg: &LinkConfig,
-        token: watch::Receiver<Arc<str>>,
+        remote: watch::Receiver<Remote>,
         throttle: Arc<Throttle>,
         report: Arc<dyn Report>,
     ) -> Result<Link, SyncError> {
-        let base = cfg.hub.trim().trim_end_matches('/').to_owned();
-        let url = reqwest::Url::parse(&base)
-            .map_err(|e| SyncError::Local(format!("bad hub URL {:?}: {e}", cfg.hub)))?;
+        let hub = remote.borrow().hub.clone();
+        reqwest::Url::parse(&hub)
+            .map_err(|e| SyncError::Local(format!("bad hub URL {hub:?}: {e}")))?;
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             // A dead link must not hold a request forever; a body at a slow
@@ -137,28 +134,51 @@ impl Link {
         Ok(Link {
             name,
             http,
-            base,
-            probe: probe_addr(&url),
-            token: Mutex::new(token),
+            remote: Mutex::new(remote),
             throttle,
             report,
             backoff: Backoff::new(cfg.retry_min, cfg.retry_max),
         })
     }
 
-    /// The absolute URL of `path` (`/api/v1/...`) at the hub, keeping a
-    /// path prefix the hub URL has.
+    /// The hub as it is now (without a trailing slash).
+    fn hub(&self) -> Arc<str> {
+        self.remote
+            .lock()
+            .expect("remote lock")
+            .borrow()
+            .hub
+            .clone()
+    }
+
+    /// The absolute URL of `path` (`/api/v1/...`) at the hub as it is now,
+    /// keeping a path prefix the hub URL has.
     pub fn endpoint(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
+        format!("{}{path}", self.hub())
+    }
+
+    /// Whether `url` (an upload's, which the hub made) is at the hub as it
+    /// is now: after a reload moved the uploaders to another hub, an
+    /// upload begun at the old one starts over.
+    pub fn at_hub(&self, url: &str) -> bool {
+        let hub = self.hub();
+        url.strip_prefix(&*hub)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    }
+
+    /// `host:port` of the hub as it is now, for the reachability probe.
+    fn probe(&self) -> Option<String> {
+        probe_addr(&reqwest::Url::parse(&self.hub()).ok()?)
     }
 
     /// A request with the device token as it is now.
     pub fn request(&self, method: Method, url: &str) -> reqwest::RequestBuilder {
         let token = self
-            .token
+            .remote
             .lock()
-            .expect("token lock")
+            .expect("remote lock")
             .borrow_and_update()
+            .token
             .clone();
         self.http.request(method, url).bearer_auth(&*token)
     }
@@ -225,7 +245,7 @@ impl Link {
         // `auth-failed` link to `offline`, so neither side misses the other.
         self.report.link(LinkState::AuthFailed);
         self.report.backoff(None);
-        let token = self.token.get_mut().expect("token lock");
+        let token = self.remote.get_mut().expect("remote lock");
         if token.has_changed().unwrap_or(false) {
             self.report.link(LinkState::Offline);
             return false;
@@ -255,7 +275,9 @@ impl Link {
 
     /// Waits `wait`, beating. With `probe`, ends early once a TCP connect
     /// to the hub works after one that failed (`connect_failed`: the request
-    /// that led here could not connect at all). True on shutdown.
+    /// that led here could not connect at all). A reload's new hub URL or
+    /// token ends it too: the next request goes out at once. True on
+    /// shutdown.
     async fn wait(
         &self,
         wait: Duration,
@@ -264,8 +286,11 @@ impl Link {
         shutdown: &CancellationToken,
     ) -> bool {
         let deadline = tokio::time::Instant::now() + wait;
-        let target = self.probe.as_deref().filter(|_| probe);
+        let target = self.probe().filter(|_| probe);
+        let target = target.as_deref();
         let mut seen_down = connect_failed;
+        let mut updates = self.remote.lock().expect("remote lock").clone();
+        let mut closed = false;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             if left.is_zero() {
@@ -278,6 +303,13 @@ impl Link {
             });
             tokio::select! {
                 _ = shutdown.cancelled() => return true,
+                r = updates.changed(), if !closed => match r {
+                    Ok(()) => {
+                        tracing::info!("{}: the hub or its token changed; trying now", self.name);
+                        return false;
+                    }
+                    Err(_) => closed = true,
+                },
                 _ = tokio::time::sleep(step) => {}
             }
             self.report.beat();
@@ -317,9 +349,8 @@ mod tests {
 
     fn link(hub: &str, min: Duration, max: Duration) -> (Link, Arc<SyncShared>) {
         let shared = Arc::new(SyncShared::new(true));
-        shared.set_token("t1");
+        shared.set_remote(hub, "t1");
         let cfg = LinkConfig {
-            hub: hub.into(),
             retry_min: min,
             retry_max: max,
         };
@@ -327,7 +358,7 @@ mod tests {
         let link = Link::new(
             "test",
             &cfg,
-            shared.token_updates(),
+            shared.remote_updates(),
             throttle,
             shared.clone(),
         );
@@ -366,7 +397,7 @@ mod tests {
         let check = |hub: &str, endpoint: &str, probe: Option<&str>| {
             let (l, _) = link(hub, Duration::from_secs(1), Duration::from_secs(1));
             assert_eq!(l.endpoint("/api/v1/x"), endpoint, "{hub}");
-            assert_eq!(l.probe.as_deref(), probe, "{hub}");
+            assert_eq!(l.probe().as_deref(), probe, "{hub}");
         };
         check(
             "http://hub:8080",
@@ -391,13 +422,57 @@ mod tests {
         // The probe's string is what `TcpStream::connect` takes.
         assert!("[::1]:9000".parse::<std::net::SocketAddr>().is_ok());
         let cfg = LinkConfig {
-            hub: "not a url".into(),
             retry_min: Duration::from_secs(1),
             retry_max: Duration::from_secs(1),
         };
         let shared = Arc::new(SyncShared::new(true));
+        shared.set_remote("not a url", "t");
         let throttle = Arc::new(Throttle::new(None));
-        assert!(Link::new("t", &cfg, shared.token_updates(), throttle, shared).is_err());
+        assert!(Link::new("t", &cfg, shared.remote_updates(), throttle, shared).is_err());
+    }
+
+    #[test]
+    fn a_reloaded_hub_applies_to_the_next_request() {
+        let (l, shared) = link(
+            "http://old:8080/",
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+        );
+        let upload = l.endpoint("/api/v1/ingest/uploads/u1");
+        assert!(l.at_hub(&upload));
+        shared.set_remote("https://new.example/logbook", "t2");
+        assert_eq!(
+            l.endpoint("/api/v1/x"),
+            "https://new.example/logbook/api/v1/x"
+        );
+        assert_eq!(l.probe().as_deref(), Some("new.example:443"));
+        // An upload the old hub made is not at the new one.
+        assert!(!l.at_hub(&upload));
+        assert!(l.at_hub("https://new.example/logbook/api/v1/ingest/uploads/u2"));
+        assert!(!l.at_hub("https://new.example/logbook2/api/v1/ingest/uploads/u2"));
+        let req = l.request(Method::GET, &l.endpoint("/")).build().unwrap();
+        let auth = req.headers()[reqwest::header::AUTHORIZATION]
+            .to_str()
+            .unwrap();
+        assert_eq!(auth, "Bearer t2");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_ends_a_wait() {
+        let (l, shared) = link(
+            "http://127.0.0.1:9",
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+        );
+        let shutdown = CancellationToken::new();
+        let start = Instant::now();
+        let mut waiting = Box::pin(l.wait(Duration::from_secs(300), false, false, &shutdown));
+        assert!(tokio::time::timeout(Duration::from_secs(5), &mut waiting)
+            .await
+            .is_err());
+        shared.set_remote("http://127.0.0.1:10", "t1");
+        assert!(!waiting.await);
+        assert!(start.elapsed() < Duration::from_secs(6));
     }
 
     #[tokio::test(start_paused = true)]

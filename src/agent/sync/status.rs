@@ -2,8 +2,9 @@
 //! the local API (which shows it in `/v1/status`, `logbook status` and
 //! `/metrics`).
 //!
-//! It also carries the device token both uploaders read per request, so a
-//! SIGHUP can hand them a new one without a restart.
+//! It also carries the hub URL and the device token both uploaders read per
+//! request ([`Remote`]), so a SIGHUP can hand them new ones without a
+//! restart.
 //!
 //! Invariant: plain atomics, one small mutex and one watch channel; nothing
 //! here waits, so the API never blocks on the uploader.
@@ -85,8 +86,25 @@ pub struct SyncShared {
     /// it waits: the supervisor's evidence that it is alive.
     pub heartbeat: AtomicU64,
     pub last_error: Mutex<Option<String>>,
-    /// The device token (`sync.token`), replaced on reload.
-    token: tokio::sync::watch::Sender<Arc<str>>,
+    /// `sync.hub` and `sync.token`, replaced on reload.
+    remote: tokio::sync::watch::Sender<Remote>,
+}
+
+/// Where the uploaders send, and as whom: `sync.hub` and `sync.token`.
+/// One value, so a reload that changes both is seen as one change.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Remote {
+    /// The hub URL without a trailing slash (a path prefix kept).
+    pub hub: Arc<str>,
+    /// The device token.
+    pub token: Arc<str>,
+}
+
+/// What [`SyncShared::set_remote`] changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Changed {
+    pub hub: bool,
+    pub token: bool,
 }
 
 impl SyncShared {
@@ -102,30 +120,51 @@ impl SyncShared {
 
     /// The device token to send now: read per request, never cached.
     pub fn token(&self) -> Arc<str> {
-        self.token.borrow().clone()
+        self.remote.borrow().token.clone()
     }
 
-    /// Replaces the device token; true when it changed. A link parked as
-    /// `auth-failed` leaves that state at once (the uploader that refused
-    /// checks the token again after parking, so neither side misses the
-    /// other).
+    /// The hub to send to now (without a trailing slash).
+    pub fn hub(&self) -> Arc<str> {
+        self.remote.borrow().hub.clone()
+    }
+
+    /// Replaces the device token; true when it changed (see
+    /// [`SyncShared::set_remote`]).
     pub fn set_token(&self, token: &str) -> bool {
-        let changed = self.token.send_if_modified(|t| {
-            if &**t == token {
-                return false;
+        let hub = self.hub();
+        self.set_remote(&hub, token).token
+    }
+
+    /// Replaces the hub URL and the device token at once; says which
+    /// changed. Either change moves a link parked as `auth-failed` to
+    /// `offline` at once (a token refused by one hub may be good at
+    /// another), and the uploader that refused checks for a change again
+    /// after parking, so neither side misses the other.
+    pub fn set_remote(&self, hub: &str, token: &str) -> Changed {
+        let hub = hub.trim().trim_end_matches('/');
+        let mut changed = Changed::default();
+        self.remote.send_if_modified(|r| {
+            changed = Changed {
+                hub: &*r.hub != hub,
+                token: &*r.token != token,
+            };
+            if changed.hub {
+                r.hub = Arc::from(hub);
             }
-            *t = Arc::from(token);
-            true
+            if changed.token {
+                r.token = Arc::from(token);
+            }
+            changed.hub || changed.token
         });
-        if changed && self.link() == LinkState::AuthFailed {
+        if (changed.hub || changed.token) && self.link() == LinkState::AuthFailed {
             self.set_link(LinkState::Offline);
         }
         changed
     }
 
-    /// Wakes on every new token.
-    pub fn token_updates(&self) -> tokio::sync::watch::Receiver<Arc<str>> {
-        self.token.subscribe()
+    /// Wakes on every new hub URL or token.
+    pub fn remote_updates(&self) -> tokio::sync::watch::Receiver<Remote> {
+        self.remote.subscribe()
     }
 
     pub fn link(&self) -> LinkState {
@@ -190,10 +229,10 @@ mod tests {
     #[test]
     fn a_new_token_ends_auth_failed() {
         let s = SyncShared::new(true);
-        let mut updates = s.token_updates();
+        let mut updates = s.remote_updates();
         assert!(s.set_token("a"));
         assert!(updates.has_changed().unwrap());
-        assert_eq!(&*updates.borrow_and_update().clone(), "a");
+        assert_eq!(&*updates.borrow_and_update().token, "a");
         s.set_link(LinkState::AuthFailed);
         assert!(!s.set_token("a"), "the same token is no change");
         assert_eq!(s.link(), LinkState::AuthFailed);
@@ -204,5 +243,32 @@ mod tests {
         s.set_link(LinkState::Online);
         assert!(s.set_token("c"));
         assert_eq!(s.link(), LinkState::Online, "only auth-failed changes");
+    }
+
+    #[test]
+    fn a_new_hub_is_one_change_with_its_token_and_ends_auth_failed() {
+        let s = SyncShared::new(true);
+        let mut updates = s.remote_updates();
+        let both = Changed {
+            hub: true,
+            token: true,
+        };
+        assert_eq!(s.set_remote("http://a/", "t"), both);
+        assert_eq!(&*updates.borrow_and_update().hub, "http://a");
+        s.set_link(LinkState::AuthFailed);
+        assert_eq!(s.set_remote("http://a", "t"), Changed::default());
+        assert!(!updates.has_changed().unwrap());
+        assert_eq!(s.link(), LinkState::AuthFailed);
+        let hub = Changed {
+            hub: true,
+            token: false,
+        };
+        assert_eq!(s.set_remote("http://b/prefix", "t"), hub);
+        assert!(updates.has_changed().unwrap());
+        assert_eq!(s.link(), LinkState::Offline);
+        assert_eq!((&*s.hub(), &*s.token()), ("http://b/prefix", "t"));
+        // A new token keeps the hub.
+        assert!(s.set_token("u"));
+        assert_eq!(&*s.hub(), "http://b/prefix");
     }
 }

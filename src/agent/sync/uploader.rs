@@ -101,18 +101,17 @@ pub async fn run(ctx: Arc<UploaderCtx>, shutdown: CancellationToken) {
     .await
 }
 
-/// The batch uploader's link: `sync.hub` and `sync.retry_*`, the device
-/// token of `SyncShared`, which also shows its state.
+/// The batch uploader's link: `sync.retry_*`, the hub URL and device
+/// token of `SyncShared` (reloaded on SIGHUP), which also shows its state.
 fn batch_link(ctx: &UploaderCtx) -> Result<Link, SyncError> {
     let cfg = LinkConfig {
-        hub: ctx.cfg.hub.clone(),
         retry_min: ctx.cfg.retry_min,
         retry_max: ctx.cfg.retry_max,
     };
     Link::new(
         "batch upload",
         &cfg,
-        ctx.shared.token_updates(),
+        ctx.shared.remote_updates(),
         ctx.throttle.clone(),
         ctx.shared.clone(),
     )
@@ -220,7 +219,6 @@ struct Uploader {
     /// Client, token, backoff, probe and the bandwidth share; its state
     /// shows in `SyncShared`.
     link: Link,
-    url: String,
     /// Held between batches; a Mutex only so `&Uploader` is `Send` across
     /// awaits (one task uses it).
     reader: std::sync::Mutex<Option<SyncReader>>,
@@ -262,7 +260,6 @@ impl Uploader {
     fn new(ctx: Arc<UploaderCtx>) -> Result<Uploader, SyncError> {
         let link = batch_link(&ctx)?;
         Ok(Uploader {
-            url: link.endpoint(BATCHES_PATH),
             link,
             limit: ctx.cfg.batch_records,
             reader: std::sync::Mutex::new(None),
@@ -436,9 +433,11 @@ impl Uploader {
         } = ready;
         let post_start = Instant::now();
         self.ctx.shared.beat();
+        // The hub as it is now: a reload may have moved it.
+        let url = self.link.endpoint(BATCHES_PATH);
         let request = self
             .link
-            .request(Method::POST, &self.url)
+            .request(Method::POST, &url)
             .timeout(POST_TIMEOUT)
             .header(CONTENT_TYPE, CONTENT_TYPE_MSGPACK)
             .header(CONTENT_ENCODING, "gzip")
@@ -1062,6 +1061,9 @@ mod tests {
             retry_max: Duration::from_secs(1),
             stall_timeout: Duration::from_secs(60),
         };
+        // As `SyncParts::new` does: the hub and token the links read.
+        let shared = Arc::new(SyncShared::new(true));
+        shared.set_remote(&cfg.hub, &cfg.token);
         let mut up = Uploader::new(Arc::new(UploaderCtx {
             cfg,
             device: Device {
@@ -1072,7 +1074,7 @@ mod tests {
             boot_id: "b".into(),
             writer: tx,
             stats: stats.clone(),
-            shared: Arc::new(SyncShared::new(true)),
+            shared,
             throttle: Arc::new(Throttle::new(None)),
         }))
         .unwrap();

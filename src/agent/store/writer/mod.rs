@@ -10,6 +10,8 @@
 
 pub(super) mod bound;
 mod checkpoint;
+#[cfg(test)]
+mod model;
 mod sessions;
 
 use std::collections::HashMap;

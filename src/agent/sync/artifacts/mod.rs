@@ -27,15 +27,16 @@ use crate::agent::store::artifacts::ArtifactCmd;
 use crate::agent::store::read::{Reader, ViewCtx};
 use crate::agent::store::writer::Msg;
 use crate::agent::store::{rfc3339, Stats};
+use crate::agent::sync::status::Remote;
 use crate::agent::sync::throttle::Throttle;
 use crate::agent::types::ArtifactStatus;
 
 /// What the artifact tasks need from the configuration.
 #[derive(Debug, Clone)]
 pub struct ArtifactsConfig {
-    pub hub: String,
-    /// The device token, replaced on SIGHUP (see `SyncShared::set_token`).
-    pub token: tokio::sync::watch::Receiver<Arc<str>>,
+    /// The hub URL and device token, replaced on SIGHUP (see
+    /// `SyncShared::set_remote`).
+    pub remote: tokio::sync::watch::Receiver<Remote>,
     pub db_path: PathBuf,
     pub view: ViewCtx,
     /// A file unchanged this long is complete (`artifacts.settle_secs`).
@@ -59,14 +60,13 @@ impl ArtifactsConfig {
     pub fn from_agent(
         cfg: &AgentConfig,
         view: ViewCtx,
-        token: tokio::sync::watch::Receiver<Arc<str>>,
+        remote: tokio::sync::watch::Receiver<Remote>,
         throttle: Arc<Throttle>,
     ) -> Option<ArtifactsConfig> {
         let sync = cfg.sync.as_ref()?;
         let a = &cfg.raw.artifacts;
         Some(ArtifactsConfig {
-            hub: sync.hub.clone(),
-            token,
+            remote,
             db_path: cfg.db_path(),
             view,
             settle: Duration::from_secs_f64(a.settle_secs),

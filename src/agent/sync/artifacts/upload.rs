@@ -95,16 +95,15 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let link_cfg = LinkConfig {
-        hub: cfg.hub.clone(),
         retry_min: cfg.retry_min,
         retry_max: cfg.retry_max,
     };
-    // The device token is read for every request, so a SIGHUP's new one
-    // is used at once, and ends a wait after a 401/403.
+    // The hub URL and device token are read for every request, so a
+    // SIGHUP's new ones are used at once, and end a wait after a 401/403.
     let link = Link::new(
         "artifact upload",
         &link_cfg,
-        cfg.token.clone(),
+        cfg.remote.clone(),
         cfg.throttle.clone(),
         stats.clone(),
     );
@@ -345,6 +344,9 @@ impl Uploader {
         file: &Arc<std::fs::File>,
     ) -> Result<Start, SyncError> {
         if let (Some(url), Some(_)) = (&row.upload_url, &row.sha256) {
+            if !self.link.at_hub(url) {
+                return Ok(Start::Not(self.moved(row).await?));
+            }
             return Ok(match self.tus().offset(url).await? {
                 Some(offset) => Start::At {
                     url: url.clone(),
@@ -399,6 +401,9 @@ impl Uploader {
         while offset < row.size {
             if self.shutdown.is_cancelled() {
                 return Ok(Some(Outcome::Skipped));
+            }
+            if !self.link.at_hub(url) {
+                return self.moved(row).await.map(Some);
             }
             let Some(chunk) = self.read_chunk(row, file, offset).await? else {
                 return self.changed(row, Some(url)).await.map(Some);
@@ -496,6 +501,25 @@ impl Uploader {
             ArtifactCmd::Reset {
                 of: row.version(),
                 error: "the hub no longer knew the upload; started over".into(),
+            },
+        )
+        .await?;
+        Ok(Outcome::Skipped)
+    }
+
+    /// A reload moved the uploaders to another hub while this file's
+    /// upload was at the old one: reset the row, so the file starts over
+    /// at the new hub on the next pass.
+    async fn moved(&self, row: &ArtifactRow) -> Result<Outcome, SyncError> {
+        tracing::info!(
+            "sync.hub changed while {} was uploading; starting over at the new hub",
+            row.path
+        );
+        store(
+            &self.writer,
+            ArtifactCmd::Reset {
+                of: row.version(),
+                error: "sync.hub changed during the upload; started over at the new hub".into(),
             },
         )
         .await?;

@@ -1,0 +1,501 @@
+//! The ring buffer against a model: a proptest state machine that drives the
+//! real writer (appends, sessions, acknowledgements, set-asides, eviction
+//! by count and under the size bound, restarts in the same and a new boot)
+//! and, after every step, holds the database to a plain in-memory model of
+//! DESIGN.md's rules: which records are stored, their seqs, sessions and
+//! levels, which are synced, the gap counters and what the uploader reads
+//! as pending.
+//!
+//! 32 cases of up to 60 steps run in `cargo test`; run it longer with
+//! `PROPTEST_CASES=2000 cargo test --lib agent::store::writer::model`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use proptest::prelude::*;
+use tokio::sync::oneshot;
+
+use super::tests::writer_in_boot;
+use super::{Msg, SessionCmd, Writer};
+use crate::agent::record::Trusted;
+use crate::agent::store::sync::{self, Acked, SetAside, SyncReader};
+use crate::agent::store::Row;
+use crate::agent::types::{OpenSession, Target};
+use crate::wire::{gap_reason, seq_ranges, Level};
+
+/// What the hub does with a batch the uploader sent.
+#[derive(Debug, Clone, Copy)]
+enum Answer {
+    /// Acknowledges every record and gap counter in it.
+    All,
+    /// Acknowledges the first half of its records (and no gap counter).
+    Half,
+    /// Nothing comes back (the link dropped).
+    Lost,
+    /// Refuses it as invalid: its records are set aside.
+    Refused,
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    /// One pipeline message: records of these levels, each with the count
+    /// of events its client says it dropped before it.
+    Append(Vec<(Level, u8)>),
+    Open,
+    Stop,
+    /// The uploader reads up to `limit` pending records (errors and fatals
+    /// only when `urgent`, as when it is behind) and the gap counters, and
+    /// sends them.
+    Sync {
+        urgent: bool,
+        limit: usize,
+        answer: Answer,
+    },
+    Evict(u64),
+    /// The size bound shrinks to this percentage of the pages in use, and
+    /// the writer keeps it.
+    Bound(u64),
+    /// The agent restarts, in the same boot or after a reboot.
+    Restart {
+        reboot: bool,
+    },
+}
+
+fn level() -> impl Strategy<Value = Level> {
+    prop::sample::select(Level::ALL.to_vec())
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let dropped = prop_oneof![8 => Just(0u8), 1 => 1u8..5];
+    let answer = prop_oneof![
+        4 => Just(Answer::All),
+        2 => Just(Answer::Half),
+        1 => Just(Answer::Lost),
+        1 => Just(Answer::Refused),
+    ];
+    prop_oneof![
+        8 => prop::collection::vec((level(), dropped), 1..12).prop_map(Op::Append),
+        2 => Just(Op::Open),
+        2 => Just(Op::Stop),
+        5 => (any::<bool>(), 1usize..16, answer).prop_map(|(urgent, limit, answer)| Op::Sync {
+            urgent,
+            limit,
+            answer
+        }),
+        2 => (1u64..20).prop_map(Op::Evict),
+        1 => (10u64..95).prop_map(Op::Bound),
+        1 => any::<bool>().prop_map(|reboot| Op::Restart { reboot }),
+    ]
+}
+
+/// A stored record as the model sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Rec {
+    level: Level,
+    /// The session's pk, 0 for device logs.
+    session: i64,
+    synced: bool,
+}
+
+/// `(session, level code, reason)` → `(dropped, synced_dropped)`.
+type Gaps = BTreeMap<(i64, i64, String), (i64, i64)>;
+
+#[derive(Debug, Default)]
+struct Model {
+    records: BTreeMap<u64, Rec>,
+    next_seq: u64,
+    /// The active session's pk.
+    current: Option<i64>,
+    gaps: Gaps,
+}
+
+impl Model {
+    fn gap(&mut self, session: i64, level: Level, reason: &str, n: i64) {
+        if n > 0 {
+            let key = (session, level.code() as i64, reason.to_owned());
+            self.gaps.entry(key).or_default().0 += n;
+        }
+    }
+
+    fn unsynced(&self) -> impl Iterator<Item = (u64, &Rec)> {
+        self.records
+            .iter()
+            .filter(|(_, r)| !r.synced)
+            .map(|(s, r)| (*s, r))
+    }
+
+    /// DESIGN.md's order: synced records oldest first; then unsynced ones
+    /// from the lowest level up, oldest first, each counted as a gap.
+    fn evict(&mut self, n: u64) {
+        let mut left = n as usize;
+        let synced: Vec<u64> = self
+            .records
+            .iter()
+            .filter(|(_, r)| r.synced)
+            .map(|(s, _)| *s)
+            .take(left)
+            .collect();
+        left -= synced.len();
+        for s in synced {
+            self.records.remove(&s);
+        }
+        for level in Level::ALL {
+            let gone: Vec<(u64, i64)> = self
+                .unsynced()
+                .filter(|(_, r)| r.level == level)
+                .map(|(s, r)| (s, r.session))
+                .take(left)
+                .collect();
+            left -= gone.len();
+            for (s, session) in gone {
+                self.records.remove(&s);
+                self.gap(session, level, gap_reason::EVICTED, 1);
+            }
+        }
+    }
+
+    /// Gap counters the hub has not acknowledged, as the uploader reads
+    /// them.
+    fn pending_gaps(&self) -> BTreeMap<(i64, i64, String), i64> {
+        self.gaps
+            .iter()
+            .filter(|(_, (d, s))| d > s)
+            .map(|(k, (d, _))| (k.clone(), *d))
+            .collect()
+    }
+}
+
+/// The real writer, as the writer loop drives it: each message in its own
+/// transaction, committed, then the bound kept.
+struct Real<'a> {
+    dir: &'a Path,
+    w: Writer,
+    boot: u32,
+}
+
+impl Real<'_> {
+    /// One turn of `Writer::run` for one message: begin, handle, commit,
+    /// keep the bound, then answer the acknowledgements that committed.
+    fn send(&mut self, msg: Msg) {
+        self.w.conn.execute_batch("BEGIN").unwrap();
+        self.w.handle(msg, &mut Vec::new(), &mut 0, &mut 0);
+        self.w.commit();
+        self.w.enforce_bound().unwrap();
+        for (reply, n) in self.w.sync_replies.drain(..) {
+            let synced = &self.w.stats.records_synced;
+            synced.fetch_add(n as i64, std::sync::atomic::Ordering::Relaxed);
+            let _ = reply.send(Ok(n));
+        }
+    }
+
+    fn session(&mut self, cmd: SessionCmd) -> Option<i64> {
+        let (tx, mut rx) = oneshot::channel();
+        self.send(Msg::Session(cmd, tx));
+        let view = rx.try_recv().expect("answered after the commit").ok()?;
+        Some(
+            self.w
+                .conn
+                .query_row(
+                    "SELECT pk FROM sessions WHERE id = ?1",
+                    [view.id.to_string()],
+                    |r| r.get(0),
+                )
+                .unwrap(),
+        )
+    }
+
+    fn sync(&mut self, msg: impl FnOnce(SyncReply) -> Msg) {
+        let (tx, mut rx) = oneshot::channel();
+        self.send(msg(tx));
+        rx.try_recv()
+            .expect("answered after the commit")
+            .expect("recorded");
+    }
+
+    fn reader(&self) -> SyncReader {
+        SyncReader::open(&self.dir.join("agent.db"), &self.boot_id()).unwrap()
+    }
+
+    fn boot_id(&self) -> String {
+        format!("boot-{}", self.boot)
+    }
+
+    fn records(&self) -> BTreeMap<u64, Rec> {
+        let c = &self.w.conn;
+        let w = sync::watermark(c).unwrap();
+        let ahead: BTreeSet<i64> = c
+            .prepare("SELECT seq FROM synced_ahead")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert!(
+            ahead.iter().all(|s| *s > w),
+            "synced_ahead {ahead:?} at or below W {w}"
+        );
+        let mut stmt = c
+            .prepare("SELECT seq, level, coalesce(session, 0) FROM records")
+            .unwrap();
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, u8>(1)?, r.get(2)?))
+            })
+            .unwrap();
+        let out: BTreeMap<u64, Rec> = rows
+            .map(|r| {
+                let (seq, level, session) = r.unwrap();
+                let rec = Rec {
+                    level: Level::from_code(level).unwrap(),
+                    session,
+                    synced: seq <= w || ahead.contains(&seq),
+                };
+                (seq as u64, rec)
+            })
+            .collect();
+        let stored: BTreeSet<u64> = out.keys().copied().collect();
+        let named: BTreeSet<u64> = ahead.iter().map(|s| *s as u64).collect();
+        assert!(
+            named.is_subset(&stored),
+            "synced_ahead names records not stored"
+        );
+        out
+    }
+
+    fn gaps(&self) -> Gaps {
+        let mut stmt = self
+            .w
+            .conn
+            .prepare("SELECT session, level, reason, dropped, synced_dropped FROM gaps")
+            .unwrap();
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(((r.get(0)?, r.get(1)?, r.get(2)?), (r.get(3)?, r.get(4)?)))
+            })
+            .unwrap();
+        rows.collect::<rusqlite::Result<_>>().unwrap()
+    }
+}
+
+type SyncReply = oneshot::Sender<Result<u64, String>>;
+
+fn rows(levels: &[(Level, u8)]) -> Vec<Row> {
+    levels
+        .iter()
+        .enumerate()
+        .map(|(i, (level, dropped))| Row {
+            timestamp_ns: i as i64,
+            level: *level,
+            module: "m".into(),
+            message: format!("{level} {i}"),
+            metadata: String::new(),
+            trusted: std::sync::Arc::new(Trusted::default()),
+            client_dropped: *dropped as u64,
+        })
+        .collect()
+}
+
+fn step(real: &mut Real, model: &mut Model, op: &Op) {
+    match op {
+        Op::Append(levels) => {
+            real.send(Msg::Rows(rows(levels)));
+            let session = model.current.unwrap_or(0);
+            for (level, _) in levels {
+                model.next_seq += 1;
+                let rec = Rec {
+                    level: *level,
+                    session,
+                    synced: false,
+                };
+                model.records.insert(model.next_seq, rec);
+            }
+            let dropped: i64 = levels.iter().map(|(_, d)| *d as i64).sum();
+            model.gap(session, Level::Info, gap_reason::CLIENT_DROPPED, dropped);
+        }
+        Op::Open => {
+            let opened = real.session(SessionCmd::Open(OpenSession::default()));
+            match model.current {
+                Some(_) => assert_eq!(opened, None, "a second active session"),
+                None => model.current = Some(opened.expect("a session opens")),
+            }
+        }
+        Op::Stop => {
+            let stopped = real.session(SessionCmd::Stop {
+                target: Target::Current,
+                failed: false,
+                error: None,
+            });
+            assert_eq!(stopped, model.current, "the stopped session");
+            model.current = None;
+        }
+        Op::Sync {
+            urgent,
+            limit,
+            answer,
+        } => {
+            let reader = real.reader();
+            let pending = if *urgent {
+                reader.urgent_records(0, *limit, 1 << 20).unwrap()
+            } else {
+                let from = reader.first_unsynced().unwrap();
+                assert_eq!(from, model.unsynced().next().map(|(s, _)| s));
+                match from {
+                    Some(from) => reader.records_from(from, *limit, 1 << 20).unwrap(),
+                    None => Vec::new(),
+                }
+            };
+            let sent: Vec<u64> = pending.iter().map(|p| p.record.seq).collect();
+            let want: Vec<u64> = model
+                .unsynced()
+                .filter(|(_, r)| !*urgent || r.level >= Level::Error)
+                .map(|(s, _)| s)
+                .take(*limit)
+                .collect();
+            assert_eq!(sent, want, "the pending records");
+            for p in &pending {
+                let r = model.records[&p.record.seq];
+                assert_eq!((p.record.level, p.pk), (r.level, r.session));
+            }
+            let gaps: BTreeMap<(i64, i64, String), i64> = reader
+                .pending_gaps()
+                .unwrap()
+                .into_iter()
+                .map(|g| {
+                    let key = (g.session, g.gap.level.code() as i64, g.gap.reason);
+                    (key, g.gap.dropped as i64)
+                })
+                .collect();
+            assert_eq!(gaps, model.pending_gaps(), "the pending gap counters");
+            let acked_gaps = || {
+                gaps.iter()
+                    .map(|((s, l, why), d)| {
+                        let level = Level::from_code(*l as u8).unwrap();
+                        (*s, level, why.clone(), *d as u64)
+                    })
+                    .collect()
+            };
+            let acked = match answer {
+                Answer::All | Answer::Refused => sent.clone(),
+                Answer::Half => sent[..sent.len() / 2].to_vec(),
+                Answer::Lost => return,
+            };
+            match answer {
+                Answer::Refused => {
+                    let aside = SetAside {
+                        acked: Acked {
+                            gaps: acked_gaps(),
+                            ..Acked::default()
+                        },
+                        records: pending
+                            .iter()
+                            .map(|p| (p.record.seq, p.pk, p.record.level))
+                            .collect(),
+                        reason: "invalid".into(),
+                    };
+                    real.sync(|tx| Msg::SetAside(aside, tx));
+                    for (k, d) in &gaps {
+                        let g = model.gaps.get_mut(k).unwrap();
+                        g.1 = g.1.max(*d);
+                    }
+                    for s in &acked {
+                        let r = model.records[s];
+                        model.gap(r.session, r.level, gap_reason::REJECTED, 1);
+                    }
+                }
+                _ => {
+                    let all = matches!(answer, Answer::All);
+                    let ack = Acked {
+                        records: seq_ranges(acked.iter().copied()),
+                        sessions: Vec::new(),
+                        gaps: if all { acked_gaps() } else { Vec::new() },
+                    };
+                    real.sync(|tx| Msg::Acked(ack, tx));
+                    if all {
+                        for (k, d) in &gaps {
+                            let g = model.gaps.get_mut(k).unwrap();
+                            g.1 = g.1.max(*d);
+                        }
+                    }
+                }
+            }
+            for s in acked {
+                model.records.get_mut(&s).unwrap().synced = true;
+            }
+        }
+        Op::Evict(n) => {
+            real.w.evict(*n).unwrap();
+            model.evict(*n);
+        }
+        Op::Bound(percent) => {
+            let c = &real.w.conn;
+            let pragma = |p: &str| -> u64 { c.pragma_query_value(None, p, |r| r.get(0)).unwrap() };
+            let used = (pragma("page_count") - pragma("freelist_count")) * pragma("page_size");
+            let before = real.records().len() as u64;
+            let max = real.w.cfg.max_bytes;
+            // What the bound leaves for pages (see `enforce_bound`): the
+            // limit less room for a full WAL and two transactions.
+            let headroom = real.w.wal_limit + 2 * real.w.tx_bytes as u64;
+            real.w.cfg.max_bytes = headroom + used * percent / 100;
+            real.w.enforce_bound().unwrap();
+            real.w.cfg.max_bytes = max;
+            let evicted = before - real.records().len() as u64;
+            model.evict(evicted);
+        }
+        Op::Restart { reboot } => {
+            if *reboot {
+                real.boot += 1;
+                // The session active in the earlier boot is closed as failed.
+                model.current = None;
+            }
+            // Uncommitted state dies with the process: only what is in
+            // the database (and the boot id) carries over.
+            real.w = writer_in_boot(real.dir, &real.boot_id());
+            let current = real.w.current.map(|(pk, _)| pk);
+            assert_eq!(current, model.current, "the session active after a restart");
+        }
+    }
+    check(real, model);
+}
+
+/// The database agrees with the model.
+fn check(real: &Real, model: &Model) {
+    assert_eq!(real.records(), model.records, "the stored records");
+    assert_eq!(real.gaps(), model.gaps, "the gap counters");
+    let stats = &real.w.stats;
+    let stored = stats
+        .records_stored
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(stored, model.records.len() as i64, "Stats::records_stored");
+    let synced = model.records.values().filter(|r| r.synced).count() as i64;
+    assert_eq!(sync::count_synced(&real.w.conn).unwrap(), synced);
+    let counted = stats
+        .records_synced
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(counted, synced, "Stats::records_synced");
+    assert_eq!(
+        real.w.next_seq as u64,
+        model.next_seq + 1,
+        "the next seq (never reused)"
+    );
+}
+
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(32)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
+
+    #[test]
+    fn the_ring_buffer_agrees_with_its_model(ops in prop::collection::vec(op(), 1..60)) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut real = Real { dir: dir.path(), w: writer_in_boot(dir.path(), "boot-0"), boot: 0 };
+        let mut model = Model::default();
+        for op in &ops {
+            step(&mut real, &mut model, op);
+        }
+    }
+}
