@@ -50,9 +50,9 @@ impl LogLine {
 }
 
 /// Sends one record per message to the ingest socket at `socket`; returns
-/// how many were written. The agent reads them after this returns (the
-/// kernel holds what was written), so a caller that must see them stored
-/// asks the local API to flush.
+/// how many were written, once the agent has read to their end (or after
+/// 5 s). Read is not committed: a caller that must see them stored asks
+/// the local API to flush.
 pub fn send(
     socket: &Path,
     line: &LogLine,
@@ -88,6 +88,14 @@ pub fn send(
         out.write_all(&line.encode(&m)).map_err(io)?;
         sent += 1;
     }
+    // Wait until the agent has taken the connection: it reads the sender's
+    // trusted fields (process name from /proc) when it accepts, and a
+    // process that has already exited by then has none. The agent closes
+    // its side after our end of stream; a bounded wait, never an error
+    // (every record was written).
+    let _ = out.shutdown(std::net::Shutdown::Write);
+    let _ = out.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = std::io::Read::read(&mut out, &mut [0u8; 1]);
     Ok(sent)
 }
 
