@@ -296,6 +296,36 @@ pub struct LogRow {
     pub process: Option<String>,
 }
 
+impl LogRow {
+    /// The row a backend just stored for `rec` of `device_id` under row id
+    /// `id`, as live streams get it (every backend builds it the same way).
+    pub fn stored(
+        id: i64,
+        device_pk: i64,
+        session_pk: Option<i64>,
+        device_id: &str,
+        rec: &crate::wire::Record,
+    ) -> LogRow {
+        LogRow {
+            id,
+            device_pk,
+            session_pk,
+            session_id: rec.session_id.map(|u| u.to_string()),
+            device_id: device_id.to_owned(),
+            seq: rec.seq,
+            timestamp_ns: rec.timestamp_ns,
+            level: rec.level,
+            module: rec.module.clone(),
+            message: rec.message.clone(),
+            metadata: rec.metadata.clone(),
+            pid: rec.pid,
+            uid: rec.uid,
+            gid: rec.gid,
+            process: rec.process.clone(),
+        }
+    }
+}
+
 /// Result of storing one batch.
 #[derive(Debug)]
 pub struct Ingested {

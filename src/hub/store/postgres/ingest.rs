@@ -179,23 +179,13 @@ pub(super) async fn ingest(
             t.1 = t.1.max(id);
         }
         if want_live {
-            live.push(LogRow {
+            live.push(LogRow::stored(
                 id,
                 device_pk,
-                session_pk: *session_pk,
-                session_id: rec.session_id.map(|u| u.to_string()),
-                device_id: scope.device_id.clone(),
-                seq: rec.seq,
-                timestamp_ns: rec.timestamp_ns,
-                level: rec.level,
-                module: rec.module.clone(),
-                message: rec.message.clone(),
-                metadata: rec.metadata.clone(),
-                pid: rec.pid,
-                uid: rec.uid,
-                gid: rec.gid,
-                process: rec.process.clone(),
-            });
+                *session_pk,
+                &scope.device_id,
+                rec,
+            ));
         }
     }
     let bump = tx

@@ -106,23 +106,13 @@ impl Db {
                         t.2 = t.2.max(id);
                     }
                     if want_live {
-                        live.push(LogRow {
+                        live.push(LogRow::stored(
                             id,
                             device_pk,
                             session_pk,
-                            session_id: rec.session_id.map(|u| u.to_string()),
-                            device_id: scope.device_id.clone(),
-                            seq: rec.seq,
-                            timestamp_ns: rec.timestamp_ns,
-                            level: rec.level,
-                            module: rec.module.clone(),
-                            message: rec.message.clone(),
-                            metadata: rec.metadata.clone(),
-                            pid: rec.pid,
-                            uid: rec.uid,
-                            gid: rec.gid,
-                            process: rec.process.clone(),
-                        });
+                            &scope.device_id,
+                            rec,
+                        ));
                     }
                 }
             }
