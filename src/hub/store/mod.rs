@@ -336,6 +336,33 @@ pub struct Ingested {
     pub changed_sessions: Vec<(i64, SessionStatus)>,
 }
 
+impl Ingested {
+    /// What a backend answers once `batch` committed: every seq it carried
+    /// is acknowledged, stored now or before (every backend alike).
+    pub fn committed(
+        batch: &Batch,
+        stored: u64,
+        duplicates: u64,
+        gaps: u64,
+        hub_time_ns: i64,
+        live: Vec<LogRow>,
+        changed_sessions: Vec<(i64, SessionStatus)>,
+    ) -> Ingested {
+        Ingested {
+            ack: BatchAck {
+                stored,
+                duplicates,
+                acked: crate::wire::seq_ranges(batch.records.iter().map(|r| r.seq)),
+                sessions: changed_sessions.len() as u64,
+                gaps,
+                hub_time_ns,
+            },
+            live,
+            changed_sessions,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct GapRow {
     pub level: Level,

@@ -17,7 +17,7 @@ use tokio_postgres::types::ToSql;
 
 use super::{now_ns, INGEST_LOCK};
 use crate::hub::store::{DeviceScope, Ingested, LogRow, StoreError};
-use crate::wire::{Batch, BatchAck, SessionState};
+use crate::wire::{Batch, SessionState};
 
 async fn upsert_device(
     tx: &Transaction<'_>,
@@ -227,18 +227,15 @@ pub(super) async fn ingest(
         gaps += 1;
     }
     tx.commit().await?;
-    Ok(Ingested {
-        ack: BatchAck {
-            stored,
-            duplicates,
-            acked: crate::wire::seq_ranges(batch.records.iter().map(|r| r.seq)),
-            sessions: changed_sessions.len() as u64,
-            gaps,
-            hub_time_ns: hub_time,
-        },
+    Ok(Ingested::committed(
+        batch,
+        stored,
+        duplicates,
+        gaps,
+        hub_time,
         live,
         changed_sessions,
-    })
+    ))
 }
 
 /// The session of a device, made as a placeholder if the device's state

@@ -8,7 +8,7 @@ use rusqlite::{params, OptionalExtension, Transaction};
 
 use super::{now_ns, Db};
 use crate::hub::store::{DeviceScope, Ingested, LogRow, StoreError};
-use crate::wire::{Batch, BatchAck, SessionState};
+use crate::wire::{Batch, SessionState};
 
 impl Db {
     /// Stores one batch in one transaction. `want_live` asks for copies of
@@ -152,18 +152,15 @@ impl Db {
                 ])?;
                 gaps += 1;
             }
-            Ok(Ingested {
-                ack: BatchAck {
-                    stored,
-                    duplicates,
-                    acked: crate::wire::seq_ranges(batch.records.iter().map(|r| r.seq)),
-                    sessions: changed_sessions.len() as u64,
-                    gaps,
-                    hub_time_ns: hub_time,
-                },
+            Ok(Ingested::committed(
+                batch,
+                stored,
+                duplicates,
+                gaps,
+                hub_time,
                 live,
                 changed_sessions,
-            })
+            ))
         })
     }
 
