@@ -501,6 +501,10 @@ pub fn session_query(p: &[(String, String)]) -> Result<SessionQuery, ApiError> {
             .map(|v| parse_bool("has_errors", v))
             .transpose()?,
         metadata,
+        search: param(p, "search")
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned),
         sort,
         descending,
         limit,

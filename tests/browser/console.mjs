@@ -145,8 +145,20 @@ try {
   await page.waitForURL(/device_id=robot-1/);
   await page.getByText("2 matching").waitFor();
 
-  // Live tail: a running session's new lines arrive while we watch.
+  // The search box finds a session by a piece of its id, in any case.
+  await page.fill("input[name=search]", failed.slice(-8).toUpperCase());
+  await page.press("input[name=search]", "Enter");
+  await page.waitForURL(/search=/);
+  await page.getByText("1 matching").waitFor();
+  assert.equal(await page.getByText(session).count(), 0, "search narrows the list");
+  await page.goto(`${hub}/o/acme/warehouse/sessions?device_id=robot-1`);
+  await page.getByText("2 matching").waitFor();
+
+  // Live tail: a session that starts while the list is open appears in
+  // it without a reload; its new lines arrive while we watch.
   await ask("live: start a session");
+  await page.locator("#session-rows a", { hasText: running }).waitFor({ timeout: 20000 });
+  await shot(page, "11-sessions-live");
   await page.goto(`${hub}/o/acme/warehouse/sessions/${running}/logs`);
   await page.getByText("first live line").waitFor();
   await page.click("button:text('Follow live')");

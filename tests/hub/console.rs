@@ -304,9 +304,33 @@ async fn screens_show_the_organizations_data_and_tags_change() {
         html.contains("status: expected active, completed or failed"),
         "{html}"
     );
-    // Cursor pages: one per page, the second page links on.
+    // The search box: a piece of one session's id finds that one only.
+    let id2 = seeded.s2.to_string();
+    let (_, _, html) = get(
+        &format!(
+            "{base}/sessions?search={}",
+            &id2[id2.len() - 8..].to_uppercase()
+        ),
+        Some(&cookie),
+    )
+    .await;
+    assert!(html.contains(&id2) && !html.contains(&seeded.s1.to_string()));
+    assert!(html.contains("1 matching"), "{html}");
+    // Cursor pages: one per page, the second page links on. The first
+    // page reloads its rows (running sessions move); a later one stays.
     let (_, _, html) = get(&format!("{base}/sessions?page_size=1"), Some(&cookie)).await;
     assert!(html.contains("rel=\"next\""), "{html}");
+    assert!(html.contains("hx-trigger=\"every 5s\""), "{html}");
+    let next = html
+        .split("rel=\"next\"")
+        .next()
+        .and_then(|h| h.rsplit("href=\"").next())
+        .and_then(|h| h.split('"').next())
+        .unwrap()
+        .replace("&#38;", "&");
+    let (st, _, html) = get(&format!("{}{next}", hub.url), Some(&cookie)).await;
+    assert_eq!(st, 200, "{next}: {html}");
+    assert!(!html.contains("hx-trigger=\"every 5s\""), "{html}");
 
     let s = format!("{base}/sessions/{}", seeded.s1);
     let (st, _, html) = get(&s, Some(&cookie)).await;

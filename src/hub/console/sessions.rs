@@ -20,7 +20,8 @@ use super::{data, Console};
 use crate::wire::Level;
 
 /// The filter fields, echoed into the form and into page links.
-const FIELDS: [&str; 11] = [
+const FIELDS: [&str; 12] = [
+    "search",
     "device_id",
     "status",
     "has_errors",
@@ -51,6 +52,7 @@ pub struct Line {
 pub struct SessionsPage {
     pub layout: Layout,
     pub action: String,
+    pub search: String,
     pub tag: String,
     pub package: String,
     pub metadata: String,
@@ -67,6 +69,10 @@ pub struct SessionsPage {
     pub next: Option<String>,
     /// The first page, when this is not it.
     pub first: Option<String>,
+    /// Where the first page reloads its rows from every few seconds, so
+    /// new sessions appear and running ones' counts move (later pages
+    /// stay still: rows shifting under a reader's cursor would lose it).
+    pub refresh: Option<String>,
 }
 
 pub fn line(base: &str, s: SessionRow) -> Line {
@@ -110,7 +116,9 @@ pub async fn page(
         pairs.push(("before", &cursor));
         format!("{action}{}", qs(pairs))
     });
-    let first = (!first_page).then(|| format!("{action}{}", qs(filters.iter().copied())));
+    let this = format!("{action}{}", qs(filters.iter().copied()));
+    let refresh = first_page.then(|| this.clone());
+    let first = (!first_page).then_some(this);
     let device_id = value(&p, "device_id");
     let mut device_opts = vec![Opt {
         value: String::new(),
@@ -128,6 +136,7 @@ pub async fn page(
     }));
     let html = SessionsPage {
         layout: Layout::signed_in(&op, &project),
+        search: value(&p, "search").to_owned(),
         tag: value(&p, "tag").to_owned(),
         package: value(&p, "package").to_owned(),
         metadata: value(&p, "metadata").to_owned(),
@@ -170,6 +179,7 @@ pub async fn page(
         total: page.total,
         next,
         first,
+        refresh,
         action,
     }
     .render()?;

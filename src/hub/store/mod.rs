@@ -423,6 +423,10 @@ pub struct SessionQuery {
     pub has_errors: Option<bool>,
     /// `metadata` key equals the JSON value.
     pub metadata: Vec<(String, serde_json::Value)>,
+    /// Text in the session's id, device id or name, package name, tags,
+    /// metadata or error (a substring, case-insensitive for ASCII
+    /// letters): the console's search box. See [`like_pattern`].
+    pub search: Option<String>,
     pub sort: SessionSort,
     pub descending: bool,
     pub limit: u64,
@@ -513,3 +517,20 @@ pub struct Deleted {
 
 #[cfg(test)]
 mod tests;
+
+/// A `LIKE … ESCAPE '\'` pattern that matches `text` anywhere: `%`, `_`
+/// and `\` in it stand for themselves. Both backends compare the same
+/// way: SQLite's `LIKE` and PostgreSQL's `ILIKE` each ignore the case of
+/// ASCII letters (PostgreSQL also of other letters).
+pub fn like_pattern(text: &str) -> String {
+    let mut p = String::with_capacity(text.len() + 2);
+    p.push('%');
+    for c in text.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            p.push('\\');
+        }
+        p.push(c);
+    }
+    p.push('%');
+    p
+}

@@ -604,6 +604,22 @@ async fn session_list_filters_sorts_and_pages(store: &dyn Store) {
         .0,
         7
     );
+    // The search box: a substring of a tag (any case), of the id, of the
+    // metadata; LIKE's wildcards stand for themselves.
+    let search = async |text: &str| {
+        list(SessionQuery {
+            search: Some(text.into()),
+            ..Default::default()
+        })
+        .await
+        .1
+    };
+    assert_eq!(search("PRO").await, vec![0, 1, 2]);
+    let id = session_uuid(13).to_string();
+    assert_eq!(search(&id[id.len() - 6..]).await, vec![3]);
+    assert_eq!(search("berl").await.len(), 7);
+    assert_eq!(search("ber_in").await, Vec::<i64>::new());
+    assert_eq!(search("%").await, Vec::<i64>::new());
     // Keyset pages cover everything once.
     let mut seen = Vec::new();
     let mut cursor = None;

@@ -10,8 +10,8 @@ use super::rows::{
 };
 use super::INGEST_LOCK;
 use crate::hub::store::{
-    Deleted, DeviceRow, GapRow, SessionCursor, SessionPage, SessionQuery, SessionRow, SessionSort,
-    StoreError,
+    like_pattern, Deleted, DeviceRow, GapRow, SessionCursor, SessionPage, SessionQuery, SessionRow,
+    SessionSort, StoreError,
 };
 
 pub(super) async fn get(
@@ -95,6 +95,17 @@ pub(super) async fn list(
         w.and(
             "(s.metadata::jsonb -> ?::text) = (?::text)::jsonb",
             [Box::new(key.clone()), Box::new(value.to_string())],
+        );
+    }
+    if let Some(text) = &q.search {
+        let p = like_pattern(text);
+        w.and(
+            "(s.id ILIKE ? ESCAPE '\\' OR d.device_id ILIKE ? ESCAPE '\\'
+              OR d.name ILIKE ? ESCAPE '\\' OR s.package_name ILIKE ? ESCAPE '\\'
+              OR s.metadata ILIKE ? ESCAPE '\\' OR s.error ILIKE ? ESCAPE '\\'
+              OR EXISTS (SELECT 1 FROM session_tags t
+                         WHERE t.session_pk = s.pk AND t.tag ILIKE ? ESCAPE '\\'))",
+            std::array::from_fn::<_, 7, _>(|_| Box::new(p.clone()) as _),
         );
     }
     // One snapshot for the count and the page.

@@ -7,8 +7,8 @@ use rusqlite::{params, OptionalExtension};
 use super::rows::{device_row, session_pk, session_row, tags_of, Where, SESSION_COLUMNS};
 use super::{level_of, Db};
 use crate::hub::store::{
-    Deleted, DeviceRow, GapRow, SessionCursor, SessionPage, SessionQuery, SessionRow, SessionSort,
-    StoreError,
+    like_pattern, Deleted, DeviceRow, GapRow, SessionCursor, SessionPage, SessionQuery, SessionRow,
+    SessionSort, StoreError,
 };
 
 impl Db {
@@ -94,6 +94,17 @@ impl Db {
             w.and(
                 "json_extract(s.metadata, ?) = json_extract(?, '$')",
                 [format!("$.\"{key}\"").into(), value.to_string().into()],
+            );
+        }
+        if let Some(text) = &q.search {
+            let p: rusqlite::types::Value = like_pattern(text).into();
+            w.and(
+                "(s.id LIKE ? ESCAPE '\\' OR d.device_id LIKE ? ESCAPE '\\'
+                  OR d.name LIKE ? ESCAPE '\\' OR s.package_name LIKE ? ESCAPE '\\'
+                  OR s.metadata LIKE ? ESCAPE '\\' OR s.error LIKE ? ESCAPE '\\'
+                  OR EXISTS (SELECT 1 FROM session_tags t
+                             WHERE t.session_pk = s.pk AND t.tag LIKE ? ESCAPE '\\'))",
+                std::array::from_fn::<_, 7, _>(|_| p.clone()),
             );
         }
         let (where_, args) = w.finish();
