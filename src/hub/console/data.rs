@@ -11,8 +11,8 @@ use super::super::api;
 use super::super::auth;
 use super::super::error::ApiError;
 use super::super::store::{
-    ArtifactRow, DeviceRow, LogPage, LogQuery, LogScope, Principal, SessionPage, SessionQuery,
-    SessionRow,
+    ArtifactRow, DeviceRow, Histogram, LogPage, LogQuery, LogScope, Principal, SessionPage,
+    SessionQuery, SessionRow,
 };
 use super::super::Hub;
 
@@ -97,71 +97,12 @@ pub async fn artifacts(hub: &Arc<Hub>, session_pk: i64) -> Result<Vec<ArtifactRo
     Ok(hub.store.list_artifacts(session_pk).await?)
 }
 
-/// Records per level in `buckets` equal slices of `[from_ns, to_ns)` of a
-/// session, for the timeline. There is no grouped count in the store
-/// yet, so each slice is counted with the logs route's own query (at or
-/// above a level, in the slice's time range) and levels are told apart by
-/// difference; only the levels the session has (`level_counts`) are
-/// counted, and an empty slice costs one count. Each count reads the
-/// session's index, so the caller bounds the session's size; a `GROUP BY`
-/// query in the store would do it in one pass.
+/// Records per level in the slices of a session's time (the store's
+/// grouped count: one pass over the session's rows).
 pub async fn level_histogram(
     hub: &Arc<Hub>,
     session_pk: i64,
-    level_counts: [u64; 6],
-    from_ns: i64,
-    to_ns: i64,
-    buckets: usize,
+    slices: Histogram,
 ) -> Result<Vec<[u64; 6]>, ApiError> {
-    use crate::wire::Level;
-    let present: Vec<Level> = Level::ALL
-        .into_iter()
-        .filter(|l| level_counts[l.code() as usize] > 0)
-        .collect();
-    let step = ((to_ns - from_ns) / buckets as i64).max(1);
-    let store = hub.store.as_ref();
-    let count = |min: Level, since: i64, until: i64| async move {
-        let q = LogQuery {
-            min_level: Some(min),
-            since_ns: Some(since),
-            until_ns: Some(until),
-            limit: 1,
-            want_total: true,
-            ..LogQuery::default()
-        };
-        Ok::<_, ApiError>(
-            store
-                .logs(LogScope::Session(session_pk), &q)
-                .await?
-                .total
-                .unwrap_or(0),
-        )
-    };
-    let mut out = Vec::with_capacity(buckets);
-    for b in 0..buckets as i64 {
-        let since = from_ns + b * step;
-        let until = if b + 1 == buckets as i64 {
-            to_ns
-        } else {
-            since + step
-        };
-        let mut counts = [0u64; 6];
-        // At or above each present level, lowest first; a level's own
-        // count is the difference to the next one up.
-        let mut at_or_above = Vec::with_capacity(present.len());
-        for (i, l) in present.iter().enumerate() {
-            let n = if i > 0 && at_or_above[i - 1] == 0 {
-                0
-            } else {
-                count(*l, since, until).await?
-            };
-            at_or_above.push(n);
-        }
-        for (i, l) in present.iter().enumerate() {
-            let above = at_or_above.get(i + 1).copied().unwrap_or(0);
-            counts[l.code() as usize] = at_or_above[i].saturating_sub(above);
-        }
-        out.push(counts);
-    }
-    Ok(out)
+    Ok(hub.store.level_histogram(session_pk, slices).await?)
 }

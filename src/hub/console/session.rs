@@ -14,6 +14,7 @@ use axum::http::HeaderMap;
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::Json;
 
+use super::super::store::Histogram;
 use super::super::{api, export};
 use super::errors::ConsoleError;
 use super::signins::Operator;
@@ -214,10 +215,7 @@ pub async fn zip(
 }
 
 /// Slices of the timeline chart.
-const TIMELINE_BUCKETS: usize = 60;
-/// Largest session the timeline counts: each slice's counts read the
-/// session's index (see [`data::level_histogram`]).
-const TIMELINE_MAX_RECORDS: u64 = 50_000;
+const TIMELINE_BUCKETS: u32 = 60;
 
 /// The timeline's data: records per level per slice of the session's time
 /// (start to end, or to now while it runs), for `console.js` to draw.
@@ -229,19 +227,12 @@ pub async fn timeline(
     let s = data::session(&c.hub, &org, &project, &id)
         .await?
         .ok_or_else(|| ConsoleError::not_found(format!("no session {id}")))?;
-    let records: u64 = s.level_counts.iter().sum();
-    if records > TIMELINE_MAX_RECORDS {
-        return Err(ConsoleError::Unavailable(format!(
-            "the timeline of a session of more than {TIMELINE_MAX_RECORDS} records needs the \
-             store's grouped count, which this hub does not have yet"
-        )));
-    }
     let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64;
     let from = s.started_at_ns;
     let to = s.ended_at_ns.unwrap_or(now).max(from + 1_000_000_000);
-    let counts =
-        data::level_histogram(&c.hub, s.pk, s.level_counts, from, to, TIMELINE_BUCKETS).await?;
-    let step = (to - from) / TIMELINE_BUCKETS as i64;
+    let slices = Histogram::new(from, to, TIMELINE_BUCKETS);
+    let counts = data::level_histogram(&c.hub, s.pk, slices).await?;
+    let step = slices.step();
     let series: Vec<serde_json::Value> = Level::ALL
         .iter()
         .map(|l| {

@@ -181,6 +181,15 @@ pub trait Store: Send + Sync {
         limit: u64,
     ) -> Result<(Vec<LogRow>, i64), StoreError>;
 
+    /// A session's records per level (indexed by `Level::code`) in
+    /// `buckets` slices of `[from_ns, to_ns)` as [`Histogram`] cuts them:
+    /// a timeline, counted in one pass over the session's rows.
+    async fn level_histogram(
+        &self,
+        session_pk: i64,
+        slices: Histogram,
+    ) -> Result<Vec<[u64; 6]>, StoreError>;
+
     // ----- artifacts -----
 
     /// A session's artifacts, by path.
@@ -513,6 +522,59 @@ pub struct DeviceRow {
 pub struct Deleted {
     pub blobs: Vec<String>,
     pub uploads: Vec<String>,
+}
+
+/// How a timeline cuts `[from_ns, to_ns)` into `buckets` slices: each
+/// `step` long, the last one reaching to `to_ns`. Both backends count
+/// with the same integer arithmetic ([`Histogram::slice_sql`]), so they
+/// agree on every boundary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Histogram {
+    pub from_ns: i64,
+    pub to_ns: i64,
+    pub buckets: u32,
+}
+
+impl Histogram {
+    /// Most slices a timeline is cut into.
+    pub const MAX_BUCKETS: u32 = 10_000;
+
+    /// One to [`Histogram::MAX_BUCKETS`] slices, of at least one nanosecond.
+    pub fn new(from_ns: i64, to_ns: i64, buckets: u32) -> Histogram {
+        Histogram {
+            from_ns,
+            to_ns: to_ns.max(from_ns.saturating_add(1)),
+            buckets: buckets.clamp(1, Self::MAX_BUCKETS),
+        }
+    }
+
+    pub fn step(&self) -> i64 {
+        ((self.to_ns - self.from_ns) / i64::from(self.buckets)).max(1)
+    }
+
+    /// The slice of a record's time `ts` as SQL both backends evaluate
+    /// alike: `min`/`least` of the integer quotient and the last slice.
+    /// `least` is the name on PostgreSQL, `min` on SQLite.
+    pub fn slice_sql(&self, least: &str, ts: &str) -> String {
+        format!(
+            "{least}(({ts} - {from}) / {step}, {last})",
+            from = self.from_ns,
+            step = self.step(),
+            last = self.buckets - 1
+        )
+    }
+
+    /// Folds `(slice, level code, count)` rows into per-slice counts (a
+    /// level code out of range counts as the nearest level, as rows do).
+    pub fn fold(&self, rows: impl IntoIterator<Item = (i64, i64, i64)>) -> Vec<[u64; 6]> {
+        let mut out = vec![[0u64; 6]; self.buckets as usize];
+        for (slice, level, n) in rows {
+            if let Some(counts) = usize::try_from(slice).ok().and_then(|s| out.get_mut(s)) {
+                counts[level.clamp(0, 5) as usize] += n.max(0) as u64;
+            }
+        }
+        out
+    }
 }
 
 #[cfg(test)]

@@ -52,6 +52,7 @@ per_backend!(
     delete_removes_everything_and_stays_deleted,
     session_list_filters_sorts_and_pages,
     logs_after_an_id_page_through_one_session_in_commit_order,
+    level_histogram_counts_each_slice_in_one_pass,
 );
 
 pub(super) fn scope(device: &str) -> DeviceScope {
@@ -732,4 +733,63 @@ async fn logs_after_an_id_page_through_one_session_in_commit_order(store: &dyn S
         .unwrap();
     assert_eq!(page.items.iter().map(|r| r.seq).collect::<Vec<_>>(), [4, 3]);
     assert_eq!(last_id, Some(page.items[0].id));
+}
+
+async fn level_histogram_counts_each_slice_in_one_pass(store: &dyn Store) {
+    let s = session_uuid(30);
+    // Records 1..=100 at 1_001..=1_100 ns; every tenth an error.
+    let recs = (1..=100u64)
+        .map(|seq| {
+            let level = if seq % 10 == 0 {
+                Level::Error
+            } else {
+                Level::Info
+            };
+            rec(seq, Some(s), level, "m", "x")
+        })
+        .collect();
+    store
+        .ingest(
+            &scope("r1"),
+            batch(
+                "r1",
+                vec![state(s, 1, SessionStatus::Completed, &[])],
+                recs,
+                vec![],
+            ),
+            false,
+        )
+        .await
+        .unwrap();
+    let pk = store
+        .get_session("acme", "warehouse", &s.to_string())
+        .await
+        .unwrap()
+        .unwrap()
+        .pk;
+    let (info, error) = (Level::Info.code() as usize, Level::Error.code() as usize);
+    // Ten slices of 10 ns from 1_000; the last one reaches to 1_101.
+    let h = store
+        .level_histogram(pk, Histogram::new(1_000, 1_101, 10))
+        .await
+        .unwrap();
+    assert_eq!(h.len(), 10);
+    assert_eq!((h[0][info], h[0][error]), (9, 0)); // 1_001..=1_009
+    for slice in &h[1..9] {
+        assert_eq!((slice[info], slice[error]), (9, 1)); // 1_010 is an error
+    }
+    assert_eq!((h[9][info], h[9][error]), (9, 2)); // 1_090..=1_100
+    assert_eq!(h.iter().flatten().sum::<u64>(), 100);
+    // A window inside the session counts only its records; another
+    // session's pk counts none.
+    let h = store
+        .level_histogram(pk, Histogram::new(1_050, 1_060, 2))
+        .await
+        .unwrap();
+    assert_eq!(h, vec![[0, 0, 4, 0, 1, 0], [0, 0, 5, 0, 0, 0]]);
+    let h = store
+        .level_histogram(pk + 1_000, Histogram::new(1_000, 1_101, 3))
+        .await
+        .unwrap();
+    assert_eq!(h, vec![[0u64; 6]; 3]);
 }

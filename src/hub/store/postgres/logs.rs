@@ -6,7 +6,7 @@
 use deadpool_postgres::GenericClient;
 
 use super::rows::{log_row, Where, LOG_COLUMNS};
-use crate::hub::store::{LogPage, LogQuery, LogRow, LogScope, StoreError};
+use crate::hub::store::{Histogram, LogPage, LogQuery, LogRow, LogScope, StoreError};
 
 /// The text-search vector of a message: the expression `logs_search`
 /// indexes, so it must stay the same as in the migration.
@@ -153,6 +153,27 @@ pub(super) async fn tail(
     let last = last_log_id(&tx, scope).await?;
     tx.commit().await?;
     Ok((page, last))
+}
+
+/// A session's records per level and slice, in one pass over its rows
+/// (see [`Histogram`]).
+pub(super) async fn level_histogram(
+    client: &impl GenericClient,
+    session_pk: i64,
+    slices: Histogram,
+) -> Result<Vec<[u64; 6]>, StoreError> {
+    let sql = format!(
+        "SELECT {} AS slice, level, count(*) FROM logs
+         WHERE session_pk = $1 AND ts >= $2 AND ts < $3 GROUP BY slice, level",
+        slices.slice_sql("least", "ts")
+    );
+    let rows = client
+        .query(&sql, &[&session_pk, &slices.from_ns, &slices.to_ns])
+        .await?;
+    Ok(slices.fold(
+        rows.iter()
+            .map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1), r.get::<_, i64>(2))),
+    ))
 }
 
 pub(super) async fn after(

@@ -18,8 +18,8 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 
 use super::{
-    ArtifactRow, Deleted, DeviceRow, DeviceScope, Ingested, LogPage, LogQuery, LogRow, LogScope,
-    Principal, SessionPage, SessionQuery, SessionRow, Store, StoreError, UploadRow,
+    ArtifactRow, Deleted, DeviceRow, DeviceScope, Histogram, Ingested, LogPage, LogQuery, LogRow,
+    LogScope, Principal, SessionPage, SessionQuery, SessionRow, Store, StoreError, UploadRow,
 };
 use crate::wire::Batch;
 
@@ -331,6 +331,14 @@ impl Store for PgStore {
         limit: u64,
     ) -> Result<(Vec<LogRow>, i64), StoreError> {
         logs::after(&mut self.client().await?, scope, after, q, limit).await
+    }
+
+    async fn level_histogram(
+        &self,
+        session_pk: i64,
+        slices: Histogram,
+    ) -> Result<Vec<[u64; 6]>, StoreError> {
+        logs::level_histogram(&self.client().await?, session_pk, slices).await
     }
 
     async fn list_artifacts(&self, session_pk: i64) -> Result<Vec<ArtifactRow>, StoreError> {

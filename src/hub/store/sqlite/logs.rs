@@ -7,7 +7,7 @@ use rusqlite::{Connection, OptionalExtension};
 
 use super::rows::{log_row, Where, LOG_COLUMNS};
 use super::Db;
-use crate::hub::store::{LogPage, LogQuery, LogRow, LogScope, StoreError};
+use crate::hub::store::{Histogram, LogPage, LogQuery, LogRow, LogScope, StoreError};
 
 /// Turns a user's search text into an FTS5 query: every word must occur as
 /// a whole word (case-insensitive). Quotes keep FTS5 syntax out of user
@@ -29,6 +29,29 @@ pub(super) fn fts_query(search: &str) -> Option<String> {
 }
 
 impl Db {
+    /// A session's records per level and slice, in one pass over its
+    /// rows (see [`Histogram`]).
+    pub fn level_histogram(
+        &self,
+        session_pk: i64,
+        slices: Histogram,
+    ) -> Result<Vec<[u64; 6]>, StoreError> {
+        let sql = format!(
+            "SELECT {} AS slice, level, count(*) FROM logs
+             WHERE session_pk = ?1 AND ts >= ?2 AND ts < ?3 GROUP BY slice, level",
+            slices.slice_sql("min", "ts")
+        );
+        self.read(|c| {
+            let mut st = c.prepare(&sql)?;
+            let rows = st
+                .query_map((session_pk, slices.from_ns, slices.to_ns), |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(slices.fold(rows))
+        })
+    }
+
     pub fn logs(&self, scope: LogScope, q: &LogQuery) -> Result<LogPage, StoreError> {
         self.read(|c| logs_page(c, scope, q))
     }

@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{Connection, Transaction};
 
 use super::{
-    ArtifactRow, Deleted, DeviceRow, DeviceScope, Ingested, LogPage, LogQuery, LogRow, LogScope,
-    Principal, SessionPage, SessionQuery, SessionRow, Store, StoreError, UploadRow,
+    ArtifactRow, Deleted, DeviceRow, DeviceScope, Histogram, Ingested, LogPage, LogQuery, LogRow,
+    LogScope, Principal, SessionPage, SessionQuery, SessionRow, Store, StoreError, UploadRow,
 };
 use crate::wire::{Batch, Level};
 
@@ -324,6 +324,15 @@ impl Store for SqliteStore {
     ) -> Result<(Vec<LogRow>, i64), StoreError> {
         let q = q.clone();
         self.run(move |db| db.logs_after(scope, after, &q, limit))
+            .await
+    }
+
+    async fn level_histogram(
+        &self,
+        session_pk: i64,
+        slices: Histogram,
+    ) -> Result<Vec<[u64; 6]>, StoreError> {
+        self.run(move |db| db.level_histogram(session_pk, slices))
             .await
     }
 
