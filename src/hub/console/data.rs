@@ -12,14 +12,34 @@ use super::super::auth;
 use super::super::error::ApiError;
 use super::super::store::{
     ArtifactRow, DeviceRow, Histogram, LogPage, LogQuery, LogScope, Principal, SessionPage,
-    SessionQuery, SessionRow,
+    SessionQuery, SessionRow, SignInRow,
 };
 use super::super::Hub;
 
-/// The principal of a key, as the API's bearer check finds it.
-pub async fn principal(hub: &Arc<Hub>, key: &str) -> Result<Option<Principal>, ApiError> {
+/// The principal of a key, as the API's bearer check finds it, and the
+/// key's hash (what a sign-in refers to).
+pub async fn principal(hub: &Arc<Hub>, key: &str) -> Result<(Option<Principal>, String), ApiError> {
     let hash = auth::hash_token(key.trim());
-    Ok(hub.store.find_token(&hash).await?)
+    Ok((hub.store.find_token(&hash).await?, hash))
+}
+
+/// Stores a sign-in, keeping at most `max` live ones.
+pub async fn create_signin(hub: &Arc<Hub>, row: &SignInRow, max: u32) -> Result<(), ApiError> {
+    Ok(hub.store.create_signin(row, max).await?)
+}
+
+/// The live sign-in with this id hash: its token's principal and its CSRF
+/// token.
+pub async fn find_signin(
+    hub: &Arc<Hub>,
+    hash: &str,
+    now_ns: i64,
+) -> Result<Option<(Principal, String)>, ApiError> {
+    Ok(hub.store.find_signin(hash, now_ns).await?)
+}
+
+pub async fn delete_signin(hub: &Arc<Hub>, hash: &str) -> Result<(), ApiError> {
+    Ok(hub.store.delete_signin(hash).await?)
 }
 
 /// One page of the session list (the API's `GET …/sessions`).

@@ -30,19 +30,15 @@ use axum::Router;
 
 use super::Hub;
 
-/// The console's state: the hub and its table of sign-ins.
+/// The console's state: the hub (whose store keeps the sign-ins).
 pub(crate) struct Console {
     hub: Arc<Hub>,
-    signins: signins::SignIns,
 }
 
 /// The console's routes, with their state, to merge into the hub's router.
 /// ARCHITECTURE.md's route table mirrors this.
 pub(crate) fn router<S: Clone + Send + Sync + 'static>(hub: Arc<Hub>) -> Router<S> {
-    let console = Arc::new(Console {
-        hub,
-        signins: signins::SignIns::default(),
-    });
+    let console = Arc::new(Console { hub });
     let session = "/o/{org}/{project}/sessions/{id}";
     Router::new()
         .route("/", get(signin::page))

@@ -14,7 +14,7 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 
 use super::super::store::TokenKind;
 use super::errors::ConsoleError;
-use super::signins::Operator;
+use super::signins::{self, Operator};
 use super::view::{project_base, value, Layout};
 use super::{cookies, csrf, data, Console};
 
@@ -39,7 +39,11 @@ pub async fn page(
     State(c): State<Arc<Console>>,
     headers: HeaderMap,
 ) -> Result<Response, ConsoleError> {
-    if let Some(op) = cookies::session_id(&headers).and_then(|id| c.signins.get(id)) {
+    let signed_in = match cookies::session_id(&headers) {
+        Some(id) => signins::get(&c.hub, id).await?,
+        None => None,
+    };
+    if let Some(op) = signed_in {
         let p = &op.principal;
         return Ok(
             Redirect::to(&format!("{}/sessions", project_base(&p.org, &p.project))).into_response(),
@@ -59,7 +63,8 @@ pub async fn sign_in(
     if key.is_empty() {
         return page_with(StatusCode::BAD_REQUEST, Some("Enter an operator key."));
     }
-    let principal = match data::principal(&c.hub, key).await? {
+    let (principal, token_hash) = data::principal(&c.hub, key).await?;
+    let principal = match principal {
         Some(p) if p.kind == TokenKind::Operator => p,
         Some(_) => {
             c.hub.metrics.reject("forbidden");
@@ -79,9 +84,9 @@ pub async fn sign_in(
     );
     // Signing in again replaces the sign-in this browser had.
     if let Some(old) = cookies::session_id(&headers) {
-        c.signins.remove(old);
+        signins::remove(&c.hub, old).await?;
     }
-    let id = c.signins.create(principal);
+    let id = signins::create(&c.hub, token_hash).await?;
     let cookie = cookies::set(&id, cookies::over_tls(&uri, &headers));
     Ok(([(header::SET_COOKIE, cookie)], Redirect::to(&to)).into_response())
 }
@@ -94,7 +99,7 @@ pub async fn sign_out(
     Form(form): Form<Vec<(String, String)>>,
 ) -> Result<Response, ConsoleError> {
     csrf::check(&headers, &form, &op.csrf)?;
-    c.signins.remove(&op.id);
+    signins::remove(&c.hub, &op.id).await?;
     let cookie = cookies::clear(cookies::over_tls(&uri, &headers));
     Ok(([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response())
 }

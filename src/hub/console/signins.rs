@@ -1,16 +1,17 @@
-//! Server-side sign-ins: the table from a cookie's random id to the
-//! operator it signed in and that sign-in's CSRF token, and the request
-//! extractor [`Operator`] every signed-in route takes.
+//! Console sign-ins: a cookie's random id stands for the operator key it
+//! signed in with and that sign-in's CSRF token, kept in the hub's store
+//! (so every replica knows every sign-in, and a hub restart signs nobody
+//! out); and the request extractor [`Operator`] every signed-in route
+//! takes.
 //!
-//! Invariant: the table is in this process's memory (a hub restart signs
-//! everyone out; replicas would need it in the store); it holds ids only
-//! as SHA-256 and never an operator key; entries expire after
-//! [`cookies::MAX_AGE_SECS`]; a route with an `{org}` in its path refuses
-//! (404) an operator of another organization before its handler runs.
+//! Invariant: the store holds the cookie id only as SHA-256 and the key
+//! only as the hash its token row has, never either itself; deleting the
+//! key's token ends its sign-ins at the next request; sign-ins expire
+//! after [`cookies::MAX_AGE_SECS`]; a route with an `{org}` in its path
+//! refuses (404) an operator of another organization before its handler
+//! runs.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 use axum::extract::{FromRequestParts, RawPathParams};
 use axum::http::request::Parts;
@@ -18,73 +19,52 @@ use axum::http::Method;
 use base64::Engine;
 use sha2::{Digest, Sha256};
 
-use super::super::store::Principal;
+use super::super::error::ApiError;
+use super::super::store::{Principal, SignInRow, TokenKind};
+use super::super::Hub;
 use super::errors::ConsoleError;
-use super::{cookies, csrf, Console};
+use super::{cookies, csrf, data, Console};
 
-/// Most sign-ins held at once; the oldest is dropped past it.
-const MAX_SIGNINS: usize = 10_000;
-
-struct Entry {
-    principal: Principal,
-    csrf: String,
-    expires: Instant,
-}
-
-#[derive(Default)]
-pub struct SignIns {
-    by_hash: Mutex<HashMap<String, Entry>>,
-}
+/// Most live sign-ins kept; past it, those closest to expiry go.
+const MAX_SIGNINS: u32 = 10_000;
 
 fn id_hash(id: &str) -> String {
     hex::encode(Sha256::digest(id.as_bytes()))
 }
 
-impl SignIns {
-    /// Signs `principal` in; returns the cookie's id.
-    pub fn create(&self, principal: Principal) -> String {
-        let id =
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>());
-        let now = Instant::now();
-        let mut map = self.by_hash.lock().unwrap();
-        map.retain(|_, e| e.expires > now);
-        if map.len() >= MAX_SIGNINS {
-            if let Some(oldest) = map
-                .iter()
-                .min_by_key(|(_, e)| e.expires)
-                .map(|(k, _)| k.clone())
-            {
-                map.remove(&oldest);
-            }
-        }
-        map.insert(
-            id_hash(&id),
-            Entry {
-                principal,
-                csrf: csrf::token(),
-                expires: now + Duration::from_secs(cookies::MAX_AGE_SECS),
-            },
-        );
-        id
-    }
+fn now_ns() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64
+}
 
-    /// The live sign-in of cookie id `id`.
-    pub fn get(&self, id: &str) -> Option<Operator> {
-        let map = self.by_hash.lock().unwrap();
-        let e = map
-            .get(&id_hash(id))
-            .filter(|e| e.expires > Instant::now())?;
-        Some(Operator {
-            principal: e.principal.clone(),
-            csrf: e.csrf.clone(),
+/// Signs in with the key whose token hash is `token_hash`; returns the
+/// cookie's id.
+pub async fn create(hub: &Arc<Hub>, token_hash: String) -> Result<String, ApiError> {
+    let id = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>());
+    let row = SignInRow {
+        hash: id_hash(&id),
+        token_hash,
+        csrf: csrf::token(),
+        expires_at_ns: now_ns() + cookies::MAX_AGE_SECS as i64 * 1_000_000_000,
+    };
+    data::create_signin(hub, &row, MAX_SIGNINS).await?;
+    Ok(id)
+}
+
+/// The live sign-in of cookie id `id`.
+pub async fn get(hub: &Arc<Hub>, id: &str) -> Result<Option<Operator>, ApiError> {
+    Ok(data::find_signin(hub, &id_hash(id), now_ns())
+        .await?
+        .filter(|(principal, _)| principal.kind == TokenKind::Operator)
+        .map(|(principal, csrf)| Operator {
+            principal,
+            csrf,
             id: id.to_owned(),
-        })
-    }
+        }))
+}
 
-    /// Signs out (nothing when `id` is unknown).
-    pub fn remove(&self, id: &str) {
-        self.by_hash.lock().unwrap().remove(&id_hash(id));
-    }
+/// Signs out (nothing when `id` is unknown).
+pub async fn remove(hub: &Arc<Hub>, id: &str) -> Result<(), ApiError> {
+    data::delete_signin(hub, &id_hash(id)).await
 }
 
 /// A signed-in operator, extracted from the request's cookie.
@@ -104,7 +84,10 @@ impl FromRequestParts<Arc<Console>> for Operator {
         parts: &mut Parts,
         console: &Arc<Console>,
     ) -> Result<Operator, ConsoleError> {
-        let op = cookies::session_id(&parts.headers).and_then(|id| console.signins.get(id));
+        let op = match cookies::session_id(&parts.headers) {
+            Some(id) => get(&console.hub, id).await?,
+            None => None,
+        };
         let Some(op) = op else {
             return Err(
                 if parts.method == Method::GET || parts.method == Method::HEAD {
@@ -126,35 +109,5 @@ impl FromRequestParts<Arc<Console>> for Operator {
             }
         }
         Ok(op)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::hub::store::TokenKind;
-
-    #[test]
-    fn create_get_remove() {
-        let t = SignIns::default();
-        let p = Principal {
-            kind: TokenKind::Operator,
-            org: "acme".into(),
-            project: "warehouse".into(),
-            device_id: None,
-        };
-        let id = t.create(p.clone());
-        let op = t.get(&id).unwrap();
-        assert_eq!(op.principal.org, "acme");
-        assert_eq!(op.csrf.len(), 43);
-        assert!(t.get("other").is_none());
-        let id2 = t.create(p);
-        assert_ne!(id, id2);
-        assert_ne!(t.get(&id2).unwrap().csrf, op.csrf);
-        t.remove(&id);
-        assert!(t.get(&id).is_none());
-        assert!(t.get(&id2).is_some());
-        // Only hashes are held.
-        assert!(!t.by_hash.lock().unwrap().contains_key(&id2));
     }
 }

@@ -64,6 +64,21 @@ pub trait Store: Send + Sync {
     /// Whom the token with this hash belongs to.
     async fn find_token(&self, hash: &str) -> Result<Option<Principal>, StoreError>;
 
+    /// Records a console sign-in. Expired sign-ins go at the same time,
+    /// and so, past `max` live ones, do those closest to expiry.
+    async fn create_signin(&self, signin: &SignInRow, max: u32) -> Result<(), StoreError>;
+
+    /// The sign-in with this id hash, live at `now_ns` and whose token
+    /// still exists: whom the token belongs to, and the CSRF token.
+    async fn find_signin(
+        &self,
+        hash: &str,
+        now_ns: i64,
+    ) -> Result<Option<(Principal, String)>, StoreError>;
+
+    /// Ends a sign-in (nothing when there is none).
+    async fn delete_signin(&self, hash: &str) -> Result<(), StoreError>;
+
     // ----- ingest -----
 
     /// Stores one batch in one transaction. `want_live` asks for copies of
@@ -261,6 +276,16 @@ impl TokenKind {
             TokenKind::Device => "device",
         }
     }
+}
+
+/// A console sign-in as stored: the SHA-256 of its cookie's id, the hash
+/// of the token it signed in with, its CSRF token and when it expires.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignInRow {
+    pub hash: String,
+    pub token_hash: String,
+    pub csrf: String,
+    pub expires_at_ns: i64,
 }
 
 /// Who a token belongs to.

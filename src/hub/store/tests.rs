@@ -53,6 +53,7 @@ per_backend!(
     session_list_filters_sorts_and_pages,
     logs_after_an_id_page_through_one_session_in_commit_order,
     level_histogram_counts_each_slice_in_one_pass,
+    signins_refer_to_their_token_expire_and_are_bounded,
 );
 
 pub(super) fn scope(device: &str) -> DeviceScope {
@@ -792,4 +793,58 @@ async fn level_histogram_counts_each_slice_in_one_pass(store: &dyn Store) {
         .await
         .unwrap();
     assert_eq!(h, vec![[0u64; 6]; 3]);
+}
+
+async fn signins_refer_to_their_token_expire_and_are_bounded(store: &dyn Store) {
+    let operator = Principal {
+        kind: TokenKind::Operator,
+        org: "acme".into(),
+        project: "warehouse".into(),
+        device_id: None,
+    };
+    store.create_token("key-hash", &operator).await.unwrap();
+    let now = 1_000_000;
+    let row = |n: i64| SignInRow {
+        hash: format!("signin-{n}"),
+        token_hash: "key-hash".into(),
+        csrf: format!("csrf-{n}"),
+        // Far in the future: creation sweeps by the real clock.
+        expires_at_ns: i64::MAX - 10 + n,
+    };
+    store.create_signin(&row(1), 10).await.unwrap();
+    assert_eq!(
+        store.find_signin("signin-1", now).await.unwrap(),
+        Some((operator.clone(), "csrf-1".into()))
+    );
+    assert_eq!(store.find_signin("signin-2", now).await.unwrap(), None);
+    // Expired at the time asked about.
+    assert_eq!(store.find_signin("signin-1", i64::MAX).await.unwrap(), None);
+    // A sign-in whose token is gone is no sign-in.
+    store
+        .create_signin(
+            &SignInRow {
+                token_hash: "no-such-key".into(),
+                ..row(2)
+            },
+            10,
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.find_signin("signin-2", now).await.unwrap(), None);
+    // Past the bound, those closest to expiry go.
+    for n in 3..=5 {
+        store.create_signin(&row(n), 2).await.unwrap();
+    }
+    let mut live = Vec::new();
+    for n in 1..=5 {
+        let found = store
+            .find_signin(&format!("signin-{n}"), now)
+            .await
+            .unwrap();
+        live.push(found.is_some());
+    }
+    assert_eq!(live, [false, false, false, true, true]);
+    store.delete_signin("signin-5").await.unwrap();
+    assert_eq!(store.find_signin("signin-5", now).await.unwrap(), None);
+    store.delete_signin("signin-5").await.unwrap();
 }

@@ -19,7 +19,8 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 
 use super::{
     ArtifactRow, Deleted, DeviceRow, DeviceScope, Histogram, Ingested, LogPage, LogQuery, LogRow,
-    LogScope, Principal, SessionPage, SessionQuery, SessionRow, Store, StoreError, UploadRow,
+    LogScope, Principal, SessionPage, SessionQuery, SessionRow, SignInRow, Store, StoreError,
+    UploadRow,
 };
 use crate::wire::Batch;
 
@@ -37,7 +38,10 @@ pub(crate) mod testdb;
 mod tests;
 
 /// Numbered migrations; `logbook_schema` holds one row per migration run.
-const MIGRATIONS: &[&str] = &[include_str!("001_initial.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("001_initial.sql"),
+    include_str!("002_signins.sql"),
+];
 
 /// Advisory lock keys (`pg_advisory_xact_lock`), arbitrary but fixed: every
 /// replica must use the same ones.
@@ -212,6 +216,22 @@ impl Store for PgStore {
 
     async fn find_token(&self, hash: &str) -> Result<Option<Principal>, StoreError> {
         tokens::find(&self.client().await?, hash).await
+    }
+
+    async fn create_signin(&self, signin: &SignInRow, max: u32) -> Result<(), StoreError> {
+        tokens::create_signin(&mut self.client().await?, signin, max).await
+    }
+
+    async fn find_signin(
+        &self,
+        hash: &str,
+        now_ns: i64,
+    ) -> Result<Option<(Principal, String)>, StoreError> {
+        tokens::find_signin(&self.client().await?, hash, now_ns).await
+    }
+
+    async fn delete_signin(&self, hash: &str) -> Result<(), StoreError> {
+        tokens::delete_signin(&self.client().await?, hash).await
     }
 
     async fn ingest(

@@ -1,10 +1,10 @@
-//! Tokens: the hashes of operator keys and device tokens, and whom each
-//! belongs to.
+//! Tokens: the hashes of operator keys and device tokens, whom each
+//! belongs to, and the console's sign-ins made with them.
 
 use deadpool_postgres::GenericClient;
 
 use super::now_ns;
-use crate::hub::store::{Principal, StoreError, TokenKind};
+use crate::hub::store::{Principal, SignInRow, StoreError, TokenKind};
 
 pub(super) async fn create(
     c: &impl GenericClient,
@@ -34,17 +34,71 @@ pub(super) async fn find(
     let st = c
         .prepare_cached("SELECT kind, org, project, device_id FROM tokens WHERE hash = $1")
         .await?;
-    Ok(c.query_opt(&st, &[&hash]).await?.map(|r| {
-        let kind: String = r.get(0);
-        Principal {
-            kind: if kind == "operator" {
-                TokenKind::Operator
-            } else {
-                TokenKind::Device
-            },
-            org: r.get(1),
-            project: r.get(2),
-            device_id: r.get(3),
-        }
-    }))
+    Ok(c.query_opt(&st, &[&hash]).await?.as_ref().map(principal))
+}
+
+pub(super) async fn create_signin(
+    c: &mut deadpool_postgres::Client,
+    s: &SignInRow,
+    max: u32,
+) -> Result<(), StoreError> {
+    let tx = c.transaction().await?;
+    tx.execute(
+        "DELETE FROM signins WHERE expires_at_ns <= $1",
+        &[&now_ns()],
+    )
+    .await?;
+    tx.execute(
+        "DELETE FROM signins WHERE hash IN
+         (SELECT hash FROM signins ORDER BY expires_at_ns DESC OFFSET $1)",
+        &[&i64::from(max.saturating_sub(1))],
+    )
+    .await?;
+    tx.execute(
+        "INSERT INTO signins (hash, token_hash, csrf, expires_at_ns) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (hash) DO UPDATE SET token_hash = EXCLUDED.token_hash,
+             csrf = EXCLUDED.csrf, expires_at_ns = EXCLUDED.expires_at_ns",
+        &[&s.hash, &s.token_hash, &s.csrf, &s.expires_at_ns],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+pub(super) async fn find_signin(
+    c: &impl GenericClient,
+    hash: &str,
+    now_ns: i64,
+) -> Result<Option<(Principal, String)>, StoreError> {
+    let st = c
+        .prepare_cached(
+            "SELECT t.kind, t.org, t.project, t.device_id, s.csrf
+             FROM signins s JOIN tokens t ON t.hash = s.token_hash
+             WHERE s.hash = $1 AND s.expires_at_ns > $2",
+        )
+        .await?;
+    Ok(c.query_opt(&st, &[&hash, &now_ns])
+        .await?
+        .map(|r| (principal(&r), r.get(4))))
+}
+
+pub(super) async fn delete_signin(c: &impl GenericClient, hash: &str) -> Result<(), StoreError> {
+    c.execute("DELETE FROM signins WHERE hash = $1", &[&hash])
+        .await?;
+    Ok(())
+}
+
+/// A token's principal from columns `kind, org, project, device_id`.
+fn principal(r: &tokio_postgres::Row) -> Principal {
+    let kind: String = r.get(0);
+    Principal {
+        kind: if kind == "operator" {
+            TokenKind::Operator
+        } else {
+            TokenKind::Device
+        },
+        org: r.get(1),
+        project: r.get(2),
+        device_id: r.get(3),
+    }
 }

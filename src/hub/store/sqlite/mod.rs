@@ -17,7 +17,8 @@ use rusqlite::{Connection, Transaction};
 
 use super::{
     ArtifactRow, Deleted, DeviceRow, DeviceScope, Histogram, Ingested, LogPage, LogQuery, LogRow,
-    LogScope, Principal, SessionPage, SessionQuery, SessionRow, Store, StoreError, UploadRow,
+    LogScope, Principal, SessionPage, SessionQuery, SessionRow, SignInRow, Store, StoreError,
+    UploadRow,
 };
 use crate::wire::{Batch, Level};
 
@@ -30,7 +31,10 @@ mod tokens;
 mod uploads;
 
 /// Numbered migrations; `PRAGMA user_version` is how many have run.
-const MIGRATIONS: &[&str] = &[include_str!("001_initial.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("001_initial.sql"),
+    include_str!("002_signins.sql"),
+];
 
 /// Reader connections kept open between requests.
 const MAX_IDLE_READERS: usize = 8;
@@ -188,6 +192,25 @@ impl Store for SqliteStore {
     async fn find_token(&self, hash: &str) -> Result<Option<Principal>, StoreError> {
         let hash = hash.to_owned();
         self.run(move |db| db.find_token(&hash)).await
+    }
+
+    async fn create_signin(&self, signin: &SignInRow, max: u32) -> Result<(), StoreError> {
+        let signin = signin.clone();
+        self.run(move |db| db.create_signin(&signin, max)).await
+    }
+
+    async fn find_signin(
+        &self,
+        hash: &str,
+        now_ns: i64,
+    ) -> Result<Option<(Principal, String)>, StoreError> {
+        let hash = hash.to_owned();
+        self.run(move |db| db.find_signin(&hash, now_ns)).await
+    }
+
+    async fn delete_signin(&self, hash: &str) -> Result<(), StoreError> {
+        let hash = hash.to_owned();
+        self.run(move |db| db.delete_signin(&hash)).await
     }
 
     async fn ingest(

@@ -1,10 +1,10 @@
-//! Tokens: the hashes of operator keys and device tokens, and whom each
-//! belongs to.
+//! Tokens: the hashes of operator keys and device tokens, whom each
+//! belongs to, and the console's sign-ins made with them.
 
 use rusqlite::{params, OptionalExtension};
 
 use super::{now_ns, Db};
-use crate::hub::store::{Principal, StoreError, TokenKind};
+use crate::hub::store::{Principal, SignInRow, StoreError, TokenKind};
 
 impl Db {
     /// Stores the hash of a new token.
@@ -31,20 +31,63 @@ impl Db {
             Ok(c.prepare_cached(
                 "SELECT kind, org, project, device_id FROM tokens WHERE hash = ?1",
             )?
-            .query_row([hash], |r| {
-                let kind: String = r.get(0)?;
-                Ok(Principal {
-                    kind: if kind == "operator" {
-                        TokenKind::Operator
-                    } else {
-                        TokenKind::Device
-                    },
-                    org: r.get(1)?,
-                    project: r.get(2)?,
-                    device_id: r.get(3)?,
-                })
-            })
+            .query_row([hash], principal)
             .optional()?)
         })
     }
+
+    pub fn create_signin(&self, s: &SignInRow, max: u32) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.execute("DELETE FROM signins WHERE expires_at_ns <= ?1", [now_ns()])?;
+            tx.execute(
+                "DELETE FROM signins WHERE hash IN
+                 (SELECT hash FROM signins ORDER BY expires_at_ns DESC LIMIT -1 OFFSET ?1)",
+                [i64::from(max.saturating_sub(1))],
+            )?;
+            tx.execute(
+                "INSERT OR REPLACE INTO signins (hash, token_hash, csrf, expires_at_ns)
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![s.hash, s.token_hash, s.csrf, s.expires_at_ns],
+            )?;
+            Ok(())
+        })
+    }
+
+    pub fn find_signin(
+        &self,
+        hash: &str,
+        now_ns: i64,
+    ) -> Result<Option<(Principal, String)>, StoreError> {
+        self.read(|c| {
+            Ok(c.prepare_cached(
+                "SELECT t.kind, t.org, t.project, t.device_id, s.csrf
+                 FROM signins s JOIN tokens t ON t.hash = s.token_hash
+                 WHERE s.hash = ?1 AND s.expires_at_ns > ?2",
+            )?
+            .query_row(params![hash, now_ns], |r| Ok((principal(r)?, r.get(4)?)))
+            .optional()?)
+        })
+    }
+
+    pub fn delete_signin(&self, hash: &str) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.execute("DELETE FROM signins WHERE hash = ?1", [hash])?;
+            Ok(())
+        })
+    }
+}
+
+/// A token's principal from columns `kind, org, project, device_id`.
+fn principal(r: &rusqlite::Row<'_>) -> rusqlite::Result<Principal> {
+    let kind: String = r.get(0)?;
+    Ok(Principal {
+        kind: if kind == "operator" {
+            TokenKind::Operator
+        } else {
+            TokenKind::Device
+        },
+        org: r.get(1)?,
+        project: r.get(2)?,
+        device_id: r.get(3)?,
+    })
 }
