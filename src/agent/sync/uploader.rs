@@ -1020,6 +1020,7 @@ mod tests {
                 synchronous_full: false,
                 max_bytes: 1 << 30,
                 min_free_bytes: 0,
+                pinned_max: 1 << 28,
                 commit_interval: Duration::from_millis(5),
                 commit_records: 1000,
                 view: ViewCtx {
@@ -1043,6 +1044,7 @@ mod tests {
                 metadata: String::new(),
                 trusted: Arc::new(Trusted::default()),
                 client_dropped: 0,
+                mark: None,
             })
             .collect();
         tx.send(Msg::Rows(rows)).await.unwrap();

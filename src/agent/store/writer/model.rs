@@ -291,6 +291,7 @@ fn rows(levels: &[(Level, u8)]) -> Vec<Row> {
             metadata: String::new(),
             trusted: std::sync::Arc::new(Trusted::default()),
             client_dropped: *dropped as u64,
+            mark: None,
         })
         .collect()
 }
