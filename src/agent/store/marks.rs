@@ -13,7 +13,7 @@ use super::read::Reader;
 use super::{rfc3339, StoreError};
 use crate::agent::marks::{MarkSpec, Priority, MAX_PER_SESSION, MAX_WINDOW_NS};
 use crate::agent::types::MarkView;
-use crate::wire::Level;
+use crate::wire::{Level, Mark};
 
 /// Why a pin was released: pins exceeded `buffer.pinned_max`. Also the
 /// reason of the gap that reports it.
@@ -185,6 +185,49 @@ pub fn release_over(conn: &Connection, max: i64) -> rusqlite::Result<(u64, Relea
         total = pinned_bytes(conn)?;
     }
     Ok((released, gaps))
+}
+
+/// Writer side: the hub has these (mark id, revision)s.
+pub fn apply_acked(conn: &Connection, marks: &[(i64, u64)]) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare_cached(
+        "UPDATE marks SET synced_revision = max(synced_revision, ?2) WHERE id = ?1",
+    )?;
+    for (id, rev) in marks {
+        stmt.execute(params![id, *rev as i64])?;
+    }
+    Ok(())
+}
+
+/// Most marks one batch carries.
+const BATCH_MARKS: i64 = 1000;
+
+impl super::sync::SyncReader {
+    /// Marks whose newest revision the hub has not acknowledged, oldest
+    /// first.
+    pub fn pending_marks(&self) -> Result<Vec<Mark>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT m.id, m.revision, s.id, m.ts_ns, m.before_ns, m.after_ns, m.name, \
+                    m.priority, m.metadata, m.released \
+             FROM marks m LEFT JOIN sessions s ON s.pk = m.session \
+             WHERE m.revision > m.synced_revision ORDER BY m.id LIMIT ?1",
+        )?;
+        let rows = stmt.query_map([BATCH_MARKS], |r| {
+            let session: Option<String> = r.get(2)?;
+            Ok(Mark {
+                id: r.get::<_, i64>(0)? as u64,
+                revision: r.get::<_, i64>(1)? as u64,
+                session_id: session.and_then(|s| Uuid::parse_str(&s).ok()),
+                timestamp_ns: r.get(3)?,
+                before_ns: r.get(4)?,
+                after_ns: r.get(5)?,
+                name: r.get(6)?,
+                priority: Priority::from_code(r.get(7)?).as_str().into(),
+                metadata: r.get(8)?,
+                released: r.get(9)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
 }
 
 /// What `GET /v1/marks` filters on.

@@ -619,6 +619,7 @@ mod tests {
         let mut w = writer(dir.path());
         put(&mut w, rows(Level::Info, 5));
         let acked = || super::super::sync::Acked {
+            marks: Vec::new(),
             records: vec![(1, 5)],
             sessions: Vec::new(),
             gaps: vec![(0, Level::Info, "evicted".into(), 3)],

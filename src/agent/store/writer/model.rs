@@ -384,6 +384,7 @@ fn step(real: &mut Real, model: &mut Model, op: &Op) {
                 Answer::Refused => {
                     let aside = SetAside {
                         acked: Acked {
+                            marks: Vec::new(),
                             gaps: acked_gaps(),
                             ..Acked::default()
                         },
@@ -406,6 +407,7 @@ fn step(real: &mut Real, model: &mut Model, op: &Op) {
                 _ => {
                     let all = matches!(answer, Answer::All);
                     let ack = Acked {
+                        marks: Vec::new(),
                         records: seq_ranges(acked.iter().copied()),
                         sessions: Vec::new(),
                         gaps: if all { acked_gaps() } else { Vec::new() },
