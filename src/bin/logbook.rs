@@ -702,7 +702,31 @@ async fn run_hub(cli: Cli) -> anyhow::Result<()> {
         Command::Mark { .. } => bail!(
             "marks are made on the robot (run `logbook mark` there without --hub)"
         ),
-        Command::Marks { .. } => bail!("listing marks at a hub is not built yet"),
+        Command::Marks {
+            session,
+            name,
+            json,
+        } => {
+            for m in hub.marks(session.as_deref(), name.as_deref()).await? {
+                if json {
+                    print::json_line(&mut out, &m)?;
+                } else {
+                    print::mark_row(
+                        &mut out,
+                        &print::MarkRow {
+                            timestamp: &m.timestamp,
+                            priority: &m.priority,
+                            name: &m.name,
+                            before_seconds: m.before_seconds,
+                            after_seconds: m.after_seconds,
+                            session: m.session_id.as_deref(),
+                            metadata: &m.metadata,
+                            released: m.released.as_deref(),
+                        },
+                    )?;
+                }
+            }
+        }
         Command::Status { .. } | Command::Flush | Command::Log { .. } => bail!(
             "`status`, `flush` and `log` talk to the agent on a robot; run them there without --hub"
         ),
@@ -715,8 +739,8 @@ async fn run_hub(cli: Cli) -> anyhow::Result<()> {
 /// `logs` at a hub: the local paging and tail rules, then `--follow` over
 /// the hub's WebSocket live route.
 async fn hub_logs(hub: &HubClient, out: &mut impl Write, a: LogsArgs) -> anyhow::Result<()> {
-    if a.mark.is_some() {
-        bail!("--mark at a hub is not built yet; run it on the robot");
+    if a.mark.is_some() && (a.follow || a.device.is_some()) {
+        bail!("with --hub, --mark narrows a session's logs (--session ID), without --follow");
     }
     let scope = match (a.session.as_deref(), a.device) {
         (_, Some(d)) => LogScope::Device(d),
@@ -732,6 +756,7 @@ async fn hub_logs(hub: &HubClient, out: &mut impl Write, a: LogsArgs) -> anyhow:
         ("search", a.search),
         ("since", a.since),
         ("until", a.until),
+        ("mark", a.mark),
     ] {
         if let Some(v) = v {
             filter.0.push((k, v));

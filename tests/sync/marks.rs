@@ -109,6 +109,30 @@ fn marks_reach_the_hub_and_narrow_its_queries() {
     );
     assert_eq!(e["metadata"]["speed"], "1.5");
     assert_eq!(e["metadata"]["priority"], "high");
+    // The CLI against the hub: marks of the session, across sessions, and
+    // its logs narrowed to the collision's window.
+    let marks = crate::cli::ok(
+        crate::cli::cli(&hub),
+        &["marks", "--session", &session, "--json"],
+    );
+    assert_eq!(marks.lines().count(), 2, "{marks}");
+    let across = crate::cli::ok(crate::cli::cli(&hub), &["marks", "--name", "checkpoint"]);
+    assert!(
+        across.contains("checkpoint") && across.contains(&session),
+        "{across}"
+    );
+    let window = crate::cli::ok(
+        crate::cli::cli(&hub),
+        &[
+            "logs",
+            "--session",
+            &session,
+            "--mark",
+            "collision",
+            "--json",
+        ],
+    );
+    assert_eq!(window.lines().count(), 3, "{window}");
     // Without the operator's key: refused like every session route.
     let (st, v) = tokio::runtime::Builder::new_current_thread()
         .enable_all()
