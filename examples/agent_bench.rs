@@ -141,9 +141,18 @@ struct Run {
     avg_len: f64,
 }
 
+/// Marks made before a `+marks` run.
+const ACTIVE_MARKS: usize = 1000;
+
 /// Starts a fresh agent, sends `records` records over `clients`
 /// connections in `protocol`, waits for the flush.
-fn run_agent(logbookd: &Path, protocol: &str, clients: usize, records: usize) -> Run {
+fn run_agent(logbookd: &Path, name: &str, clients: usize, records: usize) -> Run {
+    // `json+marks`: the same run with ACTIVE_MARKS marks pinning windows
+    // first (issue 14: ingest with marks against without).
+    let (protocol, marks) = match name.strip_suffix("+marks") {
+        Some(p) => (p, ACTIVE_MARKS),
+        None => (name, 0),
+    };
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let run = dir.path().join("run");
@@ -155,6 +164,13 @@ fn run_agent(logbookd: &Path, protocol: &str, clients: usize, records: usize) ->
     common::wait_for_api(&run, Duration::from_secs(20));
     let pid = child.id();
     std::thread::sleep(Duration::from_millis(500));
+    let marker = logbook::client::Api::new().socket(&api);
+    for i in 0..marks {
+        let body = format!(r#"{{"name":"bench-{i}","before":"30s","after":"10s"}}"#);
+        let _: serde_json::Value = marker
+            .json("POST", "/v1/marks", Some(body.as_bytes()))
+            .expect("mark");
+    }
     let (cpu0, idle_rss, _) = proc_stats(pid);
 
     // Each client sends a precomputed ring of distinct records, so the
@@ -218,7 +234,7 @@ fn run_agent(logbookd: &Path, protocol: &str, clients: usize, records: usize) ->
     let _ = child.kill();
     let _ = child.wait();
     Run {
-        protocol: protocol.to_owned(),
+        protocol: name.to_owned(),
         total,
         stored,
         refused,

@@ -158,6 +158,7 @@ fn build_batches(total: u64) -> Vec<Encoded> {
                 })
                 .collect();
             let b = Batch {
+                marks: Vec::new(),
                 version: BATCH_VERSION,
                 device: Device {
                     id: device_id(d),

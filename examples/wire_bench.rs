@@ -99,6 +99,7 @@ fn main() {
     let mut batches: Vec<Batch> = all
         .chunks(per_batch)
         .map(|c| Batch {
+            marks: Vec::new(),
             version: 1,
             device: Device {
                 id: "bench".into(),

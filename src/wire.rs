@@ -2,9 +2,12 @@
 //! agent posts to `POST /api/v1/ingest/batches` (msgpack + gzip), the hub's
 //! [`BatchAck`], the tus `Upload-Metadata` keys, and the JSON error body.
 //!
-//! Two batch encodings: v1 is the structs as msgpack arrays (row by row);
-//! v2 (written by default) keeps a msgpack envelope but packs the records
-//! column by column (the `v2` module below), which compresses far better.
+//! Three batch encodings: v1 is the structs as msgpack arrays (row by
+//! row); v2 keeps a msgpack envelope but packs the records column by
+//! column (the `v2` module below), which compresses far better; v3
+//! (written by default) is v2 with the batch's [`Mark`]s after the
+//! columns. v1 and v2 carry no marks: an agent sending them to an older
+//! hub keeps its marks pending.
 //!
 //! Invariant: this module is the only thing `agent` and `hub` share about
 //! sync. A change to any struct here that alters the encoding bumps
@@ -18,10 +21,10 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 /// Version of the [`Batch`] encoding this build writes by default.
-pub const BATCH_VERSION: u32 = 2;
+pub const BATCH_VERSION: u32 = 3;
 /// Versions of the [`Batch`] encoding this build reads (and can write:
 /// [`Batch::to_msgpack`] writes the version named in [`Batch::version`]).
-pub const SUPPORTED_BATCH_VERSIONS: &[u32] = &[1, 2];
+pub const SUPPORTED_BATCH_VERSIONS: &[u32] = &[1, 2, 3];
 /// Most string bytes [`Batch::from_msgpack`] materializes when no explicit
 /// limit is given (see [`Batch::from_msgpack_limited`]).
 pub const DEFAULT_MAX_DECODED_BYTES: usize = 128 << 20;
@@ -311,6 +314,30 @@ pub struct Gap {
     pub dropped: u64,
 }
 
+/// A mark (README "Marks"): a named moment of a session with a window
+/// before and after it. The hub keeps each (device, `id`) once, at the
+/// highest `revision` it has seen, so resending is harmless.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Mark {
+    /// The device's id of the mark, never reused on that device.
+    pub id: u64,
+    /// Increases with every change on the device (a pin released).
+    pub revision: u64,
+    /// `None` for a mark made while no session was active.
+    pub session_id: Option<Uuid>,
+    /// Robot wall clock, Unix nanoseconds.
+    pub timestamp_ns: i64,
+    pub before_ns: i64,
+    pub after_ns: i64,
+    pub name: String,
+    /// `high` or `normal`.
+    pub priority: String,
+    /// JSON object text; empty when there is none.
+    pub metadata: String,
+    /// Why the device released its pin (`pin_released`), if it did.
+    pub released: Option<String>,
+}
+
 /// What the agent posts to the hub.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Batch {
@@ -323,6 +350,9 @@ pub struct Batch {
     pub sessions: Vec<SessionState>,
     pub records: Vec<Record>,
     pub gaps: Vec<Gap>,
+    /// Only in v3 and later (v1's rows never carry it).
+    #[serde(skip)]
+    pub marks: Vec<Mark>,
 }
 
 /// The hub's answer to a stored batch (JSON). A batch is stored in one
@@ -392,7 +422,7 @@ impl Batch {
     /// arrays) carrying whatever version number the batch holds.
     pub fn to_msgpack(&self) -> Vec<u8> {
         match self.version {
-            2 => v2::encode(self),
+            2 | 3 => v2::encode(self),
             _ => rmp_serde::to_vec(self).expect("a Batch always serializes"),
         }
     }
@@ -432,7 +462,7 @@ impl Batch {
         let version = peek_version(raw)?;
         match version {
             1 => rmp_serde::from_slice(raw).map_err(|e| WireError::Malformed(e.to_string())),
-            2 => v2::decode(raw, limit),
+            2 | 3 => v2::decode(raw, limit),
             found => Err(WireError::Version {
                 found,
                 supported: SUPPORTED_BATCH_VERSIONS,
@@ -540,8 +570,12 @@ mod v2 {
             .map(|r| r.message.len() + r.metadata.len())
             .sum();
         let mut out = Vec::with_capacity(256 + text + b.records.len() * 24);
-        rmp::encode::write_array_len(&mut out, 3).expect("writing to a Vec cannot fail");
-        rmp::encode::write_uint(&mut out, 2).expect("writing to a Vec cannot fail");
+        // v3: the marks follow the columns.
+        let v3 = b.version >= 3;
+        rmp::encode::write_array_len(&mut out, if v3 { 4 } else { 3 })
+            .expect("writing to a Vec cannot fail");
+        rmp::encode::write_uint(&mut out, if v3 { 3 } else { 2 })
+            .expect("writing to a Vec cannot fail");
         rmp_serde::encode::write(&mut out, &(&b.device, b.sent_at_ns, &b.sessions, &b.gaps))
             .expect("a Batch always serializes");
         out.push(BIN32);
@@ -550,6 +584,9 @@ mod v2 {
         columns(&mut out, &b.records);
         let len = u32::try_from(out.len() - len_at - 4).expect("a batch is far below 4 GiB");
         out[len_at..len_at + 4].copy_from_slice(&len.to_be_bytes());
+        if v3 {
+            rmp_serde::encode::write(&mut out, &b.marks).expect("a Batch always serializes");
+        }
         out
     }
 
@@ -662,37 +699,53 @@ mod v2 {
     pub fn decode(raw: &[u8], limit: usize) -> Result<Batch, WireError> {
         let mut cur = raw;
         let len = rmp::decode::read_array_len(&mut cur).map_err(|_| bad("not an array"))?;
-        if len != 3 {
-            return Err(bad(format!("envelope has {len} elements, not 3")));
-        }
         let version: u32 =
             rmp::decode::read_int(&mut cur).map_err(|_| bad("version is not an integer"))?;
-        debug_assert_eq!(version, 2);
+        let want = if version >= 3 { 4 } else { 3 };
+        if len != want {
+            return Err(bad(format!(
+                "v{version} envelope has {len} elements, not {want}"
+            )));
+        }
         type Head = (Device, i64, Vec<SessionState>, Vec<Gap>);
         let (device, sent_at_ns, sessions, gaps): Head = {
             let mut de = rmp_serde::Deserializer::new(&mut cur);
             Deserialize::deserialize(&mut de).map_err(|e| bad(format!("head: {e}")))?
         };
         let cols = rmp::decode::read_bin_len(&mut cur).map_err(|_| bad("no record columns"))?;
-        if cols as usize != cur.len() {
+        let cols = cols as usize;
+        if (version < 3 && cols != cur.len()) || cols > cur.len() {
             return Err(bad(format!(
                 "record columns say {cols} bytes but {} follow",
                 cur.len()
             )));
         }
+        let (columns, mut rest) = cur.split_at(cols);
         let records = Columns {
-            buf: cur,
+            buf: columns,
             spent: 0,
             limit,
         }
         .records()?;
+        let marks: Vec<Mark> = if version >= 3 {
+            let mut de = rmp_serde::Deserializer::new(&mut rest);
+            let marks =
+                Deserialize::deserialize(&mut de).map_err(|e| bad(format!("marks: {e}")))?;
+            if !rest.is_empty() {
+                return Err(bad(format!("{} bytes after the marks", rest.len())));
+            }
+            marks
+        } else {
+            Vec::new()
+        };
         Ok(Batch {
-            version: 2,
+            version,
             device,
             sent_at_ns,
             sessions,
             records,
             gaps,
+            marks,
         })
     }
 
@@ -936,6 +989,22 @@ mod tests {
                 reason: gap_reason::EVICTED.into(),
                 dropped: 4312,
             }],
+            marks: if version >= 3 {
+                vec![Mark {
+                    id: 7,
+                    revision: 1,
+                    session_id: Some(session),
+                    timestamp_ns: 1_736_504_625_000_000_000,
+                    before_ns: 30_000_000_000,
+                    after_ns: 10_000_000_000,
+                    name: "collision".into(),
+                    priority: "high".into(),
+                    metadata: r#"{"bumper":"front"}"#.into(),
+                    released: None,
+                }]
+            } else {
+                Vec::new()
+            },
         }
     }
 
@@ -996,6 +1065,7 @@ mod tests {
         };
         golden(1, include_str!("../tests/fixtures/batch_v1.hex"));
         golden(2, include_str!("../tests/fixtures/batch_v2.hex"));
+        golden(3, include_str!("../tests/fixtures/batch_v3.hex"));
         // The fuzz seeds are the same batch.
         let seeds: [(&[u8], u32); 3] = [
             (
@@ -1024,7 +1094,7 @@ mod tests {
         let err = Batch::from_msgpack(&b.to_msgpack()).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "unsupported batch version 99 (this hub understands [1, 2])"
+            "unsupported batch version 99 (this hub understands [1, 2, 3])"
         );
     }
 

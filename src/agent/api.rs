@@ -20,12 +20,14 @@ use uuid::Uuid;
 
 use crate::agent::ingest::json::BadRecord;
 use crate::agent::ingest::Pipeline;
+use crate::agent::marks::{MarkSpec, Priority};
+use crate::agent::store::marks::MarkQuery;
 use crate::agent::store::read::{LogQuery, Reader};
 use crate::agent::store::writer::{Msg, SessionCmd};
 use crate::agent::store::{Stats, StoreError};
 use crate::agent::types::{
-    AddTag, BufferStatus, Flushed, GapItem, IngestCounts, OpenSession, RecordCounts, SessionError,
-    Status, StopSession, Target, FOLLOW_END_SESSION,
+    AddTag, BufferStatus, Flushed, GapItem, IngestCounts, MarkView, NewMark, OpenSession, Page,
+    RecordCounts, SessionError, Status, StopSession, Target, FOLLOW_END_SESSION,
 };
 use crate::prom::{self, Kind, Text};
 use crate::wire::{ErrorBody, ErrorDetail, Level, SessionStatus};
@@ -62,6 +64,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/sessions/{id}/artifacts", get(session_artifacts))
         .route("/v1/logs", get(logs))
         .route("/v1/logs/follow", get(follow_logs))
+        .route("/v1/marks", post(new_mark).get(list_marks))
         .route("/v1/flush", post(flush))
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics))
@@ -298,6 +301,9 @@ struct LogsQuery {
     before: Option<u64>,
     after: Option<u64>,
     order: Option<String>,
+    /// Narrow to the window of the newest mark of this name (in `session`
+    /// when given).
+    mark: Option<String>,
     /// Only for a follow: start with the newest N.
     tail: Option<usize>,
 }
@@ -325,6 +331,21 @@ async fn log_query(st: &Arc<ApiState>, q: LogsQuery) -> Result<LogQuery, ApiErro
                 .map_err(|_| ApiError::bad(format!("session {s:?} is not a session id")))?,
         ),
     };
+    let mut since_ns = nonempty(q.since)
+        .map(|s| parse_time("since", &s))
+        .transpose()?;
+    let mut until_ns = nonempty(q.until)
+        .map(|s| parse_time("until", &s))
+        .transpose()?;
+    let mut session = session;
+    if let Some(name) = nonempty(q.mark) {
+        let m = newest_mark(st, session, name).await?;
+        session = m.session_id;
+        let window = |t: &str| parse_time("mark", t);
+        since_ns = Some(since_ns.unwrap_or(i64::MIN).max(window(&m.start)?));
+        // `until` is exclusive; a window's end is in it.
+        until_ns = Some(until_ns.unwrap_or(i64::MAX).min(window(&m.end)? + 1));
+    }
     let level = match nonempty(q.level) {
         None => None,
         Some(l) => Some(l.parse::<Level>().map_err(ApiError::bad)?),
@@ -339,12 +360,8 @@ async fn log_query(st: &Arc<ApiState>, q: LogsQuery) -> Result<LogQuery, ApiErro
         level,
         module: nonempty(q.module),
         search: nonempty(q.search),
-        since_ns: nonempty(q.since)
-            .map(|s| parse_time("since", &s))
-            .transpose()?,
-        until_ns: nonempty(q.until)
-            .map(|s| parse_time("until", &s))
-            .transpose()?,
+        since_ns,
+        until_ns,
         limit: q.limit.unwrap_or(100).clamp(1, MAX_LIMIT),
         before: q.before,
         after: q.after,
@@ -807,4 +824,104 @@ async fn metrics(State(st): St) -> Result<Response, ApiError> {
         u8::from(a.auth_failed),
     );
     Ok(([(header::CONTENT_TYPE, prom::CONTENT_TYPE)], t.finish()).into_response())
+}
+
+/// The newest mark named `name`, in `session` when given; 404 when none.
+async fn newest_mark(
+    st: &Arc<ApiState>,
+    session: Option<Uuid>,
+    name: String,
+) -> Result<MarkView, ApiError> {
+    let st2 = st.clone();
+    let q = MarkQuery {
+        session,
+        name: Some(name.clone()),
+        limit: 1,
+        before: None,
+    };
+    let found = blocking(move || st2.reader.marks(&q)).await?;
+    found
+        .into_iter()
+        .next()
+        .ok_or_else(|| ApiError::new(404, "not_found", format!("no mark named {name:?}")))
+}
+
+/// `POST /v1/marks`: a mark in the active session (README "Marks").
+async fn new_mark(State(st): St, body: Body<NewMark>) -> Result<Response, ApiError> {
+    let Json(req) = body?;
+    let window = |what: &str, v: &Option<serde_json::Value>| {
+        v.as_ref()
+            .map(crate::agent::marks::duration_ns)
+            .transpose()
+            .map_err(|e| ApiError::bad(format!("{what}: {e}")))
+    };
+    let priority = match req.priority.as_deref() {
+        None | Some("") => Priority::Normal,
+        Some(p) => p.parse().map_err(ApiError::bad)?,
+    };
+    let timestamp_ns = match req.timestamp.as_deref() {
+        None | Some("") => None,
+        Some(t) => Some(parse_time("timestamp", t)?),
+    };
+    let spec = MarkSpec::new(
+        req.name,
+        timestamp_ns,
+        window("before", &req.before)?,
+        window("after", &req.after)?,
+        priority,
+        &req.metadata,
+    )
+    .map_err(ApiError::bad)?;
+    // Records sent before the mark belong before it (and to its session).
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), st.pipeline.handover()).await;
+    let (tx, rx) = oneshot::channel();
+    let gone = || ApiError::new(503, "unavailable", "the agent is shutting down".into());
+    st.pipeline
+        .writer()
+        .send(Msg::Mark(spec, tx))
+        .await
+        .map_err(|_| gone())?;
+    let id = rx.await.map_err(|_| gone())??;
+    let st2 = st.clone();
+    let view = blocking(move || st2.reader.mark(id)).await?;
+    let view = view.ok_or_else(|| ApiError::new(500, "internal", "the new mark is gone".into()))?;
+    Ok((StatusCode::CREATED, Json(view)).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct MarksQuery {
+    session: Option<String>,
+    name: Option<String>,
+    limit: Option<usize>,
+    before: Option<i64>,
+}
+
+/// `GET /v1/marks`: marks, newest first (`session`, `name`, `limit`,
+/// `before` an id).
+async fn list_marks(State(st): St, q: Q<MarksQuery>) -> Result<Response, ApiError> {
+    let Query(q) = q?;
+    let session = match q.session.as_deref() {
+        None | Some("") => None,
+        Some("current") => {
+            let st2 = st.clone();
+            let cur = blocking(move || st2.reader.current_session()).await?;
+            Some(cur.ok_or(SessionError::NoActive)?.id)
+        }
+        Some(s) => Some(
+            Uuid::parse_str(s)
+                .map_err(|_| ApiError::bad(format!("session {s:?} is not a session id")))?,
+        ),
+    };
+    let limit = q.limit.unwrap_or(100).clamp(1, MAX_LIMIT);
+    let query = MarkQuery {
+        session,
+        name: q.name.filter(|n| !n.is_empty()),
+        limit,
+        before: q.before,
+    };
+    let items = blocking(move || st.reader.marks(&query)).await?;
+    let next_cursor = (items.len() == limit)
+        .then(|| items.last().map(|m| m.id.to_string()))
+        .flatten();
+    Ok(Json(Page { items, next_cursor }).into_response())
 }

@@ -84,6 +84,12 @@ pub const KEYS: &[Key] = &[
     ),
     key(
         "buffer",
+        "pinned_max",
+        Kind::Bytes,
+        "most record bytes that marks may pin against eviction (0: a quarter of max_bytes)",
+    ),
+    key(
+        "buffer",
         "synchronous",
         Kind::Choice(&["normal", "full"]),
         "SQLite synchronous mode",
@@ -252,6 +258,7 @@ impl Default for RawIngest {
 pub struct RawBuffer {
     pub max_bytes: u64,
     pub min_free_bytes: u64,
+    pub pinned_max: u64,
     pub synchronous: String,
     pub commit_interval: f64,
     pub commit_records: u64,
@@ -262,6 +269,7 @@ impl Default for RawBuffer {
         RawBuffer {
             max_bytes: 256 << 20,
             min_free_bytes: 64 << 20,
+            pinned_max: 0,
             synchronous: "normal".into(),
             commit_interval: 0.2,
             commit_records: 20_000,
@@ -449,6 +457,8 @@ pub struct AgentConfig {
     pub forward: bool,
     pub max_bytes: u64,
     pub min_free_bytes: u64,
+    /// Most record bytes marks may pin (`buffer.pinned_max`, resolved).
+    pub pinned_max: u64,
     pub synchronous_full: bool,
     pub commit_interval: Duration,
     pub commit_records: usize,
@@ -547,6 +557,15 @@ fn resolve(raw: RawConfig, file: &Path) -> Result<AgentConfig, ConfigError> {
             format!("must be at least 256KiB, found {}", raw.buffer.max_bytes),
         ));
     }
+    if raw.buffer.pinned_max > raw.buffer.max_bytes {
+        return Err(bad(
+            "buffer.pinned_max",
+            format!(
+                "must be at most buffer.max_bytes ({}), found {}",
+                raw.buffer.max_bytes, raw.buffer.pinned_max
+            ),
+        ));
+    }
     if raw.buffer.commit_records == 0 {
         return Err(bad("buffer.commit_records", "must be at least 1".into()));
     }
@@ -598,6 +617,10 @@ fn resolve(raw: RawConfig, file: &Path) -> Result<AgentConfig, ConfigError> {
         forward: raw.ingest.forward,
         max_bytes: raw.buffer.max_bytes,
         min_free_bytes: raw.buffer.min_free_bytes,
+        pinned_max: match raw.buffer.pinned_max {
+            0 => raw.buffer.max_bytes / 4,
+            n => n,
+        },
         synchronous_full: raw.buffer.synchronous == "full",
         commit_interval: Duration::from_secs_f64(raw.buffer.commit_interval),
         commit_records: raw.buffer.commit_records as usize,

@@ -14,6 +14,7 @@ pub mod api;
 pub mod config;
 pub mod formats;
 pub mod ingest;
+pub mod marks;
 pub mod record;
 pub mod store;
 pub mod sync;
@@ -249,6 +250,7 @@ async fn open_writer(
         synchronous_full: cfg.synchronous_full,
         max_bytes: cfg.max_bytes,
         min_free_bytes: cfg.min_free_bytes,
+        pinned_max: cfg.pinned_max,
         commit_interval: cfg.commit_interval,
         commit_records: cfg.commit_records,
         view: view.clone(),

@@ -360,3 +360,38 @@ mod tests {
         assert!(serde_json::from_value::<Status>(j).is_err());
     }
 }
+
+/// `POST /v1/marks`: a mark in the active session (or among the device
+/// logs when none is active). Windows are seconds or a duration text
+/// (`"30s"`); the time is RFC 3339, the agent's clock when absent.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NewMark {
+    pub name: String,
+    pub timestamp: Option<String>,
+    pub before: Option<serde_json::Value>,
+    pub after: Option<serde_json::Value>,
+    pub priority: Option<String>,
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+}
+
+/// One mark as `GET /v1/marks` and `logbook marks --json` show it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MarkView {
+    /// The agent's id of the mark, increasing, never reused.
+    pub id: i64,
+    pub session_id: Option<Uuid>,
+    pub name: String,
+    /// The mark's moment, RFC 3339 with nanoseconds.
+    pub timestamp: String,
+    /// The window it pins: `timestamp` minus `before`, plus `after`.
+    pub start: String,
+    pub end: String,
+    pub before_seconds: f64,
+    pub after_seconds: f64,
+    /// `high` or `normal`.
+    pub priority: String,
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    /// Why its window is no longer pinned (`pinned_max`), or null.
+    pub released: Option<String>,
+}

@@ -88,6 +88,40 @@ enum Command {
     },
     /// Wait until every record the agent received is committed.
     Flush,
+    /// Mark a moment of the active session (e.g. `collision`): the records
+    /// around it are kept longest and sent first.
+    Mark {
+        /// What happened.
+        name: String,
+        /// How much before the mark to keep (e.g. 30s).
+        #[arg(long, value_name = "DUR")]
+        before: Option<String>,
+        /// How much after the mark to keep (e.g. 10s).
+        #[arg(long, value_name = "DUR")]
+        after: Option<String>,
+        /// high or normal: high pins are released last.
+        #[arg(long, value_name = "P")]
+        priority: Option<String>,
+        /// Free metadata, repeatable.
+        #[arg(long = "meta", value_name = "K=V")]
+        meta: Vec<String>,
+        /// Print the mark as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List marks, newest first (of --session; with --hub, --mark NAME
+    /// lists sessions' marks of that name across sessions).
+    Marks {
+        /// Session id (or `current` locally).
+        #[arg(long)]
+        session: Option<String>,
+        /// With --hub: only marks of this name.
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Send a log record to the agent, like logger(1): the MESSAGE words
     /// as one record, or one record per line of stdin when there are none.
     Log {
@@ -204,6 +238,9 @@ struct LogsArgs {
     /// RFC 3339 time.
     #[arg(long)]
     until: Option<String>,
+    /// Only the window of the newest mark of this name (in --session).
+    #[arg(long, value_name = "NAME")]
+    mark: Option<String>,
     /// Only the newest N records.
     #[arg(long, short = 'n')]
     limit: Option<usize>,
@@ -434,6 +471,47 @@ fn run_local(cli: Cli) -> anyhow::Result<()> {
             let f = api.flush().map_err(local)?;
             writeln!(out, "committed up to seq {}", f.last_seq)?;
         }
+        Command::Mark {
+            name,
+            before,
+            after,
+            priority,
+            meta,
+            json,
+        } => {
+            let mut new = logbook::agent::types::NewMark {
+                name,
+                before: before.map(serde_json::Value::String),
+                after: after.map(serde_json::Value::String),
+                priority,
+                ..Default::default()
+            };
+            for kv in meta {
+                let (k, v) = kv
+                    .split_once('=')
+                    .ok_or_else(|| anyhow!("--meta {kv:?} must look like KEY=VALUE"))?;
+                new.metadata.insert(k.into(), serde_json::Value::String(v.into()));
+            }
+            let m = api.mark(&new).map_err(local)?;
+            if json {
+                print::json_line(&mut out, &m)?;
+            } else {
+                print::mark_row(&mut out, &local_mark_row(&m, &m.session_id.map(|s| s.to_string())))?;
+            }
+        }
+        Command::Marks { session, name, json } => {
+            if name.is_some() {
+                bail!("--name lists marks across sessions at a hub: give --hub URL");
+            }
+            for m in api.every_mark(session.as_deref()).map_err(local)? {
+                if json {
+                    print::json_line(&mut out, &m)?;
+                } else {
+                    let id = m.session_id.map(|s| s.to_string());
+                    print::mark_row(&mut out, &local_mark_row(&m, &id))?;
+                }
+            }
+        }
         Command::Log {
             level,
             module,
@@ -464,6 +542,22 @@ fn run_local(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn local_mark_row<'a>(
+    m: &'a logbook::agent::types::MarkView,
+    session: &'a Option<String>,
+) -> print::MarkRow<'a> {
+    print::MarkRow {
+        timestamp: &m.timestamp,
+        priority: &m.priority,
+        name: &m.name,
+        before_seconds: m.before_seconds,
+        after_seconds: m.after_seconds,
+        session: session.as_deref(),
+        metadata: &m.metadata,
+        released: m.released.as_deref(),
+    }
+}
+
 /// `logs` on the robot: every matching record (paging upwards), or the
 /// newest `--limit` N; with `--follow`, the newest N (10 by default, like
 /// journalctl) and then each new record as the agent commits it, over one
@@ -479,6 +573,7 @@ fn logs(api: &Api, out: &mut impl Write, a: LogsArgs) -> anyhow::Result<()> {
         search: a.search,
         since: a.since,
         until: a.until,
+        mark: a.mark,
     };
     if a.follow {
         let from = FollowFrom::Tail(a.limit.unwrap_or(10));
@@ -604,6 +699,34 @@ async fn run_hub(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Mark { .. } => bail!(
+            "marks are made on the robot (run `logbook mark` there without --hub)"
+        ),
+        Command::Marks {
+            session,
+            name,
+            json,
+        } => {
+            for m in hub.marks(session.as_deref(), name.as_deref()).await? {
+                if json {
+                    print::json_line(&mut out, &m)?;
+                } else {
+                    print::mark_row(
+                        &mut out,
+                        &print::MarkRow {
+                            timestamp: &m.timestamp,
+                            priority: &m.priority,
+                            name: &m.name,
+                            before_seconds: m.before_seconds,
+                            after_seconds: m.after_seconds,
+                            session: m.session_id.as_deref(),
+                            metadata: &m.metadata,
+                            released: m.released.as_deref(),
+                        },
+                    )?;
+                }
+            }
+        }
         Command::Status { .. } | Command::Flush | Command::Log { .. } => bail!(
             "`status`, `flush` and `log` talk to the agent on a robot; run them there without --hub"
         ),
@@ -616,6 +739,9 @@ async fn run_hub(cli: Cli) -> anyhow::Result<()> {
 /// `logs` at a hub: the local paging and tail rules, then `--follow` over
 /// the hub's WebSocket live route.
 async fn hub_logs(hub: &HubClient, out: &mut impl Write, a: LogsArgs) -> anyhow::Result<()> {
+    if a.mark.is_some() && (a.follow || a.device.is_some()) {
+        bail!("with --hub, --mark narrows a session's logs (--session ID), without --follow");
+    }
     let scope = match (a.session.as_deref(), a.device) {
         (_, Some(d)) => LogScope::Device(d),
         (Some("current") | None, None) => bail!(
@@ -630,6 +756,7 @@ async fn hub_logs(hub: &HubClient, out: &mut impl Write, a: LogsArgs) -> anyhow:
         ("search", a.search),
         ("since", a.since),
         ("until", a.until),
+        ("mark", a.mark),
     ] {
         if let Some(v) = v {
             filter.0.push((k, v));

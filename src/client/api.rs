@@ -16,7 +16,8 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 
 use crate::agent::types::{
-    AddTag, ArtifactItem, Flushed, LogItem, OpenSession, Page, SessionView, Status, StopSession,
+    AddTag, ArtifactItem, Flushed, LogItem, MarkView, NewMark, OpenSession, Page, SessionView,
+    Status, StopSession,
 };
 use crate::client::percent_encode;
 use crate::wire::{ErrorBody, Package};
@@ -303,6 +304,34 @@ impl Api {
         Ok(self.json::<Items>("GET", &path, None)?.items)
     }
 
+    /// `POST /v1/marks`: a mark in the active session.
+    pub fn mark(&self, new: &NewMark) -> Result<MarkView, ApiError> {
+        let body = serde_json::to_vec(new).expect("serializable");
+        self.json("POST", "/v1/marks", Some(&body))
+    }
+
+    /// Every mark (of `session`, an id or `current`), newest first, paging
+    /// through `GET /v1/marks`.
+    pub fn every_mark(&self, session: Option<&str>) -> Result<Vec<MarkView>, ApiError> {
+        let mut out = Vec::new();
+        let mut before: Option<String> = None;
+        loop {
+            let mut path = format!("/v1/marks?limit={PAGE}");
+            if let Some(s) = session {
+                path.push_str(&format!("&session={}", percent_encode(s)));
+            }
+            if let Some(b) = &before {
+                path.push_str(&format!("&before={}", percent_encode(b)));
+            }
+            let page: Page<MarkView> = self.json("GET", &path, None)?;
+            out.extend(page.items);
+            match page.next_cursor {
+                Some(c) => before = Some(c),
+                None => return Ok(out),
+            }
+        }
+    }
+
     /// `GET /v1/status`.
     pub fn status(&self) -> Result<Status, ApiError> {
         self.json("GET", "/v1/status", None)
@@ -500,6 +529,8 @@ pub struct LogFilter {
     /// RFC 3339 times.
     pub since: Option<String>,
     pub until: Option<String>,
+    /// The window of the newest mark of this name.
+    pub mark: Option<String>,
 }
 
 impl LogFilter {
@@ -513,6 +544,7 @@ impl LogFilter {
             ("search", &self.search),
             ("since", &self.since),
             ("until", &self.until),
+            ("mark", &self.mark),
         ] {
             if let Some(v) = v {
                 q.push_str(&format!("&{k}={}", percent_encode(v)));

@@ -149,6 +149,23 @@ pub struct HubArtifact {
     pub created_at: String,
 }
 
+/// A mark as the hub shows it (`GET …/marks`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HubMark {
+    pub session_id: Option<String>,
+    pub device_id: String,
+    pub id: i64,
+    pub name: String,
+    pub timestamp: String,
+    pub start: String,
+    pub end: String,
+    pub before_seconds: f64,
+    pub after_seconds: f64,
+    pub priority: String,
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    pub released: Option<String>,
+}
+
 #[derive(Debug, Deserialize)]
 pub struct Page<T> {
     pub items: Vec<T>,
@@ -512,6 +529,29 @@ impl HubClient {
                 return Ok(());
             }
         }
+    }
+
+    /// Marks of `session`, or across sessions, of `name` when given, oldest
+    /// first (at most the hub's page of 1000).
+    pub async fn marks(
+        &self,
+        session: Option<&str>,
+        name: Option<&str>,
+    ) -> Result<Vec<HubMark>, HubError> {
+        let path = match session {
+            Some(s) => format!("/sessions/{}/marks", percent_encode(s)),
+            None => "/marks".to_owned(),
+        };
+        let mut url = self.project_url(&format!("{path}?limit={PAGE}"));
+        if let Some(n) = name {
+            url.push_str(&format!("&name={}", percent_encode(n)));
+        }
+        #[derive(Deserialize)]
+        struct Items {
+            items: Vec<HubMark>,
+        }
+        let page: Items = self.json(self.http.get(url)).await?;
+        Ok(page.items)
     }
 
     pub async fn artifacts(&self, session: &str) -> Result<Vec<HubArtifact>, HubError> {

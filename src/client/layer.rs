@@ -190,6 +190,9 @@ where
         record.insert("level".into(), Value::String(level.into()));
         record.insert("module".into(), Value::String(module));
         record.insert("message".into(), Value::String(message));
+        if let Some(event) = mark_event(&mut visitor.fields) {
+            record.insert("event".into(), event);
+        }
         if !visitor.fields.is_empty() {
             record.insert("fields".into(), Value::Object(visitor.fields));
         }
@@ -200,6 +203,25 @@ where
         line.push(b'\n');
         self.sender.send(line);
     }
+}
+
+/// An event's `mark` field (with `mark_before`, `mark_after`,
+/// `mark_priority`) as the `event` object the agent makes a mark of
+/// (README "Marks"), taken out of the fields.
+fn mark_event(fields: &mut Map<String, Value>) -> Option<Value> {
+    let name = fields.remove("mark")?;
+    let mut event = Map::new();
+    event.insert("name".into(), name);
+    for (field, key) in [
+        ("mark_before", "before"),
+        ("mark_after", "after"),
+        ("mark_priority", "priority"),
+    ] {
+        if let Some(v) = fields.remove(field) {
+            event.insert(key.into(), v);
+        }
+    }
+    Some(Value::Object(event))
 }
 
 /// Collects an event's fields: `message` apart, `log.target` (events

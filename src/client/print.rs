@@ -67,6 +67,40 @@ pub fn json_line(out: &mut impl Write, v: &impl Serialize) -> io::Result<()> {
     writeln!(out)
 }
 
+/// One row of `logbook marks`: `TIME PRIORITY NAME -BEFORE/+AFTER
+/// SESSION {metadata}`, and why its pin was released when it was.
+pub fn mark_row(out: &mut impl Write, m: &MarkRow<'_>) -> io::Result<()> {
+    write!(
+        out,
+        "{}  {:<6}  {}  -{}/+{}  {}",
+        m.timestamp,
+        m.priority,
+        m.name,
+        human_duration(m.before_seconds),
+        human_duration(m.after_seconds),
+        m.session.unwrap_or("-"),
+    )?;
+    if !m.metadata.is_empty() {
+        write!(out, "  {}", serde_json::Value::Object(m.metadata.clone()))?;
+    }
+    if let Some(r) = m.released {
+        write!(out, "  (pin released: {r})")?;
+    }
+    writeln!(out)
+}
+
+/// What [`mark_row`] prints, from a local or a hub mark.
+pub struct MarkRow<'a> {
+    pub timestamp: &'a str,
+    pub priority: &'a str,
+    pub name: &'a str,
+    pub before_seconds: f64,
+    pub after_seconds: f64,
+    pub session: Option<&'a str>,
+    pub metadata: &'a serde_json::Map<String, serde_json::Value>,
+    pub released: Option<&'a str>,
+}
+
 /// One record: its JSON object (`json`), or `TIME LEVEL module: message
 /// {metadata} [process pid]`.
 pub fn record(out: &mut impl Write, r: &impl Record, json: bool) -> io::Result<()> {

@@ -108,9 +108,25 @@ fn events_arrive_as_json_lines() {
         tracing::warn!(target: "nav::planner", obstacles = 5, ok = false, ratio = 0.5, who = ?"lidar", "replanning around {}", "a box");
         let err = std::io::Error::other("motor stalled");
         tracing::error!(error = &err as &dyn std::error::Error, "arm failed");
+        tracing::warn!(
+            mark = "collision",
+            mark_before = "5s",
+            mark_priority = "high",
+            speed = 1.5,
+            "bumped"
+        );
     });
     assert!(handle.flush(Duration::from_secs(10)), "flush timed out");
-    agent.wait_for_count(2);
+    agent.wait_for_count(3);
+    // A `mark` field becomes the `event` the agent makes a mark of.
+    let got = agent.lines.lock().unwrap().clone();
+    assert_eq!(
+        (&got[2]["event"], &got[2]["fields"]),
+        (
+            &json!({"name": "collision", "before": "5s", "priority": "high"}),
+            &json!({"speed": 1.5})
+        )
+    );
     let got = agent.lines.lock().unwrap().clone();
     let ts = got[0]["timestamp"].as_str().unwrap();
     // RFC 3339 with nanoseconds in UTC, e.g. 2026-11-26T01:02:03.123456789Z.

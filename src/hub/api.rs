@@ -497,6 +497,7 @@ pub fn session_query(p: &[(String, String)]) -> Result<SessionQuery, ApiError> {
         tags,
         package_name,
         package_version,
+        mark: param(p, "mark").map(str::to_owned),
         has_errors: param(p, "has_errors")
             .map(|v| parse_bool("has_errors", v))
             .transpose()?,
@@ -644,8 +645,14 @@ pub async fn session_logs(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     auth::operator(&hub, &headers, None, &org).await?;
-    let q = log_query(&p)?;
+    let mut q = log_query(&p)?;
     let pk = session_pk(&hub, &org, &project, &id).await?;
+    if let Some(name) = param(&p, "mark") {
+        // Narrowed to the window of the session's last mark of that name.
+        let (since, until) = super::marks::window(&hub, &org, &project, pk, name).await?;
+        q.since_ns = Some(q.since_ns.map_or(since, |s| s.max(since)));
+        q.until_ns = Some(q.until_ns.map_or(until, |u| u.min(until)));
+    }
     let page = hub.store.logs(LogScope::Session(pk), &q).await?;
     Ok(logs_response(page))
 }

@@ -109,8 +109,38 @@ pub fn validate(batch: &Batch, device_id: &str, limits: &Limits) -> Result<(), A
             return bad("gap reason empty or too long".into());
         }
     }
+    if batch.marks.len() > MAX_MARKS {
+        return bad(format!("more than {MAX_MARKS} marks in one batch"));
+    }
+    for m in &batch.marks {
+        if m.id > i64::MAX as u64 || m.revision > i64::MAX as u64 {
+            return bad(format!("mark {} is out of range", m.id));
+        }
+        if !name_ok(&m.name)
+            || m.name.is_empty()
+            || !["high", "normal"].contains(&m.priority.as_str())
+            || m.released.as_deref().is_some_and(|r| !name_ok(r))
+            || m.before_ns < 0
+            || m.after_ns < 0
+        {
+            return bad(format!(
+                "mark {}: bad name, priority, window or release",
+                m.id
+            ));
+        }
+        if m.metadata.len() > limits.max_field_bytes
+            || (!m.metadata.is_empty()
+                && serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&m.metadata)
+                    .is_err())
+        {
+            return bad(format!("mark {}: metadata is not a JSON object", m.id));
+        }
+    }
     Ok(())
 }
+
+/// Most marks one batch may carry.
+pub const MAX_MARKS: usize = 10_000;
 
 /// Decodes a body (gzip unless `identity`), mapping wire errors to the
 /// status the agent acts on.
@@ -289,6 +319,7 @@ mod tests {
 
     fn batch(records: Vec<Record>) -> Batch {
         Batch {
+            marks: Vec::new(),
             version: BATCH_VERSION,
             device: Device {
                 id: "robot-1".into(),

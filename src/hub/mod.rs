@@ -15,6 +15,7 @@ mod console;
 mod error;
 mod export;
 mod ingest;
+mod marks;
 mod metrics;
 pub mod paths;
 pub mod store;
@@ -255,6 +256,9 @@ fn router(hub: Arc<Hub>) -> Router {
         )
         .route("/sessions/{id}/logs", get(api::session_logs))
         .route("/sessions/{id}/logs/export", get(export::export_logs))
+        .route("/sessions/{id}/marks", get(marks::session_marks))
+        .route("/sessions/{id}/marks/export", get(marks::export_marks))
+        .route("/marks", get(marks::project_marks))
         .route("/sessions/{id}/files", get(api::list_files))
         .route("/sessions/{id}/files/download", get(export::download_zip))
         .route("/sessions/{id}/files/{*path}", get(api::download_file))

@@ -749,6 +749,7 @@ mod tests {
             error: None,
         };
         let batch = Batch {
+            marks: Vec::new(),
             version: BATCH_VERSION,
             device: Device {
                 id: "robot-1".into(),

@@ -2,6 +2,7 @@
 //! daemon per test on a fresh directory, spoken to over its real sockets.
 
 mod ingest;
+mod marks;
 mod sessions;
 mod store;
 mod systemd;

@@ -350,6 +350,7 @@ pub fn record(
 
 pub fn batch(sessions: Vec<SessionState>, records: Vec<Record>, gaps: Vec<Gap>) -> Batch {
     Batch {
+        marks: Vec::new(),
         version: BATCH_VERSION,
         device: Device {
             id: DEVICE.into(),

@@ -7,6 +7,7 @@ mod chaos;
 mod dev;
 pub(crate) mod faultproxy;
 mod links;
+mod marks;
 
 use std::time::Duration;
 

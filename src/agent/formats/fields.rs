@@ -136,7 +136,7 @@ fn module_of(v: Value) -> Result<String, Value> {
 /// for the common shape: text keys, no key twice, nested `metadata` or
 /// `fields` maps whose keys are all new and none a message alias, a message
 /// that is not a structure, at most 64 fields, nothing over the size limit
-/// and no `logbook_dropped`. The metadata is written as JSON text straight
+/// and no `logbook_dropped` or `event` (a mark). The metadata is written as JSON text straight
 /// from the msgpack bytes, without the map of owned keys and values that
 /// [`to_incoming`] takes (building and tearing down that map was most of
 /// the Forward listener's work). `None` for any other shape: the caller
@@ -217,7 +217,7 @@ pub fn from_msgpack(
         return None;
     }
     let find = |key: &str| fields.binary_search_by(|f| f.0.cmp(key)).ok();
-    if find("logbook_dropped").is_some() {
+    if find("logbook_dropped").is_some() || find("event").is_some() {
         return None;
     }
     // The aliases, as `take_first` picks them: the first one present whose

@@ -216,15 +216,40 @@ impl Pipeline {
             .get("logbook_dropped")
             .and_then(|v| v.as_u64())
             .unwrap_or(0);
+        let timestamp_ns = r.timestamp_ns.unwrap_or(arrival_ns);
+        let mark = self.mark_of(&r, timestamp_ns);
         let metadata = r.take_metadata_text();
         Row {
-            timestamp_ns: r.timestamp_ns.unwrap_or(arrival_ns),
+            timestamp_ns,
             level: r.level,
             module: r.module.unwrap_or_default(),
             message: r.message,
             metadata,
             trusted,
             client_dropped,
+            mark,
+        }
+    }
+
+    /// The mark a record's `event` field asks for (README "Marks"); an
+    /// invalid one is counted and logged, and the record kept as it is.
+    fn mark_of(
+        &self,
+        r: &Incoming,
+        timestamp_ns: i64,
+    ) -> Option<Box<crate::agent::marks::MarkSpec>> {
+        if r.metadata.is_empty() {
+            return None;
+        }
+        match crate::agent::marks::from_record(&r.metadata, timestamp_ns)? {
+            Ok(m) => Some(Box::new(m)),
+            Err(e) => {
+                self.stats.marks_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    "a record's event is not a valid mark ({e}); kept it as a plain record"
+                );
+                None
+            }
         }
     }
 

@@ -196,6 +196,7 @@ mod tests {
                 },
                 trusted: Arc::new(trusted[i % trusted.len()].clone()),
                 client_dropped: 0,
+                mark: None,
             })
             .collect()
     }

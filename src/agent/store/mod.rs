@@ -10,6 +10,7 @@
 pub mod artifacts;
 pub mod duration;
 mod insert;
+pub mod marks;
 pub mod read;
 pub mod schema;
 pub mod sync;
@@ -63,6 +64,9 @@ pub struct Row {
     /// Events the client says it dropped before this record (the tracing
     /// layer's `logbook_dropped`), counted as a gap.
     pub client_dropped: u64,
+    /// The mark this record asks for (its `event` field), stored with it
+    /// in the session it joins.
+    pub mark: Option<Box<crate::agent::marks::MarkSpec>>,
 }
 
 impl Row {
@@ -92,6 +96,8 @@ pub struct Stats {
     pub committed: AtomicU64,
     /// Records SQLite refused to store (disk full, I/O error).
     pub write_failed: AtomicU64,
+    /// Marks refused (an invalid `event` field, or a session's limit).
+    pub marks_refused: AtomicU64,
     pub commits: AtomicU64,
     /// Records in the database (committed minus evicted).
     pub records_stored: AtomicI64,

@@ -105,6 +105,31 @@ pub const MIGRATIONS: &[&str] = &[
     // code calls it); it was `sid`. Only the schema text changes: SQLite
     // renames the column and every reference to it, no row is rewritten.
     "ALTER TABLE sessions RENAME COLUMN sid TO pk;",
+    // 6: marks (see `store::marks`): a named moment of a session (0: the
+    // device logs outside sessions) with a window before and after it, and
+    // `pins`, the union of the windows of marks not released, which
+    // eviction keeps last. AUTOINCREMENT: a mark's id names it to the hub
+    // and is never reused. `revision`/`synced_revision` as for sessions.
+    "CREATE TABLE marks(
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        session INTEGER NOT NULL,
+        ts_ns INTEGER NOT NULL,
+        before_ns INTEGER NOT NULL,
+        after_ns INTEGER NOT NULL,
+        name TEXT NOT NULL,
+        metadata TEXT NOT NULL,
+        priority INTEGER NOT NULL,
+        released TEXT,
+        revision INTEGER NOT NULL DEFAULT 1,
+        synced_revision INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX marks_session ON marks(session, ts_ns);
+    CREATE TABLE pins(
+        session INTEGER NOT NULL,
+        start_ns INTEGER NOT NULL,
+        end_ns INTEGER NOT NULL,
+        PRIMARY KEY(session, start_ns)
+    ) WITHOUT ROWID;",
 ];
 
 /// The schema version this build writes.

@@ -49,6 +49,8 @@ pub struct Acked {
     pub sessions: Vec<(i64, u64)>,
     /// (session, level, reason, dropped sent).
     pub gaps: Vec<(i64, Level, String, u64)>,
+    /// (mark id, revision sent).
+    pub marks: Vec<(i64, u64)>,
 }
 
 /// A batch the hub refused as invalid: its records become a `rejected` gap
@@ -65,7 +67,7 @@ pub struct SetAside {
 /// Reads pending sync work. Opened by the uploader; one connection, reopened
 /// by a restarted uploader.
 pub struct SyncReader {
-    conn: Connection,
+    pub(super) conn: Connection,
     boot_id: String,
 }
 
@@ -462,6 +464,7 @@ pub fn apply_acked(conn: &Connection, acked: &Acked) -> rusqlite::Result<u64> {
     for (session, level, reason, dropped) in &acked.gaps {
         stmt.execute(params![session, level.code(), reason, *dropped as i64])?;
     }
+    super::marks::apply_acked(conn, &acked.marks)?;
     Ok(n)
 }
 
@@ -562,6 +565,7 @@ mod tests {
         .unwrap();
         assert_eq!(r.pending_gaps().unwrap().len(), 1);
         let acked = Acked {
+            marks: Vec::new(),
             records: vec![(1, 2), (4, 4)],
             sessions: vec![(1, 1)],
             gaps: vec![(0, Level::Debug, "evicted".into(), 4)],

@@ -211,6 +211,8 @@ impl Work {
         self.batch.sessions.is_empty()
             && self.batch.records.is_empty()
             && self.batch.gaps.is_empty()
+            // Marks alone are work only for a hub that reads them.
+            && (self.batch.marks.is_empty() || BATCH_ENCODING.version() < 3)
     }
 }
 
@@ -704,6 +706,11 @@ fn encode(mut work: Work, read_time: Duration) -> Ready {
     let start = Instant::now();
     work.batch.sent_at_ns = now_ns();
     work.batch.version = BATCH_ENCODING.version();
+    if work.batch.version < 3 {
+        // An older hub: v1 and v2 carry no marks; they stay pending.
+        work.batch.marks.clear();
+        work.acked.marks.clear();
+    }
     let raw = work.batch.to_msgpack();
     let raw_len = raw.len();
     let body = gzip(&raw);
@@ -819,7 +826,9 @@ fn build(reader: &SyncReader, plan: Plan) -> Result<Work, StoreError> {
     let bytes: usize = records.iter().map(|r| r.approx_bytes).sum();
     let full = more_waiting || records.len() >= limit || bytes >= max_bytes;
     let gaps = reader.pending_gaps()?;
+    let marks = reader.pending_marks()?;
     let acked = Acked {
+        marks: marks.iter().map(|m| (m.id as i64, m.revision)).collect(),
         records: Vec::new(),
         sessions: sessions.iter().map(|s| (s.pk, s.state.revision)).collect(),
         gaps: gaps
@@ -832,6 +841,7 @@ fn build(reader: &SyncReader, plan: Plan) -> Result<Work, StoreError> {
         .map(|r| (r.record.seq, r.pk, r.record.level))
         .collect();
     let batch = Batch {
+        marks,
         version: BATCH_VERSION,
         device,
         sent_at_ns: 0,
@@ -1020,6 +1030,7 @@ mod tests {
                 synchronous_full: false,
                 max_bytes: 1 << 30,
                 min_free_bytes: 0,
+                pinned_max: 1 << 28,
                 commit_interval: Duration::from_millis(5),
                 commit_records: 1000,
                 view: ViewCtx {
@@ -1043,6 +1054,7 @@ mod tests {
                 metadata: String::new(),
                 trusted: Arc::new(Trusted::default()),
                 client_dropped: 0,
+                mark: None,
             })
             .collect();
         tx.send(Msg::Rows(rows)).await.unwrap();
@@ -1080,6 +1092,7 @@ mod tests {
         .unwrap();
         let seqs = |w: &Work| w.batch.records.iter().map(|r| r.seq).collect::<Vec<_>>();
         let ack = || Acked {
+            marks: Vec::new(),
             records: vec![(1, 5)],
             ..Acked::default()
         };

@@ -258,6 +258,16 @@ pub trait Store: Send + Sync {
 
     /// Forgets an upload; false if there was none.
     async fn delete_upload(&self, id: &str) -> Result<bool, StoreError>;
+
+    // ----- marks -----
+
+    /// Marks of the project's devices matching `q`, oldest first.
+    async fn list_marks(
+        &self,
+        org: &str,
+        project: &str,
+        q: &MarkQuery,
+    ) -> Result<Vec<MarkRow>, StoreError>;
 }
 
 /// What a token allows.
@@ -455,6 +465,8 @@ pub struct SessionQuery {
     pub package_name: Option<String>,
     pub package_version: Option<String>,
     pub has_errors: Option<bool>,
+    /// Has a mark of this name.
+    pub mark: Option<String>,
     /// `metadata` key equals the JSON value.
     pub metadata: Vec<(String, serde_json::Value)>,
     /// Text in the session's id, device id or name, package name, tags,
@@ -467,6 +479,34 @@ pub struct SessionQuery {
     /// Rows to skip (page-number pagination); ignored with a cursor.
     pub offset: u64,
     pub cursor: Option<SessionCursor>,
+}
+
+/// One mark as the hub keeps it (README "Marks").
+#[derive(Debug, Clone, PartialEq)]
+pub struct MarkRow {
+    /// `None`: made outside sessions.
+    pub session_id: Option<String>,
+    pub device_id: String,
+    /// The device's id of the mark.
+    pub mark_id: i64,
+    pub name: String,
+    pub timestamp_ns: i64,
+    pub before_ns: i64,
+    pub after_ns: i64,
+    pub priority: String,
+    /// JSON object text, or empty.
+    pub metadata: String,
+    pub released: Option<String>,
+}
+
+/// Which marks to list: of one session, of a name, in a time range.
+#[derive(Debug, Clone, Default)]
+pub struct MarkQuery {
+    pub session_pk: Option<i64>,
+    pub name: Option<String>,
+    pub since_ns: Option<i64>,
+    pub until_ns: Option<i64>,
+    pub limit: u64,
 }
 
 #[derive(Debug)]

@@ -54,6 +54,7 @@ per_backend!(
     logs_after_an_id_page_through_one_session_in_commit_order,
     level_histogram_counts_each_slice_in_one_pass,
     signins_refer_to_their_token_expire_and_are_bounded,
+    marks_are_kept_once_at_their_newest_revision_and_filter_sessions,
 );
 
 pub(super) fn scope(device: &str) -> DeviceScope {
@@ -118,6 +119,7 @@ pub(super) fn batch(
     gaps: Vec<Gap>,
 ) -> Arc<Batch> {
     Arc::new(Batch {
+        marks: Vec::new(),
         version: BATCH_VERSION,
         device: Device {
             id: device.into(),
@@ -847,4 +849,143 @@ async fn signins_refer_to_their_token_expire_and_are_bounded(store: &dyn Store) 
     store.delete_signin("signin-5").await.unwrap();
     assert_eq!(store.find_signin("signin-5", now).await.unwrap(), None);
     store.delete_signin("signin-5").await.unwrap();
+}
+
+fn mark(id: u64, revision: u64, session: Option<Uuid>, name: &str, ts: i64) -> crate::wire::Mark {
+    crate::wire::Mark {
+        id,
+        revision,
+        session_id: session,
+        timestamp_ns: ts,
+        before_ns: 10,
+        after_ns: 5,
+        name: name.into(),
+        priority: "normal".into(),
+        metadata: r#"{"bumper":"front"}"#.into(),
+        released: None,
+    }
+}
+
+async fn marks_are_kept_once_at_their_newest_revision_and_filter_sessions(store: &dyn Store) {
+    use crate::hub::store::{MarkQuery, SessionQuery};
+    let (a, b) = (session_uuid(1), session_uuid(2));
+    let mut first = (*batch(
+        "r1",
+        vec![
+            state(a, 1, SessionStatus::Completed, &[]),
+            state(b, 1, SessionStatus::Completed, &[]),
+        ],
+        vec![],
+        vec![],
+    ))
+    .clone();
+    first.marks = vec![
+        mark(1, 1, Some(a), "collision", 2_000),
+        mark(2, 1, Some(b), "estop", 1_500),
+        mark(3, 1, None, "collision", 1_200),
+    ];
+    store
+        .ingest(&scope("r1"), Arc::new(first.clone()), false)
+        .await
+        .unwrap();
+    // Sent again, and a newer revision (its pin released) of mark 1 then
+    // an older one: one row each, at the newest revision.
+    store
+        .ingest(&scope("r1"), Arc::new(first.clone()), false)
+        .await
+        .unwrap();
+    let mut released = mark(1, 2, Some(a), "collision", 2_000);
+    released.released = Some("pin_released".into());
+    let mut second = first.clone();
+    second.sessions.clear();
+    second.marks = vec![released.clone()];
+    store
+        .ingest(&scope("r1"), Arc::new(second.clone()), false)
+        .await
+        .unwrap();
+    second.marks = vec![mark(1, 1, Some(a), "collision", 2_000)];
+    store
+        .ingest(&scope("r1"), Arc::new(second), false)
+        .await
+        .unwrap();
+
+    let list = |q: MarkQuery| async move {
+        store
+            .list_marks("acme", "warehouse", &MarkQuery { limit: 100, ..q })
+            .await
+            .unwrap()
+    };
+    let all = list(MarkQuery::default()).await;
+    let got: Vec<(i64, &str, Option<&str>)> = all
+        .iter()
+        .map(|m| (m.mark_id, m.name.as_str(), m.released.as_deref()))
+        .collect();
+    // Oldest first.
+    assert_eq!(
+        got,
+        [
+            (3, "collision", None),
+            (2, "estop", None),
+            (1, "collision", Some("pin_released"))
+        ]
+    );
+    assert_eq!(all[2].session_id, Some(a.to_string()));
+    assert_eq!(all[0].session_id, None);
+    assert_eq!(
+        (all[2].before_ns, all[2].after_ns, all[2].device_id.as_str()),
+        (10, 5, "r1")
+    );
+    let pk_a = store
+        .find_session("acme", "warehouse", &a.to_string())
+        .await
+        .unwrap()
+        .unwrap();
+    let of_a = list(MarkQuery {
+        session_pk: Some(pk_a),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(of_a.len(), 1);
+    let named = list(MarkQuery {
+        name: Some("collision".into()),
+        since_ns: Some(1_500),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(named.len(), 1);
+    // Another project sees none.
+    assert!(store
+        .list_marks(
+            "acme",
+            "other",
+            &MarkQuery {
+                limit: 10,
+                ..Default::default()
+            }
+        )
+        .await
+        .unwrap()
+        .is_empty());
+    // The session list's `mark` filter: sessions with a collision.
+    let page = store
+        .list_sessions(
+            "acme",
+            "warehouse",
+            &SessionQuery {
+                mark: Some("collision".into()),
+                limit: 10,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let ids: Vec<String> = page.items.iter().map(|s| s.id.clone()).collect();
+    assert_eq!(ids, [a.to_string()]);
+    // Deleting a session takes its marks.
+    assert!(store
+        .delete_session("acme", "warehouse", &a.to_string())
+        .await
+        .unwrap()
+        .is_some());
+    assert_eq!(list(MarkQuery::default()).await.len(), 2);
 }

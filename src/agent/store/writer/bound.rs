@@ -3,6 +3,9 @@
 //! eviction takes synced records oldest first, then unsynced ones from the
 //! lowest level up, oldest first, and counts those as gaps per session and
 //! level. Eviction's SQL is here ([`evict_synced`], [`evict_unsynced`]).
+//! Records inside a mark's window (`store::marks::PINNED`) go last, after
+//! every other record, in the same order among themselves; pins over
+//! `buffer.pinned_max` are released first (`pins::release_over`).
 //!
 //! Invariant: an unsynced record never leaves without a gap counter
 //! growing in the same transaction.
@@ -13,6 +16,7 @@ use std::sync::atomic::Ordering;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::Writer;
+use crate::agent::store::marks::{has_pins, PINNED};
 use crate::agent::store::sync::{watermark, NOT_AHEAD};
 use crate::agent::store::StoreError;
 use crate::wire::{gap_reason, Level};
@@ -102,20 +106,32 @@ impl Writer {
             return Ok(());
         }
         let tx = self.conn.transaction()?;
+        super::pins::release_over(&tx, self.cfg.pinned_max)?;
+        // Unpinned records first, then (only if still needed) pinned ones.
+        let unpinned = format!(" AND NOT ({PINNED})");
+        let pinned = format!(" AND ({PINNED})");
+        let passes: Vec<&str> = if has_pins(&tx)? {
+            vec![&unpinned, &pinned]
+        } else {
+            vec![""]
+        };
         let mut left = n as i64;
-        let synced_gone = evict_synced(&tx, left)?;
-        left -= synced_gone;
-        let mut unsynced_gone = 0i64;
-        for level in Level::ALL {
-            if left <= 0 {
-                break;
-            }
-            let (per_session, gone) = evict_unsynced(&tx, level, left)?;
-            for (session, count) in per_session {
-                add_gap(&tx, session, level, gap_reason::EVICTED, count)?;
-            }
-            unsynced_gone += gone;
+        let (mut synced_gone, mut unsynced_gone) = (0i64, 0i64);
+        for pins in passes {
+            let gone = evict_synced_where(&tx, left, pins)?;
+            synced_gone += gone;
             left -= gone;
+            for level in Level::ALL {
+                if left <= 0 {
+                    break;
+                }
+                let (per_session, gone) = evict_unsynced_where(&tx, level, left, pins)?;
+                for (session, count) in per_session {
+                    add_gap(&tx, session, level, gap_reason::EVICTED, count)?;
+                }
+                unsynced_gone += gone;
+                left -= gone;
+            }
         }
         tx.commit()?;
         self.stats
@@ -141,23 +157,37 @@ impl Writer {
 
 /// Evicts up to `n` synced records, oldest first (those up to
 /// W, then the ahead set). Returns how many went.
+#[cfg(test)]
 pub(in crate::agent::store) fn evict_synced(conn: &Connection, n: i64) -> rusqlite::Result<i64> {
+    evict_synced_where(conn, n, "")
+}
+
+/// [`evict_synced`] among the records `pins` (an SQL condition on `r`
+/// starting with AND, or empty) selects.
+fn evict_synced_where(conn: &Connection, n: i64, pins: &str) -> rusqlite::Result<i64> {
     if n <= 0 {
         return Ok(0);
     }
     let w = watermark(conn)?;
     let cutoff: Option<i64> = conn
-        .query_row(
-            "SELECT seq FROM records WHERE seq <= ?1 ORDER BY seq LIMIT 1 OFFSET ?2",
-            [w, n - 1],
-            |r| r.get(0),
-        )
+        .prepare_cached(&format!(
+            "SELECT r.seq FROM records r WHERE r.seq <= ?1{pins} ORDER BY r.seq LIMIT 1 OFFSET ?2"
+        ))?
+        .query_row([w, n - 1], |r| r.get(0))
         .optional()?;
-    let mut gone =
-        conn.execute("DELETE FROM records WHERE seq <= ?1", [cutoff.unwrap_or(w)])? as i64;
+    let mut gone = conn
+        .prepare_cached(&format!("DELETE FROM records AS r WHERE r.seq <= ?1{pins}"))?
+        .execute([cutoff.unwrap_or(w)])? as i64;
     if gone < n {
         // Everything up to W went; the ahead set is next, oldest first.
-        let mut stmt = conn.prepare_cached("SELECT seq FROM synced_ahead ORDER BY seq LIMIT ?1")?;
+        let mut stmt = conn.prepare_cached(&if pins.is_empty() {
+            "SELECT seq FROM synced_ahead ORDER BY seq LIMIT ?1".to_owned()
+        } else {
+            format!(
+                "SELECT a.seq FROM synced_ahead a JOIN records r ON r.seq = a.seq \
+                 WHERE 1{pins} ORDER BY a.seq LIMIT ?1"
+            )
+        })?;
         let seqs: Vec<i64> = stmt
             .query_map([n - gone], |r| r.get(0))?
             .collect::<rusqlite::Result<_>>()?;
@@ -174,17 +204,29 @@ pub(in crate::agent::store) fn evict_synced(conn: &Connection, n: i64) -> rusqli
 /// The unsynced records of `level` that eviction takes next:
 /// per session, how many of the oldest `n` there are, and the seq up to
 /// which they go (`None` when there are none).
+#[cfg(test)]
 pub(in crate::agent::store) fn evict_unsynced(
     conn: &Connection,
     level: Level,
     n: i64,
+) -> rusqlite::Result<(Vec<(i64, i64)>, i64)> {
+    evict_unsynced_where(conn, level, n, "")
+}
+
+/// [`evict_unsynced`] among the records `pins` selects (see
+/// [`evict_synced_where`]).
+fn evict_unsynced_where(
+    conn: &Connection,
+    level: Level,
+    n: i64,
+    pins: &str,
 ) -> rusqlite::Result<(Vec<(i64, i64)>, i64)> {
     let w = watermark(conn)?;
     let code = level.code() as i64;
     let cutoff: i64 = conn
         .query_row(
             &format!(
-                "SELECT r.seq FROM records r WHERE r.level = ?1 AND r.seq > ?3 AND {NOT_AHEAD} \
+                "SELECT r.seq FROM records r WHERE r.level = ?1 AND r.seq > ?3 AND {NOT_AHEAD}{pins} \
                  ORDER BY r.seq LIMIT 1 OFFSET ?2"
             ),
             params![code, n - 1, w],
@@ -195,14 +237,14 @@ pub(in crate::agent::store) fn evict_unsynced(
     let counts: Vec<(i64, i64)> = {
         let mut stmt = conn.prepare_cached(&format!(
             "SELECT coalesce(r.session, 0), count(*) FROM records r \
-             WHERE r.level = ?1 AND r.seq > ?3 AND r.seq <= ?2 AND {NOT_AHEAD} GROUP BY r.session"
+             WHERE r.level = ?1 AND r.seq > ?3 AND r.seq <= ?2 AND {NOT_AHEAD}{pins} GROUP BY r.session"
         ))?;
         let rows = stmt.query_map(params![code, cutoff, w], |r| Ok((r.get(0)?, r.get(1)?)))?;
         rows.collect::<rusqlite::Result<_>>()?
     };
     let gone = conn.execute(
         &format!(
-            "DELETE FROM records AS r WHERE r.level = ?1 AND r.seq > ?3 AND r.seq <= ?2 AND {NOT_AHEAD}"
+            "DELETE FROM records AS r WHERE r.level = ?1 AND r.seq > ?3 AND r.seq <= ?2 AND {NOT_AHEAD}{pins}"
         ),
         params![code, cutoff, w],
     )? as i64;
@@ -241,5 +283,120 @@ mod tests {
         );
         assert_eq!(w.stats.evicted_synced.load(Ordering::Relaxed), 3);
         assert_eq!(w.stats.evicted_unsynced.load(Ordering::Relaxed), 3);
+    }
+}
+
+#[cfg(test)]
+mod pin_tests {
+    use super::super::tests::{gaps, put, rows, seqs, writer};
+    use super::super::Writer;
+    use crate::agent::marks::{MarkSpec, Priority};
+    use crate::wire::Level;
+
+    /// A mark at `ts` pinning `[ts - before, ts + after]` (nanoseconds).
+    fn mark(w: &mut Writer, ts: i64, before: i64, after: i64, priority: Priority) {
+        let spec = MarkSpec {
+            name: format!("m{ts}"),
+            timestamp_ns: Some(ts),
+            before_ns: before,
+            after_ns: after,
+            priority,
+            metadata: String::new(),
+        };
+        w.mark(&spec).unwrap();
+    }
+
+    /// The timestamps left, which `rows` makes equal to their index.
+    fn times(w: &Writer) -> Vec<i64> {
+        let mut stmt = w
+            .conn
+            .prepare("SELECT ts_ns FROM records ORDER BY seq")
+            .unwrap();
+        let out = stmt.query_map([], |r| r.get(0)).unwrap();
+        out.collect::<rusqlite::Result<_>>().unwrap()
+    }
+
+    fn dropped(w: &Writer, reason: &str) -> i64 {
+        gaps(w).iter().filter(|g| g.2 == reason).map(|g| g.3).sum()
+    }
+
+    #[test]
+    fn a_marks_window_is_evicted_after_everything_else_whatever_its_level() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = writer(dir.path());
+        put(&mut w, rows(Level::Trace, 100)); // ts 0..99, the lowest level
+        put(&mut w, rows(Level::Error, 20)); // ts 0..19, outside the window
+        mark(&mut w, 50, 10, 10, Priority::Normal); // pins ts 40..=60
+        w.evict(99).unwrap();
+        // Every error went before the trace records of the window.
+        assert_eq!(times(&w), (40..=60).collect::<Vec<_>>());
+        assert_eq!(dropped(&w, "evicted"), 99);
+        // Then the window itself, oldest first.
+        w.evict(5).unwrap();
+        assert_eq!(times(&w), (45..=60).collect::<Vec<_>>());
+        assert_eq!(dropped(&w, "evicted"), 104);
+        assert_eq!(dropped(&w, "pin_released"), 0);
+    }
+
+    #[test]
+    fn overlapping_windows_merge_and_synced_records_outside_go_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = writer(dir.path());
+        put(&mut w, rows(Level::Info, 100));
+        mark(&mut w, 20, 5, 5, Priority::Normal); // 15..=25
+        mark(&mut w, 28, 5, 5, Priority::High); // 23..=33: one pin 15..=33
+        let pins: Vec<(i64, i64)> = w
+            .conn
+            .prepare("SELECT start_ns, end_ns FROM pins")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(pins, vec![(15, 33)]);
+        // Synced records inside the window stay too.
+        crate::agent::store::sync::mark_records(&w.conn, &[(1, 30)]).unwrap();
+        w.evict(100 - 19).unwrap();
+        assert_eq!(times(&w), (15..=33).collect::<Vec<_>>());
+        // Only the unsynced ones it evicted are gaps: 34..=99.
+        assert_eq!(dropped(&w, "evicted"), 66);
+        assert_eq!(seqs(&w).len(), 19);
+    }
+
+    #[test]
+    fn pins_over_pinned_max_release_the_oldest_normal_ones_first_as_gaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = writer(dir.path());
+        put(&mut w, rows(Level::Info, 100));
+        let per_record = super::super::super::Row::approx_bytes(&rows(Level::Info, 100)[50]) as u64;
+        mark(&mut w, 10, 5, 5, Priority::High); // 5..=15, oldest but high
+        mark(&mut w, 40, 5, 5, Priority::Normal); // 35..=45, oldest normal
+        mark(&mut w, 70, 5, 5, Priority::Normal); // 65..=75
+                                                  // Room for two windows of 11 records.
+        w.cfg.pinned_max = per_record * 23;
+        w.evict(100 - 22).unwrap();
+        let mut want: Vec<i64> = (5..=15).collect();
+        want.extend(65..=75);
+        assert_eq!(times(&w), want);
+        // The released window's 11 records are reported, and its records
+        // were then evicted like any other.
+        assert_eq!(dropped(&w, "pin_released"), 11);
+        assert_eq!(dropped(&w, "evicted"), 78);
+        let released: Vec<(String, Option<String>)> = w
+            .conn
+            .prepare("SELECT name, released FROM marks ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(
+            released,
+            vec![
+                ("m10".into(), None),
+                ("m40".into(), Some("pin_released".into())),
+                ("m70".into(), None)
+            ]
+        );
     }
 }

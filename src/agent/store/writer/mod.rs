@@ -12,6 +12,7 @@ pub(super) mod bound;
 mod checkpoint;
 #[cfg(test)]
 mod model;
+mod pins;
 mod sessions;
 
 use std::collections::HashMap;
@@ -49,6 +50,12 @@ pub enum Msg {
     /// Commit what is queued before this and stop, even if some sender is
     /// still alive (a connection that would not finish).
     Stop,
+    /// A mark from the local API, in the active session; replies once it
+    /// is committed.
+    Mark(
+        crate::agent::marks::MarkSpec,
+        oneshot::Sender<Result<i64, SessionError>>,
+    ),
     /// A change to artifact upload state; replies once it is committed.
     Artifact(
         super::artifacts::ArtifactCmd,
@@ -84,6 +91,8 @@ pub struct WriterConfig {
     pub synchronous_full: bool,
     pub max_bytes: u64,
     pub min_free_bytes: u64,
+    /// Most record bytes marks may pin (`buffer.pinned_max`).
+    pub pinned_max: u64,
     pub commit_interval: Duration,
     pub commit_records: usize,
     pub view: ViewCtx,
@@ -338,6 +347,19 @@ impl Writer {
                 });
                 true
             }
+            Msg::Mark(spec, reply) => {
+                // Like session changes: alone, answered after its commit.
+                self.commit();
+                let out = self.mark(&spec);
+                if out.is_ok() {
+                    self.commit();
+                } else {
+                    let _ = self.conn.execute_batch("ROLLBACK");
+                }
+                let _ = reply.send(out);
+                let _ = self.conn.execute_batch("BEGIN");
+                true
+            }
             Msg::Artifact(cmd, reply) => {
                 // Like session changes: alone, committed before the reply,
                 // so an acknowledged offset is on disk before the next chunk.
@@ -396,6 +418,9 @@ impl Writer {
             dropped += r.client_dropped;
         }
         drop(insert);
+        for m in rows.iter().filter_map(|r| r.mark.as_deref()) {
+            self.mark_of_record(m);
+        }
         if dropped > 0 {
             bound::add_gap(
                 &self.conn,
@@ -473,6 +498,7 @@ mod tests {
             synchronous_full: false,
             max_bytes: 1 << 30,
             min_free_bytes: 0,
+            pinned_max: 1 << 28,
             commit_interval: Duration::from_millis(10),
             commit_records: 1000,
             view: ViewCtx {
@@ -495,6 +521,7 @@ mod tests {
                 metadata: String::new(),
                 trusted: Arc::new(Trusted::default()),
                 client_dropped: 0,
+                mark: None,
             })
             .collect()
     }
@@ -592,6 +619,7 @@ mod tests {
         let mut w = writer(dir.path());
         put(&mut w, rows(Level::Info, 5));
         let acked = || super::super::sync::Acked {
+            marks: Vec::new(),
             records: vec![(1, 5)],
             sessions: Vec::new(),
             gaps: vec![(0, Level::Info, "evicted".into(), 3)],

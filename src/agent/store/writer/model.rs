@@ -291,6 +291,7 @@ fn rows(levels: &[(Level, u8)]) -> Vec<Row> {
             metadata: String::new(),
             trusted: std::sync::Arc::new(Trusted::default()),
             client_dropped: *dropped as u64,
+            mark: None,
         })
         .collect()
 }
@@ -383,6 +384,7 @@ fn step(real: &mut Real, model: &mut Model, op: &Op) {
                 Answer::Refused => {
                     let aside = SetAside {
                         acked: Acked {
+                            marks: Vec::new(),
                             gaps: acked_gaps(),
                             ..Acked::default()
                         },
@@ -405,6 +407,7 @@ fn step(real: &mut Real, model: &mut Model, op: &Op) {
                 _ => {
                     let all = matches!(answer, Answer::All);
                     let ack = Acked {
+                        marks: Vec::new(),
                         records: seq_ranges(acked.iter().copied()),
                         sessions: Vec::new(),
                         gaps: if all { acked_gaps() } else { Vec::new() },

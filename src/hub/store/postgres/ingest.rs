@@ -226,6 +226,37 @@ pub(super) async fn ingest(
         .await?;
         gaps += 1;
     }
+    for m in &batch.marks {
+        let session_pk = match m.session_id {
+            Some(id) => match ing.session_for_record(id, batch.sent_at_ns).await? {
+                Some(pk) => pk,
+                None => continue,
+            },
+            None => 0,
+        };
+        tx.execute(
+            "INSERT INTO marks (device_pk, mark_id, revision, session_pk, ts, before_ns,
+               after_ns, name, priority, metadata, released)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+             ON CONFLICT (device_pk, mark_id) DO UPDATE SET
+               revision = excluded.revision, released = excluded.released
+             WHERE excluded.revision > marks.revision",
+            &[
+                &device_pk,
+                &(m.id as i64),
+                &(m.revision as i64),
+                &session_pk,
+                &m.timestamp_ns,
+                &m.before_ns,
+                &m.after_ns,
+                &m.name,
+                &m.priority,
+                &m.metadata,
+                &m.released,
+            ],
+        )
+        .await?;
+    }
     tx.commit().await?;
     Ok(Ingested::committed(
         batch,

@@ -27,6 +27,7 @@ use crate::wire::Batch;
 mod artifacts;
 mod ingest;
 mod logs;
+mod marks;
 mod partitions;
 mod rows;
 mod sessions;
@@ -40,7 +41,8 @@ mod tests;
 /// Numbered migrations; `logbook_schema` holds one row per migration run.
 const MIGRATIONS: &[&str] = &[
     include_str!("001_initial.sql"),
-    include_str!("002_signins.sql"),
+    include_str!("002_marks.sql"),
+    include_str!("003_signins.sql"),
 ];
 
 /// Advisory lock keys (`pg_advisory_xact_lock`), arbitrary but fixed: every
@@ -423,5 +425,14 @@ impl Store for PgStore {
 
     async fn delete_upload(&self, id: &str) -> Result<bool, StoreError> {
         artifacts::delete_upload(&self.client().await?, id).await
+    }
+
+    async fn list_marks(
+        &self,
+        org: &str,
+        project: &str,
+        q: &super::MarkQuery,
+    ) -> Result<Vec<super::MarkRow>, StoreError> {
+        marks::list(&self.client().await?, org, project, q).await
     }
 }

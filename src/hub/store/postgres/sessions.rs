@@ -84,6 +84,10 @@ pub(super) async fn list(
             [Box::new(tag.clone())],
         );
     }
+    w.and_some(
+        "EXISTS (SELECT 1 FROM marks m WHERE m.session_pk = s.pk AND m.name = ?)",
+        q.mark.clone(),
+    );
     w.and_some("s.package_name = ?", q.package_name.clone());
     w.and_some("s.package_version = ?", q.package_version.clone());
     match q.has_errors {
@@ -203,7 +207,7 @@ pub(super) async fn delete(
     .await?;
     tx.execute("DELETE FROM logs WHERE session_pk = $1", &[&pk])
         .await?;
-    for table in ["session_tags", "gaps", "artifacts", "uploads"] {
+    for table in ["session_tags", "gaps", "artifacts", "uploads", "marks"] {
         tx.execute(
             &format!("DELETE FROM {table} WHERE session_pk = $1"),
             &[&pk],

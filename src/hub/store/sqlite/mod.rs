@@ -25,6 +25,7 @@ use crate::wire::{Batch, Level};
 mod artifacts;
 mod ingest;
 mod logs;
+mod marks;
 mod rows;
 mod sessions;
 mod tokens;
@@ -33,7 +34,8 @@ mod uploads;
 /// Numbered migrations; `PRAGMA user_version` is how many have run.
 const MIGRATIONS: &[&str] = &[
     include_str!("001_initial.sql"),
-    include_str!("002_signins.sql"),
+    include_str!("002_marks.sql"),
+    include_str!("003_signins.sql"),
 ];
 
 /// Reader connections kept open between requests.
@@ -425,6 +427,16 @@ impl Store for SqliteStore {
     async fn delete_upload(&self, id: &str) -> Result<bool, StoreError> {
         let id = id.to_owned();
         self.run(move |db| db.delete_upload(&id)).await
+    }
+
+    async fn list_marks(
+        &self,
+        org: &str,
+        project: &str,
+        q: &super::MarkQuery,
+    ) -> Result<Vec<super::MarkRow>, StoreError> {
+        let (org, project, q) = (org.to_owned(), project.to_owned(), q.clone());
+        self.run(move |db| db.list_marks(&org, &project, &q)).await
     }
 }
 

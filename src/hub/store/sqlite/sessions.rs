@@ -83,6 +83,10 @@ impl Db {
                 [tag.clone().into()],
             );
         }
+        w.and_some(
+            "EXISTS (SELECT 1 FROM marks m WHERE m.session_pk = s.pk AND m.name = ?)",
+            q.mark.clone(),
+        );
         w.and_some("s.package_name = ?", q.package_name.clone());
         w.and_some("s.package_version = ?", q.package_version.clone());
         match q.has_errors {
@@ -207,7 +211,7 @@ impl Db {
                 [pk],
             )?;
             tx.execute("DELETE FROM logs WHERE session_pk = ?1", [pk])?;
-            for table in ["session_tags", "gaps", "artifacts", "uploads"] {
+            for table in ["session_tags", "gaps", "artifacts", "uploads", "marks"] {
                 tx.execute(&format!("DELETE FROM {table} WHERE session_pk = ?1"), [pk])?;
             }
             tx.execute("DELETE FROM sessions WHERE pk = ?1", [pk])?;
