@@ -49,6 +49,8 @@ pub enum HubError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Blobs(#[from] blobs::S3Error),
     #[error("server: {0}")]
     Serve(std::io::Error),
 }
@@ -201,10 +203,11 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), HubError> {
     let data_dir = config.data_dir.clone();
-    let blobs: Arc<dyn blobs::Blobs> = match config.blobs {
+    let blobs: Arc<dyn blobs::Blobs> = match &config.blobs {
         config::BlobStorage::DirInDataDir => {
             Arc::new(blobs::DirBlobs::open(&data_dir).map_err(data_dir_err(&data_dir))?)
         }
+        config::BlobStorage::S3(s3) => Arc::new(blobs::S3Blobs::open(s3).await?),
     };
     let store = open_database(&config.database, &data_dir).await?;
     let addr = listener.local_addr().map_err(HubError::Serve)?;

@@ -628,8 +628,24 @@ async fn patch(
     }
     if let Some(why) = interrupted {
         // Without a checksum the bytes that arrived stay: HEAD reports them
-        // and the client resumes there. With one, the rollback drops them.
+        // and the client resumes there (kept explicitly: in S3 an append
+        // not kept leaves nothing). With one, the rollback drops them.
         tracing::info!(upload = %up.id, offset = written, error = %why, "PATCH interrupted");
+        if checksum.is_none() && written > offset {
+            let kept = hub.tasks.spawn(async move {
+                let _busy = busy;
+                part.keep().await
+            });
+            match kept.await {
+                Ok(Ok(())) => Metrics::add(&hub.metrics.upload_acked_bytes, written - offset),
+                Ok(Err(e)) => {
+                    tracing::warn!(upload = %up.id, error = %e, "cannot keep a cut-off PATCH's bytes")
+                }
+                Err(e) => {
+                    tracing::warn!(upload = %up.id, error = %e, "keeping a cut-off PATCH's bytes failed")
+                }
+            }
+        }
         return Err(ApiError::bad_request(format!(
             "upload body interrupted: {why}"
         )));
