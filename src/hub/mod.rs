@@ -75,8 +75,6 @@ pub(crate) struct Hub {
     /// Tasks that outlive a request (the upload sweeper, an upload
     /// finishing after its client went away): [`serve`] waits for them.
     pub tasks: TaskTracker,
-    /// Upload ids with a PATCH in progress (one writer per upload).
-    pub busy_uploads: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Hub {
@@ -92,7 +90,6 @@ impl Hub {
             metrics: metrics::Metrics::default(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
-            busy_uploads: Default::default(),
         })
     }
 }

@@ -32,7 +32,7 @@ fn migrate_prints_the_schema_version_and_bad_databases_are_one_line() {
         assert!(out.status.success(), "{out:?}");
         assert_eq!(
             String::from_utf8(out.stdout).unwrap(),
-            format!("schema version 1 ({url})\n")
+            format!("schema version 2 ({url})\n")
         );
     }
     let port = testdb::cluster_port("hub::postgres::migrate").unwrap();
@@ -180,7 +180,7 @@ fn migrate_without_a_database_url_migrates_sqlite_in_the_data_dir() {
     );
     assert_eq!(
         String::from_utf8(out.stdout).unwrap(),
-        format!("schema version 1 ({})\n", data.join("hub.db").display())
+        format!("schema version 2 ({})\n", data.join("hub.db").display())
     );
     assert!(data.join("hub.db").exists());
 }

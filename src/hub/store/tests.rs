@@ -717,3 +717,36 @@ async fn logs_after_an_id_page_through_one_session_in_commit_order(store: &dyn S
     assert_eq!(page.items.iter().map(|r| r.seq).collect::<Vec<_>>(), [4, 3]);
     assert_eq!(last_id, Some(page.items[0].id));
 }
+
+mod leases {
+    use super::*;
+
+    per_backend!(one_holder_at_a_time_until_it_runs_out);
+
+    /// A lease has one holder until it is released or runs out; its holder
+    /// renews it; a release by another holder changes nothing.
+    async fn one_holder_at_a_time_until_it_runs_out(store: &dyn Store) {
+        let take = |holder: &'static str, now: i64, until: i64| async move {
+            store
+                .take_lease("upload:a", holder, now, until)
+                .await
+                .unwrap()
+        };
+        assert!(take("one", 100, 200).await);
+        assert!(!take("two", 150, 300).await, "held until 200");
+        assert!(take("one", 150, 400).await, "its holder renews it");
+        assert!(!take("two", 300, 500).await, "renewed until 400");
+        store.release_lease("upload:a", "two").await.unwrap();
+        assert!(!take("two", 300, 500).await, "not released by another");
+        assert!(take("two", 400, 500).await, "free once it ran out");
+        store.release_lease("upload:a", "two").await.unwrap();
+        assert!(take("three", 401, 600).await, "free once released");
+        assert!(
+            store
+                .take_lease("sweep:uploads", "two", 401, 600)
+                .await
+                .unwrap(),
+            "leases are named"
+        );
+    }
+}

@@ -37,7 +37,10 @@ pub(crate) mod testdb;
 mod tests;
 
 /// Numbered migrations; `logbook_schema` holds one row per migration run.
-const MIGRATIONS: &[&str] = &[include_str!("001_initial.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("001_initial.sql"),
+    include_str!("002_leases.sql"),
+];
 
 /// Advisory lock keys (`pg_advisory_xact_lock`), arbitrary but fixed: every
 /// replica must use the same ones.
@@ -395,5 +398,19 @@ impl Store for PgStore {
 
     async fn delete_upload(&self, id: &str) -> Result<bool, StoreError> {
         artifacts::delete_upload(&self.client().await?, id).await
+    }
+
+    async fn take_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now_ns: i64,
+        until_ns: i64,
+    ) -> Result<bool, StoreError> {
+        artifacts::take_lease(&self.client().await?, name, holder, now_ns, until_ns).await
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        artifacts::release_lease(&self.client().await?, name, holder).await
     }
 }

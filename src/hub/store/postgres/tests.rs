@@ -31,7 +31,7 @@ async fn two_hubs_migrating_at_once_both_open_and_the_version_is_readable() {
         return;
     };
     let (a, b) = tokio::join!(PgStore::migrate_url(&url), PgStore::migrate_url(&url));
-    assert_eq!((a.unwrap(), b.unwrap()), (1, 1));
+    assert_eq!((a.unwrap(), b.unwrap()), (2, 2));
     // What an operator reads.
     assert_eq!(
         query_i64(&url, "SELECT max(version)::bigint FROM logbook_schema").await,
@@ -39,7 +39,7 @@ async fn two_hubs_migrating_at_once_both_open_and_the_version_is_readable() {
     );
     assert_eq!(
         query_i64(&url, "SELECT count(*) FROM logbook_schema").await,
-        1
+        2
     );
     PgStore::open(&url).await.unwrap();
 }
@@ -56,7 +56,7 @@ async fn a_newer_schema_is_refused_untouched() {
     let text = err.to_string();
     assert!(!text.contains('\n'), "{text}");
     assert!(
-        text.contains("schema version 99, newer than this logbook-hub understands (1)"),
+        text.contains("schema version 99, newer than this logbook-hub understands (2)"),
         "{text}"
     );
     assert_eq!(

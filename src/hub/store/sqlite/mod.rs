@@ -30,7 +30,10 @@ mod tokens;
 mod uploads;
 
 /// Numbered migrations; `PRAGMA user_version` is how many have run.
-const MIGRATIONS: &[&str] = &[include_str!("001_initial.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("001_initial.sql"),
+    include_str!("002_leases.sql"),
+];
 
 /// Reader connections kept open between requests.
 const MAX_IDLE_READERS: usize = 8;
@@ -393,6 +396,23 @@ impl Store for SqliteStore {
     async fn delete_upload(&self, id: &str) -> Result<bool, StoreError> {
         let id = id.to_owned();
         self.run(move |db| db.delete_upload(&id)).await
+    }
+
+    async fn take_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now_ns: i64,
+        until_ns: i64,
+    ) -> Result<bool, StoreError> {
+        let (name, holder) = (name.to_owned(), holder.to_owned());
+        self.run(move |db| db.take_lease(&name, &holder, now_ns, until_ns))
+            .await
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        let (name, holder) = (name.to_owned(), holder.to_owned());
+        self.run(move |db| db.release_lease(&name, &holder)).await
     }
 }
 
