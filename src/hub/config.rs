@@ -80,7 +80,31 @@ pub const KEYS: &[Key] = &[
         section: "storage",
         key: "blobs",
         kind: Kind::Str,
-        doc: "s3://bucket/prefix for artifacts (not yet supported); unset: blobs/ and uploads/ in server.data_dir",
+        doc: "s3://bucket/prefix for artifacts (credentials from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY); unset: blobs/ and uploads/ in server.data_dir",
+    },
+    Key {
+        section: "storage",
+        key: "s3_endpoint",
+        kind: Kind::Str,
+        doc: "S3 endpoint URL (MinIO, Ceph RGW, R2, ...); unset: AWS_ENDPOINT_URL, else AWS itself",
+    },
+    Key {
+        section: "storage",
+        key: "s3_region",
+        kind: Kind::Str,
+        doc: "S3 region; unset: AWS_REGION, else us-east-1",
+    },
+    Key {
+        section: "storage",
+        key: "s3_virtual_hosted",
+        kind: Kind::Bool,
+        doc: "address the bucket as bucket.endpoint (virtual-hosted style) instead of endpoint/bucket (path style, the default)",
+    },
+    Key {
+        section: "storage",
+        key: "s3_allow_http",
+        kind: Kind::Bool,
+        doc: "allow a plain http:// endpoint (a local MinIO); on by default when the endpoint is http://",
     },
 ];
 
@@ -117,6 +141,12 @@ struct RawStorage {
     database: String,
     /// Empty: the default.
     blobs: String,
+    /// Empty: from the environment.
+    s3_endpoint: String,
+    /// Empty: from the environment.
+    s3_region: String,
+    s3_virtual_hosted: Option<bool>,
+    s3_allow_http: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -212,10 +242,36 @@ impl std::fmt::Debug for PostgresUrl {
 }
 
 /// Where the hub keeps artifact bytes (`storage.blobs`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BlobStorage {
     /// `blobs/` and `uploads/` in the data directory (the key unset).
     DirInDataDir,
+    /// An S3-compatible bucket (`s3://bucket/prefix`).
+    S3(S3Config),
+}
+
+/// An S3-compatible bucket and the `storage.s3_*` keys; what they leave
+/// unset comes from the standard `AWS_*` variables (credentials always do).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Config {
+    pub bucket: String,
+    /// Key prefix inside the bucket, without slashes at either end.
+    pub prefix: String,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub virtual_hosted: Option<bool>,
+    pub allow_http: Option<bool>,
+}
+
+impl S3Config {
+    /// `s3://bucket/prefix`, for messages.
+    pub fn url(&self) -> String {
+        if self.prefix.is_empty() {
+            format!("s3://{}", self.bucket)
+        } else {
+            format!("s3://{}/{}", self.bucket, self.prefix)
+        }
+    }
 }
 
 /// Bounds on what one request may make the hub read or hold.
@@ -310,9 +366,29 @@ fn resolve(raw: Raw, origin: &str) -> Result<HubConfig, ConfigError> {
     let blobs = match raw.storage.blobs.trim() {
         "" => BlobStorage::DirInDataDir,
         url if url.starts_with("s3://") => {
-            return Err(err(
-                "storage.blobs: S3 is not yet supported by this logbook-hub; leave it unset for blobs/ in server.data_dir".into(),
-            ))
+            let rest = &url["s3://".len()..];
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            // S3's bucket naming rules, so a typo is caught before a request.
+            let valid = (3..=63).contains(&bucket.len())
+                && bucket
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+                && bucket.starts_with(|c: char| c.is_ascii_alphanumeric())
+                && bucket.ends_with(|c: char| c.is_ascii_alphanumeric());
+            if !valid {
+                return Err(err(format!(
+                    "storage.blobs: {url}: {bucket:?} is not a bucket name (3 to 63 lowercase letters, digits, '-' and '.')"
+                )));
+            }
+            let opt = |s: &str| (!s.trim().is_empty()).then(|| s.trim().to_owned());
+            BlobStorage::S3(S3Config {
+                bucket: bucket.to_owned(),
+                prefix: prefix.trim_matches('/').to_owned(),
+                endpoint: opt(&raw.storage.s3_endpoint),
+                region: opt(&raw.storage.s3_region),
+                virtual_hosted: raw.storage.s3_virtual_hosted,
+                allow_http: raw.storage.s3_allow_http,
+            })
         }
         _ => {
             return Err(err(
@@ -438,8 +514,30 @@ mod tests {
             Err("env: storage.database: expected a postgres:// URL, or nothing for SQLite in server.data_dir"),
         );
         check(
-            &[("LOGBOOK_STORAGE_BLOBS", "s3://fleet-logs/hub")],
-            Err("env: storage.blobs: S3 is not yet supported by this logbook-hub; leave it unset for blobs/ in server.data_dir"),
+            &[
+                ("LOGBOOK_STORAGE_BLOBS", "s3://fleet-logs/hub/a/"),
+                ("LOGBOOK_STORAGE_S3_ENDPOINT", "http://127.0.0.1:9000"),
+                ("LOGBOOK_STORAGE_S3_ALLOW_HTTP", "true"),
+            ],
+            Ok((
+                Database::SqliteInDataDir,
+                BlobStorage::S3(S3Config {
+                    bucket: "fleet-logs".into(),
+                    prefix: "hub/a".into(),
+                    endpoint: Some("http://127.0.0.1:9000".into()),
+                    region: None,
+                    virtual_hosted: None,
+                    allow_http: Some(true),
+                }),
+            )),
+        );
+        check(
+            &[("LOGBOOK_STORAGE_BLOBS", "s3://Fleet_Logs")],
+            Err("env: storage.blobs: s3://Fleet_Logs: \"Fleet_Logs\" is not a bucket name (3 to 63 lowercase letters, digits, '-' and '.')"),
+        );
+        check(
+            &[("LOGBOOK_STORAGE_BLOBS", "s3://")],
+            Err("env: storage.blobs: s3://: \"\" is not a bucket name (3 to 63 lowercase letters, digits, '-' and '.')"),
         );
         check(
             &[("LOGBOOK_STORAGE_BLOBS", "/srv/blobs")],
@@ -454,5 +552,7 @@ mod tests {
         assert!(names.contains(&"LOGBOOK_UPLOADS_MAX_BYTES".to_string()));
         assert!(names.contains(&"LOGBOOK_STORAGE_DATABASE".to_string()));
         assert!(names.contains(&"LOGBOOK_STORAGE_BLOBS".to_string()));
+        assert!(names.contains(&"LOGBOOK_STORAGE_S3_ENDPOINT".to_string()));
+        assert!(names.contains(&"LOGBOOK_STORAGE_S3_ALLOW_HTTP".to_string()));
     }
 }

@@ -50,6 +50,8 @@ pub enum HubError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Blobs(#[from] blobs::S3Error),
     #[error("server: {0}")]
     Serve(std::io::Error),
 }
@@ -74,8 +76,6 @@ pub(crate) struct Hub {
     /// Tasks that outlive a request (the upload sweeper, an upload
     /// finishing after its client went away): [`serve`] waits for them.
     pub tasks: TaskTracker,
-    /// Upload ids with a PATCH in progress (one writer per upload).
-    pub busy_uploads: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Hub {
@@ -91,7 +91,6 @@ impl Hub {
             metrics: metrics::Metrics::default(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
-            busy_uploads: Default::default(),
         })
     }
 }
@@ -202,10 +201,11 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), HubError> {
     let data_dir = config.data_dir.clone();
-    let blobs: Arc<dyn blobs::Blobs> = match config.blobs {
+    let blobs: Arc<dyn blobs::Blobs> = match &config.blobs {
         config::BlobStorage::DirInDataDir => {
             Arc::new(blobs::DirBlobs::open(&data_dir).map_err(data_dir_err(&data_dir))?)
         }
+        config::BlobStorage::S3(s3) => Arc::new(blobs::S3Blobs::open(s3).await?),
     };
     let store = open_database(&config.database, &data_dir).await?;
     let addr = listener.local_addr().map_err(HubError::Serve)?;

@@ -305,13 +305,16 @@ async fn expire_if_due(hub: &Arc<Hub>, up: &UploadRow) -> Result<bool, ApiError>
     if expires_at(hub, up).await > SystemTime::now() {
         return Ok(false);
     }
-    let Some(_busy) = Busy::take(hub, &up.id) else {
+    let Some(busy) = Busy::take(hub, &up.id).await? else {
         return Ok(false);
     };
     if complete(hub, up).await {
+        busy.release().await;
         return Ok(false);
     }
-    hub.store.delete_upload(&up.id).await?;
+    let deleted = hub.store.delete_upload(&up.id).await;
+    busy.release().await;
+    deleted?;
     if let Err(e) = hub.blobs.remove_part(&up.id).await {
         tracing::warn!(upload = %up.id, error = %e, "cannot remove an expired upload's file");
     }
@@ -327,8 +330,31 @@ pub async fn sweep_expired(hub: &Arc<Hub>) -> usize {
     sweep(hub, 500).await
 }
 
-/// [`sweep_expired`], reading `page` candidates at a time.
+/// How long one sweep may hold the sweepers' lease: a replica that dies
+/// mid-sweep delays the next sweep (on any replica) by at most this.
+const SWEEP_LEASE: Duration = Duration::from_secs(600);
+
+/// [`sweep_expired`], reading `page` candidates at a time, on one replica
+/// at a time (the others skip their turn while one holds the lease).
 async fn sweep(hub: &Arc<Hub>, page: u32) -> usize {
+    let turn = Busy::take_named(hub, "sweep:uploads".into(), SWEEP_LEASE).await;
+    let busy = match turn {
+        Ok(Some(busy)) => busy,
+        Ok(None) => {
+            tracing::debug!("another replica is sweeping uploads");
+            return 0;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e.message, "cannot take the upload sweepers' lease");
+            return 0;
+        }
+    };
+    let n = sweep_held(hub, page).await;
+    busy.release().await;
+    n
+}
+
+async fn sweep_held(hub: &Arc<Hub>, page: u32) -> usize {
     let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64;
     let before = now.saturating_sub(hub.config.upload_expire_after.as_nanos() as i64);
     let mut after: Option<(i64, String)> = None;
@@ -361,9 +387,16 @@ async fn sweep_one(hub: &Arc<Hub>, up: &UploadRow) -> bool {
     if complete(hub, up).await {
         // Every byte arrived but the hub stopped before finishing it and
         // nobody asked since: finish it rather than keep it.
-        if let Some(_busy) = Busy::take(hub, &up.id) {
-            if let Err(e) = finish(hub, up).await {
-                tracing::warn!(upload = %up.id, error = %e.message, "cannot finish an upload");
+        match Busy::take(hub, &up.id).await {
+            Ok(Some(busy)) => {
+                if let Err(e) = finish(hub, up).await {
+                    tracing::warn!(upload = %up.id, error = %e.message, "cannot finish an upload");
+                }
+                busy.release().await;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(upload = %up.id, error = %e.message, "cannot finish an upload")
             }
         }
         return false;
@@ -487,8 +520,10 @@ async fn head(hub: &Arc<Hub>, up: &UploadRow) -> Result<Response, ApiError> {
         // All bytes are here but the upload was never finished (the hub
         // stopped between the last write and the finish): finish it now,
         // unless a PATCH is still doing so.
-        if let Some(_busy) = Busy::take(hub, &up.id) {
-            finish(hub, up).await?;
+        if let Some(busy) = Busy::take(hub, &up.id).await? {
+            let finished = finish(hub, up).await;
+            busy.release().await;
+            finished?;
         }
     }
     let mut resp = StatusCode::OK.into_response();
@@ -507,31 +542,112 @@ async fn head(hub: &Arc<Hub>, up: &UploadRow) -> Result<Response, ApiError> {
     Ok(resp)
 }
 
-/// Marks an upload busy for the life of one PATCH (including the fsync
-/// and finish that run on after a client went away).
+/// How long a hold on an upload lasts unless renewed: a replica that dies
+/// mid-PATCH blocks its upload for at most this long.
+const LEASE: Duration = Duration::from_secs(60);
+
+fn now_ns() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64
+}
+
+/// One PATCH's hold on an upload (including the keep and finish that run
+/// on after a client went away), or the sweeper's or a HEAD's while it
+/// finishes or expires one: a lease in the store, so one writer per
+/// upload across every replica of the database. Renewed while a PATCH
+/// streams; given back by [`Busy::release`] (or, as a fallback, on drop).
 struct Busy {
     hub: Arc<Hub>,
-    id: String,
+    name: String,
+    /// Unique per hold: two PATCHes on one replica are two holders.
+    holder: String,
+    renewed: std::time::Instant,
+    released: bool,
 }
 
 impl Busy {
-    /// Marks `id` busy, or `None` when it already is.
-    fn take(hub: &Arc<Hub>, id: &str) -> Option<Busy> {
-        let mut busy = hub.busy_uploads.lock().unwrap_or_else(|p| p.into_inner());
-        busy.insert(id.to_owned()).then(|| Busy {
+    /// Holds upload `id`, or `None` when someone (on any replica) does.
+    /// Checks, once held, that the upload still exists (another replica
+    /// may have finished or deleted it meanwhile): 404 when it is gone.
+    async fn take(hub: &Arc<Hub>, id: &str) -> Result<Option<Busy>, ApiError> {
+        let Some(busy) = Busy::take_named(hub, format!("upload:{id}"), LEASE).await? else {
+            return Ok(None);
+        };
+        if hub.store.get_upload(id).await?.is_none() {
+            busy.release().await;
+            return Err(ApiError::not_found(format!("no upload {id}")));
+        }
+        Ok(Some(busy))
+    }
+
+    async fn take_named(
+        hub: &Arc<Hub>,
+        name: String,
+        lease: Duration,
+    ) -> Result<Option<Busy>, ApiError> {
+        let holder = uuid::Uuid::now_v7().simple().to_string();
+        let now = now_ns();
+        let until = now.saturating_add(lease.as_nanos() as i64);
+        let taken = hub.store.take_lease(&name, &holder, now, until).await?;
+        Ok(taken.then(|| Busy {
             hub: hub.clone(),
-            id: id.to_owned(),
-        })
+            name,
+            holder,
+            renewed: std::time::Instant::now(),
+            released: false,
+        }))
+    }
+
+    /// Renews the hold once a third of it has passed; an error if it ran
+    /// out meanwhile and another holder took it.
+    async fn renew(&mut self) -> Result<(), ApiError> {
+        if self.renewed.elapsed() < LEASE / 3 {
+            return Ok(());
+        }
+        let now = now_ns();
+        let until = now.saturating_add(LEASE.as_nanos() as i64);
+        if !self
+            .hub
+            .store
+            .take_lease(&self.name, &self.holder, now, until)
+            .await?
+        {
+            return Err(ApiError::new(
+                StatusCode::LOCKED,
+                "upload_busy",
+                "this PATCH lost its hold on the upload to another; resume after a HEAD",
+            ));
+        }
+        self.renewed = std::time::Instant::now();
+        Ok(())
+    }
+
+    /// Gives the hold back before the answer goes out, so the client's
+    /// next request finds the upload free.
+    async fn release(mut self) {
+        self.released = true;
+        if let Err(e) = self.hub.store.release_lease(&self.name, &self.holder).await {
+            tracing::warn!(lease = %self.name, error = %e, "cannot release a lease; it runs out by itself");
+        }
     }
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        self.hub
-            .busy_uploads
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.id);
+        if self.released {
+            return;
+        }
+        // A request that ended early: released in a task (Drop cannot
+        // wait); the lease runs out by itself if even that fails.
+        let (hub, name, holder) = (
+            self.hub.clone(),
+            std::mem::take(&mut self.name),
+            std::mem::take(&mut self.holder),
+        );
+        self.hub.tasks.spawn(async move {
+            if let Err(e) = hub.store.release_lease(&name, &holder).await {
+                tracing::warn!(lease = %name, error = %e, "cannot release a lease; it runs out by itself");
+            }
+        });
     }
 }
 
@@ -569,13 +685,32 @@ async fn patch(
             )
         }
     };
-    let Some(busy) = Busy::take(hub, &up.id) else {
+    let Some(busy) = Busy::take(hub, &up.id).await? else {
         return Err(ApiError::new(
             StatusCode::LOCKED,
             "upload_busy",
             "another PATCH to this upload is in progress",
         ));
     };
+    let mut held = Some(busy);
+    let answer = append(hub, up, &mut held, claimed, checksum, body).await;
+    // Given back before the answer, unless the keep's task took it.
+    if let Some(busy) = held.take() {
+        busy.release().await;
+    }
+    answer
+}
+
+/// The PATCH's bytes at the upload's offset, while `held` holds it; the
+/// task that keeps them takes the hold and releases it when done.
+async fn append(
+    hub: &Arc<Hub>,
+    up: &UploadRow,
+    held: &mut Option<Busy>,
+    claimed: u64,
+    checksum: Option<Vec<u8>>,
+    body: Body,
+) -> Result<Response, ApiError> {
     let offset = current_offset(hub, &up.id).await?;
     if claimed != offset {
         // A PATCH below the upload's offset re-sends acknowledged bytes:
@@ -616,6 +751,9 @@ async fn patch(
                 up.length
             )));
         }
+        if let Some(busy) = held.as_mut() {
+            busy.renew().await?;
+        }
         part.write(&chunk)
             .await
             .map_err(|e| ApiError::internal(format!("cannot write upload file: {e}")))?;
@@ -628,8 +766,28 @@ async fn patch(
     }
     if let Some(why) = interrupted {
         // Without a checksum the bytes that arrived stay: HEAD reports them
-        // and the client resumes there. With one, the rollback drops them.
+        // and the client resumes there (kept explicitly: in S3 an append
+        // not kept leaves nothing). With one, the rollback drops them.
         tracing::info!(upload = %up.id, offset = written, error = %why, "PATCH interrupted");
+        if checksum.is_none() && written > offset {
+            let busy = held.take();
+            let kept = hub.tasks.spawn(async move {
+                let kept = part.keep().await;
+                if let Some(busy) = busy {
+                    busy.release().await;
+                }
+                kept
+            });
+            match kept.await {
+                Ok(Ok(())) => Metrics::add(&hub.metrics.upload_acked_bytes, written - offset),
+                Ok(Err(e)) => {
+                    tracing::warn!(upload = %up.id, error = %e, "cannot keep a cut-off PATCH's bytes")
+                }
+                Err(e) => {
+                    tracing::warn!(upload = %up.id, error = %e, "keeping a cut-off PATCH's bytes failed")
+                }
+            }
+        }
         return Err(ApiError::bad_request(format!(
             "upload body interrupted: {why}"
         )));
@@ -653,15 +811,22 @@ async fn patch(
     // dropped) must neither lose the chunk nor leave a complete upload
     // unfinished. On `hub.tasks`, so shutdown waits for it too.
     let (h, u) = (hub.clone(), up.clone());
+    let busy = held.take();
     let tail = hub.tasks.spawn(async move {
-        let _busy = busy;
-        part.keep()
-            .await
-            .map_err(|e| ApiError::internal(format!("cannot sync upload file: {e}")))?;
-        if written == u.length {
-            finish(&h, &u).await?;
+        let done = async {
+            part.keep()
+                .await
+                .map_err(|e| ApiError::internal(format!("cannot sync upload file: {e}")))?;
+            if written == u.length {
+                finish(&h, &u).await?;
+            }
+            Ok::<(), ApiError>(())
         }
-        Ok::<(), ApiError>(())
+        .await;
+        if let Some(busy) = busy {
+            busy.release().await;
+        }
+        done
     });
     tail.await
         .map_err(|e| ApiError::internal(format!("finishing the upload failed: {e}")))??;
@@ -862,10 +1027,11 @@ mod tests {
 
         // Idle, but a PATCH holds it: left alone until the PATCH ends.
         let busy_one = upload(&hub, keys, "busy", 50, hour).await;
-        let busy = Busy::take(&hub, &busy_one.id).unwrap();
+        let busy = Busy::take(&hub, &busy_one.id).await.unwrap().unwrap();
+        assert!(Busy::take(&hub, &busy_one.id).await.unwrap().is_none());
         assert!(!expire_if_due(&hub, &busy_one).await.unwrap());
         assert!(!gone(&busy_one).await);
-        drop(busy);
+        busy.release().await;
         assert!(expire_if_due(&hub, &busy_one).await.unwrap());
 
         // Every byte arrived but it was never finished: not expired (a

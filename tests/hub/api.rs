@@ -441,7 +441,7 @@ fn bad_config_is_one_line_and_nonzero() {
 }
 
 #[test]
-fn storage_this_build_cannot_serve_is_refused_in_one_line() {
+fn bad_storage_settings_are_refused_in_one_line() {
     let dir = crate::util::TestDir::new("hub_storage_not_yet");
     let cfg = dir.join("hub.toml");
     std::fs::write(&cfg, "[storage]\nblobs = \"s3://fleet-logs/hub\"\n").unwrap();
@@ -457,10 +457,24 @@ fn storage_this_build_cannot_serve_is_refused_in_one_line() {
         assert!(!out.status.success());
         String::from_utf8(out.stderr).unwrap()
     };
-    let err = serve(&[]);
+    // A bucket behind an endpoint nobody listens on: one line at start-up.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let endpoint = format!("http://127.0.0.1:{closed}");
+    let err = serve(&[
+        ("AWS_ENDPOINT_URL", &endpoint),
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_REGION", "us-east-1"),
+    ]);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(
-        err.contains("storage.blobs: S3 is not yet supported"),
+        err.starts_with(
+            "logbook-hub: storage.blobs s3://fleet-logs/hub: the endpoint cannot be reached"
+        ),
         "{err}"
     );
     let err = serve(&[("LOGBOOK_STORAGE_DATABASE", "postgres://hub@db:x/logbook")]);

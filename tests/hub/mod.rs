@@ -25,6 +25,108 @@ use uuid::Uuid;
 
 use crate::util::{self, TestDir};
 
+#[path = "../../src/hub/store/postgres/testdb.rs"]
+#[allow(dead_code)]
+pub mod testdb;
+
+#[path = "../../src/hub/blobs/testbucket.rs"]
+#[allow(dead_code)]
+pub mod testbucket;
+
+/// The variable that runs every hub these tests start on other backends:
+/// `sqlite` (the default: SQLite and a blob directory), `postgres`, `s3`,
+/// or `postgres+s3`; each on this process's throwaway PostgreSQL cluster
+/// (a fresh database per hub) and moto server (a fresh bucket per hub).
+pub const STORAGE_VAR: &str = "LOGBOOK_TEST_HUB_STORAGE";
+
+/// Where a test hub stores: the backends [`STORAGE_VAR`] names, or
+/// (for tests parametrized over them) the ones a test asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Storage {
+    pub postgres: bool,
+    pub s3: bool,
+}
+
+impl Storage {
+    /// What [`STORAGE_VAR`] asks for (SQLite and a directory when unset).
+    pub fn from_env() -> Storage {
+        let v = std::env::var(STORAGE_VAR).unwrap_or_default();
+        let parts: Vec<&str> = v
+            .split('+')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .collect();
+        for p in &parts {
+            assert!(
+                ["sqlite", "dir", "postgres", "s3"].contains(p),
+                "{STORAGE_VAR}={v:?}: expected sqlite, postgres, s3 or postgres+s3"
+            );
+        }
+        Storage {
+            postgres: parts.contains(&"postgres"),
+            s3: parts.contains(&"s3"),
+        }
+    }
+
+    /// The same with blobs in S3.
+    pub fn with_s3(self) -> Storage {
+        Storage { s3: true, ..self }
+    }
+
+    /// Whether the backends this needs are installed; a notice when not
+    /// (under CI, a failure).
+    pub fn available(self, test: &str) -> bool {
+        (!self.postgres || testdb::cluster_port(test).is_some())
+            && (!self.s3 || testbucket::endpoint(test).is_some())
+    }
+
+    /// The hub's environment for a fresh database and bucket.
+    fn env(self, test: &str) -> (Vec<(String, String)>, Option<testbucket::TestBucket>) {
+        let mut env = Vec::new();
+        if self.postgres {
+            let url = testdb::fresh_database(test)
+                .unwrap_or_else(|| panic!("{test}: PostgreSQL is not installed"));
+            env.push(("LOGBOOK_STORAGE_DATABASE".to_owned(), url));
+        }
+        let mut bucket = None;
+        if self.s3 {
+            let b = testbucket::fresh_bucket(test)
+                .unwrap_or_else(|| panic!("{test}: moto[server] is not installed"));
+            env.push(("LOGBOOK_STORAGE_BLOBS".to_owned(), b.url("hub")));
+            env.extend(b.env().into_iter().map(|(k, v)| (k.to_owned(), v)));
+            bucket = Some(b);
+        }
+        (env, bucket)
+    }
+}
+
+/// Runs each listed `async fn test(storage: Storage)` as a test on the
+/// suite's storage ([`STORAGE_VAR`]) and again with its blobs in S3.
+#[macro_export]
+macro_rules! per_blobs {
+    ($($test:ident),* $(,)?) => {
+        mod on_default {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test($crate::hub::Storage::from_env()).await;
+                }
+            )*
+        }
+        mod on_s3 {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    let storage = $crate::hub::Storage::from_env().with_s3();
+                    if storage.available(concat!("hub::", stringify!($test), " on S3")) {
+                        super::$test(storage).await;
+                    }
+                }
+            )*
+        }
+    };
+}
+
 pub const ORG: &str = "acme";
 pub const PROJECT: &str = "warehouse";
 pub const DEVICE: &str = "robot-1";
@@ -41,6 +143,11 @@ pub struct HubProc {
     /// Device token of `robot-1` in acme/warehouse.
     pub device: String,
     pub http: reqwest::Client,
+    /// The storage variables it was started with (a restart and `token`
+    /// reuse them).
+    pub env: Vec<(String, String)>,
+    /// Its bucket, when its blobs are in S3.
+    pub bucket: Option<testbucket::TestBucket>,
 }
 
 impl HubProc {
@@ -48,7 +155,16 @@ impl HubProc {
         HubProc::start_with(name, &[])
     }
 
+    /// A hub on the suite's storage ([`STORAGE_VAR`]) with `env` over it.
     pub fn start_with(name: &str, env: &[(&str, &str)]) -> HubProc {
+        HubProc::start_on(name, Storage::from_env(), env)
+    }
+
+    /// A hub on `storage` (a fresh database and bucket) with `env` over it.
+    pub fn start_on(name: &str, storage: Storage, env: &[(&str, &str)]) -> HubProc {
+        let (mut all, bucket) = storage.env(name);
+        all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let env = all;
         let dir = TestDir::new(name);
         let data = dir.join("data");
         let token = |args: &[&str]| {
@@ -57,7 +173,7 @@ impl HubProc {
                     .args(["token", "create", "--data-dir"])
                     .arg(&data)
                     .args(args)
-                    .envs(env.iter().copied()),
+                    .envs(env.iter().map(|(k, v)| (k, v))),
             );
             String::from_utf8(out.stdout).unwrap().trim().to_owned()
         };
@@ -67,7 +183,7 @@ impl HubProc {
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(&data)
             .env("LOGBOOK_LOG", "error")
-            .envs(env.iter().copied())
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -80,6 +196,8 @@ impl HubProc {
             device,
             http: reqwest::Client::new(),
             dir,
+            env,
+            bucket,
         };
         let addr_file = data.join("hub.addr");
         let addr = util::wait_for("hub.addr", Duration::from_secs(20), || {
@@ -111,6 +229,7 @@ impl HubProc {
             .args(["serve", "--listen", &self.addr, "--data-dir"])
             .arg(self.data_dir())
             .env("LOGBOOK_LOG", "error")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -132,11 +251,49 @@ impl HubProc {
         self.dir.join("data")
     }
 
+    /// The names of the finished artifacts (`"blobs"`) or uploads in
+    /// progress (`"uploads"`) the hub holds, wherever its blobs are.
+    pub fn stored(&self, what: &str) -> Vec<String> {
+        let mut names: Vec<String> = match &self.bucket {
+            None => match std::fs::read_dir(self.data_dir().join(what)) {
+                Ok(rd) => rd
+                    .flatten()
+                    .map(|e| {
+                        let n = e.file_name().to_string_lossy().into_owned();
+                        n.trim_end_matches(".part").to_owned()
+                    })
+                    .collect(),
+                Err(_) => vec![],
+            },
+            Some(b) => {
+                // moto answers unsigned requests; the listing's keys are
+                // hub/<what>/<name>[/<segment>].
+                let addr = b.endpoint.trim_start_matches("http://");
+                let req = format!(
+                    "GET /{}?list-type=2&prefix=hub/{what}/ HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n",
+                    b.bucket
+                );
+                let listing = raw_request(addr, &req).expect("moto answers");
+                listing
+                    .split("<Key>")
+                    .skip(1)
+                    .filter_map(|k| k.split("</Key>").next())
+                    .filter_map(|k| k.strip_prefix(&format!("hub/{what}/")))
+                    .map(|k| k.split('/').next().unwrap_or(k).to_owned())
+                    .collect()
+            }
+        };
+        names.sort();
+        names.dedup();
+        names
+    }
+
     /// A new token (`device: None` makes an operator key).
     pub fn token(&self, org: &str, project: &str, device: Option<&str>) -> String {
         let mut cmd = Command::new(util::bin("logbook-hub"));
         cmd.args(["token", "create", "--data-dir"])
             .arg(self.data_dir())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .args(["--org", org, "--project", project]);
         match device {
             Some(d) => cmd.args(["--device", d]),

@@ -11,9 +11,7 @@ use logbook::wire::{Gap, Level, SessionStatus};
 
 use super::*;
 
-#[path = "../../src/hub/store/postgres/testdb.rs"]
-#[allow(dead_code)]
-mod testdb;
+use super::testdb;
 
 fn migrate(env: &[(&str, &str)]) -> std::process::Output {
     Command::new(crate::util::bin("logbook-hub"))

@@ -12,6 +12,14 @@ use sha2::{Digest, Sha256};
 
 use super::*;
 
+crate::per_blobs!(
+    interrupted_upload_resumes_and_downloads,
+    checksum_mismatch_termination_and_zip,
+    unfinished_uploads_are_bounded_per_device,
+    repeated_creation_resumes_the_same_upload,
+    unfinished_uploads_expire_unless_written_to,
+);
+
 fn content(len: usize, seed: u32) -> Vec<u8> {
     (0..len as u32)
         .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed) >> 11) as u8)
@@ -107,9 +115,8 @@ fn interrupted_patch(addr: &str, path: &str, token: &str, data: &[u8], total: us
     s.shutdown(std::net::Shutdown::Both).unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn interrupted_upload_resumes_and_downloads() {
-    let hub = HubProc::start("hub_tus_resume");
+async fn interrupted_upload_resumes_and_downloads(storage: Storage) {
+    let hub = HubProc::start_on("hub_tus_resume", storage, &[]);
     let tus = Tus { hub: &hub };
     let s = session_id(1);
     hub.post_batch(&batch(
@@ -219,15 +226,12 @@ async fn interrupted_upload_resumes_and_downloads() {
     assert_eq!(files["items"].as_array().unwrap().len(), 1);
     assert_eq!(files["items"][0]["size_bytes"], small.len());
     assert_eq!(get(None).await.2, small);
-    let blobs = std::fs::read_dir(hub.data_dir().join("blobs"))
-        .unwrap()
-        .count();
-    assert_eq!(blobs, 1, "the replaced file is gone\n{}", hub.dir.listing());
+    let blobs = hub.stored("blobs");
+    assert_eq!(blobs.len(), 1, "the replaced file is gone: {blobs:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn checksum_mismatch_termination_and_zip() {
-    let hub = HubProc::start("hub_tus_zip");
+async fn checksum_mismatch_termination_and_zip(storage: Storage) {
+    let hub = HubProc::start_on("hub_tus_zip", storage, &[]);
     let tus = Tus { hub: &hub };
     let s = session_id(2);
     hub.post_batch(&batch(
@@ -336,9 +340,8 @@ async fn checksum_mismatch_termination_and_zip() {
     assert_eq!(got, want);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unfinished_uploads_are_bounded_per_device() {
-    let hub = HubProc::start("hub_tus_bound");
+async fn unfinished_uploads_are_bounded_per_device(storage: Storage) {
+    let hub = HubProc::start_on("hub_tus_bound", storage, &[]);
     let tus = Tus { hub: &hub };
     let s = session_id(3);
     let data = content(10, 3);
@@ -370,9 +373,8 @@ async fn unfinished_uploads_are_bounded_per_device() {
 /// A creation whose answer was lost is sent again by the agent: the hub
 /// answers with the upload already under way for that file version, so no
 /// orphan is left and no acknowledged byte is sent twice.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn repeated_creation_resumes_the_same_upload() {
-    let hub = HubProc::start("hub_tus_again");
+async fn repeated_creation_resumes_the_same_upload(storage: Storage) {
+    let hub = HubProc::start_on("hub_tus_again", storage, &[]);
     let tus = Tus { hub: &hub };
     let s = session_id(4);
     let data = content(1000, 4);
@@ -418,20 +420,23 @@ async fn repeated_creation_resumes_the_same_upload() {
 /// An unfinished upload nobody writes to is deleted after
 /// `uploads.expire_after`, part file and all; one still being written to
 /// stays, and every answer says when it would expire.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unfinished_uploads_expire_unless_written_to() {
-    let hub = HubProc::start_with("hub_tus_expire", &[("LOGBOOK_UPLOADS_EXPIRE_AFTER", "2s")]);
+async fn unfinished_uploads_expire_unless_written_to(storage: Storage) {
+    let hub = HubProc::start_on(
+        "hub_tus_expire",
+        storage,
+        &[("LOGBOOK_UPLOADS_EXPIRE_AFTER", "2s")],
+    );
     let tus = Tus { hub: &hub };
     let s = session_id(5);
     let data = content(1000, 5);
     let stale = tus.create(s, "stale.bin", &data, None).await;
     let alive = tus.create(s, "alive.bin", &data, None).await;
     assert_eq!(tus.patch(&stale, 0, &data[..100], None).await.0, 204);
-    let part = |url: &str| {
-        let id = url.rsplit('/').next().unwrap();
-        hub.data_dir().join("uploads").join(format!("{id}.part"))
+    let part_exists = |url: &str| {
+        let id = url.rsplit('/').next().unwrap().to_owned();
+        hub.stored("uploads").contains(&id)
     };
-    assert!(part(&stale).exists());
+    assert!(part_exists(&stale));
 
     // `alive` gets a chunk every half second for three seconds; each answer
     // moves its expiry on.
@@ -474,7 +479,7 @@ async fn unfinished_uploads_expire_unless_written_to() {
     util::wait_for(
         "the stale upload's file to go",
         Duration::from_secs(10),
-        || (!part(&stale).exists()).then_some(()),
+        || (!part_exists(&stale)).then_some(()),
     );
     assert_eq!(tus.offset(&stale).await, None);
     assert!(hub.metric("logbook_hub_uploads_expired_total").await >= 1);

@@ -1,10 +1,9 @@
 //! The blob seam: the [`Blobs`] trait every artifact byte goes through,
 //! finished artifacts (named by the hub) and tus upload parts (named by
-//! their upload id), and its backends. Today one, `dir` ([`DirBlobs`]):
-//! files under the data directory. An S3-compatible backend
-//! (`object_store`) would be a second implementation: nothing here hands
-//! out a file, a path or a whole object in memory, only streams, ranges
-//! and appends.
+//! their upload id), and its backends: `dir` ([`DirBlobs`]), files under
+//! the data directory, and `s3` ([`S3Blobs`]), an S3-compatible bucket
+//! through `object_store`. Nothing here hands out a file, a path or a
+//! whole object in memory, only streams, ranges and appends.
 //!
 //! Invariant: names are only ever made by the hub (hex upload ids, random
 //! blob names); nothing a device sends becomes a name. An all-or-nothing
@@ -17,8 +16,15 @@ use bytes::Bytes;
 use futures_util::stream::BoxStream;
 
 mod dir;
+mod s3;
+#[cfg(test)]
+#[allow(dead_code)]
+pub(crate) mod testbucket;
+#[cfg(test)]
+mod tests;
 
 pub use dir::DirBlobs;
+pub use s3::{S3Blobs, S3Error};
 
 /// A blob's bytes, as they are read (a few 64 KiB chunks at a time).
 pub type ByteStream = BoxStream<'static, io::Result<Bytes>>;
@@ -44,9 +50,11 @@ pub trait Blobs: Send + Sync {
     async fn part(&self, upload_id: &str) -> io::Result<PartInfo>;
 
     /// Opens the part for appending at `offset` (its current length).
-    /// With `all_or_nothing`, the bytes written are kept only if
-    /// [`PartAppend::keep`] is reached; otherwise what was written stays
-    /// even if the append ends early (a client resumes after it).
+    /// The bytes written are part of the upload once [`PartAppend::keep`]
+    /// returns. An append dropped unkept: with `all_or_nothing`, leaves
+    /// the part as it was; without, may leave what was written (the
+    /// directory does) or not (S3 does not): callers that want the bytes
+    /// of a cut-off append keep it.
     async fn append_part(
         &self,
         upload_id: &str,

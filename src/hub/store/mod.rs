@@ -268,6 +268,22 @@ pub trait Store: Send + Sync {
         project: &str,
         q: &MarkQuery,
     ) -> Result<Vec<MarkRow>, StoreError>;
+
+    // ----- leases (one holder across replicas) -----
+
+    /// Takes lease `name` for `holder` until `until_ns` if nobody holds it
+    /// at `now_ns` (its last holder's time ran out) or `holder` already
+    /// does (a renewal), in one conditional write; whether it did.
+    async fn take_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now_ns: i64,
+        until_ns: i64,
+    ) -> Result<bool, StoreError>;
+
+    /// Gives lease `name` back, if `holder` still holds it.
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError>;
 }
 
 /// What a token allows.

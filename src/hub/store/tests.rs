@@ -989,3 +989,36 @@ async fn marks_are_kept_once_at_their_newest_revision_and_filter_sessions(store:
         .is_some());
     assert_eq!(list(MarkQuery::default()).await.len(), 2);
 }
+
+mod leases {
+    use super::*;
+
+    per_backend!(one_holder_at_a_time_until_it_runs_out);
+
+    /// A lease has one holder until it is released or runs out; its holder
+    /// renews it; a release by another holder changes nothing.
+    async fn one_holder_at_a_time_until_it_runs_out(store: &dyn Store) {
+        let take = |holder: &'static str, now: i64, until: i64| async move {
+            store
+                .take_lease("upload:a", holder, now, until)
+                .await
+                .unwrap()
+        };
+        assert!(take("one", 100, 200).await);
+        assert!(!take("two", 150, 300).await, "held until 200");
+        assert!(take("one", 150, 400).await, "its holder renews it");
+        assert!(!take("two", 300, 500).await, "renewed until 400");
+        store.release_lease("upload:a", "two").await.unwrap();
+        assert!(!take("two", 300, 500).await, "not released by another");
+        assert!(take("two", 400, 500).await, "free once it ran out");
+        store.release_lease("upload:a", "two").await.unwrap();
+        assert!(take("three", 401, 600).await, "free once released");
+        assert!(
+            store
+                .take_lease("sweep:uploads", "two", 401, 600)
+                .await
+                .unwrap(),
+            "leases are named"
+        );
+    }
+}

@@ -191,3 +191,37 @@ pub(super) async fn delete_upload(c: &impl GenericClient, id: &str) -> Result<bo
         .await?
         > 0)
 }
+
+/// One conditional upsert: two replicas racing for a lease cannot both
+/// see their row written (the loser's `ON CONFLICT ... WHERE` finds the
+/// winner's unexpired row and changes nothing).
+pub(super) async fn take_lease(
+    c: &impl GenericClient,
+    name: &str,
+    holder: &str,
+    now_ns: i64,
+    until_ns: i64,
+) -> Result<bool, StoreError> {
+    let changed = c
+        .execute(
+            "INSERT INTO leases (name, holder, until_ns) VALUES ($1, $2, $4)
+             ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, until_ns = excluded.until_ns
+             WHERE leases.until_ns <= $3 OR leases.holder = excluded.holder",
+            &[&name, &holder, &now_ns, &until_ns],
+        )
+        .await?;
+    Ok(changed == 1)
+}
+
+pub(super) async fn release_lease(
+    c: &impl GenericClient,
+    name: &str,
+    holder: &str,
+) -> Result<(), StoreError> {
+    c.execute(
+        "DELETE FROM leases WHERE name = $1 AND holder = $2",
+        &[&name, &holder],
+    )
+    .await?;
+    Ok(())
+}

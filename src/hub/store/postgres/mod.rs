@@ -43,6 +43,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("001_initial.sql"),
     include_str!("002_marks.sql"),
     include_str!("003_signins.sql"),
+    include_str!("004_leases.sql"),
 ];
 
 /// Advisory lock keys (`pg_advisory_xact_lock`), arbitrary but fixed: every
@@ -434,5 +435,19 @@ impl Store for PgStore {
         q: &super::MarkQuery,
     ) -> Result<Vec<super::MarkRow>, StoreError> {
         marks::list(&self.client().await?, org, project, q).await
+    }
+
+    async fn take_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now_ns: i64,
+        until_ns: i64,
+    ) -> Result<bool, StoreError> {
+        artifacts::take_lease(&self.client().await?, name, holder, now_ns, until_ns).await
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        artifacts::release_lease(&self.client().await?, name, holder).await
     }
 }

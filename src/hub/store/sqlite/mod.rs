@@ -36,6 +36,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("001_initial.sql"),
     include_str!("002_marks.sql"),
     include_str!("003_signins.sql"),
+    include_str!("004_leases.sql"),
 ];
 
 /// Reader connections kept open between requests.
@@ -437,6 +438,23 @@ impl Store for SqliteStore {
     ) -> Result<Vec<super::MarkRow>, StoreError> {
         let (org, project, q) = (org.to_owned(), project.to_owned(), q.clone());
         self.run(move |db| db.list_marks(&org, &project, &q)).await
+    }
+
+    async fn take_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now_ns: i64,
+        until_ns: i64,
+    ) -> Result<bool, StoreError> {
+        let (name, holder) = (name.to_owned(), holder.to_owned());
+        self.run(move |db| db.take_lease(&name, &holder, now_ns, until_ns))
+            .await
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        let (name, holder) = (name.to_owned(), holder.to_owned());
+        self.run(move |db| db.release_lease(&name, &holder)).await
     }
 }
 

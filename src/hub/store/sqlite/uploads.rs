@@ -100,4 +100,32 @@ impl Db {
     pub fn delete_upload(&self, id: &str) -> Result<bool, StoreError> {
         self.write(|tx| Ok(tx.execute("DELETE FROM uploads WHERE id = ?1", [id])? > 0))
     }
+
+    pub fn take_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now_ns: i64,
+        until_ns: i64,
+    ) -> Result<bool, StoreError> {
+        self.write(|tx| {
+            let changed = tx.execute(
+                "INSERT INTO leases (name, holder, until_ns) VALUES (?1, ?2, ?4)
+             ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, until_ns = excluded.until_ns
+             WHERE leases.until_ns <= ?3 OR leases.holder = excluded.holder",
+                rusqlite::params![name, holder, now_ns, until_ns],
+            )?;
+            Ok(changed == 1)
+        })
+    }
+
+    pub fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.execute(
+                "DELETE FROM leases WHERE name = ?1 AND holder = ?2",
+                [name, holder],
+            )?;
+            Ok(())
+        })
+    }
 }
