@@ -162,6 +162,9 @@ fn a_full_disk_evicts_keeps_serving_and_every_record_is_stored_or_a_disk_full_ga
         "stored {stored} + evicted {evicted} + disk_full {disk_full}: {st}"
     );
     assert_eq!(gap_total(&st, "write_failed"), 0, "{st}");
+    eprintln!(
+        "disk full: {total} received, {stored} stored, {evicted} evicted (gaps), {disk_full} disk_full (gaps), 0 unaccounted"
+    );
     assert_eq!(
         st["ingest"]["write_failed"].as_u64().unwrap(),
         disk_full,
