@@ -64,6 +64,15 @@ pub mod gap_reason {
     /// A client library (e.g. the tracing layer) dropped events while the
     /// agent was unreachable.
     pub const CLIENT_DROPPED: &str = "client_dropped";
+    /// The agent's disk was full: even after evicting, there was no room
+    /// to store these records.
+    pub const DISK_FULL: &str = "disk_full";
+    /// SQLite refused to store these records for another reason (an I/O
+    /// error).
+    pub const WRITE_FAILED: &str = "write_failed";
+    /// The agent's database file went bad while it ran; it was moved aside
+    /// with these unsynced records in it.
+    pub const CORRUPT: &str = "corrupt";
 }
 
 /// Severity of a record. A level filter means "this level and above".

@@ -585,6 +585,14 @@ async fn gather(st: Arc<ApiState>) -> Result<Status, ApiError> {
         buffer: BufferStatus {
             bytes_used: Stats::get(&s.disk_bytes),
             bytes_limit: st.max_bytes,
+            disk_full: s.disk_full.load(Ordering::Relaxed),
+            quarantined: Stats::get(&s.quarantined),
+            quarantined_to: s
+                .quarantined_to
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .map(|p| p.display().to_string()),
         },
         records: RecordCounts {
             stored,

@@ -215,6 +215,15 @@ pub struct Status {
 pub struct BufferStatus {
     pub bytes_used: u64,
     pub bytes_limit: u64,
+    /// The last commit failed for want of space on the state directory
+    /// (the writer is evicting to make room; what it cannot store is
+    /// counted in `disk_full` gaps).
+    pub disk_full: bool,
+    /// Times `agent.db` went bad while the agent ran and was moved aside
+    /// (its unsynced records counted in a `corrupt` gap).
+    pub quarantined: u64,
+    /// Where the last bad database was moved to.
+    pub quarantined_to: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -294,6 +303,9 @@ mod tests {
             buffer: BufferStatus {
                 bytes_used: 1,
                 bytes_limit: 2,
+                disk_full: false,
+                quarantined: 0,
+                quarantined_to: None,
             },
             records: RecordCounts {
                 stored: 3,

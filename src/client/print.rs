@@ -287,6 +287,16 @@ pub fn status(out: &mut impl Write, s: &Status) -> io::Result<()> {
             0.0
         }
     )?;
+    if s.buffer.disk_full {
+        writeln!(out, "          disk full: evicting to make room")?;
+    }
+    if let Some(to) = &s.buffer.quarantined_to {
+        writeln!(
+            out,
+            "          database went bad {} time(s), last moved to {to}",
+            s.buffer.quarantined
+        )?;
+    }
     let r = &s.records;
     writeln!(
         out,

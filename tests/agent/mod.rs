@@ -1,6 +1,7 @@
 //! Integration tests of `logbookd` and the `logbook` CLI against it: a real
 //! daemon per test on a fresh directory, spoken to over its real sockets.
 
+mod faults;
 mod ingest;
 mod marks;
 mod sessions;
@@ -160,6 +161,11 @@ impl Agent {
         wait_for("logbookd to exit", Duration::from_secs(10), || {
             self.child.try_wait().unwrap()
         })
+    }
+
+    /// Whether the daemon is still running (it never exited on its own).
+    pub fn child_alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
     }
 
     pub fn kill9(&mut self) {

@@ -124,3 +124,42 @@ fn kill_9_mid_upload_loses_and_duplicates_nothing() {
     let st = agent.status();
     assert!(st["gaps"].as_array().unwrap().is_empty(), "{st}");
 }
+
+/// Kill -9 of the agent at random points while it uploads, `cycles` times
+/// (a short form here; `LOGBOOK_TEST_CYCLES=200` runs the full one):
+/// everything flushed before each kill reaches the hub exactly once.
+#[test]
+fn crash_loop_of_the_agent_loses_and_doubles_nothing() {
+    let cycles: u64 = std::env::var("LOGBOOK_TEST_CYCLES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
+    let mut rng = schedule_rng();
+    let hub = HubProc::start("sync_crash_loop");
+    let dir = TestDir::new("sync_crash_loop");
+    let mut env = sync_env(&hub.url, &hub.device);
+    env.push(("LOGBOOK_SYNC_BATCH_RECORDS".into(), "64".into()));
+    let mut total = 0u64;
+    for _ in 0..cycles {
+        let mut agent = start_agent(&dir, &env);
+        let n = rng.random_range(50..400u64);
+        let lines: Vec<String> = (total + 1..=total + n)
+            .map(|i| format!(r#"{{"level":"info","msg":"loop {i}"}}"#))
+            .collect();
+        let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+        crate::agent::send_lines(&agent, &refs);
+        total += n;
+        assert_eq!(agent.flush(), total);
+        // The fault: a kill at a random point of the upload, not a wait.
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..150)));
+        agent.kill9();
+    }
+    let agent = start_agent(&dir, &env);
+    wait_synced(&agent, Duration::from_secs(120));
+    let logs = hub_logs(&hub, &format!("/devices/{DEVICE}/logs"));
+    assert_exact_seqs(&logs, 1..=total);
+    for (i, r) in logs.iter().enumerate() {
+        assert_eq!(r["message"], format!("loop {}", i + 1));
+    }
+    eprintln!("{cycles} kill -9 cycles: {total} records, each at the hub once");
+}

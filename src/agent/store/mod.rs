@@ -17,7 +17,7 @@ pub mod sync;
 pub mod writer;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::agent::record::Trusted;
@@ -94,10 +94,19 @@ pub struct Stats {
     pub connections: AtomicU64,
     pub connections_open: AtomicI64,
     pub committed: AtomicU64,
-    /// Records SQLite refused to store (disk full, I/O error).
+    /// Records SQLite refused to store even after the writer made room and
+    /// tried again (each is also counted in a `disk_full` or
+    /// `write_failed` gap).
     pub write_failed: AtomicU64,
     /// Marks refused (an invalid `event` field, or a session's limit).
     pub marks_refused: AtomicU64,
+    /// The last commit failed for want of space (cleared by the next one
+    /// that goes through).
+    pub disk_full: AtomicBool,
+    /// Times the database went bad while the agent ran and was moved aside.
+    pub quarantined: AtomicU64,
+    /// Where the last bad database was moved to.
+    pub quarantined_to: Mutex<Option<PathBuf>>,
     pub commits: AtomicU64,
     /// Records in the database (committed minus evicted).
     pub records_stored: AtomicI64,
@@ -133,7 +142,10 @@ pub struct Stats {
 pub struct Spent(Mutex<Vec<Vec<Row>>>);
 
 /// Batches [`Spent`] holds at most (each at most one pipeline message).
-pub const SPENT_MAX: usize = 16;
+/// The writer hands back a transaction's batches after it commits (it keeps
+/// them until then, to write them again if the commit fails), and a
+/// transaction holds a few dozen messages of a busy pipeline.
+pub const SPENT_MAX: usize = 128;
 
 impl Spent {
     /// The writer is done with `rows`.

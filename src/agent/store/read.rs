@@ -109,7 +109,8 @@ pub struct LogQuery {
 /// A pool of read-only connections, opened on demand.
 pub struct Reader {
     path: PathBuf,
-    pool: Mutex<Vec<Connection>>,
+    /// Connections with the file each opened (see [`schema::file_id`]).
+    pool: Mutex<Vec<(Connection, Option<schema::FileId>)>>,
     pub ctx: ViewCtx,
 }
 
@@ -126,12 +127,14 @@ impl Reader {
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<R>,
     ) -> Result<R, StoreError> {
+        let file = schema::file_id(&self.path);
         let conn = self.pool.lock().expect("reader pool").pop();
         let conn = match conn {
-            Some(c) => c,
-            None => schema::open_reader(&self.path)?,
+            // One on a file the writer moved aside is dropped.
+            Some((c, id)) if id.is_some() && id == file => (c, id),
+            _ => (schema::open_reader(&self.path)?, file),
         };
-        let out = f(&conn).map_err(StoreError::Sql);
+        let out = f(&conn.0).map_err(StoreError::Sql);
         let mut pool = self.pool.lock().expect("reader pool");
         if pool.len() < 4 {
             pool.push(conn);

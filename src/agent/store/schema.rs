@@ -235,6 +235,16 @@ pub fn open_checked(
     Ok(conn)
 }
 
+/// A file's (device, inode).
+pub type FileId = (u64, u64);
+
+/// The identity of the file at `path`: a connection opened on another one
+/// reads a database the writer moved aside.
+pub fn file_id(path: &Path) -> Option<FileId> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
 /// A read-only connection for queries; WAL lets it read while the writer
 /// commits.
 pub fn open_reader(path: &Path) -> Result<Connection, StoreError> {
@@ -251,13 +261,24 @@ pub fn open_reader(path: &Path) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
-fn move_aside(path: &Path) -> Result<PathBuf, StoreError> {
+/// Renames `path` (and its WAL and shared-memory files) to
+/// `<path>.corrupt-<unix seconds>`; returns the new name.
+pub(super) fn move_aside(path: &Path) -> Result<PathBuf, StoreError> {
     let ts = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let mut aside = path.as_os_str().to_owned();
-    aside.push(format!(".corrupt-{ts}"));
-    let aside = PathBuf::from(aside);
+    // Never over an earlier one moved aside in the same second.
+    let aside = (0..)
+        .map(|n| {
+            let mut aside = path.as_os_str().to_owned();
+            aside.push(format!(".corrupt-{ts}"));
+            if n > 0 {
+                aside.push(format!("-{n}"));
+            }
+            PathBuf::from(aside)
+        })
+        .find(|p| !p.exists())
+        .expect("an unused name");
     std::fs::rename(path, &aside).map_err(|e| StoreError::Io {
         what: format!("moving {} aside", path.display()),
         source: e,

@@ -69,6 +69,8 @@ pub struct SetAside {
 pub struct SyncReader {
     pub(super) conn: Connection,
     boot_id: String,
+    /// The file it opened (see [`schema::file_id`]).
+    file: Option<schema::FileId>,
 }
 
 /// The unsynced records (`?3` is the watermark): above W and not synced
@@ -92,10 +94,18 @@ pub struct PendingRecord {
 
 impl SyncReader {
     pub fn open(path: &Path, boot_id: &str) -> Result<SyncReader, StoreError> {
+        let file = schema::file_id(path);
         Ok(SyncReader {
             conn: schema::open_reader(path)?,
             boot_id: boot_id.to_owned(),
+            file,
         })
+    }
+
+    /// Whether it still reads the database at `path` (the writer moves a
+    /// bad one aside and starts another).
+    pub fn is_current(&self, path: &Path) -> bool {
+        self.file.is_some() && self.file == schema::file_id(path)
     }
 
     /// Sessions whose newest revision the hub has not acknowledged, oldest

@@ -367,8 +367,8 @@ impl Uploader {
     async fn take_reader(&self) -> Result<SyncReader, StoreError> {
         let held = self.reader.lock().expect("reader lock").take();
         match held {
-            Some(r) => Ok(r),
-            None => {
+            Some(r) if r.is_current(&self.ctx.db_path) => Ok(r),
+            _ => {
                 let (path, boot) = (self.ctx.db_path.clone(), self.ctx.boot_id.clone());
                 tokio::task::spawn_blocking(move || SyncReader::open(&path, &boot))
                     .await

@@ -39,7 +39,7 @@ pub(super) fn add_gap(
 }
 
 impl Writer {
-    fn file_len(&self, suffix: &str) -> u64 {
+    pub(super) fn file_len(&self, suffix: &str) -> u64 {
         let mut p = self.cfg.db_path.as_os_str().to_owned();
         p.push(suffix);
         std::fs::metadata(PathBuf::from(p)).map_or(0, |m| m.len())
@@ -60,6 +60,8 @@ impl Writer {
         let free = rustix::fs::statvfs(&self.cfg.state_dir)
             .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
             .unwrap_or(u64::MAX);
+        self.reserve
+            .ensure(free.saturating_sub(self.cfg.min_free_bytes));
         // What the buffer may occupy: its own bound, and no more than leaves
         // min_free_bytes free on the filesystem.
         let limit = self

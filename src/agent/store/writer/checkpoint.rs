@@ -44,17 +44,28 @@ pub(super) fn checkpointer(
     woken: &std::sync::mpsc::Receiver<()>,
     one: &std::sync::Mutex<()>,
 ) {
-    let conn = match Connection::open(path) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!("the checkpointer cannot open {}: {e}", path.display());
-            return;
+    let open = || {
+        let id = crate::agent::store::schema::file_id(path);
+        match Connection::open(path) {
+            Ok(c) => {
+                let _ = c.busy_timeout(Duration::from_secs(5));
+                Some((c, id))
+            }
+            Err(e) => {
+                tracing::error!("the checkpointer cannot open {}: {e}", path.display());
+                None
+            }
         }
     };
-    let _ = conn.busy_timeout(Duration::from_secs(5));
+    let mut conn = open();
     while woken.recv().is_ok() {
         let _one = one.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+        // The writer moved a bad file aside: follow it to the fresh one.
+        if conn.as_ref().map(|(_, id)| *id) != Some(crate::agent::store::schema::file_id(path)) {
+            conn = open();
+        }
+        let Some((c, _)) = &conn else { continue };
+        if let Err(e) = c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
             tracing::warn!("WAL checkpoint failed: {e}");
         }
     }

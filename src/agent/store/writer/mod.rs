@@ -2,14 +2,18 @@
 //! bounded channel and commits rows in transactions bounded by count, bytes
 //! and time. Its parts: [`sessions`] (open, close, tag, and the boot-id rule
 //! at start), [`bound`] (the size bound, eviction and gap counting) and
-//! [`checkpoint`] (WAL checkpoints, mostly on a thread of their own).
+//! [`checkpoint`] (WAL checkpoints, mostly on a thread of their own) and
+//! [`fault`] (a full disk, a database that goes bad while it runs).
 //!
 //! Invariant: the only writer of `agent.db`'s content (the checkpointer
 //! only copies committed pages). Every reply (flush, session command) is
-//! sent after the transaction holding its effect has committed.
+//! sent after the transaction holding its effect has committed. The rows of
+//! the open transaction stay in hand until it commits: each record received
+//! is committed or counted in a gap, never lost with a failed commit.
 
 pub(super) mod bound;
 mod checkpoint;
+mod fault;
 #[cfg(test)]
 mod model;
 mod pins;
@@ -127,19 +131,30 @@ pub struct Writer {
     since_checkpoint: usize,
     /// Held while a checkpoint runs, by this thread or the checkpointer.
     checkpointing: Arc<std::sync::Mutex<()>>,
+    /// The row batches of the open transaction, with the session (pk) they
+    /// went to, kept until it commits so a failed commit can write them
+    /// again (see [`fault`]).
+    held: Vec<(Option<i64>, Vec<Row>)>,
+    /// Records inserted in the open transaction, counted once it commits.
+    tx_records: u64,
+    /// A statement of the open transaction failed: it commits no further
+    /// and the commit deals with the fault.
+    broken: Option<fault::Fault>,
+    /// Losses not written down yet (the disk was full, or the file bad):
+    /// (session pk or 0, level, reason) → records, added as gaps by the
+    /// next transaction that commits.
+    pending_gaps: HashMap<(i64, Level, &'static str), i64>,
+    /// The file kept in reserve to have room to evict in when the disk fills.
+    reserve: fault::Reserve,
 }
 
 impl Writer {
     /// Opens the database (moving a corrupt one aside, refusing a newer
     /// one) and applies the boot-id rule to sessions left active.
     pub fn open(cfg: WriterConfig, stats: Arc<Stats>) -> Result<Writer, StoreError> {
-        let conn = schema::open_writer(&cfg.db_path, cfg.synchronous_full)?;
-        super::sync::create_tables(&conn)?;
         let wal_limit = (cfg.max_bytes / 16).clamp(32 << 10, 16 << 20);
-        conn.pragma_update(None, "journal_size_limit", wal_limit as i64)?;
-        // Checkpoints run on their own thread (see `checkpointer`); the
-        // writer only truncates a WAL that outgrew its limit.
-        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        let conn = Writer::open_conn(&cfg, wal_limit)?;
+        let reserve = fault::Reserve::new(&cfg.db_path, wal_limit);
         let mut w = Writer {
             conn,
             tx_bytes: (wal_limit / 4) as usize,
@@ -154,6 +169,11 @@ impl Writer {
             checkpoints: None,
             since_checkpoint: 0,
             checkpointing: Arc::default(),
+            held: Vec::new(),
+            tx_records: 0,
+            broken: None,
+            pending_gaps: HashMap::new(),
+            reserve,
         };
         let stored: i64 = w
             .conn
@@ -176,6 +196,17 @@ impl Writer {
         w.close_sessions_of_earlier_boots()?;
         w.enforce_bound()?;
         Ok(w)
+    }
+
+    /// Opens the write connection and sets what the writer relies on.
+    fn open_conn(cfg: &WriterConfig, wal_limit: u64) -> Result<Connection, StoreError> {
+        let conn = schema::open_writer(&cfg.db_path, cfg.synchronous_full)?;
+        super::sync::create_tables(&conn)?;
+        conn.pragma_update(None, "journal_size_limit", wal_limit as i64)?;
+        // Checkpoints run on their own thread (see `checkpointer`); the
+        // writer only truncates a WAL that outgrew its limit.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        Ok(conn)
     }
 
     /// The active session, if any (after the boot-id rule).
@@ -213,9 +244,11 @@ impl Writer {
                 Err(_) => {
                     // Idle: nobody else will free what is left.
                     self.stats.spent.free();
+                    // A file overwritten under us shows first in its header.
+                    self.check_header();
                     // Keep the bound (free space can shrink under us).
                     if let Err(e) = self.enforce_bound() {
-                        tracing::error!("keeping the buffer bound failed: {e}");
+                        self.bound_failed(e);
                     }
                     continue;
                 }
@@ -263,7 +296,7 @@ impl Writer {
             }
             // The bound first, so whoever waits on a flush sees it held.
             if let Err(e) = self.enforce_bound() {
-                tracing::error!("keeping the buffer bound failed: {e}");
+                self.bound_failed(e);
             }
             self.stats.committed_notify.notify_one();
             self.stats.committed();
@@ -304,14 +337,17 @@ impl Writer {
             Msg::Rows(rows) => {
                 *records += rows.len();
                 *bytes += rows.iter().map(Row::approx_bytes).sum::<usize>();
-                if let Err(e) = self.insert(&rows) {
-                    self.stats
-                        .write_failed
-                        .fetch_add(rows.len() as u64, Ordering::Relaxed);
-                    tracing::error!("storing {} records failed: {e}", rows.len());
+                let session = self.current.map(|(pk, _)| pk);
+                if self.broken.is_none() {
+                    if let Err(e) = self.insert_in(session, &rows) {
+                        tracing::warn!("storing {} records failed: {e}", rows.len());
+                        self.broken = Some(fault::classify(&e));
+                    }
                 }
-                self.stats.spent.put(rows);
-                false
+                // Kept until the commit; a broken transaction commits now,
+                // and the commit writes these again once it can.
+                self.held.push((session, rows));
+                self.broken.is_some()
             }
             Msg::Flush(reply) => {
                 flushes.push(reply);
@@ -321,9 +357,15 @@ impl Writer {
                 // Session changes commit alone: a failed command must not
                 // roll back the records around it.
                 self.commit();
-                let out = self.session(cmd);
+                let before = self.current;
+                let mut out = self.session(cmd);
                 if out.is_ok() {
-                    self.commit();
+                    if !self.commit() {
+                        self.current = before;
+                        out = Err(SessionError::Store(
+                            "the change could not be committed (see the agent's log)".into(),
+                        ));
+                    }
                 } else {
                     let _ = self.conn.execute_batch("ROLLBACK");
                 }
@@ -400,6 +442,9 @@ impl Writer {
             }
             Err(e) => {
                 tracing::error!("{what} failed: {e}");
+                if let fault::Fault::Corrupt = fault::classify(&e) {
+                    self.broken = Some(fault::Fault::Corrupt);
+                }
                 let _ = self
                     .conn
                     .execute_batch("ROLLBACK TO sync_change; RELEASE sync_change");
@@ -408,8 +453,13 @@ impl Writer {
         }
     }
 
+    #[cfg(test)]
     fn insert(&mut self, rows: &[Row]) -> rusqlite::Result<()> {
-        let session = self.current.map(|(pk, _)| pk);
+        self.insert_in(self.current.map(|(pk, _)| pk), rows)
+    }
+
+    /// Inserts `rows` into the open transaction, in `session` (a pk).
+    fn insert_in(&mut self, session: Option<i64>, rows: &[Row]) -> rusqlite::Result<()> {
         let mut insert = super::insert::Insert::new(&self.conn)?;
         let mut dropped: u64 = 0;
         for r in rows {
@@ -436,48 +486,135 @@ impl Writer {
         self.stats
             .last_seq
             .store(self.next_seq - 1, Ordering::Relaxed);
-        self.stats
-            .records_stored
-            .fetch_add(rows.len() as i64, Ordering::Relaxed);
-        self.stats
-            .committed
-            .fetch_add(rows.len() as u64, Ordering::Relaxed);
+        self.tx_records += rows.len() as u64;
         Ok(())
     }
 
-    /// Commits the open transaction, if any.
-    fn commit(&mut self) {
+    /// Commits the open transaction, if any. When SQLite fails it (or a
+    /// statement in it failed), makes room or moves a bad file aside and
+    /// writes the transaction's rows again, a few times at most; rows that
+    /// still cannot be stored are counted as gaps. Returns whether the
+    /// transaction committed with everything in it (a session change or an
+    /// artifact state in it is lost otherwise).
+    fn commit(&mut self) -> bool {
+        if self.conn.is_autocommit() && self.held.is_empty() && self.broken.is_none() {
+            return true;
+        }
+        let mut whole = true;
+        let mut last = fault::Fault::Other;
+        for attempt in 0..=fault::RETRIES {
+            let out = match self.broken.take() {
+                Some(f) => Err(f),
+                None => self.try_commit(),
+            };
+            let f = match out {
+                Ok(()) => {
+                    self.committed_rows();
+                    return whole;
+                }
+                Err(f) => f,
+            };
+            whole = false;
+            self.rolled_back();
+            last = f;
+            if attempt == fault::RETRIES {
+                break;
+            }
+            match f {
+                fault::Fault::Full => self.make_room(),
+                fault::Fault::Corrupt => self.quarantine(),
+                fault::Fault::Other => {}
+            }
+            if let Err(f) = self.replay() {
+                self.broken = Some(f);
+            }
+        }
+        self.give_up(last);
+        false
+    }
+
+    /// Writes the counters and pending gaps into the open transaction and
+    /// commits it.
+    fn try_commit(&mut self) -> Result<(), fault::Fault> {
+        let tx = |e: rusqlite::Error| {
+            tracing::warn!("commit failed: {e}");
+            fault::classify(&e)
+        };
         if self.conn.is_autocommit() {
-            return;
+            // No transaction to commit (SQLite rolls one back by itself
+            // only on an error, which left `broken` set).
+            return Ok(());
         }
         for (pk, n) in self.log_counts.drain() {
-            if let Err(e) = self.conn.execute(
-                "UPDATE sessions SET log_count = log_count + ?2 WHERE pk = ?1",
-                params![pk, n as i64],
-            ) {
-                tracing::error!("updating a session's log count failed: {e}");
+            self.conn
+                .execute(
+                    "UPDATE sessions SET log_count = log_count + ?2 WHERE pk = ?1",
+                    params![pk, n as i64],
+                )
+                .map_err(tx)?;
+        }
+        for (&(session, level, reason), &n) in &self.pending_gaps {
+            bound::add_gap(&self.conn, session, level, reason, n).map_err(tx)?;
+        }
+        self.conn
+            .execute(
+                "INSERT INTO meta(key, value) VALUES ('next_seq', ?1) \
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                [self.next_seq],
+            )
+            .map_err(tx)?;
+        self.conn.execute_batch("COMMIT").map_err(tx)
+    }
+
+    /// After a commit: count its records, and hand its rows back to be
+    /// freed.
+    fn committed_rows(&mut self) {
+        let n = std::mem::take(&mut self.tx_records);
+        self.stats
+            .records_stored
+            .fetch_add(n as i64, Ordering::Relaxed);
+        self.stats.committed.fetch_add(n, Ordering::Relaxed);
+        self.stats.commits.fetch_add(1, Ordering::Relaxed);
+        if !self.pending_gaps.is_empty() {
+            tracing::info!("recorded the losses held back while nothing could be written");
+            self.pending_gaps.clear();
+        }
+        self.stats.disk_full.store(false, Ordering::Relaxed);
+        for (_, rows) in self.held.drain(..) {
+            self.stats.spent.put(rows);
+        }
+    }
+
+    /// After a failed commit: nothing of the transaction is left.
+    fn rolled_back(&mut self) {
+        if !self.conn.is_autocommit() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+        self.tx_records = 0;
+        self.log_counts.clear();
+        // The acknowledgements in it are lost: say so now (the uploader
+        // reads those records as pending again).
+        for (reply, _) in self.sync_replies.drain(..) {
+            let _ = reply.send(Err("commit failed".into()));
+        }
+    }
+
+    /// Writes the held rows again, in a new transaction.
+    fn replay(&mut self) -> Result<(), fault::Fault> {
+        self.conn
+            .execute_batch("BEGIN")
+            .map_err(|e| fault::classify(&e))?;
+        let held = std::mem::take(&mut self.held);
+        let mut out = Ok(());
+        for (session, rows) in &held {
+            if let Err(e) = self.insert_in(*session, rows) {
+                tracing::warn!("storing {} records again failed: {e}", rows.len());
+                out = Err(fault::classify(&e));
+                break;
             }
         }
-        if let Err(e) = self.conn.execute(
-            "INSERT INTO meta(key, value) VALUES ('next_seq', ?1) \
-             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            [self.next_seq],
-        ) {
-            tracing::error!("persisting the seq counter failed: {e}");
-        }
-        match self.conn.execute_batch("COMMIT") {
-            Ok(()) => {
-                self.stats.commits.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => {
-                tracing::error!("commit failed: {e}");
-                let _ = self.conn.execute_batch("ROLLBACK");
-                // The acknowledgements in it are lost: say so now.
-                for (reply, _) in self.sync_replies.drain(..) {
-                    let _ = reply.send(Err(format!("commit failed: {e}")));
-                }
-            }
-        }
+        self.held = held;
+        out
     }
 }
 
