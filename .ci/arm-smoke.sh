@@ -80,7 +80,7 @@ wait_until 180 got || fail "the hub has $(wc -l <$D/session.jsonl) of $N session
 [ "$(wc -l <$D/session.jsonl)" -eq "$N" ] || fail "the hub has $(wc -l <$D/session.jsonl) session records, not $N"
 [ "$(grep -o '"seq":[0-9]*' $D/session.jsonl | sort -u | wc -l)" -eq "$N" ] || fail "session records are not unique by seq"
 for i in 1 250 $N; do grep -q "\"message\":\"record $i\"" $D/session.jsonl || fail "record $i missing at the hub"; done
-grep -q '"level":"warn"' $D/session.jsonl || fail "levels lost"
+grep -qi '"level":"warn"' $D/session.jsonl || fail "levels lost"
 devgot() { $H logs --device arm-robot --json >$D/device.jsonl 2>&1 && grep -q '"message":"before the session"' $D/device.jsonl; }
 wait_until 60 devgot || fail "the record outside the session is not at the hub: $(head -3 $D/device.jsonl)"
 echo "smoke: the hub holds all $N session records once each, and the device record"
