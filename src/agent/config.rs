@@ -71,6 +71,38 @@ pub const KEYS: &[Key] = &[
         "listen on forward.sock (Fluent Forward); false: the socket is not created",
     ),
     key(
+        "ingest",
+        "journal",
+        Kind::Bool,
+        "read the systemd journal (journalctl), resuming where the agent stopped",
+    ),
+    key(
+        "ingest",
+        "journal_units",
+        Kind::List,
+        "only entries of these systemd units (with journal_identifiers: either); empty: all",
+    ),
+    key(
+        "ingest",
+        "journal_identifiers",
+        Kind::List,
+        "only entries with these syslog identifiers (SYSLOG_IDENTIFIER); empty: all",
+    ),
+    key(
+        "ingest",
+        "journal_priority",
+        Kind::Choice(&[
+            "emerg", "alert", "crit", "err", "warning", "notice", "info", "debug",
+        ]),
+        "only entries of this priority and more urgent (as journalctl -p)",
+    ),
+    key(
+        "ingest",
+        "journal_directory",
+        Kind::Str,
+        "read this journal directory (journalctl --directory); empty: the system journal",
+    ),
+    key(
         "buffer",
         "max_bytes",
         Kind::Bytes,
@@ -240,6 +272,11 @@ pub struct RawIngest {
     pub max_connections: u64,
     pub syslog: bool,
     pub forward: bool,
+    pub journal: bool,
+    pub journal_units: Vec<String>,
+    pub journal_identifiers: Vec<String>,
+    pub journal_priority: String,
+    pub journal_directory: String,
 }
 
 impl Default for RawIngest {
@@ -249,6 +286,11 @@ impl Default for RawIngest {
             max_connections: 1024,
             syslog: true,
             forward: true,
+            journal: false,
+            journal_units: Vec::new(),
+            journal_identifiers: Vec::new(),
+            journal_priority: "debug".into(),
+            journal_directory: String::new(),
         }
     }
 }
@@ -758,6 +800,11 @@ mod tests {
             let got_text = match got {
                 toml::Value::String(s) => s.clone(),
                 toml::Value::Float(f) => format!("{f}"),
+                toml::Value::Array(items) => items
+                    .iter()
+                    .filter_map(|v| v.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
                 other => other.to_string(),
             };
             assert_eq!(got_text, want, "{name}");

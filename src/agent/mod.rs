@@ -375,6 +375,13 @@ fn start_listeners(
             shutdown.clone(),
         ));
     }
+    if let Some(jcfg) = ingest::journal::JournalConfig::from_agent(cfg) {
+        tasks.spawn(ingest::journal::serve(
+            jcfg,
+            pipeline.clone(),
+            shutdown.clone(),
+        ));
+    }
     if let Some(listener) = listeners.forward {
         tasks.spawn(ingest::forward::serve(
             listener,

@@ -6,6 +6,7 @@
 mod client;
 mod docker;
 mod forward;
+mod journal;
 mod jsonlines;
 mod listeners;
 mod syslog;

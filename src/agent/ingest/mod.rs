@@ -8,6 +8,7 @@
 //! `4 × ingest.max_record_bytes` plus one read.
 
 pub mod forward;
+pub mod journal;
 pub mod json;
 pub mod mmsg;
 pub mod syslog;
@@ -46,7 +47,7 @@ pub const FORMAT_BAD_REASONS: [&str; 5] = [
 
 /// The protocols records arrive by, in the order of [`Stats::accepted_by`];
 /// `accepted` is split by them in `/v1/status` and `/metrics`.
-pub const PROTOCOLS: [&str; 3] = ["json", "syslog", "forward"];
+pub const PROTOCOLS: [&str; 4] = ["json", "syslog", "forward", "journal"];
 
 /// Index into [`PROTOCOLS`] / [`Stats::accepted_by`].
 #[derive(Debug, Clone, Copy)]
@@ -54,6 +55,7 @@ pub enum Protocol {
     Json = 0,
     Syslog = 1,
     Forward = 2,
+    Journal = 3,
 }
 
 /// Index into [`FORMAT_BAD_REASONS`] / [`Stats::bad_formats`].

@@ -10,6 +10,7 @@
 pub mod artifacts;
 pub mod duration;
 mod insert;
+pub mod journal;
 pub mod marks;
 pub mod read;
 pub mod schema;
@@ -82,7 +83,7 @@ impl Row {
 pub struct Stats {
     pub accepted: AtomicU64,
     /// `accepted` per [`crate::agent::ingest::PROTOCOLS`] entry.
-    pub accepted_by: [AtomicU64; 3],
+    pub accepted_by: [AtomicU64; 4],
     pub truncated: AtomicU64,
     /// Per [`crate::agent::ingest::json::BadRecord`] reason, in `ALL` order.
     pub bad: [AtomicU64; 3],

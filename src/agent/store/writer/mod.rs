@@ -37,6 +37,9 @@ use crate::wire::{gap_reason, Level};
 /// What the writer is asked to do.
 pub enum Msg {
     Rows(Vec<Row>),
+    /// Records from the systemd journal and the cursor of the last entry
+    /// read (maybe filtered out), committed together.
+    Journal(Vec<Row>, String),
     /// Commit everything queued before this; reply with the last seq.
     Flush(oneshot::Sender<u64>),
     Session(
@@ -348,6 +351,13 @@ impl Writer {
                 // and the commit writes these again once it can.
                 self.held.push((session, rows));
                 self.broken.is_some()
+            }
+            Msg::Journal(rows, cursor) => {
+                let must = self.handle(Msg::Rows(rows), flushes, records, bytes);
+                if let Err(e) = super::journal::save_cursor(&self.conn, &cursor) {
+                    tracing::error!("storing the journal cursor failed: {e}");
+                }
+                must
             }
             Msg::Flush(reply) => {
                 flushes.push(reply);
