@@ -33,7 +33,7 @@ fn accepted_records_are_counted_per_protocol() {
     let st = agent.status();
     assert_eq!(
         st["ingest"]["accepted_by_protocol"],
-        json!({"json": 1, "syslog": 2, "forward": 3}),
+        json!({"json": 1, "syslog": 2, "forward": 3, "journal": 0}),
         "{st}"
     );
     assert_eq!(st["ingest"]["accepted"], 6, "{st}");
