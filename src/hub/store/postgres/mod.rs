@@ -364,6 +364,10 @@ impl Store for PgStore {
         logs::level_histogram(&self.client().await?, session_pk, slices).await
     }
 
+    async fn first_errors(&self, session_pk: i64, limit: u64) -> Result<Vec<LogRow>, StoreError> {
+        logs::first_errors(&self.client().await?, session_pk, limit).await
+    }
+
     async fn list_artifacts(&self, session_pk: i64) -> Result<Vec<ArtifactRow>, StoreError> {
         artifacts::list(&self.client().await?, session_pk).await
     }

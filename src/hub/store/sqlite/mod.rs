@@ -362,6 +362,10 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn first_errors(&self, session_pk: i64, limit: u64) -> Result<Vec<LogRow>, StoreError> {
+        self.run(move |db| db.first_errors(session_pk, limit)).await
+    }
+
     async fn list_artifacts(&self, session_pk: i64) -> Result<Vec<ArtifactRow>, StoreError> {
         self.run(move |db| db.list_artifacts(session_pk)).await
     }
