@@ -613,17 +613,20 @@ pub struct Deleted {
 
 /// The SQL of [`Store::first_errors`], the same text on both backends
 /// but for the parameter markers (`?1`, `?2` on SQLite; `$1`, `$2` on
-/// PostgreSQL): one pass over the session's rows at error level and above
-/// (`logs_session_seq`), the first of each module by a window function.
-pub fn first_errors_sql(session: &str, min_level: &str, limit: &str) -> String {
+/// PostgreSQL): the session's rows at error level and above only, through
+/// the partial index `logs_session_errors` (migration 008; the level is
+/// written as a literal so both planners see the index applies), the
+/// first of each module by a window function.
+pub fn first_errors_sql(session: &str, limit: &str) -> String {
     format!(
         "SELECT l.session_pk, s.id, d.device_id, l.seq, l.ts, l.level, l.module, \
                 l.message, l.metadata, l.pid, l.uid, l.gid, l.process, l.id, l.device_pk
          FROM (SELECT e.*, row_number() OVER (PARTITION BY e.module ORDER BY e.ts, e.seq) AS nth
-               FROM logs e WHERE e.session_pk = {session} AND e.level >= {min_level}) l
+               FROM logs e WHERE e.session_pk = {session} AND e.level >= {error}) l
          JOIN sessions s ON s.pk = l.session_pk
          JOIN devices d ON d.pk = l.device_pk
-         WHERE l.nth = 1 ORDER BY l.ts, l.seq LIMIT {limit}"
+         WHERE l.nth = 1 ORDER BY l.ts, l.seq LIMIT {limit}",
+        error = crate::wire::Level::Error.code()
     )
 }
 

@@ -182,16 +182,9 @@ pub(super) async fn first_errors(
     session_pk: i64,
     limit: u64,
 ) -> Result<Vec<LogRow>, StoreError> {
-    let sql = crate::hub::store::first_errors_sql("$1", "$2", "$3");
+    let sql = crate::hub::store::first_errors_sql("$1", "$2");
     let rows = client
-        .query(
-            &sql,
-            &[
-                &session_pk,
-                &i64::from(crate::wire::Level::Error.code()),
-                &(limit.min(i64::MAX as u64) as i64),
-            ],
-        )
+        .query(&sql, &[&session_pk, &(limit.min(i64::MAX as u64) as i64)])
         .await?;
     Ok(rows.iter().map(log_row).collect())
 }

@@ -44,6 +44,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("002_marks.sql"),
     include_str!("003_signins.sql"),
     include_str!("004_leases.sql"),
+    include_str!("008_first_errors.sql"),
 ];
 
 /// Advisory lock keys (`pg_advisory_xact_lock`), arbitrary but fixed: every

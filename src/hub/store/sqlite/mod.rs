@@ -37,6 +37,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("002_marks.sql"),
     include_str!("003_signins.sql"),
     include_str!("004_leases.sql"),
+    include_str!("008_first_errors.sql"),
 ];
 
 /// Reader connections kept open between requests.
