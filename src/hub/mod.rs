@@ -20,6 +20,7 @@ mod metrics;
 pub mod paths;
 pub mod store;
 mod stream;
+mod timeline;
 mod tus;
 pub mod zip;
 
@@ -259,6 +260,7 @@ fn router(hub: Arc<Hub>) -> Router {
         .route("/sessions/{id}/marks", get(marks::session_marks))
         .route("/sessions/{id}/marks/export", get(marks::export_marks))
         .route("/marks", get(marks::project_marks))
+        .route("/sessions/{id}/timeline", get(timeline::session_timeline))
         .route("/sessions/{id}/files", get(api::list_files))
         .route("/sessions/{id}/files/download", get(export::download_zip))
         .route("/sessions/{id}/files/{*path}", get(api::download_file))

@@ -9,6 +9,7 @@ mod interop;
 mod live;
 mod postgres;
 mod refusals;
+mod timeline;
 mod uploads;
 mod versions;
 

@@ -1,11 +1,15 @@
 //! Marks from the robot to the hub (README "Marks"): synced in batch v3,
 //! listed per session and across sessions, a session list filtered by a
 //! mark, a log query narrowed to a mark's window, and the Foxglove events
-//! export.
+//! export; and an agent whose hub reads only batch v2 (marks stay pending
+//! on the robot, records arrive once, the marks follow once the hub is
+//! upgraded).
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use super::{hub_get, hub_logs, start_agent, sync_env, wait_synced};
+use super::{assert_exact_seqs, hub_get, hub_logs, start_agent, sync_env, wait_synced};
 use crate::agent::send_lines;
 use crate::hub::HubProc;
 use crate::util::{run_ok, wait_for, TestDir};
@@ -143,4 +147,171 @@ fn marks_reach_the_hub_and_narrow_its_queries() {
             "lbo_not_a_key",
         ));
     assert_eq!(st, 401, "{v}");
+}
+
+/// Batches an [`OlderHub`] saw, by what it did with them.
+#[derive(Default)]
+struct Seen {
+    refused_v3: AtomicU64,
+    forwarded_v2: AtomicU64,
+    forwarded_other: AtomicU64,
+}
+
+/// A hub as one built before batch v3 answers: in front of a real hub,
+/// it refuses a v3 batch with 400 `unsupported_batch_version` (the body an
+/// older hub sends) and passes every other batch through unchanged.
+struct OlderHub {
+    url: String,
+    seen: Arc<Seen>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl OlderHub {
+    fn start(upstream: &str) -> OlderHub {
+        use axum::body::Bytes;
+        use axum::http::{HeaderMap, StatusCode};
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let seen = Arc::new(Seen::default());
+        let (target, counts) = (
+            format!("{upstream}{}", logbook::wire::BATCHES_PATH),
+            seen.clone(),
+        );
+        let client = reqwest::Client::new();
+        let post = move |headers: HeaderMap, body: Bytes| {
+            let (target, counts, client) = (target.clone(), counts.clone(), client.clone());
+            async move {
+                let version = logbook::wire::Batch::decode(&body, 64 << 20)
+                    .map(|b| b.version)
+                    .unwrap_or(0);
+                if version >= 3 {
+                    counts.refused_v3.fetch_add(1, Ordering::SeqCst);
+                    let body = r#"{"error":{"code":"unsupported_batch_version","message":"unsupported batch version 3 (this hub understands [1, 2])"}}"#;
+                    return (StatusCode::BAD_REQUEST, body.to_owned());
+                }
+                let n = if version == 2 {
+                    &counts.forwarded_v2
+                } else {
+                    &counts.forwarded_other
+                };
+                n.fetch_add(1, Ordering::SeqCst);
+                let mut req = client.post(&target).body(body.to_vec());
+                for name in ["authorization", "content-type", "content-encoding"] {
+                    if let Some(v) = headers.get(name) {
+                        req = req.header(name, v.as_bytes());
+                    }
+                }
+                match req.send().await {
+                    Ok(r) => {
+                        let status = StatusCode::from_u16(r.status().as_u16()).unwrap();
+                        (status, r.text().await.unwrap_or_default())
+                    }
+                    Err(e) => (StatusCode::BAD_GATEWAY, e.to_string()),
+                }
+            }
+        };
+        let app = axum::Router::new().route(logbook::wire::BATCHES_PATH, axum::routing::post(post));
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        runtime.spawn(async move { axum::serve(listener, app).await });
+        OlderHub {
+            url,
+            seen,
+            _runtime: runtime,
+        }
+    }
+}
+
+/// (revision, synced revision) of each of the agent's marks, read from
+/// its database beside the running agent.
+fn agent_marks(agent: &crate::agent::Agent) -> Vec<(i64, i64)> {
+    let conn = rusqlite::Connection::open_with_flags(
+        agent.state.join("agent.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let mut stmt = conn
+        .prepare("SELECT revision, synced_revision FROM marks ORDER BY id")
+        .unwrap();
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+    rows.collect::<rusqlite::Result<_>>().unwrap()
+}
+
+#[test]
+fn behind_a_v2_hub_marks_stay_pending_and_records_arrive_once() {
+    let hub = HubProc::start("sync_marks_v2");
+    let older = OlderHub::start(&hub.url);
+    let dir = TestDir::new("sync-marks-v2");
+    let mut agent = start_agent(&dir, &sync_env(&older.url, &hub.device));
+    let session = agent.ok("POST", "/v1/sessions", Some("{}"))["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let lines: Vec<String> = (0..300)
+        .map(|i| format!(r#"{{"msg":"tick {i}","tick":{i}}}"#))
+        .collect();
+    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+    send_lines(&agent, &refs);
+    agent.ok(
+        "POST",
+        "/v1/marks",
+        Some(r#"{"name":"collision","priority":"high"}"#),
+    );
+    // A mark from a record's `event` field too, and more records after it.
+    send_lines(&agent, &[r#"{"msg":"bump","event":"bump"}"#]);
+    send_lines(&agent, &refs);
+    agent.ok("POST", "/v1/sessions/current/stop", None);
+    wait_synced(&agent, Duration::from_secs(60));
+
+    // Every record arrived once, in v2, after the v3 batch was refused.
+    let records = hub_logs(&hub, &format!("/sessions/{session}/logs"));
+    assert_exact_seqs(&records, 1..=601);
+    let (st, v) = hub_get(&hub, &hub.api(&format!("/sessions/{session}")));
+    assert_eq!((st, v["status"].as_str()), (200, Some("completed")), "{v}");
+    assert!(older.seen.refused_v3.load(Ordering::SeqCst) >= 1);
+    assert!(older.seen.forwarded_v2.load(Ordering::SeqCst) >= 1);
+    assert_eq!(older.seen.forwarded_other.load(Ordering::SeqCst), 0);
+    // The marks did not travel, and the robot still has them to send.
+    let (st, v) = hub_get(&hub, &hub.api(&format!("/sessions/{session}/marks")));
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["items"], serde_json::json!([]), "{v}");
+    let pending = agent_marks(&agent);
+    assert_eq!(pending.len(), 2, "{pending:?}");
+    assert!(
+        pending.iter().all(|(rev, synced)| synced < rev),
+        "{pending:?}"
+    );
+    let refused = older.seen.refused_v3.load(Ordering::SeqCst);
+
+    // The hub is upgraded (the agent restarts pointing at it): the marks
+    // follow in v3, and no record arrives twice.
+    agent.terminate();
+    drop(agent);
+    let agent = start_agent(&dir, &sync_env(&hub.url, &hub.device));
+    let marks = wait_for(
+        "the marks at the upgraded hub",
+        Duration::from_secs(30),
+        || {
+            let (st, v) = hub_get(&hub, &hub.api(&format!("/sessions/{session}/marks")));
+            assert_eq!(st, 200, "{v}");
+            let items = v["items"].as_array().unwrap().clone();
+            (items.len() == 2).then_some(items)
+        },
+    );
+    assert_eq!(marks[0]["name"], "collision");
+    assert_eq!(marks[1]["name"], "bump");
+    wait_for("the agent's marks synced", Duration::from_secs(30), || {
+        agent_marks(&agent)
+            .iter()
+            .all(|(rev, synced)| synced == rev)
+            .then_some(())
+    });
+    let again = hub_logs(&hub, &format!("/sessions/{session}/logs"));
+    assert_exact_seqs(&again, 1..=601);
+    assert_eq!(older.seen.refused_v3.load(Ordering::SeqCst), refused);
 }

@@ -205,6 +205,12 @@ pub trait Store: Send + Sync {
         slices: Histogram,
     ) -> Result<Vec<[u64; 6]>, StoreError>;
 
+    /// The first record at error level or above of each module of a
+    /// session (by record time, then seq), the earliest first, at most
+    /// `limit` of them: the error nodes of a session's timeline
+    /// (`hub::timeline`).
+    async fn first_errors(&self, session_pk: i64, limit: u64) -> Result<Vec<LogRow>, StoreError>;
+
     // ----- artifacts -----
 
     /// A session's artifacts, by path.
@@ -603,6 +609,25 @@ pub struct DeviceRow {
 pub struct Deleted {
     pub blobs: Vec<String>,
     pub uploads: Vec<String>,
+}
+
+/// The SQL of [`Store::first_errors`], the same text on both backends
+/// but for the parameter markers (`?1`, `?2` on SQLite; `$1`, `$2` on
+/// PostgreSQL): the session's rows at error level and above only, through
+/// the partial index `logs_session_errors` (migration 008; the level is
+/// written as a literal so both planners see the index applies), the
+/// first of each module by a window function.
+pub fn first_errors_sql(session: &str, limit: &str) -> String {
+    format!(
+        "SELECT l.session_pk, s.id, d.device_id, l.seq, l.ts, l.level, l.module, \
+                l.message, l.metadata, l.pid, l.uid, l.gid, l.process, l.id, l.device_pk
+         FROM (SELECT e.*, row_number() OVER (PARTITION BY e.module ORDER BY e.ts, e.seq) AS nth
+               FROM logs e WHERE e.session_pk = {session} AND e.level >= {error}) l
+         JOIN sessions s ON s.pk = l.session_pk
+         JOIN devices d ON d.pk = l.device_pk
+         WHERE l.nth = 1 ORDER BY l.ts, l.seq LIMIT {limit}",
+        error = crate::wire::Level::Error.code()
+    )
 }
 
 /// How a timeline cuts `[from_ns, to_ns)` into `buckets` slices: each

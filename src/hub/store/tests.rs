@@ -53,6 +53,7 @@ per_backend!(
     session_list_filters_sorts_and_pages,
     logs_after_an_id_page_through_one_session_in_commit_order,
     level_histogram_counts_each_slice_in_one_pass,
+    first_errors_are_one_per_module_earliest_first,
     signins_refer_to_their_token_expire_and_are_bounded,
     marks_are_kept_once_at_their_newest_revision_and_filter_sessions,
 );
@@ -795,6 +796,57 @@ async fn level_histogram_counts_each_slice_in_one_pass(store: &dyn Store) {
         .await
         .unwrap();
     assert_eq!(h, vec![[0u64; 6]; 3]);
+}
+
+async fn first_errors_are_one_per_module_earliest_first(store: &dyn Store) {
+    let (s, other) = (session_uuid(31), session_uuid(32));
+    let mut recs = vec![
+        rec(1, Some(s), Level::Error, "nav", "later by time"),
+        rec(2, Some(s), Level::Warn, "arm", "below error"),
+        rec(3, Some(s), Level::Fatal, "arm", "first arm"),
+        rec(4, Some(s), Level::Error, "arm", "second arm"),
+        rec(5, Some(s), Level::Error, "io", "first io"),
+        rec(6, Some(s), Level::Error, "io", "same time as 5, later seq"),
+        rec(7, Some(other), Level::Error, "gps", "other session"),
+    ];
+    // Record time, not seq, says which came first: seq 1 is the newest.
+    recs[0].timestamp_ns = 2_000;
+    recs[5].timestamp_ns = recs[4].timestamp_ns;
+    let sessions = vec![
+        state(s, 1, SessionStatus::Active, &[]),
+        state(other, 1, SessionStatus::Active, &[]),
+    ];
+    store
+        .ingest(&scope("r1"), batch("r1", sessions, recs, vec![]), false)
+        .await
+        .unwrap();
+    let pk = store
+        .get_session("acme", "warehouse", &s.to_string())
+        .await
+        .unwrap()
+        .unwrap()
+        .pk;
+    let firsts = store.first_errors(pk, 10).await.unwrap();
+    let got: Vec<(&str, u64, &str)> = firsts
+        .iter()
+        .map(|r| (r.module.as_str(), r.seq, r.session_id.as_deref().unwrap()))
+        .collect();
+    let sid = s.to_string();
+    assert_eq!(
+        got,
+        [("arm", 3, sid.as_str()), ("io", 5, &sid), ("nav", 1, &sid)]
+    );
+    assert_eq!(firsts[0].level, Level::Fatal);
+    assert_eq!(firsts[0].device_id, "r1");
+    let two: Vec<u64> = store
+        .first_errors(pk, 2)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.seq)
+        .collect();
+    assert_eq!(two, [3, 5]);
+    assert!(store.first_errors(pk + 1_000, 10).await.unwrap().is_empty());
 }
 
 async fn signins_refer_to_their_token_expire_and_are_bounded(store: &dyn Store) {

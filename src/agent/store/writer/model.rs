@@ -1,10 +1,13 @@
 //! The ring buffer against a model: a proptest state machine that drives the
-//! real writer (appends, sessions, acknowledgements, set-asides, eviction
-//! by count and under the size bound, restarts in the same and a new boot)
-//! and, after every step, holds the database to a plain in-memory model of
-//! DESIGN.md's rules: which records are stored, their seqs, sessions and
-//! levels, which are synced, the gap counters and what the uploader reads
-//! as pending.
+//! real writer (appends, sessions, marks, acknowledgements, set-asides,
+//! eviction by count and under the size bound, a smaller `pinned_max`,
+//! restarts in the same and a new boot) and, after every step, holds the
+//! database to a plain in-memory model of DESIGN.md's rules and README
+//! "Marks": which records are stored, their seqs, sessions, levels and
+//! times, which are synced, which marks still pin their window, the gap
+//! counters and what the uploader reads as pending. Pinned windows are
+//! evicted last; pins over `pinned_max` are released oldest normal first,
+//! then oldest high, each release a `pin_released` gap of its window.
 //!
 //! 32 cases of up to 60 steps run in `cargo test`; run it longer with
 //! `PROPTEST_CASES=2000 cargo test --lib agent::store::writer::model`.
@@ -17,7 +20,9 @@ use tokio::sync::oneshot;
 
 use super::tests::writer_in_boot;
 use super::{Msg, SessionCmd, Writer};
+use crate::agent::marks::{MarkSpec, Priority};
 use crate::agent::record::Trusted;
+use crate::agent::store::marks::PIN_RELEASED;
 use crate::agent::store::sync::{self, Acked, SetAside, SyncReader};
 use crate::agent::store::Row;
 use crate::agent::types::{OpenSession, Target};
@@ -59,6 +64,17 @@ enum Op {
     Restart {
         reboot: bool,
     },
+    /// A mark in the active session (or outside sessions) at `back`
+    /// records before the newest one, pinning `[ts - before, ts + after]`.
+    Mark {
+        back: i64,
+        before: i64,
+        after: i64,
+        high: bool,
+    },
+    /// `buffer.pinned_max` becomes this many bytes (a record here takes
+    /// about 57).
+    PinnedMax(u64),
 }
 
 fn level() -> impl Strategy<Value = Level> {
@@ -85,6 +101,10 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (1u64..20).prop_map(Op::Evict),
         1 => (10u64..95).prop_map(Op::Bound),
         1 => any::<bool>().prop_map(|reboot| Op::Restart { reboot }),
+        3 => (0i64..30, 0i64..6, 0i64..6, any::<bool>()).prop_map(|(back, before, after, high)| {
+            Op::Mark { back, before, after, high }
+        }),
+        1 => prop_oneof![(0u64..1500), Just(1u64 << 28)].prop_map(Op::PinnedMax),
     ]
 }
 
@@ -95,6 +115,22 @@ struct Rec {
     /// The session's pk, 0 for device logs.
     session: i64,
     synced: bool,
+    /// Its time, which the test makes its seq.
+    ts: i64,
+    /// What it counts for against `pinned_max` (`marks::RECORD_BYTES`).
+    bytes: i64,
+}
+
+/// A mark as the model sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct MarkM {
+    id: i64,
+    session: i64,
+    start: i64,
+    end: i64,
+    ts: i64,
+    high: bool,
+    released: bool,
 }
 
 /// `(session, level code, reason)` → `(dropped, synced_dropped)`.
@@ -107,6 +143,8 @@ struct Model {
     /// The active session's pk.
     current: Option<i64>,
     gaps: Gaps,
+    marks: Vec<MarkM>,
+    pinned_max: i64,
 }
 
 impl Model {
@@ -124,32 +162,105 @@ impl Model {
             .map(|(s, r)| (*s, r))
     }
 
-    /// DESIGN.md's order: synced records oldest first; then unsynced ones
-    /// from the lowest level up, oldest first, each counted as a gap.
-    fn evict(&mut self, n: u64) {
-        let mut left = n as usize;
-        let synced: Vec<u64> = self
-            .records
+    fn in_window(m: &MarkM, r: &Rec) -> bool {
+        m.session == r.session && m.start <= r.ts && r.ts <= m.end
+    }
+
+    /// Inside the window of a mark not released (README "Marks").
+    fn pinned(&self, r: &Rec) -> bool {
+        self.marks
             .iter()
-            .filter(|(_, r)| r.synced)
-            .map(|(s, _)| *s)
-            .take(left)
-            .collect();
-        left -= synced.len();
-        for s in synced {
-            self.records.remove(&s);
+            .any(|m| !m.released && Self::in_window(m, r))
+    }
+
+    fn pinned_bytes(&self) -> i64 {
+        self.records
+            .values()
+            .filter(|r| self.pinned(r))
+            .map(|r| r.bytes)
+            .sum()
+    }
+
+    /// `marks::release_over`: while the pinned records take more than
+    /// `max` bytes, release marks, normal ones before high ones, oldest
+    /// first, each counting its window's records (per level) as a
+    /// `pin_released` gap, until the estimate (each window's bytes taken
+    /// off in turn) is within `max`.
+    fn release_over(&mut self, max: i64) {
+        let mut total = self.pinned_bytes();
+        while total > max {
+            let mut order: Vec<MarkM> =
+                self.marks.iter().filter(|m| !m.released).copied().collect();
+            if order.is_empty() {
+                break;
+            }
+            order.sort_by_key(|m| (m.high, m.ts, m.id));
+            let mut estimate = total;
+            for m in order {
+                if estimate <= max {
+                    break;
+                }
+                self.marks
+                    .iter_mut()
+                    .find(|x| x.id == m.id)
+                    .unwrap()
+                    .released = true;
+                let mut per_level: BTreeMap<Level, (i64, i64)> = BTreeMap::new();
+                for r in self.records.values().filter(|r| Self::in_window(&m, r)) {
+                    let e = per_level.entry(r.level).or_default();
+                    e.0 += 1;
+                    e.1 += r.bytes;
+                }
+                for (level, (n, bytes)) in per_level {
+                    estimate -= bytes;
+                    self.gap(m.session, level, PIN_RELEASED, n);
+                }
+            }
+            total = self.pinned_bytes();
         }
-        for level in Level::ALL {
-            let gone: Vec<(u64, i64)> = self
-                .unsynced()
-                .filter(|(_, r)| r.level == level)
-                .map(|(s, r)| (s, r.session))
+    }
+
+    /// DESIGN.md's order, pins released over `pinned_max` first, records
+    /// outside pinned windows before those inside (when any window is
+    /// pinned), and within each: synced records oldest first; then
+    /// unsynced ones from the lowest level up, oldest first, each counted
+    /// as a gap.
+    fn evict(&mut self, n: u64) {
+        if n == 0 {
+            return;
+        }
+        self.release_over(self.pinned_max);
+        let passes: &[Option<bool>] = if self.marks.iter().any(|m| !m.released) {
+            &[Some(false), Some(true)]
+        } else {
+            &[None]
+        };
+        let mut left = n as usize;
+        for pass in passes {
+            let in_pass = |model: &Model, r: &Rec| pass.is_none_or(|p| model.pinned(r) == p);
+            let synced: Vec<u64> = self
+                .records
+                .iter()
+                .filter(|(_, r)| r.synced && in_pass(self, r))
+                .map(|(s, _)| *s)
                 .take(left)
                 .collect();
-            left -= gone.len();
-            for (s, session) in gone {
+            left -= synced.len();
+            for s in synced {
                 self.records.remove(&s);
-                self.gap(session, level, gap_reason::EVICTED, 1);
+            }
+            for level in Level::ALL {
+                let gone: Vec<(u64, i64)> = self
+                    .unsynced()
+                    .filter(|(_, r)| r.level == level && in_pass(self, r))
+                    .map(|(s, r)| (s, r.session))
+                    .take(left)
+                    .collect();
+                left -= gone.len();
+                for (s, session) in gone {
+                    self.records.remove(&s);
+                    self.gap(session, level, gap_reason::EVICTED, 1);
+                }
             }
         }
     }
@@ -235,20 +346,31 @@ impl Real<'_> {
             "synced_ahead {ahead:?} at or below W {w}"
         );
         let mut stmt = c
-            .prepare("SELECT seq, level, coalesce(session, 0) FROM records")
+            .prepare(
+                "SELECT seq, level, coalesce(session, 0), ts_ns, \
+                 length(module) + length(message) + length(metadata) + 48 FROM records",
+            )
             .unwrap();
         let rows = stmt
             .query_map([], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, u8>(1)?, r.get(2)?))
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, u8>(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                ))
             })
             .unwrap();
         let out: BTreeMap<u64, Rec> = rows
             .map(|r| {
-                let (seq, level, session) = r.unwrap();
+                let (seq, level, session, ts, bytes) = r.unwrap();
                 let rec = Rec {
                     level: Level::from_code(level).unwrap(),
                     session,
                     synced: seq <= w || ahead.contains(&seq),
+                    ts,
+                    bytes,
                 };
                 (seq as u64, rec)
             })
@@ -260,6 +382,19 @@ impl Real<'_> {
             "synced_ahead names records not stored"
         );
         out
+    }
+
+    /// (id, session, released) of every mark.
+    fn marks(&self) -> Vec<(i64, i64, bool)> {
+        let mut stmt = self
+            .w
+            .conn
+            .prepare("SELECT id, session, released IS NOT NULL FROM marks ORDER BY id")
+            .unwrap();
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap();
+        rows.collect::<rusqlite::Result<_>>().unwrap()
     }
 
     fn gaps(&self) -> Gaps {
@@ -279,12 +414,13 @@ impl Real<'_> {
 
 type SyncReply = oneshot::Sender<Result<u64, String>>;
 
-fn rows(levels: &[(Level, u8)]) -> Vec<Row> {
+/// A message's rows, the `i`th at time `first_ts + i` (the seq it gets).
+fn rows(levels: &[(Level, u8)], first_ts: i64) -> Vec<Row> {
     levels
         .iter()
         .enumerate()
         .map(|(i, (level, dropped))| Row {
-            timestamp_ns: i as i64,
+            timestamp_ns: first_ts + i as i64,
             level: *level,
             module: "m".into(),
             message: format!("{level} {i}"),
@@ -299,14 +435,17 @@ fn rows(levels: &[(Level, u8)]) -> Vec<Row> {
 fn step(real: &mut Real, model: &mut Model, op: &Op) {
     match op {
         Op::Append(levels) => {
-            real.send(Msg::Rows(rows(levels)));
+            let made = rows(levels, model.next_seq as i64 + 1);
+            real.send(Msg::Rows(made.clone()));
             let session = model.current.unwrap_or(0);
-            for (level, _) in levels {
+            for (row, (level, _)) in made.iter().zip(levels) {
                 model.next_seq += 1;
                 let rec = Rec {
                     level: *level,
                     session,
                     synced: false,
+                    ts: row.timestamp_ns,
+                    bytes: (row.module.len() + row.message.len() + row.metadata.len() + 48) as i64,
                 };
                 model.records.insert(model.next_seq, rec);
             }
@@ -455,6 +594,43 @@ fn step(real: &mut Real, model: &mut Model, op: &Op) {
             real.w = writer_in_boot(real.dir, &real.boot_id());
             let current = real.w.current.map(|(pk, _)| pk);
             assert_eq!(current, model.current, "the session active after a restart");
+            real.w.cfg.pinned_max = model.pinned_max as u64;
+        }
+        Op::Mark {
+            back,
+            before,
+            after,
+            high,
+        } => {
+            let ts = (model.next_seq as i64 - back).max(1);
+            let spec = MarkSpec {
+                name: format!("m{ts}"),
+                timestamp_ns: Some(ts),
+                before_ns: *before,
+                after_ns: *after,
+                priority: if *high {
+                    Priority::High
+                } else {
+                    Priority::Normal
+                },
+                metadata: String::new(),
+            };
+            let (tx, mut rx) = oneshot::channel();
+            real.send(Msg::Mark(spec, tx));
+            let id = rx.try_recv().expect("answered").expect("stored");
+            model.marks.push(MarkM {
+                id,
+                session: model.current.unwrap_or(0),
+                start: ts - before,
+                end: ts + after,
+                ts,
+                high: *high,
+                released: false,
+            });
+        }
+        Op::PinnedMax(bytes) => {
+            real.w.cfg.pinned_max = *bytes;
+            model.pinned_max = *bytes as i64;
         }
     }
     check(real, model);
@@ -464,6 +640,12 @@ fn step(real: &mut Real, model: &mut Model, op: &Op) {
 fn check(real: &Real, model: &Model) {
     assert_eq!(real.records(), model.records, "the stored records");
     assert_eq!(real.gaps(), model.gaps, "the gap counters");
+    let marks: Vec<(i64, i64, bool)> = model
+        .marks
+        .iter()
+        .map(|m| (m.id, m.session, m.released))
+        .collect();
+    assert_eq!(real.marks(), marks, "the marks and which are released");
     let stats = &real.w.stats;
     let stored = stats
         .records_stored
@@ -496,7 +678,7 @@ proptest! {
     fn the_ring_buffer_agrees_with_its_model(ops in prop::collection::vec(op(), 1..60)) {
         let dir = tempfile::tempdir().unwrap();
         let mut real = Real { dir: dir.path(), w: writer_in_boot(dir.path(), "boot-0"), boot: 0 };
-        let mut model = Model::default();
+        let mut model = Model { pinned_max: real.w.cfg.pinned_max as i64, ..Model::default() };
         for op in &ops {
             step(&mut real, &mut model, op);
         }

@@ -176,6 +176,19 @@ pub(super) async fn level_histogram(
     ))
 }
 
+/// See [`crate::hub::store::Store::first_errors`].
+pub(super) async fn first_errors(
+    client: &impl GenericClient,
+    session_pk: i64,
+    limit: u64,
+) -> Result<Vec<LogRow>, StoreError> {
+    let sql = crate::hub::store::first_errors_sql("$1", "$2");
+    let rows = client
+        .query(&sql, &[&session_pk, &(limit.min(i64::MAX as u64) as i64)])
+        .await?;
+    Ok(rows.iter().map(log_row).collect())
+}
+
 pub(super) async fn after(
     client: &mut deadpool_postgres::Client,
     scope: LogScope,

@@ -44,6 +44,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("002_marks.sql"),
     include_str!("003_signins.sql"),
     include_str!("004_leases.sql"),
+    include_str!("008_first_errors.sql"),
 ];
 
 /// Advisory lock keys (`pg_advisory_xact_lock`), arbitrary but fixed: every
@@ -362,6 +363,10 @@ impl Store for PgStore {
         slices: Histogram,
     ) -> Result<Vec<[u64; 6]>, StoreError> {
         logs::level_histogram(&self.client().await?, session_pk, slices).await
+    }
+
+    async fn first_errors(&self, session_pk: i64, limit: u64) -> Result<Vec<LogRow>, StoreError> {
+        logs::first_errors(&self.client().await?, session_pk, limit).await
     }
 
     async fn list_artifacts(&self, session_pk: i64) -> Result<Vec<ArtifactRow>, StoreError> {

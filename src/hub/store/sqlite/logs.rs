@@ -52,6 +52,18 @@ impl Db {
         })
     }
 
+    /// See [`crate::hub::store::Store::first_errors`].
+    pub fn first_errors(&self, session_pk: i64, limit: u64) -> Result<Vec<LogRow>, StoreError> {
+        let sql = crate::hub::store::first_errors_sql("?1", "?2");
+        self.read(|c| {
+            let rows = c
+                .prepare_cached(&sql)?
+                .query_map((session_pk, limit.min(i64::MAX as u64) as i64), log_row)?
+                .collect::<Result<_, _>>()?;
+            Ok(rows)
+        })
+    }
+
     pub fn logs(&self, scope: LogScope, q: &LogQuery) -> Result<LogPage, StoreError> {
         self.read(|c| logs_page(c, scope, q))
     }

@@ -37,6 +37,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("002_marks.sql"),
     include_str!("003_signins.sql"),
     include_str!("004_leases.sql"),
+    include_str!("008_first_errors.sql"),
 ];
 
 /// Reader connections kept open between requests.
@@ -360,6 +361,10 @@ impl Store for SqliteStore {
     ) -> Result<Vec<[u64; 6]>, StoreError> {
         self.run(move |db| db.level_histogram(session_pk, slices))
             .await
+    }
+
+    async fn first_errors(&self, session_pk: i64, limit: u64) -> Result<Vec<LogRow>, StoreError> {
+        self.run(move |db| db.first_errors(session_pk, limit)).await
     }
 
     async fn list_artifacts(&self, session_pk: i64) -> Result<Vec<ArtifactRow>, StoreError> {

@@ -69,3 +69,26 @@ async fn a_deleted_session_leaves_nothing_in_the_full_text_index() {
         "the deleted message left the full-text index"
     );
 }
+
+/// A session's first errors are read from the partial index of error rows
+/// (migration 008), never by walking all of the session's records.
+#[test]
+fn first_errors_read_only_the_error_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hub.db");
+    drop(Db::open(&path).unwrap());
+    let conn = Connection::open(&path).unwrap();
+    let sql = crate::hub::store::first_errors_sql("?1", "?2");
+    let plan: Vec<String> = conn
+        .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+        .unwrap()
+        .query_map((1, 10), |r| r.get(3))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap();
+    assert!(
+        plan.iter()
+            .any(|step| step.contains("USING INDEX logs_session_errors")),
+        "{plan:#?}"
+    );
+}
