@@ -197,6 +197,7 @@ async fn every_console_route_refuses_without_a_sign_in() {
         format!("{s}/files.zip"),
         format!("{s}/files/bags/run%201.bin"),
         format!("{s}/timeline"),
+        format!("{s}/artifacts"),
         format!("{s}/logs/live"),
     ];
     for cookie in [None, Some("logbook_console=forged")] {
@@ -526,6 +527,7 @@ async fn other_organizations_get_404_and_cross_site_posts_are_refused() {
         format!("{s}/files.zip"),
         format!("{s}/files/bags/run%201.bin"),
         format!("{s}/timeline"),
+        format!("{s}/artifacts"),
         format!("{s}/logs/live"),
     ] {
         let (st, _, body) = get(&url, Some(&other_cookie)).await;
