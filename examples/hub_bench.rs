@@ -159,6 +159,7 @@ fn build_batches(total: u64) -> Vec<Encoded> {
                 .collect();
             let b = Batch {
                 marks: Vec::new(),
+                agent: None,
                 version: BATCH_VERSION,
                 device: Device {
                     id: device_id(d),

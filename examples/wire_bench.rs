@@ -100,6 +100,7 @@ fn main() {
         .chunks(per_batch)
         .map(|c| Batch {
             marks: Vec::new(),
+            agent: None,
             version: 1,
             device: Device {
                 id: "bench".into(),

@@ -5,9 +5,11 @@
 //! Three batch encodings: v1 is the structs as msgpack arrays (row by
 //! row); v2 keeps a msgpack envelope but packs the records column by
 //! column (the `v2` module below), which compresses far better; v3
-//! (written by default) is v2 with the batch's [`Mark`]s after the
-//! columns. v1 and v2 carry no marks: an agent sending them to an older
-//! hub keeps its marks pending.
+//! is v2 with the batch's [`Mark`]s after the columns; v4 (written by
+//! default) is v3 with the agent's [`AgentReport`] after the marks. v1 and
+//! v2 carry no marks: an agent sending them to an older hub keeps its
+//! marks pending; v1 to v3 carry no report, which an agent sending them
+//! simply leaves out (the next batch carries a fresh one).
 //!
 //! Invariant: this module is the only thing `agent` and `hub` share about
 //! sync. A change to any struct here that alters the encoding bumps
@@ -21,10 +23,10 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 /// Version of the [`Batch`] encoding this build writes by default.
-pub const BATCH_VERSION: u32 = 3;
+pub const BATCH_VERSION: u32 = 4;
 /// Versions of the [`Batch`] encoding this build reads (and can write:
 /// [`Batch::to_msgpack`] writes the version named in [`Batch::version`]).
-pub const SUPPORTED_BATCH_VERSIONS: &[u32] = &[1, 2, 3];
+pub const SUPPORTED_BATCH_VERSIONS: &[u32] = &[1, 2, 3, 4];
 /// Most string bytes [`Batch::from_msgpack`] materializes when no explicit
 /// limit is given (see [`Batch::from_msgpack_limited`]).
 pub const DEFAULT_MAX_DECODED_BYTES: usize = 128 << 20;
@@ -362,6 +364,54 @@ pub struct Batch {
     /// Only in v3 and later (v1's rows never carry it).
     #[serde(skip)]
     pub marks: Vec<Mark>,
+    /// What the agent reports about itself when the batch left; only in
+    /// v4 and later (`None` in older versions).
+    #[serde(skip)]
+    pub agent: Option<AgentReport>,
+}
+
+/// What an agent says about itself in a v4 batch (README "Devices"): its
+/// version, its ring buffer's fill and bound, and the records it dropped
+/// since it started, by reason. The hub keeps the latest per device.
+/// Encoded as a msgpack array, like the rest of the head.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentReport {
+    /// `logbookd`'s version (`CARGO_PKG_VERSION`).
+    pub version: String,
+    /// Bytes the ring buffer takes on disk.
+    pub buffer_bytes: u64,
+    /// Its bound, `buffer.max_bytes`.
+    pub buffer_max_bytes: u64,
+    /// Records dropped since the agent started, by reason (only reasons
+    /// with a count), at most [`AgentReport::MAX_REASONS`] of them.
+    pub dropped: Vec<(String, u64)>,
+}
+
+impl AgentReport {
+    /// Most reasons a report carries; more is a malformed batch.
+    pub const MAX_REASONS: usize = 32;
+    /// Longest version or reason text, in bytes.
+    pub const MAX_TEXT: usize = 64;
+
+    /// Checks the bounds above (the decoder refuses a report outside them).
+    pub fn check(&self) -> Result<(), String> {
+        if self.version.len() > Self::MAX_TEXT {
+            return Err(format!(
+                "agent version longer than {} bytes",
+                Self::MAX_TEXT
+            ));
+        }
+        if self.dropped.len() > Self::MAX_REASONS {
+            return Err(format!("more than {} drop reasons", Self::MAX_REASONS));
+        }
+        if self.dropped.iter().any(|(r, _)| r.len() > Self::MAX_TEXT) {
+            return Err(format!(
+                "a drop reason longer than {} bytes",
+                Self::MAX_TEXT
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The hub's answer to a stored batch (JSON). A batch is stored in one
@@ -431,7 +481,7 @@ impl Batch {
     /// arrays) carrying whatever version number the batch holds.
     pub fn to_msgpack(&self) -> Vec<u8> {
         match self.version {
-            2 | 3 => v2::encode(self),
+            2..=4 => v2::encode(self),
             _ => rmp_serde::to_vec(self).expect("a Batch always serializes"),
         }
     }
@@ -471,7 +521,7 @@ impl Batch {
         let version = peek_version(raw)?;
         match version {
             1 => rmp_serde::from_slice(raw).map_err(|e| WireError::Malformed(e.to_string())),
-            2 | 3 => v2::decode(raw, limit),
+            2..=4 => v2::decode(raw, limit),
             found => Err(WireError::Version {
                 found,
                 supported: SUPPORTED_BATCH_VERSIONS,
@@ -559,6 +609,13 @@ pub fn fuzz_one(data: &[u8]) {
 ///
 /// Like values end up next to each other (runs of deltas of 1, repeated
 /// indices, text beside text), which is what gzip's window feeds on.
+///
+/// v3 is `[3, head, columns, marks]`; v4 is `[4, head, columns, marks,
+/// agent]`, `agent` an [`AgentReport`] or nil. The report could not ride
+/// as a fifth element of the head: hubs before v4 decode the head as a
+/// four-element tuple and refuse a longer one as malformed (a 400 the
+/// agent would set the batch aside for), while an unknown version is a
+/// refusal the agent answers by sending v3.
 mod v2 {
     use std::collections::HashMap;
 
@@ -579,11 +636,12 @@ mod v2 {
             .map(|r| r.message.len() + r.metadata.len())
             .sum();
         let mut out = Vec::with_capacity(256 + text + b.records.len() * 24);
-        // v3: the marks follow the columns.
-        let v3 = b.version >= 3;
-        rmp::encode::write_array_len(&mut out, if v3 { 4 } else { 3 })
+        // v3: the marks follow the columns; v4: then the agent's report.
+        let version = b.version.clamp(2, 4);
+        let v3 = version >= 3;
+        rmp::encode::write_array_len(&mut out, envelope_len(version))
             .expect("writing to a Vec cannot fail");
-        rmp::encode::write_uint(&mut out, if v3 { 3 } else { 2 })
+        rmp::encode::write_uint(&mut out, u64::from(version))
             .expect("writing to a Vec cannot fail");
         rmp_serde::encode::write(&mut out, &(&b.device, b.sent_at_ns, &b.sessions, &b.gaps))
             .expect("a Batch always serializes");
@@ -596,7 +654,19 @@ mod v2 {
         if v3 {
             rmp_serde::encode::write(&mut out, &b.marks).expect("a Batch always serializes");
         }
+        if version >= 4 {
+            rmp_serde::encode::write(&mut out, &b.agent).expect("a Batch always serializes");
+        }
         out
+    }
+
+    /// Elements of a v2 (and later) envelope.
+    fn envelope_len(version: u32) -> u32 {
+        match version {
+            2 => 3,
+            3 => 4,
+            _ => 5,
+        }
     }
 
     fn uv(out: &mut Vec<u8>, mut v: u64) {
@@ -710,7 +780,7 @@ mod v2 {
         let len = rmp::decode::read_array_len(&mut cur).map_err(|_| bad("not an array"))?;
         let version: u32 =
             rmp::decode::read_int(&mut cur).map_err(|_| bad("version is not an integer"))?;
-        let want = if version >= 3 { 4 } else { 3 };
+        let want = envelope_len(version);
         if len != want {
             return Err(bad(format!(
                 "v{version} envelope has {len} elements, not {want}"
@@ -738,15 +808,29 @@ mod v2 {
         .records()?;
         let marks: Vec<Mark> = if version >= 3 {
             let mut de = rmp_serde::Deserializer::new(&mut rest);
-            let marks =
-                Deserialize::deserialize(&mut de).map_err(|e| bad(format!("marks: {e}")))?;
-            if !rest.is_empty() {
-                return Err(bad(format!("{} bytes after the marks", rest.len())));
-            }
-            marks
+            Deserialize::deserialize(&mut de).map_err(|e| bad(format!("marks: {e}")))?
         } else {
             Vec::new()
         };
+        let agent: Option<AgentReport> = if version >= 4 {
+            let mut de = rmp_serde::Deserializer::new(&mut rest);
+            let agent: Option<AgentReport> =
+                Deserialize::deserialize(&mut de).map_err(|e| bad(format!("agent report: {e}")))?;
+            if let Some(a) = &agent {
+                a.check().map_err(|e| bad(format!("agent report: {e}")))?;
+            }
+            agent
+        } else {
+            None
+        };
+        if !rest.is_empty() {
+            let after = if version >= 4 {
+                "agent report"
+            } else {
+                "marks"
+            };
+            return Err(bad(format!("{} bytes after the {after}", rest.len())));
+        }
         Ok(Batch {
             version,
             device,
@@ -755,6 +839,7 @@ mod v2 {
             records,
             gaps,
             marks,
+            agent,
         })
     }
 
@@ -1014,6 +1099,12 @@ mod tests {
             } else {
                 Vec::new()
             },
+            agent: (version >= 4).then(|| AgentReport {
+                version: "0.9.0".into(),
+                buffer_bytes: 48 << 20,
+                buffer_max_bytes: 256 << 20,
+                dropped: vec![("evicted".into(), 4312), ("bad_json".into(), 2)],
+            }),
         }
     }
 
@@ -1075,8 +1166,9 @@ mod tests {
         golden(1, include_str!("../tests/fixtures/batch_v1.hex"));
         golden(2, include_str!("../tests/fixtures/batch_v2.hex"));
         golden(3, include_str!("../tests/fixtures/batch_v3.hex"));
+        golden(4, include_str!("../tests/fixtures/batch_v4.hex"));
         // The fuzz seeds are the same batch.
-        let seeds: [(&[u8], u32); 3] = [
+        let seeds: [(&[u8], u32); 4] = [
             (
                 include_bytes!("../tests/fixtures/formats/batch/v1.msgpack"),
                 1,
@@ -1088,6 +1180,10 @@ mod tests {
             (
                 include_bytes!("../tests/fixtures/formats/batch/v2.msgpack.gz"),
                 2,
+            ),
+            (
+                include_bytes!("../tests/fixtures/formats/batch/v4.msgpack"),
+                4,
             ),
         ];
         for (i, (body, v)) in seeds.into_iter().enumerate() {
@@ -1103,8 +1199,37 @@ mod tests {
         let err = Batch::from_msgpack(&b.to_msgpack()).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "unsupported batch version 99 (this hub understands [1, 2, 3])"
+            "unsupported batch version 99 (this hub understands [1, 2, 3, 4])"
         );
+    }
+
+    /// A hub before v4 reads the version first, so a v4 batch is a version
+    /// refusal there (the agent then sends v3), never a malformed batch.
+    #[test]
+    fn agent_report_bounds() {
+        let mut b = sample_v(4);
+        let ok = b.to_msgpack();
+        assert_eq!(Batch::from_msgpack(&ok).unwrap(), b);
+        b.agent.as_mut().unwrap().dropped = (0..=AgentReport::MAX_REASONS)
+            .map(|i| (format!("r{i}"), 1))
+            .collect();
+        let err = Batch::from_msgpack(&b.to_msgpack())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("more than 32 drop reasons"), "{err}");
+        b.agent.as_mut().unwrap().dropped = vec![("é".repeat(40), 1)];
+        let err = Batch::from_msgpack(&b.to_msgpack())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("longer than 64 bytes"), "{err}");
+        b.agent = None;
+        assert_eq!(Batch::from_msgpack(&b.to_msgpack()).unwrap(), b);
+        // Older versions carry no report: it is left out, nothing else.
+        let mut v3 = sample_v(4);
+        v3.version = 3;
+        let back = Batch::from_msgpack(&v3.to_msgpack()).unwrap();
+        assert_eq!(back.agent, None);
+        assert_eq!(back.marks, v3.marks);
     }
 
     #[test]

@@ -346,6 +346,7 @@ fn start_uploader(
         stats: pipeline.stats.clone(),
         shared: sync.shared.clone(),
         throttle: sync.throttle.clone(),
+        buffer_max_bytes: cfg.max_bytes,
     });
     Some(tokio::spawn(sync::uploader::run(ctx, shutdown.clone())))
 }

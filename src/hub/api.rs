@@ -297,6 +297,20 @@ struct Device {
     last_seen_at: String,
     /// Hub clock minus device clock at the last batch, in milliseconds.
     clock_skew_ms: i64,
+    /// What its agent last reported (README "Devices"); null until an
+    /// agent that sends batch v4 or later has synced.
+    agent: Option<AgentJson>,
+}
+
+/// A device's latest agent report, as `GET …/devices` shows it.
+#[derive(Debug, Serialize)]
+struct AgentJson {
+    version: String,
+    buffer_bytes: u64,
+    buffer_max_bytes: u64,
+    /// Records dropped since the agent started, by reason.
+    dropped: std::collections::BTreeMap<String, u64>,
+    reported_at: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -704,6 +718,13 @@ pub async fn list_devices(
             name: d.name,
             last_seen_at: rfc3339(d.last_seen_ns),
             clock_skew_ms: d.skew_ns / 1_000_000,
+            agent: d.report.map(|r| AgentJson {
+                version: r.agent.version,
+                buffer_bytes: r.agent.buffer_bytes,
+                buffer_max_bytes: r.agent.buffer_max_bytes,
+                dropped: r.agent.dropped.into_iter().collect(),
+                reported_at: rfc3339(r.reported_at_ns),
+            }),
         })
         .collect();
     Ok(Json(serde_json::json!({ "items": items })).into_response())

@@ -320,6 +320,7 @@ mod tests {
     fn batch(records: Vec<Record>) -> Batch {
         Batch {
             marks: Vec::new(),
+            agent: None,
             version: BATCH_VERSION,
             device: Device {
                 id: "robot-1".into(),

@@ -915,6 +915,7 @@ mod tests {
         };
         let batch = Batch {
             marks: Vec::new(),
+            agent: None,
             version: BATCH_VERSION,
             device: Device {
                 id: "robot-1".into(),

@@ -113,6 +113,23 @@ try {
   const bytes = await readFile(await download.path());
   assert.equal(createHash("sha256").update(bytes).digest("hex"), env("ARTIFACT_SHA256"));
 
+  // An artifact uploading: the card shows its share, and polls (htmx)
+  // without a reload until the upload is complete, then stops polling.
+  await ask("upload: half of cam/front.mp4");
+  await page.goto(`${hub}/o/acme/warehouse/sessions/${session}`);
+  const uploading = page.locator("#artifacts tr.uploading", { hasText: "cam/front.mp4" });
+  await uploading.getByText("uploading 50%").waitFor();
+  assert.equal(await uploading.locator("progress").getAttribute("value"), "50");
+  assert.equal(await page.locator("#artifacts[hx-trigger]").count(), 1, "the card polls");
+  await shot(page, "04-session-uploading");
+  await page.evaluate(() => { window.stillTheSamePage = true; });
+  await ask("upload: the rest of cam/front.mp4");
+  await page.locator("#artifacts a", { hasText: "cam/front.mp4" }).waitFor({ timeout: 20000 });
+  assert.equal(await page.locator("#artifacts tr.uploading").count(), 0);
+  assert.equal(await page.locator("#artifacts[hx-trigger]").count(), 0, "polling stops");
+  assert.equal(await page.evaluate(() => window.stillTheSamePage), true, "no reload");
+  await shot(page, "04-session-uploaded");
+
   // Logs: search marks the match; markup in a message stays text.
   await page.click("a.button:text-matches('^Logs')");
   await page.waitForURL(/\/logs$/);

@@ -122,7 +122,7 @@ fn client() -> reqwest::Client {
 }
 
 /// Signs in with `key`; returns the `Cookie` header value.
-async fn sign_in(hub: &HubProc, key: &str) -> String {
+pub(super) async fn sign_in(hub: &HubProc, key: &str) -> String {
     let r = client()
         .post(format!("{}/sign-in", hub.url))
         .header("content-type", "application/x-www-form-urlencoded")
@@ -140,7 +140,7 @@ async fn sign_in(hub: &HubProc, key: &str) -> String {
     set.split(';').next().unwrap().to_owned()
 }
 
-async fn get(url: &str, cookie: Option<&str>) -> (u16, HeaderMap, String) {
+pub(super) async fn get(url: &str, cookie: Option<&str>) -> (u16, HeaderMap, String) {
     let mut req = client().get(url);
     if let Some(c) = cookie {
         req = req.header("cookie", c);
@@ -197,6 +197,7 @@ async fn every_console_route_refuses_without_a_sign_in() {
         format!("{s}/files.zip"),
         format!("{s}/files/bags/run%201.bin"),
         format!("{s}/timeline"),
+        format!("{s}/artifacts"),
         format!("{s}/logs/live"),
     ];
     for cookie in [None, Some("logbook_console=forged")] {
@@ -526,6 +527,7 @@ async fn other_organizations_get_404_and_cross_site_posts_are_refused() {
         format!("{s}/files.zip"),
         format!("{s}/files/bags/run%201.bin"),
         format!("{s}/timeline"),
+        format!("{s}/artifacts"),
         format!("{s}/logs/live"),
     ] {
         let (st, _, body) = get(&url, Some(&other_cookie)).await;
@@ -603,6 +605,25 @@ async fn other_organizations_get_404_and_cross_site_posts_are_refused() {
     assert_eq!(tags_of(&v), vec!["field-test"]);
 }
 
+/// The artifact the walkthrough uploads in two halves (64 KiB).
+const FRONT_CAMERA: &[u8] = &[0x5a; 64 << 10];
+
+/// One tus PATCH with the device token, which must be taken whole.
+async fn tus_patch(hub: &HubProc, url: &str, offset: u64, data: &[u8]) {
+    let r = hub
+        .http
+        .patch(url)
+        .bearer_auth(&hub.device)
+        .header("tus-resumable", "1.0.0")
+        .header("content-type", "application/offset+octet-stream")
+        .header("upload-offset", offset.to_string())
+        .body(data.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204, "PATCH at {offset}");
+}
+
 /// Runs `tests/browser/console.mjs` (Playwright in headless Chromium)
 /// against a seeded hub; screenshots go to `target/console-screenshots/`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -656,6 +677,7 @@ async fn browser_walkthrough() {
     // Answer the script's requests (batches only a device can post) until
     // it ends.
     let mut transcript = String::new();
+    let mut upload_url: Option<String> = None;
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(300);
     while let Some(line) = tokio::time::timeout_at(deadline, rx.recv())
         .await
@@ -663,6 +685,27 @@ async fn browser_walkthrough() {
     {
         transcript.push_str(&line);
         transcript.push('\n');
+        // An artifact that uploads while the session screen is open: half
+        // of it first (a tus PATCH of part of the bytes), then the rest.
+        let half = FRONT_CAMERA.len() / 2;
+        match line.as_str() {
+            "upload: half of cam/front.mp4" => {
+                let url = hub
+                    .create_upload(seeded.s1, "cam/front.mp4", FRONT_CAMERA, None)
+                    .await;
+                tus_patch(&hub, &url, 0, &FRONT_CAMERA[..half]).await;
+                upload_url = Some(url);
+                writeln!(stdin, "ok").unwrap();
+                continue;
+            }
+            "upload: the rest of cam/front.mp4" => {
+                let url = upload_url.take().expect("the upload was started");
+                tus_patch(&hub, &url, half as u64, &FRONT_CAMERA[half..]).await;
+                writeln!(stdin, "ok").unwrap();
+                continue;
+            }
+            _ => {}
+        }
         let batch = match line.as_str() {
             "live: start a session" => Some(batch(
                 vec![state(live, 1, SessionStatus::Active, &[])],

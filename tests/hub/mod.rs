@@ -4,6 +4,7 @@
 
 mod api;
 mod console;
+mod console_devices;
 mod export;
 mod interop;
 mod live;
@@ -509,6 +510,7 @@ pub fn record(
 pub fn batch(sessions: Vec<SessionState>, records: Vec<Record>, gaps: Vec<Gap>) -> Batch {
     Batch {
         marks: Vec::new(),
+        agent: None,
         version: BATCH_VERSION,
         device: Device {
             id: DEVICE.into(),

@@ -136,7 +136,7 @@ async fn oversize_bomb_and_malformed_bodies() {
     assert_eq!((st, code(&v)), (400, "unsupported_batch_version"));
     assert_eq!(
         v["error"]["message"],
-        "unsupported batch version 7 (this hub understands [1, 2, 3])"
+        "unsupported batch version 7 (this hub understands [1, 2, 3, 4])"
     );
     // A batch with one bad record stores none of its records.
     let s = session_id(3);

@@ -107,13 +107,13 @@ async fn v1_and_v2_bodies_store_the_same() {
 async fn an_unknown_version_has_its_own_code() {
     let hub = HubProc::start("hub_unknown_version");
     let mut future = batch(vec![], vec![record(1, None, Level::Info, "m", "x")], vec![]);
-    future.version = 4;
+    future.version = 5;
     let (st, v) = hub.post_batch(&future).await;
     assert_eq!(st, 400, "{v}");
     assert_eq!(v["error"]["code"], error_code::UNSUPPORTED_BATCH_VERSION);
     assert_eq!(
         v["error"]["message"],
-        "unsupported batch version 4 (this hub understands [1, 2, 3])"
+        "unsupported batch version 5 (this hub understands [1, 2, 3, 4])"
     );
     // Not even the device was recorded.
     let (st, dev) = hub.get(&hub.api(&format!("/devices/{DEVICE}/logs"))).await;

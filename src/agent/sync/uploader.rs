@@ -37,7 +37,9 @@ use crate::agent::config::SyncConfig;
 use crate::agent::store::sync::{Acked, PendingRecord, SetAside, SyncReader};
 use crate::agent::store::writer::Msg;
 use crate::agent::store::{now_ns, Stats, StoreError};
-use crate::wire::{Batch, BatchAck, Device, BATCHES_PATH, BATCH_VERSION, CONTENT_TYPE_MSGPACK};
+use crate::wire::{
+    AgentReport, Batch, BatchAck, Device, BATCHES_PATH, BATCH_VERSION, CONTENT_TYPE_MSGPACK,
+};
 
 /// gzip level of batch bodies. Measured on a batch of 20,000 robot log
 /// lines (flate2 miniz, release; v1 msgpack 3.1 MB): level 6 140 ms ->
@@ -72,6 +74,8 @@ pub struct UploaderCtx {
     pub shared: Arc<SyncShared>,
     /// `sync.max_bytes_per_sec`, shared with the artifact uploader.
     pub throttle: Arc<Throttle>,
+    /// `buffer.max_bytes`, for the report each batch carries.
+    pub buffer_max_bytes: u64,
 }
 
 /// Runs the uploader under its supervisor until `shutdown`.
@@ -397,6 +401,7 @@ impl Uploader {
             limit: self.limit,
             max_bytes: self.ctx.cfg.batch_bytes,
             skip,
+            agent: report(stats, self.ctx.buffer_max_bytes),
         }
     }
 
@@ -711,6 +716,10 @@ fn encode(mut work: Work, read_time: Duration) -> Ready {
         work.batch.marks.clear();
         work.acked.marks.clear();
     }
+    if work.batch.version < 4 {
+        // v1 to v3 carry no report; the hub keeps the last one it read.
+        work.batch.agent = None;
+    }
     let raw = work.batch.to_msgpack();
     let raw_len = raw.len();
     let body = gzip(&raw);
@@ -754,6 +763,43 @@ struct Plan {
     max_bytes: usize,
     /// Inclusive seq ranges to leave out: being marked, or in flight.
     skip: Vec<(u64, u64)>,
+    /// What the agent says about itself in this batch (v4 and later).
+    agent: AgentReport,
+}
+
+/// The agent's report for a batch (README "Devices"): what `/v1/status`
+/// says of its version, buffer and drops, read from the same counters.
+/// Dropped means never stored or lost unsynced: evicted before it was
+/// synced, refused by a full writer queue, refused by SQLite, or a bad
+/// record, by reason; only reasons with a count are sent.
+fn report(stats: &Stats, buffer_max_bytes: u64) -> AgentReport {
+    use crate::agent::ingest::json::BadRecord;
+    use crate::agent::ingest::FORMAT_BAD_REASONS;
+    let fixed = [
+        ("evicted", Stats::get(&stats.evicted_unsynced)),
+        ("refused", Stats::get(&stats.refused)),
+        ("write_failed", Stats::get(&stats.write_failed)),
+    ];
+    let bad = BadRecord::ALL
+        .iter()
+        .enumerate()
+        .map(|(i, b)| (b.reason(), Stats::get(&stats.bad[i])));
+    let formats = FORMAT_BAD_REASONS
+        .iter()
+        .zip(&stats.bad_formats)
+        .map(|(r, n)| (*r, Stats::get(n)));
+    AgentReport {
+        version: env!("CARGO_PKG_VERSION").into(),
+        buffer_bytes: Stats::get(&stats.disk_bytes),
+        buffer_max_bytes,
+        dropped: fixed
+            .into_iter()
+            .chain(bad)
+            .chain(formats)
+            .filter(|(_, n)| *n > 0)
+            .map(|(r, n)| (r.to_owned(), n))
+            .collect(),
+    }
 }
 
 enum Step {
@@ -773,6 +819,7 @@ fn build(reader: &SyncReader, plan: Plan) -> Result<Work, StoreError> {
         limit,
         max_bytes,
         mut skip,
+        agent,
     } = plan;
     skip.sort_unstable();
     // Binary search: an acknowledgement of scattered errors has thousands
@@ -842,6 +889,7 @@ fn build(reader: &SyncReader, plan: Plan) -> Result<Work, StoreError> {
         .collect();
     let batch = Batch {
         marks,
+        agent: Some(agent),
         version: BATCH_VERSION,
         device,
         sent_at_ns: 0,
@@ -938,6 +986,7 @@ mod tests {
                 limit,
                 max_bytes: 1 << 20,
                 skip: skip.to_vec(),
+                agent: report(&Stats::default(), 1 << 20),
             };
             let w = build(&reader, plan).unwrap();
             let got: Vec<u64> = w.batch.records.iter().map(|r| r.seq).collect();
@@ -1088,6 +1137,7 @@ mod tests {
             stats: stats.clone(),
             shared,
             throttle: Arc::new(Throttle::new(None)),
+            buffer_max_bytes: 1 << 20,
         }))
         .unwrap();
         let seqs = |w: &Work| w.batch.records.iter().map(|r| r.seq).collect::<Vec<_>>();
@@ -1130,5 +1180,35 @@ mod tests {
         tokio::task::spawn_blocking(move || thread.join().unwrap())
             .await
             .unwrap();
+    }
+    /// The report carries the buffer and every drop counter with a count,
+    /// by the reasons `/v1/status` uses, and nothing for zero counts.
+    #[test]
+    fn report_reads_the_status_counters() {
+        let stats = Stats::default();
+        let r = report(&stats, 1 << 20);
+        assert_eq!(r.version, env!("CARGO_PKG_VERSION"));
+        assert_eq!((r.buffer_bytes, r.buffer_max_bytes), (0, 1 << 20));
+        assert!(r.dropped.is_empty(), "{:?}", r.dropped);
+        stats.disk_bytes.store(4096, Ordering::Relaxed);
+        stats.evicted_unsynced.store(12, Ordering::Relaxed);
+        stats.refused.store(3, Ordering::Relaxed);
+        stats.bad[0].store(2, Ordering::Relaxed);
+        stats.bad_formats[1].store(1, Ordering::Relaxed);
+        let r = report(&stats, 1 << 20);
+        assert_eq!(r.buffer_bytes, 4096);
+        let bad0 = crate::agent::ingest::json::BadRecord::ALL[0]
+            .reason()
+            .to_owned();
+        assert_eq!(
+            r.dropped,
+            vec![
+                ("evicted".to_owned(), 12),
+                ("refused".to_owned(), 3),
+                (bad0, 2),
+                ("syslog_malformed".to_owned(), 1),
+            ]
+        );
+        assert!(r.check().is_ok());
     }
 }

@@ -12,7 +12,7 @@ use super::super::auth;
 use super::super::error::ApiError;
 use super::super::store::{
     ArtifactRow, DeviceRow, Histogram, LogPage, LogQuery, LogScope, Principal, SessionPage,
-    SessionQuery, SessionRow, SignInRow,
+    SessionQuery, SessionRow, SignInRow, UploadRow,
 };
 use super::super::Hub;
 
@@ -115,6 +115,31 @@ pub async fn logs(
 /// The complete artifacts of a session (the API's `GET …/files`).
 pub async fn artifacts(hub: &Arc<Hub>, session_pk: i64) -> Result<Vec<ArtifactRow>, ApiError> {
     Ok(hub.store.list_artifacts(session_pk).await?)
+}
+
+/// Most uploads in progress the session screen shows (and asks the blob
+/// store about) per render.
+pub const MAX_UPLOADS_SHOWN: u32 = 100;
+
+/// A session's uploads in progress (the store's tus rows) with the bytes
+/// the blob store holds of each (its part's length: the tus offset), or
+/// `None` for one it could not read. An upload whose bytes all arrived is
+/// still listed until the hub has finished it (checked and moved it into
+/// an artifact), so the console keeps polling until the artifact shows.
+pub async fn uploads(
+    hub: &Arc<Hub>,
+    session_pk: i64,
+) -> Result<Vec<(UploadRow, Option<u64>)>, ApiError> {
+    let rows = hub
+        .store
+        .session_uploads(session_pk, MAX_UPLOADS_SHOWN)
+        .await?;
+    let offsets = futures_util::future::join_all(
+        rows.iter()
+            .map(|u| async move { hub.blobs.part(&u.id).await.ok().map(|p| p.len) }),
+    )
+    .await;
+    Ok(rows.into_iter().zip(offsets).collect())
 }
 
 /// Records per level in the slices of a session's time (the store's

@@ -1,9 +1,10 @@
 //! The devices screen (`/o/{org}/{project}/devices`): each device with its
-//! last batch, clock skew, running session and a link to its sessions.
+//! last batch, clock skew, running session, what its agent last reported
+//! (version, ring buffer fill against its bound, records dropped since it
+//! started, by reason: README "Devices") and a link to its sessions.
 //!
-//! Invariant: two store reads whatever the fleet's size (the devices, and
-//! one page of active sessions); agent version, buffer fill and drops are
-//! not shown because the batch does not carry them yet.
+//! Invariant: two store reads whatever the fleet's size (the devices with
+//! their reports, and one page of active sessions).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,8 +14,9 @@ use axum::extract::{Path, State};
 use axum::response::Html;
 
 use super::super::api::MAX_LIMIT;
-use super::super::store::SessionQuery;
+use super::super::store::{DeviceReport, SessionQuery};
 use super::errors::ConsoleError;
+use super::session::percent;
 use super::signins::Operator;
 use super::view::{self, enc, Layout};
 use super::{data, Console};
@@ -27,6 +29,37 @@ pub struct DeviceLine {
     pub sessions_href: String,
     /// `(id, link)` of its running session.
     pub active: Option<(String, String)>,
+    /// What its agent last reported; `None` for an agent too old to say.
+    pub agent: Option<AgentLine>,
+}
+
+/// A device's latest agent report, formatted.
+pub struct AgentLine {
+    pub version: String,
+    /// "48.0 MiB of 256.0 MiB".
+    pub buffer: String,
+    /// Fill in whole percent (0-100).
+    pub fill: u64,
+    /// `(reason, count)`, by reason.
+    pub dropped: Vec<(String, u64)>,
+    pub reported: String,
+}
+
+impl AgentLine {
+    pub fn new(r: DeviceReport) -> AgentLine {
+        let a = r.agent;
+        AgentLine {
+            buffer: format!(
+                "{} of {}",
+                view::bytes(a.buffer_bytes),
+                view::bytes(a.buffer_max_bytes)
+            ),
+            fill: percent(a.buffer_bytes, a.buffer_max_bytes.max(1)),
+            dropped: a.dropped,
+            reported: view::time(r.reported_at_ns),
+            version: a.version,
+        }
+    }
 }
 
 #[derive(Template)]
@@ -70,6 +103,7 @@ pub async fn page(
                 if d.skew_ns < 0 { "-" } else { "+" },
                 view::duration(d.skew_ns.abs())
             ),
+            agent: d.report.map(AgentLine::new),
             name: d.name,
             id: d.device_id,
         })

@@ -53,6 +53,7 @@ pub(crate) fn router<S: Clone + Send + Sync + 'static>(hub: Arc<Hub>) -> Router<
         .route(&format!("{session}/files.zip"), get(session::zip))
         .route(&format!("{session}/files/{{*path}}"), get(session::file))
         .route(&format!("{session}/timeline"), get(session::timeline))
+        .route(&format!("{session}/artifacts"), get(session::artifacts))
         .route(&format!("{session}/logs"), get(logs::page))
         .route(&format!("{session}/logs/export"), get(logs::export))
         .route(&format!("{session}/logs/live"), get(logs::live))

@@ -1,10 +1,14 @@
 //! The session screen (`…/sessions/{id}`): state, timing, tags (add and
 //! remove), metadata, the agent's gaps, level counts and artifacts with
-//! their downloads (one file, or all as a ZIP).
+//! their downloads (one file, or all as a ZIP) and upload state: complete,
+//! or in progress with the share of bytes the hub holds. The artifacts
+//! card is its own fragment (`…/artifacts`), which htmx polls while any
+//! upload is in progress.
 //!
 //! Invariant: tag changes are POSTs that pass [`csrf::check`] first;
 //! downloads go through the API's own `send_file` and `zip`, so Range,
-//! ETag and the `sandbox` policy are the API's.
+//! ETag and the `sandbox` policy are the API's; at most
+//! [`data::MAX_UPLOADS_SHOWN`] uploads in progress are read per render.
 
 use std::sync::Arc;
 
@@ -14,7 +18,7 @@ use axum::http::HeaderMap;
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::Json;
 
-use super::super::store::Histogram;
+use super::super::store::{ArtifactRow, Histogram, UploadRow};
 use super::super::{api, export};
 use super::errors::ConsoleError;
 use super::signins::Operator;
@@ -29,6 +33,87 @@ pub struct Artifact {
     pub content_type: String,
     pub sha256: String,
     pub created: String,
+}
+
+/// An upload in progress (a tus upload whose offset is below its length).
+pub struct UploadLine {
+    pub path: String,
+    pub size: String,
+    pub received: String,
+    /// Share of the bytes the hub holds, 0-100; `None` when the blob
+    /// store could not say.
+    pub percent: Option<u64>,
+    pub content_type: String,
+    pub sha256: String,
+    pub started: String,
+}
+
+/// Seconds between polls of the artifacts card while uploads run.
+pub const POLL_SECS: u32 = 2;
+
+/// The artifacts card: the session page embeds it, and `…/artifacts`
+/// serves it alone for htmx to swap in while uploads are in progress.
+#[derive(Template)]
+#[template(path = "session_artifacts.html")]
+pub struct ArtifactsCard {
+    pub href: String,
+    pub artifacts: Vec<Artifact>,
+    pub artifact_bytes: String,
+    pub uploads: Vec<UploadLine>,
+    /// Poll again: some upload is still in progress.
+    pub polling: bool,
+    pub poll_secs: u32,
+}
+
+impl ArtifactsCard {
+    /// The card from a session's complete artifacts (and their total
+    /// bytes) and its uploads with the offsets the blobs hold.
+    pub fn new(
+        href: String,
+        artifacts: Vec<ArtifactRow>,
+        artifact_bytes: u64,
+        uploads: Vec<(UploadRow, Option<u64>)>,
+    ) -> ArtifactsCard {
+        let uploads: Vec<UploadLine> = uploads
+            .into_iter()
+            .map(|(u, offset)| UploadLine {
+                size: view::bytes(u.length),
+                received: view::bytes(offset.unwrap_or(0).min(u.length)),
+                percent: offset.map(|o| percent(o, u.length)),
+                content_type: u.content_type,
+                sha256: u.sha256,
+                started: view::time(u.created_at_ns),
+                path: u.path,
+            })
+            .collect();
+        ArtifactsCard {
+            artifacts: artifacts
+                .into_iter()
+                .map(|a| Artifact {
+                    href: format!("{href}/files/{}", enc_path(&a.path)),
+                    size: view::bytes(a.size),
+                    content_type: a.content_type,
+                    sha256: a.sha256,
+                    created: view::time(a.created_at_ns),
+                    path: a.path,
+                })
+                .collect(),
+            artifact_bytes: view::bytes(artifact_bytes),
+            polling: !uploads.is_empty(),
+            uploads,
+            poll_secs: POLL_SECS,
+            href,
+        }
+    }
+}
+
+/// `offset` of `length` in whole percent, rounded down (99 until the last
+/// byte arrived), 100 for an empty file.
+pub fn percent(offset: u64, length: u64) -> u64 {
+    if length == 0 {
+        return 100;
+    }
+    (u128::from(offset.min(length)) * 100 / u128::from(length)) as u64
 }
 
 pub struct GapLine {
@@ -59,8 +144,7 @@ pub struct SessionPage {
     pub levels: Vec<(&'static str, u64, String)>,
     pub log_count: u64,
     pub gaps: Vec<GapLine>,
-    pub artifacts: Vec<Artifact>,
-    pub artifact_bytes: String,
+    pub files: ArtifactsCard,
 }
 
 fn metadata_pairs(text: &str) -> Vec<(String, String)> {
@@ -84,8 +168,9 @@ pub async fn page(
     let s = data::session(&c.hub, &org, &project, &id)
         .await?
         .ok_or_else(|| ConsoleError::not_found(format!("no session {id}")))?;
-    let (artifacts, device) = tokio::try_join!(
+    let (artifacts, uploads, device) = tokio::try_join!(
         data::artifacts(&c.hub, s.pk),
+        data::uploads(&c.hub, s.pk),
         data::device(&c.hub, &org, &project, &s.device_id)
     )?;
     let href = format!(
@@ -136,23 +221,32 @@ pub async fn page(
                 dropped: g.dropped,
             })
             .collect(),
-        artifact_bytes: view::bytes(s.artifact_bytes),
-
-        artifacts: artifacts
-            .into_iter()
-            .map(|a| Artifact {
-                href: format!("{href}/files/{}", enc_path(&a.path)),
-                size: view::bytes(a.size),
-                content_type: a.content_type,
-                sha256: a.sha256,
-                created: view::time(a.created_at_ns),
-                path: a.path,
-            })
-            .collect(),
+        files: ArtifactsCard::new(href.clone(), artifacts, s.artifact_bytes, uploads),
         id: s.id,
         href,
     }
     .render()?;
+    Ok(Html(html))
+}
+
+/// The artifacts card alone (`…/artifacts`), for htmx to poll while
+/// uploads are in progress.
+pub async fn artifacts(
+    State(c): State<Arc<Console>>,
+    _op: Operator,
+    Path((org, project, id)): Path<(String, String, String)>,
+) -> Result<Html<String>, ConsoleError> {
+    let s = data::session(&c.hub, &org, &project, &id)
+        .await?
+        .ok_or_else(|| ConsoleError::not_found(format!("no session {id}")))?;
+    let (artifacts, uploads) =
+        tokio::try_join!(data::artifacts(&c.hub, s.pk), data::uploads(&c.hub, s.pk))?;
+    let href = format!(
+        "{}/sessions/{}",
+        view::project_base(&org, &project),
+        enc(&s.id)
+    );
+    let html = ArtifactsCard::new(href, artifacts, s.artifact_bytes, uploads).render()?;
     Ok(Html(html))
 }
 

@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-use crate::wire::{Batch, BatchAck, Level, SessionStatus};
+use crate::wire::{AgentReport, Batch, BatchAck, Level, SessionStatus};
 
 mod postgres;
 mod sqlite;
@@ -251,6 +251,15 @@ pub trait Store: Send + Sync {
 
     /// How many uploads a device has started and not finished.
     async fn unfinished_uploads(&self, device_pk: i64) -> Result<u64, StoreError>;
+
+    /// Up to `limit` uploads of a session not finished yet, by path (the
+    /// session screen's artifacts in progress; their offsets are the
+    /// blobs' part lengths).
+    async fn session_uploads(
+        &self,
+        session_pk: i64,
+        limit: u32,
+    ) -> Result<Vec<UploadRow>, StoreError>;
 
     /// Up to `limit` unfinished uploads created before `before_ns`, oldest
     /// first and after `(created_at_ns, id)` cursor `after` when given: the
@@ -602,6 +611,58 @@ pub struct DeviceRow {
     pub name: String,
     pub last_seen_ns: i64,
     pub skew_ns: i64,
+    /// Its agent's latest report; `None` until a v4 batch brought one.
+    pub report: Option<DeviceReport>,
+}
+
+/// The latest [`AgentReport`] of a device and when the hub stored it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceReport {
+    pub agent: AgentReport,
+    pub reported_at_ns: i64,
+}
+
+impl DeviceReport {
+    /// A report from its stored columns (`agent_version`, `buffer_bytes`,
+    /// `buffer_max_bytes`, `dropped`, `reported_at_ns`), `None` while the
+    /// device has not reported. Both backends store the same text.
+    pub fn from_columns(
+        version: Option<String>,
+        buffer_bytes: Option<i64>,
+        buffer_max_bytes: Option<i64>,
+        dropped: Option<String>,
+        reported_at_ns: Option<i64>,
+    ) -> Option<DeviceReport> {
+        Some(DeviceReport {
+            agent: AgentReport {
+                version: version?,
+                buffer_bytes: buffer_bytes?.max(0) as u64,
+                buffer_max_bytes: buffer_max_bytes?.max(0) as u64,
+                dropped: parse_dropped(&dropped.unwrap_or_default()),
+            },
+            reported_at_ns: reported_at_ns?,
+        })
+    }
+}
+
+/// The `dropped` column: a JSON object of reason to count.
+pub fn dropped_text(dropped: &[(String, u64)]) -> String {
+    let map: serde_json::Map<String, serde_json::Value> = dropped
+        .iter()
+        .map(|(r, n)| (r.clone(), serde_json::Value::from(*n)))
+        .collect();
+    serde_json::Value::Object(map).to_string()
+}
+
+/// [`dropped_text`] read back (by reason; anything else in it ignored).
+pub fn parse_dropped(text: &str) -> Vec<(String, u64)> {
+    match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(serde_json::Value::Object(m)) => m
+            .into_iter()
+            .filter_map(|(r, n)| Some((r, n.as_u64()?)))
+            .collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// Files to remove after a session was deleted.
@@ -614,7 +675,7 @@ pub struct Deleted {
 /// The SQL of [`Store::first_errors`], the same text on both backends
 /// but for the parameter markers (`?1`, `?2` on SQLite; `$1`, `$2` on
 /// PostgreSQL): the session's rows at error level and above only, through
-/// the partial index `logs_session_errors` (migration 008; the level is
+/// the partial index `logs_session_errors` (migration 6; the level is
 /// written as a literal so both planners see the index applies), the
 /// first of each module by a window function.
 pub fn first_errors_sql(session: &str, limit: &str) -> String {

@@ -56,6 +56,8 @@ per_backend!(
     first_errors_are_one_per_module_earliest_first,
     signins_refer_to_their_token_expire_and_are_bounded,
     marks_are_kept_once_at_their_newest_revision_and_filter_sessions,
+    the_latest_agent_report_is_kept_per_device,
+    a_sessions_unfinished_uploads_by_path,
 );
 
 pub(super) fn scope(device: &str) -> DeviceScope {
@@ -121,6 +123,7 @@ pub(super) fn batch(
 ) -> Arc<Batch> {
     Arc::new(Batch {
         marks: Vec::new(),
+        agent: None,
         version: BATCH_VERSION,
         device: Device {
             id: device.into(),
@@ -131,6 +134,122 @@ pub(super) fn batch(
         records,
         gaps,
     })
+}
+
+/// A v4 batch's report lands on its device row; a batch without one (an
+/// agent sending v3) leaves the last one there; another device's is its own.
+async fn the_latest_agent_report_is_kept_per_device(store: &dyn Store) {
+    let report = |bytes: u64, evicted: u64| crate::wire::AgentReport {
+        version: "1.2.3".into(),
+        buffer_bytes: bytes,
+        buffer_max_bytes: 256 << 20,
+        dropped: vec![("evicted".into(), evicted), ("bad_json".into(), 2)],
+    };
+    let with = |device: &str, seq: u64, agent: Option<crate::wire::AgentReport>| {
+        let mut b = (*batch(
+            device,
+            vec![],
+            vec![rec(seq, None, Level::Info, "m", "x")],
+            vec![],
+        ))
+        .clone();
+        b.agent = agent;
+        Arc::new(b)
+    };
+    store
+        .ingest(&scope("r1"), with("r1", 1, None), false)
+        .await
+        .unwrap();
+    let d = store
+        .find_device("acme", "warehouse", "r1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.report, None);
+    store
+        .ingest(&scope("r1"), with("r1", 2, Some(report(1 << 20, 5))), false)
+        .await
+        .unwrap();
+    store
+        .ingest(&scope("r1"), with("r1", 3, Some(report(2 << 20, 7))), false)
+        .await
+        .unwrap();
+    store
+        .ingest(&scope("r1"), with("r1", 4, None), false)
+        .await
+        .unwrap();
+    store
+        .ingest(&scope("r2"), with("r2", 1, Some(report(9, 0))), false)
+        .await
+        .unwrap();
+    let d = store
+        .find_device("acme", "warehouse", "r1")
+        .await
+        .unwrap()
+        .unwrap();
+    let r = d.report.expect("a report");
+    let mut want = report(2 << 20, 7);
+    // Stored by reason.
+    want.dropped.sort();
+    assert_eq!(r.agent, want);
+    assert!(r.reported_at_ns > 0 && r.reported_at_ns <= d.last_seen_ns);
+    let all = store.list_devices("acme", "warehouse").await.unwrap();
+    assert_eq!(all.len(), 2);
+    assert_eq!(all[0].report.as_ref().unwrap().agent, want);
+    assert_eq!(all[1].report.as_ref().unwrap().agent.buffer_bytes, 9);
+}
+
+/// Uploads in progress are listed per session, by path, up to the limit.
+async fn a_sessions_unfinished_uploads_by_path(store: &dyn Store) {
+    let s = session_uuid(1);
+    let (session_pk, device_pk) = store
+        .session_for_device(&scope("r1"), s)
+        .await
+        .unwrap()
+        .unwrap();
+    let (other_pk, _) = store
+        .session_for_device(&scope("r1"), session_uuid(2))
+        .await
+        .unwrap()
+        .unwrap();
+    for (id, pk, path) in [
+        ("u1", session_pk, "b.bin"),
+        ("u2", session_pk, "a.bin"),
+        ("u3", other_pk, "c.bin"),
+    ] {
+        store
+            .create_upload(&UploadRow {
+                id: id.into(),
+                device_pk,
+                session_pk: pk,
+                path: path.into(),
+                content_type: "application/octet-stream".into(),
+                sha256: "0".repeat(64),
+                length: 100,
+                metadata: String::new(),
+                created_at_ns: 1,
+            })
+            .await
+            .unwrap();
+    }
+    let ids = |rows: Vec<UploadRow>| rows.into_iter().map(|u| u.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(store.session_uploads(session_pk, 10).await.unwrap()),
+        ["u2", "u1"]
+    );
+    assert_eq!(
+        ids(store.session_uploads(session_pk, 1).await.unwrap()),
+        ["u2"]
+    );
+    assert_eq!(
+        ids(store.session_uploads(other_pk, 10).await.unwrap()),
+        ["u3"]
+    );
+    store.delete_upload("u2").await.unwrap();
+    assert_eq!(
+        ids(store.session_uploads(session_pk, 10).await.unwrap()),
+        ["u1"]
+    );
 }
 
 async fn all_logs(store: &dyn Store, pk: i64, q: LogQuery) -> Vec<u64> {

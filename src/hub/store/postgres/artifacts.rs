@@ -164,6 +164,21 @@ pub(super) async fn unfinished_uploads(
     Ok(c.query_one(&st, &[&device_pk]).await?.get::<_, i64>(0) as u64)
 }
 
+pub(super) async fn session_uploads(
+    c: &impl GenericClient,
+    session_pk: i64,
+    limit: u32,
+) -> Result<Vec<UploadRow>, StoreError> {
+    let st = c
+        .prepare_cached(&format!(
+            "SELECT {UPLOAD_COLUMNS} FROM uploads WHERE session_pk = $1
+             ORDER BY path, created_at_ns LIMIT $2"
+        ))
+        .await?;
+    let rows = c.query(&st, &[&session_pk, &i64::from(limit)]).await?;
+    Ok(rows.iter().map(upload_row).collect())
+}
+
 pub(super) async fn uploads_created_before(
     c: &impl GenericClient,
     before_ns: i64,

@@ -16,7 +16,7 @@ use futures_util::future::try_join_all;
 use tokio_postgres::types::ToSql;
 
 use super::{now_ns, INGEST_LOCK};
-use crate::hub::store::{DeviceScope, Ingested, LogRow, StoreError};
+use crate::hub::store::{dropped_text, DeviceScope, Ingested, LogRow, StoreError};
 use crate::wire::{Batch, SessionState};
 
 async fn upsert_device(
@@ -81,6 +81,22 @@ pub(super) async fn ingest(
         Some(hub_time.saturating_sub(batch.sent_at_ns)),
     )
     .await?;
+    if let Some(a) = &batch.agent {
+        tx.execute(
+            "UPDATE devices SET agent_version = $1, buffer_bytes = $2, buffer_max_bytes = $3,
+               dropped = $4, reported_at_ns = $5
+             WHERE pk = $6",
+            &[
+                &a.version,
+                &(a.buffer_bytes as i64),
+                &(a.buffer_max_bytes as i64),
+                &dropped_text(&a.dropped),
+                &hub_time,
+                &device_pk,
+            ],
+        )
+        .await?;
+    }
     let mut ing = Ingest {
         tx: &tx,
         scope,

@@ -44,7 +44,8 @@ const MIGRATIONS: &[&str] = &[
     include_str!("002_marks.sql"),
     include_str!("003_signins.sql"),
     include_str!("004_leases.sql"),
-    include_str!("008_first_errors.sql"),
+    include_str!("005_agent_reports.sql"),
+    include_str!("006_first_errors.sql"),
 ];
 
 /// Advisory lock keys (`pg_advisory_xact_lock`), arbitrary but fixed: every
@@ -418,6 +419,14 @@ impl Store for PgStore {
 
     async fn unfinished_uploads(&self, device_pk: i64) -> Result<u64, StoreError> {
         artifacts::unfinished_uploads(&self.client().await?, device_pk).await
+    }
+
+    async fn session_uploads(
+        &self,
+        session_pk: i64,
+        limit: u32,
+    ) -> Result<Vec<UploadRow>, StoreError> {
+        artifacts::session_uploads(&self.client().await?, session_pk, limit).await
     }
 
     async fn uploads_created_before(

@@ -6,7 +6,9 @@ use deadpool_postgres::GenericClient;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
-use crate::hub::store::{ArtifactRow, DeviceRow, LogRow, SessionRow, StoreError, UploadRow};
+use crate::hub::store::{
+    ArtifactRow, DeviceReport, DeviceRow, LogRow, SessionRow, StoreError, UploadRow,
+};
 use crate::wire::Level;
 
 pub(super) fn level_of(code: i64) -> Level {
@@ -93,7 +95,8 @@ pub(super) fn upload_row(r: &Row) -> UploadRow {
     }
 }
 
-pub(super) const DEVICE_COLUMNS: &str = "pk, device_id, name, last_seen_ns, skew_ns";
+pub(super) const DEVICE_COLUMNS: &str = "pk, device_id, name, last_seen_ns, skew_ns, \
+     agent_version, buffer_bytes, buffer_max_bytes, dropped, reported_at_ns";
 
 pub(super) fn device_row(r: &Row) -> DeviceRow {
     DeviceRow {
@@ -102,6 +105,7 @@ pub(super) fn device_row(r: &Row) -> DeviceRow {
         name: r.get(2),
         last_seen_ns: r.get(3),
         skew_ns: r.get(4),
+        report: DeviceReport::from_columns(r.get(5), r.get(6), r.get(7), r.get(8), r.get(9)),
     }
 }
 

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use rusqlite::{params, OptionalExtension, Transaction};
 
 use super::{now_ns, Db};
-use crate::hub::store::{DeviceScope, Ingested, LogRow, StoreError};
+use crate::hub::store::{dropped_text, DeviceScope, Ingested, LogRow, StoreError};
 use crate::wire::{Batch, SessionState};
 
 impl Db {
@@ -38,6 +38,21 @@ impl Db {
                 ],
                 |r| r.get(0),
             )?;
+            if let Some(a) = &batch.agent {
+                tx.prepare_cached(
+                    "UPDATE devices SET agent_version = ?1, buffer_bytes = ?2,
+                       buffer_max_bytes = ?3, dropped = ?4, reported_at_ns = ?5
+                     WHERE pk = ?6",
+                )?
+                .execute(params![
+                    a.version,
+                    a.buffer_bytes as i64,
+                    a.buffer_max_bytes as i64,
+                    dropped_text(&a.dropped),
+                    hub_time,
+                    device_pk
+                ])?;
+            }
             let mut ing = Ingest {
                 tx,
                 scope,

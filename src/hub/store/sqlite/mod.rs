@@ -37,7 +37,8 @@ const MIGRATIONS: &[&str] = &[
     include_str!("002_marks.sql"),
     include_str!("003_signins.sql"),
     include_str!("004_leases.sql"),
-    include_str!("008_first_errors.sql"),
+    include_str!("005_agent_reports.sql"),
+    include_str!("006_first_errors.sql"),
 ];
 
 /// Reader connections kept open between requests.
@@ -414,6 +415,15 @@ impl Store for SqliteStore {
 
     async fn unfinished_uploads(&self, device_pk: i64) -> Result<u64, StoreError> {
         self.run(move |db| db.unfinished_uploads(device_pk)).await
+    }
+
+    async fn session_uploads(
+        &self,
+        session_pk: i64,
+        limit: u32,
+    ) -> Result<Vec<UploadRow>, StoreError> {
+        self.run(move |db| db.session_uploads(session_pk, limit))
+            .await
     }
 
     async fn uploads_created_before(

@@ -6,7 +6,7 @@ use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension};
 
 use super::level_of;
-use crate::hub::store::{ArtifactRow, DeviceRow, LogRow, SessionRow, UploadRow};
+use crate::hub::store::{ArtifactRow, DeviceReport, DeviceRow, LogRow, SessionRow, UploadRow};
 
 /// `SELECT` columns for a [`LogRow`], in the order `log_row` reads them.
 pub(super) const LOG_COLUMNS: &str =
@@ -84,6 +84,9 @@ pub(super) fn upload_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<UploadRow> {
     })
 }
 
+pub(super) const DEVICE_COLUMNS: &str = "pk, device_id, name, last_seen_ns, skew_ns, \
+     agent_version, buffer_bytes, buffer_max_bytes, dropped, reported_at_ns";
+
 pub(super) fn device_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRow> {
     Ok(DeviceRow {
         pk: r.get(0)?,
@@ -91,6 +94,7 @@ pub(super) fn device_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRow> {
         name: r.get(2)?,
         last_seen_ns: r.get(3)?,
         skew_ns: r.get(4)?,
+        report: DeviceReport::from_columns(r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?),
     })
 }
 

@@ -4,7 +4,9 @@
 
 use rusqlite::{params, OptionalExtension};
 
-use super::rows::{device_row, session_pk, session_row, tags_of, Where, SESSION_COLUMNS};
+use super::rows::{
+    device_row, session_pk, session_row, tags_of, Where, DEVICE_COLUMNS, SESSION_COLUMNS,
+};
 use super::{level_of, Db};
 use crate::hub::store::{
     like_pattern, Deleted, DeviceRow, GapRow, SessionCursor, SessionPage, SessionQuery, SessionRow,
@@ -266,10 +268,10 @@ impl Db {
 
     pub fn list_devices(&self, org: &str, project: &str) -> Result<Vec<DeviceRow>, StoreError> {
         self.read(|c| {
-            let mut st = c.prepare_cached(
-                "SELECT pk, device_id, name, last_seen_ns, skew_ns FROM devices
-                 WHERE org = ?1 AND project = ?2 ORDER BY device_id",
-            )?;
+            let mut st = c.prepare_cached(&format!(
+                "SELECT {DEVICE_COLUMNS} FROM devices
+                 WHERE org = ?1 AND project = ?2 ORDER BY device_id"
+            ))?;
             let rows = st
                 .query_map([org, project], device_row)?
                 .collect::<Result<_, _>>()?;
@@ -284,10 +286,10 @@ impl Db {
         device_id: &str,
     ) -> Result<Option<DeviceRow>, StoreError> {
         self.read(|c| {
-            Ok(c.prepare_cached(
-                "SELECT pk, device_id, name, last_seen_ns, skew_ns FROM devices
-                 WHERE org = ?1 AND project = ?2 AND device_id = ?3",
-            )?
+            Ok(c.prepare_cached(&format!(
+                "SELECT {DEVICE_COLUMNS} FROM devices
+                 WHERE org = ?1 AND project = ?2 AND device_id = ?3"
+            ))?
             .query_row([org, project, device_id], device_row)
             .optional()?)
         })

@@ -71,7 +71,7 @@ async fn a_deleted_session_leaves_nothing_in_the_full_text_index() {
 }
 
 /// A session's first errors are read from the partial index of error rows
-/// (migration 008), never by walking all of the session's records.
+/// (migration 6), never by walking all of the session's records.
 #[test]
 fn first_errors_read_only_the_error_index() {
     let dir = tempfile::tempdir().unwrap();

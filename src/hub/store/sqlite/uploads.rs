@@ -74,6 +74,24 @@ impl Db {
         })
     }
 
+    /// Up to `limit` unfinished uploads of a session, by path.
+    pub fn session_uploads(
+        &self,
+        session_pk: i64,
+        limit: u32,
+    ) -> Result<Vec<UploadRow>, StoreError> {
+        self.read(|c| {
+            let mut st = c.prepare_cached(&format!(
+                "SELECT {UPLOAD_COLUMNS} FROM uploads WHERE session_pk = ?1
+                 ORDER BY path, created_at_ns LIMIT ?2"
+            ))?;
+            let rows = st
+                .query_map(params![session_pk, limit], upload_row)?
+                .collect::<Result<_, _>>()?;
+            Ok(rows)
+        })
+    }
+
     /// Up to `limit` unfinished uploads created before `before_ns`, oldest
     /// first and after `(created_at_ns, id)` cursor `after` when given: the
     /// candidates for expiry, a page at a time.

@@ -1,5 +1,4 @@
--- Migration 008 (numbered by the project's plan; it runs after every
--- migration before it in MIGRATIONS): the first error of each module of a
+-- Migration 6: the first error of each module of a
 -- session, for the session timeline (README "Session timeline"), reads
 -- only the session's error and fatal rows, not all of its records. A
 -- partial index: records below error level cost ingest nothing.

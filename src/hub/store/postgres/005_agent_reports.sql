@@ -1,0 +1,13 @@
+-- Migration 5: what each device's agent last reported about itself (a v4
+-- batch's `AgentReport`, README "Devices"): its version, its ring
+-- buffer's fill and bound, and the records it dropped since it started,
+-- by reason (a JSON object, reason to count). NULL until a report
+-- arrives: an agent that sends v3 or older never reports.
+ALTER TABLE devices ADD COLUMN agent_version text;
+ALTER TABLE devices ADD COLUMN buffer_bytes bigint;
+ALTER TABLE devices ADD COLUMN buffer_max_bytes bigint;
+ALTER TABLE devices ADD COLUMN dropped text;
+ALTER TABLE devices ADD COLUMN reported_at_ns bigint;
+
+-- The session screen lists a session's uploads in progress.
+CREATE INDEX uploads_session ON uploads (session_pk);
