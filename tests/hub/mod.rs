@@ -5,10 +5,12 @@
 mod api;
 mod console;
 mod export;
+mod fleet;
 mod interop;
 mod live;
 mod postgres;
 mod refusals;
+mod replicas;
 mod uploads;
 mod versions;
 

@@ -28,6 +28,7 @@ mod artifacts;
 mod ingest;
 mod logs;
 mod marks;
+mod notify;
 mod partitions;
 mod rows;
 mod sessions;
@@ -105,6 +106,13 @@ pub struct PgStore {
     pool: Pool,
     /// Month partitions of `logs` known to exist (by their first ns).
     partitions: Mutex<HashSet<i64>>,
+    /// What the live fan-out's own connection connects with.
+    config: tokio_postgres::Config,
+    /// The database in messages (no password).
+    what: String,
+    /// This process among the replicas: its notifications carry it, so it
+    /// does not wake its streams twice for its own commits.
+    origin: String,
 }
 
 impl PgStore {
@@ -124,9 +132,10 @@ impl PgStore {
         };
         let mut config: tokio_postgres::Config = url.parse().map_err(|e| open_err(cause(&e)))?;
         config.connect_timeout(Duration::from_secs(10));
+        config.keepalives_idle(Duration::from_secs(30));
         config.application_name("logbook-hub");
         let manager = Manager::from_config(
-            config,
+            config.clone(),
             tokio_postgres::NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -141,6 +150,9 @@ impl PgStore {
         Ok(PgStore {
             pool,
             partitions: Mutex::new(HashSet::new()),
+            config,
+            what: redact(url),
+            origin: format!("{:016x}", rand::random::<u64>()),
         })
     }
 
@@ -250,7 +262,7 @@ impl Store for PgStore {
             batch.records.iter().map(|r| r.timestamp_ns),
         )
         .await?;
-        ingest::ingest(&mut client, scope, &batch, want_live).await
+        ingest::ingest(&mut client, scope, &batch, want_live, &self.origin).await
     }
 
     async fn session_for_device(
@@ -449,5 +461,24 @@ impl Store for PgStore {
 
     async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
         artifacts::release_lease(&self.client().await?, name, holder).await
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    async fn follow_commits(
+        &self,
+        heard: Box<dyn Fn(super::Heard) + Send + Sync>,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        notify::follow(
+            self.config.clone(),
+            self.what.clone(),
+            self.origin.clone(),
+            heard,
+            stop,
+        )
+        .await
     }
 }
