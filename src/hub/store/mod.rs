@@ -28,9 +28,10 @@ pub type BackendError = Box<dyn std::error::Error + Send + Sync>;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database cannot be opened (`what` names it: a path or a URL
-    /// without its password).
-    #[error("database {what}: {source}")]
-    Open { what: String, source: BackendError },
+    /// without its password). `reason` is shown in the message, and is not
+    /// a `source`, so the one-line error says it once.
+    #[error("database {what}: {reason}")]
+    Open { what: String, reason: BackendError },
     #[error(
         "database {what} has schema version {found}, newer than this logbook-hub understands ({known}); upgrade logbook-hub"
     )]

@@ -97,6 +97,15 @@ fn cause(e: &(dyn std::error::Error + 'static)) -> String {
     parts.join(": ")
 }
 
+/// [`cause`] of a pool's failure to connect, without the pool's own
+/// wrapping ("Error occurred while creating a new object").
+fn pool_cause(e: &deadpool_postgres::PoolError) -> String {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => cause(e),
+        other => cause(other),
+    }
+}
+
 pub(super) fn now_ns() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64
 }
@@ -126,9 +135,9 @@ impl PgStore {
 
     /// A pool for `url`; no connection is made yet.
     fn connect(url: &str) -> Result<PgStore, StoreError> {
-        let open_err = |source: String| StoreError::Open {
+        let open_err = |reason: String| StoreError::Open {
             what: redact(url),
-            source: source.into(),
+            reason: reason.into(),
         };
         let mut config: tokio_postgres::Config = url.parse().map_err(|e| open_err(cause(&e)))?;
         config.connect_timeout(Duration::from_secs(10));
@@ -163,7 +172,7 @@ impl PgStore {
     async fn migrate(&self, url: &str) -> Result<i64, StoreError> {
         let mut client = self.pool.get().await.map_err(|e| StoreError::Open {
             what: redact(url),
-            source: cause(&e).into(),
+            reason: pool_cause(&e).into(),
         })?;
         let tx = client.transaction().await?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATE_LOCK])
