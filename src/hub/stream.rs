@@ -15,6 +15,13 @@
 //! larger of that N and the last non-tail `id` it got misses nothing and
 //! gets nothing twice.
 //!
+//! On a store several replicas write (PostgreSQL), the broadcast carries
+//! no records, only which streams a commit changed (`LiveEvent::Changed`,
+//! from this replica's ingest or another's, heard through
+//! `Store::follow_commits`) or that any may be behind (`LiveEvent::Resync`):
+//! a stream so woken reads the store after the id it covered, once for all
+//! the wakes queued behind it (README "Running the hub for a fleet").
+//!
 //! Invariant: a stream subscribes before it reads the database, and skips
 //! live records up to the id it has covered, so
 //! nothing committed during connection setup is lost or repeated. A
