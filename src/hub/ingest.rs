@@ -22,7 +22,7 @@ use super::config::Limits;
 use super::error::ApiError;
 use super::metrics::Metrics;
 use super::{Hub, LiveEvent};
-use crate::wire::{error_code, Batch, SessionStatus, WireError, CONTENT_TYPE_MSGPACK};
+use crate::wire::{error_code, Batch, WireError, CONTENT_TYPE_MSGPACK};
 
 /// Longest device id, module, process name, tag, package name or reason.
 pub const MAX_NAME_BYTES: usize = 256;
@@ -252,7 +252,10 @@ pub async fn post_batch(
     })
     .await?;
     let batch = checked.map_err(|(e, reason)| reject(reason, e))?;
-    let want_live = hub.live.receiver_count() > 0;
+    let streams = hub.live.receiver_count() > 0;
+    // Copies of the records only for a store this process alone writes;
+    // on a shared one, streams read them from the store (`LiveEvent`).
+    let want_live = streams && !hub.shared;
     let batch = Arc::new(batch);
     let ingested = hub
         .store
@@ -270,17 +273,20 @@ pub async fn post_batch(
     Metrics::add(&m.batches, 1);
     Metrics::add(&m.records_stored, ingested.ack.stored);
     Metrics::add(&m.records_duplicate, ingested.ack.duplicates);
-    let ended: Vec<i64> = ingested
-        .changed_sessions
-        .iter()
-        .filter(|(_, st)| *st != SessionStatus::Active)
-        .map(|(pk, _)| *pk)
-        .collect();
-    if want_live && (!ingested.live.is_empty() || !ended.is_empty()) {
-        // No receivers left is fine: nobody is watching.
-        let _ = hub.live.send(Arc::new(LiveEvent {
+    // No receivers left is fine: nobody is watching.
+    if hub.shared {
+        // This replica's streams at once; the others through the store's
+        // notification, which carries this process's origin so it is not
+        // heard twice here.
+        if streams && !ingested.changed.is_empty() {
+            let _ = hub
+                .live
+                .send(Arc::new(LiveEvent::Changed(ingested.changed)));
+        }
+    } else if want_live && (!ingested.live.is_empty() || !ingested.changed.ended.is_empty()) {
+        let _ = hub.live.send(Arc::new(LiveEvent::Stored {
             records: ingested.live,
-            ended,
+            ended: ingested.changed.ended,
         }));
     }
     tracing::debug!(

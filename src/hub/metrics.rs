@@ -29,6 +29,10 @@ pub struct Metrics {
     /// Times a live stream fell behind the broadcast and read what it
     /// missed back from the database.
     pub stream_catch_ups: AtomicU64,
+    /// Commits of other replicas heard (a shared store only).
+    pub live_heard: AtomicU64,
+    /// Times the replicas' feed was (re)established.
+    pub live_resyncs: AtomicU64,
     rejects: Mutex<BTreeMap<&'static str, u64>>,
 }
 
@@ -99,6 +103,16 @@ impl Metrics {
                 "logbook_hub_stream_catch_ups_total",
                 "Times a live stream fell behind and read what it missed from the database.",
                 &self.stream_catch_ups,
+            ),
+            (
+                "logbook_hub_live_heard_total",
+                "Commits of other replicas heard by the live fan-out.",
+                &self.live_heard,
+            ),
+            (
+                "logbook_hub_live_resyncs_total",
+                "Times the live fan-out's feed was (re)established and every stream read what it missed.",
+                &self.live_resyncs,
             ),
         ] {
             t.counter(name, help, counter.load(Relaxed));
@@ -195,6 +209,18 @@ mod tests {
             (
                 "stream_catch_ups_total",
                 "Times a live stream fell behind and read what it missed from the database.",
+                "counter",
+                "0",
+            ),
+            (
+                "live_heard_total",
+                "Commits of other replicas heard by the live fan-out.",
+                "counter",
+                "0",
+            ),
+            (
+                "live_resyncs_total",
+                "Times the live fan-out's feed was (re)established and every stream read what it missed.",
                 "counter",
                 "0",
             ),

@@ -57,12 +57,22 @@ pub enum HubError {
     Serve(std::io::Error),
 }
 
-/// What one ingest transaction made visible, for live streams.
+/// What live streams hear of commits (see `stream`).
 #[derive(Debug)]
-pub(crate) struct LiveEvent {
-    pub records: Vec<LogRow>,
-    /// Sessions that just left `active` (streams of them end).
-    pub ended: Vec<i64>,
+pub(crate) enum LiveEvent {
+    /// One ingest transaction of this process, on a store only it writes:
+    /// its records, sent on as they are.
+    Stored {
+        records: Vec<LogRow>,
+        /// Sessions that just left `active` (streams of them end).
+        ended: Vec<i64>,
+    },
+    /// A commit on a shared store, by this replica or another: the streams
+    /// it names read the store after the id they covered.
+    Changed(store::Changed),
+    /// The replicas' feed was (re)established: anything may have been
+    /// committed unheard, so every stream reads the store.
+    Resync,
 }
 
 /// Shared state of a running hub.
@@ -71,6 +81,9 @@ pub(crate) struct Hub {
     pub config: HubConfig,
     pub blobs: Arc<dyn blobs::Blobs>,
     pub live: broadcast::Sender<Arc<LiveEvent>>,
+    /// Whether other replicas write the store too (`Store::shared`): live
+    /// streams then read records from the store when woken.
+    pub shared: bool,
     pub metrics: metrics::Metrics,
     pub streams: Arc<Semaphore>,
     pub shutdown: CancellationToken,
@@ -84,6 +97,7 @@ impl Hub {
     fn new(config: HubConfig, store: Arc<dyn Store>, blobs: Arc<dyn blobs::Blobs>) -> Arc<Hub> {
         let (live, _) = broadcast::channel(1024);
         Arc::new(Hub {
+            shared: store.shared(),
             store,
             streams: Arc::new(Semaphore::new(config.max_streams)),
             config,
@@ -222,6 +236,9 @@ async fn serve_hub(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), HubError> {
     let sweeper = hub.tasks.spawn(tus::expire_periodically(hub.clone()));
+    if hub.shared {
+        hub.tasks.spawn(follow_replicas(hub.clone()));
+    }
     let cancel = hub.shutdown.clone();
     let served = axum::serve(listener, router(hub.clone()))
         .with_graceful_shutdown(async move {
@@ -240,6 +257,35 @@ async fn serve_hub(
     served.map_err(HubError::Serve)?;
     tracing::info!("logbook-hub stopped");
     Ok(())
+}
+
+/// The live fan-out across replicas (README "Running the hub for a
+/// fleet"): until shutdown, what other replicas commit wakes this
+/// process's live streams, through the one broadcast they listen on.
+async fn follow_replicas(hub: Arc<Hub>) {
+    let live = hub.live.clone();
+    let weak = Arc::downgrade(&hub);
+    let heard = move |h: store::Heard| {
+        let event = match h {
+            store::Heard::Changed(c) => LiveEvent::Changed(c),
+            store::Heard::Resync => LiveEvent::Resync,
+        };
+        if let Some(hub) = weak.upgrade() {
+            let m = &hub.metrics;
+            match event {
+                LiveEvent::Resync => metrics::Metrics::add(&m.live_resyncs, 1),
+                _ => metrics::Metrics::add(&m.live_heard, 1),
+            }
+        }
+        // Never waits: a stream that falls behind the broadcast reads
+        // what it missed from the store. Nobody listening is fine too.
+        if live.receiver_count() > 0 {
+            let _ = live.send(Arc::new(event));
+        }
+    };
+    hub.store
+        .follow_commits(Box::new(heard), hub.shutdown.clone())
+        .await;
 }
 
 /// Every route of the hub. ARCHITECTURE.md's route table mirrors this.

@@ -15,6 +15,13 @@
 //! larger of that N and the last non-tail `id` it got misses nothing and
 //! gets nothing twice.
 //!
+//! On a store several replicas write (PostgreSQL), the broadcast carries
+//! no records, only which streams a commit changed (`LiveEvent::Changed`,
+//! from this replica's ingest or another's, heard through
+//! `Store::follow_commits`) or that any may be behind (`LiveEvent::Resync`):
+//! a stream so woken reads the store after the id it covered, once for all
+//! the wakes queued behind it (README "Running the hub for a fleet").
+//!
 //! Invariant: a stream subscribes before it reads the database, and skips
 //! live records up to the id it has covered, so
 //! nothing committed during connection setup is lost or repeated. A
@@ -33,13 +40,13 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
 use super::api::{self, log_item, param, Params};
 use super::auth;
 use super::error::ApiError;
 use super::store::{LogQuery, LogRow, LogScope};
-use super::Hub;
+use super::{Hub, LiveEvent};
 
 /// Most records a client may ask to replay before the live stream.
 pub const MAX_TAIL: u64 = 1000;
@@ -281,20 +288,47 @@ async fn run(
             }
             event = live.recv() => match event {
                 Ok(ev) => {
-                    for r in ev.records.iter().filter(|r| in_scope(scope, r)) {
-                        if through.is_some_and(|t| r.id <= t) {
+                    let wake = match &*ev {
+                        LiveEvent::Stored { records, ended } => {
+                            for r in records.iter().filter(|r| in_scope(scope, r)) {
+                                if through.is_some_and(|t| r.id <= t) {
+                                    continue;
+                                }
+                                if matches(&q, r) {
+                                    socket.send(text(r, false)).await?;
+                                }
+                                if let Some(t) = &mut through {
+                                    *t = r.id;
+                                }
+                            }
+                            if matches!(scope, LogScope::Session(pk) if ended.contains(&pk)) {
+                                return finish(hub, socket, scope, &q, through, "session ended").await;
+                            }
                             continue;
                         }
-                        if matches(&q, r) {
-                            socket.send(text(r, false)).await?;
-                        }
-                        if let Some(t) = &mut through {
-                            *t = r.id;
+                        other => Wake::of(other, scope),
+                    };
+                    // A shared store: one read from the store covers this
+                    // wake and every one already queued behind it.
+                    let mut wake = wake;
+                    loop {
+                        match live.try_recv() {
+                            Ok(ev) => wake.add(Wake::of(&ev, scope)),
+                            Err(TryRecvError::Lagged(_)) => wake.add(Wake::of(&LiveEvent::Resync, scope)),
+                            Err(TryRecvError::Empty | TryRecvError::Closed) => break,
                         }
                     }
-                    if matches!(scope, LogScope::Session(pk) if ev.ended.contains(&pk)) {
+                    if wake.is_none() {
+                        continue;
+                    }
+                    let Some(t) = through else {
+                        // The tail was unreadable: nothing to read after.
+                        return close(socket, "the hub could not read this stream's logs; reconnect").await;
+                    };
+                    if wake.ends || (wake.maybe_ended && ended(hub, scope).await) {
                         return finish(hub, socket, scope, &q, through, "session ended").await;
                     }
+                    through = Some(catch_up(hub, &mut socket, scope, &q, t).await?);
                 }
                 Err(RecvError::Lagged(missed)) => match through {
                     // Read back what the broadcast dropped, at this
@@ -322,6 +356,45 @@ async fn run(
                 Some(Ok(_)) => {}
             },
         }
+    }
+}
+
+/// What wake-ups on a shared store ask of one stream.
+#[derive(Default)]
+struct Wake {
+    /// It has new records to read.
+    behind: bool,
+    /// Its session ended.
+    ends: bool,
+    /// Its session may have ended unheard (after a resync).
+    maybe_ended: bool,
+}
+
+impl Wake {
+    fn of(ev: &LiveEvent, scope: LogScope) -> Wake {
+        match ev {
+            LiveEvent::Changed(c) => Wake {
+                behind: c.touches(scope),
+                ends: c.ends(scope),
+                maybe_ended: false,
+            },
+            // Records of this process's own store are in the store too.
+            LiveEvent::Stored { .. } | LiveEvent::Resync => Wake {
+                behind: true,
+                ends: false,
+                maybe_ended: true,
+            },
+        }
+    }
+
+    fn add(&mut self, other: Wake) {
+        self.behind |= other.behind;
+        self.ends |= other.ends;
+        self.maybe_ended |= other.maybe_ended;
+    }
+
+    fn is_none(&self) -> bool {
+        !(self.behind || self.ends || self.maybe_ended)
     }
 }
 

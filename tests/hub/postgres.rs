@@ -223,3 +223,100 @@ fn an_agent_syncs_through_a_hub_on_postgres() {
     assert_exact_seqs(&hub_logs(&hub, &format!("/sessions/{id}/logs")), 1..=25);
     wait_synced(&agent, Duration::from_secs(10));
 }
+
+/// `logbook-hub serve` on `env`'s storage: it must stop (within a bound)
+/// with a failure; its stderr.
+fn serve_refused(name: &str, env: &[(&str, &str)]) -> String {
+    let dir = crate::util::TestDir::new(name);
+    let child = Command::new(crate::util::bin("logbook-hub"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.join("data"))
+        .env_remove("LOGBOOK_STORAGE_DATABASE")
+        .env_remove("LOGBOOK_STORAGE_BLOBS")
+        .env("LOGBOOK_LOG", "error")
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = crate::util::KillOnDrop(child);
+    let status = crate::util::wait_for(
+        "logbook-hub serve to refuse its storage",
+        Duration::from_secs(60),
+        || child.0.try_wait().unwrap(),
+    );
+    assert!(!status.success(), "{name}: serve exited 0");
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.0.stderr.take().unwrap(), &mut err).unwrap();
+    err
+}
+
+/// Bad storage configuration stops `serve` with one line that says what
+/// to fix, and never the password: an unreachable database, wrong
+/// credentials, a schema newer than the binary, a missing bucket.
+#[test]
+fn serve_refuses_bad_storage_in_one_line() {
+    let test = "hub::postgres::serve_refuses_bad_storage";
+    let Some(url) = testdb::fresh_database(test) else {
+        return;
+    };
+    let port = testdb::cluster_port(test).unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // A database a newer hub migrated.
+    let out = migrate(&[("LOGBOOK_STORAGE_DATABASE", &url)]);
+    assert!(out.status.success(), "{out:?}");
+    testdb::psql(&url, "INSERT INTO logbook_schema (version) VALUES (99)");
+    let wrong_password = format!(
+        "postgres://{}:wrong@127.0.0.1:{port}/postgres",
+        testdb::PASSWORD_ROLE
+    );
+    let unreachable = format!("postgres://hub:wrong@127.0.0.1:{closed}/logbook");
+    let cases = [
+        (
+            "hub_serve_unreachable",
+            unreachable.as_str(),
+            format!("logbook-hub: database postgres://hub:***@127.0.0.1:{closed}/logbook: error connecting to server: Connection refused"),
+        ),
+        (
+            "hub_serve_wrong_password",
+            wrong_password.as_str(),
+            format!(
+                "logbook-hub: database postgres://{}:***@127.0.0.1:{port}/postgres: db error: FATAL: password authentication failed for user \"{}\"",
+                testdb::PASSWORD_ROLE,
+                testdb::PASSWORD_ROLE
+            ),
+        ),
+        (
+            "hub_serve_newer_schema",
+            url.as_str(),
+            format!(
+                "logbook-hub: database {url} has schema version 99, newer than this logbook-hub understands"
+            ),
+        ),
+    ];
+    for (name, db, want) in &cases {
+        let err = serve_refused(name, &[("LOGBOOK_STORAGE_DATABASE", db)]);
+        assert_eq!(err.lines().count(), 1, "{name}: {err}");
+        assert!(err.starts_with(want.as_str()), "{name}: {err}");
+        assert!(!err.contains("wrong"), "{name}: password shown: {err}");
+    }
+    // The same for the bucket, on a reachable S3 server.
+    let Some(bucket) = testbucket::fresh_bucket(test) else {
+        return;
+    };
+    let env: Vec<(&str, String)> = bucket.env();
+    let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    env.push(("LOGBOOK_STORAGE_BLOBS", "s3://no-such-bucket/hub"));
+    let err = serve_refused("hub_serve_no_bucket", &env);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with(
+            "logbook-hub: storage.blobs s3://no-such-bucket/hub: the bucket does not exist"
+        ),
+        "{err}"
+    );
+}

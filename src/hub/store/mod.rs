@@ -12,6 +12,8 @@
 
 use std::sync::Arc;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::wire::{AgentReport, Batch, BatchAck, Level, SessionStatus};
 
 mod postgres;
@@ -26,9 +28,10 @@ pub type BackendError = Box<dyn std::error::Error + Send + Sync>;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database cannot be opened (`what` names it: a path or a URL
-    /// without its password).
-    #[error("database {what}: {source}")]
-    Open { what: String, source: BackendError },
+    /// without its password). `reason` is shown in the message, and is not
+    /// a `source`, so the one-line error says it once.
+    #[error("database {what}: {reason}")]
+    Open { what: String, reason: BackendError },
     #[error(
         "database {what} has schema version {found}, newer than this logbook-hub understands ({known}); upgrade logbook-hub"
     )]
@@ -299,6 +302,72 @@ pub trait Store: Send + Sync {
 
     /// Gives lease `name` back, if `holder` still holds it.
     async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError>;
+
+    // ----- live fan-out (README "Running the hub for a fleet") -----
+
+    /// Whether other hub processes may write this store (replicas on one
+    /// PostgreSQL database): live streams then learn of commits from
+    /// [`Store::follow_commits`] and read the records from the store, not
+    /// from this process's [`Ingested::live`].
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// Until `stop`, hands `heard` what each batch another hub process
+    /// commits changed ([`Heard::Changed`]), and [`Heard::Resync`] each
+    /// time the feed is (re)established, when anything may have been
+    /// committed unheard. Keeps one connection of its own, reconnecting
+    /// with a backoff; `heard` must not block. Returns at once for a store
+    /// only this process writes.
+    async fn follow_commits(
+        &self,
+        heard: Box<dyn Fn(Heard) + Send + Sync>,
+        stop: CancellationToken,
+    ) {
+        let _ = (heard, stop);
+    }
+}
+
+/// What one committed batch changed for live streams, as every replica
+/// hears of it: row ids only, never the records themselves (they are read
+/// from the store, after the id a stream covered).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Changed {
+    /// Sessions that got new records.
+    pub sessions: Vec<i64>,
+    /// Devices that got new records outside any session.
+    pub devices: Vec<i64>,
+    /// Sessions that left `active`.
+    pub ended: Vec<i64>,
+}
+
+impl Changed {
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty() && self.devices.is_empty() && self.ended.is_empty()
+    }
+
+    /// Whether the stream of `scope` has new records to read.
+    pub fn touches(&self, scope: LogScope) -> bool {
+        match scope {
+            LogScope::Session(pk) => self.sessions.contains(&pk),
+            LogScope::Device(pk) => self.devices.contains(&pk),
+        }
+    }
+
+    /// Whether the stream of `scope` ends (its session left `active`).
+    pub fn ends(&self, scope: LogScope) -> bool {
+        matches!(scope, LogScope::Session(pk) if self.ended.contains(&pk))
+    }
+}
+
+/// What [`Store::follow_commits`] hears.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Heard {
+    /// A batch another hub process committed.
+    Changed(Changed),
+    /// The feed was (re)established, or a commit was too large to name:
+    /// every stream may be behind.
+    Resync,
 }
 
 /// What a token allows.
@@ -409,6 +478,9 @@ pub struct Ingested {
     pub live: Vec<LogRow>,
     /// Sessions whose state changed (pk, new status).
     pub changed_sessions: Vec<(i64, SessionStatus)>,
+    /// Which streams the batch changed, whether or not `live` was asked
+    /// for (the wake a shared store's replicas act on).
+    pub changed: Changed,
 }
 
 impl Ingested {
@@ -433,6 +505,14 @@ impl Ingested {
                 hub_time_ns,
             },
             live,
+            changed: Changed {
+                ended: changed_sessions
+                    .iter()
+                    .filter(|(_, st)| *st != SessionStatus::Active)
+                    .map(|(pk, _)| *pk)
+                    .collect(),
+                ..Changed::default()
+            },
             changed_sessions,
         }
     }

@@ -15,7 +15,7 @@ use deadpool_postgres::{GenericClient, Transaction};
 use futures_util::future::try_join_all;
 use tokio_postgres::types::ToSql;
 
-use super::{now_ns, INGEST_LOCK};
+use super::{notify, now_ns, INGEST_LOCK};
 use crate::hub::store::{dropped_text, DeviceScope, Ingested, LogRow, StoreError};
 use crate::wire::{Batch, SessionState};
 
@@ -68,6 +68,7 @@ pub(super) async fn ingest(
     scope: &DeviceScope,
     batch: &Batch,
     want_live: bool,
+    origin: &str,
 ) -> Result<Ingested, StoreError> {
     let hub_time = now_ns();
     let tx = client.transaction().await?;
@@ -183,12 +184,14 @@ pub(super) async fn ingest(
     let mut live = Vec::new();
     // Per session: level counts and the last new row id.
     let mut touched: HashMap<i64, ([i64; 6], i64)> = HashMap::new();
+    let mut device_records = false;
     for ((rec, session_pk), id) in wanted.iter().zip(ids) {
         let Some(id) = id.map(|r| r.get::<_, i64>(0)) else {
             duplicates += 1;
             continue;
         };
         stored += 1;
+        device_records |= session_pk.is_none();
         if let Some(pk) = *session_pk {
             let t = touched.entry(pk).or_insert(([0; 6], id));
             t.0[rec.level.code() as usize] += 1;
@@ -273,8 +276,7 @@ pub(super) async fn ingest(
         )
         .await?;
     }
-    tx.commit().await?;
-    Ok(Ingested::committed(
+    let mut ingested = Ingested::committed(
         batch,
         stored,
         duplicates,
@@ -282,7 +284,22 @@ pub(super) async fn ingest(
         hub_time,
         live,
         changed_sessions,
-    ))
+    );
+    ingested.changed.sessions = touched.keys().copied().collect();
+    if device_records {
+        ingested.changed.devices.push(device_pk);
+    }
+    // Every replica's live streams hear of the commit: PostgreSQL delivers
+    // a notification at commit and only then, in commit order.
+    if !ingested.changed.is_empty() {
+        tx.execute(
+            "SELECT pg_notify($1, $2)",
+            &[&notify::CHANNEL, &notify::encode(origin, &ingested.changed)],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(ingested)
 }
 
 /// The session of a device, made as a placeholder if the device's state

@@ -28,6 +28,7 @@ mod artifacts;
 mod ingest;
 mod logs;
 mod marks;
+mod notify;
 mod partitions;
 mod rows;
 mod sessions;
@@ -98,6 +99,15 @@ fn cause(e: &(dyn std::error::Error + 'static)) -> String {
     parts.join(": ")
 }
 
+/// [`cause`] of a pool's failure to connect, without the pool's own
+/// wrapping ("Error occurred while creating a new object").
+fn pool_cause(e: &deadpool_postgres::PoolError) -> String {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => cause(e),
+        other => cause(other),
+    }
+}
+
 pub(super) fn now_ns() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64
 }
@@ -107,6 +117,13 @@ pub struct PgStore {
     pool: Pool,
     /// Month partitions of `logs` known to exist (by their first ns).
     partitions: Mutex<HashSet<i64>>,
+    /// What the live fan-out's own connection connects with.
+    config: tokio_postgres::Config,
+    /// The database in messages (no password).
+    what: String,
+    /// This process among the replicas: its notifications carry it, so it
+    /// does not wake its streams twice for its own commits.
+    origin: String,
 }
 
 impl PgStore {
@@ -120,15 +137,16 @@ impl PgStore {
 
     /// A pool for `url`; no connection is made yet.
     fn connect(url: &str) -> Result<PgStore, StoreError> {
-        let open_err = |source: String| StoreError::Open {
+        let open_err = |reason: String| StoreError::Open {
             what: redact(url),
-            source: source.into(),
+            reason: reason.into(),
         };
         let mut config: tokio_postgres::Config = url.parse().map_err(|e| open_err(cause(&e)))?;
         config.connect_timeout(Duration::from_secs(10));
+        config.keepalives_idle(Duration::from_secs(30));
         config.application_name("logbook-hub");
         let manager = Manager::from_config(
-            config,
+            config.clone(),
             tokio_postgres::NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -143,6 +161,9 @@ impl PgStore {
         Ok(PgStore {
             pool,
             partitions: Mutex::new(HashSet::new()),
+            config,
+            what: redact(url),
+            origin: format!("{:016x}", rand::random::<u64>()),
         })
     }
 
@@ -153,7 +174,7 @@ impl PgStore {
     async fn migrate(&self, url: &str) -> Result<i64, StoreError> {
         let mut client = self.pool.get().await.map_err(|e| StoreError::Open {
             what: redact(url),
-            source: cause(&e).into(),
+            reason: pool_cause(&e).into(),
         })?;
         let tx = client.transaction().await?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATE_LOCK])
@@ -252,7 +273,7 @@ impl Store for PgStore {
             batch.records.iter().map(|r| r.timestamp_ns),
         )
         .await?;
-        ingest::ingest(&mut client, scope, &batch, want_live).await
+        ingest::ingest(&mut client, scope, &batch, want_live, &self.origin).await
     }
 
     async fn session_for_device(
@@ -463,5 +484,24 @@ impl Store for PgStore {
 
     async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
         artifacts::release_lease(&self.client().await?, name, holder).await
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    async fn follow_commits(
+        &self,
+        heard: Box<dyn Fn(super::Heard) + Send + Sync>,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        notify::follow(
+            self.config.clone(),
+            self.what.clone(),
+            self.origin.clone(),
+            heard,
+            stop,
+        )
+        .await
     }
 }

@@ -228,3 +228,19 @@ pub(crate) fn cluster_port(test: &str) -> Option<u16> {
     fresh_database(test)?;
     CLUSTER.get()?.as_ref().ok().map(|c| c.port)
 }
+
+/// Runs `sql` with psql on the database at `url` (as the `postgres`
+/// superuser); the unaligned output, or a panic with psql's error.
+pub(crate) fn psql(url: &str, sql: &str) -> String {
+    let bin = bin_dir().expect("PostgreSQL is installed");
+    let out = Command::new(bin.join("psql"))
+        .args(["-qAtX", "-d", url, "-c", sql])
+        .output()
+        .expect("run psql");
+    assert!(
+        out.status.success(),
+        "psql {sql:?}: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

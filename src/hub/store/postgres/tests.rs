@@ -175,3 +175,111 @@ async fn a_batch_sent_to_two_replicas_at_once_is_stored_once_and_acked_by_both()
     assert_eq!(x.acked, y.acked);
     assert_eq!(query_i64(&url, "SELECT count(*) FROM logs").await, 200);
 }
+
+/// The live fan-out: a commit on one store is heard by another store on
+/// the same database (never by its own), with the streams it changed; a
+/// cut listening connection comes back and says every stream may be behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_are_heard_by_the_other_replicas_and_a_cut_feed_resyncs() {
+    use crate::hub::store::{Changed, Heard};
+    use crate::wire::SessionStatus;
+    use tokio_util::sync::CancellationToken;
+
+    let Some(url) = fresh_database("postgres::commits_are_heard") else {
+        return;
+    };
+    let a = PgStore::open(&url).await.unwrap();
+    let b = std::sync::Arc::new(PgStore::open(&url).await.unwrap());
+    let stop = CancellationToken::new();
+    let follow = |store: std::sync::Arc<PgStore>| {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            store
+                .follow_commits(Box::new(move |h| tx.send(h).unwrap()), stop)
+                .await
+        });
+        rx
+    };
+    let mut heard_b = follow(b.clone());
+    assert_eq!(
+        heard_b.recv().await,
+        Some(Heard::Resync),
+        "listening starts"
+    );
+    // A's own commits are not heard back by A (it wakes its streams itself).
+    let a = std::sync::Arc::new(a);
+    let mut heard_a = follow(a.clone());
+    assert_eq!(heard_a.recv().await, Some(Heard::Resync));
+
+    let s = session_uuid(1);
+    let ing = a
+        .ingest(
+            &scope("robot-1"),
+            batch(
+                "robot-1",
+                vec![crate::hub::store::tests::state(
+                    s,
+                    1,
+                    SessionStatus::Active,
+                    &[],
+                )],
+                vec![
+                    rec(1, Some(s), Level::Info, "nav", "in a session"),
+                    rec(2, None, Level::Info, "boot", "outside"),
+                ],
+                vec![],
+            ),
+            false,
+        )
+        .await
+        .unwrap();
+    let Some(Heard::Changed(c)) = heard_b.recv().await else {
+        panic!("B hears A's commit");
+    };
+    assert_eq!(c, ing.changed);
+    assert_eq!(c.sessions.len(), 1);
+    assert_eq!(c.devices.len(), 1);
+    assert!(c.ended.is_empty());
+    let ended = a
+        .ingest(
+            &scope("robot-1"),
+            batch(
+                "robot-1",
+                vec![crate::hub::store::tests::state(
+                    s,
+                    2,
+                    SessionStatus::Completed,
+                    &[],
+                )],
+                vec![],
+                vec![],
+            ),
+            false,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        heard_b.recv().await,
+        Some(Heard::Changed(Changed {
+            ended: ended.changed.ended.clone(),
+            ..Changed::default()
+        }))
+    );
+    assert_eq!(ended.changed.ended, c.sessions);
+
+    // Both listeners cut: each comes back and resyncs.
+    let killed = super::testdb::psql(
+        &url,
+        &format!(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+             WHERE application_name = '{}' AND datname = current_database()",
+            super::notify::APPLICATION_NAME
+        ),
+    );
+    assert_eq!(killed.trim(), "2");
+    assert_eq!(heard_b.recv().await, Some(Heard::Resync));
+    assert_eq!(heard_a.recv().await, Some(Heard::Resync));
+    assert!(heard_a.try_recv().is_err(), "A never hears itself");
+    stop.cancel();
+}

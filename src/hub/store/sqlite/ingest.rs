@@ -71,6 +71,7 @@ impl Db {
             let mut live = Vec::new();
             // Per session: level counts and the range of new row ids.
             let mut touched: HashMap<i64, ([i64; 6], i64, i64)> = HashMap::new();
+            let mut device_records = false;
             {
                 let mut insert = tx.prepare_cached(
                     "INSERT INTO logs (device_pk, seq, session_pk, ts, level, module, message,
@@ -114,6 +115,7 @@ impl Db {
                     stored += 1;
                     let id = tx.last_insert_rowid();
                     fts.execute(params![id, rec.message])?;
+                    device_records |= session_pk.is_none();
                     if let Some(pk) = session_pk {
                         let t = touched.entry(pk).or_insert(([0; 6], id, id));
                         t.0[rec.level.code() as usize] += 1;
@@ -197,7 +199,7 @@ impl Db {
                     m.released
                 ])?;
             }
-            Ok(Ingested::committed(
+            let mut ingested = Ingested::committed(
                 batch,
                 stored,
                 duplicates,
@@ -205,7 +207,12 @@ impl Db {
                 hub_time,
                 live,
                 changed_sessions,
-            ))
+            );
+            ingested.changed.sessions = touched.keys().copied().collect();
+            if device_records {
+                ingested.changed.devices.push(device_pk);
+            }
+            Ok(ingested)
         })
     }
 

@@ -104,7 +104,7 @@ impl Db {
     pub fn open(path: &Path) -> Result<Db, StoreError> {
         let open_err = |source: rusqlite::Error| StoreError::Open {
             what: path.display().to_string(),
-            source: Box::new(source),
+            reason: Box::new(source),
         };
         let mut conn = Connection::open(path).map_err(open_err)?;
         pragmas(&conn).map_err(open_err)?;
