@@ -169,7 +169,8 @@ async fn serve(cfg: HubConfig) -> anyhow::Result<()> {
     std::fs::write(&tmp, format!("{addr}\n"))
         .and_then(|()| std::fs::rename(&tmp, &addr_file))
         .with_context(|| format!("cannot write {}", addr_file.display()))?;
-    println!("logbook-hub listening on http://{addr}");
+    let scheme = if cfg.tls.is_some() { "https" } else { "http" };
+    println!("logbook-hub listening on {scheme}://{addr}");
     let shutdown = logbook::exit::terminated();
     let result = hub::serve(listener, cfg, shutdown).await;
     let _ = std::fs::remove_file(&addr_file);

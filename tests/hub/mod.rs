@@ -209,6 +209,26 @@ impl HubProc {
                 .filter(|s| s.ends_with('\n'))
         });
         hub.addr = addr.trim().to_owned();
+        // A hub serving TLS (tests/sync/tls.rs): its certificate names
+        // localhost, and its chain file ends with the CA that signed it.
+        let tls_cert = hub
+            .env
+            .iter()
+            .find(|(k, _)| k == "LOGBOOK_SERVER_TLS_CERT")
+            .map(|(_, v)| v.clone());
+        if let Some(chain) = tls_cert {
+            let port = hub.addr.rsplit(':').next().unwrap().to_owned();
+            hub.url = format!("https://localhost:{port}");
+            let pem = std::fs::read(chain).unwrap();
+            let mut client = reqwest::Client::builder();
+            for c in reqwest::Certificate::from_pem_bundle(&pem).unwrap() {
+                client = client.add_root_certificate(c);
+            }
+            hub.http = client.build().unwrap();
+            // The listener is bound before hub.addr is written; requests
+            // wait in its backlog until the hub serves.
+            return hub;
+        }
         hub.url = format!("http://{}", hub.addr);
         util::wait_for("/healthz", Duration::from_secs(20), || {
             raw_request(

@@ -8,6 +8,7 @@ mod dev;
 pub(crate) mod faultproxy;
 mod links;
 mod marks;
+mod tls;
 
 use std::time::Duration;
 
