@@ -36,7 +36,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::HubConfig;
-use store::{LogRow, PgStore, Principal, SqliteStore, Store, StoreError, TokenKind};
+use store::{LogRow, PgStore, SqliteStore, Store, StoreError};
+pub use store::{Principal, TokenKind};
 
 /// Name of the file in the data directory that holds the bound address
 /// (`127.0.0.1:PORT`) while the hub runs, for scripts and tests using port 0.
@@ -197,6 +198,22 @@ pub fn create_token_in(
     };
     rt.block_on(store.create_token(&auth::hash_token(&token), &principal))?;
     Ok(token)
+}
+
+/// `logbook-hub token revoke`: deletes `token` from the store `database`
+/// names; whom it belonged to, `None` for a token the hub does not know.
+/// Blocking, as [`create_token`].
+pub fn revoke_token_in(
+    database: &config::Database,
+    data_dir: &Path,
+    token: &str,
+) -> Result<Option<Principal>, HubError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(HubError::Serve)?;
+    let store = rt.block_on(open_database(database, data_dir))?;
+    Ok(rt.block_on(store.revoke_token(&auth::hash_token(token.trim())))?)
 }
 
 /// Serves the hub on a bound listener until `shutdown` resolves, then lets

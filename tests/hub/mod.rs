@@ -9,6 +9,7 @@ mod interop;
 mod live;
 mod postgres;
 mod refusals;
+mod tokens;
 mod uploads;
 mod versions;
 
@@ -163,6 +164,10 @@ impl HubProc {
     /// A hub on `storage` (a fresh database and bucket) with `env` over it.
     pub fn start_on(name: &str, storage: Storage, env: &[(&str, &str)]) -> HubProc {
         let (mut all, bucket) = storage.env(name);
+        // Tests post as fast as a loop goes, as one device: no per-device
+        // rate unless a test sets one (tests/sync/limits.rs).
+        all.push(("LOGBOOK_DEVICES_REQUESTS_PER_SEC".into(), "0".into()));
+        all.push(("LOGBOOK_DEVICES_MAX_CONCURRENT".into(), "64".into()));
         all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let env = all;
         let dir = TestDir::new(name);

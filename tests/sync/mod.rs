@@ -6,6 +6,7 @@ mod artifacts;
 mod chaos;
 mod dev;
 pub(crate) mod faultproxy;
+mod limits;
 mod links;
 mod marks;
 mod tls;
