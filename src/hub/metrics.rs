@@ -29,6 +29,9 @@ pub struct Metrics {
     /// Times a live stream fell behind the broadcast and read what it
     /// missed back from the database.
     pub stream_catch_ups: AtomicU64,
+    /// Live streams closed because their client took no message for
+    /// `server.stream_send_timeout`.
+    pub stream_slow_closes: AtomicU64,
     rejects: Mutex<BTreeMap<&'static str, u64>>,
 }
 
@@ -99,6 +102,11 @@ impl Metrics {
                 "logbook_hub_stream_catch_ups_total",
                 "Times a live stream fell behind and read what it missed from the database.",
                 &self.stream_catch_ups,
+            ),
+            (
+                "logbook_hub_stream_slow_closes_total",
+                "Live streams closed because their client took no message for server.stream_send_timeout.",
+                &self.stream_slow_closes,
             ),
         ] {
             t.counter(name, help, counter.load(Relaxed));
@@ -195,6 +203,12 @@ mod tests {
             (
                 "stream_catch_ups_total",
                 "Times a live stream fell behind and read what it missed from the database.",
+                "counter",
+                "0",
+            ),
+            (
+                "stream_slow_closes_total",
+                "Live streams closed because their client took no message for server.stream_send_timeout.",
                 "counter",
                 "0",
             ),

@@ -168,6 +168,9 @@ impl HubProc {
         // rate unless a test sets one (tests/sync/limits.rs).
         all.push(("LOGBOOK_DEVICES_REQUESTS_PER_SEC".into(), "0".into()));
         all.push(("LOGBOOK_DEVICES_MAX_CONCURRENT".into(), "64".into()));
+        // Clients that read nothing while a test posts (hub::live) are
+        // not closed as slow unless a test asks for it.
+        all.push(("LOGBOOK_SERVER_STREAM_SEND_TIMEOUT".into(), "600".into()));
         all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let env = all;
         let dir = TestDir::new(name);

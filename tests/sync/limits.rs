@@ -1,7 +1,8 @@
 //! The hub under attack or overload, with a real agent beside it: a device
 //! over its `[devices]` limits gets 429 with `Retry-After` and its agent
 //! still delivers every record exactly once; a client that dribbles its
-//! headers or stops inside a body is cut off while others are served.
+//! headers or stops inside a body is cut off while others are served; a
+//! live-stream client that takes nothing is closed with a reason.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -9,8 +10,12 @@ use std::time::Duration;
 
 use super::{assert_exact_seqs, hub_logs, start_agent, sync_env, wait_synced};
 use crate::agent::send_lines;
-use crate::hub::{raw_request, HubProc, DEVICE};
+use crate::hub::{
+    batch, raw_request, record, session_id, state, HubProc, WsClient, WsMessage, DEVICE, ORG,
+    PROJECT,
+};
 use crate::util::{wait_for, TestDir};
+use logbook::wire::{Level, SessionStatus};
 
 #[test]
 fn a_rate_limited_agent_delivers_every_record_once() {
@@ -147,4 +152,53 @@ fn slowloris_headers_and_a_stalled_body_are_cut_off_while_others_are_served() {
         "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     );
     assert!(ok.is_some_and(|r| r.starts_with("HTTP/1.1 200")));
+}
+
+#[test]
+fn a_live_stream_client_that_takes_nothing_is_closed_with_a_reason() {
+    let hub = HubProc::start_with(
+        "limits_slow_stream",
+        &[("LOGBOOK_SERVER_STREAM_SEND_TIMEOUT", "1")],
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let s = session_id(7);
+    let active = || vec![state(s, 1, SessionStatus::Active, &[])];
+    assert_eq!(
+        rt.block_on(hub.post_batch(&batch(active(), vec![], vec![])))
+            .0,
+        200
+    );
+    let path = format!("/ws/organizations/{ORG}/projects/{PROJECT}/sessions/{s}/logs");
+    let mut c = WsClient::connect(&hub.addr, &path, &hub.operator).unwrap();
+    assert_eq!(c.json(Duration::from_secs(5))["event"], "caught_up");
+    // Records of 16 KiB keep coming; the client takes none, so the hub's
+    // send to it stops moving once the socket buffers are full.
+    let pad = "x".repeat(16 << 10);
+    let mut seq = 0;
+    let sample = "logbook_hub_stream_slow_closes_total";
+    while rt.block_on(hub.metric(sample)) == 0 {
+        seq += 1;
+        assert!(seq < 20_000, "the stalled stream was never closed");
+        let r = record(seq, Some(s), Level::Info, "nav", &format!("r{seq} {pad}"));
+        assert_eq!(
+            rt.block_on(hub.post_batch(&batch(active(), vec![r], vec![])))
+                .0,
+            200
+        );
+    }
+    // Reading now, it gets what was on the way, then the close and why.
+    let why = loop {
+        match c.next(Duration::from_secs(20)) {
+            Some(WsMessage::Text(_)) => continue,
+            Some(WsMessage::Close(why)) => break why,
+            None => panic!("the stream ended without a close frame"),
+        }
+    };
+    assert!(why.contains("too slow"), "{why}");
+    wait_for("the stream slot back", Duration::from_secs(20), || {
+        (rt.block_on(hub.metric("logbook_hub_active_streams")) == 0).then_some(())
+    });
 }
