@@ -149,6 +149,7 @@ fn build_batches(total: u64, per_batch: u64) -> Vec<(usize, u64, Vec<u8>)> {
             let first = seq[d] == n + 1;
             let batch = Batch {
                 marks: Vec::new(),
+                agent: None,
                 version: BATCH_VERSION,
                 device: Device {
                     id: device_id(d as u64),
@@ -256,6 +257,7 @@ async fn memory_per_devices(hub: &Hub, token: &str, n: usize) -> (u64, u64) {
             .unwrap();
         let batch = Batch {
             marks: Vec::new(),
+            agent: None,
             version: BATCH_VERSION,
             device: Device {
                 id: "robot-mem".into(),

@@ -159,6 +159,24 @@ pub const KEYS: &[Key] = &[
     key("sync", "token", Kind::Str, "device token for the hub"),
     key(
         "sync",
+        "ca_file",
+        Kind::Str,
+        "PEM CA certificates trusted for an https:// hub besides the system's (a private CA)",
+    ),
+    key(
+        "sync",
+        "client_cert",
+        Kind::Str,
+        "PEM client certificate presented to the hub (mTLS; names the device id as a DNS subjectAltName)",
+    ),
+    key(
+        "sync",
+        "client_key",
+        Kind::Str,
+        "PEM private key of sync.client_cert",
+    ),
+    key(
+        "sync",
         "max_bytes_per_sec",
         Kind::Bytes,
         "upload bandwidth cap; 0 = none",
@@ -344,6 +362,9 @@ impl Default for RawLog {
 pub struct RawSync {
     pub hub: String,
     pub token: String,
+    pub ca_file: String,
+    pub client_cert: String,
+    pub client_key: String,
     pub max_bytes_per_sec: u64,
     pub batch_records: u64,
     pub batch_bytes: u64,
@@ -358,6 +379,9 @@ impl Default for RawSync {
         RawSync {
             hub: String::new(),
             token: String::new(),
+            ca_file: String::new(),
+            client_cert: String::new(),
+            client_key: String::new(),
             max_bytes_per_sec: 0,
             // 20k records of a few hundred bytes gzip to well under a MiB:
             // few requests when draining a backlog, far below the hub's
@@ -380,6 +404,8 @@ pub struct SyncConfig {
     /// Base URL without a trailing slash.
     pub hub: String,
     pub token: String,
+    /// `sync.ca_file`, `sync.client_cert` and `sync.client_key`, read.
+    pub tls: std::sync::Arc<LinkTls>,
     pub max_bytes_per_sec: Option<u64>,
     pub batch_records: usize,
     pub batch_bytes: usize,
@@ -387,6 +413,95 @@ pub struct SyncConfig {
     pub retry_min: Duration,
     pub retry_max: Duration,
     pub stall_timeout: Duration,
+}
+
+/// The TLS material of the link to the hub, read from the files
+/// `sync.ca_file`, `sync.client_cert` and `sync.client_key` name when the
+/// configuration is loaded (at start and on every SIGHUP, so renewed files
+/// are picked up by a reload). Checked as reqwest will use it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LinkTls {
+    /// PEM CA certificates added to the system's roots.
+    pub ca: Option<Vec<u8>>,
+    /// PEM client certificate chain followed by its private key.
+    pub identity: Option<Vec<u8>>,
+}
+
+impl LinkTls {
+    /// The CA certificates, parsed.
+    pub fn roots(&self) -> Vec<reqwest::Certificate> {
+        self.ca
+            .as_deref()
+            .and_then(|pem| reqwest::Certificate::from_pem_bundle(pem).ok())
+            .unwrap_or_default()
+    }
+
+    /// The client identity, parsed.
+    pub fn client_identity(&self) -> Option<reqwest::Identity> {
+        self.identity
+            .as_deref()
+            .and_then(|pem| reqwest::Identity::from_pem(pem).ok())
+    }
+}
+
+fn load_link_tls(
+    raw: &RawSync,
+    bad: &impl Fn(&str, String) -> ConfigError,
+) -> Result<LinkTls, ConfigError> {
+    let read = |key: &str, path: &str| {
+        std::fs::read(path).map_err(|e| bad(key, format!("{path}: cannot read: {e}")))
+    };
+    let path = |s: &str| Some(s.trim().to_owned()).filter(|s| !s.is_empty());
+    let ca = match path(&raw.ca_file) {
+        None => None,
+        Some(p) => {
+            let pem = read("sync.ca_file", &p)?;
+            match reqwest::Certificate::from_pem_bundle(&pem) {
+                Ok(certs) if !certs.is_empty() => Some(pem),
+                Ok(_) => {
+                    return Err(bad(
+                        "sync.ca_file",
+                        format!("{p}: no CERTIFICATE block in this PEM file"),
+                    ))
+                }
+                Err(e) => return Err(bad("sync.ca_file", format!("{p}: bad PEM: {e}"))),
+            }
+        }
+    };
+    let identity = match (path(&raw.client_cert), path(&raw.client_key)) {
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(bad(
+                "sync.client_key",
+                "sync.client_cert is set but sync.client_key is not".into(),
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(bad(
+                "sync.client_cert",
+                "sync.client_key is set but sync.client_cert is not".into(),
+            ))
+        }
+        (Some(c), Some(k)) => {
+            let mut pem = read("sync.client_cert", &c)?;
+            if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+                return Err(bad(
+                    "sync.client_cert",
+                    format!("{c}: no CERTIFICATE block in this PEM file"),
+                ));
+            }
+            pem.push(b'\n');
+            pem.extend(read("sync.client_key", &k)?);
+            if let Err(e) = reqwest::Identity::from_pem(&pem) {
+                return Err(bad(
+                    "sync.client_key",
+                    format!("{k}: not a private key for {c} (PEM PKCS#8, PKCS#1 or SEC1): {e}"),
+                ));
+            }
+            Some(pem)
+        }
+    };
+    Ok(LinkTls { ca, identity })
 }
 
 /// Resolves `[sync]`: a hub URL turns sync on and then needs a token.
@@ -441,9 +556,11 @@ fn resolve_sync(
             "must not be less than sync.retry_min".into(),
         ));
     }
+    let tls = std::sync::Arc::new(load_link_tls(raw, &bad)?);
     Ok(Some(SyncConfig {
         hub: hub.to_owned(),
         token: raw.token.trim().to_owned(),
+        tls,
         max_bytes_per_sec: Some(raw.max_bytes_per_sec).filter(|r| *r > 0),
         batch_records: raw.batch_records as usize,
         batch_bytes: raw.batch_bytes as usize,

@@ -313,6 +313,7 @@ impl SyncParts {
     fn new(cfg: &AgentConfig) -> SyncParts {
         let shared = Arc::new(sync::status::SyncShared::new(cfg.sync.is_some()));
         if let Some(sc) = &cfg.sync {
+            shared.set_tls(&sc.tls);
             shared.set_remote(&sc.hub, &sc.token);
         }
         SyncParts {
@@ -517,7 +518,17 @@ async fn reload_on_hup(
             }
         };
         let mut restart = changed_keys(&running.raw, &new.raw);
-        restart.retain(|k| k != "sync.token" && k != "sync.hub");
+        // The link reads these per request (README, "Reloading").
+        restart.retain(|k| {
+            ![
+                "sync.token",
+                "sync.hub",
+                "sync.ca_file",
+                "sync.client_cert",
+                "sync.client_key",
+            ]
+            .contains(&k.as_str())
+        });
         match (&running.sync, &new.sync) {
             (Some(_), Some(sc)) => {
                 if let Err(e) = reqwest::Url::parse(&sc.hub) {
@@ -526,6 +537,16 @@ async fn reload_on_hup(
                     );
                     continue;
                 }
+                // TLS first: a new hub or token is tried with the files
+                // that go with it.
+                if shared.set_tls(&sc.tls) {
+                    tracing::info!(
+                        "reloaded: the uploaders use the new sync TLS files from now on"
+                    );
+                }
+                running.raw.sync.ca_file = new.raw.sync.ca_file.clone();
+                running.raw.sync.client_cert = new.raw.sync.client_cert.clone();
+                running.raw.sync.client_key = new.raw.sync.client_key.clone();
                 let changed = shared.set_remote(&sc.hub, &sc.token);
                 if changed.hub {
                     // Uploads begun at the old hub start over at this one.

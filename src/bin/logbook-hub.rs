@@ -45,8 +45,24 @@ enum Command {
 
 #[derive(Subcommand)]
 enum TokenCommand {
-    /// Make a token and print it (only once: the hub keeps its hash).
+    /// Make a token and print it (only once: the hub keeps its hash). For
+    /// a device that has one already, this adds a second: both work until
+    /// the old one is revoked (rotation without downtime).
     Create(CreateArgs),
+    /// Revoke a token: refused from the next request on, on every replica.
+    Revoke(RevokeArgs),
+}
+
+#[derive(Args)]
+struct RevokeArgs {
+    /// The hub's data directory (where hub.db is); overrides server.data_dir.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Configuration file (default /etc/logbook/hub.toml if present).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The token to revoke; `-` reads it from stdin (keeps it out of ps).
+    token: String,
 }
 
 #[derive(Args)]
@@ -110,6 +126,41 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             writeln!(std::io::stdout(), "{token}")?;
             Ok(())
         }
+        Command::Token {
+            command: TokenCommand::Revoke(a),
+        } => {
+            let token = if a.token == "-" {
+                let mut t = String::new();
+                std::io::stdin()
+                    .read_line(&mut t)
+                    .context("cannot read the token from stdin")?;
+                t
+            } else {
+                a.token
+            };
+            anyhow::ensure!(!token.trim().is_empty(), "the token must not be empty");
+            let mut cfg = HubConfig::load(a.config.as_deref(), std::env::vars())?;
+            if let Some(d) = a.data_dir {
+                cfg.data_dir = d;
+            }
+            let who = hub::revoke_token_in(&cfg.database, &cfg.data_dir, &token)
+                .context("cannot revoke token")?;
+            let Some(p) = who else {
+                anyhow::bail!("no such token on this hub (already revoked?)");
+            };
+            let whose = match (&p.kind, &p.device_id) {
+                (hub::TokenKind::Device, Some(d)) => format!("device token of {d}"),
+                _ => "operator key".to_owned(),
+            };
+            use std::io::Write;
+            writeln!(
+                std::io::stdout(),
+                "revoked the {whose} in {}/{}",
+                p.org,
+                p.project
+            )?;
+            Ok(())
+        }
         Command::Migrate { config } => {
             let cfg = HubConfig::load(config.as_deref(), std::env::vars())?;
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -169,7 +220,8 @@ async fn serve(cfg: HubConfig) -> anyhow::Result<()> {
     std::fs::write(&tmp, format!("{addr}\n"))
         .and_then(|()| std::fs::rename(&tmp, &addr_file))
         .with_context(|| format!("cannot write {}", addr_file.display()))?;
-    println!("logbook-hub listening on http://{addr}");
+    let scheme = if cfg.tls.is_some() { "https" } else { "http" };
+    println!("logbook-hub listening on {scheme}://{addr}");
     let shutdown = logbook::exit::terminated();
     let result = hub::serve(listener, cfg, shutdown).await;
     let _ = std::fs::remove_file(&addr_file);

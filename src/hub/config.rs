@@ -35,6 +35,66 @@ pub const KEYS: &[Key] = &[
         doc: "most live WebSocket log streams at once",
     },
     Key {
+        section: "server",
+        key: "tls_cert",
+        kind: Kind::Str,
+        doc: "PEM certificate chain to serve TLS with (with server.tls_key); unset: plain HTTP",
+    },
+    Key {
+        section: "server",
+        key: "tls_key",
+        kind: Kind::Str,
+        doc: "PEM private key of server.tls_cert",
+    },
+    Key {
+        section: "server",
+        key: "client_ca",
+        kind: Kind::Str,
+        doc: "PEM CA certificates: every client must present a certificate they signed (mTLS); a device's must name its device id (DNS subjectAltName)",
+    },
+    Key {
+        section: "server",
+        key: "max_connections",
+        kind: Kind::U64,
+        doc: "most open client connections; more wait in the kernel's backlog",
+    },
+    Key {
+        section: "server",
+        key: "header_timeout",
+        kind: Kind::Secs,
+        doc: "longest a client may take for the TLS handshake and for a request's headers (also the idle time of a kept-alive connection)",
+    },
+    Key {
+        section: "server",
+        key: "body_timeout",
+        kind: Kind::Secs,
+        doc: "longest a client may send nothing in the middle of a request body",
+    },
+    Key {
+        section: "server",
+        key: "stream_send_timeout",
+        kind: Kind::Secs,
+        doc: "a live stream whose client takes longer than this to take one message is closed (slow consumer)",
+    },
+    Key {
+        section: "devices",
+        key: "requests_per_sec",
+        kind: Kind::U64,
+        doc: "ingest requests (batches, upload requests) one device token may make per second on average; 0: no limit",
+    },
+    Key {
+        section: "devices",
+        key: "burst",
+        kind: Kind::U64,
+        doc: "ingest requests one device token may make at once above its rate",
+    },
+    Key {
+        section: "devices",
+        key: "max_concurrent",
+        kind: Kind::U64,
+        doc: "ingest requests of one device token in progress at once",
+    },
+    Key {
         section: "ingest",
         key: "max_body_bytes",
         kind: Kind::Bytes,
@@ -115,6 +175,7 @@ struct Raw {
     ingest: RawIngest,
     uploads: RawUploads,
     storage: RawStorage,
+    devices: RawDevices,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -123,6 +184,23 @@ struct RawServer {
     listen: String,
     data_dir: String,
     max_streams: u64,
+    /// Empty: plain HTTP.
+    tls_cert: String,
+    tls_key: String,
+    /// Empty: no client certificates asked for.
+    client_ca: String,
+    max_connections: u64,
+    header_timeout: f64,
+    body_timeout: f64,
+    stream_send_timeout: f64,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+struct RawDevices {
+    requests_per_sec: u64,
+    burst: u64,
+    max_concurrent: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -163,6 +241,21 @@ impl Default for Raw {
                 listen: "127.0.0.1:8470".into(),
                 data_dir: "/var/lib/logbook-hub".into(),
                 max_streams: 256,
+                tls_cert: String::new(),
+                tls_key: String::new(),
+                client_ca: String::new(),
+                max_connections: 4096,
+                header_timeout: 10.0,
+                body_timeout: 30.0,
+                stream_send_timeout: 30.0,
+            },
+            devices: RawDevices {
+                // An agent sends a batch at most every linger (0.5 s) and
+                // an upload in chunks: far below this, except a misbehaving
+                // one.
+                requests_per_sec: 20,
+                burst: 40,
+                max_concurrent: 4,
             },
             ingest: RawIngest {
                 max_body_bytes: 16 << 20,
@@ -190,6 +283,11 @@ impl Default for RawIngest {
         Raw::default().ingest
     }
 }
+impl Default for RawDevices {
+    fn default() -> Self {
+        Raw::default().devices
+    }
+}
 impl Default for RawUploads {
     fn default() -> Self {
         Raw::default().uploads
@@ -207,6 +305,42 @@ pub struct HubConfig {
     pub upload_expire_after: std::time::Duration,
     pub database: Database,
     pub blobs: BlobStorage,
+    /// TLS served by the hub itself (`server.tls_*`); `None`: plain HTTP.
+    pub tls: Option<TlsFiles>,
+    /// Bounds on connections (`server.max_connections`, `*_timeout`).
+    pub conn: ConnLimits,
+    /// Bounds on one device token's ingest (`[devices]`).
+    pub devices: DeviceLimits,
+}
+
+/// The PEM files of `server.tls_cert`, `server.tls_key` and
+/// `server.client_ca` (read when the hub starts: `hub::listen`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
+/// Bounds on client connections.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConnLimits {
+    pub max_connections: usize,
+    /// TLS handshake, request headers, keep-alive idle.
+    pub header_timeout: std::time::Duration,
+    /// Longest silence in the middle of a request body.
+    pub body_timeout: std::time::Duration,
+    /// Longest one live-stream message may wait for its client.
+    pub stream_send_timeout: std::time::Duration,
+}
+
+/// Bounds on one device token's ingest requests.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceLimits {
+    /// Average rate; `None`: unlimited.
+    pub requests_per_sec: Option<u32>,
+    pub burst: u32,
+    pub max_concurrent: usize,
 }
 
 /// Where the hub keeps its rows (`storage.database`).
@@ -335,6 +469,59 @@ fn resolve(raw: Raw, origin: &str) -> Result<HubConfig, ConfigError> {
             return Err(err(format!("{name}: must be greater than 0")));
         }
     }
+    let secs = |name: &str, v: f64| {
+        if !(v > 0.0 && v <= 86_400.0) {
+            return Err(err(format!(
+                "{name}: must be above 0 and at most 1 day, found {v}"
+            )));
+        }
+        Ok(std::time::Duration::from_secs_f64(v))
+    };
+    let conn = ConnLimits {
+        max_connections: match raw.server.max_connections {
+            0 => return Err(err("server.max_connections: must be greater than 0".into())),
+            n => usize::try_from(n).unwrap_or(usize::MAX),
+        },
+        header_timeout: secs("server.header_timeout", raw.server.header_timeout)?,
+        body_timeout: secs("server.body_timeout", raw.server.body_timeout)?,
+        stream_send_timeout: secs("server.stream_send_timeout", raw.server.stream_send_timeout)?,
+    };
+    let small = |name: &str, v: u64| {
+        u32::try_from(v)
+            .map_err(|_| err(format!("{name}: must be at most {}, found {v}", u32::MAX)))
+    };
+    let devices = DeviceLimits {
+        requests_per_sec: Some(small(
+            "devices.requests_per_sec",
+            raw.devices.requests_per_sec,
+        )?)
+        .filter(|r| *r > 0),
+        burst: small("devices.burst", raw.devices.burst)?.max(1),
+        max_concurrent: match raw.devices.max_concurrent {
+            0 => return Err(err("devices.max_concurrent: must be greater than 0".into())),
+            n => usize::try_from(n).unwrap_or(usize::MAX),
+        },
+    };
+    let path = |s: &str| (!s.trim().is_empty()).then(|| PathBuf::from(s.trim()));
+    let tls = match (path(&raw.server.tls_cert), path(&raw.server.tls_key)) {
+        (Some(cert), Some(key)) => Some(TlsFiles {
+            cert,
+            key,
+            client_ca: path(&raw.server.client_ca),
+        }),
+        (None, None) if path(&raw.server.client_ca).is_some() => {
+            return Err(err(
+                "server.client_ca: needs server.tls_cert and server.tls_key (client certificates need TLS)".into(),
+            ))
+        }
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(err("server.tls_cert is set but server.tls_key is not".into()))
+        }
+        (None, Some(_)) => {
+            return Err(err("server.tls_key is set but server.tls_cert is not".into()))
+        }
+    };
     if raw.uploads.expire_after <= 0.0 {
         return Err(err("uploads.expire_after: must be greater than 0".into()));
     }
@@ -412,6 +599,9 @@ fn resolve(raw: Raw, origin: &str) -> Result<HubConfig, ConfigError> {
             .map_err(|e| err(format!("uploads.expire_after: {e}")))?,
         database,
         blobs,
+        tls,
+        conn,
+        devices,
     })
 }
 

@@ -176,10 +176,11 @@ pub fn decode(body: &[u8], gzip: bool, limits: &Limits) -> Result<Batch, (ApiErr
 
 pub async fn post_batch(
     State(hub): State<Arc<Hub>>,
+    peer: Option<axum::Extension<super::listen::PeerCert>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let scope = auth::device(&hub, &headers).await?;
+    let (scope, _slot) = auth::device(&hub, &headers, peer.as_deref()).await?;
     let limits = hub.config.limits.clone();
     let reject = |reason: &'static str, e: ApiError| {
         hub.metrics.reject(reason);

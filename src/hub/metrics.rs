@@ -33,6 +33,9 @@ pub struct Metrics {
     pub live_heard: AtomicU64,
     /// Times the replicas' feed was (re)established.
     pub live_resyncs: AtomicU64,
+    /// Live streams closed because their client took no message for
+    /// `server.stream_send_timeout`.
+    pub stream_slow_closes: AtomicU64,
     rejects: Mutex<BTreeMap<&'static str, u64>>,
 }
 
@@ -113,6 +116,11 @@ impl Metrics {
                 "logbook_hub_live_resyncs_total",
                 "Times the live fan-out's feed was (re)established and every stream read what it missed.",
                 &self.live_resyncs,
+            ),
+            (
+                "logbook_hub_stream_slow_closes_total",
+                "Live streams closed because their client took no message for server.stream_send_timeout.",
+                &self.stream_slow_closes,
             ),
         ] {
             t.counter(name, help, counter.load(Relaxed));
@@ -221,6 +229,12 @@ mod tests {
             (
                 "live_resyncs_total",
                 "Times the live fan-out's feed was (re)established and every stream read what it missed.",
+                "counter",
+                "0",
+            ),
+            (
+                "stream_slow_closes_total",
+                "Live streams closed because their client took no message for server.stream_send_timeout.",
                 "counter",
                 "0",
             ),

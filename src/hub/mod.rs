@@ -15,6 +15,7 @@ mod console;
 mod error;
 mod export;
 mod ingest;
+mod listen;
 mod marks;
 mod metrics;
 pub mod paths;
@@ -36,7 +37,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::HubConfig;
-use store::{LogRow, PgStore, Principal, SqliteStore, Store, StoreError, TokenKind};
+use store::{LogRow, PgStore, SqliteStore, Store, StoreError};
+pub use store::{Principal, TokenKind};
 
 /// Name of the file in the data directory that holds the bound address
 /// (`127.0.0.1:PORT`) while the hub runs, for scripts and tests using port 0.
@@ -55,6 +57,8 @@ pub enum HubError {
     Blobs(#[from] blobs::S3Error),
     #[error("server: {0}")]
     Serve(std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] listen::TlsError),
 }
 
 /// What live streams hear of commits (see `stream`).
@@ -86,6 +90,8 @@ pub(crate) struct Hub {
     pub shared: bool,
     pub metrics: metrics::Metrics,
     pub streams: Arc<Semaphore>,
+    /// Per-device ingest limits (`[devices]`).
+    pub devices: auth::DeviceGate,
     pub shutdown: CancellationToken,
     /// Tasks that outlive a request (the upload sweeper, an upload
     /// finishing after its client went away): [`serve`] waits for them.
@@ -100,6 +106,7 @@ impl Hub {
             shared: store.shared(),
             store,
             streams: Arc::new(Semaphore::new(config.max_streams)),
+            devices: auth::DeviceGate::new(config.devices.clone()),
             config,
             blobs,
             live,
@@ -208,6 +215,22 @@ pub fn create_token_in(
     Ok(token)
 }
 
+/// `logbook-hub token revoke`: deletes `token` from the store `database`
+/// names; whom it belonged to, `None` for a token the hub does not know.
+/// Blocking, as [`create_token`].
+pub fn revoke_token_in(
+    database: &config::Database,
+    data_dir: &Path,
+    token: &str,
+) -> Result<Option<Principal>, HubError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(HubError::Serve)?;
+    let store = rt.block_on(open_database(database, data_dir))?;
+    Ok(rt.block_on(store.revoke_token(&auth::hash_token(token.trim())))?)
+}
+
 /// Serves the hub on a bound listener until `shutdown` resolves, then lets
 /// in-flight requests finish and ends live streams.
 pub async fn serve(
@@ -215,6 +238,9 @@ pub async fn serve(
     config: HubConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), HubError> {
+    // The TLS files first: a bad one is the error at start, before any
+    // storage is touched.
+    let acceptor = listen::Acceptor::load(&config)?;
     let data_dir = config.data_dir.clone();
     let blobs: Arc<dyn blobs::Blobs> = match &config.blobs {
         config::BlobStorage::DirInDataDir => {
@@ -224,14 +250,15 @@ pub async fn serve(
     };
     let store = open_database(&config.database, &data_dir).await?;
     let addr = listener.local_addr().map_err(HubError::Serve)?;
-    tracing::info!(%addr, data_dir = %data_dir.display(), "logbook-hub serving");
-    serve_hub(listener, Hub::new(config, store, blobs), shutdown).await
+    tracing::info!(%addr, scheme = acceptor.scheme(), mtls = acceptor.mtls, data_dir = %data_dir.display(), "logbook-hub serving");
+    serve_hub(listener, acceptor, Hub::new(config, store, blobs), shutdown).await
 }
 
 /// Serves `hub` with its upload sweeper until `shutdown` resolves; returns
 /// once in-flight requests and every task on `hub.tasks` have ended.
 async fn serve_hub(
     listener: TcpListener,
+    acceptor: listen::Acceptor,
     hub: Arc<Hub>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), HubError> {
@@ -240,13 +267,25 @@ async fn serve_hub(
         hub.tasks.spawn(follow_replicas(hub.clone()));
     }
     let cancel = hub.shutdown.clone();
-    let served = axum::serve(listener, router(hub.clone()))
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            tracing::info!("shutting down: finishing in-flight requests");
-            cancel.cancel();
-        })
-        .await;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = shutdown => {
+                tracing::info!("shutting down: finishing in-flight requests");
+                cancel.cancel();
+            }
+            // Serving failed: nothing left to stop.
+            _ = cancel.cancelled() => {}
+        }
+    });
+    // Connections, TLS and their time bounds: `listen` (README, "Running
+    // the hub").
+    let served = listen::serve(
+        listener,
+        acceptor,
+        router(hub.clone()),
+        hub.shutdown.clone(),
+    )
+    .await;
     // Also when serving failed: the sweeper and live streams stop.
     hub.shutdown.cancel();
     if let Err(e) = sweeper.await {
@@ -356,7 +395,8 @@ mod tests {
         );
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let serving = tokio::spawn(serve_hub(listener, hub.clone(), async move {
+        let acceptor = listen::Acceptor::load(&hub.config).unwrap();
+        let serving = tokio::spawn(serve_hub(listener, acceptor, hub.clone(), async move {
             let _ = stopped.await;
         }));
         // The sweeper has started once it holds the hub.

@@ -31,7 +31,9 @@
 //! closing batch's own included) is sent before the close frame. A client
 //! too slow for the live feed is not dropped and does not slow ingest: when
 //! it falls behind the broadcast, what it missed is read back from the
-//! database, page by page, at the pace it reads.
+//! database, page by page, at the pace it reads; one that takes no message
+//! for `server.stream_send_timeout` is closed (1008, with the reason) and
+//! resumes with `after_id`.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -239,7 +241,7 @@ async fn catch_up(
             axum::Error::new(e)
         })?;
         for r in &rows {
-            socket.send(text(r, false)).await?;
+            send(hub, socket, text(r, false)).await?;
         }
         let done = (rows.len() as u64) < CATCH_UP_PAGE;
         after = next;
@@ -266,7 +268,7 @@ async fn run(
         None => {
             if let Ok((page, last)) = hub.store.logs_tail(scope, &q).await {
                 for r in page.items.iter().rev() {
-                    socket.send(text(r, true)).await?;
+                    send(hub, &mut socket, text(r, true)).await?;
                 }
                 through = Some(last.unwrap_or(0));
             }
@@ -276,7 +278,7 @@ async fn run(
         // Where a client that loses this stream resumes, whether or not a
         // record follows (tail records come in seq order, not id order).
         let mark = serde_json::json!({"event": "caught_up", "id": id});
-        socket.send(Message::Text(mark.to_string().into())).await?;
+        send(hub, &mut socket, Message::Text(mark.to_string().into())).await?;
     }
     if ended(hub, scope).await {
         return finish(hub, socket, scope, &q, through, "session is not active").await;
@@ -295,7 +297,7 @@ async fn run(
                                     continue;
                                 }
                                 if matches(&q, r) {
-                                    socket.send(text(r, false)).await?;
+                                    send(hub, &mut socket, text(r, false)).await?;
                                 }
                                 if let Some(t) = &mut through {
                                     *t = r.id;
@@ -345,7 +347,7 @@ async fn run(
                     }
                     None => {
                         let note = serde_json::json!({"event": "lagged", "missed_batches": missed});
-                        socket.send(Message::Text(note.to_string().into())).await?;
+                        send(hub, &mut socket, Message::Text(note.to_string().into())).await?;
                     }
                 },
                 Err(RecvError::Closed) => return close(socket, "hub is shutting down").await,
@@ -417,6 +419,31 @@ async fn finish(
         catch_up(hub, &mut socket, scope, q, t).await?;
     }
     close(socket, reason).await
+}
+
+/// Sends one message, or gives up on a client that has not taken it within
+/// `server.stream_send_timeout` (a slow consumer, which would hold its
+/// stream slot and connection forever): it gets a close frame (1008, the
+/// reason) if it takes that within the same time, and the stream ends.
+async fn send(hub: &Hub, socket: &mut WebSocket, msg: Message) -> Result<(), axum::Error> {
+    let bound = hub.config.conn.stream_send_timeout;
+    if let Ok(sent) = tokio::time::timeout(bound, socket.send(msg)).await {
+        return sent;
+    }
+    hub.metrics.stream_slow_closes.fetch_add(1, Relaxed);
+    let reason = format!(
+        "too slow: a message waited over {bound:?} (server.stream_send_timeout); reconnect with after_id"
+    );
+    tracing::info!("closing a live stream: {reason}");
+    let frame = Message::Close(Some(CloseFrame {
+        code: axum::extract::ws::close_code::POLICY,
+        reason: reason.clone().into(),
+    }));
+    let _ = tokio::time::timeout(bound, socket.send(frame)).await;
+    Err(axum::Error::new(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        reason,
+    )))
 }
 
 async fn close(mut socket: WebSocket, reason: &str) -> Result<(), axum::Error> {

@@ -27,6 +27,7 @@ use sha2::{Digest, Sha256};
 
 use super::auth;
 use super::error::ApiError;
+use super::listen::PeerCert;
 use super::metrics::Metrics;
 use super::paths::validate_artifact_path;
 use super::store::{DeviceScope, UploadRow};
@@ -107,10 +108,11 @@ fn options(hub: &Hub) -> Response {
 /// `POST` (creation) and `OPTIONS` on the upload collection.
 pub async fn collection(
     State(hub): State<Arc<Hub>>,
+    peer: Option<axum::Extension<PeerCert>>,
     method: Method,
     headers: HeaderMap,
 ) -> Response {
-    tus_response(collection_inner(&hub, method, &headers).await)
+    tus_response(collection_inner(&hub, peer.as_deref(), method, &headers).await)
 }
 
 /// Every tus answer, errors too, carries `Tus-Resumable`; errors keep the
@@ -121,10 +123,11 @@ fn tus_response(r: Result<Response, ApiError>) -> Response {
 
 async fn collection_inner(
     hub: &Arc<Hub>,
+    peer: Option<&PeerCert>,
     method: Method,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
-    let scope = auth::device(hub, headers).await?;
+    let (scope, _slot) = auth::device(hub, headers, peer).await?;
     match method {
         Method::OPTIONS => Ok(options(hub)),
         Method::POST => create(hub, scope, headers).await,
@@ -440,22 +443,24 @@ fn created(id: &str, offset: u64) -> Response {
 /// `HEAD`, `PATCH`, `DELETE` and `OPTIONS` on one upload.
 pub async fn resource(
     State(hub): State<Arc<Hub>>,
+    peer: Option<axum::Extension<PeerCert>>,
     Path(id): Path<String>,
     method: Method,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    tus_response(resource_inner(&hub, id, method, &headers, body).await)
+    tus_response(resource_inner(&hub, peer.as_deref(), id, method, &headers, body).await)
 }
 
 async fn resource_inner(
     hub: &Arc<Hub>,
+    peer: Option<&PeerCert>,
     id: String,
     method: Method,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let scope = auth::device(hub, headers).await?;
+    let (scope, _slot) = auth::device(hub, headers, peer).await?;
     if method == Method::OPTIONS {
         return Ok(options(hub));
     }

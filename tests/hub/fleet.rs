@@ -154,6 +154,7 @@ fn device_batch(
 ) -> Batch {
     Batch {
         marks: Vec::new(),
+        agent: None,
         version: BATCH_VERSION,
         device: Device {
             id: device.into(),

@@ -13,6 +13,7 @@ mod postgres;
 mod refusals;
 mod replicas;
 mod timeline;
+mod tokens;
 mod uploads;
 mod versions;
 
@@ -167,6 +168,13 @@ impl HubProc {
     /// A hub on `storage` (a fresh database and bucket) with `env` over it.
     pub fn start_on(name: &str, storage: Storage, env: &[(&str, &str)]) -> HubProc {
         let (mut all, bucket) = storage.env(name);
+        // Tests post as fast as a loop goes, as one device: no per-device
+        // rate unless a test sets one (tests/sync/limits.rs).
+        all.push(("LOGBOOK_DEVICES_REQUESTS_PER_SEC".into(), "0".into()));
+        all.push(("LOGBOOK_DEVICES_MAX_CONCURRENT".into(), "64".into()));
+        // Clients that read nothing while a test posts (hub::live) are
+        // not closed as slow unless a test asks for it.
+        all.push(("LOGBOOK_SERVER_STREAM_SEND_TIMEOUT".into(), "600".into()));
         all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let env = all;
         let dir = TestDir::new(name);
@@ -213,6 +221,26 @@ impl HubProc {
                 .filter(|s| s.ends_with('\n'))
         });
         hub.addr = addr.trim().to_owned();
+        // A hub serving TLS (tests/sync/tls.rs): its certificate names
+        // localhost, and its chain file ends with the CA that signed it.
+        let tls_cert = hub
+            .env
+            .iter()
+            .find(|(k, _)| k == "LOGBOOK_SERVER_TLS_CERT")
+            .map(|(_, v)| v.clone());
+        if let Some(chain) = tls_cert {
+            let port = hub.addr.rsplit(':').next().unwrap().to_owned();
+            hub.url = format!("https://localhost:{port}");
+            let pem = std::fs::read(chain).unwrap();
+            let mut client = reqwest::Client::builder();
+            for c in reqwest::Certificate::from_pem_bundle(&pem).unwrap() {
+                client = client.add_root_certificate(c);
+            }
+            hub.http = client.build().unwrap();
+            // The listener is bound before hub.addr is written; requests
+            // wait in its backlog until the hub serves.
+            return hub;
+        }
         hub.url = format!("http://{}", hub.addr);
         util::wait_for("/healthz", Duration::from_secs(20), || {
             raw_request(

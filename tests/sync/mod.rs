@@ -6,8 +6,10 @@ mod artifacts;
 mod chaos;
 mod dev;
 pub(crate) mod faultproxy;
+mod limits;
 mod links;
 mod marks;
+mod tls;
 
 use std::time::Duration;
 

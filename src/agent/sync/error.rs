@@ -39,7 +39,9 @@ pub enum Action {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
-    #[error("cannot reach the hub: {0}")]
+    /// Shown with its causes (a TLS refusal says why: an unknown issuer,
+    /// an expired certificate, another name).
+    #[error("cannot reach the hub: {}", causes(.0))]
     Transport(#[source] reqwest::Error),
     #[error("hub answered {status}: {message}")]
     Status {
@@ -53,6 +55,36 @@ pub enum SyncError {
     BadResponse(String),
     #[error("{0}")]
     Local(String),
+}
+
+/// `e` and its sources, `: `-separated, each once (reqwest and hyper
+/// repeat a cause in their own message sometimes).
+fn causes(e: &reqwest::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out = format!("{out}: {text}");
+        }
+        source = s.source();
+    }
+    out
+}
+
+/// Whether a TLS handshake failed on the way to `e`: tokio-rustls reports
+/// rustls' refusals as `InvalidData` I/O errors.
+fn tls_refused(e: &reqwest::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if s.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::InvalidData)
+        {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 impl SyncError {
@@ -112,8 +144,10 @@ impl SyncError {
     /// True when not even a TCP connection to the hub could be made (as
     /// opposed to a connection that broke): a later connect that works is
     /// evidence that the link came back.
+    /// A TLS handshake that failed (the certificate of either side refused)
+    /// is not one: TCP connects worked, so a probe's connect proves nothing.
     pub fn is_connect(&self) -> bool {
-        matches!(self, SyncError::Transport(e) if e.is_connect())
+        matches!(self, SyncError::Transport(e) if e.is_connect() && !tls_refused(e))
     }
 }
 

@@ -32,6 +32,7 @@ use super::backoff::Backoff;
 use super::error::SyncError;
 use super::status::{LinkState, Remote, SyncShared};
 use super::throttle::Throttle;
+use crate::agent::config::LinkTls;
 
 /// While backing off from an unreachable hub, a TCP connect is tried this
 /// often; sync resumes within seconds of the link coming back.
@@ -96,7 +97,10 @@ pub struct LinkConfig {
 pub struct Link {
     /// Names the uploader in logs ("batch upload", "artifact upload").
     name: &'static str,
-    http: reqwest::Client,
+    /// The HTTP client, and the TLS material it was built with: a reload
+    /// that changes the material makes the next request build a new one.
+    /// (A mutex only so requests take `&self`; never held across an await.)
+    http: Mutex<(Arc<LinkTls>, reqwest::Client)>,
     /// The hub URL (endpoints are appended to it) and the device token. A
     /// request marks the current value seen, so after a 401/403
     /// `has_changed` says whether a newer token or hub arrived meanwhile.
@@ -115,30 +119,42 @@ impl Link {
         throttle: Arc<Throttle>,
         report: Arc<dyn Report>,
     ) -> Result<Link, SyncError> {
-        let hub = remote.borrow().hub.clone();
+        let (hub, tls) = {
+            let r = remote.borrow();
+            (r.hub.clone(), r.tls.clone())
+        };
         reqwest::Url::parse(&hub)
             .map_err(|e| SyncError::Local(format!("bad hub URL {hub:?}: {e}")))?;
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            // A dead link must not hold a request forever; a body at a slow
-            // rate still goes (the cap waits before sending, not during).
-            .read_timeout(Duration::from_secs(60))
-            // Below the idle timeouts of the hub and common proxies, so a
-            // pooled connection is not reused just as the other side
-            // closes it.
-            .pool_idle_timeout(Duration::from_secs(50))
-            .tcp_nodelay(true)
-            .user_agent(concat!("logbookd/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| SyncError::Local(format!("cannot build an HTTP client: {e}")))?;
+        let http = client(&tls)?;
         Ok(Link {
             name,
-            http,
+            http: Mutex::new((tls, http)),
             remote: Mutex::new(remote),
             throttle,
             report,
             backoff: Backoff::new(cfg.retry_min, cfg.retry_max),
         })
+    }
+
+    /// The HTTP client for `tls` as it is now: the one built for it, or a
+    /// new one when a reload changed it (the old one's pooled connections
+    /// close with it).
+    fn http(&self, tls: &Arc<LinkTls>) -> reqwest::Client {
+        let mut http = self.http.lock().expect("http lock");
+        if http.0 != *tls {
+            match client(tls) {
+                Ok(c) => {
+                    tracing::info!(
+                        "{}: the link's TLS files changed; new connections use them",
+                        self.name
+                    );
+                    *http = (tls.clone(), c);
+                }
+                // Checked when the configuration was loaded: not expected.
+                Err(e) => tracing::error!("{}: {e}; the previous TLS files stay", self.name),
+            }
+        }
+        http.1.clone()
     }
 
     /// The hub as it is now (without a trailing slash).
@@ -171,16 +187,14 @@ impl Link {
         probe_addr(&reqwest::Url::parse(&self.hub()).ok()?)
     }
 
-    /// A request with the device token as it is now.
+    /// A request with the device token (and TLS files) as they are now.
     pub fn request(&self, method: Method, url: &str) -> reqwest::RequestBuilder {
-        let token = self
-            .remote
-            .lock()
-            .expect("remote lock")
-            .borrow_and_update()
-            .token
-            .clone();
-        self.http.request(method, url).bearer_auth(&*token)
+        let (token, tls) = {
+            let mut remote = self.remote.lock().expect("remote lock");
+            let r = remote.borrow_and_update();
+            (r.token.clone(), r.tls.clone())
+        };
+        self.http(&tls).request(method, url).bearer_auth(&*token)
     }
 
     /// Waits for the bandwidth cap to let `bytes` go, beating meanwhile (a
@@ -326,6 +340,31 @@ impl Link {
             }
         }
     }
+}
+
+/// The link's HTTP client, trusting the system's roots and `tls`'s CA,
+/// presenting `tls`'s client certificate if any (README, "TLS").
+fn client(tls: &LinkTls) -> Result<reqwest::Client, SyncError> {
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        // A dead link must not hold a request forever; a body at a slow
+        // rate still goes (the cap waits before sending, not during).
+        .read_timeout(Duration::from_secs(60))
+        // Below the idle timeouts of the hub and common proxies, so a
+        // pooled connection is not reused just as the other side
+        // closes it.
+        .pool_idle_timeout(Duration::from_secs(50))
+        .tcp_nodelay(true)
+        .user_agent(concat!("logbookd/", env!("CARGO_PKG_VERSION")));
+    for root in tls.roots() {
+        builder = builder.add_root_certificate(root);
+    }
+    if let Some(identity) = tls.client_identity() {
+        builder = builder.identity(identity);
+    }
+    builder
+        .build()
+        .map_err(|e| SyncError::Local(format!("cannot build an HTTP client: {e}")))
 }
 
 /// `host:port` of the hub (an IPv6 host keeps its brackets, so the string

@@ -98,6 +98,9 @@ pub struct Remote {
     pub hub: Arc<str>,
     /// The device token.
     pub token: Arc<str>,
+    /// The CA and client certificate the link's HTTP client uses
+    /// (`sync.ca_file`, `sync.client_cert`, `sync.client_key`).
+    pub tls: Arc<crate::agent::config::LinkTls>,
 }
 
 /// What [`SyncShared::set_remote`] changed.
@@ -157,6 +160,24 @@ impl SyncShared {
             changed.hub || changed.token
         });
         if (changed.hub || changed.token) && self.link() == LinkState::AuthFailed {
+            self.set_link(LinkState::Offline);
+        }
+        changed
+    }
+
+    /// Replaces the link's TLS material (a reload read the files again);
+    /// true when it changed. Like a new token, it moves a link parked as
+    /// `auth-failed` to `offline` (a new client certificate may be what
+    /// the hub wanted).
+    pub fn set_tls(&self, tls: &Arc<crate::agent::config::LinkTls>) -> bool {
+        let changed = self.remote.send_if_modified(|r| {
+            if *r.tls == **tls {
+                return false;
+            }
+            r.tls = tls.clone();
+            true
+        });
+        if changed && self.link() == LinkState::AuthFailed {
             self.set_link(LinkState::Offline);
         }
         changed

@@ -1114,6 +1114,7 @@ mod tests {
         let cfg = SyncConfig {
             hub: "http://127.0.0.1:9".into(),
             token: "t".into(),
+            tls: Default::default(),
             max_bytes_per_sec: None,
             batch_records: 100,
             batch_bytes: 1 << 20,

@@ -67,6 +67,11 @@ pub trait Store: Send + Sync {
     /// Whom the token with this hash belongs to.
     async fn find_token(&self, hash: &str) -> Result<Option<Principal>, StoreError>;
 
+    /// Deletes the token with this hash and the console sign-ins made with
+    /// it; whom it belonged to, `None` when there was no such token. The
+    /// next request with it is refused (tokens are looked up per request).
+    async fn revoke_token(&self, hash: &str) -> Result<Option<Principal>, StoreError>;
+
     /// Records a console sign-in. Expired sign-ins go at the same time,
     /// and so, past `max` live ones, do those closest to expiry.
     async fn create_signin(&self, signin: &SignInRow, max: u32) -> Result<(), StoreError>;

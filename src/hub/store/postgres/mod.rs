@@ -244,6 +244,10 @@ impl Store for PgStore {
         tokens::find(&self.client().await?, hash).await
     }
 
+    async fn revoke_token(&self, hash: &str) -> Result<Option<Principal>, StoreError> {
+        tokens::revoke(&mut self.client().await?, hash).await
+    }
+
     async fn create_signin(&self, signin: &SignInRow, max: u32) -> Result<(), StoreError> {
         tokens::create_signin(&mut self.client().await?, signin, max).await
     }

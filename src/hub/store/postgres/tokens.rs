@@ -37,6 +37,25 @@ pub(super) async fn find(
     Ok(c.query_opt(&st, &[&hash]).await?.as_ref().map(principal))
 }
 
+pub(super) async fn revoke(
+    c: &mut deadpool_postgres::Client,
+    hash: &str,
+) -> Result<Option<Principal>, StoreError> {
+    let tx = c.transaction().await?;
+    let who = tx
+        .query_opt(
+            "DELETE FROM tokens WHERE hash = $1 RETURNING kind, org, project, device_id",
+            &[&hash],
+        )
+        .await?
+        .as_ref()
+        .map(principal);
+    tx.execute("DELETE FROM signins WHERE token_hash = $1", &[&hash])
+        .await?;
+    tx.commit().await?;
+    Ok(who)
+}
+
 pub(super) async fn create_signin(
     c: &mut deadpool_postgres::Client,
     s: &SignInRow,

@@ -199,6 +199,11 @@ impl Store for SqliteStore {
         self.run(move |db| db.find_token(&hash)).await
     }
 
+    async fn revoke_token(&self, hash: &str) -> Result<Option<Principal>, StoreError> {
+        let hash = hash.to_owned();
+        self.run(move |db| db.revoke_token(&hash)).await
+    }
+
     async fn create_signin(&self, signin: &SignInRow, max: u32) -> Result<(), StoreError> {
         let signin = signin.clone();
         self.run(move |db| db.create_signin(&signin, max)).await

@@ -36,6 +36,21 @@ impl Db {
         })
     }
 
+    pub fn revoke_token(&self, hash: &str) -> Result<Option<Principal>, StoreError> {
+        self.write(|tx| {
+            let who = tx
+                .query_row(
+                    "DELETE FROM tokens WHERE hash = ?1
+                     RETURNING kind, org, project, device_id",
+                    [hash],
+                    principal,
+                )
+                .optional()?;
+            tx.execute("DELETE FROM signins WHERE token_hash = ?1", [hash])?;
+            Ok(who)
+        })
+    }
+
     pub fn create_signin(&self, s: &SignInRow, max: u32) -> Result<(), StoreError> {
         self.write(|tx| {
             tx.execute("DELETE FROM signins WHERE expires_at_ns <= ?1", [now_ns()])?;
