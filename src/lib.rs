@@ -3,13 +3,17 @@
 //! loading (`config`).
 //!
 //! `agent` and `hub` never import each other; the binaries in `src/bin/` are
-//! thin shells over this library.
+//! thin shells over this library. `hub` and `dev` (and the crates only they
+//! use) are built with the `hub` feature, on by default; the robot's
+//! binaries are built without it (README "On a robot").
 
 pub mod agent;
 pub mod client;
 pub mod config;
+#[cfg(feature = "hub")]
 pub mod dev;
 pub mod exit;
+#[cfg(feature = "hub")]
 pub mod hub;
 pub mod prom;
 pub mod wire;

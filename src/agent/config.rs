@@ -242,6 +242,24 @@ pub const KEYS: &[Key] = &[
         Kind::Secs,
         "longest wait between artifact upload retries",
     ),
+    key(
+        "artifacts",
+        "core_dir",
+        Kind::Str,
+        "where kernel.core_pattern writes cores; crashes there are attached to the active session (empty: off)",
+    ),
+    key(
+        "artifacts",
+        "cores",
+        Kind::Bool,
+        "attach the core file itself, not only the crash report",
+    ),
+    key(
+        "artifacts",
+        "core_max_bytes",
+        Kind::Bytes,
+        "larger cores are reported but not attached",
+    ),
 ];
 
 /// The merged configuration before resolution, exactly the shape of the file.
@@ -579,6 +597,9 @@ pub struct RawArtifacts {
     pub chunk_bytes: u64,
     pub event_queue: u64,
     pub retry_max_secs: f64,
+    pub core_dir: String,
+    pub cores: bool,
+    pub core_max_bytes: u64,
 }
 
 impl Default for RawArtifacts {
@@ -589,6 +610,9 @@ impl Default for RawArtifacts {
             chunk_bytes: 4 << 20,
             event_queue: 4096,
             retry_max_secs: 300.0,
+            core_dir: String::new(),
+            cores: false,
+            core_max_bytes: 256 << 20,
         }
     }
 }

@@ -12,6 +12,7 @@
 
 pub mod api;
 pub mod config;
+pub mod crash;
 pub mod formats;
 pub mod ingest;
 pub mod marks;
@@ -113,7 +114,15 @@ pub async fn run_with_reload(
     let sync = SyncParts::new(&cfg);
     let uploader = start_uploader(&cfg, &view, &pipeline, &sync, &shutdown);
     let tasks = TaskTracker::new();
-    start_listeners(&cfg, sockets.listeners, &pipeline, &shutdown, &tasks);
+    let crashes = start_crashes(&cfg, &view, &pipeline, &shutdown, &tasks);
+    start_listeners(
+        &cfg,
+        sockets.listeners,
+        &pipeline,
+        &crashes,
+        &shutdown,
+        &tasks,
+    );
     let artifacts = start_artifacts(&cfg, &view, &pipeline, &sync, &shutdown, &tasks);
     let reloader = hup.map(|hup| start_reload(hup, &cfg, &sync, &shutdown));
     let state = api_state(&cfg, view, &pipeline, &sync, artifacts, started, &shutdown);
@@ -358,6 +367,7 @@ fn start_listeners(
     cfg: &AgentConfig,
     listeners: Listeners,
     pipeline: &Pipeline,
+    crashes: &crash::Reporter,
     shutdown: &CancellationToken,
     tasks: &TaskTracker,
 ) {
@@ -381,6 +391,7 @@ fn start_listeners(
         tasks.spawn(ingest::journal::serve(
             jcfg,
             pipeline.clone(),
+            Some(crashes.clone()),
             shutdown.clone(),
         ));
     }
@@ -394,6 +405,20 @@ fn start_listeners(
             tasks.clone(),
         ));
     }
+}
+
+/// Starts crash capture (README "Crashes"): the `artifacts.core_dir`
+/// watcher, and the reports of the crashes the journal reader hands over
+/// (on `tasks`, so shutdown waits for it before stopping the writer).
+fn start_crashes(
+    cfg: &AgentConfig,
+    view: &ViewCtx,
+    pipeline: &Pipeline,
+    shutdown: &CancellationToken,
+    tasks: &TaskTracker,
+) -> crash::Reporter {
+    let ccfg = crash::CrashConfig::from_agent(cfg, view.clone());
+    crash::spawn(ccfg, pipeline.clone(), shutdown.clone(), tasks)
 }
 
 /// Starts the artifact watcher and uploader when a hub is configured (on

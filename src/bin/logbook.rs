@@ -137,6 +137,7 @@ enum Command {
     },
     /// Run a hub and an agent on this machine, wired together, and print
     /// where they are and what to try. Ctrl-C stops both.
+    #[cfg(feature = "hub")]
     Dev {
         /// Directory for the hub's data, the agent's buffer and the keys
         /// (reused by later runs).
@@ -258,6 +259,7 @@ fn main() -> ExitCode {
         // `dev` runs two daemons: it gets the multi-threaded runtime they
         // are built for; the hub client is async on one thread; the local
         // commands are blocking calls to api.sock and need no runtime.
+        #[cfg(feature = "hub")]
         Command::Dev { dir, listen } => runtime(true).and_then(|rt| rt.block_on(dev(dir, listen))),
         _ if cli.hub.is_some() => runtime(false).and_then(|rt| rt.block_on(run_hub(cli))),
         _ => run_local(cli),
@@ -278,7 +280,8 @@ fn runtime(multi_thread: bool) -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 /// `logbook dev`: the hub and the agent in this process until Ctrl-C or
-/// SIGTERM.
+/// SIGTERM (built with the `hub` feature only).
+#[cfg(feature = "hub")]
 async fn dev(dir: PathBuf, listen: String) -> anyhow::Result<()> {
     let listen = listen
         .parse()
@@ -536,6 +539,7 @@ fn run_local(cli: Cli) -> anyhow::Result<()> {
                 e => anyhow::Error::new(e),
             })?;
         }
+        #[cfg(feature = "hub")]
         Command::Dev { .. } => unreachable!("main runs `dev` on its own runtime"),
     }
     out.flush()?;
@@ -730,6 +734,7 @@ async fn run_hub(cli: Cli) -> anyhow::Result<()> {
         Command::Status { .. } | Command::Flush | Command::Log { .. } => bail!(
             "`status`, `flush` and `log` talk to the agent on a robot; run them there without --hub"
         ),
+        #[cfg(feature = "hub")]
         Command::Dev { .. } => unreachable!("main runs `dev` on its own runtime"),
     }
     out.flush()?;

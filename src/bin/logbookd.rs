@@ -52,12 +52,22 @@ fn run() -> anyhow::Result<()> {
         print!("{}", config::to_toml(&cfg));
         return Ok(());
     }
-    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.raw.log.level)
+    // `Targets` ("info", "logbook=debug,warn"), not `EnvFilter`: the same
+    // directives for the agent's own log without the regex engine that
+    // span and field filters need (BENCHMARKS.md, "Binary sizes").
+    let filter: tracing_subscriber::filter::Targets = cfg
+        .raw
+        .log
+        .level
+        .parse()
         .map_err(|e| anyhow::anyhow!("log.level: {e}"))?;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     tracing_subscriber::fmt()
-        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(false)
+        .finish()
+        .with(filter)
         .init();
     // Before the runtime starts threads: adopting fds and clearing the
     // LISTEN_* variables is only sound while this is the only thread.

@@ -19,7 +19,7 @@ use crate::util::{interop_client, wait_for, TestDir};
 
 const JOURNAL_REMOTE: &str = "/lib/systemd/systemd-journal-remote";
 
-fn have_journal_tools() -> bool {
+pub(crate) fn have_journal_tools() -> bool {
     if !interop_client("journalctl") {
         return false;
     }
@@ -52,7 +52,7 @@ fn entry(message: &str, priority: u8, unit: &str, ident: &str, pid: u32) -> Stri
 }
 
 /// Appends entries to the journal file in `dir` with systemd-journal-remote.
-fn append(dir: &Path, entries: &[String]) {
+pub(crate) fn append(dir: &Path, entries: &[String]) {
     let mut child = Command::new(JOURNAL_REMOTE)
         .arg(format!("--output={}", dir.join("remote.journal").display()))
         .arg("-")

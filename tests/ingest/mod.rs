@@ -6,7 +6,7 @@
 mod client;
 mod docker;
 mod forward;
-mod journal;
+pub(crate) mod journal;
 mod jsonlines;
 mod listeners;
 mod syslog;

@@ -4,6 +4,7 @@
 
 mod artifacts;
 mod chaos;
+mod crash;
 mod dev;
 pub(crate) mod faultproxy;
 mod limits;

@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Pipeline, Protocol};
 use crate::agent::config::AgentConfig;
+use crate::agent::crash::Reporter;
 use crate::agent::formats::truncate_message;
 use crate::agent::record::{Incoming, Trusted};
 use crate::agent::store::writer::Msg;
@@ -279,7 +280,15 @@ pub fn to_record(
 /// Reads the journal into `pipeline` until `shutdown`, restarting
 /// journalctl (with a backoff, from the last cursor it handed over) when it
 /// fails or ends.
-pub async fn serve(cfg: JournalConfig, pipeline: Pipeline, shutdown: CancellationToken) {
+///
+/// systemd-coredump's entries carry the `crash` mark, and their crash goes
+/// to `crashes` for its report (README "Crashes").
+pub async fn serve(
+    cfg: JournalConfig,
+    pipeline: Pipeline,
+    crashes: Option<Reporter>,
+    shutdown: CancellationToken,
+) {
     let pipeline = pipeline.for_protocol(Protocol::Journal);
     let db = cfg.db_path.clone();
     let mut cursor =
@@ -297,7 +306,7 @@ pub async fn serve(cfg: JournalConfig, pipeline: Pipeline, shutdown: Cancellatio
         };
     let mut delay = Duration::from_secs(1);
     loop {
-        let outcome = run_once(&cfg, &pipeline, &mut cursor, &shutdown).await;
+        let outcome = run_once(&cfg, &pipeline, crashes.as_ref(), &mut cursor, &shutdown).await;
         if shutdown.is_cancelled() {
             return;
         }
@@ -326,6 +335,7 @@ pub async fn serve(cfg: JournalConfig, pipeline: Pipeline, shutdown: Cancellatio
 async fn run_once(
     cfg: &JournalConfig,
     pipeline: &Pipeline,
+    crashes: Option<&Reporter>,
     cursor: &mut Option<String>,
     shutdown: &CancellationToken,
 ) -> Result<u64, String> {
@@ -357,7 +367,12 @@ async fn run_once(
             Ok(Some(entry)) => {
                 read += 1;
                 let (record, c) = to_record(entry, cfg);
-                if let Some((record, trusted)) = record {
+                if let Some((mut record, trusted)) = record {
+                    if let Some(crash) = crate::agent::crash::coredump::take(&mut record) {
+                        if let Some(to) = crashes {
+                            to.report(crash);
+                        }
+                    }
                     rows.push(pipeline.row(record, Arc::new(trusted), now_ns()));
                 }
                 if c.is_some() {

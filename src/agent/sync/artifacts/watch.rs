@@ -35,6 +35,8 @@ use crate::agent::store::writer::Msg;
 const RECENT: Duration = Duration::from_secs(24 * 3600);
 /// How often the set of watched sessions is refreshed.
 const REFRESH: Duration = Duration::from_secs(1);
+/// How often files waiting to settle are looked at.
+const SETTLE_POLL: Duration = Duration::from_millis(200);
 /// Most files waiting to settle at once; more wait for a rescan.
 const MAX_CANDIDATES: usize = 20_000;
 
@@ -87,8 +89,6 @@ pub async fn run(
         candidates: HashMap::new(),
         reported: HashMap::new(),
     };
-    let mut tick = tokio::time::interval(Duration::from_millis(200));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut last_refresh: Option<Instant> = None;
     let mut last_rescan = Instant::now();
     loop {
@@ -105,7 +105,10 @@ pub async fn run(
                     }
                 }
             }
-            _ = tick.tick() => {}
+            // Files settling are looked at every SETTLE_POLL; otherwise the
+            // task wakes once a REFRESH (README "Artifacts"; BENCHMARKS.md,
+            // "Idle": at most one wake-up a second with nothing to do).
+            _ = tokio::time::sleep(if w.candidates.is_empty() { REFRESH } else { SETTLE_POLL }) => {}
         }
         let mut rescan_all = overflow.swap(false, Ordering::Relaxed);
         if rescan_all {
