@@ -8,6 +8,7 @@ mod dev;
 pub(crate) mod faultproxy;
 mod links;
 mod marks;
+mod powercut;
 
 use std::time::Duration;
 
