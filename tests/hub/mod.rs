@@ -5,6 +5,7 @@
 mod api;
 mod console;
 mod export;
+mod hostile;
 mod interop;
 mod live;
 mod postgres;
