@@ -760,9 +760,10 @@ pub fn fuzz_one(data: &[u8]) {
             if let Err(e) = session_query(&p) {
                 refused(e);
             }
-            for (k, v) in &p {
+            // Values only: the routes name the parameters they parse.
+            for (_, v) in &p {
                 clean_tag(v).err().map(refused);
-                parse_time(k, v).err().map(refused);
+                parse_time("since", v).err().map(refused);
             }
         }
     }
