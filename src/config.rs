@@ -88,18 +88,10 @@ pub fn load<T: DeserializeOwned>(
     required: bool,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<T, ConfigError> {
-    let mut merged = toml::Table::new();
+    let mut text = None;
     if let Some(path) = file {
         match std::fs::read_to_string(path) {
-            Ok(text) => {
-                let table: toml::Table =
-                    text.parse()
-                        .map_err(|e: toml::de::Error| ConfigError::Syntax {
-                            file: path.to_owned(),
-                            message: e.message().to_owned(),
-                        })?;
-                merge_file(keys, &table, &path.display().to_string(), &mut merged)?;
-            }
+            Ok(t) => text = Some(t),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {}
             Err(source) => {
                 return Err(ConfigError::Read {
@@ -108,6 +100,28 @@ pub fn load<T: DeserializeOwned>(
                 })
             }
         }
+    }
+    let origin = file.map(|p| p.display().to_string());
+    load_text(keys, text.as_deref(), origin.as_deref(), env)
+}
+
+/// [`load`] with the file's `text` in hand (`origin` names it in errors).
+pub fn load_text<T: DeserializeOwned>(
+    keys: &[Key],
+    text: Option<&str>,
+    origin: Option<&str>,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<T, ConfigError> {
+    let mut merged = toml::Table::new();
+    if let Some(text) = text {
+        let file = origin.unwrap_or("configuration");
+        let table: toml::Table =
+            text.parse()
+                .map_err(|e: toml::de::Error| ConfigError::Syntax {
+                    file: PathBuf::from(file),
+                    message: e.message().to_owned(),
+                })?;
+        merge_file(keys, &table, file, &mut merged)?;
     }
     let env: std::collections::HashMap<String, String> = env.into_iter().collect();
     for key in keys {
@@ -121,11 +135,37 @@ pub fn load<T: DeserializeOwned>(
         }
     }
     T::deserialize(toml::Value::Table(merged)).map_err(|e| ConfigError::Key {
-        origin: file
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|| "configuration".into()),
+        origin: origin.unwrap_or("configuration").to_owned(),
         message: e.to_string().trim().to_owned(),
     })
+}
+
+/// The fuzz entry point of configuration loading (fuzz target `config`):
+/// `data` as a config file of the key table `keys`, and its first line as
+/// the environment value of every key. Returns the typed config when both
+/// load; never panics; every refusal is one line.
+pub fn fuzz_one<T: DeserializeOwned>(keys: &[Key], data: &[u8]) -> Option<T> {
+    let text = String::from_utf8_lossy(data);
+    let one_line = |e: &ConfigError| {
+        let m = e.to_string();
+        // A TOML syntax error may quote the line it is on, which is the
+        // file's own text; the message itself stays on one line.
+        if !matches!(e, ConfigError::Syntax { .. }) {
+            assert!(!m.trim_end().contains('\n'), "{m:?}");
+        }
+    };
+    let _ = parse_bytes(&text);
+    let _ = parse_secs(&text);
+    let first = text.lines().next().unwrap_or("").to_owned();
+    for key in keys {
+        let env = [(key.env_name(), first.clone())];
+        if let Err(e) = load_text::<T>(keys, None, None, env) {
+            one_line(&e);
+        }
+    }
+    load_text::<T>(keys, Some(&text), Some("fuzz.toml"), [])
+        .map_err(|e| one_line(&e))
+        .ok()
 }
 
 /// Loads from the real process environment.

@@ -38,4 +38,32 @@ pub(crate) mod test_rng {
             (self.next() % n.max(1) as u64) as usize
         }
     }
+
+    /// One to four flips, inserts or deletes at random places of `sample`.
+    pub fn mutate(rng: &mut Rng, sample: &[u8]) -> Vec<u8> {
+        let mut v = sample.to_vec();
+        for _ in 0..1 + rng.below(4) {
+            let at = rng.below(v.len() + 1);
+            match rng.below(4) {
+                0 if at < v.len() => v[at] ^= 1 << rng.below(8),
+                1 => v.insert(at, rng.next() as u8),
+                2 if at < v.len() => {
+                    v.remove(at);
+                }
+                // Interesting bytes: delimiters (JSON, syslog, TOML,
+                // queries) and msgpack length markers.
+                _ => {
+                    const SPECIAL: &[u8] =
+                        b"<>[]\"\\= \0\xef\xc1\xdc\xdd\xde\xdf\xc6\xdb\xd7\x93\xff";
+                    let b = SPECIAL[rng.below(SPECIAL.len())];
+                    if at < v.len() {
+                        v[at] = b
+                    } else {
+                        v.push(b)
+                    }
+                }
+            }
+        }
+        v
+    }
 }

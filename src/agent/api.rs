@@ -854,9 +854,8 @@ async fn newest_mark(
         .ok_or_else(|| ApiError::new(404, "not_found", format!("no mark named {name:?}")))
 }
 
-/// `POST /v1/marks`: a mark in the active session (README "Marks").
-async fn new_mark(State(st): St, body: Body<NewMark>) -> Result<Response, ApiError> {
-    let Json(req) = body?;
+/// The mark a `POST /v1/marks` body asks for, checked.
+fn mark_spec(req: NewMark) -> Result<MarkSpec, ApiError> {
     let window = |what: &str, v: &Option<serde_json::Value>| {
         v.as_ref()
             .map(crate::agent::marks::duration_ns)
@@ -871,7 +870,7 @@ async fn new_mark(State(st): St, body: Body<NewMark>) -> Result<Response, ApiErr
         None | Some("") => None,
         Some(t) => Some(parse_time("timestamp", t)?),
     };
-    let spec = MarkSpec::new(
+    MarkSpec::new(
         req.name,
         timestamp_ns,
         window("before", &req.before)?,
@@ -879,7 +878,39 @@ async fn new_mark(State(st): St, body: Body<NewMark>) -> Result<Response, ApiErr
         priority,
         &req.metadata,
     )
-    .map_err(ApiError::bad)?;
+    .map_err(ApiError::bad)
+}
+
+/// The fuzz entry point of the local API's request decoding (fuzz target
+/// `api_body`): `data` as each JSON body (`POST /v1/sessions`, `.../stop`,
+/// `.../tags`, `/v1/marks`) and as a session id of a path, through the
+/// checks the handlers make. Never panics; a refusal is a 400 with a
+/// one-line message.
+pub fn fuzz_one(data: &[u8]) {
+    let refused = |e: ApiError| {
+        let m = &e.body.error.message;
+        assert_eq!(e.status, StatusCode::BAD_REQUEST, "{m}");
+        assert!(!m.contains('\n'), "{m:?}");
+    };
+    let _ = serde_json::from_slice::<OpenSession>(data);
+    let _ = serde_json::from_slice::<StopSession>(data);
+    let _ = serde_json::from_slice::<AddTag>(data);
+    if let Ok(req) = serde_json::from_slice::<NewMark>(data) {
+        if let Err(e) = mark_spec(req) {
+            refused(e);
+        }
+    }
+    if let Ok(id) = std::str::from_utf8(data) {
+        if let Err(e) = target(id) {
+            refused(e);
+        }
+    }
+}
+
+/// `POST /v1/marks`: a mark in the active session (README "Marks").
+async fn new_mark(State(st): St, body: Body<NewMark>) -> Result<Response, ApiError> {
+    let Json(req) = body?;
+    let spec = mark_spec(req)?;
     // Records sent before the mark belong before it (and to its session).
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), st.pipeline.handover()).await;
     let (tx, rx) = oneshot::channel();
@@ -932,4 +963,29 @@ async fn list_marks(State(st): St, q: Q<MarksQuery>) -> Result<Response, ApiErro
         .then(|| items.last().map(|m| m.id.to_string()))
         .flatten();
     Ok(Json(Page { items, next_cursor }).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_bodies_mutated_never_panic() {
+        let samples: &[&[u8]] = &[
+            br#"{"tags":["a","b"],"package":{"name":"nav","version":"1.2"},"metadata":{"k":1}}"#,
+            br#"{"failed":true,"error":"motor stalled"}"#,
+            br#"{"tag":"calibration"}"#,
+            br#"{"name":"bump","before":"30s","after":5,"priority":"high","timestamp":"2026-12-05T08:00:00Z","metadata":{"x":[1,2]}}"#,
+            b"01930000-0000-7000-8000-000000000000",
+            b"current",
+        ];
+        let mut rng = crate::test_rng::Rng::new(0x0a91);
+        for _ in 0..20_000 {
+            let s = samples[rng.below(samples.len())];
+            fuzz_one(&crate::test_rng::mutate(&mut rng, s));
+        }
+        for s in samples {
+            fuzz_one(s);
+        }
+    }
 }

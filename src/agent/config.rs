@@ -694,6 +694,17 @@ pub fn load(
     resolve(raw, &path)
 }
 
+/// The fuzz entry point of the agent's configuration (fuzz target
+/// `config`): `data` as `agent.toml` (see [`crate::config::fuzz_one`]),
+/// resolved when it loads. Never panics; a refusal is one line.
+pub fn fuzz_one(data: &[u8]) {
+    if let Some(raw) = crate::config::fuzz_one::<RawConfig>(KEYS, data) {
+        if let Err(e) = resolve(raw, Path::new("fuzz.toml")) {
+            assert!(!e.to_string().contains('\n'), "{e}");
+        }
+    }
+}
+
 fn resolve(raw: RawConfig, file: &Path) -> Result<AgentConfig, ConfigError> {
     let bad = |key: &str, message: String| ConfigError::Key {
         origin: file.display().to_string(),
@@ -856,6 +867,20 @@ pub fn to_toml(cfg: &AgentConfig) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn config_files_mutated_never_panic() {
+        let sample = b"[device]\nid = \"robot-7\"\n[buffer]\nmax_bytes = \"64MiB\"\nsynchronous = \"full\"\n\
+            [sync]\nhub = \"https://hub.example:8443\"\nlinger = \"250ms\"\nretry_max = 30\n\
+            [ingest]\nmax_record_bytes = 65536\n";
+        let mut rng = crate::test_rng::Rng::new(0xc0f);
+        // The sample itself loads: mutations start from the good path.
+        assert!(crate::config::fuzz_one::<RawConfig>(KEYS, sample).is_some());
+        fuzz_one(sample);
+        for _ in 0..3_000 {
+            fuzz_one(&crate::test_rng::mutate(&mut rng, sample));
+        }
+    }
 
     /// The commented `agent.toml` the Debian package installs names every
     /// key, and the values it shows are the defaults (but for the device

@@ -441,6 +441,17 @@ impl HubConfig {
     }
 }
 
+/// The fuzz entry point of the hub's configuration (fuzz target `config`):
+/// `data` as `hub.toml` (see [`crate::config::fuzz_one`]), resolved when
+/// it loads. Never panics; a refusal is one line.
+pub fn fuzz_one(data: &[u8]) {
+    if let Some(raw) = crate::config::fuzz_one::<Raw>(KEYS, data) {
+        if let Err(e) = resolve(raw, "fuzz.toml") {
+            assert!(!e.to_string().contains('\n'), "{e}");
+        }
+    }
+}
+
 fn resolve(raw: Raw, origin: &str) -> Result<HubConfig, ConfigError> {
     let err = |message: String| ConfigError::Key {
         origin: origin.to_owned(),
@@ -608,6 +619,19 @@ fn resolve(raw: Raw, origin: &str) -> Result<HubConfig, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn config_files_mutated_never_panic() {
+        let sample = b"[server]\nlisten = \"0.0.0.0:8443\"\nmax_streams = 64\n\
+            [ingest]\nmax_body_bytes = \"8MiB\"\nmax_records = 20000\n[uploads]\nexpire_after = \"3600s\"\n";
+        let mut rng = crate::test_rng::Rng::new(0xc0e);
+        // The sample itself loads: mutations start from the good path.
+        assert!(crate::config::fuzz_one::<Raw>(KEYS, sample).is_some());
+        fuzz_one(sample);
+        for _ in 0..3_000 {
+            fuzz_one(&crate::test_rng::mutate(&mut rng, sample));
+        }
+    }
 
     fn check(env: &[(&str, &str)], expected: Result<&str, &str>) {
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));

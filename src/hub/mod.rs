@@ -36,9 +36,13 @@ use tokio::sync::{broadcast, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// The fuzz entry points of the request decoders (the `fuzz/` crate's
+/// targets `query` and `tus`).
+pub use api::fuzz_one as fuzz_query;
 pub use config::HubConfig;
 use store::{LogRow, PgStore, SqliteStore, Store, StoreError};
 pub use store::{Principal, TokenKind};
+pub use tus::fuzz_one as fuzz_tus;
 
 /// Name of the file in the data directory that holds the bound address
 /// (`127.0.0.1:PORT`) while the hub runs, for scripts and tests using port 0.

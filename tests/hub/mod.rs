@@ -7,6 +7,7 @@ mod console;
 mod console_devices;
 mod export;
 mod fleet;
+mod hostile;
 mod interop;
 mod live;
 mod postgres;

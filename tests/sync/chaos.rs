@@ -1,7 +1,7 @@
 //! Sync under abuse: a randomized schedule of network faults between agent
-//! and hub under continuous logging, and repeated kill -9 of the agent in
-//! the middle of uploading. Afterwards the hub holds every record exactly
-//! once.
+//! and hub under continuous logging, and repeated kill -9 of the agent, or
+//! of the hub, in the middle of uploading. Afterwards the hub holds every
+//! record exactly once.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -162,4 +162,56 @@ fn crash_loop_of_the_agent_loses_and_doubles_nothing() {
         assert_eq!(r["message"], format!("loop {}", i + 1));
     }
     eprintln!("{cycles} kill -9 cycles: {total} records, each at the hub once");
+}
+
+/// Kill -9 and restart of the hub at random points while a real agent
+/// logs and uploads, `cycles` times (20 here; `LOGBOOK_TEST_CYCLES=200`
+/// the full run), on the suite's storage (`LOGBOOK_TEST_HUB_STORAGE`):
+/// every record the agent committed is at the hub exactly once.
+#[test]
+fn crash_loop_of_the_hub_loses_and_doubles_nothing() {
+    let cycles: u64 = std::env::var("LOGBOOK_TEST_CYCLES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
+    let mut rng = schedule_rng();
+    let mut hub = HubProc::start("sync_hub_crash_loop");
+    let dir = TestDir::new("sync_hub_crash_loop");
+    let mut env = sync_env(&hub.url, &hub.device);
+    env.push(("LOGBOOK_SYNC_BATCH_RECORDS".into(), "64".into()));
+    let agent = start_agent(&dir, &env);
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let logger = {
+        let (stop, sent) = (stop.clone(), sent.clone());
+        let mut conn = agent.ingest();
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                for _ in 0..20 {
+                    i += 1;
+                    writeln!(conn, r#"{{"level":"info","msg":"hub loop {i}"}}"#).unwrap();
+                }
+                sent.store(i, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    for _ in 0..cycles {
+        // The fault: a kill at a random point of the uploads.
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..300)));
+        hub.restart();
+    }
+    stop.store(true, Ordering::SeqCst);
+    logger.join().unwrap();
+    let total = sent.load(Ordering::SeqCst);
+    wait_synced(&agent, Duration::from_secs(120));
+    let logs = hub_logs(&hub, &format!("/devices/{DEVICE}/logs"));
+    assert_exact_seqs(&logs, 1..=total);
+    for (i, r) in logs.iter().enumerate() {
+        assert_eq!(r["message"], format!("hub loop {}", i + 1));
+    }
+    let st = agent.status()["sync"].clone();
+    assert_eq!(st["set_aside_batches"], 0, "{st}");
+    eprintln!("{cycles} kill -9 cycles of the hub: {total} records, each at the hub once");
 }

@@ -10,6 +10,7 @@ pub(crate) mod faultproxy;
 mod limits;
 mod links;
 mod marks;
+mod powercut;
 mod tls;
 
 use std::time::Duration;

@@ -50,38 +50,11 @@ pub fn truncate_message(message: &mut String, max_bytes: usize) -> bool {
 }
 
 /// Deterministic byte mutations of real samples, shared by the parsers'
-/// "never panics" tests, driven by [`crate::test_rng::Rng`].
+/// "never panics" tests (they live in [`crate::test_rng`], shared with the
+/// hub's decoders).
 #[cfg(test)]
 pub(crate) mod mutate {
-    pub use crate::test_rng::Rng;
-
-    /// One to four flips, inserts or deletes at random places.
-    pub fn mutate(rng: &mut Rng, sample: &[u8]) -> Vec<u8> {
-        let mut v = sample.to_vec();
-        for _ in 0..1 + rng.below(4) {
-            let at = rng.below(v.len() + 1);
-            match rng.below(4) {
-                0 if at < v.len() => v[at] ^= 1 << rng.below(8),
-                1 => v.insert(at, rng.next() as u8),
-                2 if at < v.len() => {
-                    v.remove(at);
-                }
-                // Interesting bytes for both formats: delimiters and
-                // msgpack length markers.
-                _ => {
-                    const SPECIAL: &[u8] =
-                        b"<>[]\"\\= \0\xef\xc1\xdc\xdd\xde\xdf\xc6\xdb\xd7\x93\xff";
-                    let b = SPECIAL[rng.below(SPECIAL.len())];
-                    if at < v.len() {
-                        v[at] = b
-                    } else {
-                        v.push(b)
-                    }
-                }
-            }
-        }
-        v
-    }
+    pub use crate::test_rng::{mutate, Rng};
 }
 
 #[cfg(test)]

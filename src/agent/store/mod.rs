@@ -109,6 +109,9 @@ pub struct Stats {
     /// Where the last bad database was moved to.
     pub quarantined_to: Mutex<Option<PathBuf>>,
     pub commits: AtomicU64,
+    /// Seq blocks reserved (each one synced commit; see
+    /// `writer::Writer::seq_reserved`).
+    pub seq_reservations: AtomicU64,
     /// Records in the database (committed minus evicted).
     pub records_stored: AtomicI64,
     pub records_synced: AtomicI64,

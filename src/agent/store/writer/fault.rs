@@ -267,6 +267,8 @@ impl Writer {
             }
         };
         drop(std::mem::replace(&mut self.conn, fresh));
+        // The fresh file holds no reservation: the next commit makes one.
+        self.seq_reserved = 0;
         let old_pk = self.current.map(|(pk, _)| pk);
         let new_pk = match self.carry_over(session, lost) {
             Ok(pk) => pk,

@@ -25,7 +25,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
@@ -121,6 +121,11 @@ pub struct Writer {
     /// The seq the next record gets. Persisted in `meta` with every commit,
     /// so it never goes back, even when the table empties.
     next_seq: i64,
+    /// Every seq below this is covered by a reservation on stable storage
+    /// (`meta.seq_reserved`, committed synced): after a power cut the
+    /// counter starts here, never below a seq the hub may hold (README
+    /// "After a power cut"). 0 until the open reserves.
+    seq_reserved: i64,
     /// A [`Msg::Stop`] arrived.
     stopping: bool,
     /// Replies to sync acknowledgements, sent once their commit is done (so
@@ -167,6 +172,7 @@ impl Writer {
             current: None,
             log_counts: HashMap::new(),
             next_seq: 1,
+            seq_reserved: 0,
             stopping: false,
             sync_replies: Vec::new(),
             checkpoints: None,
@@ -195,6 +201,7 @@ impl Writer {
             |r| r.get(0),
         )?;
         w.next_seq = persisted.max(last + 1);
+        w.reserve_seqs_at_open()?;
         w.stats.last_seq.store(w.next_seq - 1, Ordering::Relaxed);
         w.close_sessions_of_earlier_boots()?;
         w.enforce_bound()?;
@@ -317,6 +324,7 @@ impl Writer {
             }
         }
         self.commit();
+        self.mark_clean_stop();
         if let Some((wake, checkpointer)) = self.checkpoints.take() {
             // Its last checkpoint done, it ends once its sender is gone.
             drop(wake);
@@ -340,6 +348,16 @@ impl Writer {
             Msg::Rows(rows) => {
                 *records += rows.len();
                 *bytes += rows.iter().map(Row::approx_bytes).sum::<usize>();
+                if self.broken.is_none() && self.next_seq + rows.len() as i64 > self.seq_reserved {
+                    // Past the reservation: what is open commits, the next
+                    // block is reserved (synced), then these go in.
+                    self.commit();
+                    if let Err(e) = self.reserve_seqs(rows.len()) {
+                        tracing::warn!("reserving seqs failed: {e}");
+                        self.broken = Some(fault::classify(&e));
+                    }
+                    let _ = self.conn.execute_batch("BEGIN");
+                }
                 let session = self.current.map(|(pk, _)| pk);
                 if self.broken.is_none() {
                     if let Err(e) = self.insert_in(session, &rows) {
@@ -463,11 +481,6 @@ impl Writer {
         }
     }
 
-    #[cfg(test)]
-    fn insert(&mut self, rows: &[Row]) -> rusqlite::Result<()> {
-        self.insert_in(self.current.map(|(pk, _)| pk), rows)
-    }
-
     /// Inserts `rows` into the open transaction, in `session` (a pk).
     fn insert_in(&mut self, session: Option<i64>, rows: &[Row]) -> rusqlite::Result<()> {
         let mut insert = super::insert::Insert::new(&self.conn)?;
@@ -566,14 +579,104 @@ impl Writer {
         for (&(session, level, reason), &n) in &self.pending_gaps {
             bound::add_gap(&self.conn, session, level, reason, n).map_err(tx)?;
         }
-        self.conn
-            .execute(
-                "INSERT INTO meta(key, value) VALUES ('next_seq', ?1) \
-                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                [self.next_seq],
-            )
-            .map_err(tx)?;
+        set_meta(&self.conn, "next_seq", self.next_seq).map_err(tx)?;
         self.conn.execute_batch("COMMIT").map_err(tx)
+    }
+
+    /// Makes sure the next `n` seqs are covered by a reservation on stable
+    /// storage, reserving `n` more and a block when not: a transaction of
+    /// its own committed with `synchronous = FULL`, which syncs the WAL
+    /// (and every transaction before it) before the commit returns. SQLite
+    /// changes the safety level only outside a transaction, so the caller
+    /// commits what it has open first; no record with a seq past the synced
+    /// reservation is ever committed, so none can reach the hub.
+    fn reserve_seqs(&mut self, n: usize) -> rusqlite::Result<()> {
+        if self.next_seq + n as i64 <= self.seq_reserved {
+            return Ok(());
+        }
+        let end = self.next_seq + n as i64 + SEQ_BLOCK;
+        self.synced_tx(|c| set_meta(c, "seq_reserved", end))?;
+        self.seq_reserved = end;
+        self.stats.seq_reservations.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Runs `f` in a transaction committed with `synchronous = FULL`; must
+    /// be called outside a transaction.
+    fn synced_tx(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<()>,
+    ) -> rusqlite::Result<()> {
+        let toggle = !self.cfg.synchronous_full;
+        if toggle {
+            self.conn.pragma_update(None, "synchronous", "FULL")?;
+        }
+        let out = self
+            .conn
+            .execute_batch("BEGIN")
+            .and_then(|()| f(&self.conn))
+            .and_then(|()| self.conn.execute_batch("COMMIT"));
+        if out.is_err() && !self.conn.is_autocommit() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+        if toggle {
+            if let Err(e) = self.conn.pragma_update(None, "synchronous", "NORMAL") {
+                tracing::error!("cannot set synchronous back to NORMAL: {e}");
+            }
+        }
+        out
+    }
+
+    /// At open: when the last stop was not the agent's own and the kernel
+    /// booted since (a power cut or a crash of the machine: the WAL may have
+    /// lost its last transactions, and the counter with them), moves the
+    /// counter to the end of the last synced reservation; then reserves the
+    /// next block, synced, and clears the clean-stop mark. A kill -9 in the
+    /// same boot loses nothing committed (the kernel still holds the WAL),
+    /// so the counter stays where it is and seqs stay dense.
+    fn reserve_seqs_at_open(&mut self) -> Result<(), StoreError> {
+        let get = |key: &str| -> rusqlite::Result<Option<i64>> {
+            self.conn
+                .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+                .optional()
+        };
+        let reserved = get("seq_reserved")?;
+        let clean = get("clean_stop")?.is_some();
+        let boot = get("open_boot")?;
+        let here = boot_key(&self.cfg.view.boot_id);
+        if let Some(r) = reserved {
+            if !clean && boot != Some(here) && r > self.next_seq {
+                tracing::warn!(
+                    "the last stop was not the agent's and the device rebooted since: \
+                     seqs {}..{} may have been lost with the end of the WAL (and may be \
+                     at the hub), so new records start at seq {r}",
+                    self.next_seq,
+                    r - 1
+                );
+                self.next_seq = r;
+            }
+        }
+        let (end, next) = (self.next_seq + SEQ_BLOCK, self.next_seq);
+        self.synced_tx(|c| {
+            set_meta(c, "next_seq", next)?;
+            set_meta(c, "seq_reserved", end)?;
+            set_meta(c, "open_boot", here)?;
+            c.execute("DELETE FROM meta WHERE key = 'clean_stop'", [])
+                .map(drop)
+        })?;
+        self.seq_reserved = end;
+        self.stats.seq_reservations.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The writer stops on its own (everything received is committed):
+    /// the next open needs no jump of the counter. Not synced: if a power
+    /// cut takes this mark, it takes nothing before it (a WAL loses only
+    /// its end), and the open jumps to be safe.
+    fn mark_clean_stop(&self) {
+        if let Err(e) = set_meta(&self.conn, "clean_stop", 1) {
+            tracing::warn!("cannot record the clean stop: {e}");
+        }
     }
 
     /// After a commit: count its records, and hand its rows back to be
@@ -611,6 +714,8 @@ impl Writer {
 
     /// Writes the held rows again, in a new transaction.
     fn replay(&mut self) -> Result<(), fault::Fault> {
+        let n = self.held.iter().map(|(_, rows)| rows.len()).sum();
+        self.reserve_seqs(n).map_err(|e| fault::classify(&e))?;
         self.conn
             .execute_batch("BEGIN")
             .map_err(|e| fault::classify(&e))?;
@@ -626,6 +731,30 @@ impl Writer {
         self.held = held;
         out
     }
+}
+
+/// Seqs reserved by one synced commit. One fsync per 65,536 records;
+/// after a power cut at most this many seqs are skipped.
+const SEQ_BLOCK: i64 = 1 << 16;
+
+/// Sets `meta.key` to `value`.
+fn set_meta(conn: &Connection, key: &str, value: i64) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO meta(key, value) VALUES (?1, ?2) \
+         ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        params![key, value],
+    )
+    .map(drop)
+}
+
+/// The boot id as an integer for `meta` (FNV-1a, stable across builds).
+fn boot_key(boot_id: &str) -> i64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in boot_id.trim().bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h as i64
 }
 
 #[cfg(test)]
@@ -676,7 +805,8 @@ mod tests {
     /// Inserts in a committed transaction, as the writer loop does.
     pub(super) fn put(w: &mut Writer, rows: Vec<Row>) {
         w.conn.execute_batch("BEGIN").unwrap();
-        w.insert(&rows).unwrap();
+        w.handle(Msg::Rows(rows), &mut Vec::new(), &mut 0, &mut 0);
+        assert!(w.broken.is_none(), "the rows went in");
         w.commit();
     }
 
@@ -802,5 +932,110 @@ mod tests {
         assert_eq!(w.sync_replies.len(), 1);
         assert_eq!(w.sync_replies[0].1, 5);
         assert_eq!(super::super::sync::count_synced(&w.conn).unwrap(), 5);
+    }
+
+    /// What a power cut can leave under `synchronous = normal`: the files as
+    /// they were at an earlier commit (the WAL lost its end). The files are
+    /// copied while the writer holds them, as the kernel has them.
+    fn cut_copy(from: &std::path::Path, to: &std::path::Path) {
+        for name in ["agent.db", "agent.db-wal"] {
+            let src = from.join(name);
+            if src.exists() {
+                std::fs::copy(&src, to.join(name)).unwrap();
+            }
+        }
+    }
+
+    fn meta(w: &Writer, key: &str) -> Option<i64> {
+        w.conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()
+            .unwrap()
+    }
+
+    #[test]
+    fn after_a_power_cut_and_a_reboot_the_counter_starts_past_the_reservation() {
+        let (dir, cut) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut w = writer_in_boot(dir.path(), "b1");
+        put(&mut w, rows(Level::Info, 5));
+        // The cut comes here; records 6..=10 are committed (and may be at
+        // the hub) but lost from the copy.
+        cut_copy(dir.path(), cut.path());
+        put(&mut w, rows(Level::Info, 5));
+        assert_eq!(seqs(&w), (1..=10).collect::<Vec<_>>());
+        drop(w);
+        let mut w = writer_in_boot(cut.path(), "b2");
+        assert_eq!(
+            seqs(&w),
+            (1..=5).collect::<Vec<_>>(),
+            "the WAL lost its end"
+        );
+        put(&mut w, rows(Level::Info, 1));
+        let first_new = 1 + SEQ_BLOCK;
+        assert_eq!(
+            seqs(&w).last(),
+            Some(&first_new),
+            "never a seq the hub may hold"
+        );
+        assert_eq!(w.stats.last_seq.load(Ordering::Relaxed), first_new);
+        // The open reserved the next block, synced, before any use of it.
+        assert_eq!(meta(&w, "seq_reserved"), Some(first_new + SEQ_BLOCK));
+        assert_eq!(meta(&w, "clean_stop"), None);
+    }
+
+    #[test]
+    fn a_kill_in_the_same_boot_or_a_clean_stop_keeps_the_seqs_dense() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = writer_in_boot(dir.path(), "b1");
+        put(&mut w, rows(Level::Info, 3));
+        // Killed: nothing committed is lost while the kernel runs on.
+        drop(w);
+        let mut w = writer_in_boot(dir.path(), "b1");
+        put(&mut w, rows(Level::Info, 3));
+        assert_eq!(seqs(&w), (1..=6).collect::<Vec<_>>());
+        // Stopped on its own, then a reboot: the mark says nothing was lost.
+        w.mark_clean_stop();
+        drop(w);
+        let mut w = writer_in_boot(dir.path(), "b2");
+        put(&mut w, rows(Level::Info, 3));
+        assert_eq!(seqs(&w), (1..=9).collect::<Vec<_>>());
+        // Killed, then a reboot: the counter jumps to the end of the
+        // reservation the last open made (it cannot know what was lost).
+        drop(w);
+        let mut w = writer_in_boot(dir.path(), "b3");
+        put(&mut w, rows(Level::Info, 1));
+        assert_eq!(seqs(&w).last(), Some(&(7 + SEQ_BLOCK)));
+    }
+
+    #[test]
+    fn a_synced_reservation_every_block_of_seqs_and_synchronous_back_to_normal() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = writer(dir.path());
+        assert_eq!(w.stats.seq_reservations.load(Ordering::Relaxed), 1);
+        let block = SEQ_BLOCK as usize;
+        for _ in 0..3 {
+            put(&mut w, rows(Level::Info, block / 2 - 1));
+        }
+        // 3 * (block/2 - 1) + 1 passes the first block once.
+        assert_eq!(w.stats.seq_reservations.load(Ordering::Relaxed), 2);
+        let reserved = meta(&w, "seq_reserved").unwrap();
+        assert!(reserved >= w.next_seq, "{reserved} < {}", w.next_seq);
+        assert_eq!(reserved, w.seq_reserved);
+        let sync: i64 = w
+            .conn
+            .pragma_query_value(None, "synchronous", |r| r.get(0))
+            .unwrap();
+        assert_eq!(sync, 1, "NORMAL again after the synced commit");
+    }
+
+    #[test]
+    fn a_quarantined_file_gets_a_reservation_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = writer(dir.path());
+        put(&mut w, rows(Level::Info, 3));
+        w.quarantine();
+        put(&mut w, rows(Level::Info, 2));
+        assert_eq!(seqs(&w), vec![4, 5]);
+        assert_eq!(meta(&w, "seq_reserved"), Some(4 + 2 + SEQ_BLOCK));
     }
 }

@@ -19,7 +19,7 @@ use proptest::prelude::*;
 use tokio::sync::oneshot;
 
 use super::tests::writer_in_boot;
-use super::{Msg, SessionCmd, Writer};
+use super::{Msg, SessionCmd, Writer, SEQ_BLOCK};
 use crate::agent::marks::{MarkSpec, Priority};
 use crate::agent::record::Trusted;
 use crate::agent::store::marks::PIN_RELEASED;
@@ -140,6 +140,8 @@ type Gaps = BTreeMap<(i64, i64, String), (i64, i64)>;
 struct Model {
     records: BTreeMap<u64, Rec>,
     next_seq: u64,
+    /// The end of the synced seq reservation (seqs below it are covered).
+    reserved: u64,
     /// The active session's pk.
     current: Option<i64>,
     gaps: Gaps,
@@ -148,6 +150,14 @@ struct Model {
 }
 
 impl Model {
+    /// Before `n` records go in: seqs past the reservation reserve them
+    /// and the next block.
+    fn reserve(&mut self, n: u64) {
+        if self.next_seq + 1 + n > self.reserved {
+            self.reserved = self.next_seq + 1 + n + SEQ_BLOCK as u64;
+        }
+    }
+
     fn gap(&mut self, session: i64, level: Level, reason: &str, n: i64) {
         if n > 0 {
             let key = (session, level.code() as i64, reason.to_owned());
@@ -437,6 +447,7 @@ fn step(real: &mut Real, model: &mut Model, op: &Op) {
         Op::Append(levels) => {
             let made = rows(levels, model.next_seq as i64 + 1);
             real.send(Msg::Rows(made.clone()));
+            model.reserve(levels.len() as u64);
             let session = model.current.unwrap_or(0);
             for (row, (level, _)) in made.iter().zip(levels) {
                 model.next_seq += 1;
@@ -588,12 +599,16 @@ fn step(real: &mut Real, model: &mut Model, op: &Op) {
                 real.boot += 1;
                 // The session active in the earlier boot is closed as failed.
                 model.current = None;
+                // Not a stop of its own, and a new boot: the WAL may have
+                // lost its end, so the counter starts past the reservation.
+                model.next_seq = model.next_seq.max(model.reserved - 1);
             }
             // Uncommitted state dies with the process: only what is in
             // the database (and the boot id) carries over.
             real.w = writer_in_boot(real.dir, &real.boot_id());
             let current = real.w.current.map(|(pk, _)| pk);
             assert_eq!(current, model.current, "the session active after a restart");
+            model.reserved = model.next_seq + 1 + SEQ_BLOCK as u64;
             real.w.cfg.pinned_max = model.pinned_max as u64;
         }
         Op::Mark {
@@ -678,7 +693,7 @@ proptest! {
     fn the_ring_buffer_agrees_with_its_model(ops in prop::collection::vec(op(), 1..60)) {
         let dir = tempfile::tempdir().unwrap();
         let mut real = Real { dir: dir.path(), w: writer_in_boot(dir.path(), "boot-0"), boot: 0 };
-        let mut model = Model { pinned_max: real.w.cfg.pinned_max as i64, ..Model::default() };
+        let mut model = Model { pinned_max: real.w.cfg.pinned_max as i64, reserved: 1 + SEQ_BLOCK as u64, ..Model::default() };
         for op in &ops {
             step(&mut real, &mut model, op);
         }
