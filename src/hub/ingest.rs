@@ -139,6 +139,68 @@ pub fn validate(batch: &Batch, device_id: &str, limits: &Limits) -> Result<(), A
     Ok(())
 }
 
+/// What takes the place of a NUL in a stored text: U+FFFD, the
+/// replacement character.
+pub const NUL_REPLACEMENT: &str = "\u{FFFD}";
+
+/// PostgreSQL's `text` cannot hold U+0000, and one NUL in a robot's log
+/// line must not make its batch fail forever; so every backend stores a
+/// NUL in a batch's texts as U+FFFD (the same bytes on SQLite and
+/// PostgreSQL). Record metadata is JSON text, where a NUL is already the
+/// escape `\u0000`; a session's metadata is JSON the hub reads as JSON,
+/// so its keys and strings are replaced too.
+pub fn replace_nul(batch: &mut Batch) {
+    fn text(s: &mut String) {
+        if s.contains('\0') {
+            *s = s.replace('\0', NUL_REPLACEMENT);
+        }
+    }
+    fn json(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::String(s) => text(s),
+            serde_json::Value::Array(a) => a.iter_mut().for_each(json),
+            serde_json::Value::Object(m) => object(m),
+            _ => {}
+        }
+    }
+    fn object(m: &mut serde_json::Map<String, serde_json::Value>) {
+        if m.keys().any(|k| k.contains('\0')) {
+            *m = std::mem::take(m)
+                .into_iter()
+                .map(|(k, v)| (k.replace('\0', NUL_REPLACEMENT), v))
+                .collect();
+        }
+        m.values_mut().for_each(json);
+    }
+    text(&mut batch.device.name);
+    for s in &mut batch.sessions {
+        s.tags.iter_mut().for_each(text);
+        if let Some(p) = &mut s.package {
+            text(&mut p.name);
+            p.version.as_mut().map(text);
+        }
+        object(&mut s.metadata);
+        s.error.as_mut().map(text);
+    }
+    for r in &mut batch.records {
+        text(&mut r.module);
+        text(&mut r.message);
+        r.process.as_mut().map(text);
+    }
+    for g in &mut batch.gaps {
+        text(&mut g.reason);
+    }
+    for m in &mut batch.marks {
+        text(&mut m.name);
+        text(&mut m.priority);
+        m.released.as_mut().map(text);
+    }
+    if let Some(a) = &mut batch.agent {
+        text(&mut a.version);
+        a.dropped.iter_mut().for_each(|(r, _)| text(r));
+    }
+}
+
 /// Most marks one batch may carry.
 pub const MAX_MARKS: usize = 10_000;
 
@@ -240,7 +302,7 @@ pub async fn post_batch(
     Metrics::add(&hub.metrics.bytes_in, body.len() as u64);
     let device_id = scope.device_id.clone();
     let checked = tokio::task::spawn_blocking(move || {
-        let batch = decode(&body, gzip, &limits)?;
+        let mut batch = decode(&body, gzip, &limits)?;
         validate(&batch, &device_id, &limits).map_err(|e| {
             let reason = match e.status {
                 StatusCode::FORBIDDEN => "device_mismatch",
@@ -249,6 +311,7 @@ pub async fn post_batch(
             };
             (e, reason)
         })?;
+        replace_nul(&mut batch);
         Ok::<_, (ApiError, &'static str)>(batch)
     })
     .await?;

@@ -376,7 +376,24 @@ fn router(hub: Arc<Hub>) -> Router {
         )
         .merge(console::router(hub.clone()))
         .fallback(api::not_found)
+        .layer(axum::middleware::from_fn(refuse_nul))
         .with_state(hub)
+}
+
+/// No route takes a NUL byte in its path or query: no id, name or filter
+/// holds one (PostgreSQL's text cannot), so `%00` is refused here, once,
+/// before any route or store reads it.
+async fn refuse_nul(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let uri = request.uri();
+    if uri.path().contains("%00") || uri.query().is_some_and(|q| q.contains("%00")) {
+        return error::ApiError::bad_request("the request's path or query holds a NUL byte (%00)")
+            .into_response();
+    }
+    next.run(request).await
 }
 
 #[cfg(test)]

@@ -151,6 +151,7 @@ fn a_hostile_client_gets_4xx_json_errors_and_the_hub_keeps_serving() {
         "level=bogus",
         "since=not-a-time",
         "after=x",
+        "search=a%00b",
     ] {
         for route in [
             format!("/sessions?{q}"),

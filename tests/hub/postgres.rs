@@ -109,7 +109,8 @@ async fn a_hub_on_postgres_answers_the_same_bytes_as_on_sqlite() {
         batch(vec![], recs[20..].to_vec(), vec![]),
         batch(
             vec![state(s1, 2, SessionStatus::Completed, &["production"])],
-            vec![record(61, None, Level::Warn, "boot", "no session yet")],
+            // PostgreSQL's text holds no NUL: both store U+FFFD for it.
+            vec![record(61, None, Level::Warn, "bo\0ot", "no session\0 yet")],
             vec![],
         ),
     ];
@@ -130,12 +131,18 @@ async fn a_hub_on_postgres_answers_the_same_bytes_as_on_sqlite() {
         format!("/sessions/{s2}/logs?search=obstacles%20near&level=warn"),
         format!("/sessions/{s1}/logs?search=dock-3"),
         format!("/sessions/{s1}/logs?module=perception*"),
+        format!("/devices/{DEVICE}/logs"),
     ];
     for route in &routes {
         let (a, b) = (raw(&pg, route).await, raw(&lite, route).await);
         assert_eq!(a.0, 200, "{route}: {}", a.1);
         assert_eq!(a, b, "{route} differs between PostgreSQL and SQLite");
     }
+    let (_, body) = raw(&pg, &format!("/devices/{DEVICE}/logs")).await;
+    assert!(
+        body.contains("no session\u{FFFD} yet") && body.contains("bo\u{FFFD}ot"),
+        "{body}"
+    );
     // The searches found some records, not all: the comparison means something.
     for (route, want) in [
         (format!("/sessions/{s1}/logs?search=dock-3"), 8),
