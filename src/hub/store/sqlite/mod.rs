@@ -58,9 +58,27 @@ pub(super) struct Db {
     readers: Mutex<Vec<Connection>>,
 }
 
+/// How long a statement waits for another connection's lock.
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 fn pragmas(conn: &Connection) -> rusqlite::Result<()> {
-    conn.busy_timeout(std::time::Duration::from_secs(10))?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    // Switching a fresh file to WAL takes an exclusive lock, and SQLite
+    // answers busy at once rather than wait for it (no busy handler): a
+    // second process opening the file at that instant retries, for as
+    // long as the busy timeout.
+    let since = std::time::Instant::now();
+    loop {
+        match conn.pragma_update(None, "journal_mode", "WAL") {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && since.elapsed() < BUSY_TIMEOUT =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            r => break r?,
+        }
+    }
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "foreign_keys", "OFF")?;
     conn.set_prepared_statement_cache_capacity(64);
@@ -68,9 +86,13 @@ fn pragmas(conn: &Connection) -> rusqlite::Result<()> {
 }
 
 /// Runs the migrations `user_version` has not seen, in one transaction;
-/// refuses a database newer than this binary.
+/// refuses a database newer than this binary. The transaction takes the
+/// write lock before it reads the version, so two processes migrating one
+/// file at once (`migrate` beside `serve`) run each migration once: the
+/// second waits (busy timeout), then finds nothing left to do.
 fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
-    let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let found: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
     let known = MIGRATIONS.len() as i64;
     if found > known {
         return Err(StoreError::NewerSchema {
@@ -82,7 +104,6 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     if found == known {
         return Ok(());
     }
-    let tx = conn.transaction()?;
     for sql in &MIGRATIONS[found as usize..] {
         tx.execute_batch(sql)?;
     }

@@ -29,6 +29,29 @@ fn migrations_run_once_and_newer_schema_is_refused() {
     );
 }
 
+/// Replicas (or `migrate` beside `serve`) opening one fresh file at once:
+/// each migration runs once and every opener succeeds.
+#[test]
+fn openers_racing_on_a_fresh_file_all_succeed() {
+    for _ in 0..5 {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.db");
+        let start = std::sync::Arc::new(std::sync::Barrier::new(4));
+        let openers: Vec<_> = (0..4)
+            .map(|_| {
+                let (path, start) = (path.clone(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    Db::open(&path).map(drop).map_err(|e| e.to_string())
+                })
+            })
+            .collect();
+        for o in openers {
+            o.join().unwrap().unwrap();
+        }
+    }
+}
+
 #[test]
 fn fts_queries_quote_user_text() {
     let check = |s: &str, want: Option<&str>| assert_eq!(fts_query(s).as_deref(), want, "{s}");
