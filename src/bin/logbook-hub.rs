@@ -214,16 +214,19 @@ async fn serve(cfg: HubConfig) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("cannot create data directory {}", cfg.data_dir.display()))?;
+    let data_dir = cfg.data_dir.clone();
+    // Storage first: "listening" means it is open; until then connections
+    // wait in the listener's backlog.
+    let opened = hub::open(cfg).await?;
     // Written atomically, so a reader never sees half an address.
-    let addr_file = cfg.data_dir.join(hub::ADDR_FILE);
+    let addr_file = data_dir.join(hub::ADDR_FILE);
     let tmp = addr_file.with_extension("addr.tmp");
     std::fs::write(&tmp, format!("{addr}\n"))
         .and_then(|()| std::fs::rename(&tmp, &addr_file))
         .with_context(|| format!("cannot write {}", addr_file.display()))?;
-    let scheme = if cfg.tls.is_some() { "https" } else { "http" };
-    println!("logbook-hub listening on {scheme}://{addr}");
+    println!("logbook-hub listening on {}://{addr}", opened.scheme());
     let shutdown = logbook::exit::terminated();
-    let result = hub::serve(listener, cfg, shutdown).await;
+    let result = opened.serve(listener, shutdown).await;
     let _ = std::fs::remove_file(&addr_file);
     Ok(result?)
 }

@@ -236,14 +236,27 @@ pub fn revoke_token_in(
 }
 
 /// Serves the hub on a bound listener until `shutdown` resolves, then lets
-/// in-flight requests finish and ends live streams.
+/// in-flight requests finish and ends live streams. [`open`] and
+/// [`Opened::serve`] in one step.
 pub async fn serve(
     listener: TcpListener,
     config: HubConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), HubError> {
-    // The TLS files first: a bad one is the error at start, before any
-    // storage is touched.
+    open(config).await?.serve(listener, shutdown).await
+}
+
+/// A hub whose TLS files are read and storage opened (and migrated):
+/// what is left can only fail at serving. `logbook-hub serve` says it is
+/// listening only once it holds one.
+pub struct Opened {
+    acceptor: listen::Acceptor,
+    hub: Arc<Hub>,
+}
+
+/// Reads the TLS files, then opens the blobs and the database: each
+/// mistake in them is the error at start, before anything is served.
+pub async fn open(config: HubConfig) -> Result<Opened, HubError> {
     let acceptor = listen::Acceptor::load(&config)?;
     let data_dir = config.data_dir.clone();
     let blobs: Arc<dyn blobs::Blobs> = match &config.blobs {
@@ -253,9 +266,28 @@ pub async fn serve(
         config::BlobStorage::S3(s3) => Arc::new(blobs::S3Blobs::open(s3).await?),
     };
     let store = open_database(&config.database, &data_dir).await?;
-    let addr = listener.local_addr().map_err(HubError::Serve)?;
-    tracing::info!(%addr, scheme = acceptor.scheme(), mtls = acceptor.mtls, data_dir = %data_dir.display(), "logbook-hub serving");
-    serve_hub(listener, acceptor, Hub::new(config, store, blobs), shutdown).await
+    Ok(Opened {
+        acceptor,
+        hub: Hub::new(config, store, blobs),
+    })
+}
+
+impl Opened {
+    /// `https` or `http`, for messages.
+    pub fn scheme(&self) -> &'static str {
+        self.acceptor.scheme()
+    }
+
+    /// Serves on `listener` until `shutdown` resolves ([`serve`]).
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), HubError> {
+        let addr = listener.local_addr().map_err(HubError::Serve)?;
+        tracing::info!(%addr, scheme = self.acceptor.scheme(), mtls = self.acceptor.mtls, data_dir = %self.hub.config.data_dir.display(), "logbook-hub serving");
+        serve_hub(listener, self.acceptor, self.hub, shutdown).await
+    }
 }
 
 /// Serves `hub` with its upload sweeper until `shutdown` resolves; returns

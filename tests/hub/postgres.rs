@@ -232,7 +232,7 @@ fn an_agent_syncs_through_a_hub_on_postgres() {
 }
 
 /// `logbook-hub serve` on `env`'s storage: it must stop (within a bound)
-/// with a failure; its stderr.
+/// with a failure, never having said it listens; its stderr.
 fn serve_refused(name: &str, env: &[(&str, &str)]) -> String {
     let dir = crate::util::TestDir::new(name);
     let child = Command::new(crate::util::bin("logbook-hub"))
@@ -242,7 +242,7 @@ fn serve_refused(name: &str, env: &[(&str, &str)]) -> String {
         .env_remove("LOGBOOK_STORAGE_BLOBS")
         .env("LOGBOOK_LOG", "error")
         .envs(env.iter().copied())
-        .stdout(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -255,6 +255,10 @@ fn serve_refused(name: &str, env: &[(&str, &str)]) -> String {
     assert!(!status.success(), "{name}: serve exited 0");
     let mut err = String::new();
     std::io::Read::read_to_string(&mut child.0.stderr.take().unwrap(), &mut err).unwrap();
+    // "listening" is said only once the storage is open.
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut child.0.stdout.take().unwrap(), &mut out).unwrap();
+    assert!(!out.contains("listening"), "{name}: said {out:?} first");
     err
 }
 
