@@ -1,7 +1,8 @@
 //! The hub under attack or overload, with a real agent beside it: a device
 //! over its `[devices]` limits gets 429 with `Retry-After` and its agent
 //! still delivers every record exactly once; a client that dribbles its
-//! headers or stops inside a body is cut off while others are served; a
+//! headers or stops inside a body is cut off while others are served;
+//! connections past `server.max_connections` wait their turn; a
 //! live-stream client that takes nothing is closed with a reason.
 
 use std::io::{Read, Write};
@@ -173,6 +174,60 @@ fn slowloris_headers_and_a_stalled_body_are_cut_off_while_others_are_served() {
         "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     );
     assert!(ok.is_some_and(|r| r.starts_with("HTTP/1.1 200")));
+}
+
+/// Past `server.max_connections`, a new connection waits in the backlog
+/// (never refused, never served beside the others) and is served as soon
+/// as one of them ends.
+#[test]
+fn connections_past_the_limit_wait_until_one_ends() {
+    let hub = HubProc::start_with(
+        "limits_connections",
+        &[("LOGBOOK_SERVER_MAX_CONNECTIONS", "2")],
+    );
+    let healthz = |close: bool| {
+        format!(
+            "GET /healthz HTTP/1.1\r\nHost: x\r\n{}\r\n",
+            if close { "Connection: close\r\n" } else { "" }
+        )
+    };
+    // Two kept-alive connections, each answered once: both hold a slot.
+    let mut open: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut s = TcpStream::connect(&hub.addr).unwrap();
+            s.write_all(healthz(false).as_bytes()).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let mut got = [0u8; 512];
+            let n = s.read(&mut got).unwrap();
+            assert!(got[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &got[..n]);
+            s
+        })
+        .collect();
+    // A third is not served while they are open (a second of silence: a
+    // busy machine can only make the hub slower, never make it answer)...
+    let mut third = TcpStream::connect(&hub.addr).unwrap();
+    third.write_all(healthz(true).as_bytes()).unwrap();
+    third
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
+    let mut got = Vec::new();
+    let early = third.read_to_end(&mut got);
+    assert!(
+        early.is_err() && got.is_empty(),
+        "served past max_connections: {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    // ...and is once one of them ends.
+    drop(open.pop());
+    third
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    third.read_to_end(&mut got).unwrap();
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&got)
+    );
 }
 
 #[test]
