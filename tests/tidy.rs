@@ -110,6 +110,7 @@ fn env_names_come_from_the_key_tables() {
         "LOGBOOK_RUNTIME_DIR",
         "LOGBOOK_HUB_URL",
         "LOGBOOK_HUB_KEY",
+        "LOGBOOK_HUB_CA_FILE",
         "LOGBOOK_ORG",
         "LOGBOOK_PROJECT",
     ];

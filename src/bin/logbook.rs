@@ -45,6 +45,10 @@ struct Cli {
         hide_env_values = true
     )]
     key: Option<String>,
+    /// Trust the hub certificates this PEM file signs (a private CA), besides
+    /// the system's roots.
+    #[arg(long, value_name = "PATH", global = true, env = "LOGBOOK_HUB_CA_FILE")]
+    ca_file: Option<PathBuf>,
     /// Organization at the hub.
     #[arg(long, value_name = "ORG", global = true, env = "LOGBOOK_ORG")]
     org: Option<String>,
@@ -602,12 +606,15 @@ fn logs(api: &Api, out: &mut impl Write, a: LogsArgs) -> anyhow::Result<()> {
 /// Every command against a hub (`--hub URL`).
 async fn run_hub(cli: Cli) -> anyhow::Result<()> {
     let url = cli.hub.as_deref().unwrap_or_default();
-    let hub = HubClient::new(
+    let mut hub = HubClient::new(
         url,
         cli.key.as_deref(),
         cli.org.as_deref(),
         cli.project.as_deref(),
     )?;
+    if let Some(ca) = &cli.ca_file {
+        hub = hub.trusting(ca)?;
+    }
     let mut out = std::io::stdout().lock();
     match cli.command {
         Command::Sessions(a) => {

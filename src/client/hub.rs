@@ -46,6 +46,8 @@ pub enum HubError {
     Missing(&'static str, &'static str),
     #[error("--hub: expected an http:// or https:// URL, found {0:?}")]
     BadUrl(String),
+    #[error("--ca-file {path}: {reason}")]
+    CaFile { path: String, reason: String },
     #[error("cannot reach the hub at {url}: {reason}")]
     Unreachable { url: String, reason: String },
     #[error("the hub at {url} refused the operator key ({message}); check --key / {HUB_KEY_ENV}")]
@@ -274,6 +276,22 @@ impl std::fmt::Debug for HubClient {
     }
 }
 
+/// The HTTP client of the API and the live streams, trusting the
+/// system's roots and `roots`.
+fn http_client(base: &str, roots: Vec<reqwest::Certificate>) -> Result<reqwest::Client, HubError> {
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .read_timeout(Duration::from_secs(60))
+        .user_agent(concat!("logbook/", env!("CARGO_PKG_VERSION")));
+    for root in roots {
+        builder = builder.add_root_certificate(root);
+    }
+    builder.build().map_err(|e| HubError::Unreachable {
+        url: base.to_owned(),
+        reason: root_cause(&e),
+    })
+}
+
 impl HubClient {
     pub fn new(
         url: &str,
@@ -298,22 +316,30 @@ impl HubClient {
         let project = project
             .filter(|p| !p.is_empty())
             .ok_or(HubError::Missing("project", PROJECT_ENV))?;
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .read_timeout(Duration::from_secs(60))
-            .user_agent(concat!("logbook/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| HubError::Unreachable {
-                url: base.to_owned(),
-                reason: root_cause(&e),
-            })?;
         Ok(HubClient {
-            http,
+            http: http_client(base, Vec::new())?,
             base: base.to_owned(),
             key: key.to_owned(),
             org: org.to_owned(),
             project: project.to_owned(),
         })
+    }
+
+    /// Trusts the certificates of a PEM file (a private CA, `--ca-file`)
+    /// besides the system's roots, for the API and live streams alike.
+    pub fn trusting(mut self, ca_file: &std::path::Path) -> Result<HubClient, HubError> {
+        let bad = |reason: String| HubError::CaFile {
+            path: ca_file.display().to_string(),
+            reason,
+        };
+        let pem = std::fs::read(ca_file).map_err(|e| bad(format!("cannot read: {e}")))?;
+        let roots = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| bad(format!("bad PEM: {e}")))?;
+        if roots.is_empty() {
+            return Err(bad("no CERTIFICATE block in this PEM file".into()));
+        }
+        self.http = http_client(&self.base, roots)?;
+        Ok(self)
     }
 
     pub fn url(&self) -> &str {

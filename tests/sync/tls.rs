@@ -118,6 +118,23 @@ fn an_agent_syncs_through_tls_to_a_hub_of_a_private_ca() {
     wait_synced(&agent, Duration::from_secs(30));
     assert_eq!(agent.status()["sync"]["link"], "online");
     assert_exact_seqs(&hub_logs(&hub, &format!("/devices/{DEVICE}/logs")), 1..=50);
+    // The operator's CLI trusts the private CA with --ca-file; without it,
+    // it says why in one line.
+    let logs = crate::cli::ok(
+        crate::cli::cli(&hub),
+        &["logs", "--device", DEVICE, "--ca-file", &pki.ca_file()],
+    );
+    assert_eq!(logs.lines().count(), 50, "{logs}");
+    let err = crate::cli::fails(crate::cli::cli(&hub), &["logs", "--device", DEVICE]);
+    assert!(err.contains("UnknownIssuer"), "{err}");
+    let err = crate::cli::fails(
+        crate::cli::cli(&hub),
+        &["logs", "--device", DEVICE, "--ca-file", "/nonexistent.pem"],
+    );
+    assert!(
+        err.contains("--ca-file /nonexistent.pem: cannot read"),
+        "{err}"
+    );
     // Plain HTTP to the TLS port gets no answer.
     assert!(crate::hub::raw_request(
         &hub.addr,
