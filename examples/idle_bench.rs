@@ -144,6 +144,24 @@ fn main() {
         rss as f64 / 1024.0,
         cpu1 - cpu0
     );
+    // What the RSS is made of: the binary's own pages (clean, file-backed,
+    // shared with the page cache, dropped first under memory pressure)
+    // and the process's anonymous memory (heap, stacks, SQLite's cache).
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let kib = |key: &str| -> u64 {
+        rollup
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let anon = kib("Anonymous:");
+    println!(
+        "  of which anonymous {anon} KiB ({:.2} MiB), file-backed {} KiB (the binary and libraries' pages)",
+        anon as f64 / 1024.0,
+        kib("Rss:").saturating_sub(anon)
+    );
     let mut total = 0u64;
     println!(
         "{:<24} {:>10} {:>10} {:>8}",
