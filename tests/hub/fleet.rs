@@ -7,8 +7,9 @@
 //! Every record arrives exactly once, every artifact whole (SHA-256), and
 //! the live stream resumes on another replica with nothing missed.
 //!
-//! `LOGBOOK_TEST_DEVICES` and `LOGBOOK_TEST_BATCHES` make it larger (the
-//! long form in TESTING.md). Skipped with a notice where nginx,
+//! `LOGBOOK_TEST_DEVICES` and `LOGBOOK_TEST_BATCHES` make it larger, and
+//! `LOGBOOK_TEST_KILLS` kills replicas in turn that many times (the long
+//! forms in TESTING.md). Skipped with a notice where nginx,
 //! PostgreSQL or moto is missing, never under CI.
 
 use std::collections::BTreeSet;
@@ -525,28 +526,40 @@ async fn a_fleet_behind_nginx_survives_a_replica_killed_mid_load() {
         })
     };
 
-    // Mid-load, the replica holding the live stream dies without a word.
-    let third = load_total / 3;
-    crate::util::wait_for(
-        "a third of the load acknowledged",
-        Duration::from_secs(300),
-        || (acked.load(Relaxed) >= third).then_some(()),
-    );
-    let mut victim = None;
-    for (k, h) in hubs.iter().enumerate() {
-        if h.metric("logbook_hub_active_streams").await >= 1 {
-            victim = Some(k);
-        }
+    // Mid-load, the replica holding the live stream dies without a word;
+    // with LOGBOOK_TEST_KILLS > 1, the next replica in turn dies at each
+    // further share of the load, restarted each time.
+    let kills = env_or("LOGBOOK_TEST_KILLS", 1).max(1);
+    let mut victims = Vec::new();
+    for j in 1..=kills {
+        let share = load_total * j / (kills + 1);
+        crate::util::wait_for(
+            "the next share of the load acknowledged",
+            Duration::from_secs(300),
+            || (acked.load(Relaxed) >= share).then_some(()),
+        );
+        let victim = match victims.last() {
+            Some(last) => (last + 1) % hubs.len(),
+            None => {
+                let mut holder = None;
+                for (k, h) in hubs.iter().enumerate() {
+                    if h.metric("logbook_hub_active_streams").await >= 1 {
+                        holder = Some(k);
+                    }
+                }
+                holder.expect("one replica holds the live stream")
+            }
+        };
+        Command::new("kill")
+            .args(["-KILL", &hubs[victim].pid().to_string()])
+            .status()
+            .unwrap();
+        tokio::task::block_in_place(|| {
+            let _ = hubs[victim].wait_exit();
+            hubs[victim].restart();
+        });
+        victims.push(victim);
     }
-    let victim = victim.expect("one replica holds the live stream");
-    Command::new("kill")
-        .args(["-KILL", &hubs[victim].pid().to_string()])
-        .status()
-        .unwrap();
-    tokio::task::block_in_place(|| {
-        let _ = hubs[victim].wait_exit();
-        hubs[victim].restart();
-    });
 
     for t in tasks {
         t.await.unwrap();
@@ -624,8 +637,8 @@ async fn a_fleet_behind_nginx_survives_a_replica_killed_mid_load() {
     );
     eprintln!(
         "fleet: {devices} devices x {batches} batches of {PER_BATCH} records, {uploaders} artifacts, \
-         {} retries; replica {} killed and restarted",
+         {} retries; replicas killed and restarted in turn: {:?}",
         retries.load(Relaxed),
-        victim + 1
+        victims.iter().map(|v| v + 1).collect::<Vec<_>>()
     );
 }
