@@ -470,6 +470,11 @@ pub fn session_query(p: &[(String, String)]) -> Result<SessionQuery, ApiError> {
     if page == 0 {
         return Err(ApiError::bad_request("page: pages start at 1"));
     }
+    // The rows skipped, bounded by what a store's OFFSET takes (i64).
+    let offset = (page - 1)
+        .checked_mul(limit)
+        .filter(|o| i64::try_from(*o).is_ok())
+        .ok_or_else(|| ApiError::bad_request(format!("page: {page} is past any list")))?;
     let cursor = param(p, "before")
         .map(|v| {
             if let Some((value, pk)) = v
@@ -543,7 +548,7 @@ pub fn session_query(p: &[(String, String)]) -> Result<SessionQuery, ApiError> {
         sort,
         descending,
         limit,
-        offset: (page - 1) * limit,
+        offset,
         cursor,
     })
 }
@@ -943,6 +948,18 @@ mod tests {
             let s = samples[rng.below(samples.len())];
             fuzz_one(&crate::test_rng::mutate(&mut rng, s));
         }
+        // What the fuzzer found: a page whose offset overflowed.
+        fuzz_one(b"page=08111111111111111111");
+        fuzz_one(b"page=18446744073709551615&limit=500");
+        let p = |q: &str| -> Vec<(String, String)> {
+            let uri: axum::http::Uri = format!("/?{q}").parse().unwrap();
+            Params::try_from_uri(&uri).unwrap().0
+        };
+        let e = session_query(&p("page=08111111111111111111"))
+            .err()
+            .unwrap();
+        assert_eq!(e.message, "page: 8111111111111111111 is past any list");
+        assert_eq!(session_query(&p("page=3&page_size=10")).unwrap().offset, 20);
     }
 
     #[test]
