@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{arg, proc_stats};
+use common::{arg, proc_field, proc_stats};
 
 /// (voluntary, involuntary) context switches per thread name of `pid`.
 fn switches(pid: u32) -> BTreeMap<String, (u64, u64)> {
@@ -31,14 +31,7 @@ fn switches(pid: u32) -> BTreeMap<String, (u64, u64)> {
         let Ok(status) = std::fs::read_to_string(e.path().join("status")) else {
             continue;
         };
-        let field = |key: &str| -> u64 {
-            status
-                .lines()
-                .find(|l| l.starts_with(key))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0)
-        };
+        let field = |key: &str| proc_field(&status, key);
         let name = status
             .lines()
             .next()
@@ -148,14 +141,7 @@ fn main() {
     // shared with the page cache, dropped first under memory pressure)
     // and the process's anonymous memory (heap, stacks, SQLite's cache).
     let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-    let kib = |key: &str| -> u64 {
-        rollup
-            .lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
+    let kib = |key: &str| proc_field(&rollup, key);
     let anon = kib("Anonymous:");
     println!(
         "  of which anonymous {anon} KiB ({:.2} MiB), file-backed {} KiB (the binary and libraries' pages)",

@@ -115,15 +115,21 @@ pub fn cpu_secs(pid: u32) -> f64 {
 pub fn proc_stats(pid: u32) -> (f64, u64, u64) {
     let cpu = cpu_secs(pid);
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib = |key: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    (cpu, kib("VmRSS:"), kib("VmHWM:"))
+    (
+        cpu,
+        proc_field(&status, "VmRSS:"),
+        proc_field(&status, "VmHWM:"),
+    )
+}
+
+/// The number after `key` in a `/proc` "Key: value" file (`status`,
+/// `smaps_rollup`); 0 when it is missing.
+pub fn proc_field(text: &str, key: &str) -> u64 {
+    text.lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 /// CPU seconds per thread name of `pid`, busiest first.
