@@ -39,6 +39,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("004_leases.sql"),
     include_str!("005_agent_reports.sql"),
     include_str!("006_first_errors.sql"),
+    include_str!("007_fts_automerge.sql"),
 ];
 
 /// Reader connections kept open between requests.

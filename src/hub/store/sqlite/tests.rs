@@ -52,6 +52,24 @@ fn openers_racing_on_a_fresh_file_all_succeed() {
     }
 }
 
+/// Migration 7: the index merges 16 segments at a time (issue 18), a
+/// setting FTS5 keeps in the index's own config table.
+#[test]
+fn the_fts_index_merges_sixteen_segments_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hub.db");
+    drop(Db::open(&path).unwrap());
+    let conn = Connection::open(&path).unwrap();
+    let v: i64 = conn
+        .query_row(
+            "SELECT v FROM logs_fts_config WHERE k = 'automerge'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(v, 16);
+}
+
 #[test]
 fn fts_queries_quote_user_text() {
     let check = |s: &str, want: Option<&str>| assert_eq!(fts_query(s).as_deref(), want, "{s}");
