@@ -117,6 +117,12 @@ pub struct Stats {
     pub records_synced: AtomicI64,
     pub evicted_synced: AtomicU64,
     pub evicted_unsynced: AtomicU64,
+    /// Bumped by the writer after each commit that deleted records, and
+    /// when it replaces the database. The uploader reads it before it
+    /// reads a batch: while it has not moved, every record of that batch
+    /// is still stored, and an acknowledgement is marked without counting
+    /// rows (`sync::mark_records`).
+    pub deletions: AtomicU64,
     /// Bytes of `agent.db` plus its WAL after the last commit.
     pub disk_bytes: AtomicU64,
     /// Bumped by the writer on every loop turn, so the watchdog can tell a

@@ -51,6 +51,10 @@ pub struct Acked {
     pub gaps: Vec<(i64, Level, String, u64)>,
     /// (mark id, revision sent).
     pub marks: Vec<(i64, u64)>,
+    /// `Stats::deletions` read before the batch's records were read
+    /// (`None`: not known). `records` are then runs of seqs that were all
+    /// stored, so while the counter has not moved they all still are.
+    pub read_at: Option<u64>,
 }
 
 /// A batch the hub refused as invalid: its records become a `rejected` gap
@@ -415,11 +419,26 @@ fn is_synced(conn: &Connection, w: i64, seq: i64) -> rusqlite::Result<Option<boo
     .optional()
 }
 
+/// How [`mark_records`] learns which seqs of a range are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ranges {
+    /// Any seq may be missing (evicted, never stored): the table is read.
+    Sparse,
+    /// Every seq of every range is stored (runs of records read from the
+    /// buffer with nothing deleted since): counted without reading the
+    /// table, which was most of an acknowledgement's cost in a drain.
+    Stored,
+}
+
 /// Marks the stored records in the inclusive seq ranges synced; returns how
 /// many were not synced before. A range starting at or below the first
 /// unsynced record moves W; any other goes into `synced_ahead` until W
 /// reaches it.
-pub fn mark_records(conn: &Connection, ranges: &[(u64, u64)]) -> rusqlite::Result<u64> {
+pub fn mark_records(
+    conn: &Connection,
+    ranges: &[(u64, u64)],
+    stored: Ranges,
+) -> rusqlite::Result<u64> {
     let mut ranges = ranges.to_vec();
     ranges.sort_unstable();
     let mut w = advance(conn, watermark(conn)?)?;
@@ -436,12 +455,22 @@ pub fn mark_records(conn: &Connection, ranges: &[(u64, u64)]) -> rusqlite::Resul
         if a > hi {
             continue;
         }
-        let newly: i64 = conn
-            .prepare_cached(
-                "SELECT (SELECT count(*) FROM records WHERE seq BETWEEN ?1 AND ?2) \
-                 - (SELECT count(*) FROM synced_ahead WHERE seq BETWEEN ?1 AND ?2)",
-            )?
-            .query_row([a, hi], |r| r.get(0))?;
+        let newly: i64 = match stored {
+            Ranges::Sparse => conn
+                .prepare_cached(
+                    "SELECT (SELECT count(*) FROM records WHERE seq BETWEEN ?1 AND ?2) \
+                     - (SELECT count(*) FROM synced_ahead WHERE seq BETWEEN ?1 AND ?2)",
+                )?
+                .query_row([a, hi], |r| r.get(0))?,
+            Ranges::Stored => {
+                let ahead: i64 = conn
+                    .prepare_cached(
+                        "SELECT count(*) FROM synced_ahead WHERE seq BETWEEN ?1 AND ?2",
+                    )?
+                    .query_row([a, hi], |r| r.get(0))?;
+                hi - a + 1 - ahead
+            }
+        };
         n += newly.max(0) as u64;
         // W is already advanced: w + 1 is unsynced or not stored yet, so a
         // range starting there continues the synced prefix.
@@ -458,9 +487,19 @@ pub fn mark_records(conn: &Connection, ranges: &[(u64, u64)]) -> rusqlite::Resul
     Ok(n)
 }
 
-/// Writer side: applies an acknowledgement. Returns records newly marked.
-pub fn apply_acked(conn: &Connection, acked: &Acked) -> rusqlite::Result<u64> {
-    let n = mark_records(conn, &acked.records)?;
+/// How the ranges of a batch read when `Stats::deletions` was `read_at`
+/// stand now that it is `deletions`.
+fn ranges_of(read_at: Option<u64>, deletions: u64) -> Ranges {
+    match read_at == Some(deletions) {
+        true => Ranges::Stored,
+        false => Ranges::Sparse,
+    }
+}
+
+/// Writer side: applies an acknowledgement. `deletions` is
+/// `Stats::deletions` now. Returns records newly marked.
+pub fn apply_acked(conn: &Connection, acked: &Acked, deletions: u64) -> rusqlite::Result<u64> {
+    let n = mark_records(conn, &acked.records, ranges_of(acked.read_at, deletions))?;
     let mut stmt = conn.prepare_cached(
         "UPDATE sessions SET synced_revision = max(synced_revision, ?2) WHERE pk = ?1",
     )?;
@@ -478,9 +517,10 @@ pub fn apply_acked(conn: &Connection, acked: &Acked) -> rusqlite::Result<u64> {
     Ok(n)
 }
 
-/// Writer side: sets a refused batch aside. Returns records newly marked.
-pub fn apply_set_aside(conn: &Connection, s: &SetAside) -> rusqlite::Result<u64> {
-    let mut n = apply_acked(conn, &s.acked)?;
+/// Writer side: sets a refused batch aside (its `acked.read_at` tells of
+/// its records too). Returns records newly marked.
+pub fn apply_set_aside(conn: &Connection, s: &SetAside, deletions: u64) -> rusqlite::Result<u64> {
+    let mut n = apply_acked(conn, &s.acked, deletions)?;
     {
         let w = watermark(conn)?;
         let mut gap = conn.prepare_cached(
@@ -495,6 +535,7 @@ pub fn apply_set_aside(conn: &Connection, s: &SetAside) -> rusqlite::Result<u64>
         n += mark_records(
             conn,
             &crate::wire::seq_ranges(s.records.iter().map(|r| r.0)),
+            ranges_of(s.acked.read_at, deletions),
         )?;
     }
     conn.execute(
@@ -579,9 +620,10 @@ mod tests {
             records: vec![(1, 2), (4, 4)],
             sessions: vec![(1, 1)],
             gaps: vec![(0, Level::Debug, "evicted".into(), 4)],
+            read_at: None,
         };
-        assert_eq!(apply_acked(&conn, &acked).unwrap(), 3);
-        assert_eq!(apply_acked(&conn, &acked).unwrap(), 0, "idempotent");
+        assert_eq!(apply_acked(&conn, &acked, 0).unwrap(), 3);
+        assert_eq!(apply_acked(&conn, &acked, 0).unwrap(), 0, "idempotent");
         assert!(r.pending_sessions(10).unwrap().is_empty());
         assert!(r.pending_gaps().unwrap().is_empty());
         assert_eq!(
@@ -595,7 +637,7 @@ mod tests {
             records: vec![(6, 0, Level::Error)],
             reason: "hub answered 400".into(),
         };
-        assert_eq!(apply_set_aside(&conn, &aside).unwrap(), 1);
+        assert_eq!(apply_set_aside(&conn, &aside, 0).unwrap(), 1);
         assert_eq!(
             seqs(&r.records_from(1, 100, 1 << 20).unwrap()),
             vec![3, 5, 7]
@@ -623,8 +665,16 @@ mod tests {
         (watermark(conn).unwrap(), ahead, count_synced(conn).unwrap())
     }
 
+    /// Once counting the table, once trusting ranges of stored records
+    /// (`Ranges::Stored`) wherever they are: the same counts and states.
     #[test]
     fn the_watermark_moves_over_holes_and_absorbs_what_went_ahead() {
+        for trust in [false, true] {
+            the_watermark_moves_over_holes(trust);
+        }
+    }
+
+    fn the_watermark_moves_over_holes(trust: bool) {
         let (_dir, conn) = db(&[Level::Info; 10]);
         let evict = |seqs: &[i64]| {
             for s in seqs {
@@ -632,9 +682,30 @@ mod tests {
                     .unwrap();
             }
         };
+        let all_stored = |ranges: &[(u64, u64)]| {
+            ranges.iter().all(|&(lo, hi)| {
+                let n: u64 = conn
+                    .query_row(
+                        "SELECT count(*) FROM records WHERE seq BETWEEN ?1 AND ?2",
+                        [lo as i64, hi.min(i64::MAX as u64) as i64],
+                        |r| r.get(0),
+                    )
+                    .unwrap();
+                n == hi - lo + 1
+            })
+        };
         let check = |ranges: &[(u64, u64)], newly: u64, w: i64, ahead: &[i64], synced: i64| {
-            assert_eq!(mark_records(&conn, ranges).unwrap(), newly, "{ranges:?}");
-            assert_eq!(state(&conn), (w, ahead.to_vec(), synced), "{ranges:?}");
+            let how = match trust && all_stored(ranges) {
+                true => Ranges::Stored,
+                false => Ranges::Sparse,
+            };
+            let got = mark_records(&conn, ranges, how).unwrap();
+            assert_eq!(got, newly, "{ranges:?} {how:?}");
+            assert_eq!(
+                state(&conn),
+                (w, ahead.to_vec(), synced),
+                "{ranges:?} {how:?}"
+            );
         };
         // Ahead of the watermark: listed, W stays.
         check(&[(3, 4)], 2, 0, &[3, 4], 2);
@@ -667,7 +738,7 @@ mod tests {
         let (dir, conn) = db(&[Info, Error, Debug, Fatal, Info, Error, Info, Debug]);
         let r = SyncReader::open(&dir.path().join("agent.db"), "b").unwrap();
         // Errors first went ahead (2, 4), the prefix 1 acked.
-        mark_records(&conn, &[(1, 1), (2, 2), (4, 4)]).unwrap();
+        mark_records(&conn, &[(1, 1), (2, 2), (4, 4)], Ranges::Sparse).unwrap();
         assert_eq!(state(&conn), (2, vec![4], 3));
         assert_eq!(r.first_unsynced().unwrap(), Some(3));
         assert_eq!(
@@ -694,7 +765,7 @@ mod tests {
             vec![5, 6, 7]
         );
         // The next ack moves W over the evicted 3 and 4.
-        assert_eq!(mark_records(&conn, &[(5, 5)]).unwrap(), 1);
+        assert_eq!(mark_records(&conn, &[(5, 5)], Ranges::Sparse).unwrap(), 1);
         assert_eq!(state(&conn), (5, vec![], 1));
     }
 
@@ -707,9 +778,9 @@ mod tests {
             records: vec![(3, 0, Error), (4, 0, Info)],
             reason: "hub answered 400".into(),
         };
-        assert_eq!(apply_set_aside(&conn, &aside).unwrap(), 2);
+        assert_eq!(apply_set_aside(&conn, &aside, 0).unwrap(), 2);
         assert_eq!(state(&conn), (0, vec![3, 4], 2));
-        assert_eq!(apply_set_aside(&conn, &aside).unwrap(), 0);
+        assert_eq!(apply_set_aside(&conn, &aside, 0).unwrap(), 0);
         let r = SyncReader::open(&dir.path().join("agent.db"), "b").unwrap();
         let rejected: Vec<_> = r
             .pending_gaps()
@@ -719,7 +790,7 @@ mod tests {
             .collect();
         assert_eq!(rejected, vec![(Info, 1), (Error, 1)]);
         // The prefix acked: W absorbs the set-aside records.
-        mark_records(&conn, &[(1, 2)]).unwrap();
+        mark_records(&conn, &[(1, 2)], Ranges::Sparse).unwrap();
         assert_eq!(state(&conn), (4, vec![], 4));
     }
 }

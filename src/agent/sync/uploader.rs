@@ -395,6 +395,7 @@ impl Uploader {
             .unwrap_or_default();
         skip.extend_from_slice(in_flight);
         Plan {
+            deletions: stats.deletions.load(Ordering::SeqCst),
             device: self.ctx.device.clone(),
             scan,
             unsynced,
@@ -765,6 +766,8 @@ struct Plan {
     skip: Vec<(u64, u64)>,
     /// What the agent says about itself in this batch (v4 and later).
     agent: AgentReport,
+    /// `Stats::deletions` before the read (see `Acked::read_at`).
+    deletions: u64,
 }
 
 /// The agent's report for a batch (README "Devices"): what `/v1/status`
@@ -820,6 +823,7 @@ fn build(reader: &SyncReader, plan: Plan) -> Result<Work, StoreError> {
         max_bytes,
         mut skip,
         agent,
+        deletions,
     } = plan;
     skip.sort_unstable();
     // Binary search: an acknowledgement of scattered errors has thousands
@@ -875,6 +879,7 @@ fn build(reader: &SyncReader, plan: Plan) -> Result<Work, StoreError> {
     let gaps = reader.pending_gaps()?;
     let marks = reader.pending_marks()?;
     let acked = Acked {
+        read_at: Some(deletions),
         marks: marks.iter().map(|m| (m.id as i64, m.revision)).collect(),
         records: Vec::new(),
         sessions: sessions.iter().map(|s| (s.pk, s.state.revision)).collect(),
@@ -987,6 +992,7 @@ mod tests {
                 max_bytes: 1 << 20,
                 skip: skip.to_vec(),
                 agent: report(&Stats::default(), 1 << 20),
+                deletions: 0,
             };
             let w = build(&reader, plan).unwrap();
             let got: Vec<u64> = w.batch.records.iter().map(|r| r.seq).collect();

@@ -136,6 +136,11 @@ impl Writer {
             }
         }
         tx.commit()?;
+        // After the commit: an uploader that read the counter before this
+        // may have read these records, and sees it moved.
+        if synced_gone + unsynced_gone > 0 {
+            self.stats.deletions.fetch_add(1, Ordering::SeqCst);
+        }
         self.stats
             .records_stored
             .fetch_sub(synced_gone + unsynced_gone, Ordering::Relaxed);
@@ -269,7 +274,12 @@ mod tests {
         put(&mut w, rows(Level::Error, 2)); // seq 11-12
         put(&mut w, rows(Level::Trace, 1)); // seq 13
         assert_eq!(
-            crate::agent::store::sync::mark_records(&w.conn, &[(2, 3), (12, 12)]).unwrap(),
+            crate::agent::store::sync::mark_records(
+                &w.conn,
+                &[(2, 3), (12, 12)],
+                crate::agent::store::sync::Ranges::Sparse
+            )
+            .unwrap(),
             3
         );
         w.evict(6).unwrap();
@@ -357,7 +367,12 @@ mod pin_tests {
             .unwrap();
         assert_eq!(pins, vec![(15, 33)]);
         // Synced records inside the window stay too.
-        crate::agent::store::sync::mark_records(&w.conn, &[(1, 30)]).unwrap();
+        crate::agent::store::sync::mark_records(
+            &w.conn,
+            &[(1, 30)],
+            crate::agent::store::sync::Ranges::Sparse,
+        )
+        .unwrap();
         w.evict(100 - 19).unwrap();
         assert_eq!(times(&w), (15..=33).collect::<Vec<_>>());
         // Only the unsynced ones it evicted are gaps: 34..=99.

@@ -296,6 +296,8 @@ impl Writer {
         self.stats.records_stored.store(0, Ordering::Relaxed);
         self.stats.records_synced.store(0, Ordering::Relaxed);
         self.stats.quarantined.fetch_add(1, Ordering::Relaxed);
+        // Every record a batch in flight carried is gone with the old file.
+        self.stats.deletions.fetch_add(1, Ordering::SeqCst);
         *self
             .stats
             .quarantined_to

@@ -406,14 +406,16 @@ impl Writer {
                 true
             }
             Msg::Acked(acked, reply) => {
+                let deletions = self.stats.deletions.load(Ordering::SeqCst);
                 self.sync_change(reply, "recording the hub's acknowledgement", |c| {
-                    super::sync::apply_acked(c, &acked)
+                    super::sync::apply_acked(c, &acked, deletions)
                 });
                 true
             }
             Msg::SetAside(aside, reply) => {
+                let deletions = self.stats.deletions.load(Ordering::SeqCst);
                 self.sync_change(reply, "setting a refused batch aside", |c| {
-                    super::sync::apply_set_aside(c, &aside)
+                    super::sync::apply_set_aside(c, &aside, deletions)
                 });
                 true
             }
@@ -900,6 +902,7 @@ mod tests {
             records: vec![(1, 5)],
             sessions: Vec::new(),
             gaps: vec![(0, Level::Info, "evicted".into(), 3)],
+            read_at: None,
         };
         w.conn
             .execute_batch(
@@ -932,6 +935,49 @@ mod tests {
         assert_eq!(w.sync_replies.len(), 1);
         assert_eq!(w.sync_replies[0].1, 5);
         assert_eq!(super::super::sync::count_synced(&w.conn).unwrap(), 5);
+    }
+
+    /// An acknowledgement is counted without reading the table only while
+    /// nothing was deleted since its batch was read: records evicted in
+    /// flight are not counted synced.
+    #[test]
+    fn an_acknowledgement_of_records_evicted_in_flight_counts_what_is_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = writer(dir.path());
+        put(&mut w, rows(Level::Info, 5));
+        put(&mut w, rows(Level::Debug, 3));
+        put(&mut w, rows(Level::Info, 2));
+        let ack = |w: &mut Writer, records, read_at| {
+            let (tx, _rx) = oneshot::channel();
+            let acked = super::super::sync::Acked {
+                records,
+                read_at,
+                ..Default::default()
+            };
+            w.conn.execute_batch("BEGIN").unwrap();
+            w.handle(Msg::Acked(acked, tx), &mut Vec::new(), &mut 0, &mut 0);
+            w.commit();
+            w.sync_replies.pop().unwrap().1
+        };
+        let deletions = |w: &Writer| w.stats.deletions.load(Ordering::SeqCst);
+        let synced = |w: &Writer| super::super::sync::count_synced(&w.conn).unwrap();
+        // 1..=10 read; the debug records 6..=8 evicted (nothing synced yet:
+        // unsynced, lowest level first) while the batch was at the hub.
+        let read_at = deletions(&w);
+        w.evict(3).unwrap();
+        assert_ne!(deletions(&w), read_at);
+        assert_eq!(ack(&mut w, vec![(1, 10)], Some(read_at)), 7);
+        assert_eq!(synced(&w), 7);
+        // Nothing deleted since this read: counted from the ranges alone.
+        put(&mut w, rows(Level::Info, 5));
+        let read_at = deletions(&w);
+        assert_eq!(ack(&mut w, vec![(12, 13), (15, 15)], Some(read_at)), 3);
+        assert_eq!(synced(&w), 10);
+        // Evicting synced records moves the counter too.
+        w.evict(1).unwrap();
+        assert_ne!(deletions(&w), read_at);
+        assert_eq!(ack(&mut w, vec![(11, 15)], Some(read_at)), 2);
+        assert_eq!(synced(&w), 11);
     }
 
     /// What a power cut can leave under `synchronous = normal`: the files as

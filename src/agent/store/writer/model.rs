@@ -14,6 +14,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::sync::atomic::Ordering;
 
 use proptest::prelude::*;
 use tokio::sync::oneshot;
@@ -39,6 +40,9 @@ enum Answer {
     Lost,
     /// Refuses it as invalid: its records are set aside.
     Refused,
+    /// Acknowledges everything, after the writer evicted two records while
+    /// the batch was at the hub (the acknowledgement counts what is left).
+    Late,
 }
 
 #[derive(Debug, Clone)]
@@ -85,6 +89,7 @@ fn op() -> impl Strategy<Value = Op> {
     let dropped = prop_oneof![8 => Just(0u8), 1 => 1u8..5];
     let answer = prop_oneof![
         4 => Just(Answer::All),
+        1 => Just(Answer::Late),
         2 => Just(Answer::Half),
         1 => Just(Answer::Lost),
         1 => Just(Answer::Refused),
@@ -484,6 +489,9 @@ fn step(real: &mut Real, model: &mut Model, op: &Op) {
             limit,
             answer,
         } => {
+            // As the uploader does: the deletion counter before the read,
+            // so acknowledgements take the writer's uncounted path.
+            let read_at = Some(real.w.stats.deletions.load(Ordering::SeqCst));
             let reader = real.reader();
             let pending = if *urgent {
                 reader.urgent_records(0, *limit, 1 << 20).unwrap()
@@ -526,16 +534,21 @@ fn step(real: &mut Real, model: &mut Model, op: &Op) {
                     .collect()
             };
             let acked = match answer {
-                Answer::All | Answer::Refused => sent.clone(),
+                Answer::All | Answer::Refused | Answer::Late => sent.clone(),
                 Answer::Half => sent[..sent.len() / 2].to_vec(),
                 Answer::Lost => return,
             };
+            if let Answer::Late = answer {
+                real.w.evict(2).unwrap();
+                model.evict(2);
+            }
             match answer {
                 Answer::Refused => {
                     let aside = SetAside {
                         acked: Acked {
                             marks: Vec::new(),
                             gaps: acked_gaps(),
+                            read_at,
                             ..Acked::default()
                         },
                         records: pending
@@ -555,12 +568,13 @@ fn step(real: &mut Real, model: &mut Model, op: &Op) {
                     }
                 }
                 _ => {
-                    let all = matches!(answer, Answer::All);
+                    let all = matches!(answer, Answer::All | Answer::Late);
                     let ack = Acked {
                         marks: Vec::new(),
                         records: seq_ranges(acked.iter().copied()),
                         sessions: Vec::new(),
                         gaps: if all { acked_gaps() } else { Vec::new() },
+                        read_at,
                     };
                     real.sync(|tx| Msg::Acked(ack, tx));
                     if all {
@@ -572,7 +586,10 @@ fn step(real: &mut Real, model: &mut Model, op: &Op) {
                 }
             }
             for s in acked {
-                model.records.get_mut(&s).unwrap().synced = true;
+                match model.records.get_mut(&s) {
+                    Some(r) => r.synced = true,
+                    None => assert!(matches!(answer, Answer::Late), "{s} is stored"),
+                }
             }
         }
         Op::Evict(n) => {
