@@ -190,12 +190,20 @@ fn log_where(
                 LogScope::Session(pk) => session_log_ids(c, pk)?,
                 LogScope::Device(_) => (None, None),
             };
+            // A document is a block of records (`fts`): the ids of the
+            // matching blocks' records, then only the records that hold
+            // the words themselves.
             w.and(
-                "l.id IN (SELECT rowid FROM logs_fts WHERE logs_fts MATCH ? AND rowid >= ? AND rowid <= ?)",
+                "l.id IN (SELECT x.id FROM logs_fts f
+                   LEFT JOIN fts_blocks b ON b.first = f.rowid
+                   JOIN logs x ON x.id BETWEEN f.rowid AND coalesce(b.last, f.rowid)
+                   WHERE logs_fts MATCH ? AND f.rowid >= ? AND f.rowid <= ?)
+                 AND logbook_words(l.message, ?)",
                 [
                     fts.into(),
                     range.0.unwrap_or(i64::MIN).into(),
                     range.1.unwrap_or(i64::MAX).into(),
+                    search.to_owned().into(),
                 ],
             );
         }

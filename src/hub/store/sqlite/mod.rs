@@ -23,6 +23,7 @@ use super::{
 use crate::wire::{Batch, Level};
 
 mod artifacts;
+mod fts;
 mod ingest;
 mod logs;
 mod marks;
@@ -40,6 +41,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("005_agent_reports.sql"),
     include_str!("006_first_errors.sql"),
     include_str!("007_fts_automerge.sql"),
+    include_str!("008_fts_blocks.sql"),
 ];
 
 /// Reader connections kept open between requests.
@@ -83,6 +85,7 @@ fn pragmas(conn: &Connection) -> rusqlite::Result<()> {
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "foreign_keys", "OFF")?;
     conn.set_prepared_statement_cache_capacity(64);
+    fts::register(conn)?;
     Ok(())
 }
 

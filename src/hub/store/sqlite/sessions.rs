@@ -207,11 +207,7 @@ impl Db {
                     .query_map([pk], |r| r.get(0))?
                     .collect::<Result<_, _>>()?;
             }
-            tx.execute(
-                "INSERT INTO logs_fts (logs_fts, rowid, message)
-                 SELECT 'delete', id, message FROM logs WHERE session_pk = ?1",
-                [pk],
-            )?;
+            super::fts::delete_session(tx, pk)?;
             tx.execute("DELETE FROM logs WHERE session_pk = ?1", [pk])?;
             for table in ["session_tags", "gaps", "artifacts", "uploads", "marks"] {
                 tx.execute(&format!("DELETE FROM {table} WHERE session_pk = ?1"), [pk])?;

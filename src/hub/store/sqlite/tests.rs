@@ -2,7 +2,8 @@
 //! `user_version`, its FTS5 queries and index. The behaviour every backend
 //! shares is tested in `hub::store::tests`, through the trait.
 
-use rusqlite::Connection;
+use rusqlite::{params, Connection};
+use uuid::Uuid;
 
 use super::logs::fts_query;
 use super::*;
@@ -132,4 +133,181 @@ fn first_errors_read_only_the_error_index() {
             .any(|step| step.contains("USING INDEX logs_session_errors")),
         "{plan:#?}"
     );
+}
+
+/// The records' seqs a search finds in a session, newest first.
+async fn found(store: &SqliteStore, pk: i64, search: &str) -> Vec<u64> {
+    store
+        .logs(
+            LogScope::Session(pk),
+            &LogQuery {
+                search: Some(search.into()),
+                limit: 500,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|r| r.seq)
+        .collect()
+}
+
+/// Migration 8: a batch's runs of one session's records are indexed as
+/// blocks of at most 64; a search still answers per record and per whole
+/// word, and deleting a session forgets its blocks word for word.
+#[tokio::test]
+async fn blocks_of_records_answer_searches_as_records_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("hub.db")).unwrap();
+    let (a, b) = (session_uuid(5), session_uuid(6));
+    let msg = |seq: u64| match seq {
+        70 => "obstacle seen".to_owned(),
+        71 => "Obstacles SEEN".to_owned(),
+        _ => format!("step {seq} ok"),
+    };
+    // Seqs 1..=100 in A, 101..=103 in B, 104..=108 in A again, 109..=110
+    // without a session: blocks 1-64, 65-100, 101-103, 104-108, 109-110.
+    let recs = (1..=110)
+        .map(|seq| {
+            let session = match seq {
+                101..=103 => Some(b),
+                109.. => None,
+                _ => Some(a),
+            };
+            rec(seq, session, Level::Info, "m", &msg(seq))
+        })
+        .collect();
+    let states = vec![
+        state(a, 1, SessionStatus::Active, &[]),
+        state(b, 1, SessionStatus::Active, &[]),
+    ];
+    store
+        .ingest(&scope("r1"), batch("r1", states, recs, vec![]), false)
+        .await
+        .unwrap();
+    let count = |sql: &str| {
+        store
+            .db
+            .read(|c| Ok(c.query_row(sql, [], |r| r.get::<_, i64>(0))?))
+            .unwrap()
+    };
+    assert_eq!(count("SELECT count(*) FROM fts_blocks"), 5);
+    assert_eq!(
+        count("SELECT count(*) FROM logs_fts WHERE logs_fts MATCH 'step'"),
+        5
+    );
+    let pk = |s: Uuid| {
+        let s = s.to_string();
+        let store = &store;
+        async move {
+            store
+                .find_session("acme", "warehouse", &s)
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+    let (pa, pb) = (pk(a).await, pk(b).await);
+    // Whole words per record, though 70 and 71 share a block.
+    assert_eq!(found(&store, pa, "obstacle").await, vec![70]);
+    assert_eq!(found(&store, pa, "OBSTACLES").await, vec![71]);
+    assert_eq!(found(&store, pa, "seen").await, vec![71, 70]);
+    // Words from two records of one block are not one record's.
+    assert_eq!(found(&store, pa, "obstacle 64").await, Vec::<u64>::new());
+    // Either side of a block's edge, and in the second run of A.
+    assert_eq!(found(&store, pa, "step 64").await, vec![64]);
+    assert_eq!(found(&store, pa, "step 65").await, vec![65]);
+    assert_eq!(found(&store, pa, "step 104 ok").await, vec![104]);
+    assert_eq!(found(&store, pb, "step 102").await, vec![102]);
+    assert_eq!(found(&store, pb, "step 104").await, Vec::<u64>::new());
+    assert_eq!(found(&store, pa, "ok").await.len(), 103);
+
+    store
+        .delete_session("acme", "warehouse", &a.to_string())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(count("SELECT count(*) FROM fts_blocks"), 2);
+    assert_eq!(
+        count("SELECT count(*) FROM logs_fts WHERE logs_fts MATCH 'step'"),
+        2,
+        "B's block and the device's stay, A's three are gone"
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM logs_fts WHERE logs_fts MATCH 'obstacle OR seen OR 70'"),
+        0
+    );
+    store
+        .db
+        .write(|tx| {
+            tx.execute_batch("INSERT INTO logs_fts (logs_fts) VALUES ('integrity-check')")?;
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(found(&store, pb, "step 102").await, vec![102]);
+}
+
+/// Documents written before migration 8 (one per record, no block row)
+/// are still found, and removed with their session.
+#[tokio::test]
+async fn documents_of_one_record_from_before_blocks_still_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("hub.db")).unwrap();
+    let s = session_uuid(7);
+    let recs = vec![rec(1, Some(s), Level::Info, "m", "fresh block")];
+    let states = vec![state(s, 1, SessionStatus::Active, &[])];
+    store
+        .ingest(&scope("r1"), batch("r1", states, recs, vec![]), false)
+        .await
+        .unwrap();
+    let pk = store
+        .find_session("acme", "warehouse", &s.to_string())
+        .await
+        .unwrap()
+        .unwrap();
+    // Three records indexed as migration 7 did: a document each.
+    store
+        .db
+        .write(|tx| {
+            for (seq, message) in [(2, "legacy alpha"), (3, "legacy beta"), (4, "alphas")] {
+                tx.execute(
+                    "INSERT INTO logs (device_pk, seq, session_pk, ts, level, module, message, metadata)
+                     SELECT device_pk, ?2, session_pk, ts, level, module, ?3, metadata
+                     FROM logs WHERE session_pk = ?1 AND seq = 1",
+                    params![pk, seq, message],
+                )?;
+                tx.execute(
+                    "INSERT INTO logs_fts (rowid, message) VALUES (?1, ?2)",
+                    params![tx.last_insert_rowid(), message],
+                )?;
+            }
+            tx.execute(
+                "UPDATE sessions SET last_log_id = (SELECT max(id) FROM logs WHERE session_pk = ?1)
+                 WHERE pk = ?1",
+                [pk],
+            )?;
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(found(&store, pk, "legacy").await, vec![3, 2]);
+    assert_eq!(found(&store, pk, "alpha").await, vec![2]);
+    assert_eq!(found(&store, pk, "block").await, vec![1]);
+    store
+        .delete_session("acme", "warehouse", &s.to_string())
+        .await
+        .unwrap()
+        .unwrap();
+    let left: i64 = store
+        .db
+        .read(|c| {
+            Ok(c.query_row(
+                "SELECT count(*) FROM logs_fts WHERE logs_fts MATCH 'legacy OR alpha OR alphas OR fresh'",
+                [],
+                |r| r.get(0),
+            )?)
+        })
+        .unwrap();
+    assert_eq!(left, 0);
 }
