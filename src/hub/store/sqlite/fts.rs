@@ -26,8 +26,9 @@ pub(super) const BLOCK_RECORDS: usize = 64;
 /// Text per document at most (bytes): past it, a block ends early.
 const BLOCK_BYTES: usize = 16 * 1024;
 
-/// The words of a search as [`super::logs::fts_query`] makes them.
-fn words(text: &str) -> impl Iterator<Item = &str> {
+/// The words of a text: the query's (`super::logs::fts_query`) and the
+/// per-record check's ([`words_match`]), which must agree.
+pub(super) fn words(text: &str) -> impl Iterator<Item = &str> {
     text.split(|c: char| !c.is_alphanumeric())
         .filter(|w| !w.is_empty())
 }

@@ -91,12 +91,7 @@ async fn a_deleted_session_leaves_nothing_in_the_full_text_index() {
         .ingest(&scope("r1"), batch("r1", states, recs, vec![]), false)
         .await
         .unwrap();
-    let count = |sql: &'static str| {
-        store
-            .db
-            .read(|c| Ok(c.query_row(sql, [], |r| r.get::<_, i64>(0))?))
-            .unwrap()
-    };
+    let count = |sql| count(&store, sql);
     let indexed = "SELECT count(*) FROM logs_fts WHERE logs_fts MATCH 'gone'";
     assert_eq!(count(indexed), 1);
     store
@@ -133,6 +128,14 @@ fn first_errors_read_only_the_error_index() {
             .any(|step| step.contains("USING INDEX logs_session_errors")),
         "{plan:#?}"
     );
+}
+
+/// The one number `sql` selects, read on a reader connection.
+fn count(store: &SqliteStore, sql: &str) -> i64 {
+    store
+        .db
+        .read(|c| Ok(c.query_row(sql, [], |r| r.get::<_, i64>(0))?))
+        .unwrap()
 }
 
 /// The records' seqs a search finds in a session, newest first.
@@ -187,12 +190,7 @@ async fn blocks_of_records_answer_searches_as_records_do() {
         .ingest(&scope("r1"), batch("r1", states, recs, vec![]), false)
         .await
         .unwrap();
-    let count = |sql: &str| {
-        store
-            .db
-            .read(|c| Ok(c.query_row(sql, [], |r| r.get::<_, i64>(0))?))
-            .unwrap()
-    };
+    let count = |sql| count(&store, sql);
     assert_eq!(count("SELECT count(*) FROM fts_blocks"), 5);
     assert_eq!(
         count("SELECT count(*) FROM logs_fts WHERE logs_fts MATCH 'step'"),
@@ -299,15 +297,9 @@ async fn documents_of_one_record_from_before_blocks_still_work() {
         .await
         .unwrap()
         .unwrap();
-    let left: i64 = store
-        .db
-        .read(|c| {
-            Ok(c.query_row(
-                "SELECT count(*) FROM logs_fts WHERE logs_fts MATCH 'legacy OR alpha OR alphas OR fresh'",
-                [],
-                |r| r.get(0),
-            )?)
-        })
-        .unwrap();
+    let left = count(
+        &store,
+        "SELECT count(*) FROM logs_fts WHERE logs_fts MATCH 'legacy OR alpha OR alphas OR fresh'",
+    );
     assert_eq!(left, 0);
 }
