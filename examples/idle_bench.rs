@@ -21,6 +21,32 @@ use std::time::{Duration, Instant};
 
 use common::{arg, proc_field, proc_stats};
 
+/// Resident KiB per mapped file of `pid` (`[anon]` for the rest), from
+/// `/proc/PID/smaps`, largest first.
+fn rss_by_mapping(pid: u32) -> Vec<(String, u64)> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut by: BTreeMap<String, u64> = BTreeMap::new();
+    let mut name = String::new();
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or("");
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            // A mapping's header: address perms offset dev inode [path].
+            let path = words.nth(4).unwrap_or("");
+            name = if path.starts_with('/') {
+                path.rsplit('/').next().unwrap_or(path).to_owned()
+            } else {
+                "[anon]".to_owned()
+            };
+        } else if first == "Rss:" {
+            *by.entry(name.clone()).or_default() += proc_field(line, "Rss:");
+        }
+    }
+    let mut v: Vec<_> = by.into_iter().filter(|(_, k)| *k > 0).collect();
+    v.sort_by_key(|m| std::cmp::Reverse(m.1));
+    v
+}
+
 /// (voluntary, involuntary) context switches per thread name of `pid`.
 fn switches(pid: u32) -> BTreeMap<String, (u64, u64)> {
     let mut out: BTreeMap<String, (u64, u64)> = BTreeMap::new();
@@ -148,6 +174,9 @@ fn main() {
         anon as f64 / 1024.0,
         kib("Rss:").saturating_sub(anon)
     );
+    for (file, kib) in rss_by_mapping(pid) {
+        println!("    {file:<30} {kib:>6} KiB");
+    }
     let mut total = 0u64;
     println!(
         "{:<24} {:>10} {:>10} {:>8}",
