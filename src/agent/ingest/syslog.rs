@@ -46,8 +46,10 @@ const MMSG: usize = 32;
 /// would fill it while the writer idles.
 const COALESCE: Duration = Duration::from_millis(2);
 /// Longest the thread sleeps in `recvmsg` when idle before it looks for
-/// requests anyway (a flush or shutdown normally wakes it at once).
-const IDLE_WAKE: Duration = Duration::from_secs(1);
+/// requests anyway: a flush or shutdown wakes it at once with a datagram
+/// of its own, so this only bounds a wake-up that could not be sent
+/// (BENCHMARKS.md, "Idle").
+const IDLE_WAKE: Duration = Duration::from_secs(5);
 /// How long a pid's process name is trusted before `/proc` is read again
 /// (a pid can be reused by another program).
 const NAME_TTL: Duration = Duration::from_secs(1);

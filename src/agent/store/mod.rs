@@ -132,6 +132,9 @@ pub struct Stats {
     /// Woken after every commit, so the uploader is driven by new input as
     /// well as by its timer.
     pub committed_notify: tokio::sync::Notify,
+    /// Woken after a session opens, ends or changes, so the artifact
+    /// watcher refreshes the directories it watches then, not by polling.
+    pub sessions_changed: tokio::sync::Notify,
     /// The last committed seq, sent after every commit (also those that
     /// only change a session), so each live follow of the local API wakes
     /// and reads what is new; the writer never waits on its receivers.

@@ -349,8 +349,11 @@ impl Uploader {
     }
 
     /// Nothing to send: hears the writer out (so a failed marking brings
-    /// its records back now), then waits for a commit, or a second (a
-    /// backlog that a missed wake-up left behind drains anyway).
+    /// its records back now), then waits for a commit (the writer wakes it
+    /// after every one, a wake-up kept if it is not waiting yet), the next
+    /// heartbeat, or a quarter of the stall timeout (the supervisor's
+    /// watch), whichever comes first: an idle agent does not poll
+    /// (BENCHMARKS.md, "Idle").
     async fn idle(&mut self, shutdown: &CancellationToken) -> Turn {
         self.pending_since = None;
         match self.settle_marking().await {
@@ -364,8 +367,17 @@ impl Uploader {
         tokio::select! {
             _ = shutdown.cancelled() => Turn::Shutdown,
             _ = self.ctx.stats.committed_notify.notified() => Turn::Again,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => Turn::Again,
+            _ = tokio::time::sleep(self.idle_nap()) => Turn::Again,
         }
+    }
+
+    fn idle_nap(&self) -> Duration {
+        let to_heartbeat = self
+            .last_post
+            .map_or(Duration::ZERO, |t| HEARTBEAT.saturating_sub(t.elapsed()));
+        to_heartbeat
+            .min(self.ctx.cfg.stall_timeout / 4)
+            .max(Duration::from_millis(10))
     }
     /// Takes the held read connection, or opens one.
     async fn take_reader(&self) -> Result<SyncReader, StoreError> {

@@ -298,6 +298,8 @@ impl Writer {
         self.stats.quarantined.fetch_add(1, Ordering::Relaxed);
         // Every record a batch in flight carried is gone with the old file.
         self.stats.deletions.fetch_add(1, Ordering::SeqCst);
+        // Only the active session moved to the new file.
+        self.stats.sessions_changed.notify_one();
         *self
             .stats
             .quarantined_to

@@ -244,13 +244,23 @@ impl Writer {
     }
 
     fn run(mut self, mut rx: mpsc::Receiver<Msg>, rt: tokio::runtime::Handle) {
+        // The writer waits (idle, and for a transaction to fill) on a clock
+        // of its own: a timer on the agent's runtime is armed and fired by
+        // one of its workers, which then wakes this thread, two wake-ups
+        // per wait (BENCHMARKS.md, "Idle"). The agent's runtime only if
+        // this one cannot be built.
+        let own = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(|e| tracing::warn!("the writer's timer: {e}; using the agent's"))
+            .ok();
         let mut flushes: Vec<oneshot::Sender<u64>> = Vec::new();
         let mut closed = false;
         while !closed && !self.stopping {
             self.stats.writer_heartbeat.fetch_add(1, Ordering::Relaxed);
-            let first = match rt
-                .block_on(async { tokio::time::timeout(Duration::from_secs(1), rx.recv()).await })
-            {
+            let first = match wait_on(own.as_ref(), &rt, async {
+                tokio::time::timeout(Duration::from_secs(1), rx.recv()).await
+            }) {
                 Err(_) => {
                     // Idle: nobody else will free what is left.
                     self.stats.spent.free();
@@ -283,7 +293,9 @@ impl Writer {
                         if left.is_zero() {
                             break;
                         }
-                        match rt.block_on(async { tokio::time::timeout(left, rx.recv()).await }) {
+                        match wait_on(own.as_ref(), &rt, async {
+                            tokio::time::timeout(left, rx.recv()).await
+                        }) {
                             Ok(Some(m)) => m,
                             Ok(None) => {
                                 closed = true;
@@ -393,6 +405,8 @@ impl Writer {
                         out = Err(SessionError::Store(
                             "the change could not be committed (see the agent's log)".into(),
                         ));
+                    } else {
+                        self.stats.sessions_changed.notify_one();
                     }
                 } else {
                     let _ = self.conn.execute_batch("ROLLBACK");
@@ -757,6 +771,19 @@ fn boot_key(boot_id: &str) -> i64 {
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     h as i64
+}
+
+/// Runs `f` to completion on the writer's own runtime, or on the agent's
+/// when that could not be built.
+fn wait_on<F: std::future::Future>(
+    own: Option<&tokio::runtime::Runtime>,
+    rt: &tokio::runtime::Handle,
+    f: F,
+) -> F::Output {
+    match own {
+        Some(r) => r.block_on(f),
+        None => rt.block_on(f),
+    }
 }
 
 #[cfg(test)]

@@ -149,6 +149,7 @@ pub fn spawn(
         cfg.clone(),
         reader.clone(),
         writer.clone(),
+        store_stats.clone(),
         stats.clone(),
         wake.clone(),
         shutdown.clone(),

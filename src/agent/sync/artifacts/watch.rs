@@ -29,12 +29,17 @@ use crate::agent::store::artifacts::{state, ArtifactCmd};
 use crate::agent::store::now_ns;
 use crate::agent::store::read::Reader;
 use crate::agent::store::writer::Msg;
+use crate::agent::store::Stats;
 
 /// Sessions that ended this recently stay watched (late copies, e.g. a
 /// recorder flushing after the session closed).
 const RECENT: Duration = Duration::from_secs(24 * 3600);
-/// How often the set of watched sessions is refreshed.
+/// How often the set of watched sessions is refreshed while a session's
+/// directory is missing (it may be made after the session opened).
 const REFRESH: Duration = Duration::from_secs(1);
+/// How often it is refreshed with no session changed (the writer wakes the
+/// watcher on every change): sessions that age out of `RECENT`.
+const RESYNC: Duration = Duration::from_secs(60);
 /// How often files waiting to settle are looked at.
 const SETTLE_POLL: Duration = Duration::from_millis(200);
 /// Most files waiting to settle at once; more wait for a rescan.
@@ -63,12 +68,15 @@ struct Watch {
     dirs: HashMap<Uuid, PathBuf>,
     candidates: HashMap<Key, Candidate>,
     reported: HashMap<Key, Reported>,
+    /// A session to watch had no directory at the last refresh.
+    missing: bool,
 }
 
 pub async fn run(
     cfg: Arc<ArtifactsConfig>,
     reader: Arc<Reader>,
     writer: mpsc::Sender<Msg>,
+    store_stats: Arc<Stats>,
     stats: Arc<ArtifactStats>,
     wake: Arc<Notify>,
     shutdown: CancellationToken,
@@ -88,10 +96,26 @@ pub async fn run(
         dirs: HashMap::new(),
         candidates: HashMap::new(),
         reported: HashMap::new(),
+        missing: false,
     };
     let mut last_refresh: Option<Instant> = None;
     let mut last_rescan = Instant::now();
     loop {
+        // Files settling are looked at every SETTLE_POLL, a missing session
+        // directory every REFRESH; otherwise the task sleeps until the next
+        // rescan, or a session changes (README "Artifacts"; BENCHMARKS.md,
+        // "Idle": no wake-up with nothing to do).
+        let nap = if !w.candidates.is_empty() {
+            SETTLE_POLL
+        } else if w.missing {
+            REFRESH
+        } else {
+            w.cfg
+                .rescan
+                .saturating_sub(last_rescan.elapsed())
+                .min(RESYNC)
+        };
+        let mut changed = false;
         tokio::select! {
             _ = shutdown.cancelled() => return,
             ev = paths.recv() => {
@@ -105,16 +129,18 @@ pub async fn run(
                     }
                 }
             }
-            // Files settling are looked at every SETTLE_POLL; otherwise the
-            // task wakes once a REFRESH (README "Artifacts"; BENCHMARKS.md,
-            // "Idle": at most one wake-up a second with nothing to do).
-            _ = tokio::time::sleep(if w.candidates.is_empty() { REFRESH } else { SETTLE_POLL }) => {}
+            _ = store_stats.sessions_changed.notified() => changed = true,
+            _ = tokio::time::sleep(nap) => {}
         }
         let mut rescan_all = overflow.swap(false, Ordering::Relaxed);
         if rescan_all {
             tracing::info!("artifact watch events were lost; rescanning");
         }
-        if last_refresh.is_none_or(|t| t.elapsed() >= REFRESH) {
+        let due = match last_refresh {
+            None => true,
+            Some(t) => t.elapsed() >= if w.missing { REFRESH } else { RESYNC },
+        };
+        if changed || due {
             last_refresh = Some(Instant::now());
             let new = w.refresh(watcher.as_mut()).await;
             for dir in new {
@@ -214,6 +240,7 @@ impl Watch {
             Err(_) => return Vec::new(),
         };
         let want: HashSet<Uuid> = sessions.iter().copied().collect();
+        self.missing = false;
         let mut watcher = watcher;
         let gone: Vec<Uuid> = self
             .dirs
@@ -249,7 +276,10 @@ impl Watch {
                     continue;
                 }
                 // Not there (yet): try again at the next refresh.
-                Err(_) => continue,
+                Err(_) => {
+                    self.missing = true;
+                    continue;
+                }
             }
             if let Some(w) = watcher.as_deref_mut() {
                 if let Err(e) = w.watch(&dir, RecursiveMode::Recursive) {
