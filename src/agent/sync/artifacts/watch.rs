@@ -35,7 +35,8 @@ use crate::agent::store::Stats;
 /// recorder flushing after the session closed).
 const RECENT: Duration = Duration::from_secs(24 * 3600);
 /// How often the set of watched sessions is refreshed while a session's
-/// directory is missing (it may be made after the session opened).
+/// directory is missing (removed, and maybe made again), for the first
+/// `RESYNC` after it went missing, and after a failed refresh.
 const REFRESH: Duration = Duration::from_secs(1);
 /// How often it is refreshed with no session changed (the writer wakes the
 /// watcher on every change): sessions that age out of `RECENT`.
@@ -68,8 +69,9 @@ struct Watch {
     dirs: HashMap<Uuid, PathBuf>,
     candidates: HashMap<Key, Candidate>,
     reported: HashMap<Key, Reported>,
-    /// A session to watch had no directory at the last refresh.
-    missing: bool,
+    /// Since when a session to watch has had no directory (or the
+    /// sessions could not be listed); `None` when every one was found.
+    missing: Option<Instant>,
 }
 
 pub async fn run(
@@ -96,7 +98,7 @@ pub async fn run(
         dirs: HashMap::new(),
         candidates: HashMap::new(),
         reported: HashMap::new(),
-        missing: false,
+        missing: None,
     };
     let mut last_refresh: Option<Instant> = None;
     let mut last_rescan = Instant::now();
@@ -107,7 +109,7 @@ pub async fn run(
         // "Idle": no wake-up with nothing to do).
         let nap = if !w.candidates.is_empty() {
             SETTLE_POLL
-        } else if w.missing {
+        } else if w.retrying() {
             REFRESH
         } else {
             w.cfg
@@ -138,7 +140,7 @@ pub async fn run(
         }
         let due = match last_refresh {
             None => true,
-            Some(t) => t.elapsed() >= if w.missing { REFRESH } else { RESYNC },
+            Some(t) => t.elapsed() >= if w.retrying() { REFRESH } else { RESYNC },
         };
         if changed || due {
             last_refresh = Some(Instant::now());
@@ -223,6 +225,11 @@ fn watch_events(queue: usize, rescan: Duration) -> Events {
 }
 
 impl Watch {
+    /// Refresh every `REFRESH` rather than every `RESYNC`?
+    fn retrying(&self) -> bool {
+        self.missing.is_some_and(|t| t.elapsed() < RESYNC)
+    }
+
     /// Brings the watched set in line with the store; returns the newly
     /// watched directories (to scan once now).
     async fn refresh(&mut self, watcher: Option<&mut notify::RecommendedWatcher>) -> Vec<PathBuf> {
@@ -235,12 +242,16 @@ impl Watch {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 tracing::warn!("cannot list sessions to watch: {e}");
+                self.missing.get_or_insert_with(Instant::now);
                 return Vec::new();
             }
-            Err(_) => return Vec::new(),
+            Err(_) => {
+                self.missing.get_or_insert_with(Instant::now);
+                return Vec::new();
+            }
         };
         let want: HashSet<Uuid> = sessions.iter().copied().collect();
-        self.missing = false;
+        let was_missing = self.missing.take();
         let mut watcher = watcher;
         let gone: Vec<Uuid> = self
             .dirs
@@ -277,7 +288,7 @@ impl Watch {
                 }
                 // Not there (yet): try again at the next refresh.
                 Err(_) => {
-                    self.missing = true;
+                    self.missing = Some(was_missing.unwrap_or_else(Instant::now));
                     continue;
                 }
             }
