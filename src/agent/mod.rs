@@ -262,6 +262,7 @@ async fn open_writer(
         pinned_max: cfg.pinned_max,
         commit_interval: cfg.commit_interval,
         commit_records: cfg.commit_records,
+        idle_turn: idle_turn(systemd::watchdog_interval()),
         view: view.clone(),
     };
     let stats = stats.clone();
@@ -623,12 +624,30 @@ fn changed_keys(a: &config::RawConfig, b: &config::RawConfig) -> Vec<String> {
     out
 }
 
+/// How long the writer may show no progress before [`heartbeat`] calls it
+/// stuck: the watchdog period (`WatchdogSec`; 20 s without one), at least
+/// 3 s. `half` is [`systemd::watchdog_interval`].
+fn stall_period(half: Option<Duration>) -> Duration {
+    half.map_or(Duration::from_secs(20), |half| half * 2)
+        .max(Duration::from_secs(3))
+}
+
+/// How often the idle writer turns: often enough that [`heartbeat`] sees
+/// progress at every one of its ticks (a quarter of the stall period),
+/// between 1 and 5 s, so an idle agent wakes as little as its watchdog
+/// allows (BENCHMARKS.md, "Idle").
+fn idle_turn(half: Option<Duration>) -> Duration {
+    (stall_period(half) / 4).clamp(Duration::from_secs(1), Duration::from_secs(5))
+}
+
 /// Sends WATCHDOG=1 while the writer proves progress (its loop turns at
-/// least once a second even when idle), and a STATUS= line now and then. A
-/// writer stuck for a whole watchdog period gets no more pings, so systemd
-/// restarts the agent.
+/// least every [`idle_turn`] even when idle), and a STATUS= line now and
+/// then. A writer stuck for a whole watchdog period gets no more pings, so
+/// systemd restarts the agent.
 async fn heartbeat(notifier: Arc<Notifier>, stats: Arc<Stats>, shutdown: CancellationToken) {
-    let period = systemd::watchdog_interval().map_or(Duration::from_secs(20), |half| half * 2);
+    let half = systemd::watchdog_interval();
+    let period = half.map_or(Duration::from_secs(20), |half| half * 2);
+    let stall = stall_period(half);
     let mut tick = tokio::time::interval((period / 2).min(Duration::from_secs(10)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut last_beat = stats.writer_heartbeat.load(Ordering::Relaxed);
@@ -644,7 +663,7 @@ async fn heartbeat(notifier: Arc<Notifier>, stats: Arc<Stats>, shutdown: Cancell
             last_change = Instant::now();
         }
         let stuck = last_change.elapsed();
-        if stuck < period.max(Duration::from_secs(3)) {
+        if stuck < stall {
             notifier.watchdog();
         } else {
             tracing::error!(
@@ -841,6 +860,37 @@ fn group_id(group: &str) -> Result<u32, AgentError> {
 mod tests {
     use super::config::RawConfig;
     use super::*;
+
+    /// The idle writer turns often enough that the heartbeat sees progress
+    /// at each of its ticks (half the watchdog period, at most 10 s) and
+    /// never calls an idle writer stuck, whatever `WatchdogSec` is; and
+    /// no more than once a second.
+    #[test]
+    fn the_idle_writer_turns_within_every_heartbeat_tick() {
+        let s = Duration::from_secs;
+        for half in [
+            None,
+            Some(Duration::from_millis(500)),
+            Some(s(1)),
+            Some(s(2)),
+            Some(s(15)),
+            Some(s(300)),
+        ] {
+            let turn = idle_turn(half);
+            let period = half.map_or(s(20), |h| h * 2);
+            let tick = (period / 2).min(s(10));
+            assert!(turn >= s(1), "{half:?}: {turn:?}");
+            assert!(turn <= s(5), "{half:?}: {turn:?}");
+            // A tick that just missed a turn still sees the next one
+            // before the stall period runs out.
+            assert!(
+                turn + tick < stall_period(half),
+                "{half:?}: {turn:?} + {tick:?}"
+            );
+        }
+        assert_eq!(idle_turn(None), s(5));
+        assert_eq!(idle_turn(Some(s(2))), s(1));
+    }
 
     /// A reload in progress when shutdown comes is waited for: the reload
     /// task is joined, not left running after `run` returns.

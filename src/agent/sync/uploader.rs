@@ -1100,6 +1100,7 @@ mod tests {
                 pinned_max: 1 << 28,
                 commit_interval: Duration::from_millis(5),
                 commit_records: 1000,
+                idle_turn: Duration::from_secs(1),
                 view: ViewCtx {
                     device_id: "d".into(),
                     device_name: "n".into(),

@@ -102,6 +102,10 @@ pub struct WriterConfig {
     pub pinned_max: u64,
     pub commit_interval: Duration,
     pub commit_records: usize,
+    /// How often an idle writer turns anyway: to prove progress to the
+    /// watchdog, check the file's header and keep the disk bound
+    /// (`agent::idle_turn`).
+    pub idle_turn: Duration,
     pub view: ViewCtx,
 }
 
@@ -259,7 +263,7 @@ impl Writer {
         while !closed && !self.stopping {
             self.stats.writer_heartbeat.fetch_add(1, Ordering::Relaxed);
             let first = match wait_on(own.as_ref(), &rt, async {
-                tokio::time::timeout(Duration::from_secs(1), rx.recv()).await
+                tokio::time::timeout(self.cfg.idle_turn, rx.recv()).await
             }) {
                 Err(_) => {
                     // Idle: nobody else will free what is left.
@@ -806,6 +810,7 @@ mod tests {
             pinned_max: 1 << 28,
             commit_interval: Duration::from_millis(10),
             commit_records: 1000,
+            idle_turn: Duration::from_secs(1),
             view: ViewCtx {
                 device_id: "d".into(),
                 device_name: "n".into(),
