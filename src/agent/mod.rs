@@ -624,12 +624,16 @@ fn changed_keys(a: &config::RawConfig, b: &config::RawConfig) -> Vec<String> {
     out
 }
 
-/// How long the writer may show no progress before [`heartbeat`] calls it
-/// stuck: the watchdog period (`WatchdogSec`; 20 s without one), at least
-/// 3 s. `half` is [`systemd::watchdog_interval`].
-fn stall_period(half: Option<Duration>) -> Duration {
+/// The watchdog period (`WatchdogSec`; 20 s without one). `half` is
+/// [`systemd::watchdog_interval`].
+fn watchdog_period(half: Option<Duration>) -> Duration {
     half.map_or(Duration::from_secs(20), |half| half * 2)
-        .max(Duration::from_secs(3))
+}
+
+/// How long the writer may show no progress before [`heartbeat`] calls it
+/// stuck: the watchdog period, at least 3 s.
+fn stall_period(half: Option<Duration>) -> Duration {
+    watchdog_period(half).max(Duration::from_secs(3))
 }
 
 /// How often the idle writer turns: often enough that [`heartbeat`] sees
@@ -646,7 +650,7 @@ fn idle_turn(half: Option<Duration>) -> Duration {
 /// systemd restarts the agent.
 async fn heartbeat(notifier: Arc<Notifier>, stats: Arc<Stats>, shutdown: CancellationToken) {
     let half = systemd::watchdog_interval();
-    let period = half.map_or(Duration::from_secs(20), |half| half * 2);
+    let period = watchdog_period(half);
     let stall = stall_period(half);
     let mut tick = tokio::time::interval((period / 2).min(Duration::from_secs(10)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -877,8 +881,7 @@ mod tests {
             Some(s(300)),
         ] {
             let turn = idle_turn(half);
-            let period = half.map_or(s(20), |h| h * 2);
-            let tick = (period / 2).min(s(10));
+            let tick = (watchdog_period(half) / 2).min(s(10));
             assert!(turn >= s(1), "{half:?}: {turn:?}");
             assert!(turn <= s(5), "{half:?}: {turn:?}");
             // A tick that just missed a turn still sees the next one

@@ -371,6 +371,8 @@ impl Uploader {
         }
     }
 
+    /// How long [`Self::idle`] waits for a commit: until the heartbeat is
+    /// due, at most a quarter of the stall timeout.
     fn idle_nap(&self) -> Duration {
         let to_heartbeat = self
             .last_post
@@ -379,6 +381,7 @@ impl Uploader {
             .min(self.ctx.cfg.stall_timeout / 4)
             .max(Duration::from_millis(10))
     }
+
     /// Takes the held read connection, or opens one.
     async fn take_reader(&self) -> Result<SyncReader, StoreError> {
         let held = self.reader.lock().expect("reader lock").take();

@@ -240,12 +240,10 @@ impl Watch {
         .await
         {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                tracing::warn!("cannot list sessions to watch: {e}");
-                self.missing.get_or_insert_with(Instant::now);
-                return Vec::new();
-            }
-            Err(_) => {
+            failed => {
+                if let Ok(Err(e)) = failed {
+                    tracing::warn!("cannot list sessions to watch: {e}");
+                }
                 self.missing.get_or_insert_with(Instant::now);
                 return Vec::new();
             }
