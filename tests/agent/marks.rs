@@ -9,7 +9,7 @@ use super::{disk_bytes, send_lines, Agent};
 use crate::util::{run_ok, wait_for, TestDir};
 
 /// RFC 3339 for `ms` milliseconds after 2026-01-01T00:00:00Z.
-fn at(ms: u64) -> String {
+pub fn at(ms: u64) -> String {
     format!(
         "2026-01-01T{:02}:{:02}:{:02}.{:03}Z",
         ms / 3_600_000,

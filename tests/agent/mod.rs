@@ -3,7 +3,7 @@
 
 mod faults;
 mod ingest;
-mod marks;
+pub mod marks;
 mod sessions;
 mod store;
 mod systemd;

@@ -315,3 +315,152 @@ fn behind_a_v2_hub_marks_stay_pending_and_records_arrive_once() {
     assert_exact_seqs(&again, 1..=601);
     assert_eq!(older.seen.refused_v3.load(Ordering::SeqCst), refused);
 }
+
+/// Every record of a session at the hub as (hub row id, message), from a
+/// live stream replaying from the start: the row ids are the hub's order
+/// of arrival.
+fn arrivals(hub: &HubProc, session: &str) -> Vec<(i64, String)> {
+    use crate::hub::{WsClient, WsMessage, ORG, PROJECT};
+    let path =
+        format!("/ws/organizations/{ORG}/projects/{PROJECT}/sessions/{session}/logs?after_id=0");
+    let mut ws = WsClient::connect(&hub.addr, &path, &hub.operator).unwrap();
+    let mut out = Vec::new();
+    loop {
+        match ws.next(Duration::from_secs(30)) {
+            Some(WsMessage::Text(t)) => {
+                let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                if let Some(id) = v["id"].as_i64().filter(|_| v["event"].is_null()) {
+                    out.push((id, v["message"].as_str().unwrap().to_owned()));
+                }
+            }
+            Some(WsMessage::Close(_)) => return out,
+            None => panic!("the stream of {session} neither ended nor sent within 30 s"),
+        }
+    }
+}
+
+/// Back from an outage with a backlog: a high mark's window arrives first,
+/// then the errors, then the records of the failed session, then the
+/// newest records, and the old backlog last; every record once.
+#[test]
+fn after_an_outage_marks_errors_failed_sessions_and_fresh_records_go_first() {
+    use super::faultproxy::{Fault, FaultProxy};
+    use crate::agent::marks::at;
+
+    let proxy = FaultProxy::start("127.0.0.1:9".parse().unwrap());
+    proxy.set(Fault::Refuse);
+    let hub = HubProc::start("sync_sent_first");
+    let dir = TestDir::new("sync-sent-first");
+    let mut env = sync_env(&proxy.url(), &hub.device);
+    env.push(("LOGBOOK_SYNC_BATCH_RECORDS".into(), "200".into()));
+    let agent = start_agent(&dir, &env);
+    let line = |ms: u64, level: &str, msg: String| {
+        format!(
+            r#"{{"timestamp":"{}","level":"{level}","msg":"{msg}"}}"#,
+            at(ms)
+        )
+    };
+    let send = |lines: Vec<String>| {
+        let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+        send_lines(&agent, &refs);
+        agent.flush();
+    };
+    let open = || {
+        agent.ok("POST", "/v1/sessions", Some("{}"))["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+
+    // A session that fails: 300 records.
+    let failed = open();
+    send(
+        (0..300)
+            .map(|i| line(i * 10, "info", format!("a {i}")))
+            .collect(),
+    );
+    agent.ok(
+        "POST",
+        "/v1/sessions/current/stop",
+        Some(r#"{"failed":true,"error":"estop"}"#),
+    );
+    // A session that completes: 3,000 records 10 ms apart, an error every
+    // 500, and a high collision mark at record 1,500 pinning 1,400..=1,600.
+    let ok = open();
+    let b0 = 1_000_000;
+    send(
+        (0..3000)
+            .map(|i| {
+                let level = if i % 500 == 250 { "error" } else { "info" };
+                line(b0 + i * 10, level, format!("b {i}"))
+            })
+            .collect(),
+    );
+    let mark = format!(
+        r#"{{"name":"collision","timestamp":"{}","before":"1s","after":"1s","priority":"high"}}"#,
+        at(b0 + 15_000)
+    );
+    agent.ok("POST", "/v1/marks", Some(&mark));
+    agent.ok("POST", "/v1/sessions/current/stop", None);
+    wait_for("the link to show offline", Duration::from_secs(20), || {
+        let s = agent.status()["sync"].clone();
+        (s["link"] == "offline" && s["failures"].as_u64() > Some(1)).then_some(())
+    });
+
+    proxy.set_upstream(hub.addr.parse().unwrap());
+    proxy.set(Fault::Pass);
+    wait_synced(&agent, Duration::from_secs(60));
+
+    // Every record once.
+    assert_eq!(
+        hub_logs(&hub, &format!("/sessions/{failed}/logs")).len(),
+        300
+    );
+    let b = hub_logs(&hub, &format!("/sessions/{ok}/logs"));
+    let first = b[0]["seq"].as_u64().unwrap();
+    assert_exact_seqs(&b, first..first + 3000);
+
+    // The order of arrival, by class.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+    enum Class {
+        Window,
+        Error,
+        Failed,
+        Fresh,
+        Backlog,
+    }
+    let mut all: Vec<(i64, Class)> = arrivals(&hub, &failed)
+        .into_iter()
+        .map(|(id, _)| (id, Class::Failed))
+        .collect();
+    let b = arrivals(&hub, &ok);
+    assert_eq!(b.len(), 3000);
+    all.extend(b.into_iter().map(|(id, msg)| {
+        let i: u64 = msg.strip_prefix("b ").unwrap().parse().unwrap();
+        let class = match i {
+            1400..=1600 => Class::Window,
+            _ if i % 500 == 250 => Class::Error,
+            // The newest half batch when the link came back.
+            2900.. => Class::Fresh,
+            _ => Class::Backlog,
+        };
+        (id, class)
+    }));
+    all.sort();
+    let classes: Vec<Class> = all.iter().map(|(_, c)| *c).collect();
+    let runs: Vec<(Class, usize)> = classes
+        .chunk_by(|a, b| a == b)
+        .map(|r| (r[0], r.len()))
+        .collect();
+    assert_eq!(
+        runs,
+        vec![
+            (Class::Window, 201),
+            (Class::Error, 6),
+            (Class::Failed, 300),
+            (Class::Fresh, 100),
+            (Class::Backlog, 2693),
+        ],
+        "the hub's order of arrival, in runs"
+    );
+}

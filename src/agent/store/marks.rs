@@ -201,7 +201,53 @@ pub fn apply_acked(conn: &Connection, marks: &[(i64, u64)]) -> rusqlite::Result<
 /// Most marks one batch carries.
 const BATCH_MARKS: i64 = 1000;
 
+/// A marked window of one session (0: the device logs outside sessions),
+/// times inclusive: what goes up first while the uploader is behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Window {
+    pub session: i64,
+    pub start_ns: i64,
+    pub end_ns: i64,
+}
+
 impl super::sync::SyncReader {
+    /// The windows of the marks not released that end at or after
+    /// `since_ns`, merged per priority and session where they overlap or
+    /// touch: high priority first, and within a priority the newest first.
+    pub fn marked_windows(&self, since_ns: i64) -> Result<Vec<Window>, StoreError> {
+        let rows: Vec<(i64, i64, i64, i64)> = self
+            .conn
+            .prepare_cached(
+                "SELECT priority, session, ts_ns - before_ns, ts_ns + after_ns FROM marks \
+                 WHERE released IS NULL AND ts_ns + after_ns >= ?1 \
+                 ORDER BY priority DESC, session, ts_ns - before_ns",
+            )?
+            .query_map([since_ns], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut out = Vec::new();
+        for high in [true, false] {
+            let level = Priority::High.code();
+            let windows = rows
+                .iter()
+                .filter(|w| (w.0 == level) == high)
+                .map(|&(_, session, a, b)| (session, a, b))
+                .collect();
+            let mut merged: Vec<Window> = merge(windows)
+                .into_iter()
+                .map(|(session, start_ns, end_ns)| Window {
+                    session,
+                    start_ns,
+                    end_ns,
+                })
+                .collect();
+            merged.sort_by_key(|w| std::cmp::Reverse((w.start_ns, w.session)));
+            out.extend(merged);
+        }
+        Ok(out)
+    }
+
     /// Marks whose newest revision the hub has not acknowledged, oldest
     /// first.
     pub fn pending_marks(&self) -> Result<Vec<Mark>, StoreError> {

@@ -166,25 +166,128 @@ impl SyncReader {
         Ok(first_unsynced_above(&self.conn, w)?.map(|s| s as u64))
     }
 
-    /// Up to `limit` unsynced records at or above `from` in seq order,
-    /// stopping once `max_bytes` is reached.
+    /// Up to `limit` unsynced records with seqs in `from..=through`, in
+    /// seq order, stopping once `max_bytes` is reached.
     pub fn records_from(
         &self,
         from: u64,
+        through: u64,
         limit: usize,
         max_bytes: usize,
     ) -> Result<Vec<PendingRecord>, StoreError> {
         self.records(
             &format!(
                 // NOT INDEXED: a walk along the primary key from the cursor;
-                // the planner would otherwise pick records_evict and sort
-                // the whole backlog for every batch.
+                // the planner would otherwise pick an index and sort the
+                // whole backlog for every batch.
                 "SELECT {RECORD_COLUMNS} FROM records r NOT INDEXED LEFT JOIN sessions s ON s.pk = r.session \
-                 WHERE r.seq >= ?1 AND {UNSYNCED} ORDER BY r.seq LIMIT ?2"
+                 WHERE r.seq >= ?1 AND r.seq <= ?4 AND {UNSYNCED} ORDER BY r.seq LIMIT ?2"
             ),
-            params![from.max(1) as i64, limit as i64, watermark(&self.conn)?],
+            params![
+                from.max(1) as i64,
+                limit as i64,
+                watermark(&self.conn)?,
+                seq_param(through)
+            ],
             max_bytes,
         )
+    }
+
+    /// Up to `limit` unsynced records of `session` (0: the device logs
+    /// outside sessions) with seqs in `from..=through` and, when `span` is
+    /// given, times within it (inclusive), in seq order, stopping once
+    /// `max_bytes` is reached: a walk along `records_session`.
+    pub fn session_records(
+        &self,
+        session: i64,
+        (from, through): (u64, u64),
+        span: Option<(i64, i64)>,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<PendingRecord>, StoreError> {
+        let (start, end) = span.unzip();
+        self.records(
+            &format!(
+                "SELECT {RECORD_COLUMNS} FROM records r INDEXED BY records_session \
+                 LEFT JOIN sessions s ON s.pk = r.session \
+                 WHERE r.session IS ?1 AND r.seq >= ?4 AND r.seq <= ?5 \
+                   AND (?6 IS NULL OR r.ts_ns BETWEEN ?6 AND ?7) AND {UNSYNCED} \
+                 ORDER BY r.seq LIMIT ?2"
+            ),
+            params![
+                (session != 0).then_some(session),
+                limit as i64,
+                watermark(&self.conn)?,
+                from.max(1) as i64,
+                seq_param(through),
+                start,
+                end
+            ],
+            max_bytes,
+        )
+    }
+
+    /// The synced-seq watermark W: every record at or below it is synced.
+    pub fn watermark(&self) -> Result<u64, StoreError> {
+        Ok(watermark(&self.conn)?.max(0) as u64)
+    }
+
+    /// The newest stored seq (0 when the buffer is empty). Every seq up to
+    /// it that is still stored was committed before this read.
+    pub fn newest_seq(&self) -> Result<u64, StoreError> {
+        let n: i64 = self
+            .conn
+            .prepare_cached("SELECT coalesce(max(seq), 0) FROM records")?
+            .query_row([], |r| r.get(0))?;
+        Ok(n.max(0) as u64)
+    }
+
+    /// The time of the first stored record at or after seq `at`.
+    pub fn time_at(&self, at: u64) -> Result<Option<i64>, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT ts_ns FROM records WHERE seq >= ?1 ORDER BY seq LIMIT 1")?
+            .query_row([seq_param(at)], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// Where records from time `ts_ns` on start among seqs `lo..=hi`: the
+    /// first seq from which the next stored record has a time at or after
+    /// `ts_ns` (`hi + 1` when none has). A binary search over seqs, exact
+    /// where times grow with seqs, as they do for records stamped when
+    /// received; callers allow for records that carry their own time.
+    pub fn seq_at_time(&self, ts_ns: i64, lo: u64, hi: u64) -> Result<u64, StoreError> {
+        let mut probe = self.conn.prepare_cached(
+            "SELECT seq, ts_ns FROM records WHERE seq >= ?1 AND seq <= ?2 ORDER BY seq LIMIT 1",
+        )?;
+        let (mut a, mut b) = (lo, hi.saturating_add(1));
+        while a < b {
+            let mid = a + (b - a) / 2;
+            let next: Option<(i64, i64)> = probe
+                .query_row([seq_param(mid), seq_param(hi)], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .optional()?;
+            match next {
+                Some((seq, ts)) if ts < ts_ns => a = seq as u64 + 1,
+                _ => b = mid,
+            }
+        }
+        Ok(a)
+    }
+
+    /// Failed sessions (pk), newest first, with stored records above the
+    /// watermark: their records go before other sessions' while behind.
+    pub fn failed_sessions_behind(&self, limit: usize) -> Result<Vec<i64>, StoreError> {
+        let w = watermark(&self.conn)?;
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT pk FROM sessions s WHERE status = 'failed' \
+             AND EXISTS (SELECT 1 FROM records r INDEXED BY records_session \
+                         WHERE r.session = s.pk AND r.seq > ?1) \
+             ORDER BY pk DESC LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![w, limit as i64], |r| r.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     /// Up to `limit` unsynced error and fatal records above seq `from`,
@@ -345,6 +448,11 @@ pub fn create_tables(conn: &Connection) -> Result<(), StoreError> {
         );",
     )?;
     Ok(())
+}
+
+/// A seq as an SQL parameter (seqs past `i64::MAX` do not exist).
+fn seq_param(seq: u64) -> i64 {
+    seq.min(i64::MAX as u64) as i64
 }
 
 /// The synced-seq watermark W (0 before anything was synced).
@@ -595,8 +703,11 @@ mod tests {
         assert_eq!(s[0].state.status, SessionStatus::Active);
         assert_eq!(r.first_unsynced().unwrap(), Some(1));
         // In seq order from a cursor, bounded by count and by bytes.
-        assert_eq!(seqs(&r.records_from(3, 3, 1 << 20).unwrap()), vec![3, 4, 5]);
-        assert_eq!(seqs(&r.records_from(1, 100, 1).unwrap()), vec![1]);
+        assert_eq!(
+            seqs(&r.records_from(3, u64::MAX, 3, 1 << 20).unwrap()),
+            vec![3, 4, 5]
+        );
+        assert_eq!(seqs(&r.records_from(1, u64::MAX, 100, 1).unwrap()), vec![1]);
         // Errors and fatals first, oldest first.
         assert_eq!(
             seqs(&r.urgent_records(0, 10, 1 << 20).unwrap()),
@@ -604,7 +715,7 @@ mod tests {
         );
         assert_eq!(seqs(&r.urgent_records(2, 10, 1 << 20).unwrap()), vec![4, 6]);
         assert_eq!(seqs(&r.urgent_records(0, 2, 1 << 20).unwrap()), vec![2, 4]);
-        let rec = &r.records_from(1, 1, 1 << 20).unwrap()[0];
+        let rec = &r.records_from(1, u64::MAX, 1, 1 << 20).unwrap()[0];
         assert_eq!(rec.pk, 1);
         assert!(rec.record.session_id.is_some());
 
@@ -627,7 +738,7 @@ mod tests {
         assert!(r.pending_sessions(10).unwrap().is_empty());
         assert!(r.pending_gaps().unwrap().is_empty());
         assert_eq!(
-            seqs(&r.records_from(1, 100, 1 << 20).unwrap()),
+            seqs(&r.records_from(1, u64::MAX, 100, 1 << 20).unwrap()),
             vec![3, 5, 6, 7]
         );
 
@@ -639,7 +750,7 @@ mod tests {
         };
         assert_eq!(apply_set_aside(&conn, &aside, 0).unwrap(), 1);
         assert_eq!(
-            seqs(&r.records_from(1, 100, 1 << 20).unwrap()),
+            seqs(&r.records_from(1, u64::MAX, 100, 1 << 20).unwrap()),
             vec![3, 5, 7]
         );
         let gaps = r.pending_gaps().unwrap();
@@ -742,7 +853,7 @@ mod tests {
         assert_eq!(state(&conn), (2, vec![4], 3));
         assert_eq!(r.first_unsynced().unwrap(), Some(3));
         assert_eq!(
-            seqs(&r.records_from(1, 100, 1 << 20).unwrap()),
+            seqs(&r.records_from(1, u64::MAX, 100, 1 << 20).unwrap()),
             vec![3, 5, 6, 7, 8]
         );
         assert_eq!(seqs(&r.urgent_records(0, 100, 1 << 20).unwrap()), vec![6]);
@@ -755,13 +866,13 @@ mod tests {
         let (per_session, gone) = evict_unsynced(&conn, Debug, 1).unwrap();
         assert_eq!((per_session, gone), (vec![(0, 1)], 1));
         assert_eq!(
-            seqs(&r.records_from(1, 100, 1 << 20).unwrap()),
+            seqs(&r.records_from(1, u64::MAX, 100, 1 << 20).unwrap()),
             vec![5, 6, 7, 8]
         );
         let (per_session, gone) = evict_unsynced(&conn, Debug, 5).unwrap();
         assert_eq!((per_session, gone), (vec![(0, 1)], 1));
         assert_eq!(
-            seqs(&r.records_from(1, 100, 1 << 20).unwrap()),
+            seqs(&r.records_from(1, u64::MAX, 100, 1 << 20).unwrap()),
             vec![5, 6, 7]
         );
         // The next ack moves W over the evicted 3 and 4.

@@ -19,6 +19,7 @@
 //! reports that it could not record one, the scan starts again from the first
 //! unsynced record (so nothing waits for a restart to be resent).
 
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -34,6 +35,7 @@ use super::link::{Link, LinkConfig};
 use super::status::SyncShared;
 use super::throttle::Throttle;
 use crate::agent::config::SyncConfig;
+use crate::agent::store::marks::Window;
 use crate::agent::store::sync::{Acked, PendingRecord, SetAside, SyncReader};
 use crate::agent::store::writer::Msg;
 use crate::agent::store::{now_ns, Stats, StoreError};
@@ -168,14 +170,39 @@ pub enum Done {
     Restart(String),
 }
 
-/// Where the reads of the next batch start.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// How far a record's own time may lie from when it was received and still
+/// go up first with its marked window: windows are found among seqs by
+/// time ([`SyncReader::seq_at_time`]), so a record stamped further off goes
+/// with the rest of the backlog (eviction still keeps it).
+const WINDOW_SLACK_NS: i64 = 10_000_000_000;
+/// Most failed sessions whose records one batch reads first.
+const FAILED_SESSIONS: usize = 16;
+/// A window cursor past everything the window will ever hold.
+const DONE: u64 = u64::MAX;
+
+/// Where the reads of the next batch start. While behind, a batch is filled
+/// in this order (README "Marks", sent first): the records of marked
+/// windows (high priority first, the newest window first), errors and
+/// fatals, the records of failed sessions (the newest session first), the
+/// fresh run (after an outage), then the backlog in seq order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Scan {
     /// Where the in-order scan of unsynced records starts; `None`: at the
     /// first unsynced record (looked up).
     cursor: Option<u64>,
     /// Errors and fatals at or below this seq were sent (or are in flight).
     urgent_from: u64,
+    /// Where the next read of each marked window starts (`DONE`: all of a
+    /// closed window was read).
+    windows: BTreeMap<Window, u64>,
+    /// Where the next read of each failed session (pk) starts.
+    failed: BTreeMap<i64, u64>,
+    /// After an outage with a backlog, the newest records go first, then
+    /// what arrives after them, while the backlog fills in behind: (the
+    /// first seq of that fresh run, where its next read starts). The
+    /// in-order scan stops below the first and goes on from the second
+    /// once it gets there.
+    fresh: Option<(u64, u64)>,
 }
 
 /// One batch under way, with what the writer needs to mark it.
@@ -242,6 +269,9 @@ struct Uploader {
     /// (its reply, and its seq ranges): the next batch is read and sent
     /// while the writer marks the previous one, and leaves these out.
     marking: Option<Marking>,
+    /// The next batch read starts a fresh run if it finds a backlog: set
+    /// at start and when the link fails (see [`Scan::fresh`]).
+    fresh_due: bool,
 }
 
 /// An acknowledgement in the writer's hands: its reply and its seq ranges.
@@ -274,6 +304,7 @@ impl Uploader {
             pending_since: None,
             last_post: None,
             marking: None,
+            fresh_due: true,
             ctx,
         })
     }
@@ -286,7 +317,7 @@ impl Uploader {
             }
             let ready = match self.prefetched.take() {
                 Some(r) => {
-                    self.scan = r.work.start;
+                    self.scan = r.work.start.clone();
                     r
                 }
                 None => match self.next_batch(&shutdown).await {
@@ -398,7 +429,7 @@ impl Uploader {
 
     /// What the next batch is read with: the scan `scan`, leaving out the
     /// ranges being marked and `in_flight`.
-    fn plan(&self, scan: Scan, in_flight: &[(u64, u64)]) -> Plan {
+    fn plan(&self, scan: Scan, in_flight: &[(u64, u64)], fresh_due: bool) -> Plan {
         let stats = &self.ctx.stats;
         let unsynced = (stats.records_stored.load(Ordering::Relaxed)
             - stats.records_synced.load(Ordering::Relaxed))
@@ -418,13 +449,16 @@ impl Uploader {
             max_bytes: self.ctx.cfg.batch_bytes,
             skip,
             agent: report(stats, self.ctx.buffer_max_bytes),
+            now_ns: now_ns(),
+            fresh_due,
         }
     }
 
     /// Reads the next batch on a blocking thread.
     async fn gather(&mut self) -> Result<Work, StoreError> {
         let reader = self.take_reader().await?;
-        let plan = self.plan(self.scan, &[]);
+        let plan = self.plan(self.scan.clone(), &[], self.fresh_due);
+        self.fresh_due = false;
         let (reader, work) = tokio::task::spawn_blocking(move || {
             let out = build(&reader, plan);
             out.map(|w| (reader, w))
@@ -432,7 +466,7 @@ impl Uploader {
         .await
         .map_err(join_err)??;
         *self.reader.lock().expect("reader lock") = Some(reader);
-        self.scan = work.start;
+        self.scan = work.start.clone();
         Ok(work)
     }
 
@@ -495,7 +529,7 @@ impl Uploader {
             match self.take_reader().await {
                 Ok(reader) => {
                     let sent = crate::wire::seq_ranges(work.records.iter().map(|r| r.0));
-                    let plan = self.plan(work.next, &sent);
+                    let plan = self.plan(work.next.clone(), &sent, false);
                     Some(tokio::task::spawn_blocking(move || {
                         let start = Instant::now();
                         let out = build(&reader, plan);
@@ -618,10 +652,14 @@ impl Uploader {
                 Step::Next
             }
             Action::Split | Action::SetAside => self.set_aside(work, e).await,
-            Action::Retry { after } => match self.link.retry(&e, after, shutdown).await {
-                true => Step::Shutdown,
-                false => Step::Next,
-            },
+            Action::Retry { after } => {
+                // When the link comes back, the newest records go first.
+                self.fresh_due = true;
+                match self.link.retry(&e, after, shutdown).await {
+                    true => Step::Shutdown,
+                    false => Step::Next,
+                }
+            }
         }
     }
 
@@ -783,6 +821,11 @@ struct Plan {
     agent: AgentReport,
     /// `Stats::deletions` before the read (see `Acked::read_at`).
     deletions: u64,
+    /// The robot's clock (whether a marked window is still open).
+    now_ns: i64,
+    /// The link came back (or the uploader started): a backlog found now
+    /// starts a fresh run (see [`Scan::fresh`]).
+    fresh_due: bool,
 }
 
 /// The agent's report for a batch (README "Devices"): what `/v1/status`
@@ -826,8 +869,55 @@ enum Step {
     WriterGone,
 }
 
-/// Builds the next batch: pending session states, then records (errors and
-/// fatals first when more than a batch is waiting), then grown gap
+/// The records of one batch, gathered by several reads in turn.
+struct Fill {
+    records: Vec<PendingRecord>,
+    taken: HashSet<u64>,
+    bytes: usize,
+    limit: usize,
+    max_bytes: usize,
+    /// Sorted inclusive seq ranges to leave out: being marked, or in flight.
+    skip: Vec<(u64, u64)>,
+    /// A read stopped at its count or byte limit: more is waiting, even
+    /// when records in flight or being marked were then left out, so the
+    /// batch goes without a linger and reading ahead pays.
+    more_waiting: bool,
+}
+
+impl Fill {
+    /// What the next read may take (records, bytes); `None` when full.
+    fn room(&mut self) -> Option<(usize, usize)> {
+        if self.records.len() >= self.limit || self.bytes >= self.max_bytes {
+            self.more_waiting = true;
+            return None;
+        }
+        Some((self.limit - self.records.len(), self.max_bytes - self.bytes))
+    }
+
+    /// Adds what a read of at most `room` returned, leaving out records
+    /// skipped or already taken. Returns where that read would go on: after
+    /// its last record when it stopped at its limit, `None` when it read
+    /// everything there was.
+    fn take(&mut self, got: Vec<PendingRecord>, (count, budget): (usize, usize)) -> Option<u64> {
+        let read: usize = got.iter().map(|r| r.approx_bytes).sum();
+        let stopped = got.len() >= count || read >= budget;
+        self.more_waiting |= stopped;
+        let next = got.last().filter(|_| stopped).map(|r| r.record.seq + 1);
+        for r in got {
+            let seq = r.record.seq;
+            let i = self.skip.partition_point(|(lo, _)| *lo <= seq);
+            let skipped = i > 0 && self.skip[i - 1].1 >= seq;
+            if !skipped && self.taken.insert(seq) {
+                self.bytes += r.approx_bytes;
+                self.records.push(r);
+            }
+        }
+        next
+    }
+}
+
+/// Builds the next batch: pending session states, then records (when more
+/// than a batch is waiting, in the order [`Scan`] gives), then grown gap
 /// counters.
 fn build(reader: &SyncReader, plan: Plan) -> Result<Work, StoreError> {
     let Plan {
@@ -839,56 +929,85 @@ fn build(reader: &SyncReader, plan: Plan) -> Result<Work, StoreError> {
         mut skip,
         agent,
         deletions,
+        now_ns,
+        fresh_due,
     } = plan;
     skip.sort_unstable();
-    // Binary search: an acknowledgement of scattered errors has thousands
-    // of ranges.
-    let skipped = |seq: u64| {
-        let i = skip.partition_point(|(lo, _)| *lo <= seq);
-        i > 0 && skip[i - 1].1 >= seq
-    };
     let sessions = reader.pending_sessions(MAX_SESSIONS)?;
     let start = Scan {
         cursor: match scan.cursor {
             Some(c) => Some(c),
             None => reader.first_unsynced()?,
         },
-        urgent_from: scan.urgent_from,
+        ..scan
     };
-    let mut next = start;
-    let mut records: Vec<PendingRecord> = Vec::new();
-    // A read that stopped at its count or byte limit means more is
-    // waiting, even when records in flight or being marked are then left
-    // out: such a batch goes without a linger, and reading ahead pays.
-    let mut more_waiting = false;
-    let at_limit = |v: &[PendingRecord], count: usize, bytes: usize| {
-        v.len() >= count || v.iter().map(|r| r.approx_bytes).sum::<usize>() >= bytes
+    let mut next = start.clone();
+    let mut fill = Fill {
+        records: Vec::new(),
+        taken: HashSet::new(),
+        bytes: 0,
+        limit,
+        max_bytes,
+        skip,
+        more_waiting: false,
+    };
+    let newest = match unsynced > limit || next.fresh.is_some() {
+        true => reader.newest_seq()?,
+        false => 0,
     };
     if unsynced > limit {
-        records = reader.urgent_records(start.urgent_from, limit, max_bytes)?;
-        more_waiting |= at_limit(&records, limit, max_bytes);
-        if let Some(last) = records.last() {
-            next.urgent_from = last.record.seq;
-        }
-        records.retain(|r| !skipped(r.record.seq));
-    }
-    let bytes: usize = records.iter().map(|r| r.approx_bytes).sum();
-    if records.len() < limit && bytes < max_bytes {
-        if let Some(from) = start.cursor {
-            let taken: std::collections::HashSet<u64> =
-                records.iter().map(|r| r.record.seq).collect();
-            let (count, budget) = (limit - records.len(), max_bytes - bytes);
-            let more = reader.records_from(from, count, budget)?;
-            more_waiting |= at_limit(&more, count, budget);
-            if let Some(last) = more.last() {
-                next.cursor = Some(last.record.seq + 1);
+        let w = reader.watermark()?;
+        marked_first(reader, &mut fill, &mut next, (w, newest), now_ns)?;
+        if let Some(room) = fill.room() {
+            let got = reader.urgent_records(start.urgent_from, room.0, room.1)?;
+            if let Some(last) = got.last() {
+                next.urgent_from = last.record.seq;
             }
-            records.extend(
-                more.into_iter()
-                    .filter(|r| !taken.contains(&r.record.seq) && !skipped(r.record.seq)),
-            );
+            fill.take(got, room);
+        }
+        failed_first(reader, &mut fill, &mut next, (w, newest))?;
+        let fresh = newest.saturating_sub(limit as u64 / 2) + 1;
+        let far = start
+            .cursor
+            .is_some_and(|c| fresh > c.saturating_add(limit as u64));
+        if fresh_due && next.fresh.is_none() && unsynced > 2 * limit && far {
+            next.fresh = Some((fresh, fresh));
         }
     }
+    if let Some((first, from)) = next.fresh {
+        // At most half a batch, so the backlog always moves too.
+        if let Some((count, budget)) = fill.room() {
+            let room = (
+                count.min(limit.div_ceil(2)),
+                budget.min(max_bytes.div_ceil(2)),
+            );
+            let got = reader.records_from(from, newest, room.0, room.1)?;
+            let at = fill.take(got, room).unwrap_or((newest + 1).max(from));
+            next.fresh = Some((first, at));
+        }
+    }
+    // The backlog in seq order, up to the fresh run; once it is there, on
+    // from where the fresh run is.
+    while let (Some(from), Some(room)) = (next.cursor, fill.room()) {
+        let through = next.fresh.map_or(DONE, |(first, _)| first - 1);
+        let got = reader.records_from(from, through, room.0, room.1)?;
+        let last = got.last().map(|r| r.record.seq);
+        if let Some(at) = fill.take(got, room) {
+            next.cursor = Some(at);
+            break;
+        }
+        match next.fresh.take() {
+            Some((_, resume)) => next.cursor = Some(resume.max(from)),
+            None => {
+                if let Some(last) = last {
+                    next.cursor = Some(last + 1);
+                }
+                break;
+            }
+        }
+    }
+    let more_waiting = fill.more_waiting;
+    let records = fill.records;
     let bytes: usize = records.iter().map(|r| r.approx_bytes).sum();
     let full = more_waiting || records.len() >= limit || bytes >= max_bytes;
     let gaps = reader.pending_gaps()?;
@@ -925,6 +1044,85 @@ fn build(reader: &SyncReader, plan: Plan) -> Result<Work, StoreError> {
         next,
         full,
     })
+}
+
+/// Reads the unsynced records of marked windows into `fill`, in the order
+/// [`SyncReader::marked_windows`] gives, each window from where its last
+/// read stopped. `(w, newest)`: the watermark and the newest stored seq.
+fn marked_first(
+    reader: &SyncReader,
+    fill: &mut Fill,
+    next: &mut Scan,
+    (w, newest): (u64, u64),
+    now_ns: i64,
+) -> Result<(), StoreError> {
+    // Windows that ended before the oldest unsynced record are all synced.
+    let Some(oldest) = reader.time_at(w + 1)? else {
+        next.windows.clear();
+        return Ok(());
+    };
+    let windows = reader.marked_windows(oldest.saturating_sub(WINDOW_SLACK_NS))?;
+    let live: BTreeSet<Window> = windows.iter().copied().collect();
+    next.windows.retain(|k, _| live.contains(k));
+    for win in windows {
+        let Some(room) = fill.room() else { break };
+        let from = match next.windows.get(&win) {
+            Some(&at) => at,
+            None => {
+                reader.seq_at_time(win.start_ns.saturating_sub(WINDOW_SLACK_NS), w + 1, newest)?
+            }
+        };
+        if from == DONE {
+            continue;
+        }
+        // A window still open (or within the slack of its end) may gain
+        // records: read to the newest and come back.
+        let after = win.end_ns.saturating_add(WINDOW_SLACK_NS);
+        let open = after >= now_ns;
+        let through = match open {
+            true => newest,
+            false => reader
+                .seq_at_time(after.saturating_add(1), from, newest)?
+                .saturating_sub(1),
+        };
+        let got = match from <= through {
+            true => reader.session_records(
+                win.session,
+                (from, through),
+                Some((win.start_ns, win.end_ns)),
+                room.0,
+                room.1,
+            )?,
+            false => Vec::new(),
+        };
+        let at = match fill.take(got, room) {
+            Some(at) => at,
+            None if open => (newest + 1).max(from),
+            None => DONE,
+        };
+        next.windows.insert(win, at);
+    }
+    Ok(())
+}
+
+/// Reads the unsynced records of failed sessions into `fill`, the newest
+/// session first, each from where its last read stopped.
+fn failed_first(
+    reader: &SyncReader,
+    fill: &mut Fill,
+    next: &mut Scan,
+    (w, newest): (u64, u64),
+) -> Result<(), StoreError> {
+    let failed = reader.failed_sessions_behind(FAILED_SESSIONS)?;
+    next.failed.retain(|pk, _| failed.contains(pk));
+    for pk in failed {
+        let Some(room) = fill.room() else { break };
+        let from = next.failed.get(&pk).copied().unwrap_or(w + 1);
+        let got = reader.session_records(pk, (from, newest), None, room.0, room.1)?;
+        let at = fill.take(got, room).unwrap_or((newest + 1).max(from));
+        next.failed.insert(pk, at);
+    }
+    Ok(())
 }
 
 /// Sends one request and reads the hub's answer.
@@ -979,7 +1177,7 @@ async fn sleep_or_cancel(d: Duration, shutdown: &CancellationToken) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::Device;
+    use crate::wire::{Device, Level};
 
     #[test]
     fn a_batch_that_leaves_out_records_in_flight_still_counts_as_full() {
@@ -1008,6 +1206,8 @@ mod tests {
                 skip: skip.to_vec(),
                 agent: report(&Stats::default(), 1 << 20),
                 deletions: 0,
+                now_ns: 0,
+                fresh_due: true,
             };
             let w = build(&reader, plan).unwrap();
             let got: Vec<u64> = w.batch.records.iter().map(|r| r.seq).collect();
@@ -1019,6 +1219,110 @@ mod tests {
         check(5, &[], &[1, 2, 3, 4, 5], true, 6);
         check(5, &[(2, 3)], &[1, 4, 5], true, 6);
         check(20, &[(2, 3)], &[1, 4, 5, 6, 7, 8, 9, 10], false, 11);
+    }
+
+    /// While behind: marked windows (high first), errors, failed sessions,
+    /// the newest records, then the backlog in seq order, each read going
+    /// on where it stopped.
+    #[test]
+    fn a_backlog_goes_marks_errors_failed_sessions_fresh_then_in_order() {
+        const S: i64 = 1_000_000_000;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.db");
+        let conn = crate::agent::store::schema::open_writer(&path, false).unwrap();
+        for (pk, status) in [(1, "active"), (2, "failed")] {
+            conn.execute(
+                "INSERT INTO sessions(pk, id, status, started_at_ns, boot_id, started_boottime_ns) \
+                 VALUES (?1, ?2, ?3, 0, 'b', 0)",
+                rusqlite::params![pk, format!("00000000-0000-0000-0000-00000000000{pk}"), status],
+            )
+            .unwrap();
+        }
+        // Seq n at n seconds; 61..=70 belong to the failed session; 50 is
+        // an error.
+        for seq in 1..=100i64 {
+            let session = if (61..=70).contains(&seq) { 2 } else { 1 };
+            let level = if seq == 50 { Level::Error } else { Level::Info };
+            conn.execute(
+                "INSERT INTO records(seq, session, ts_ns, level, module, message, metadata) \
+                 VALUES (?1, ?2, ?3, ?4, 'm', 'x', '')",
+                rusqlite::params![seq, session, seq * S, level.code() as i64],
+            )
+            .unwrap();
+        }
+        // A normal mark at 80 s (79..=81) and a high one at 20 s (18..=22).
+        for (ts, before, after, priority) in [(80, 1, 1, 0), (20, 2, 2, 1)] {
+            conn.execute(
+                "INSERT INTO marks(session, ts_ns, before_ns, after_ns, name, metadata, priority) \
+                 VALUES (1, ?1, ?2, ?3, 'm', '{}', ?4)",
+                rusqlite::params![ts * S, before * S, after * S, priority],
+            )
+            .unwrap();
+        }
+        let reader = SyncReader::open(&path, "b").unwrap();
+        let plan = |scan: Scan, skip: Vec<(u64, u64)>, now_s: i64, fresh_due: bool| Plan {
+            device: Device {
+                id: "d".into(),
+                name: "n".into(),
+            },
+            scan,
+            unsynced: 100,
+            limit: 30,
+            max_bytes: 1 << 20,
+            skip,
+            agent: report(&Stats::default(), 1 << 20),
+            deletions: 0,
+            now_ns: now_s * S,
+            fresh_due,
+        };
+        let seqs = |w: &Work| w.batch.records.iter().map(|r| r.seq).collect::<Vec<_>>();
+
+        let first = build(&reader, plan(Scan::default(), vec![], 1000, true)).unwrap();
+        let want: Vec<u64> = (18..=22)
+            .chain(79..=81)
+            .chain([50])
+            .chain(61..=70)
+            .chain(86..=96)
+            .collect();
+        assert_eq!(seqs(&first), want);
+        assert!(first.full);
+        assert_eq!(first.next.fresh, Some((86, 97)));
+        assert!(first.next.windows.values().all(|&at| at == DONE));
+
+        // The next batch, with the first still in flight: the rest of the
+        // fresh run, then the backlog from the start, around what is out.
+        let sent = crate::wire::seq_ranges(first.records.iter().map(|r| r.0));
+        let second = build(&reader, plan(first.next.clone(), sent, 1000, false)).unwrap();
+        let want: Vec<u64> = (97..=100).chain(1..=17).chain(23..=26).collect();
+        assert_eq!(seqs(&second), want);
+        assert_eq!(second.next.cursor, Some(27));
+        assert_eq!(second.next.fresh, Some((86, 101)));
+
+        // Without an outage there is no fresh run; a window still open is
+        // read again for what it may gain.
+        let w = build(&reader, plan(Scan::default(), vec![], 21, false)).unwrap();
+        assert_eq!(w.next.fresh, None);
+        assert_eq!(&seqs(&w)[..8], &[18, 19, 20, 21, 22, 79, 80, 81]);
+        let high = Window {
+            session: 1,
+            start_ns: 18 * S,
+            end_ns: 22 * S,
+        };
+        assert_eq!(w.next.windows[&high], 101);
+
+        // Windows are found by time among seqs, holes and all.
+        conn.execute("DELETE FROM records WHERE seq BETWEEN 30 AND 60", [])
+            .unwrap();
+        let at = |s: i64, lo: u64, hi: u64| reader.seq_at_time(s * S, lo, hi).unwrap();
+        assert_eq!(at(18, 1, 100), 18);
+        assert_eq!(
+            at(45, 1, 100),
+            30,
+            "the first seq whose next record is at or after"
+        );
+        assert_eq!(at(0, 5, 100), 5);
+        assert_eq!(at(500, 1, 100), 101);
+        assert_eq!(at(90, 1, 80), 81);
     }
 
     #[test]

@@ -499,7 +499,9 @@ fn step(real: &mut Real, model: &mut Model, op: &Op) {
                 let from = reader.first_unsynced().unwrap();
                 assert_eq!(from, model.unsynced().next().map(|(s, _)| s));
                 match from {
-                    Some(from) => reader.records_from(from, *limit, 1 << 20).unwrap(),
+                    Some(from) => reader
+                        .records_from(from, u64::MAX, *limit, 1 << 20)
+                        .unwrap(),
                     None => Vec::new(),
                 }
             };
