@@ -6,7 +6,13 @@
 //!    JSON lines);
 //! 2. drain: the agent restarts with the hub configured and the time until
 //!    the hub has acknowledged everything gives records/s, and the bytes on
-//!    the wire (gzip bodies) compare with the raw JSON lines;
+//!    the wire (gzip bodies) compare with the raw JSON lines. The backlog
+//!    belongs to one session; as the drain starts, a high mark is made
+//!    (`POST /v1/marks`) on the moment the record at `--mark-at` (a share of
+//!    the backlog, default 0.75) was written, 0.1 s before and after: mark
+//!    to queryable is the time until the hub's query narrowed to that mark
+//!    counts every record of its window (as many as it counts once the
+//!    drain is over);
 //! 3. online: steady logging at R records/s; a sampler asks the hub for the
 //!    newest record every 100 ms and takes its age (send time is in the
 //!    message) as the socket → hub-query latency; the agent's CPU over the
@@ -102,6 +108,7 @@ fn main() {
     let records: u64 = arg("--records", "1000000").parse().unwrap();
     let rate: u64 = arg("--rate", "2000").parse().unwrap();
     let online_secs: u64 = arg("--online-secs", "20").parse().unwrap();
+    let mark_at: f64 = arg("--mark-at", "0.75").parse().unwrap();
     let load_before = loadavg();
     let bin_dir = common::bin_dir();
     let logbookd = bin_dir.join("logbookd");
@@ -139,14 +146,27 @@ fn main() {
     };
     let url = format!("http://{addr}");
 
-    // 1. The backlog, written with sync off.
+    let agent_api = logbook::client::Api::new()
+        .socket(&api)
+        .timeout(Duration::from_secs(600));
+
+    // 1. The backlog, written with sync off, in one session.
     let mut agent = start_agent(&logbookd, &state, &run, None);
+    let session: serde_json::Value = agent_api
+        .json("POST", "/v1/sessions", Some(br#"{"tags":["bench"]}"#))
+        .expect("open a session");
+    let session = session["id"].as_str().unwrap().to_owned();
     let t0 = Instant::now();
     let mut json_bytes = 0u64;
+    let mark_line = ((records as f64 * mark_at) as u64).clamp(1, records);
+    let mut mark_ns = 0;
     {
         let mut sock = UnixStream::connect(run.join("ingest.sock")).unwrap();
         let mut buf = Vec::with_capacity(1 << 20);
         for i in 1..=records {
+            if i == mark_line {
+                mark_ns = now_ns();
+            }
             buf.extend_from_slice(line(i).as_bytes());
             buf.push(b'\n');
             if buf.len() >= 1 << 20 {
@@ -158,9 +178,6 @@ fn main() {
         json_bytes += buf.len() as u64;
         sock.write_all(&buf).unwrap();
     }
-    let agent_api = logbook::client::Api::new()
-        .socket(&api)
-        .timeout(Duration::from_secs(600));
     let _: serde_json::Value = agent_api.json("POST", "/v1/flush", None).expect("flush");
     let ingest_secs = t0.elapsed().as_secs_f64();
     stop(&mut agent);
@@ -171,7 +188,55 @@ fn main() {
     let t0 = Instant::now();
     let cpu0 = cpu_secs(pid);
     let hub_cpu0 = cpu_secs(hub.id());
+    let mark = format!(
+        r#"{{"name":"collision","timestamp":"{}","before":0.1,"after":0.1,"priority":"high"}}"#,
+        time::OffsetDateTime::from_unix_timestamp_nanos(mark_ns as i128)
+            .unwrap()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    );
+    let _: serde_json::Value = agent_api
+        .json("POST", "/v1/marks", Some(mark.as_bytes()))
+        .expect("mark");
+    let marked_at = Instant::now();
+    // The window's records as the agent counts them (its local query).
+    let mut expected = 0u64;
+    let mut after = 0u64;
+    loop {
+        let page: serde_json::Value = agent_api
+            .json(
+                "GET",
+                &format!("/v1/logs?mark=collision&order=asc&limit=1000&after={after}"),
+                None,
+            )
+            .expect("the agent's logs of the mark");
+        let items = page["items"].as_array().cloned().unwrap_or_default();
+        expected += items.len() as u64;
+        match items.last() {
+            Some(last) if items.len() == 1000 => after = last["seq"].as_u64().unwrap(),
+            _ => break,
+        }
+    }
+    let in_window = || {
+        tcp_get(
+            &addr,
+            &format!(
+                "/api/v1/organizations/bench/projects/sync/sessions/{session}/logs?mark=collision&limit=1"
+            ),
+            &operator,
+        )["total"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    // (seconds after the mark, records of its window at the hub)
+    let mut window_seen: Vec<(f64, u64)> = Vec::new();
     let status = loop {
+        let since = marked_at.elapsed().as_secs_f64();
+        // Asked until it is all there (each ask is a count at the hub).
+        let done = window_seen.last().is_some_and(|(_, n)| *n >= expected);
+        if !done && window_seen.last().is_none_or(|(t, _)| since - t >= 0.1) {
+            window_seen.push((since, in_window()));
+        }
         let s: serde_json::Value = agent_api.json("GET", "/v1/status", None).expect("status");
         if s["sync"]["backlog_records"] == 0 && s["records"]["synced"].as_u64() >= Some(records) {
             break s;
@@ -187,9 +252,22 @@ fn main() {
     let hub_drain_cpu = cpu_secs(hub.id()) - hub_cpu0;
     let newest = tcp_get(
         &addr,
-        "/api/v1/organizations/bench/projects/sync/devices/bench/logs?order=desc&limit=1",
+        &format!(
+            "/api/v1/organizations/bench/projects/sync/sessions/{session}/logs?order=desc&limit=1"
+        ),
         &operator,
     );
+    let q0 = Instant::now();
+    let window = in_window();
+    let query_ms = q0.elapsed().as_secs_f64() * 1e3;
+    assert_eq!(
+        window, expected,
+        "the hub's window differs from the agent's"
+    );
+    let queryable = window_seen
+        .iter()
+        .find(|(_, n)| *n == window)
+        .map(|(t, _)| *t);
     assert_eq!(
         newest["items"][0]["seq"].as_u64(),
         Some(records),
@@ -230,7 +308,7 @@ fn main() {
     while t0.elapsed() < Duration::from_secs(online_secs) {
         let v = tcp_get(
             &addr,
-            "/api/v1/organizations/bench/projects/sync/devices/bench/logs?order=desc&limit=1",
+            &format!("/api/v1/organizations/bench/projects/sync/sessions/{session}/logs?order=desc&limit=1"),
             &operator,
         );
         if let Some(sent) = v["items"][0]["message"]
@@ -260,6 +338,13 @@ fn main() {
     println!("baseline ingest     {ingest_rate:.0} records/s into the agent (sync off)");
     println!("drain to hub        {drain_rate:.0} records/s ({drain_secs:.2} s), CPU agent {drain_cpu:.2} s, hub {hub_drain_cpu:.2} s");
     println!("drain / ingest      {:.2}", drain_rate / ingest_rate);
+    match queryable {
+        Some(t) => println!(
+            "mark to queryable   {t:.2} s ({window} records in its window, at record {mark_line}: in seq order about {:.2} s; asked every 0.1 s or {query_ms:.0} ms, what one ask takes)",
+            drain_secs * mark_line as f64 / records as f64
+        ),
+        None => println!("mark to queryable   not seen ({window} records in its window)"),
+    }
     let per_million = 1e6 / records as f64;
     println!(
         "drain CPU per 1M    agent {:.2} s, hub {:.2} s",
