@@ -19,7 +19,7 @@
 //! reports that it could not record one, the scan starts again from the first
 //! unsynced record (so nothing waits for a restart to be resent).
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -193,10 +193,11 @@ struct Scan {
     /// Errors and fatals at or below this seq were sent (or are in flight).
     urgent_from: u64,
     /// Where the next read of each marked window starts (`DONE`: all of a
-    /// closed window was read).
-    windows: BTreeMap<Window, u64>,
+    /// closed window was read). Sorted by window. (Sorted vectors, not
+    /// maps: the robot's binary carries less code.)
+    windows: Vec<(Window, u64)>,
     /// Where the next read of each failed session (pk) starts.
-    failed: BTreeMap<i64, u64>,
+    failed: Vec<(i64, u64)>,
     /// After an outage with a backlog, the newest records go first, then
     /// what arrives after them, while the backlog fills in behind: (the
     /// first seq of that fresh run, where its next read starts). The
@@ -1062,12 +1063,20 @@ fn marked_first(
         return Ok(());
     };
     let windows = reader.marked_windows(oldest.saturating_sub(WINDOW_SLACK_NS))?;
-    let live: BTreeSet<Window> = windows.iter().copied().collect();
-    next.windows.retain(|k, _| live.contains(k));
+    // The cursors of windows that still exist, carried over.
+    let old = std::mem::take(&mut next.windows);
+    let cursor = |win: &Window| {
+        old.binary_search_by_key(win, |e| e.0)
+            .ok()
+            .map(|i| old[i].1)
+    };
     for win in windows {
-        let Some(room) = fill.room() else { break };
-        let from = match next.windows.get(&win) {
-            Some(&at) => at,
+        let Some(room) = fill.room() else {
+            next.windows.extend(cursor(&win).map(|at| (win, at)));
+            continue;
+        };
+        let from = match cursor(&win) {
+            Some(at) => at,
             None => {
                 reader.seq_at_time(win.start_ns.saturating_sub(WINDOW_SLACK_NS), w + 1, newest)?
             }
@@ -1100,8 +1109,9 @@ fn marked_first(
             None if open => (newest + 1).max(from),
             None => DONE,
         };
-        next.windows.insert(win, at);
+        next.windows.push((win, at));
     }
+    next.windows.sort_unstable_by_key(|e| e.0);
     Ok(())
 }
 
@@ -1114,13 +1124,17 @@ fn failed_first(
     (w, newest): (u64, u64),
 ) -> Result<(), StoreError> {
     let failed = reader.failed_sessions_behind(FAILED_SESSIONS)?;
-    next.failed.retain(|pk, _| failed.contains(pk));
+    let old = std::mem::take(&mut next.failed);
     for pk in failed {
-        let Some(room) = fill.room() else { break };
-        let from = next.failed.get(&pk).copied().unwrap_or(w + 1);
+        let cursor = old.iter().find(|e| e.0 == pk).map(|e| e.1);
+        let Some(room) = fill.room() else {
+            next.failed.extend(cursor.map(|at| (pk, at)));
+            continue;
+        };
+        let from = cursor.unwrap_or(w + 1);
         let got = reader.session_records(pk, (from, newest), None, room.0, room.1)?;
         let at = fill.take(got, room).unwrap_or((newest + 1).max(from));
-        next.failed.insert(pk, at);
+        next.failed.push((pk, at));
     }
     Ok(())
 }
@@ -1287,7 +1301,7 @@ mod tests {
         assert_eq!(seqs(&first), want);
         assert!(first.full);
         assert_eq!(first.next.fresh, Some((86, 97)));
-        assert!(first.next.windows.values().all(|&at| at == DONE));
+        assert!(first.next.windows.iter().all(|&(_, at)| at == DONE));
 
         // The next batch, with the first still in flight: the rest of the
         // fresh run, then the backlog from the start, around what is out.
@@ -1308,7 +1322,11 @@ mod tests {
             start_ns: 18 * S,
             end_ns: 22 * S,
         };
-        assert_eq!(w.next.windows[&high], 101);
+        assert!(
+            w.next.windows.contains(&(high, 101)),
+            "{:?}",
+            w.next.windows
+        );
 
         // Windows are found by time among seqs, holes and all.
         conn.execute("DELETE FROM records WHERE seq BETWEEN 30 AND 60", [])
