@@ -259,7 +259,7 @@ fn main() -> anyhow::Result<()> {
     };
     let data = dir.join("hub");
     let filled = data.join("hub.db").exists();
-    let operator = hub::create_token(&data, "acme", "warehouse", None)?;
+    let operator = hub::create_token(&data, "acme", Some("warehouse"), None)?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -189,7 +189,8 @@ fn tokens(db: &Database, data_dir: &Path, devices: &[String]) -> Vec<String> {
         devices
             .iter()
             .map(|d| {
-                logbook::hub::create_token_in(db, data_dir, "acme", "warehouse", Some(d)).unwrap()
+                logbook::hub::create_token_in(db, data_dir, "acme", Some("warehouse"), Some(d))
+                    .unwrap()
             })
             .collect()
     })

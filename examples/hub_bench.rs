@@ -258,9 +258,9 @@ fn main() -> anyhow::Result<()> {
         }
     };
     let data = dir.join("hub");
-    let operator = hub::create_token(&data, "acme", "warehouse", None)?;
+    let operator = hub::create_token(&data, "acme", Some("warehouse"), None)?;
     let tokens: Vec<String> = (0..DEVICES)
-        .map(|d| hub::create_token(&data, "acme", "warehouse", Some(&device_id(d))))
+        .map(|d| hub::create_token(&data, "acme", Some("warehouse"), Some(&device_id(d))))
         .collect::<Result<_, _>>()?;
 
     eprintln!("encoding {total} records across {SESSIONS} sessions ...");

@@ -95,8 +95,8 @@ pub fn keys(dir: &Path, hub_dir: &Path) -> Result<Keys, DevError> {
         });
     }
     let keys = Keys {
-        operator: hub::create_token(hub_dir, ORG, PROJECT, None)?,
-        device: hub::create_token(hub_dir, ORG, PROJECT, Some(DEVICE_ID))?,
+        operator: hub::create_token(hub_dir, ORG, None, None)?,
+        device: hub::create_token(hub_dir, ORG, Some(PROJECT), Some(DEVICE_ID))?,
     };
     let mut table = toml::Table::new();
     table.insert("operator".into(), keys.operator.clone().into());

@@ -78,14 +78,17 @@ struct CreateArgs {
     /// Organization the token belongs to.
     #[arg(long)]
     org: String,
-    /// Project the token belongs to (device tokens ingest into it).
+    /// Project the token belongs to: a device token ingests into it; an
+    /// operator key reads and manages it only. An operator key made
+    /// without it reads every project of the organization.
     #[arg(long)]
-    project: String,
-    /// An operator key: reads and manages everything of the organization.
+    project: Option<String>,
+    /// An operator key: reads and manages the organization's data (one
+    /// project's with --project).
     #[arg(long)]
     operator: bool,
-    /// A device token: ingest only, for this device id.
-    #[arg(long, value_name = "DEVICE_ID")]
+    /// A device token: ingest only, for this device id (needs --project).
+    #[arg(long, value_name = "DEVICE_ID", requires = "project")]
     device: Option<String>,
 }
 
@@ -102,8 +105,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Token {
             command: TokenCommand::Create(a),
         } => {
-            for (name, v) in [("--org", &a.org), ("--project", &a.project)] {
-                anyhow::ensure!(!v.trim().is_empty(), "{name} must not be empty");
+            anyhow::ensure!(!a.org.trim().is_empty(), "--org must not be empty");
+            if let Some(p) = &a.project {
+                anyhow::ensure!(!p.trim().is_empty(), "--project must not be empty");
             }
             if let Some(d) = &a.device {
                 anyhow::ensure!(!d.trim().is_empty(), "--device must not be empty");
@@ -118,7 +122,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 &cfg.database,
                 &cfg.data_dir,
                 &a.org,
-                &a.project,
+                a.project.as_deref(),
                 a.device.as_deref(),
             )
             .context("cannot create token")?;
@@ -148,17 +152,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let Some(p) = who else {
                 anyhow::bail!("no such token on this hub (already revoked?)");
             };
-            let whose = match (&p.kind, &p.device_id) {
-                (hub::TokenKind::Device, Some(d)) => format!("device token of {d}"),
-                _ => "operator key".to_owned(),
+            let what = match (&p.kind, &p.device_id) {
+                (hub::TokenKind::Device, Some(d)) => {
+                    format!("device token of {d} in {}/{}", p.org, p.project)
+                }
+                _ if p.all_projects => format!("operator key of {}", p.org),
+                _ => format!("operator key of {}/{}", p.org, p.project),
             };
             use std::io::Write;
-            writeln!(
-                std::io::stdout(),
-                "revoked the {whose} in {}/{}",
-                p.org,
-                p.project
-            )?;
+            writeln!(std::io::stdout(), "revoked the {what}")?;
             Ok(())
         }
         Command::Migrate { config } => {

@@ -583,7 +583,7 @@ pub async fn list_sessions(
     Query(p): Params,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    auth::operator(&hub, &headers, None, &org).await?;
+    auth::operator(&hub, &headers, None, &org, &project).await?;
     let q = session_query(&p)?;
     let page_no = q.offset / q.limit + 1;
     let limit = q.limit;
@@ -609,7 +609,7 @@ pub async fn get_session(
     Path((org, project, id)): Path<(String, String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    auth::operator(&hub, &headers, None, &org).await?;
+    auth::operator(&hub, &headers, None, &org, &project).await?;
     let row = session_row(&hub, &org, &project, &id).await?;
     Ok(Json(full_session_json(&hub, &org, &project, row).await?).into_response())
 }
@@ -619,7 +619,7 @@ pub async fn delete_session(
     Path((org, project, id)): Path<(String, String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    auth::operator(&hub, &headers, None, &org).await?;
+    auth::operator(&hub, &headers, None, &org, &project).await?;
     let deleted = hub
         .store
         .delete_session(&org, &project, &id)
@@ -647,7 +647,7 @@ pub async fn add_tag(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    auth::operator(&hub, &headers, None, &org).await?;
+    auth::operator(&hub, &headers, None, &org, &project).await?;
     let bytes = read_body(body, 64 << 10).await?;
     let TagBody { tag } = serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::bad_request(format!(
@@ -667,7 +667,7 @@ pub async fn remove_tag(
     Path((org, project, id, tag)): Path<(String, String, String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    auth::operator(&hub, &headers, None, &org).await?;
+    auth::operator(&hub, &headers, None, &org, &project).await?;
     match hub.store.remove_tag(&org, &project, &id, &tag).await? {
         None => Err(no_session(&id)),
         Some(false) => Err(ApiError::not_found(format!(
@@ -683,7 +683,7 @@ pub async fn session_logs(
     Query(p): Params,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    auth::operator(&hub, &headers, None, &org).await?;
+    auth::operator(&hub, &headers, None, &org, &project).await?;
     let mut q = log_query(&p)?;
     let pk = session_pk(&hub, &org, &project, &id).await?;
     if let Some(name) = param(&p, "mark") {
@@ -702,11 +702,30 @@ pub async fn device_logs(
     Query(p): Params,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    auth::operator(&hub, &headers, None, &org).await?;
+    auth::operator(&hub, &headers, None, &org, &project).await?;
     let q = log_query(&p)?;
     let device = device_pk(&hub, &org, &project, &device_id).await?;
     let page = hub.store.logs(LogScope::Device(device), &q).await?;
     Ok(logs_response(page))
+}
+
+/// The organization's projects this key reads: all of them for an
+/// organization-wide key, its own for a project-scoped one.
+pub async fn list_projects(
+    State(hub): Hs,
+    Path(org): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let key = auth::operator_of_org(&hub, &headers, &org).await?;
+    let items: Vec<serde_json::Value> = hub
+        .store
+        .list_projects(&org)
+        .await?
+        .into_iter()
+        .filter(|name| key.reads(&org, name))
+        .map(|name| serde_json::json!({ "name": name }))
+        .collect();
+    Ok(Json(serde_json::json!({ "items": items })).into_response())
 }
 
 pub async fn list_devices(
@@ -714,7 +733,7 @@ pub async fn list_devices(
     Path((org, project)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    auth::operator(&hub, &headers, None, &org).await?;
+    auth::operator(&hub, &headers, None, &org, &project).await?;
     let rows = hub.store.list_devices(&org, &project).await?;
     let items: Vec<Device> = rows
         .into_iter()
@@ -740,7 +759,7 @@ pub async fn list_files(
     Path((org, project, id)): Path<(String, String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    auth::operator(&hub, &headers, None, &org).await?;
+    auth::operator(&hub, &headers, None, &org, &project).await?;
     let pk = session_pk(&hub, &org, &project, &id).await?;
     let rows = hub.store.list_artifacts(pk).await?;
     let items: Vec<Artifact> = rows.into_iter().map(artifact_json).collect();
@@ -825,7 +844,7 @@ pub async fn download_file(
     Path((org, project, id, path)): Path<(String, String, String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    auth::operator(&hub, &headers, None, &org).await?;
+    auth::operator(&hub, &headers, None, &org, &project).await?;
     send_file(&hub, &org, &project, &id, path, &headers).await
 }
 

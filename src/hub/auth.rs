@@ -1,12 +1,13 @@
 //! Tokens: made at random (256 bits), shown once, stored as their SHA-256;
-//! and the checks every route makes (operator of this org, or device). A
+//! and the checks every route makes (operator of this org and project, or
+//! device). A
 //! device's requests also pass its [`DeviceGate`] (`[devices]` limits:
 //! rate and requests in progress, 429 with `Retry-After` past them) and,
 //! over mTLS, must come with a client certificate naming the device.
 //!
 //! Invariant: a token's text is never stored or logged; an operator of
-//! another organization gets the same 404 as for a missing resource, so
-//! org names cannot be probed. Every request looks its token up in the
+//! another organization, or with a key scoped to another project, gets the
+//! same 404 as for a missing resource, so names cannot be probed. Every request looks its token up in the
 //! store (no cache), so a revoked token is refused from the next request
 //! on, by every replica.
 
@@ -76,15 +77,40 @@ pub async fn authenticate(
     }
 }
 
-/// An operator key of `org`. Device tokens are refused (403); another
-/// organization's key sees nothing (404).
+/// An operator key that reads `org`/`project`: one of the organization's
+/// (organization-wide), or one scoped to that project. Device tokens are
+/// refused (403); another organization's key, or a key scoped to another
+/// project, sees nothing (404, as for a project that does not exist).
 pub async fn operator(
     hub: &Arc<Hub>,
     headers: &HeaderMap,
     query_token: Option<&str>,
     org: &str,
+    project: &str,
 ) -> Result<Principal, ApiError> {
     let p = authenticate(hub, headers, query_token).await?;
+    check_operator(hub, p, org, Some(project))
+}
+
+/// An operator key of `org`, whatever its project scope (routes that list
+/// the organization's projects narrow the list to the key's scope).
+pub async fn operator_of_org(
+    hub: &Arc<Hub>,
+    headers: &HeaderMap,
+    org: &str,
+) -> Result<Principal, ApiError> {
+    let p = authenticate(hub, headers, None).await?;
+    check_operator(hub, p, org, None)
+}
+
+/// `p` may read `org` (and `project`, when given); else the refusal the
+/// API and the console both give.
+pub fn check_operator(
+    hub: &Hub,
+    p: Principal,
+    org: &str,
+    project: Option<&str>,
+) -> Result<Principal, ApiError> {
     if p.kind != TokenKind::Operator {
         hub.metrics.reject("forbidden");
         return Err(ApiError::forbidden(
@@ -96,6 +122,15 @@ pub async fn operator(
         return Err(ApiError::not_found(format!(
             "no organization {org:?} for this key"
         )));
+    }
+    if let Some(project) = project {
+        if !p.reads(org, project) {
+            hub.metrics.reject("other_project");
+            return Err(ApiError::not_found(format!(
+                "no project {project:?} for this key (it reads project {:?} only)",
+                p.project
+            )));
+        }
     }
     Ok(p)
 }

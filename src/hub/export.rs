@@ -148,7 +148,7 @@ pub async fn export_logs(
     Query(p): Params,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    auth::operator(&hub, &headers, None, &org).await?;
+    auth::operator(&hub, &headers, None, &org, &project).await?;
     export(&hub, &org, &project, &id, &p).await
 }
 
@@ -237,7 +237,7 @@ pub async fn download_zip(
     Path((org, project, id)): Path<(String, String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    auth::operator(&hub, &headers, None, &org).await?;
+    auth::operator(&hub, &headers, None, &org, &project).await?;
     zip(&hub, &org, &project, &id).await
 }
 

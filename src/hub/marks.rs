@@ -83,7 +83,7 @@ pub async fn session_marks(
     Query(p): Params,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    auth::operator(&hub, &headers, None, &org).await?;
+    auth::operator(&hub, &headers, None, &org, &project).await?;
     let pk = session_pk(&hub, &org, &project, &id).await?;
     let rows = hub
         .store
@@ -101,7 +101,7 @@ pub async fn project_marks(
     Query(p): Params,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    auth::operator(&hub, &headers, None, &org).await?;
+    auth::operator(&hub, &headers, None, &org, &project).await?;
     let rows = hub
         .store
         .list_marks(&org, &project, &query(&p, None)?)
@@ -118,7 +118,7 @@ pub async fn export_marks(
     Path((org, project, id)): Path<(String, String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    auth::operator(&hub, &headers, None, &org).await?;
+    auth::operator(&hub, &headers, None, &org, &project).await?;
     let pk = session_pk(&hub, &org, &project, &id).await?;
     let q = MarkQuery {
         session_pk: Some(pk),

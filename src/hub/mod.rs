@@ -63,6 +63,8 @@ pub enum HubError {
     Serve(std::io::Error),
     #[error(transparent)]
     Tls(#[from] listen::TlsError),
+    #[error("{0}")]
+    Token(String),
 }
 
 /// What live streams hear of commits (see `stream`).
@@ -172,12 +174,14 @@ pub async fn migrate(config: &HubConfig) -> Result<String, HubError> {
 }
 
 /// `logbook-hub token create`: a new token, stored hashed, returned once.
-/// Blocking (it runs the store on a runtime of its own): call it from
-/// `main` or a blocking thread, never from async code.
+/// A device token (`device_id`) ingests into `project`; an operator key
+/// reads `project` only, or, with `project` `None`, every project of
+/// `org`. Blocking (it runs the store on a runtime of its own): call it
+/// from `main` or a blocking thread, never from async code.
 pub fn create_token(
     data_dir: &Path,
     org: &str,
-    project: &str,
+    project: Option<&str>,
     device_id: Option<&str>,
 ) -> Result<String, HubError> {
     create_token_in(
@@ -195,25 +199,30 @@ pub fn create_token_in(
     database: &config::Database,
     data_dir: &Path,
     org: &str,
-    project: &str,
+    project: Option<&str>,
     device_id: Option<&str>,
 ) -> Result<String, HubError> {
+    let (kind, project) = match (device_id, project) {
+        (Some(_), Some(p)) => (TokenKind::Device, p),
+        (Some(_), None) => {
+            return Err(HubError::Token(
+                "a device token needs the project it ingests into (--project)".into(),
+            ))
+        }
+        (None, p) => (TokenKind::Operator, p.unwrap_or("")),
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(HubError::Serve)?;
     let store = rt.block_on(open_database(database, data_dir))?;
-    let kind = if device_id.is_some() {
-        TokenKind::Device
-    } else {
-        TokenKind::Operator
-    };
     let token = auth::new_token(kind);
     let principal = Principal {
         kind,
         org: org.to_owned(),
         project: project.to_owned(),
         device_id: device_id.map(str::to_owned),
+        all_projects: kind == TokenKind::Operator && project.is_empty(),
     };
     rt.block_on(store.create_token(&auth::hash_token(&token), &principal))?;
     Ok(token)
@@ -397,6 +406,10 @@ fn router(hub: Arc<Hub>) -> Router {
         .route(
             &format!("{}/{{id}}", crate::wire::UPLOADS_PATH),
             any(tus::resource),
+        )
+        .route(
+            "/api/v1/organizations/{org}/projects",
+            get(api::list_projects),
         )
         .nest("/api/v1/organizations/{org}/projects/{project}", project)
         .route(&format!("/ws{ws}"), get(stream::ws_logs))

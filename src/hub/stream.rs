@@ -63,7 +63,7 @@ pub async fn ws_logs(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    auth::operator(&hub, &headers, param(&p, "access_token"), &org).await?;
+    auth::operator(&hub, &headers, param(&p, "access_token"), &org, &project).await?;
     session_stream(hub, &org, &project, &id, &p, ws).await
 }
 
@@ -91,7 +91,7 @@ pub async fn ws_device_logs(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    auth::operator(&hub, &headers, param(&p, "access_token"), &org).await?;
+    auth::operator(&hub, &headers, param(&p, "access_token"), &org, &project).await?;
     let start = Start::of(&p)?;
     let device = api::device_pk(&hub, &org, &project, &device_id).await?;
     upgrade(hub, ws, LogScope::Device(device), start)

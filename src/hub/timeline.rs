@@ -247,7 +247,7 @@ pub async fn session_timeline(
     Path((org, project, id)): Path<(String, String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    auth::operator(&hub, &headers, None, &org).await?;
+    auth::operator(&hub, &headers, None, &org, &project).await?;
     let session = hub
         .store
         .get_session(&org, &project, &id)

@@ -511,17 +511,12 @@ async fn screens_show_the_organizations_data_and_tags_change() {
         .ends_with("; Secure"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn other_organizations_get_404_and_cross_site_posts_are_refused() {
-    let hub = HubProc::start("console_cross");
-    let seeded = seed(&hub).await;
-    let other = hub.token("globex", "warehouse", None);
-    let other_cookie = sign_in(&hub, &other).await;
+/// Every console page of acme/warehouse's data, for the 404 checks.
+fn acme_pages(hub: &HubProc, seeded: &Seeded) -> Vec<String> {
     let s = format!("{}/o/{ORG}/{PROJECT}/sessions/{}", hub.url, seeded.s1);
-    for url in [
+    vec![
         format!("{}/o/{ORG}/{PROJECT}/sessions", hub.url),
         format!("{}/o/{ORG}/{PROJECT}/devices", hub.url),
-        s.clone(),
         format!("{s}/logs"),
         format!("{s}/logs/export"),
         format!("{s}/files.zip"),
@@ -529,7 +524,73 @@ async fn other_organizations_get_404_and_cross_site_posts_are_refused() {
         format!("{s}/timeline"),
         format!("{s}/artifacts"),
         format!("{s}/logs/live"),
-    ] {
+        s,
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_project_key_sees_its_project_and_an_organization_key_picks_one() {
+    let hub = HubProc::start("console_projects");
+    let seeded = seed(&hub).await;
+    // A key made for project "lab" lands on lab's sessions; warehouse's
+    // pages are 404 to it, as if they did not exist.
+    let lab = sign_in(&hub, &hub.token(ORG, "lab", None)).await;
+    let (st, h, _) = get(&format!("{}/", hub.url), Some(&lab)).await;
+    assert_eq!(
+        (st, h[LOCATION].to_str().unwrap()),
+        (303, "/o/acme/lab/sessions")
+    );
+    let (st, _, html) = get(&format!("{}/o/{ORG}/lab/sessions", hub.url), Some(&lab)).await;
+    assert_eq!(st, 200, "{html}");
+    assert!(html.contains("0 matching"), "{html}");
+    assert!(
+        !html.contains("href=\"/o/acme\""),
+        "no projects link: {html}"
+    );
+    let s = format!("{}/o/{ORG}/{PROJECT}/sessions/{}", hub.url, seeded.s1);
+    for url in acme_pages(&hub, &seeded) {
+        let (st, _, body) = get(&url, Some(&lab)).await;
+        assert_eq!(st, 404, "{url}");
+        assert!(!body.contains("waypoint"), "{url}");
+    }
+    let (st, _, html) = get(&format!("{}/o/{ORG}", hub.url), Some(&lab)).await;
+    assert_eq!(st, 200);
+    assert!(
+        html.contains("/o/acme/lab/sessions") && !html.contains("/o/acme/warehouse/"),
+        "{html}"
+    );
+
+    // An organization-wide key lands on the projects, and opens either.
+    let all = sign_in(&hub, &hub.org_key(ORG)).await;
+    let (st, h, _) = get(&format!("{}/", hub.url), Some(&all)).await;
+    assert_eq!((st, h[LOCATION].to_str().unwrap()), (303, "/o/acme"));
+    let (st, _, html) = get(&format!("{}/o/{ORG}", hub.url), Some(&all)).await;
+    assert_eq!(st, 200, "{html}");
+    let (at_lab, at_warehouse) = (
+        html.find("href=\"/o/acme/lab/sessions\"")
+            .expect("lab listed"),
+        html.find("href=\"/o/acme/warehouse/sessions\"")
+            .expect("warehouse listed"),
+    );
+    assert!(at_lab < at_warehouse, "by name: {html}");
+    let (st, _, html) = get(&s, Some(&all)).await;
+    assert_eq!(st, 200);
+    assert!(
+        html.contains("href=\"/o/acme\""),
+        "the org links to its projects: {html}"
+    );
+    let (st, _, _) = get(&format!("{}/o/globex", hub.url), Some(&all)).await;
+    assert_eq!(st, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_organizations_get_404_and_cross_site_posts_are_refused() {
+    let hub = HubProc::start("console_cross");
+    let seeded = seed(&hub).await;
+    let other = hub.token("globex", "warehouse", None);
+    let other_cookie = sign_in(&hub, &other).await;
+    let s = format!("{}/o/{ORG}/{PROJECT}/sessions/{}", hub.url, seeded.s1);
+    for url in acme_pages(&hub, &seeded) {
         let (st, _, body) = get(&url, Some(&other_cookie)).await;
         assert_eq!(st, 404, "{url}");
         assert!(

@@ -405,7 +405,7 @@ async fn a_fleet_behind_nginx_survives_a_replica_killed_mid_load() {
             names
                 .iter()
                 .map(|n| {
-                    logbook::hub::create_token_in(&database, &data_dir, ORG, PROJECT, Some(n))
+                    logbook::hub::create_token_in(&database, &data_dir, ORG, Some(PROJECT), Some(n))
                         .unwrap()
                 })
                 .collect()

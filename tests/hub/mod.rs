@@ -321,7 +321,8 @@ impl HubProc {
         names
     }
 
-    /// A new token (`device: None` makes an operator key).
+    /// A new token (`device: None` makes an operator key of `project`
+    /// only).
     pub fn token(&self, org: &str, project: &str, device: Option<&str>) -> String {
         let mut cmd = Command::new(util::bin("logbook-hub"));
         cmd.args(["token", "create", "--data-dir"])
@@ -332,6 +333,20 @@ impl HubProc {
             Some(d) => cmd.args(["--device", d]),
             None => cmd.arg("--operator"),
         };
+        String::from_utf8(util::run_ok(&mut cmd).stdout)
+            .unwrap()
+            .trim()
+            .to_owned()
+    }
+
+    /// A new organization-wide operator key (no `--project`: it reads
+    /// every project of `org`).
+    pub fn org_key(&self, org: &str) -> String {
+        let mut cmd = Command::new(util::bin("logbook-hub"));
+        cmd.args(["token", "create", "--operator", "--data-dir"])
+            .arg(self.data_dir())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .args(["--org", org]);
         String::from_utf8(util::run_ok(&mut cmd).stdout)
             .unwrap()
             .trim()

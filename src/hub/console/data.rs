@@ -67,6 +67,13 @@ pub async fn devices(hub: &Arc<Hub>, org: &str, project: &str) -> Result<Vec<Dev
     Ok(hub.store.list_devices(org, project).await?)
 }
 
+/// The projects of `org` that `key` reads (the projects route's query).
+pub async fn projects(hub: &Arc<Hub>, key: &Principal, org: &str) -> Result<Vec<String>, ApiError> {
+    let mut all = hub.store.list_projects(org).await?;
+    all.retain(|p| key.reads(org, p));
+    Ok(all)
+}
+
 /// One device of a project, or `None`.
 pub async fn device(
     hub: &Arc<Hub>,

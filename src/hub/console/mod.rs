@@ -1,6 +1,7 @@
 //! The operator web console, served at `/` on the hub's listener:
 //! server-rendered pages (askama templates compiled into the binary) for
-//! signing in with an operator key, the sessions list, one session (with
+//! signing in with an operator key, the organization's projects, the
+//! sessions list, one session (with
 //! its timeline), its logs, and the devices; htmx (embedded) boosts links and forms when scripts run.
 //!
 //! Invariant: every page and form reads the hub through [`data`] (the
@@ -17,6 +18,7 @@ mod devices;
 mod errors;
 mod headers;
 mod logs;
+mod projects;
 mod session;
 mod sessions;
 mod signin;
@@ -45,6 +47,7 @@ pub(crate) fn router<S: Clone + Send + Sync + 'static>(hub: Arc<Hub>) -> Router<
         .route("/sign-in", post(signin::sign_in))
         .route("/sign-out", post(signin::sign_out))
         .route("/assets/{version}/{name}", get(assets::serve))
+        .route("/o/{org}", get(projects::page))
         .route("/o/{org}/{project}/sessions", get(sessions::page))
         .route("/o/{org}/{project}/devices", get(devices::page))
         .route(session, get(session::page))

@@ -15,7 +15,7 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use super::super::store::TokenKind;
 use super::errors::ConsoleError;
 use super::signins::{self, Operator};
-use super::view::{project_base, value, Layout};
+use super::view::{home, value, Layout};
 use super::{cookies, csrf, data, Console};
 
 #[derive(Template)]
@@ -44,10 +44,7 @@ pub async fn page(
         None => None,
     };
     if let Some(op) = signed_in {
-        let p = &op.principal;
-        return Ok(
-            Redirect::to(&format!("{}/sessions", project_base(&p.org, &p.project))).into_response(),
-        );
+        return Ok(Redirect::to(&home(&op.principal)).into_response());
     }
     page_with(StatusCode::OK, None)
 }
@@ -78,10 +75,7 @@ pub async fn sign_in(
             return page_with(StatusCode::UNAUTHORIZED, Some("Unknown key."));
         }
     };
-    let to = format!(
-        "{}/sessions",
-        project_base(&principal.org, &principal.project)
-    );
+    let to = home(&principal);
     // Signing in again replaces the sign-in this browser had.
     if let Some(old) = cookies::session_id(&headers) {
         signins::remove(&c.hub, old).await?;

@@ -100,12 +100,21 @@ impl FromRequestParts<Arc<Console>> for Operator {
         let params = RawPathParams::from_request_parts(parts, console)
             .await
             .map_err(|_| ConsoleError::not_found("no such page"))?;
-        if let Some((_, org)) = params.iter().find(|(k, _)| *k == "org") {
+        let param = |name: &str| params.iter().find(|(k, _)| *k == name).map(|(_, v)| v);
+        if let Some(org) = param("org") {
             if org != op.principal.org {
                 console.hub.metrics.reject("other_org");
                 return Err(ConsoleError::not_found(format!(
                     "no organization {org:?} for this sign-in"
                 )));
+            }
+            if let Some(project) = param("project") {
+                if !op.principal.reads(org, project) {
+                    console.hub.metrics.reject("other_project");
+                    return Err(ConsoleError::not_found(format!(
+                        "no project {project:?} for this sign-in"
+                    )));
+                }
             }
         }
         Ok(op)

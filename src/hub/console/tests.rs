@@ -18,6 +18,7 @@ fn layout() -> Layout {
             org: "acme".into(),
             project: "warehouse".into(),
             base: "/o/acme/warehouse".into(),
+            projects: Some("/o/acme".into()),
             csrf: "TOKEN".into(),
         }),
         ..Layout::signed_out()

@@ -6,15 +6,20 @@
 //! values put into HTML are escaped by the templates, never here.
 
 use super::super::api::rfc3339;
+use super::super::store::Principal;
 use super::assets;
 use super::signins::Operator;
 
 /// The signed-in operator's navigation bar.
 pub struct Nav {
     pub org: String,
+    /// Empty on the organization's projects page.
     pub project: String,
     /// `/o/{org}/{project}`, escaped.
     pub base: String,
+    /// `/o/{org}` (the projects page) for a key that reads every project
+    /// of the organization; `None` for a project-scoped key.
+    pub projects: Option<String>,
     pub csrf: String,
 }
 
@@ -42,7 +47,8 @@ impl Layout {
         }
     }
 
-    /// The layout of a page of project `project` for `op`.
+    /// The layout of a page of project `project` for `op` (`""`: the
+    /// organization's projects page).
     pub fn signed_in(op: &Operator, project: &str) -> Layout {
         let org = &op.principal.org;
         Layout {
@@ -50,10 +56,26 @@ impl Layout {
                 org: org.clone(),
                 project: project.to_owned(),
                 base: project_base(org, project),
+                projects: op.principal.all_projects.then(|| org_base(org)),
                 csrf: op.csrf.clone(),
             }),
             ..Layout::signed_out()
         }
+    }
+}
+
+/// `/o/{org}`, escaped: the organization's projects.
+pub fn org_base(org: &str) -> String {
+    format!("/o/{}", enc(org))
+}
+
+/// Where a sign-in lands: its project's sessions for a project-scoped key,
+/// the organization's projects for one that reads them all.
+pub fn home(p: &Principal) -> String {
+    if p.all_projects {
+        org_base(&p.org)
+    } else {
+        format!("{}/sessions", project_base(&p.org, &p.project))
     }
 }
 

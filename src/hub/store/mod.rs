@@ -169,6 +169,11 @@ pub trait Store: Send + Sync {
 
     async fn list_devices(&self, org: &str, project: &str) -> Result<Vec<DeviceRow>, StoreError>;
 
+    /// The projects of `org`, by name: those with a device that has sent
+    /// anything, and those a token names (a device token made for a robot
+    /// that has not synced yet, a project-scoped operator key).
+    async fn list_projects(&self, org: &str) -> Result<Vec<String>, StoreError>;
+
     async fn find_device(
         &self,
         org: &str,
@@ -408,9 +413,25 @@ pub struct SignInRow {
 pub struct Principal {
     pub kind: TokenKind,
     pub org: String,
+    /// The project a device token ingests into, or the one a
+    /// project-scoped operator key reads; empty for an organization-wide
+    /// key made without `--project`.
     pub project: String,
     /// Set for device tokens only.
     pub device_id: Option<String>,
+    /// An operator key that reads every project of its organization
+    /// (`token create --operator` without `--project`, and every key made
+    /// before keys could be scoped). False for device tokens.
+    pub all_projects: bool,
+}
+
+impl Principal {
+    /// Whether this operator key reads `org`/`project`.
+    pub fn reads(&self, org: &str, project: &str) -> bool {
+        self.kind == TokenKind::Operator
+            && self.org == org
+            && (self.all_projects || self.project == project)
+    }
 }
 
 /// The device a batch or upload comes from, as its token says.

@@ -55,6 +55,7 @@ per_backend!(
     level_histogram_counts_each_slice_in_one_pass,
     first_errors_are_one_per_module_earliest_first,
     signins_refer_to_their_token_expire_and_are_bounded,
+    keys_keep_their_project_scope_and_projects_are_listed,
     marks_are_kept_once_at_their_newest_revision_and_filter_sessions,
     the_latest_agent_report_is_kept_per_device,
     a_sessions_unfinished_uploads_by_path,
@@ -974,6 +975,7 @@ async fn signins_refer_to_their_token_expire_and_are_bounded(store: &dyn Store) 
         org: "acme".into(),
         project: "warehouse".into(),
         device_id: None,
+        all_projects: true,
     };
     store.create_token("key-hash", &operator).await.unwrap();
     let now = 1_000_000;
@@ -1020,6 +1022,67 @@ async fn signins_refer_to_their_token_expire_and_are_bounded(store: &dyn Store) 
     store.delete_signin("signin-5").await.unwrap();
     assert_eq!(store.find_signin("signin-5", now).await.unwrap(), None);
     store.delete_signin("signin-5").await.unwrap();
+}
+
+async fn keys_keep_their_project_scope_and_projects_are_listed(store: &dyn Store) {
+    let key = |project: &str, all_projects: bool, device: Option<&str>| Principal {
+        kind: if device.is_some() {
+            TokenKind::Device
+        } else {
+            TokenKind::Operator
+        },
+        org: "acme".into(),
+        project: project.into(),
+        device_id: device.map(str::to_owned),
+        all_projects,
+    };
+    let org_wide = key("", true, None);
+    let scoped = key("lab", false, None);
+    let device = key("yard", false, Some("robot-9"));
+    store.create_token("org-wide", &org_wide).await.unwrap();
+    store.create_token("scoped", &scoped).await.unwrap();
+    store.create_token("device", &device).await.unwrap();
+    assert_eq!(
+        store.find_token("org-wide").await.unwrap(),
+        Some(org_wide.clone())
+    );
+    assert_eq!(
+        store.find_token("scoped").await.unwrap(),
+        Some(scoped.clone())
+    );
+    assert_eq!(
+        store.find_token("device").await.unwrap(),
+        Some(device.clone())
+    );
+    assert!(org_wide.reads("acme", "lab") && org_wide.reads("acme", "warehouse"));
+    assert!(scoped.reads("acme", "lab") && !scoped.reads("acme", "warehouse"));
+    assert!(!scoped.reads("globex", "lab"), "another organization");
+    assert!(
+        !device.reads("acme", "yard"),
+        "a device token reads nothing"
+    );
+    // Projects: those with a device that sent a batch ("warehouse"), and
+    // those a token names; the organization-wide key names none.
+    store
+        .ingest(
+            &scope("robot-1"),
+            batch(
+                "robot-1",
+                vec![],
+                vec![rec(1, None, Level::Info, "m", "x")],
+                vec![],
+            ),
+            false,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.list_projects("acme").await.unwrap(),
+        ["lab", "warehouse", "yard"]
+    );
+    assert!(store.list_projects("globex").await.unwrap().is_empty());
+    // Revoking says whose key it was, scope included.
+    assert_eq!(store.revoke_token("scoped").await.unwrap(), Some(scoped));
 }
 
 fn mark(id: u64, revision: u64, session: Option<Uuid>, name: &str, ts: i64) -> crate::wire::Mark {

@@ -47,6 +47,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("004_leases.sql"),
     include_str!("005_agent_reports.sql"),
     include_str!("006_first_errors.sql"),
+    include_str!("007_scoped_keys.sql"),
 ];
 
 /// Advisory lock keys (`pg_advisory_xact_lock`), arbitrary but fixed: every
@@ -350,6 +351,10 @@ impl Store for PgStore {
 
     async fn list_devices(&self, org: &str, project: &str) -> Result<Vec<DeviceRow>, StoreError> {
         sessions::list_devices(&self.client().await?, org, project).await
+    }
+
+    async fn list_projects(&self, org: &str) -> Result<Vec<String>, StoreError> {
+        tokens::list_projects(&self.client().await?, org).await
     }
 
     async fn find_device(

@@ -12,8 +12,8 @@ pub(super) async fn create(
     principal: &Principal,
 ) -> Result<(), StoreError> {
     c.execute(
-        "INSERT INTO tokens (hash, kind, org, project, device_id, created_at_ns)
-         VALUES ($1, $2, $3, $4, $5, $6)",
+        "INSERT INTO tokens (hash, kind, org, project, device_id, created_at_ns, all_projects)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
         &[
             &hash,
             &principal.kind.as_str(),
@@ -21,6 +21,7 @@ pub(super) async fn create(
             &principal.project,
             &principal.device_id,
             &now_ns(),
+            &principal.all_projects,
         ],
     )
     .await?;
@@ -32,7 +33,9 @@ pub(super) async fn find(
     hash: &str,
 ) -> Result<Option<Principal>, StoreError> {
     let st = c
-        .prepare_cached("SELECT kind, org, project, device_id FROM tokens WHERE hash = $1")
+        .prepare_cached(
+            "SELECT kind, org, project, device_id, all_projects FROM tokens WHERE hash = $1",
+        )
         .await?;
     Ok(c.query_opt(&st, &[&hash]).await?.as_ref().map(principal))
 }
@@ -44,7 +47,8 @@ pub(super) async fn revoke(
     let tx = c.transaction().await?;
     let who = tx
         .query_opt(
-            "DELETE FROM tokens WHERE hash = $1 RETURNING kind, org, project, device_id",
+            "DELETE FROM tokens WHERE hash = $1
+             RETURNING kind, org, project, device_id, all_projects",
             &[&hash],
         )
         .await?
@@ -91,14 +95,14 @@ pub(super) async fn find_signin(
 ) -> Result<Option<(Principal, String)>, StoreError> {
     let st = c
         .prepare_cached(
-            "SELECT t.kind, t.org, t.project, t.device_id, s.csrf
+            "SELECT t.kind, t.org, t.project, t.device_id, t.all_projects, s.csrf
              FROM signins s JOIN tokens t ON t.hash = s.token_hash
              WHERE s.hash = $1 AND s.expires_at_ns > $2",
         )
         .await?;
     Ok(c.query_opt(&st, &[&hash, &now_ns])
         .await?
-        .map(|r| (principal(&r), r.get(4))))
+        .map(|r| (principal(&r), r.get(5))))
 }
 
 pub(super) async fn delete_signin(c: &impl GenericClient, hash: &str) -> Result<(), StoreError> {
@@ -107,7 +111,26 @@ pub(super) async fn delete_signin(c: &impl GenericClient, hash: &str) -> Result<
     Ok(())
 }
 
-/// A token's principal from columns `kind, org, project, device_id`.
+pub(super) async fn list_projects(
+    c: &impl GenericClient,
+    org: &str,
+) -> Result<Vec<String>, StoreError> {
+    let st = c
+        .prepare_cached(
+            "SELECT project FROM (SELECT project FROM devices WHERE org = $1
+                 UNION SELECT project FROM tokens WHERE org = $1 AND project <> '') p
+             ORDER BY project COLLATE \"C\"",
+        )
+        .await?;
+    Ok(c.query(&st, &[&org])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// A token's principal from columns `kind, org, project, device_id,
+/// all_projects`.
 fn principal(r: &tokio_postgres::Row) -> Principal {
     let kind: String = r.get(0);
     Principal {
@@ -119,5 +142,6 @@ fn principal(r: &tokio_postgres::Row) -> Principal {
         org: r.get(1),
         project: r.get(2),
         device_id: r.get(3),
+        all_projects: r.get(4),
     }
 }

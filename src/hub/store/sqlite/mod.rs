@@ -42,6 +42,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("006_first_errors.sql"),
     include_str!("007_fts_automerge.sql"),
     include_str!("008_fts_blocks.sql"),
+    include_str!("009_scoped_keys.sql"),
 ];
 
 /// Reader connections kept open between requests.
@@ -347,6 +348,11 @@ impl Store for SqliteStore {
     async fn list_devices(&self, org: &str, project: &str) -> Result<Vec<DeviceRow>, StoreError> {
         let (o, p) = (org.to_owned(), project.to_owned());
         self.run(move |db| db.list_devices(&o, &p)).await
+    }
+
+    async fn list_projects(&self, org: &str) -> Result<Vec<String>, StoreError> {
+        let org = org.to_owned();
+        self.run(move |db| db.list_projects(&org)).await
     }
 
     async fn find_device(

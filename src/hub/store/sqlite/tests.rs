@@ -30,6 +30,31 @@ fn migrations_run_once_and_newer_schema_is_refused() {
     );
 }
 
+/// Keys made before keys could be scoped (schema 8) read their whole
+/// organization after the migration, whatever project they name; device
+/// tokens stay bound to theirs.
+#[test]
+fn keys_from_before_project_scopes_stay_organization_wide() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hub.db");
+    let conn = Connection::open(&path).unwrap();
+    for sql in &MIGRATIONS[..8] {
+        conn.execute_batch(sql).unwrap();
+    }
+    conn.pragma_update(None, "user_version", 8).unwrap();
+    conn.execute_batch(
+        "INSERT INTO tokens VALUES ('op', 'operator', 'acme', 'warehouse', NULL, 1);
+         INSERT INTO tokens VALUES ('dev', 'device', 'acme', 'warehouse', 'robot-1', 1);",
+    )
+    .unwrap();
+    drop(conn);
+    let db = Db::open(&path).unwrap();
+    let op = db.find_token("op").unwrap().unwrap();
+    assert!(op.all_projects && op.reads("acme", "lab"), "{op:?}");
+    let dev = db.find_token("dev").unwrap().unwrap();
+    assert!(!dev.all_projects, "{dev:?}");
+}
+
 /// Replicas (or `migrate` beside `serve`) opening one fresh file at once:
 /// each migration runs once and every opener succeeds.
 #[test]

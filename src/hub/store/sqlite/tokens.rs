@@ -11,15 +11,16 @@ impl Db {
     pub fn create_token(&self, hash: &str, principal: &Principal) -> Result<(), StoreError> {
         self.write(|tx| {
             tx.execute(
-                "INSERT INTO tokens (hash, kind, org, project, device_id, created_at_ns)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO tokens (hash, kind, org, project, device_id, created_at_ns, all_projects)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 params![
                     hash,
                     principal.kind.as_str(),
                     principal.org,
                     principal.project,
                     principal.device_id,
-                    now_ns()
+                    now_ns(),
+                    principal.all_projects
                 ],
             )?;
             Ok(())
@@ -29,7 +30,7 @@ impl Db {
     pub fn find_token(&self, hash: &str) -> Result<Option<Principal>, StoreError> {
         self.read(|c| {
             Ok(c.prepare_cached(
-                "SELECT kind, org, project, device_id FROM tokens WHERE hash = ?1",
+                "SELECT kind, org, project, device_id, all_projects FROM tokens WHERE hash = ?1",
             )?
             .query_row([hash], principal)
             .optional()?)
@@ -41,7 +42,7 @@ impl Db {
             let who = tx
                 .query_row(
                     "DELETE FROM tokens WHERE hash = ?1
-                     RETURNING kind, org, project, device_id",
+                     RETURNING kind, org, project, device_id, all_projects",
                     [hash],
                     principal,
                 )
@@ -75,12 +76,26 @@ impl Db {
     ) -> Result<Option<(Principal, String)>, StoreError> {
         self.read(|c| {
             Ok(c.prepare_cached(
-                "SELECT t.kind, t.org, t.project, t.device_id, s.csrf
+                "SELECT t.kind, t.org, t.project, t.device_id, t.all_projects, s.csrf
                  FROM signins s JOIN tokens t ON t.hash = s.token_hash
                  WHERE s.hash = ?1 AND s.expires_at_ns > ?2",
             )?
-            .query_row(params![hash, now_ns], |r| Ok((principal(r)?, r.get(4)?)))
+            .query_row(params![hash, now_ns], |r| Ok((principal(r)?, r.get(5)?)))
             .optional()?)
+        })
+    }
+
+    pub fn list_projects(&self, org: &str) -> Result<Vec<String>, StoreError> {
+        self.read(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT project FROM devices WHERE org = ?1
+                 UNION SELECT project FROM tokens WHERE org = ?1 AND project <> ''
+                 ORDER BY 1",
+            )?;
+            let rows = st
+                .query_map([org], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            Ok(rows)
         })
     }
 
@@ -92,7 +107,8 @@ impl Db {
     }
 }
 
-/// A token's principal from columns `kind, org, project, device_id`.
+/// A token's principal from columns `kind, org, project, device_id,
+/// all_projects`.
 fn principal(r: &rusqlite::Row<'_>) -> rusqlite::Result<Principal> {
     let kind: String = r.get(0)?;
     Ok(Principal {
@@ -104,5 +120,6 @@ fn principal(r: &rusqlite::Row<'_>) -> rusqlite::Result<Principal> {
         org: r.get(1)?,
         project: r.get(2)?,
         device_id: r.get(3)?,
+        all_projects: r.get(4)?,
     })
 }
