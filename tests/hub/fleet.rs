@@ -392,27 +392,13 @@ async fn a_fleet_behind_nginx_survives_a_replica_killed_mid_load() {
     let lb_url = lb.url.clone();
     let operator = hubs[0].operator.clone();
 
-    // Device tokens, made through the library as `token create` does.
-    let database =
-        logbook::hub::HubConfig::load(None, [("LOGBOOK_STORAGE_DATABASE".to_owned(), url.clone())])
-            .unwrap()
-            .database;
-    let data_dir = hubs[0].data_dir();
     let names: Vec<String> = (0..=devices).map(|i| format!("robot-{i:04}")).collect();
-    let tokens: Vec<String> = {
-        let names = names.clone();
-        tokio::task::spawn_blocking(move || {
-            names
-                .iter()
-                .map(|n| {
-                    logbook::hub::create_token_in(&database, &data_dir, ORG, Some(PROJECT), Some(n))
-                        .unwrap()
-                })
-                .collect()
-        })
-        .await
-        .unwrap()
-    };
+    let tokens = device_tokens(
+        vec![("LOGBOOK_STORAGE_DATABASE".to_owned(), url.clone())],
+        hubs[0].data_dir(),
+        &names,
+    )
+    .await;
 
     // The watched device (the last name) and an operator following its
     // session through the load balancer with the CLI's client.

@@ -10,6 +10,7 @@ mod fleet;
 mod hostile;
 mod interop;
 mod live;
+mod load;
 mod postgres;
 mod refusals;
 mod replicas;
@@ -485,6 +486,29 @@ impl Drop for HubProc {
 
 /// One raw HTTP/1.1 exchange (the whole response as text), or `None` if
 /// the hub does not answer yet.
+/// Device tokens of acme/warehouse for each of `names`, made through the
+/// library as `token create` does, on the storage `env` names (a hub's
+/// [`HubProc::env`]) and `data_dir`.
+pub async fn device_tokens(
+    env: Vec<(String, String)>,
+    data_dir: std::path::PathBuf,
+    names: &[String],
+) -> Vec<String> {
+    let names = names.to_vec();
+    tokio::task::spawn_blocking(move || {
+        let database = logbook::hub::HubConfig::load(None, env).unwrap().database;
+        names
+            .iter()
+            .map(|n| {
+                logbook::hub::create_token_in(&database, &data_dir, ORG, Some(PROJECT), Some(n))
+                    .unwrap()
+            })
+            .collect()
+    })
+    .await
+    .unwrap()
+}
+
 pub fn raw_request(addr: &str, request: &str) -> Option<String> {
     let mut s = TcpStream::connect(addr).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
