@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 use super::{
     ArtifactRow, Deleted, DeviceRow, DeviceScope, Histogram, Ingested, LogPage, LogQuery, LogRow,
@@ -58,6 +59,13 @@ pub(super) const PARTITION_LOCK: i64 = 0x6c6f_6762_6f6f_6b03;
 
 /// Connections a hub keeps to the database at most.
 const POOL_SIZE: usize = 16;
+/// Of those, how many may be in transactions that take `INGEST_LOCK` at
+/// once: one holding it, one waiting to take it next. The rest wait in
+/// [`PgStore::lock_takers`] as tasks, first come first served, so a
+/// thousand devices posting at once leave the pool's other connections to
+/// operators' queries and token lookups instead of holding all of them
+/// while they wait on the lock.
+const LOCK_TAKERS: usize = 2;
 
 impl From<tokio_postgres::Error> for StoreError {
     fn from(e: tokio_postgres::Error) -> StoreError {
@@ -125,6 +133,9 @@ pub struct PgStore {
     /// This process among the replicas: its notifications carry it, so it
     /// does not wake its streams twice for its own commits.
     origin: String,
+    /// Permits for the transactions that take `INGEST_LOCK` (see
+    /// [`LOCK_TAKERS`]).
+    lock_takers: Semaphore,
 }
 
 impl PgStore {
@@ -165,6 +176,7 @@ impl PgStore {
             config,
             what: redact(url),
             origin: format!("{:016x}", rand::random::<u64>()),
+            lock_takers: Semaphore::new(LOCK_TAKERS),
         })
     }
 
@@ -233,6 +245,20 @@ impl PgStore {
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
         Ok(self.pool.get().await?)
     }
+
+    /// A connection for a transaction that takes `INGEST_LOCK`, once this
+    /// process has fewer than [`LOCK_TAKERS`] of them; the permit goes
+    /// with the connection.
+    async fn lock_taker(
+        &self,
+    ) -> Result<(SemaphorePermit<'_>, deadpool_postgres::Object), StoreError> {
+        let permit = self
+            .lock_takers
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
+        Ok((permit, self.client().await?))
+    }
 }
 
 #[async_trait::async_trait]
@@ -271,7 +297,7 @@ impl Store for PgStore {
         batch: Arc<Batch>,
         want_live: bool,
     ) -> Result<Ingested, StoreError> {
-        let mut client = self.client().await?;
+        let (_permit, mut client) = self.lock_taker().await?;
         partitions::ensure(
             &mut client,
             &self.partitions,
@@ -286,7 +312,8 @@ impl Store for PgStore {
         scope: &DeviceScope,
         id: uuid::Uuid,
     ) -> Result<Option<(i64, i64)>, StoreError> {
-        ingest::session_for_device(&mut self.client().await?, scope, id).await
+        let (_permit, mut client) = self.lock_taker().await?;
+        ingest::session_for_device(&mut client, scope, id).await
     }
 
     async fn find_session(
@@ -322,7 +349,8 @@ impl Store for PgStore {
         project: &str,
         id: &str,
     ) -> Result<Option<Deleted>, StoreError> {
-        sessions::delete(&mut self.client().await?, org, project, id).await
+        let (_permit, mut client) = self.lock_taker().await?;
+        sessions::delete(&mut client, org, project, id).await
     }
 
     async fn add_tag(

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, Transaction};
+use tokio::sync::Semaphore;
 
 use super::{
     ArtifactRow, Deleted, DeviceRow, DeviceScope, Histogram, Ingested, LogPage, LogQuery, LogRow,
@@ -47,6 +48,16 @@ const MIGRATIONS: &[&str] = &[
 
 /// Reader connections kept open between requests.
 const MAX_IDLE_READERS: usize = 8;
+
+/// Store calls that write, on blocking threads at once: one in the writer,
+/// one ready to take it next. The rest wait in [`SqliteStore::writes`],
+/// first come first served, as tasks rather than blocked threads (a
+/// thousand devices at once would otherwise hold the blocking pool's 512
+/// threads, each waiting on the writer's mutex, which hands it over in no
+/// order).
+const WRITE_THREADS: usize = 2;
+/// Store calls that only read, on blocking threads at once.
+const READ_THREADS: usize = 16;
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> StoreError {
@@ -182,9 +193,12 @@ impl Db {
     }
 }
 
-/// The SQLite [`Store`]: every call runs on the blocking pool.
+/// The SQLite [`Store`]: every call runs on the blocking pool, at most
+/// [`WRITE_THREADS`] writing and [`READ_THREADS`] reading at once.
 pub struct SqliteStore {
     db: Arc<Db>,
+    writes: Arc<Semaphore>,
+    reads: Arc<Semaphore>,
 }
 
 impl SqliteStore {
@@ -193,6 +207,8 @@ impl SqliteStore {
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
         Ok(SqliteStore {
             db: Arc::new(Db::open(path)?),
+            writes: Arc::new(Semaphore::new(WRITE_THREADS)),
+            reads: Arc::new(Semaphore::new(READ_THREADS)),
         })
     }
 
@@ -201,15 +217,42 @@ impl SqliteStore {
         MIGRATIONS.len() as i64
     }
 
-    /// Runs `f` on the blocking pool.
+    /// Runs `f`, which only reads, on the blocking pool.
     async fn run<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Db) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || f(&db))
+        self.on_thread(&self.reads, f).await
+    }
+
+    /// Runs `f`, which writes, on the blocking pool.
+    async fn run_write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Db) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.on_thread(&self.writes, f).await
+    }
+
+    /// Runs `f` on a blocking thread once `threads` has a permit for it;
+    /// the thread holds the permit until `f` returns, even if the caller
+    /// has gone.
+    async fn on_thread<T: Send + 'static>(
+        &self,
+        threads: &Arc<Semaphore>,
+        f: impl FnOnce(&Db) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let permit = threads
+            .clone()
+            .acquire_owned()
             .await
-            .map_err(|e| StoreError::Backend(Box::new(e)))?
+            .expect("the semaphore is never closed");
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            f(&db)
+        })
+        .await
+        .map_err(|e| StoreError::Backend(Box::new(e)))?
     }
 }
 
@@ -217,7 +260,8 @@ impl SqliteStore {
 impl Store for SqliteStore {
     async fn create_token(&self, hash: &str, principal: &Principal) -> Result<(), StoreError> {
         let (hash, principal) = (hash.to_owned(), principal.clone());
-        self.run(move |db| db.create_token(&hash, &principal)).await
+        self.run_write(move |db| db.create_token(&hash, &principal))
+            .await
     }
 
     async fn find_token(&self, hash: &str) -> Result<Option<Principal>, StoreError> {
@@ -227,12 +271,13 @@ impl Store for SqliteStore {
 
     async fn revoke_token(&self, hash: &str) -> Result<Option<Principal>, StoreError> {
         let hash = hash.to_owned();
-        self.run(move |db| db.revoke_token(&hash)).await
+        self.run_write(move |db| db.revoke_token(&hash)).await
     }
 
     async fn create_signin(&self, signin: &SignInRow, max: u32) -> Result<(), StoreError> {
         let signin = signin.clone();
-        self.run(move |db| db.create_signin(&signin, max)).await
+        self.run_write(move |db| db.create_signin(&signin, max))
+            .await
     }
 
     async fn find_signin(
@@ -246,7 +291,7 @@ impl Store for SqliteStore {
 
     async fn delete_signin(&self, hash: &str) -> Result<(), StoreError> {
         let hash = hash.to_owned();
-        self.run(move |db| db.delete_signin(&hash)).await
+        self.run_write(move |db| db.delete_signin(&hash)).await
     }
 
     async fn ingest(
@@ -256,7 +301,7 @@ impl Store for SqliteStore {
         want_live: bool,
     ) -> Result<Ingested, StoreError> {
         let scope = scope.clone();
-        self.run(move |db| db.ingest(&scope, &batch, want_live))
+        self.run_write(move |db| db.ingest(&scope, &batch, want_live))
             .await
     }
 
@@ -266,7 +311,8 @@ impl Store for SqliteStore {
         id: uuid::Uuid,
     ) -> Result<Option<(i64, i64)>, StoreError> {
         let scope = scope.clone();
-        self.run(move |db| db.session_for_device(&scope, id)).await
+        self.run_write(move |db| db.session_for_device(&scope, id))
+            .await
     }
 
     async fn find_session(
@@ -306,7 +352,8 @@ impl Store for SqliteStore {
         id: &str,
     ) -> Result<Option<Deleted>, StoreError> {
         let (o, p, i) = (org.to_owned(), project.to_owned(), id.to_owned());
-        self.run(move |db| db.delete_session(&o, &p, &i)).await
+        self.run_write(move |db| db.delete_session(&o, &p, &i))
+            .await
     }
 
     async fn add_tag(
@@ -322,7 +369,7 @@ impl Store for SqliteStore {
             id.to_owned(),
             tag.to_owned(),
         );
-        self.run(move |db| db.add_tag(&o, &p, &i, &t)).await
+        self.run_write(move |db| db.add_tag(&o, &p, &i, &t)).await
     }
 
     async fn remove_tag(
@@ -338,7 +385,8 @@ impl Store for SqliteStore {
             id.to_owned(),
             tag.to_owned(),
         );
-        self.run(move |db| db.remove_tag(&o, &p, &i, &t)).await
+        self.run_write(move |db| db.remove_tag(&o, &p, &i, &t))
+            .await
     }
 
     async fn session_status(&self, pk: i64) -> Result<Option<String>, StoreError> {
@@ -423,12 +471,13 @@ impl Store for SqliteStore {
         blob: &str,
     ) -> Result<Option<String>, StoreError> {
         let (upload, blob) = (upload.clone(), blob.to_owned());
-        self.run(move |db| db.complete_upload(&upload, &blob)).await
+        self.run_write(move |db| db.complete_upload(&upload, &blob))
+            .await
     }
 
     async fn create_upload(&self, upload: &UploadRow) -> Result<(), StoreError> {
         let upload = upload.clone();
-        self.run(move |db| db.create_upload(&upload)).await
+        self.run_write(move |db| db.create_upload(&upload)).await
     }
 
     async fn get_upload(&self, id: &str) -> Result<Option<UploadRow>, StoreError> {
@@ -478,7 +527,7 @@ impl Store for SqliteStore {
 
     async fn delete_upload(&self, id: &str) -> Result<bool, StoreError> {
         let id = id.to_owned();
-        self.run(move |db| db.delete_upload(&id)).await
+        self.run_write(move |db| db.delete_upload(&id)).await
     }
 
     async fn list_marks(
@@ -499,13 +548,14 @@ impl Store for SqliteStore {
         until_ns: i64,
     ) -> Result<bool, StoreError> {
         let (name, holder) = (name.to_owned(), holder.to_owned());
-        self.run(move |db| db.take_lease(&name, &holder, now_ns, until_ns))
+        self.run_write(move |db| db.take_lease(&name, &holder, now_ns, until_ns))
             .await
     }
 
     async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
         let (name, holder) = (name.to_owned(), holder.to_owned());
-        self.run(move |db| db.release_lease(&name, &holder)).await
+        self.run_write(move |db| db.release_lease(&name, &holder))
+            .await
     }
 }
 
