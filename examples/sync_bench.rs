@@ -18,9 +18,14 @@
 //!    message) as the socket → hub-query latency; the agent's CPU over the
 //!    phase comes from /proc.
 //!
+//! With `--tls` the hub serves TLS with a certificate of a private CA made
+//! for the run (rcgen), the agent trusts that CA (`sync.ca_file`) and the
+//! bench's own queries go through TLS too: run it beside a plain run to
+//! see what TLS costs the drain (BENCHMARKS.md).
+//!
 //! ```text
 //! cargo build --release --bins --example sync_bench
-//! target/release/examples/sync_bench --records 1000000 --rate 2000 --online-secs 20
+//! target/release/examples/sync_bench --records 1000000 --rate 2000 --online-secs 20 [--tls]
 //! ```
 
 mod common;
@@ -41,16 +46,62 @@ fn body_json(resp: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or(serde_json::Value::Null)
 }
 
-fn tcp_get(addr: &str, path: &str, token: &str) -> serde_json::Value {
-    let mut s = TcpStream::connect(addr).expect("connect hub");
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: hub\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    body_json(&out)
+/// The hub as the bench queries it: plain HTTP on a fresh connection per
+/// query, or (`--tls`) HTTPS on a kept-alive connection trusting the run's
+/// CA.
+struct HubQuery {
+    addr: String,
+    tls: Option<(reqwest::Client, tokio::runtime::Runtime)>,
+}
+
+impl HubQuery {
+    fn get(&self, path: &str, token: &str) -> serde_json::Value {
+        if let Some((client, rt)) = &self.tls {
+            let port = self.addr.rsplit(':').next().unwrap();
+            let url = format!("https://localhost:{port}{path}");
+            return rt.block_on(async {
+                let r = client.get(&url).bearer_auth(token).send().await;
+                match r {
+                    Ok(r) => serde_json::from_str(&r.text().await.unwrap_or_default())
+                        .unwrap_or(serde_json::Value::Null),
+                    Err(e) => panic!("query {url}: {e}"),
+                }
+            });
+        }
+        let mut s = TcpStream::connect(&self.addr).expect("connect hub");
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: hub\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        body_json(&out)
+    }
+}
+
+/// A private CA and a certificate for `localhost` signed by it, written
+/// into `dir`: (CA file, certificate chain, key).
+fn private_pki(dir: &Path) -> (String, String, String) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, KeyUsagePurpose,
+    };
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    let (ca_file, chain, key_file) = (dir.join("ca.pem"), dir.join("hub.pem"), dir.join("hub.key"));
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    std::fs::write(&chain, format!("{}{}", leaf.pem(), ca.pem())).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    let s = |p: &Path| p.display().to_string();
+    (s(&ca_file), s(&chain), s(&key_file))
 }
 
 /// The 1, 5 and 15 minute load averages (the machine may be shared: the
@@ -80,7 +131,13 @@ fn token(hub: &Path, data: &Path, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
-fn start_agent(logbookd: &Path, state: &Path, run: &Path, sync: Option<(&str, &str)>) -> Child {
+fn start_agent(
+    logbookd: &Path,
+    state: &Path,
+    run: &Path,
+    sync: Option<(&str, &str)>,
+    ca_file: Option<&str>,
+) -> Child {
     let mut cmd = common::logbookd(logbookd, state, run, "2GiB");
     cmd.env(
         "LOGBOOK_LOG_LEVEL",
@@ -89,6 +146,9 @@ fn start_agent(logbookd: &Path, state: &Path, run: &Path, sync: Option<(&str, &s
     if let Some((url, token)) = sync {
         cmd.env("LOGBOOK_SYNC_HUB", url)
             .env("LOGBOOK_SYNC_TOKEN", token);
+    }
+    if let Some(ca) = ca_file {
+        cmd.env("LOGBOOK_SYNC_CA_FILE", ca);
     }
     let child = cmd
         .spawn()
@@ -109,6 +169,7 @@ fn main() {
     let rate: u64 = arg("--rate", "2000").parse().unwrap();
     let online_secs: u64 = arg("--online-secs", "20").parse().unwrap();
     let mark_at: f64 = arg("--mark-at", "0.75").parse().unwrap();
+    let tls = std::env::args().any(|a| a == "--tls");
     let load_before = loadavg();
     let bin_dir = common::bin_dir();
     let logbookd = bin_dir.join("logbookd");
@@ -123,13 +184,17 @@ fn main() {
 
     let operator = token(&hub_bin, &data, &["--operator"]);
     let device = token(&hub_bin, &data, &["--device", "bench"]);
-    let mut hub = Command::new(&hub_bin)
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+    let pki = tls.then(|| private_pki(&dir.path().join("pki")));
+    let mut hub = Command::new(&hub_bin);
+    hub.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(&data)
         .env("LOGBOOK_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+        .stdout(Stdio::null());
+    if let Some((_, chain, key)) = &pki {
+        hub.env("LOGBOOK_SERVER_TLS_CERT", chain)
+            .env("LOGBOOK_SERVER_TLS_KEY", key);
+    }
+    let mut hub = hub.spawn().unwrap();
     let addr_file = data.join("hub.addr");
     let start = Instant::now();
     let addr = loop {
@@ -144,14 +209,43 @@ fn main() {
         );
         std::thread::sleep(Duration::from_millis(20));
     };
-    let url = format!("http://{addr}");
+    let (url, query) = match &pki {
+        None => (
+            format!("http://{addr}"),
+            HubQuery {
+                addr: addr.clone(),
+                tls: None,
+            },
+        ),
+        Some((ca, _, _)) => {
+            let port = addr.rsplit(':').next().unwrap();
+            let client = reqwest::Client::builder()
+                .add_root_certificate(
+                    reqwest::Certificate::from_pem(&std::fs::read(ca).unwrap()).unwrap(),
+                )
+                .build()
+                .unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            (
+                format!("https://localhost:{port}"),
+                HubQuery {
+                    addr: addr.clone(),
+                    tls: Some((client, rt)),
+                },
+            )
+        }
+    };
+    let ca_file = pki.as_ref().map(|(ca, _, _)| ca.as_str());
 
     let agent_api = logbook::client::Api::new()
         .socket(&api)
         .timeout(Duration::from_secs(600));
 
     // 1. The backlog, written with sync off, in one session.
-    let mut agent = start_agent(&logbookd, &state, &run, None);
+    let mut agent = start_agent(&logbookd, &state, &run, None, None);
     let session: serde_json::Value = agent_api
         .json("POST", "/v1/sessions", Some(br#"{"tags":["bench"]}"#))
         .expect("open a session");
@@ -183,7 +277,7 @@ fn main() {
     stop(&mut agent);
 
     // 2. The drain.
-    let mut agent = start_agent(&logbookd, &state, &run, Some((&url, &device)));
+    let mut agent = start_agent(&logbookd, &state, &run, Some((&url, &device)), ca_file);
     let pid = agent.id();
     let t0 = Instant::now();
     let cpu0 = cpu_secs(pid);
@@ -218,8 +312,7 @@ fn main() {
         }
     }
     let in_window = || {
-        tcp_get(
-            &addr,
+        query.get(
             &format!(
                 "/api/v1/organizations/bench/projects/sync/sessions/{session}/logs?mark=collision&limit=1"
             ),
@@ -250,8 +343,7 @@ fn main() {
     let drain_secs = t0.elapsed().as_secs_f64();
     let drain_cpu = cpu_secs(pid) - cpu0;
     let hub_drain_cpu = cpu_secs(hub.id()) - hub_cpu0;
-    let newest = tcp_get(
-        &addr,
+    let newest = query.get(
         &format!(
             "/api/v1/organizations/bench/projects/sync/sessions/{session}/logs?order=desc&limit=1"
         ),
@@ -306,8 +398,7 @@ fn main() {
     let t0 = Instant::now();
     let mut ages = Vec::new();
     while t0.elapsed() < Duration::from_secs(online_secs) {
-        let v = tcp_get(
-            &addr,
+        let v = query.get(
             &format!("/api/v1/organizations/bench/projects/sync/sessions/{session}/logs?order=desc&limit=1"),
             &operator,
         );
@@ -331,6 +422,14 @@ fn main() {
 
     let ingest_rate = records as f64 / ingest_secs;
     let drain_rate = records as f64 / drain_secs;
+    println!(
+        "link                {}",
+        if tls {
+            "TLS (rustls, private CA)"
+        } else {
+            "plain HTTP"
+        }
+    );
     println!(
         "records             {records}, {:.0} bytes/line as JSON",
         json_bytes as f64 / records as f64
