@@ -301,7 +301,14 @@ pub async fn post_batch(
         .map_err(|e| reject("body_too_large", e))?;
     Metrics::add(&hub.metrics.bytes_in, body.len() as u64);
     let device_id = scope.device_id.clone();
+    let decoder = hub
+        .decoders
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("the semaphore is never closed");
     let checked = tokio::task::spawn_blocking(move || {
+        let _decoder = decoder;
         let mut batch = decode(&body, gzip, &limits)?;
         validate(&batch, &device_id, &limits).map_err(|e| {
             let reason = match e.status {

@@ -96,6 +96,11 @@ pub(crate) struct Hub {
     pub shared: bool,
     pub metrics: metrics::Metrics,
     pub streams: Arc<Semaphore>,
+    /// Batches being gunzipped and decoded at once: one per core, so a
+    /// thousand devices posting together hold a core's worth of decoded
+    /// batches each, not a blocking thread (and up to
+    /// `ingest.max_decompressed_bytes`) per request.
+    pub decoders: Arc<Semaphore>,
     /// Per-device ingest limits (`[devices]`).
     pub devices: auth::DeviceGate,
     pub shutdown: CancellationToken,
@@ -112,6 +117,9 @@ impl Hub {
             shared: store.shared(),
             store,
             streams: Arc::new(Semaphore::new(config.max_streams)),
+            decoders: Arc::new(Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get().max(2)),
+            )),
             devices: auth::DeviceGate::new(config.devices.clone()),
             config,
             blobs,
