@@ -552,13 +552,21 @@ async fn head(hub: &Arc<Hub>, up: &UploadRow) -> Result<Response, ApiError> {
     let offset = current_offset(hub, &up.id).await?;
     if offset == up.length {
         // All bytes are here but the upload was never finished (the hub
-        // stopped between the last write and the finish): finish it now,
-        // unless a PATCH is still doing so.
-        if let Some(busy) = Busy::take(hub, &up.id).await? {
-            let finished = finish(hub, up).await;
-            busy.release().await;
-            finished?;
-        }
+        // stopped between the last write and the finish): finish it now.
+        // If another request holds it (a PATCH finishing it, or a replica
+        // that died holding it, until its lease runs out), the offset is
+        // no answer yet: a client told "every byte is here" would take the
+        // upload as done while its artifact does not exist.
+        let Some(busy) = Busy::take(hub, &up.id).await? else {
+            return Err(ApiError::new(
+                StatusCode::LOCKED,
+                "upload_busy",
+                "every byte of this upload is here and another request is finishing it; ask again",
+            ));
+        };
+        let finished = finish(hub, up).await;
+        busy.release().await;
+        finished?;
     }
     let mut resp = StatusCode::OK.into_response();
     let h = resp.headers_mut();

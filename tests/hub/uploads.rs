@@ -505,3 +505,102 @@ async fn unfinished_uploads_expire_unless_written_to(storage: Storage) {
         .collect();
     assert_eq!(paths, ["alive.bin"]);
 }
+
+/// Every byte of an upload is in but it was never finished, and a replica
+/// that died holds it (its lease in the store until it runs out): `HEAD`
+/// answers 423 `upload_busy`, not "every byte is here" (a client would
+/// take the upload as done while its artifact does not exist), until the
+/// lease runs out; then `HEAD` finishes it and the artifact is there.
+/// Made on the SQLite store with blobs in the data directory (the state a
+/// SIGKILL leaves is written into its files); skipped on other storage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_upload_held_by_a_dead_replica_is_busy_until_its_lease_ends() {
+    if Storage::from_env()
+        != (Storage {
+            postgres: false,
+            s3: false,
+        })
+    {
+        eprintln!(
+            "notice: hub::uploads dead-replica test needs SQLite and a blob directory; skipped"
+        );
+        return;
+    }
+    let hub = HubProc::start("hub_upload_dead_holder");
+    let tus = Tus { hub: &hub };
+    let s = session_id(7);
+    hub.post_batch(&batch(
+        vec![state(s, 1, SessionStatus::Active, &[])],
+        vec![],
+        vec![],
+    ))
+    .await;
+    let data = content(64 << 10, 7);
+    let url = tus.create(s, "bags/cut.mcap", &data, None).await;
+    let last = data.len() - 1;
+    assert_eq!(tus.patch(&url, 0, &data[..last], None).await.0, 204);
+
+    // What a replica killed between its last write and the finish leaves:
+    // the last byte in the part, and its hold on the upload for 2 s more.
+    let id = url.rsplit('/').next().unwrap().to_owned();
+    let mut part = std::fs::OpenOptions::new()
+        .append(true)
+        .open(hub.data_dir().join("uploads").join(format!("{id}.part")))
+        .unwrap();
+    part.write_all(&data[last..]).unwrap();
+    drop(part);
+    let until = time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64 + 2_000_000_000;
+    rusqlite::Connection::open(hub.data_dir().join("hub.db"))
+        .unwrap()
+        .execute(
+            "INSERT INTO leases (name, holder, until_ns) VALUES (?1, 'dead-replica', ?2)",
+            rusqlite::params![format!("upload:{id}"), until],
+        )
+        .unwrap();
+
+    let head = || async {
+        let r = hub
+            .http
+            .head(&url)
+            .bearer_auth(&hub.device)
+            .header("tus-resumable", "1.0.0")
+            .send()
+            .await
+            .unwrap();
+        let offset = r
+            .headers()
+            .get("upload-offset")
+            .map(|v| v.to_str().unwrap().to_owned());
+        (r.status().as_u16(), offset)
+    };
+    assert_eq!(
+        head().await,
+        (423, None),
+        "busy while the dead replica's lease lasts"
+    );
+    let files = hub.api(&format!("/sessions/{s}/files/bags/cut.mcap"));
+    assert_eq!(hub.get(&files).await.0, 404, "no artifact yet");
+
+    // Once the lease has run out, a HEAD finishes it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let answer = loop {
+        let a = head().await;
+        if a.0 != 423 || std::time::Instant::now() > deadline {
+            break a;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(answer, (200, Some(data.len().to_string())));
+    let r = hub
+        .http
+        .get(&files)
+        .bearer_auth(&hub.operator)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        hex::encode(Sha256::digest(r.bytes().await.unwrap())),
+        hex::encode(Sha256::digest(&data))
+    );
+}
