@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use logbook::client::hub::{FollowTiming, HubClient, LogFilter, LogScope};
-use logbook::wire::{Batch, Device, Level, SessionStatus, BATCH_VERSION};
+use logbook::wire::{Batch, SessionStatus};
 use sha2::Digest;
 
 use super::replicas::{replica, shared_storage, Shared};
@@ -142,42 +142,6 @@ fn env_or(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// A device's batch: its session's state (first and last batch) and
-/// records `seqs`.
-fn device_batch(
-    device: &str,
-    session: Uuid,
-    status: Option<SessionStatus>,
-    revision: u64,
-    seqs: std::ops::RangeInclusive<u64>,
-) -> Batch {
-    Batch {
-        marks: Vec::new(),
-        agent: None,
-        version: BATCH_VERSION,
-        device: Device {
-            id: device.into(),
-            name: device.into(),
-        },
-        sent_at_ns: at(0),
-        sessions: status
-            .map(|st| vec![state(session, revision, st, &["fleet"])])
-            .unwrap_or_default(),
-        records: seqs
-            .map(|i| {
-                record(
-                    i,
-                    Some(session),
-                    [Level::Info, Level::Warn, Level::Debug][i as usize % 3],
-                    "drive",
-                    &format!("{device} odometry tick {i}"),
-                )
-            })
-            .collect(),
-        gaps: vec![],
-    }
 }
 
 /// Jittered backoff between retries, as an agent's (`sync.retry_*`).

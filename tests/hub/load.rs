@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use logbook::wire::{Batch, Device, Level, SessionStatus, BATCH_VERSION};
+use logbook::wire::SessionStatus;
 
 use super::*;
 
@@ -34,44 +34,6 @@ const INTERVAL: Duration = Duration::from_millis(500);
 const OPERATOR_PAUSE: Duration = Duration::from_millis(100);
 /// The bound on the hub's resident memory under this load.
 const PEAK_RSS_MAX_KIB: u64 = 512 * 1024;
-
-/// Batch `n` (0-based) of device `d`: the session opens with the first and
-/// completes with the last.
-fn batch_of(device: &str, session: Uuid, n: u64, last: u64) -> Batch {
-    let status = if n == 0 {
-        Some(SessionStatus::Active)
-    } else if n == last {
-        Some(SessionStatus::Completed)
-    } else {
-        None
-    };
-    let first_seq = n * PER_BATCH + 1;
-    Batch {
-        marks: Vec::new(),
-        agent: None,
-        version: BATCH_VERSION,
-        device: Device {
-            id: device.into(),
-            name: device.into(),
-        },
-        sent_at_ns: at(n as i64),
-        sessions: status
-            .map(|st| vec![state(session, n + 1, st, &["load"])])
-            .unwrap_or_default(),
-        records: (first_seq..first_seq + PER_BATCH)
-            .map(|i| {
-                record(
-                    i,
-                    Some(session),
-                    [Level::Info, Level::Debug, Level::Warn, Level::Error][i as usize % 4],
-                    "drive",
-                    &format!("{device} odometry tick {i}"),
-                )
-            })
-            .collect(),
-        gaps: vec![],
-    }
-}
 
 /// What the devices saw.
 #[derive(Default)]
@@ -126,6 +88,20 @@ async fn post(http: &reqwest::Client, url: &str, token: &str, body: &[u8], seen:
     }
 }
 
+/// GET `url` with operator key `key`: its JSON, or what went wrong.
+async fn operator_get(http: &reqwest::Client, url: &str, key: &str) -> Result<Value, String> {
+    let r = http
+        .get(url)
+        .bearer_auth(key)
+        .send()
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    if r.status() != 200 {
+        return Err(format!("{url}: {}", r.status()));
+    }
+    Ok(serde_json::from_str(&r.text().await.unwrap_or_default()).unwrap_or(Value::Null))
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -167,8 +143,25 @@ async fn a_thousand_devices_sync_at_once_while_operators_query() {
                         .build()
                         .unwrap();
                     let session = session_id(d as u128);
+                    // The session opens with the first batch and completes
+                    // with the last.
                     let bodies = (0..batches)
-                        .map(|n| batch_of(name, session, n, batches - 1).encode(1))
+                        .map(|n| {
+                            let status = match n {
+                                0 => Some(SessionStatus::Active),
+                                n if n == batches - 1 => Some(SessionStatus::Completed),
+                                _ => None,
+                            };
+                            let first = n * PER_BATCH + 1;
+                            device_batch(
+                                name,
+                                session,
+                                status,
+                                n + 1,
+                                first..=first + PER_BATCH - 1,
+                            )
+                            .encode(1)
+                        })
                         .collect();
                     (http, token, bodies)
                 })
@@ -197,41 +190,32 @@ async fn a_thousand_devices_sync_at_once_while_operators_query() {
                     true,
                 ),
                 (format!("{api}/devices"), false),
-                (format!("{api}/sessions?search=load&limit=20"), true),
+                (format!("{api}/sessions?search=fleet&limit=20"), true),
             ];
             let mut n = 0usize;
             while !done.load(Relaxed) {
                 let (url, sessions) = &urls[n % urls.len()];
                 n += 1;
-                let r = http.get(url).bearer_auth(&key).send().await;
-                match r {
-                    Ok(r) if r.status() == 200 && !sessions => {}
-                    Ok(r) if r.status() == 200 => {
-                        // A session of the list, and its logs searched.
-                        let v: Value = serde_json::from_str(&r.text().await.unwrap_or_default())
-                            .unwrap_or(Value::Null);
-                        if let Some(id) = v["items"][0]["id"].as_str() {
+                let listed = operator_get(&http, url, &key).await;
+                // A session of a list, and its logs searched.
+                let logs = match (&listed, sessions) {
+                    (Ok(v), true) => match v["items"][0]["id"].as_str() {
+                        Some(id) => {
                             let logs = format!(
                                 "{api}/sessions/{id}/logs?search=odometry&level=warn&limit=50"
                             );
-                            match http.get(&logs).bearer_auth(&key).send().await {
-                                Ok(r) if r.status() == 200 => {}
-                                Ok(r) => query_errors
-                                    .lock()
-                                    .unwrap()
-                                    .push(format!("{logs}: {}", r.status())),
-                                Err(e) => query_errors.lock().unwrap().push(format!("{logs}: {e}")),
-                            }
-                            queries.fetch_add(1, Relaxed);
+                            Some(operator_get(&http, &logs, &key).await)
                         }
+                        None => None,
+                    },
+                    _ => None,
+                };
+                for answer in std::iter::once(listed).chain(logs) {
+                    queries.fetch_add(1, Relaxed);
+                    if let Err(e) = answer {
+                        query_errors.lock().unwrap().push(e);
                     }
-                    Ok(r) => query_errors
-                        .lock()
-                        .unwrap()
-                        .push(format!("{url}: {}", r.status())),
-                    Err(e) => query_errors.lock().unwrap().push(format!("{url}: {e}")),
                 }
-                queries.fetch_add(1, Relaxed);
                 // An operator's console, not a tight loop.
                 tokio::time::sleep(OPERATOR_PAUSE).await;
             }

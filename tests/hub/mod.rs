@@ -486,6 +486,43 @@ impl Drop for HubProc {
 
 /// One raw HTTP/1.1 exchange (the whole response as text), or `None` if
 /// the hub does not answer yet.
+/// A simulated fleet device's batch (`hub::fleet`, `hub::load`): its
+/// session's state when `status` is given (first and last batch) and
+/// records `seqs`, every fourth an error.
+pub fn device_batch(
+    device: &str,
+    session: Uuid,
+    status: Option<SessionStatus>,
+    revision: u64,
+    seqs: std::ops::RangeInclusive<u64>,
+) -> Batch {
+    Batch {
+        marks: Vec::new(),
+        agent: None,
+        version: BATCH_VERSION,
+        device: Device {
+            id: device.into(),
+            name: device.into(),
+        },
+        sent_at_ns: at(0),
+        sessions: status
+            .map(|st| vec![state(session, revision, st, &["fleet"])])
+            .unwrap_or_default(),
+        records: seqs
+            .map(|i| {
+                record(
+                    i,
+                    Some(session),
+                    [Level::Info, Level::Warn, Level::Debug, Level::Error][i as usize % 4],
+                    "drive",
+                    &format!("{device} odometry tick {i}"),
+                )
+            })
+            .collect(),
+        gaps: vec![],
+    }
+}
+
 /// Device tokens of acme/warehouse for each of `names`, made through the
 /// library as `token create` does, on the storage `env` names (a hub's
 /// [`HubProc::env`]) and `data_dir`.

@@ -40,16 +40,19 @@ impl Tus<'_> {
         self.hub.create_upload(session, path, data, sha).await
     }
 
-    async fn offset(&self, url: &str) -> Option<u64> {
-        let r = self
-            .hub
+    async fn head(&self, url: &str) -> reqwest::Response {
+        self.hub
             .http
             .head(url)
             .bearer_auth(&self.hub.device)
             .header("tus-resumable", "1.0.0")
             .send()
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    async fn offset(&self, url: &str) -> Option<u64> {
+        let r = self.head(url).await;
         if r.status() == 404 {
             return None;
         }
@@ -559,14 +562,7 @@ async fn a_finished_upload_held_by_a_dead_replica_is_busy_until_its_lease_ends()
         .unwrap();
 
     let head = || async {
-        let r = hub
-            .http
-            .head(&url)
-            .bearer_auth(&hub.device)
-            .header("tus-resumable", "1.0.0")
-            .send()
-            .await
-            .unwrap();
+        let r = tus.head(&url).await;
         let offset = r
             .headers()
             .get("upload-offset")
