@@ -240,10 +240,12 @@ impl Link {
         after: Option<Duration>,
         shutdown: &CancellationToken,
     ) -> bool {
-        self.report.link(LinkState::Offline);
         let wait = self.backoff.next_delay(after);
+        // The backoff before the link: a status read in between must not
+        // show `offline` without the wait it is in.
         self.report
             .backoff(self.backoff.current().map(|bound| bound.max(wait)));
+        self.report.link(LinkState::Offline);
         tracing::warn!("{} failed ({err}); retrying in {wait:.1?}", self.name);
         // The hub sent `Retry-After`, so it is up: wait what it asked.
         let probe = err.is_offline() && after.is_none();
