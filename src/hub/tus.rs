@@ -253,10 +253,12 @@ async fn create(hub: &Arc<Hub>, scope: DeviceScope, h: &HeaderMap) -> Result<Res
             .await?;
         if let Some(up) = same {
             // Creation is idempotent per file version: answer with the
-            // upload already under way and its offset.
-            let offset = current_offset(hub, &up.id).await?;
-            tracing::info!(device = %scope.device_id, upload = %up.id, offset, "upload creation repeated; resuming");
-            return Ok(with_expiry(hub, &up, created(&up.id, offset)).await);
+            // upload already under way and its offset (or, when its bytes
+            // are gone, create it anew).
+            if let Some(offset) = current_offset(hub, &up).await? {
+                tracing::info!(device = %scope.device_id, upload = %up.id, offset, "upload creation repeated; resuming");
+                return Ok(with_expiry(hub, &up, created(&up.id, offset)).await);
+            }
         }
     }
     // Each unfinished upload holds a partial file: bound how many a device
@@ -540,16 +542,34 @@ async fn find_upload(hub: &Arc<Hub>, scope: &DeviceScope, id: &str) -> Result<Up
     }
 }
 
-async fn current_offset(hub: &Hub, id: &str) -> Result<u64, ApiError> {
-    hub.blobs
-        .part(id)
-        .await
-        .map(|p| p.len)
-        .map_err(|e| ApiError::internal(format!("upload file is missing: {e}")))
+/// How many bytes of upload `up` are here; `None` when its bytes are gone
+/// (an older hub removed the part before the row and died in between, or
+/// someone removed the file): the row is deleted, since nothing can
+/// resume it, and the client creates the upload again.
+async fn current_offset(hub: &Hub, up: &UploadRow) -> Result<Option<u64>, ApiError> {
+    match hub.blobs.part(&up.id).await {
+        Ok(p) => Ok(Some(p.len)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            hub.store.delete_upload(&up.id).await?;
+            tracing::warn!(upload = %up.id, path = %up.path, "an upload whose file is gone was deleted; its client starts it again");
+            Ok(None)
+        }
+        Err(e) => Err(ApiError::internal(format!("cannot read upload file: {e}"))),
+    }
+}
+
+/// [`current_offset`], with an upload whose bytes are gone a 404.
+async fn offset_or_gone(hub: &Hub, up: &UploadRow) -> Result<u64, ApiError> {
+    current_offset(hub, up).await?.ok_or_else(|| {
+        ApiError::not_found(format!(
+            "upload {} lost its file and was deleted; create it again",
+            up.id
+        ))
+    })
 }
 
 async fn head(hub: &Arc<Hub>, up: &UploadRow) -> Result<Response, ApiError> {
-    let offset = current_offset(hub, &up.id).await?;
+    let offset = offset_or_gone(hub, up).await?;
     if offset == up.length {
         // All bytes are here but the upload was never finished (the hub
         // stopped between the last write and the finish): finish it now.
@@ -753,7 +773,7 @@ async fn append(
     checksum: Option<Vec<u8>>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let offset = current_offset(hub, &up.id).await?;
+    let offset = offset_or_gone(hub, up).await?;
     if claimed != offset {
         // A PATCH below the upload's offset re-sends acknowledged bytes:
         // counted apart, since a well-behaved client never does it.
@@ -911,7 +931,12 @@ async fn finish(hub: &Arc<Hub>, up: &UploadRow) -> Result<(), ApiError> {
         .map_err(|e| ApiError::internal(format!("cannot store artifact: {e}")))?;
     let mut done = up.clone();
     done.sha256 = actual;
+    // The part goes only once the store holds the artifact: a replica
+    // that dies between leaves an upload that finishes again.
     let old = hub.store.complete_upload(&done, &blob).await?;
+    if let Err(e) = hub.blobs.remove_part(&up.id).await {
+        tracing::warn!(upload = %up.id, error = %e, "cannot remove a finished upload's file");
+    }
     if let Some(old) = old {
         if let Err(e) = hub.blobs.remove(&old).await {
             tracing::warn!(blob = %old, error = %e, "cannot remove replaced artifact");

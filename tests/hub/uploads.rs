@@ -600,3 +600,73 @@ async fn a_finished_upload_held_by_a_dead_replica_is_busy_until_its_lease_ends()
         hex::encode(Sha256::digest(&data))
     );
 }
+
+/// An upload whose row is in the store but whose file is gone (what an
+/// older hub left when it died after moving the finished file and before
+/// deleting the row, or a file removed by hand) cannot be resumed: `HEAD`
+/// and `PATCH` answer 404 and the row goes, and the client's creation
+/// starts it anew instead of resuming a hole, where the hub used to answer
+/// 500 to all three until the upload expired. A finished upload leaves no
+/// file in `uploads/`. SQLite + directory only, like the test above.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_whose_file_is_gone_is_created_again() {
+    if Storage::from_env()
+        != (Storage {
+            postgres: false,
+            s3: false,
+        })
+    {
+        eprintln!("notice: hub::uploads lost-file test needs SQLite and a blob directory; skipped");
+        return;
+    }
+    let hub = HubProc::start("hub_upload_lost_file");
+    let tus = Tus { hub: &hub };
+    let s = session_id(8);
+    hub.post_batch(&batch(
+        vec![state(s, 1, SessionStatus::Active, &[])],
+        vec![],
+        vec![],
+    ))
+    .await;
+    let data = content(48 << 10, 8);
+    let sha = hex::encode(Sha256::digest(&data));
+    let url = tus.create(s, "bags/lost.mcap", &data, Some(&sha)).await;
+    assert_eq!(tus.patch(&url, 0, &data[..1000], None).await.0, 204);
+    let parts = hub.data_dir().join("uploads");
+    let id = url.rsplit('/').next().unwrap().to_owned();
+    std::fs::remove_file(parts.join(format!("{id}.part"))).unwrap();
+
+    let r = tus.head(&url).await;
+    assert_eq!(r.status(), 404);
+    assert!(
+        r.headers().get("upload-offset").is_none(),
+        "no offset for a lost upload"
+    );
+    // An empty PATCH: a refused body left unread would close the pooled
+    // connection under the next request.
+    assert_eq!(tus.patch(&url, 1000, &[], None).await.0, 404);
+
+    // Created again: a new upload from offset 0, finished whole.
+    let again = tus.create(s, "bags/lost.mcap", &data, Some(&sha)).await;
+    assert_ne!(again, url, "a new upload, not the lost one");
+    assert_eq!(tus.offset(&again).await, Some(0));
+    assert_eq!(tus.patch(&again, 0, &data, None).await.0, 204);
+    let files = hub.api(&format!("/sessions/{s}/files/bags/lost.mcap"));
+    let r = hub
+        .http
+        .get(&files)
+        .bearer_auth(&hub.operator)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(hex::encode(Sha256::digest(r.bytes().await.unwrap())), sha);
+    let left: Vec<_> = std::fs::read_dir(&parts)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        left.is_empty(),
+        "a finished upload leaves no part: {left:?}"
+    );
+}

@@ -2,7 +2,7 @@
 //! `blobs/<random name>` and tus uploads in progress as
 //! `uploads/<upload id>.part` under the data directory. A part's length is
 //! its upload's offset and its modification time the last write; finishing
-//! an upload renames its part into `blobs/`.
+//! an upload hard-links its part into `blobs/` (a copy where links fail).
 //!
 //! Invariant: every file name is checked to be the hub's own (ASCII
 //! letters and digits) before it is joined to a directory; an
@@ -119,7 +119,15 @@ impl Blobs for DirBlobs {
 
     async fn finish_upload(&self, upload_id: &str) -> std::io::Result<String> {
         let name = uuid::Uuid::now_v7().simple().to_string();
-        tokio::fs::rename(self.part_path(upload_id)?, self.blob_path(&name)?).await?;
+        let (part, blob) = (self.part_path(upload_id)?, self.blob_path(&name)?);
+        if tokio::fs::hard_link(&part, &blob).await.is_err() {
+            // A filesystem without links: a copy, then made durable.
+            tokio::task::spawn_blocking(move || {
+                std::fs::copy(&part, &blob)?;
+                std::fs::File::open(&blob)?.sync_all()
+            })
+            .await??;
+        }
         Ok(name)
     }
 
@@ -216,6 +224,9 @@ mod tests {
             "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
         );
         let name = b.finish_upload("abc123").await.unwrap();
+        // The part stays until its caller has recorded the blob.
+        assert_eq!(b.part("abc123").await.unwrap().len, 5);
+        b.remove_part("abc123").await.unwrap();
         assert_eq!(
             b.part("abc123").await.unwrap_err().kind(),
             std::io::ErrorKind::NotFound

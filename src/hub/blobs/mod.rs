@@ -65,7 +65,10 @@ pub trait Blobs: Send + Sync {
     /// The hex SHA-256 of the whole part, read as a stream.
     async fn part_sha256(&self, upload_id: &str) -> io::Result<String>;
 
-    /// Turns a complete part into a blob; returns the blob's new name.
+    /// Makes a complete part into a new blob and returns the blob's name,
+    /// leaving the part in place: the caller records the blob, then
+    /// removes the part. A crash in between leaves the upload whole (it
+    /// finishes again), never an upload row whose bytes are gone.
     async fn finish_upload(&self, upload_id: &str) -> io::Result<String>;
 
     /// Removes a part; a part already gone is fine.

@@ -365,7 +365,6 @@ impl Blobs for S3Blobs {
                 }
             }
         }
-        self.remove_part(upload_id).await?;
         Ok(name)
     }
 

@@ -97,6 +97,9 @@ async fn parts_become_blobs_read_in_ranges(b: &dyn Blobs) {
         "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
     );
     let name = b.finish_upload("abc123").await.unwrap();
+    // The part stays until its caller has recorded the blob.
+    assert_eq!(b.part("abc123").await.unwrap().len, 5);
+    b.remove_part("abc123").await.unwrap();
     assert_eq!(
         b.part("abc123").await.unwrap_err().kind(),
         std::io::ErrorKind::NotFound
@@ -121,6 +124,7 @@ async fn an_append_not_kept_with_all_or_nothing_leaves_the_part_as_it_was(b: &dy
     append(b, "up1", 4, &[b" too"]).await;
     assert_eq!(b.part("up1").await.unwrap().len, 8);
     let name = b.finish_upload("up1").await.unwrap();
+    b.remove_part("up1").await.unwrap();
     assert_eq!(read(b, &name, 0, 8).await, b"kept too");
     // A part removed before it finished is gone.
     b.create_part("up2").await.unwrap();
@@ -153,6 +157,7 @@ async fn a_part_of_many_appends_larger_than_one_s3_part(b: &dyn Blobs) {
         hex::encode(Sha256::digest(&data))
     );
     let name = b.finish_upload("big").await.unwrap();
+    b.remove_part("big").await.unwrap();
     let whole = read(b, &name, 0, data.len() as u64).await;
     assert!(whole == data, "the blob differs from what was appended");
     let seam = (7 << 20) - 3;
