@@ -12,7 +12,7 @@
 //! forms in TESTING.md). Skipped with a notice where nginx,
 //! PostgreSQL or moto is missing, never under CI.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -144,6 +144,50 @@ fn env_or(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// Every retry of the load, and what each device last heard while it is
+/// still retrying: a load that never ends fails naming who is stuck on what.
+#[derive(Default)]
+struct Retries {
+    count: AtomicU64,
+    stuck: Mutex<BTreeMap<String, String>>,
+}
+
+impl Retries {
+    fn note(&self, who: &str, what: String) {
+        self.count.fetch_add(1, Relaxed);
+        self.stuck.lock().unwrap().insert(who.to_owned(), what);
+    }
+
+    fn clear(&self, who: &str) {
+        self.stuck.lock().unwrap().remove(who);
+    }
+
+    fn report(&self) -> String {
+        let stuck = self.stuck.lock().unwrap();
+        let first: Vec<String> = stuck
+            .iter()
+            .take(20)
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect();
+        format!(
+            "{} devices still retrying; the first:\n{}",
+            stuck.len(),
+            first.join("\n")
+        )
+    }
+}
+
+/// What a failed request said, for [`Retries::note`].
+async fn heard(what: &str, r: Result<reqwest::Response, reqwest::Error>) -> String {
+    match r {
+        Ok(r) => {
+            let status = r.status();
+            format!("{what}: {status} {}", r.text().await.unwrap_or_default())
+        }
+        Err(e) => format!("{what}: {e}"),
+    }
+}
+
 /// Jittered backoff between retries, as an agent's (`sync.retry_*`).
 async fn backoff(attempt: &mut u32) {
     let ms = (20u64 << (*attempt).min(6)).min(1000);
@@ -158,9 +202,10 @@ async fn post_until_acked(
     lb: &str,
     token: &str,
     b: &Batch,
-    retries: &AtomicU64,
+    retries: &Retries,
 ) {
     let body = b.encode(1);
+    let who = &b.device.id;
     let mut attempt = 0;
     loop {
         let r = http
@@ -176,26 +221,29 @@ async fn post_until_acked(
                 let text = r.text().await.unwrap_or_default();
                 let ack: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
                 if ack["acked"].is_array() {
+                    retries.clear(who);
                     return;
                 }
+                retries.note(who, format!("POST batch: 200 without acks: {text}"));
             }
-            Ok(r) if r.status().is_server_error() || r.status() == 429 => {}
+            Ok(r) if r.status().is_server_error() || r.status() == 429 => {
+                retries.note(who, heard("POST batch", Ok(r)).await);
+            }
             Ok(r) => panic!(
                 "batch refused: {} {}",
                 r.status(),
                 r.text().await.unwrap_or_default()
             ),
-            Err(_) => {}
+            Err(e) => retries.note(who, heard("POST batch", Err(e)).await),
         }
-        retries.fetch_add(1, Relaxed);
         backoff(&mut attempt).await;
     }
 }
 
 /// Uploads `data` as artifact `path` of `session` by tus through the load
 /// balancer, the way the agent does: create (a retried creation resumes
-/// the same upload), then PATCH from the offset HEAD reports, after any
-/// failure asking again.
+/// the same upload, or is complete at once when the hub holds the file),
+/// then PATCH from the offset HEAD reports, after any failure asking again.
 async fn upload(
     http: &reqwest::Client,
     lb: &str,
@@ -203,8 +251,9 @@ async fn upload(
     session: Uuid,
     path: &str,
     data: &[u8],
-    retries: &AtomicU64,
+    retries: &Retries,
 ) {
+    let who = &format!("{session}");
     let digest = hex::encode(sha2::Sha256::digest(data));
     let meta = format!(
         "session_id {},path {},content_type {},sha256 {}",
@@ -227,18 +276,31 @@ async fn upload(
                 .send()
                 .await;
             match r {
+                // The hub already holds this file (a finishing PATCH's
+                // answer was lost): every byte is in, the Location names
+                // no upload to ask about.
+                Ok(r)
+                    if r.status() == 201
+                        && r.headers()
+                            .get("upload-offset")
+                            .is_some_and(|o| o.to_str().ok() == Some(&data.len().to_string())) =>
+                {
+                    retries.clear(who);
+                    return;
+                }
                 Ok(r) if r.status() == 201 => {
                     break format!("{lb}{}", r.headers()["location"].to_str().unwrap());
                 }
-                Ok(r) if r.status().is_server_error() || r.status() == 429 => {}
+                Ok(r) if r.status().is_server_error() || r.status() == 429 => {
+                    retries.note(who, heard("POST upload", Ok(r)).await);
+                }
                 Ok(r) => panic!(
                     "upload refused: {} {}",
                     r.status(),
                     r.text().await.unwrap_or_default()
                 ),
-                Err(_) => {}
+                Err(e) => retries.note(who, heard("POST upload", Err(e)).await),
             }
-            retries.fetch_add(1, Relaxed);
             backoff(&mut attempt).await;
         };
         const CHUNK: usize = 32 << 10;
@@ -257,24 +319,26 @@ async fn upload(
                     .parse::<usize>()
                     .unwrap(),
                 Ok(r) if r.status() == 404 => {
-                    retries.fetch_add(1, Relaxed);
+                    retries.note(who, heard(&format!("HEAD {location}"), Ok(r)).await);
+                    backoff(&mut attempt).await;
                     continue 'start;
                 }
                 // Busy (another replica's PATCH, or a dead one's lease running
                 // out), or a replica going away: ask again.
                 Ok(r) if r.status().is_server_error() || r.status() == 423 || r.status() == 429 => {
-                    retries.fetch_add(1, Relaxed);
+                    retries.note(who, heard(&format!("HEAD {location}"), Ok(r)).await);
                     backoff(&mut attempt).await;
                     continue;
                 }
                 Ok(r) => panic!("HEAD {location}: {}", r.status()),
-                Err(_) => {
-                    retries.fetch_add(1, Relaxed);
+                Err(e) => {
+                    retries.note(who, heard(&format!("HEAD {location}"), Err(e)).await);
                     backoff(&mut attempt).await;
                     continue;
                 }
             };
             if offset == data.len() {
+                retries.clear(who);
                 return;
             }
             let end = (offset + CHUNK).min(data.len());
@@ -291,6 +355,7 @@ async fn upload(
                 Ok(r) if r.status() == 204 => {
                     attempt = 0;
                     if r.headers()["upload-offset"].to_str().unwrap() == data.len().to_string() {
+                        retries.clear(who);
                         return;
                     }
                 }
@@ -298,11 +363,12 @@ async fn upload(
                     if r.status().is_server_error()
                         || [409, 423, 429].contains(&r.status().as_u16()) =>
                 {
-                    retries.fetch_add(1, Relaxed);
+                    retries.note(who, heard(&format!("PATCH {location}"), Ok(r)).await);
                     backoff(&mut attempt).await;
                 }
                 Ok(r) if r.status() == 404 => {
-                    retries.fetch_add(1, Relaxed);
+                    retries.note(who, heard(&format!("PATCH {location}"), Ok(r)).await);
+                    backoff(&mut attempt).await;
                     continue 'start;
                 }
                 Ok(r) => panic!(
@@ -310,8 +376,8 @@ async fn upload(
                     r.status(),
                     r.text().await.unwrap_or_default()
                 ),
-                Err(_) => {
-                    retries.fetch_add(1, Relaxed);
+                Err(e) => {
+                    retries.note(who, heard(&format!("PATCH {location}"), Err(e)).await);
                     backoff(&mut attempt).await;
                 }
             }
@@ -372,7 +438,7 @@ async fn a_fleet_behind_nginx_survives_a_replica_killed_mid_load() {
         .timeout(Duration::from_secs(60))
         .build()
         .unwrap();
-    let retries = Arc::new(AtomicU64::new(0));
+    let retries = Arc::new(Retries::default());
     let (wname, wtoken) = (
         names[devices as usize].clone(),
         tokens[devices as usize].clone(),
@@ -483,11 +549,15 @@ async fn a_fleet_behind_nginx_survives_a_replica_killed_mid_load() {
     let mut victims = Vec::new();
     for j in 1..=kills {
         let share = load_total * j / (kills + 1);
-        crate::util::wait_for(
-            "the next share of the load acknowledged",
-            Duration::from_secs(300),
-            || (acked.load(Relaxed) >= share).then_some(()),
-        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(300);
+        while acked.load(Relaxed) < share {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the load stalled before {share} batches: {}",
+                retries.report()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let victim = match victims.last() {
             Some(last) => (last + 1) % hubs.len(),
             None => {
@@ -511,8 +581,21 @@ async fn a_fleet_behind_nginx_survives_a_replica_killed_mid_load() {
         victims.push(victim);
     }
 
-    for t in tasks {
-        t.await.unwrap();
+    // Bounded: a load that never ends fails with what the devices last
+    // heard, not a CI run that times out.
+    let all = async {
+        for t in tasks {
+            t.await.unwrap();
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(600), all)
+        .await
+        .is_err()
+    {
+        panic!(
+            "the load did not end within 10 minutes: {}",
+            retries.report()
+        );
     }
     let last = tokio::time::timeout(Duration::from_secs(120), watched_task)
         .await
@@ -588,7 +671,7 @@ async fn a_fleet_behind_nginx_survives_a_replica_killed_mid_load() {
     eprintln!(
         "fleet: {devices} devices x {batches} batches of {PER_BATCH} records, {uploaders} artifacts, \
          {} retries; replicas killed and restarted in turn: {:?}",
-        retries.load(Relaxed),
+        retries.count.load(Relaxed),
         victims.iter().map(|v| v + 1).collect::<Vec<_>>()
     );
 }
