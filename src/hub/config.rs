@@ -108,6 +108,12 @@ pub const KEYS: &[Key] = &[
     },
     Key {
         section: "ingest",
+        key: "max_inflight_bytes",
+        kind: Kind::Bytes,
+        doc: "most batch bytes held at once across requests (bodies, then decoded); more wait their turn",
+    },
+    Key {
+        section: "ingest",
         key: "max_records",
         kind: Kind::U64,
         doc: "most records in one batch",
@@ -208,6 +214,7 @@ struct RawDevices {
 struct RawIngest {
     max_body_bytes: u64,
     max_decompressed_bytes: u64,
+    max_inflight_bytes: u64,
     max_records: u64,
     max_field_bytes: u64,
 }
@@ -260,6 +267,7 @@ impl Default for Raw {
             ingest: RawIngest {
                 max_body_bytes: 16 << 20,
                 max_decompressed_bytes: 128 << 20,
+                max_inflight_bytes: 512 << 20,
                 max_records: 100_000,
                 max_field_bytes: 64 << 10,
             },
@@ -413,6 +421,9 @@ impl S3Config {
 pub struct Limits {
     pub max_body_bytes: usize,
     pub max_decompressed_bytes: usize,
+    /// Bytes of batches held at once by every request together
+    /// (`Hub::inflight`).
+    pub max_inflight_bytes: usize,
     pub max_records: usize,
     /// Bound on a record's message and metadata, and on an upload's path.
     pub max_field_bytes: usize,
@@ -472,6 +483,7 @@ fn resolve(raw: Raw, origin: &str) -> Result<HubConfig, ConfigError> {
             "ingest.max_decompressed_bytes",
             raw.ingest.max_decompressed_bytes,
         ),
+        ("ingest.max_inflight_bytes", raw.ingest.max_inflight_bytes),
         ("ingest.max_records", raw.ingest.max_records),
         ("ingest.max_field_bytes", raw.ingest.max_field_bytes),
         ("uploads.max_bytes", raw.uploads.max_bytes),
@@ -602,6 +614,7 @@ fn resolve(raw: Raw, origin: &str) -> Result<HubConfig, ConfigError> {
         limits: Limits {
             max_body_bytes: size(raw.ingest.max_body_bytes),
             max_decompressed_bytes: size(raw.ingest.max_decompressed_bytes),
+            max_inflight_bytes: size(raw.ingest.max_inflight_bytes),
             max_records: size(raw.ingest.max_records),
             max_field_bytes: size(raw.ingest.max_field_bytes),
             max_upload_bytes: raw.uploads.max_bytes,

@@ -1,6 +1,7 @@
 //! `POST /api/v1/ingest/batches`: a device's msgpack+gzip `Batch`, bounded
-//! at every step (body, decompressed size, record count, field sizes),
-//! stored in one transaction, answered with a `BatchAck`.
+//! at every step (body, decompressed size, record count, field sizes, and
+//! the bytes all requests hold together: [`InFlight`]), stored in one
+//! transaction, answered with a `BatchAck`.
 //!
 //! Invariant: a batch is checked completely before the store sees it, so a
 //! refused batch leaves nothing behind; the answer's status tells the
@@ -8,6 +9,7 @@
 //! version this hub does not read is a 400 with the stable code
 //! `unsupported_batch_version` (re-encode, never set aside).
 
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -22,7 +24,116 @@ use super::config::Limits;
 use super::error::ApiError;
 use super::metrics::Metrics;
 use super::{Hub, LiveEvent};
-use crate::wire::{error_code, Batch, WireError, CONTENT_TYPE_MSGPACK};
+use crate::wire::{error_code, Batch, Record, WireError, CONTENT_TYPE_MSGPACK};
+use tokio::sync::OwnedSemaphorePermit;
+
+/// One request's share of the hub's in-flight budget
+/// (`ingest.max_inflight_bytes`), shown in `logbook_hub_inflight_bytes`
+/// while held. A share is at most the whole budget, so a batch larger
+/// than it still goes, alone.
+struct InFlight {
+    permit: OwnedSemaphorePermit,
+    hub: Arc<Hub>,
+}
+
+/// Counts a waiting request in `logbook_hub_inflight_waiting`, also when
+/// its client goes away while it waits.
+struct Waiting<'a>(&'a AtomicU64);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+impl InFlight {
+    fn share(hub: &Hub, bytes: usize) -> u32 {
+        let budget = hub.config.limits.max_inflight_bytes;
+        bytes.clamp(1, budget).min(u32::MAX as usize) as u32
+    }
+
+    /// Holds `bytes` of the budget, waiting in turn (first come, first
+    /// served) while others hold it.
+    async fn take(hub: &Arc<Hub>, bytes: usize) -> InFlight {
+        let n = InFlight::share(hub, bytes);
+        let permit = match hub.inflight.clone().try_acquire_many_owned(n) {
+            Ok(p) => p,
+            Err(_) => {
+                hub.metrics.inflight_waiting.fetch_add(1, Relaxed);
+                let _waiting = Waiting(&hub.metrics.inflight_waiting);
+                hub.inflight
+                    .clone()
+                    .acquire_many_owned(n)
+                    .await
+                    .expect("the semaphore is never closed")
+            }
+        };
+        hub.metrics.inflight_bytes.fetch_add(n.into(), Relaxed);
+        InFlight {
+            permit,
+            hub: hub.clone(),
+        }
+    }
+
+    /// Holds `bytes` instead: gives back what is over, or takes more at
+    /// once if it is free, else gives everything back and waits in turn
+    /// for the whole (a request never waits while holding a share).
+    async fn resize(mut self, bytes: usize) -> InFlight {
+        let n = InFlight::share(&self.hub, bytes) as usize;
+        let have = self.permit.num_permits();
+        if n <= have {
+            if let Some(over) = self.permit.split(have - n) {
+                self.hub
+                    .metrics
+                    .inflight_bytes
+                    .fetch_sub(over.num_permits() as u64, Relaxed);
+            }
+            return self;
+        }
+        let more = (n - have) as u32;
+        match self.hub.inflight.clone().try_acquire_many_owned(more) {
+            Ok(p) => {
+                self.permit.merge(p);
+                self.hub
+                    .metrics
+                    .inflight_bytes
+                    .fetch_add(more.into(), Relaxed);
+                self
+            }
+            Err(_) => {
+                let hub = self.hub.clone();
+                drop(self);
+                InFlight::take(&hub, bytes).await
+            }
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.hub
+            .metrics
+            .inflight_bytes
+            .fetch_sub(self.permit.num_permits() as u64, Relaxed);
+    }
+}
+
+/// About how much memory a decoded batch holds: its records' structs and
+/// text, and a little for each session, gap and mark.
+fn decoded_bytes(batch: &Batch) -> usize {
+    let records: usize = batch
+        .records
+        .iter()
+        .map(|r| {
+            std::mem::size_of::<Record>()
+                + r.module.len()
+                + r.message.len()
+                + r.metadata.len()
+                + r.process.as_ref().map_or(0, String::len)
+        })
+        .sum();
+    records + (batch.sessions.len() + batch.gaps.len() + batch.marks.len()) * 1024
+}
 
 /// Longest device id, module, process name, tag, package name or reason.
 pub const MAX_NAME_BYTES: usize = 256;
@@ -296,6 +407,13 @@ pub async fn post_batch(
             ));
         }
     }
+    // The body's share of the in-flight budget before it is read (its
+    // declared length, else the most it may be), then its decoded size.
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    let held = InFlight::take(&hub, declared.unwrap_or(limits.max_body_bytes)).await;
     let body = read_body(body, limits.max_body_bytes)
         .await
         .map_err(|e| reject("body_too_large", e))?;
@@ -323,6 +441,7 @@ pub async fn post_batch(
     })
     .await?;
     let batch = checked.map_err(|(e, reason)| reject(reason, e))?;
+    let _held = held.resize(decoded_bytes(&batch)).await;
     let streams = hub.live.receiver_count() > 0;
     // Copies of the records only for a store this process alone writes;
     // on a shared one, streams read them from the store (`LiveEvent`).

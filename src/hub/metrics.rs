@@ -36,6 +36,10 @@ pub struct Metrics {
     /// Live streams closed because their client took no message for
     /// `server.stream_send_timeout`.
     pub stream_slow_closes: AtomicU64,
+    /// Bytes of batches held now under `ingest.max_inflight_bytes`.
+    pub inflight_bytes: AtomicU64,
+    /// Batch requests waiting now for room under it.
+    pub inflight_waiting: AtomicU64,
     rejects: Mutex<BTreeMap<&'static str, u64>>,
 }
 
@@ -129,6 +133,16 @@ impl Metrics {
             "logbook_hub_active_streams",
             "Live WebSocket log streams.",
             self.active_streams.load(Relaxed),
+        );
+        t.gauge(
+            "logbook_hub_inflight_bytes",
+            "Bytes of batches held by requests now (ingest.max_inflight_bytes bounds them).",
+            self.inflight_bytes.load(Relaxed),
+        );
+        t.gauge(
+            "logbook_hub_inflight_waiting",
+            "Batch requests waiting for room under ingest.max_inflight_bytes.",
+            self.inflight_waiting.load(Relaxed),
         );
         let mut rejects = t.family(
             "logbook_hub_rejects_total",
@@ -241,6 +255,18 @@ mod tests {
             (
                 "active_streams",
                 "Live WebSocket log streams.",
+                "gauge",
+                "0",
+            ),
+            (
+                "inflight_bytes",
+                "Bytes of batches held by requests now (ingest.max_inflight_bytes bounds them).",
+                "gauge",
+                "0",
+            ),
+            (
+                "inflight_waiting",
+                "Batch requests waiting for room under ingest.max_inflight_bytes.",
                 "gauge",
                 "0",
             ),

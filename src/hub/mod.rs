@@ -101,6 +101,10 @@ pub(crate) struct Hub {
     /// batches each, not a blocking thread (and up to
     /// `ingest.max_decompressed_bytes`) per request.
     pub decoders: Arc<Semaphore>,
+    /// Bytes of batches held by requests at once (`ingest.max_inflight_bytes`):
+    /// a body is charged before it is read, then its decoded size until
+    /// the answer (`ingest::InFlight`).
+    pub inflight: Arc<Semaphore>,
     /// Per-device ingest limits (`[devices]`).
     pub devices: auth::DeviceGate,
     pub shutdown: CancellationToken,
@@ -119,6 +123,9 @@ impl Hub {
             streams: Arc::new(Semaphore::new(config.max_streams)),
             decoders: Arc::new(Semaphore::new(
                 std::thread::available_parallelism().map_or(2, |n| n.get().max(2)),
+            )),
+            inflight: Arc::new(Semaphore::new(
+                config.limits.max_inflight_bytes.min(Semaphore::MAX_PERMITS),
             )),
             devices: auth::DeviceGate::new(config.devices.clone()),
             config,

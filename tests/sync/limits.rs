@@ -2,8 +2,9 @@
 //! over its `[devices]` limits gets 429 with `Retry-After` and its agent
 //! still delivers every record exactly once; a client that dribbles its
 //! headers or stops inside a body is cut off while others are served;
-//! connections past `server.max_connections` wait their turn; a
-//! live-stream client that takes nothing is closed with a reason.
+//! connections past `server.max_connections` wait their turn, and batches
+//! past `ingest.max_inflight_bytes` wait for room; a live-stream client
+//! that takes nothing is closed with a reason.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -277,4 +278,108 @@ fn a_live_stream_client_that_takes_nothing_is_closed_with_a_reason() {
     wait_for("the stream slot back", Duration::from_secs(20), || {
         (rt.block_on(hub.metric("logbook_hub_active_streams")) == 0).then_some(())
     });
+}
+
+/// `ingest.max_inflight_bytes` bounds the batch bytes every request holds
+/// together: a batch whose body is still arriving holds its declared
+/// length, and the next one that does not fit beside it waits for room
+/// (`logbook_hub_inflight_waiting`), never refused; when the first body
+/// ends, both are stored once and the budget is empty again.
+#[test]
+fn batches_past_the_inflight_budget_wait_for_room() {
+    let hub = HubProc::start_with(
+        "limits_inflight",
+        &[("LOGBOOK_INGEST_MAX_INFLIGHT_BYTES", "65536")],
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let metric = |name: &str| rt.block_on(hub.metric(name));
+    // Messages of hex noise: gzip keeps about half, so bodies are large.
+    let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut noisy = |seqs: std::ops::RangeInclusive<u64>| {
+        let records = seqs
+            .map(|i| {
+                let text: String = (0..20)
+                    .map(|_| {
+                        rng ^= rng << 13;
+                        rng ^= rng >> 7;
+                        rng ^= rng << 17;
+                        format!("{rng:016x}")
+                    })
+                    .collect();
+                record(i, None, Level::Info, "nav", &text)
+            })
+            .collect();
+        batch(vec![], records, vec![]).encode(1)
+    };
+    let first = noisy(1..=300);
+    let second = noisy(301..=500);
+    assert!(
+        first.len() > 40_000 && first.len() < 65_536 && first.len() + second.len() > 65_536,
+        "bodies of {} and {} bytes",
+        first.len(),
+        second.len()
+    );
+
+    // The first batch's headers and half its body: it holds its length.
+    let mut slow = TcpStream::connect(&hub.addr).unwrap();
+    let head = format!(
+        "POST /api/v1/ingest/batches HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/msgpack\r\nContent-Encoding: gzip\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        hub.device,
+        first.len()
+    );
+    slow.write_all(head.as_bytes()).unwrap();
+    let half = first.len() / 2;
+    slow.write_all(&first[..half]).unwrap();
+    wait_for(
+        "the first body's share held",
+        Duration::from_secs(30),
+        || (metric("logbook_hub_inflight_bytes") == first.len() as u64).then_some(()),
+    );
+
+    // The second waits for room rather than being refused...
+    let posted = rt.spawn({
+        let (url, token) = (hub.url.clone(), hub.device.clone());
+        async move {
+            let r = reqwest::Client::new()
+                .post(format!("{url}/api/v1/ingest/batches"))
+                .bearer_auth(token)
+                .header("content-type", "application/msgpack")
+                .header("content-encoding", "gzip")
+                .body(second)
+                .send()
+                .await
+                .unwrap();
+            r.status().as_u16()
+        }
+    });
+    wait_for("the second batch waiting", Duration::from_secs(30), || {
+        (metric("logbook_hub_inflight_waiting") == 1).then_some(())
+    });
+    assert_eq!(
+        metric("logbook_hub_inflight_bytes"),
+        first.len() as u64,
+        "nothing of the second is held while it waits"
+    );
+
+    // ...and both go once the first body ends.
+    slow.write_all(&first[half..]).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut answer = Vec::new();
+    slow.read_to_end(&mut answer).unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert_eq!(rt.block_on(posted).unwrap(), 200);
+    assert_exact_seqs(&hub_logs(&hub, &format!("/devices/{DEVICE}/logs")), 1..=500);
+    assert_eq!(metric("logbook_hub_inflight_bytes"), 0);
+    assert_eq!(metric("logbook_hub_inflight_waiting"), 0);
 }
