@@ -242,9 +242,15 @@ async fn create(hub: &Arc<Hub>, scope: DeviceScope, h: &HeaderMap) -> Result<Res
         if held.is_some() {
             // The hub already holds this very file (the answer to its last
             // PATCH was lost, or the device forgot it uploaded it): the
-            // upload is complete at once, nothing needs sending again.
+            // upload is complete at once, nothing needs sending again. Its
+            // Location is the upload it was finished from, which a HEAD
+            // answers whole (a fresh id for an artifact from before that
+            // was kept: a HEAD there is a 404).
             tracing::info!(device = %scope.device_id, path = %path, "upload of a file the hub holds; complete at once");
-            let id = uuid::Uuid::now_v7().simple().to_string();
+            let id = match hub.store.artifact_upload(session_pk, &path).await? {
+                Some(id) => id,
+                None => uuid::Uuid::now_v7().simple().to_string(),
+            };
             return Ok(created(&id, length));
         }
         let same = hub
@@ -499,7 +505,15 @@ async fn resource_inner(
     if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(ApiError::not_found(format!("no upload {id:?}")));
     }
-    let upload = find_upload(hub, &scope, &id).await?;
+    let upload = match find_upload(hub, &scope, &id).await {
+        Ok(up) => up,
+        // A finished upload answers HEAD whole: a client whose last PATCH
+        // answer was lost, asking where it stands, is done.
+        Err(e) if e.status == StatusCode::NOT_FOUND && method == Method::HEAD => {
+            return finished_head(hub, &scope, &id).await?.ok_or(e);
+        }
+        Err(e) => return Err(e),
+    };
     if method != Method::DELETE && expire_if_due(hub, &upload).await? {
         return Err(ApiError::new(
             StatusCode::GONE,
@@ -546,6 +560,31 @@ async fn find_upload(hub: &Arc<Hub>, scope: &DeviceScope, id: &str) -> Result<Up
 /// (an older hub removed the part before the row and died in between, or
 /// someone removed the file): the row is deleted, since nothing can
 /// resume it, and the client creates the upload again.
+/// `HEAD` of upload `id` if it finished into an artifact of this device
+/// that the hub still holds: every byte is in.
+async fn finished_head(
+    hub: &Hub,
+    scope: &DeviceScope,
+    id: &str,
+) -> Result<Option<Response>, ApiError> {
+    let Some(done) = hub.store.finished_upload(id).await? else {
+        return Ok(None);
+    };
+    let device = hub
+        .store
+        .find_device(&scope.org, &scope.project, &scope.device_id)
+        .await?;
+    if device.is_none_or(|d| d.pk != done.device_pk) {
+        return Ok(None);
+    }
+    let mut resp = StatusCode::OK.into_response();
+    let h = resp.headers_mut();
+    h.insert("upload-offset", HeaderValue::from(done.length));
+    h.insert("upload-length", HeaderValue::from(done.length));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(Some(resp))
+}
+
 async fn current_offset(hub: &Hub, up: &UploadRow) -> Result<Option<u64>, ApiError> {
     match hub.blobs.part(&up.id).await {
         Ok(p) => Ok(Some(p.len)),

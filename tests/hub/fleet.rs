@@ -277,8 +277,7 @@ async fn upload(
                 .await;
             match r {
                 // The hub already holds this file (a finishing PATCH's
-                // answer was lost): every byte is in, the Location names
-                // no upload to ask about.
+                // answer was lost): every byte is in, nothing to send.
                 Ok(r)
                     if r.status() == 201
                         && r.headers()

@@ -184,8 +184,8 @@ async fn interrupted_upload_resumes_and_downloads(storage: Storage) {
     assert_eq!(st, 204, "{v}");
     assert_eq!(
         tus.offset(&url).await,
-        None,
-        "a finished upload is an artifact now"
+        Some(data.len() as u64),
+        "a finished upload answers every byte in"
     );
 
     // Listed, counted and downloadable, whole or by range.
@@ -383,7 +383,9 @@ async fn unfinished_uploads_are_bounded_per_device(storage: Storage) {
 
 /// A creation whose answer was lost is sent again by the agent: the hub
 /// answers with the upload already under way for that file version, so no
-/// orphan is left and no acknowledged byte is sent twice.
+/// orphan is left and no acknowledged byte is sent twice; once finished, a
+/// creation is complete at once and names the finished upload, whose HEAD
+/// answers every byte in.
 async fn repeated_creation_resumes_the_same_upload(storage: Storage) {
     let hub = HubProc::start_on("hub_tus_again", storage, &[]);
     let tus = Tus { hub: &hub };
@@ -426,6 +428,28 @@ async fn repeated_creation_resumes_the_same_upload(storage: Storage) {
         .unwrap();
     assert_eq!(r.status(), 201);
     assert_eq!(r.headers()["upload-offset"], "1000");
+    // It names the upload the file was finished from, and a HEAD there
+    // answers it whole (a client asking where it stands is done) to its
+    // own device only.
+    let id = url.rsplit('/').next().unwrap();
+    let location = r.headers()["location"].to_str().unwrap();
+    assert!(
+        location.ends_with(&format!("/{id}")),
+        "{location} for {url}"
+    );
+    assert_eq!(tus.offset(&url).await, Some(1000));
+    let r = tus.head(&url).await;
+    assert_eq!(r.headers()["upload-length"], "1000");
+    let other = hub.token(ORG, PROJECT, Some("robot-other"));
+    let r = hub
+        .http
+        .head(&url)
+        .bearer_auth(&other)
+        .header("tus-resumable", "1.0.0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "another device's finished upload");
 }
 
 /// An unfinished upload nobody writes to is deleted after

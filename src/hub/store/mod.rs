@@ -244,6 +244,17 @@ pub trait Store: Send + Sync {
         blob: &str,
     ) -> Result<Option<String>, StoreError>;
 
+    /// The upload the session's artifact at `path` was finished from
+    /// (`None` for one finished before migration 10/8 kept it).
+    async fn artifact_upload(
+        &self,
+        session_pk: i64,
+        path: &str,
+    ) -> Result<Option<String>, StoreError>;
+
+    /// Upload `id`, finished into an artifact the hub still holds.
+    async fn finished_upload(&self, id: &str) -> Result<Option<FinishedUpload>, StoreError>;
+
     // ----- uploads -----
 
     async fn create_upload(&self, upload: &UploadRow) -> Result<(), StoreError>;
@@ -694,6 +705,13 @@ pub struct ArtifactRow {
     pub sha256: String,
     pub blob: String,
     pub created_at_ns: i64,
+}
+
+/// A finished upload: whose it is and how long (`Store::finished_upload`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FinishedUpload {
+    pub device_pk: i64,
+    pub length: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -7,7 +7,7 @@ use deadpool_postgres::GenericClient;
 
 use super::now_ns;
 use super::rows::{artifact_row, upload_row, ARTIFACT_COLUMNS, UPLOAD_COLUMNS};
-use crate::hub::store::{ArtifactRow, StoreError, UploadRow};
+use crate::hub::store::{ArtifactRow, FinishedUpload, StoreError, UploadRow};
 
 pub(super) async fn list(
     c: &impl GenericClient,
@@ -65,11 +65,13 @@ pub(super) async fn complete_upload(
         .await?
         .map(|r| r.get(0));
     tx.execute(
-        "INSERT INTO artifacts (session_pk, path, size, content_type, sha256, blob, created_at_ns)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)
+        "INSERT INTO artifacts (session_pk, path, size, content_type, sha256, blob, created_at_ns,
+                                upload_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
          ON CONFLICT (session_pk, path) DO UPDATE SET size = excluded.size,
            content_type = excluded.content_type, sha256 = excluded.sha256,
-           blob = excluded.blob, created_at_ns = excluded.created_at_ns",
+           blob = excluded.blob, created_at_ns = excluded.created_at_ns,
+           upload_id = excluded.upload_id",
         &[
             &upload.session_pk,
             &upload.path,
@@ -78,6 +80,7 @@ pub(super) async fn complete_upload(
             &upload.sha256,
             &blob,
             &now_ns(),
+            &upload.id,
         ],
     )
     .await?;
@@ -93,6 +96,35 @@ pub(super) async fn complete_upload(
         .await?;
     tx.commit().await?;
     Ok(old)
+}
+
+pub(super) async fn artifact_upload(
+    c: &impl GenericClient,
+    session_pk: i64,
+    path: &str,
+) -> Result<Option<String>, StoreError> {
+    let st = c
+        .prepare_cached("SELECT upload_id FROM artifacts WHERE session_pk = $1 AND path = $2")
+        .await?;
+    Ok(c.query_opt(&st, &[&session_pk, &path])
+        .await?
+        .and_then(|r| r.get(0)))
+}
+
+pub(super) async fn finished_upload(
+    c: &impl GenericClient,
+    id: &str,
+) -> Result<Option<FinishedUpload>, StoreError> {
+    let st = c
+        .prepare_cached(
+            "SELECT s.device_pk, a.size FROM artifacts a JOIN sessions s ON s.pk = a.session_pk
+             WHERE a.upload_id = $1",
+        )
+        .await?;
+    Ok(c.query_opt(&st, &[&id]).await?.map(|r| FinishedUpload {
+        device_pk: r.get(0),
+        length: r.get::<_, i64>(1) as u64,
+    }))
 }
 
 pub(super) async fn create_upload(

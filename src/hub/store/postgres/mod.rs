@@ -19,9 +19,9 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio::sync::{Semaphore, SemaphorePermit};
 
 use super::{
-    ArtifactRow, Deleted, DeviceRow, DeviceScope, Histogram, Ingested, LogPage, LogQuery, LogRow,
-    LogScope, Principal, SessionPage, SessionQuery, SessionRow, SignInRow, Store, StoreError,
-    UploadRow,
+    ArtifactRow, Deleted, DeviceRow, DeviceScope, FinishedUpload, Histogram, Ingested, LogPage,
+    LogQuery, LogRow, LogScope, Principal, SessionPage, SessionQuery, SessionRow, SignInRow, Store,
+    StoreError, UploadRow,
 };
 use crate::wire::Batch;
 
@@ -49,6 +49,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("005_agent_reports.sql"),
     include_str!("006_first_errors.sql"),
     include_str!("007_scoped_keys.sql"),
+    include_str!("008_finished_uploads.sql"),
 ];
 
 /// Advisory lock keys (`pg_advisory_xact_lock`), arbitrary but fixed: every
@@ -454,6 +455,18 @@ impl Store for PgStore {
 
     async fn get_upload(&self, id: &str) -> Result<Option<UploadRow>, StoreError> {
         artifacts::get_upload(&self.client().await?, id).await
+    }
+
+    async fn artifact_upload(
+        &self,
+        session_pk: i64,
+        path: &str,
+    ) -> Result<Option<String>, StoreError> {
+        artifacts::artifact_upload(&self.client().await?, session_pk, path).await
+    }
+
+    async fn finished_upload(&self, id: &str) -> Result<Option<FinishedUpload>, StoreError> {
+        artifacts::finished_upload(&self.client().await?, id).await
     }
 
     async fn find_unfinished_upload(

@@ -5,7 +5,7 @@ use rusqlite::{params, OptionalExtension};
 
 use super::rows::artifact_row;
 use super::{now_ns, Db};
-use crate::hub::store::{ArtifactRow, StoreError, UploadRow};
+use crate::hub::store::{ArtifactRow, FinishedUpload, StoreError, UploadRow};
 
 impl Db {
     pub fn list_artifacts(&self, session_pk: i64) -> Result<Vec<ArtifactRow>, StoreError> {
@@ -53,11 +53,12 @@ impl Db {
                 )
                 .optional()?;
             tx.execute(
-                "INSERT INTO artifacts (session_pk, path, size, content_type, sha256, blob, created_at_ns)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                "INSERT INTO artifacts (session_pk, path, size, content_type, sha256, blob, created_at_ns, upload_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
                  ON CONFLICT (session_pk, path) DO UPDATE SET size = excluded.size,
                    content_type = excluded.content_type, sha256 = excluded.sha256,
-                   blob = excluded.blob, created_at_ns = excluded.created_at_ns",
+                   blob = excluded.blob, created_at_ns = excluded.created_at_ns,
+                   upload_id = excluded.upload_id",
                 params![
                     upload.session_pk,
                     upload.path,
@@ -65,7 +66,8 @@ impl Db {
                     upload.content_type,
                     upload.sha256,
                     blob,
-                    now_ns()
+                    now_ns(),
+                    upload.id
                 ],
             )?;
             tx.execute(
@@ -77,6 +79,37 @@ impl Db {
             )?;
             tx.execute("DELETE FROM uploads WHERE id = ?1", [&upload.id])?;
             Ok(old)
+        })
+    }
+
+    pub fn artifact_upload(
+        &self,
+        session_pk: i64,
+        path: &str,
+    ) -> Result<Option<String>, StoreError> {
+        self.read(|c| {
+            Ok(c.prepare_cached(
+                "SELECT upload_id FROM artifacts WHERE session_pk = ?1 AND path = ?2",
+            )?
+            .query_row(params![session_pk, path], |r| r.get(0))
+            .optional()?
+            .flatten())
+        })
+    }
+
+    pub fn finished_upload(&self, id: &str) -> Result<Option<FinishedUpload>, StoreError> {
+        self.read(|c| {
+            Ok(c.prepare_cached(
+                "SELECT s.device_pk, a.size FROM artifacts a JOIN sessions s ON s.pk = a.session_pk
+                 WHERE a.upload_id = ?1",
+            )?
+            .query_row([id], |r| {
+                Ok(FinishedUpload {
+                    device_pk: r.get(0)?,
+                    length: r.get::<_, i64>(1)? as u64,
+                })
+            })
+            .optional()?)
         })
     }
 }

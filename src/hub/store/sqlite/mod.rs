@@ -17,9 +17,9 @@ use rusqlite::{Connection, Transaction};
 use tokio::sync::Semaphore;
 
 use super::{
-    ArtifactRow, Deleted, DeviceRow, DeviceScope, Histogram, Ingested, LogPage, LogQuery, LogRow,
-    LogScope, Principal, SessionPage, SessionQuery, SessionRow, SignInRow, Store, StoreError,
-    UploadRow,
+    ArtifactRow, Deleted, DeviceRow, DeviceScope, FinishedUpload, Histogram, Ingested, LogPage,
+    LogQuery, LogRow, LogScope, Principal, SessionPage, SessionQuery, SessionRow, SignInRow, Store,
+    StoreError, UploadRow,
 };
 use crate::wire::{Batch, Level};
 
@@ -44,6 +44,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("007_fts_automerge.sql"),
     include_str!("008_fts_blocks.sql"),
     include_str!("009_scoped_keys.sql"),
+    include_str!("010_finished_uploads.sql"),
 ];
 
 /// Reader connections kept open between requests.
@@ -483,6 +484,21 @@ impl Store for SqliteStore {
     async fn get_upload(&self, id: &str) -> Result<Option<UploadRow>, StoreError> {
         let id = id.to_owned();
         self.run(move |db| db.get_upload(&id)).await
+    }
+
+    async fn artifact_upload(
+        &self,
+        session_pk: i64,
+        path: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let path = path.to_owned();
+        self.run(move |db| db.artifact_upload(session_pk, &path))
+            .await
+    }
+
+    async fn finished_upload(&self, id: &str) -> Result<Option<FinishedUpload>, StoreError> {
+        let id = id.to_owned();
+        self.run(move |db| db.finished_upload(&id)).await
     }
 
     async fn find_unfinished_upload(
