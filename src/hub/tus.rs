@@ -507,10 +507,20 @@ async fn resource_inner(
     }
     let upload = match find_upload(hub, &scope, &id).await {
         Ok(up) => up,
-        // A finished upload answers HEAD whole: a client whose last PATCH
-        // answer was lost, asking where it stands, is done.
-        Err(e) if e.status == StatusCode::NOT_FOUND && method == Method::HEAD => {
-            return finished_head(hub, &scope, &id).await?.ok_or(e);
+        // A finished upload answers HEAD and PATCH whole: a client whose
+        // last PATCH answer was lost, asking where it stands or sending
+        // again, is done; so is one (tuspy) that PATCHes from 0 after a
+        // creation of a file the hub holds. No byte of the body is read.
+        Err(e)
+            if e.status == StatusCode::NOT_FOUND
+                && (method == Method::HEAD || method == Method::PATCH) =>
+        {
+            let mut resp = finished(hub, &scope, &id).await?.ok_or(e)?;
+            if method == Method::PATCH {
+                check_version(headers)?;
+                *resp.status_mut() = StatusCode::NO_CONTENT;
+            }
+            return Ok(resp);
         }
         Err(e) => return Err(e),
     };
@@ -560,13 +570,9 @@ async fn find_upload(hub: &Arc<Hub>, scope: &DeviceScope, id: &str) -> Result<Up
 /// (an older hub removed the part before the row and died in between, or
 /// someone removed the file): the row is deleted, since nothing can
 /// resume it, and the client creates the upload again.
-/// `HEAD` of upload `id` if it finished into an artifact of this device
-/// that the hub still holds: every byte is in.
-async fn finished_head(
-    hub: &Hub,
-    scope: &DeviceScope,
-    id: &str,
-) -> Result<Option<Response>, ApiError> {
+/// The answer for upload `id` if it finished into an artifact of this
+/// device that the hub still holds: every byte is in.
+async fn finished(hub: &Hub, scope: &DeviceScope, id: &str) -> Result<Option<Response>, ApiError> {
     let Some(done) = hub.store.finished_upload(id).await? else {
         return Ok(None);
     };

@@ -75,7 +75,25 @@ async fn seed_000_example_and_tuspy() {
             .arg(&file)
             .arg("logs/session.log"),
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("/api/v1/ingest/uploads/"));
+    let first = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(first.contains("/api/v1/ingest/uploads/"), "{first}");
+    // The same file again (a robot that forgot it sent it): tuspy is told
+    // at creation that every byte is in, asks the upload it is named, and
+    // is done, nothing sent twice.
+    let upload_bytes = hub.metric("logbook_hub_upload_bytes_total").await;
+    let again = crate::util::run_ok(
+        Command::new("python3")
+            .arg(py("tus_upload.py"))
+            .args([&hub.url, &hub.device, &s.to_string()])
+            .arg(&file)
+            .arg("logs/session.log"),
+    );
+    assert_eq!(String::from_utf8_lossy(&again.stdout).trim(), first);
+    assert_eq!(
+        hub.metric("logbook_hub_upload_bytes_total").await,
+        upload_bytes,
+        "no byte sent again"
+    );
 
     // Seed 000's example, unchanged but for BASE, API_KEY and the session id.
     let script = EXAMPLE

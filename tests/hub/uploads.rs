@@ -440,6 +440,21 @@ async fn repeated_creation_resumes_the_same_upload(storage: Storage) {
     assert_eq!(tus.offset(&url).await, Some(1000));
     let r = tus.head(&url).await;
     assert_eq!(r.headers()["upload-length"], "1000");
+    // A PATCH sent again (or from 0, as tuspy does after such a creation)
+    // is told every byte is in.
+    // (Its own client: the body is not read, so the connection closes.)
+    let r = reqwest::Client::new()
+        .patch(&url)
+        .bearer_auth(&hub.device)
+        .header("tus-resumable", "1.0.0")
+        .header("upload-offset", "0")
+        .header("content-type", "application/offset+octet-stream")
+        .body(data[..100].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(r.headers()["upload-offset"], "1000");
     let other = hub.token(ORG, PROJECT, Some("robot-other"));
     let r = hub
         .http
