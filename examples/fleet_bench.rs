@@ -59,6 +59,11 @@ fn start_hub(db: Option<&str>) -> Hub {
     cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(&data)
         .env("LOGBOOK_LOG", "error")
+        // What is measured is the hub's ingest and its memory per
+        // connection, not the per-device limits (the memory phase posts
+        // for 1,000 connections with one device's token).
+        .env("LOGBOOK_DEVICES_REQUESTS_PER_SEC", "0")
+        .env("LOGBOOK_DEVICES_MAX_CONCURRENT", "4096")
         .env_remove("LOGBOOK_STORAGE_DATABASE")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
