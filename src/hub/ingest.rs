@@ -25,7 +25,7 @@ use super::error::ApiError;
 use super::metrics::Metrics;
 use super::{Hub, LiveEvent};
 use crate::wire::{error_code, Batch, Record, WireError, CONTENT_TYPE_MSGPACK};
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// One request's share of the hub's in-flight budget
 /// (`ingest.max_inflight_bytes`), shown in `logbook_hub_inflight_bytes`
@@ -48,7 +48,8 @@ impl Drop for Waiting<'_> {
 
 impl InFlight {
     fn share(hub: &Hub, bytes: usize) -> u32 {
-        let budget = hub.config.limits.max_inflight_bytes;
+        // As many permits as `Hub::inflight` was made with.
+        let budget = (hub.config.limits.max_inflight_bytes).min(Semaphore::MAX_PERMITS);
         bytes.clamp(1, budget).min(u32::MAX as usize) as u32
     }
 

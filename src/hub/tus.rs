@@ -566,10 +566,6 @@ async fn find_upload(hub: &Arc<Hub>, scope: &DeviceScope, id: &str) -> Result<Up
     }
 }
 
-/// How many bytes of upload `up` are here; `None` when its bytes are gone
-/// (an older hub removed the part before the row and died in between, or
-/// someone removed the file): the row is deleted, since nothing can
-/// resume it, and the client creates the upload again.
 /// The answer for upload `id` if it finished into an artifact of this
 /// device that the hub still holds: every byte is in.
 async fn finished(hub: &Hub, scope: &DeviceScope, id: &str) -> Result<Option<Response>, ApiError> {
@@ -591,6 +587,10 @@ async fn finished(hub: &Hub, scope: &DeviceScope, id: &str) -> Result<Option<Res
     Ok(Some(resp))
 }
 
+/// How many bytes of upload `up` are here; `None` when its bytes are gone
+/// (an older hub removed the part before the row and died in between, or
+/// someone removed the file): the row is deleted, since nothing can
+/// resume it, and the client creates the upload again.
 async fn current_offset(hub: &Hub, up: &UploadRow) -> Result<Option<u64>, ApiError> {
     match hub.blobs.part(&up.id).await {
         Ok(p) => Ok(Some(p.len)),
