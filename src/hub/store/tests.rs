@@ -331,6 +331,37 @@ async fn ingest_is_idempotent_per_device_and_seq(store: &dyn Store) {
         .await
         .unwrap();
     assert_eq!(other.ack.stored, 2);
+    // A seq twice in one batch: the first is stored, the second is a
+    // duplicate, and row ids follow the records' order.
+    let twice = store
+        .ingest(
+            &scope("r1"),
+            batch(
+                "r1",
+                vec![],
+                vec![
+                    rec(12, Some(s), Level::Info, "nav", "first"),
+                    rec(11, Some(s), Level::Info, "nav", "eleven"),
+                    rec(12, Some(s), Level::Info, "nav", "second"),
+                ],
+                vec![],
+            ),
+            true,
+        )
+        .await
+        .unwrap();
+    assert_eq!((twice.ack.stored, twice.ack.duplicates), (2, 1));
+    let live: Vec<(u64, &str)> = twice
+        .live
+        .iter()
+        .map(|r| (r.seq, r.message.as_str()))
+        .collect();
+    assert_eq!(live, [(12, "first"), (11, "eleven")]);
+    assert!(twice.live[0].id < twice.live[1].id, "ids in record order");
+    assert_eq!(
+        all_logs(store, pk, LogQuery::default()).await,
+        (1..=12).rev().collect::<Vec<_>>()
+    );
 }
 
 async fn newest_revision_wins_and_gaps_keep_the_maximum(store: &dyn Store) {

@@ -12,8 +12,6 @@
 use std::collections::HashMap;
 
 use deadpool_postgres::{GenericClient, Transaction};
-use futures_util::future::try_join_all;
-use tokio_postgres::types::ToSql;
 
 use super::{notify, now_ns, INGEST_LOCK};
 use crate::hub::store::{dropped_text, DeviceScope, Ingested, LogRow, StoreError};
@@ -111,8 +109,8 @@ pub(super) async fn ingest(
         }
     }
 
-    // Each record's session first (lookups in order), then the inserts,
-    // pipelined on the connection: one round trip for the batch's rows.
+    // Each record's session first (lookups in order), then the inserts:
+    // one statement for the batch's rows.
     let mut duplicates = 0u64;
     let mut wanted = Vec::with_capacity(batch.records.len());
     for rec in &batch.records {
@@ -130,55 +128,79 @@ pub(super) async fn ingest(
         };
         wanted.push((rec, session_pk));
     }
-    // The key and the row in one statement: the row is written only if
-    // its (device, seq) key was new.
+    // Every key and row of the batch in one statement (the rows as arrays,
+    // unnested in record order): a row is written only if its (device,
+    // seq) key was new, the first of a seq repeated in the batch wins, and
+    // row ids are taken in record order.
     let insert = tx
         .prepare_cached(
-            "WITH k AS (
-               INSERT INTO log_keys (device_pk, seq) VALUES ($1, $2)
-               ON CONFLICT DO NOTHING RETURNING 1
+            "WITH input AS (
+               SELECT DISTINCT ON (seq) *
+               FROM unnest($2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[],
+                           $6::text[], $7::text[], $8::text[], $9::bigint[], $10::bigint[],
+                           $11::bigint[], $12::text[])
+                    WITH ORDINALITY
+                    AS t(seq, session_pk, ts, level, module, message, metadata, pid, uid,
+                         gid, process, ord)
+               ORDER BY seq, ord
+             ), k AS (
+               INSERT INTO log_keys (device_pk, seq) SELECT $1, seq FROM input
+               ON CONFLICT DO NOTHING RETURNING seq
              )
              INSERT INTO logs (device_pk, seq, session_pk, ts, level, module, message,
                                metadata, pid, uid, gid, process)
-             SELECT $1, $2, $3::bigint, $4::bigint, $5::bigint, $6::text, $7::text, $8::text,
-                    $9::bigint, $10::bigint, $11::bigint, $12::text FROM k
-             RETURNING id",
+             SELECT $1, i.seq, i.session_pk, i.ts, i.level, i.module, i.message, i.metadata,
+                    i.pid, i.uid, i.gid, i.process
+             FROM input i JOIN k ON k.seq = i.seq
+             ORDER BY i.ord
+             RETURNING id, seq",
         )
         .await?;
-    let params: Vec<_> = wanted
+    let seqs: Vec<i64> = wanted.iter().map(|(r, _)| r.seq as i64).collect();
+    let session_pks: Vec<Option<i64>> = wanted.iter().map(|(_, s)| *s).collect();
+    let tss: Vec<i64> = wanted.iter().map(|(r, _)| r.timestamp_ns).collect();
+    let levels: Vec<i64> = wanted
         .iter()
-        .map(|(rec, session_pk)| {
-            (
-                rec.seq as i64,
-                *session_pk,
-                i64::from(rec.level.code()),
-                rec.pid.map(i64::from),
-                rec.uid.map(i64::from),
-                rec.gid.map(i64::from),
-            )
-        })
+        .map(|(r, _)| i64::from(r.level.code()))
         .collect();
-    let args: Vec<[&(dyn ToSql + Sync); 12]> = wanted
-        .iter()
-        .zip(&params)
-        .map(|((rec, _), p)| -> [&(dyn ToSql + Sync); 12] {
-            [
+    let modules: Vec<&str> = wanted.iter().map(|(r, _)| r.module.as_str()).collect();
+    let messages: Vec<&str> = wanted.iter().map(|(r, _)| r.message.as_str()).collect();
+    let metadata: Vec<&str> = wanted.iter().map(|(r, _)| r.metadata.as_str()).collect();
+    let pids: Vec<Option<i64>> = wanted.iter().map(|(r, _)| r.pid.map(i64::from)).collect();
+    let uids: Vec<Option<i64>> = wanted.iter().map(|(r, _)| r.uid.map(i64::from)).collect();
+    let gids: Vec<Option<i64>> = wanted.iter().map(|(r, _)| r.gid.map(i64::from)).collect();
+    let processes: Vec<Option<&str>> = wanted.iter().map(|(r, _)| r.process.as_deref()).collect();
+    let rows = if wanted.is_empty() {
+        Vec::new()
+    } else {
+        tx.query(
+            &insert,
+            &[
                 &device_pk,
-                &p.0,
-                &p.1,
-                &rec.timestamp_ns,
-                &p.2,
-                &rec.module,
-                &rec.message,
-                &rec.metadata,
-                &p.3,
-                &p.4,
-                &p.5,
-                &rec.process,
-            ]
-        })
+                &seqs,
+                &session_pks,
+                &tss,
+                &levels,
+                &modules,
+                &messages,
+                &metadata,
+                &pids,
+                &uids,
+                &gids,
+                &processes,
+            ],
+        )
+        .await?
+    };
+    // Each stored seq's row id; the first record of a seq gets it.
+    let mut new_ids: HashMap<i64, i64> = rows
+        .iter()
+        .map(|r| (r.get::<_, i64>(1), r.get::<_, i64>(0)))
         .collect();
-    let ids = try_join_all(args.iter().map(|a| tx.query_opt(&insert, a))).await?;
+    let ids: Vec<Option<i64>> = wanted
+        .iter()
+        .map(|(rec, _)| new_ids.remove(&(rec.seq as i64)))
+        .collect();
 
     let mut stored = 0u64;
     let mut live = Vec::new();
@@ -186,7 +208,7 @@ pub(super) async fn ingest(
     let mut touched: HashMap<i64, ([i64; 6], i64)> = HashMap::new();
     let mut device_records = false;
     for ((rec, session_pk), id) in wanted.iter().zip(ids) {
-        let Some(id) = id.map(|r| r.get::<_, i64>(0)) else {
+        let Some(id) = id else {
             duplicates += 1;
             continue;
         };
