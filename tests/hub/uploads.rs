@@ -548,6 +548,30 @@ async fn unfinished_uploads_expire_unless_written_to(storage: Storage) {
     assert_eq!(paths, ["alive.bin"]);
 }
 
+/// A hub on the SQLite store with blobs in its data directory (tests that
+/// write the state a crash leaves into its files) with session `s` open;
+/// `None`, with a notice, on other storage.
+async fn hub_on_files(name: &str, s: Uuid) -> Option<HubProc> {
+    let files = Storage {
+        postgres: false,
+        s3: false,
+    };
+    if Storage::from_env() != files {
+        eprintln!(
+            "notice: {name} writes into SQLite and a blob directory; skipped on this storage"
+        );
+        return None;
+    }
+    let hub = HubProc::start(name);
+    hub.post_batch(&batch(
+        vec![state(s, 1, SessionStatus::Active, &[])],
+        vec![],
+        vec![],
+    ))
+    .await;
+    Some(hub)
+}
+
 /// Every byte of an upload is in but it was never finished, and a replica
 /// that died holds it (its lease in the store until it runs out): `HEAD`
 /// answers 423 `upload_busy`, not "every byte is here" (a client would
@@ -557,26 +581,11 @@ async fn unfinished_uploads_expire_unless_written_to(storage: Storage) {
 /// SIGKILL leaves is written into its files); skipped on other storage.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_finished_upload_held_by_a_dead_replica_is_busy_until_its_lease_ends() {
-    if Storage::from_env()
-        != (Storage {
-            postgres: false,
-            s3: false,
-        })
-    {
-        eprintln!(
-            "notice: hub::uploads dead-replica test needs SQLite and a blob directory; skipped"
-        );
+    let Some(hub) = hub_on_files("hub_upload_dead_holder", session_id(7)).await else {
         return;
-    }
-    let hub = HubProc::start("hub_upload_dead_holder");
+    };
     let tus = Tus { hub: &hub };
     let s = session_id(7);
-    hub.post_batch(&batch(
-        vec![state(s, 1, SessionStatus::Active, &[])],
-        vec![],
-        vec![],
-    ))
-    .await;
     let data = content(64 << 10, 7);
     let url = tus.create(s, "bags/cut.mcap", &data, None).await;
     let last = data.len() - 1;
@@ -649,24 +658,11 @@ async fn a_finished_upload_held_by_a_dead_replica_is_busy_until_its_lease_ends()
 /// file in `uploads/`. SQLite + directory only, like the test above.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_whose_file_is_gone_is_created_again() {
-    if Storage::from_env()
-        != (Storage {
-            postgres: false,
-            s3: false,
-        })
-    {
-        eprintln!("notice: hub::uploads lost-file test needs SQLite and a blob directory; skipped");
+    let Some(hub) = hub_on_files("hub_upload_lost_file", session_id(8)).await else {
         return;
-    }
-    let hub = HubProc::start("hub_upload_lost_file");
+    };
     let tus = Tus { hub: &hub };
     let s = session_id(8);
-    hub.post_batch(&batch(
-        vec![state(s, 1, SessionStatus::Active, &[])],
-        vec![],
-        vec![],
-    ))
-    .await;
     let data = content(48 << 10, 8);
     let sha = hex::encode(Sha256::digest(&data));
     let url = tus.create(s, "bags/lost.mcap", &data, Some(&sha)).await;
