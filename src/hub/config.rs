@@ -430,6 +430,15 @@ pub struct Limits {
     pub max_upload_bytes: u64,
 }
 
+impl Limits {
+    /// The permits of the in-flight budget (`Hub::inflight`): the bytes of
+    /// `ingest.max_inflight_bytes`, as many as a semaphore can hold.
+    pub fn inflight_permits(&self) -> usize {
+        self.max_inflight_bytes
+            .min(tokio::sync::Semaphore::MAX_PERMITS)
+    }
+}
+
 impl Default for HubConfig {
     fn default() -> Self {
         resolve(Raw::default(), "defaults").expect("the defaults are valid")

@@ -25,7 +25,7 @@ use super::error::ApiError;
 use super::metrics::Metrics;
 use super::{Hub, LiveEvent};
 use crate::wire::{error_code, Batch, Record, WireError, CONTENT_TYPE_MSGPACK};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 
 /// One request's share of the hub's in-flight budget
 /// (`ingest.max_inflight_bytes`), shown in `logbook_hub_inflight_bytes`
@@ -36,9 +36,16 @@ struct InFlight {
     hub: Arc<Hub>,
 }
 
-/// Counts a waiting request in `logbook_hub_inflight_waiting`, also when
-/// its client goes away while it waits.
+/// Counts a waiting request in `logbook_hub_inflight_waiting` while it
+/// lives, also when its client goes away while it waits.
 struct Waiting<'a>(&'a AtomicU64);
+
+impl<'a> Waiting<'a> {
+    fn count(gauge: &'a AtomicU64) -> Waiting<'a> {
+        gauge.fetch_add(1, Relaxed);
+        Waiting(gauge)
+    }
+}
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
@@ -48,8 +55,7 @@ impl Drop for Waiting<'_> {
 
 impl InFlight {
     fn share(hub: &Hub, bytes: usize) -> u32 {
-        // As many permits as `Hub::inflight` was made with.
-        let budget = (hub.config.limits.max_inflight_bytes).min(Semaphore::MAX_PERMITS);
+        let budget = hub.config.limits.inflight_permits();
         bytes.clamp(1, budget).min(u32::MAX as usize) as u32
     }
 
@@ -60,8 +66,7 @@ impl InFlight {
         let permit = match hub.inflight.clone().try_acquire_many_owned(n) {
             Ok(p) => p,
             Err(_) => {
-                hub.metrics.inflight_waiting.fetch_add(1, Relaxed);
-                let _waiting = Waiting(&hub.metrics.inflight_waiting);
+                let _waiting = Waiting::count(&hub.metrics.inflight_waiting);
                 hub.inflight
                     .clone()
                     .acquire_many_owned(n)

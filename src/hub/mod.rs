@@ -124,9 +124,7 @@ impl Hub {
             decoders: Arc::new(Semaphore::new(
                 std::thread::available_parallelism().map_or(2, |n| n.get().max(2)),
             )),
-            inflight: Arc::new(Semaphore::new(
-                config.limits.max_inflight_bytes.min(Semaphore::MAX_PERMITS),
-            )),
+            inflight: Arc::new(Semaphore::new(config.limits.inflight_permits())),
             devices: auth::DeviceGate::new(config.devices.clone()),
             config,
             blobs,
