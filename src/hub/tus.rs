@@ -239,7 +239,7 @@ async fn create(hub: &Arc<Hub>, scope: DeviceScope, h: &HeaderMap) -> Result<Res
             .get_artifact(session_pk, &path)
             .await?
             .filter(|a| a.sha256 == sha256 && a.size == length);
-        if held.is_some() {
+        if let Some(held) = held {
             // The hub already holds this very file (the answer to its last
             // PATCH was lost, or the device forgot it uploaded it): the
             // upload is complete at once, nothing needs sending again. Its
@@ -247,10 +247,9 @@ async fn create(hub: &Arc<Hub>, scope: DeviceScope, h: &HeaderMap) -> Result<Res
             // answers whole (a fresh id for an artifact from before that
             // was kept: a HEAD there is a 404).
             tracing::info!(device = %scope.device_id, path = %path, "upload of a file the hub holds; complete at once");
-            let id = match hub.store.artifact_upload(session_pk, &path).await? {
-                Some(id) => id,
-                None => uuid::Uuid::now_v7().simple().to_string(),
-            };
+            let id = held
+                .upload_id
+                .unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string());
             return Ok(created(&id, length));
         }
         let same = hub
@@ -556,14 +555,20 @@ async fn resource_inner(
 async fn find_upload(hub: &Arc<Hub>, scope: &DeviceScope, id: &str) -> Result<UploadRow, ApiError> {
     let missing = || ApiError::not_found(format!("no upload {id}"));
     let up = hub.store.get_upload(id).await?.ok_or_else(missing)?;
+    if !is_device(hub, scope, up.device_pk).await? {
+        return Err(missing());
+    }
+    Ok(up)
+}
+
+/// Whether `device_pk` is the device of the request's token: an upload of
+/// another device is answered as if it did not exist.
+async fn is_device(hub: &Hub, scope: &DeviceScope, device_pk: i64) -> Result<bool, ApiError> {
     let device = hub
         .store
         .find_device(&scope.org, &scope.project, &scope.device_id)
         .await?;
-    match device {
-        Some(d) if d.pk == up.device_pk => Ok(up),
-        _ => Err(missing()),
-    }
+    Ok(device.is_some_and(|d| d.pk == device_pk))
 }
 
 /// The answer for upload `id` if it finished into an artifact of this
@@ -572,19 +577,20 @@ async fn finished(hub: &Hub, scope: &DeviceScope, id: &str) -> Result<Option<Res
     let Some(done) = hub.store.finished_upload(id).await? else {
         return Ok(None);
     };
-    let device = hub
-        .store
-        .find_device(&scope.org, &scope.project, &scope.device_id)
-        .await?;
-    if device.is_none_or(|d| d.pk != done.device_pk) {
+    if !is_device(hub, scope, done.device_pk).await? {
         return Ok(None);
     }
+    Ok(Some(at_offset(done.length, done.length)))
+}
+
+/// `200 OK` telling where an upload of `length` bytes stands.
+fn at_offset(offset: u64, length: u64) -> Response {
     let mut resp = StatusCode::OK.into_response();
     let h = resp.headers_mut();
-    h.insert("upload-offset", HeaderValue::from(done.length));
-    h.insert("upload-length", HeaderValue::from(done.length));
+    h.insert("upload-offset", HeaderValue::from(offset));
+    h.insert("upload-length", HeaderValue::from(length));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    Ok(Some(resp))
+    resp
 }
 
 /// How many bytes of upload `up` are here; `None` when its bytes are gone
@@ -633,14 +639,10 @@ async fn head(hub: &Arc<Hub>, up: &UploadRow) -> Result<Response, ApiError> {
         busy.release().await;
         finished?;
     }
-    let mut resp = StatusCode::OK.into_response();
-    let h = resp.headers_mut();
-    h.insert("upload-offset", HeaderValue::from(offset));
-    h.insert("upload-length", HeaderValue::from(up.length));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    let mut resp = at_offset(offset, up.length);
     if let Ok(v) = HeaderValue::from_str(&up.metadata) {
         if !up.metadata.is_empty() {
-            h.insert("upload-metadata", v);
+            resp.headers_mut().insert("upload-metadata", v);
         }
     }
     if offset < up.length {

@@ -167,6 +167,7 @@ fn artifacts_show_upload_state_and_poll_only_while_uploading() {
         sha256: "cd".repeat(32),
         blob: "blob1".into(),
         created_at_ns: 1_736_496_000_000_000_000,
+        upload_id: None,
     };
     let card = ArtifactsCard::new(
         href.into(),

@@ -244,14 +244,6 @@ pub trait Store: Send + Sync {
         blob: &str,
     ) -> Result<Option<String>, StoreError>;
 
-    /// The upload the session's artifact at `path` was finished from
-    /// (`None` for one finished before migration 10/8 kept it).
-    async fn artifact_upload(
-        &self,
-        session_pk: i64,
-        path: &str,
-    ) -> Result<Option<String>, StoreError>;
-
     /// Upload `id`, finished into an artifact the hub still holds.
     async fn finished_upload(&self, id: &str) -> Result<Option<FinishedUpload>, StoreError>;
 
@@ -705,6 +697,9 @@ pub struct ArtifactRow {
     pub sha256: String,
     pub blob: String,
     pub created_at_ns: i64,
+    /// The upload it was finished from (`None` for one finished before
+    /// migration 10/8 kept it): a creation of this file names it.
+    pub upload_id: Option<String>,
 }
 
 /// A finished upload: whose it is and how long (`Store::finished_upload`).

@@ -98,19 +98,6 @@ pub(super) async fn complete_upload(
     Ok(old)
 }
 
-pub(super) async fn artifact_upload(
-    c: &impl GenericClient,
-    session_pk: i64,
-    path: &str,
-) -> Result<Option<String>, StoreError> {
-    let st = c
-        .prepare_cached("SELECT upload_id FROM artifacts WHERE session_pk = $1 AND path = $2")
-        .await?;
-    Ok(c.query_opt(&st, &[&session_pk, &path])
-        .await?
-        .and_then(|r| r.get(0)))
-}
-
 pub(super) async fn finished_upload(
     c: &impl GenericClient,
     id: &str,

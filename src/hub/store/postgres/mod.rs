@@ -457,14 +457,6 @@ impl Store for PgStore {
         artifacts::get_upload(&self.client().await?, id).await
     }
 
-    async fn artifact_upload(
-        &self,
-        session_pk: i64,
-        path: &str,
-    ) -> Result<Option<String>, StoreError> {
-        artifacts::artifact_upload(&self.client().await?, session_pk, path).await
-    }
-
     async fn finished_upload(&self, id: &str) -> Result<Option<FinishedUpload>, StoreError> {
         artifacts::finished_upload(&self.client().await?, id).await
     }

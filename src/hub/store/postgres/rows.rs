@@ -109,7 +109,8 @@ pub(super) fn device_row(r: &Row) -> DeviceRow {
     }
 }
 
-pub(super) const ARTIFACT_COLUMNS: &str = "path, size, content_type, sha256, blob, created_at_ns";
+pub(super) const ARTIFACT_COLUMNS: &str =
+    "path, size, content_type, sha256, blob, created_at_ns, upload_id";
 
 pub(super) fn artifact_row(r: &Row) -> ArtifactRow {
     ArtifactRow {
@@ -119,6 +120,7 @@ pub(super) fn artifact_row(r: &Row) -> ArtifactRow {
         sha256: r.get(3),
         blob: r.get(4),
         created_at_ns: r.get(5),
+        upload_id: r.get(6),
     }
 }
 

@@ -11,7 +11,7 @@ impl Db {
     pub fn list_artifacts(&self, session_pk: i64) -> Result<Vec<ArtifactRow>, StoreError> {
         self.read(|c| {
             let mut st = c.prepare_cached(
-                "SELECT path, size, content_type, sha256, blob, created_at_ns FROM artifacts
+                "SELECT path, size, content_type, sha256, blob, created_at_ns, upload_id FROM artifacts
                  WHERE session_pk = ?1 ORDER BY path",
             )?;
             let rows = st
@@ -28,7 +28,7 @@ impl Db {
     ) -> Result<Option<ArtifactRow>, StoreError> {
         self.read(|c| {
             Ok(c.prepare_cached(
-                "SELECT path, size, content_type, sha256, blob, created_at_ns FROM artifacts
+                "SELECT path, size, content_type, sha256, blob, created_at_ns, upload_id FROM artifacts
                  WHERE session_pk = ?1 AND path = ?2",
             )?
             .query_row(params![session_pk, path], artifact_row)
@@ -79,21 +79,6 @@ impl Db {
             )?;
             tx.execute("DELETE FROM uploads WHERE id = ?1", [&upload.id])?;
             Ok(old)
-        })
-    }
-
-    pub fn artifact_upload(
-        &self,
-        session_pk: i64,
-        path: &str,
-    ) -> Result<Option<String>, StoreError> {
-        self.read(|c| {
-            Ok(c.prepare_cached(
-                "SELECT upload_id FROM artifacts WHERE session_pk = ?1 AND path = ?2",
-            )?
-            .query_row(params![session_pk, path], |r| r.get(0))
-            .optional()?
-            .flatten())
         })
     }
 

@@ -486,16 +486,6 @@ impl Store for SqliteStore {
         self.run(move |db| db.get_upload(&id)).await
     }
 
-    async fn artifact_upload(
-        &self,
-        session_pk: i64,
-        path: &str,
-    ) -> Result<Option<String>, StoreError> {
-        let path = path.to_owned();
-        self.run(move |db| db.artifact_upload(session_pk, &path))
-            .await
-    }
-
     async fn finished_upload(&self, id: &str) -> Result<Option<FinishedUpload>, StoreError> {
         let id = id.to_owned();
         self.run(move |db| db.finished_upload(&id)).await

@@ -106,6 +106,7 @@ pub(super) fn artifact_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ArtifactRo
         sha256: r.get(3)?,
         blob: r.get(4)?,
         created_at_ns: r.get(5)?,
+        upload_id: r.get(6)?,
     })
 }
 
