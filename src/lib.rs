@@ -1,6 +1,6 @@
 //! logbook: the on-robot session agent (`agent`), the fleet hub (`hub`), and
-//! what they share: the versioned wire types (`wire`) and configuration
-//! loading (`config`).
+//! what they share: the versioned wire types (`wire`), configuration
+//! loading (`config`) and the consoles' views (`console`).
 //!
 //! `agent` and `hub` never import each other; the binaries in `src/bin/` are
 //! thin shells over this library. `hub` and `dev` (and the crates only they
@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod client;
 pub mod config;
+pub mod console;
 #[cfg(feature = "hub")]
 pub mod dev;
 pub mod exit;

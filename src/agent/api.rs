@@ -96,6 +96,22 @@ impl ApiError {
     fn bad(message: String) -> ApiError {
         ApiError::new(400, "invalid", message)
     }
+
+    pub(crate) fn invalid(message: String) -> ApiError {
+        ApiError::bad(message)
+    }
+
+    pub(crate) fn internal(message: &str) -> ApiError {
+        ApiError::new(500, "internal", message.into())
+    }
+
+    pub(crate) fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    pub(crate) fn message(&self) -> &str {
+        &self.body.error.message
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -132,7 +148,7 @@ impl From<axum::extract::rejection::QueryRejection> for ApiError {
 type Body<T> = Result<Json<T>, axum::extract::rejection::JsonRejection>;
 type Q<T> = Result<Query<T>, axum::extract::rejection::QueryRejection>;
 
-async fn blocking<R: Send + 'static>(
+pub(crate) async fn blocking<R: Send + 'static>(
     f: impl FnOnce() -> Result<R, StoreError> + Send + 'static,
 ) -> Result<R, ApiError> {
     tokio::task::spawn_blocking(f)
@@ -289,23 +305,23 @@ async fn list_sessions(State(st): St, q: Q<SessionsQuery>) -> Result<Response, A
     Ok(Json(page).into_response())
 }
 
-#[derive(Debug, Deserialize)]
-struct LogsQuery {
-    session: Option<String>,
-    level: Option<String>,
-    module: Option<String>,
-    search: Option<String>,
-    since: Option<String>,
-    until: Option<String>,
-    limit: Option<usize>,
-    before: Option<u64>,
-    after: Option<u64>,
-    order: Option<String>,
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct LogsQuery {
+    pub(crate) session: Option<String>,
+    pub(crate) level: Option<String>,
+    pub(crate) module: Option<String>,
+    pub(crate) search: Option<String>,
+    pub(crate) since: Option<String>,
+    pub(crate) until: Option<String>,
+    pub(crate) limit: Option<usize>,
+    pub(crate) before: Option<u64>,
+    pub(crate) after: Option<u64>,
+    pub(crate) order: Option<String>,
     /// Narrow to the window of the newest mark of this name (in `session`
     /// when given).
-    mark: Option<String>,
+    pub(crate) mark: Option<String>,
     /// Only for a follow: start with the newest N.
-    tail: Option<usize>,
+    pub(crate) tail: Option<usize>,
 }
 
 fn parse_time(name: &str, s: &str) -> Result<i64, ApiError> {
@@ -317,7 +333,7 @@ fn parse_time(name: &str, s: &str) -> Result<i64, ApiError> {
 
 /// The filters and cursor of a logs query; `session=current` names the
 /// active session.
-async fn log_query(st: &Arc<ApiState>, q: LogsQuery) -> Result<LogQuery, ApiError> {
+pub(crate) async fn log_query(st: &Arc<ApiState>, q: LogsQuery) -> Result<LogQuery, ApiError> {
     let nonempty = |o: Option<String>| o.filter(|s| !s.is_empty());
     let session = match nonempty(q.session) {
         None => None,
@@ -554,7 +570,7 @@ async fn flush(State(st): St) -> Result<Response, ApiError> {
     Ok(Json(Flushed { last_seq }).into_response())
 }
 
-async fn gather(st: Arc<ApiState>) -> Result<Status, ApiError> {
+pub(crate) async fn gather(st: Arc<ApiState>) -> Result<Status, ApiError> {
     let st2 = st.clone();
     let (gaps, current, artifact_counts) = blocking(move || {
         Ok((

@@ -145,6 +145,12 @@ pub const KEYS: &[Key] = &[
         "group owning the sockets (mode 0660)",
     ),
     key(
+        "api",
+        "console",
+        Kind::Str,
+        "loopback address of the read-only console (127.0.0.1:8900); empty: off",
+    ),
+    key(
         "log",
         "level",
         Kind::Str,
@@ -359,6 +365,7 @@ impl Default for RawBuffer {
 #[serde(default, deny_unknown_fields)]
 pub struct RawApi {
     pub socket_group: String,
+    pub console: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -646,6 +653,9 @@ pub struct AgentConfig {
     pub commit_interval: Duration,
     pub commit_records: usize,
     pub socket_group: Option<String>,
+    /// Where the read-only console listens (`api.console`, a loopback
+    /// address); `None`: off.
+    pub console: Option<std::net::SocketAddr>,
     /// Where the kernel's boot id is read (tests point it at a file they own).
     pub boot_id_file: PathBuf,
     /// Sync to the hub; `None` when disabled.
@@ -799,7 +809,9 @@ fn resolve(raw: RawConfig, file: &Path) -> Result<AgentConfig, ConfigError> {
         raw.device.name.trim().to_owned()
     };
     let sync = resolve_sync(&raw.sync, bad)?;
+    let console = console_addr(&raw.api.console).map_err(|m| bad("api.console", m))?;
     Ok(AgentConfig {
+        console,
         sync,
         device_id,
         device_name,
@@ -822,6 +834,25 @@ fn resolve(raw: RawConfig, file: &Path) -> Result<AgentConfig, ConfigError> {
         boot_id_file,
         raw,
     })
+}
+
+/// `api.console`: empty is off; otherwise an IP address and port on the
+/// loopback (the console has no sign-in, so no other machine may reach it).
+fn console_addr(v: &str) -> Result<Option<std::net::SocketAddr>, String> {
+    let v = v.trim();
+    if v.is_empty() {
+        return Ok(None);
+    }
+    let addr: std::net::SocketAddr = v.parse().map_err(|_| {
+        format!("{v:?} is not an address and port (such as 127.0.0.1:8900 or [::1]:8900)")
+    })?;
+    if !addr.ip().is_loopback() {
+        return Err(format!(
+            "{v} is not a loopback address: the console has no sign-in, so it is \
+             served on 127.0.0.1 or [::1] only (reach it from elsewhere through an SSH tunnel)"
+        ));
+    }
+    Ok(Some(addr))
 }
 
 /// Bounds of the `artifacts.*` keys: (key, message) of the first bad one.
@@ -920,6 +951,21 @@ mod tests {
         raw.device = RawDevice::default();
         raw.sync.hub = RawConfig::default().sync.hub;
         assert_eq!(raw, RawConfig::default());
+    }
+
+    #[test]
+    fn the_console_is_served_on_loopback_only() {
+        assert_eq!(console_addr(""), Ok(None));
+        assert_eq!(
+            console_addr("127.0.0.1:8900"),
+            Ok(Some("127.0.0.1:8900".parse().unwrap()))
+        );
+        assert!(console_addr("[::1]:0").unwrap().is_some());
+        let e = console_addr("0.0.0.0:8900").unwrap_err();
+        assert!(e.contains("not a loopback address"), "{e}");
+        assert!(console_addr("192.168.1.5:80").is_err());
+        let e = console_addr("localhost:8900").unwrap_err();
+        assert!(e.contains("127.0.0.1:8900"), "{e}");
     }
 
     #[test]

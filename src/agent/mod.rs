@@ -12,6 +12,7 @@
 
 pub mod api;
 pub mod config;
+pub mod console;
 pub mod crash;
 pub mod formats;
 pub mod ingest;
@@ -126,6 +127,9 @@ pub async fn run_with_reload(
     let artifacts = start_artifacts(&cfg, &view, &pipeline, &sync, &shutdown, &tasks);
     let reloader = hup.map(|hup| start_reload(hup, &cfg, &sync, &shutdown));
     let state = api_state(&cfg, view, &pipeline, &sync, artifacts, started, &shutdown);
+    let console = sockets
+        .console
+        .map(|l| start_console(state.clone(), l, &shutdown));
     let api = start_api(state, sockets.api, &shutdown);
     let notifier = announce_ready(&cfg, notifier, &stats);
     let heartbeat = tokio::spawn(heartbeat(notifier.clone(), stats, shutdown.clone()));
@@ -135,6 +139,7 @@ pub async fn run_with_reload(
         notifier,
         tasks,
         api,
+        console,
         reloader,
         heartbeat,
         uploader,
@@ -154,6 +159,7 @@ struct Running {
     /// The listeners, their connections and the artifact tasks.
     tasks: TaskTracker,
     api: JoinHandle<std::io::Result<()>>,
+    console: Option<JoinHandle<std::io::Result<()>>>,
     reloader: Option<JoinHandle<()>>,
     heartbeat: JoinHandle<()>,
     /// The uploader may wait on a writer reply: it stops before the writer.
@@ -178,6 +184,11 @@ impl Running {
         }
         if let Some(Err(e)) = join("local API", self.api).await {
             tracing::warn!("local API stopped with an error: {e}");
+        }
+        if let Some(task) = self.console {
+            if let Some(Err(e)) = join("the console", task).await {
+                tracing::warn!("the console stopped with an error: {e}");
+            }
         }
         if let Some(task) = self.reloader {
             join("the reload task", task).await;
@@ -486,12 +497,55 @@ fn start_api(
     listener: UnixListener,
     shutdown: &CancellationToken,
 ) -> JoinHandle<std::io::Result<()>> {
+    serve(Served::Unix(listener), api::router(state), shutdown)
+}
+
+/// Serves the read-only console (`api.console`) until shutdown.
+fn start_console(
+    state: Arc<api::ApiState>,
+    listener: tokio::net::TcpListener,
+    shutdown: &CancellationToken,
+) -> JoinHandle<std::io::Result<()>> {
+    serve(Served::Tcp(listener), console::router(state), shutdown)
+}
+
+fn serve(
+    listener: Served,
+    router: axum::Router,
+    shutdown: &CancellationToken,
+) -> JoinHandle<std::io::Result<()>> {
     let shutdown = shutdown.clone();
     tokio::spawn(async move {
-        axum::serve(listener, api::router(state))
+        axum::serve(listener, router)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
             .await
     })
+}
+
+/// The local API's and the console's listeners as one type, so the HTTP
+/// server is compiled once for both (a second `axum::serve` of its own
+/// listener type would add its whole connection stack to the binary).
+enum Served {
+    Unix(UnixListener),
+    Tcp(tokio::net::TcpListener),
+}
+
+impl axum::serve::Listener for Served {
+    type Io = tokio_util::either::Either<tokio::net::UnixStream, tokio::net::TcpStream>;
+    type Addr = ();
+
+    async fn accept(&mut self) -> (Self::Io, ()) {
+        use tokio_util::either::Either;
+        // axum's own accept loops: a failed accept is logged and retried.
+        match self {
+            Served::Unix(l) => (Either::Left(axum::serve::Listener::accept(l).await.0), ()),
+            Served::Tcp(l) => (Either::Right(axum::serve::Listener::accept(l).await.0), ()),
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Tells systemd (READY=1) and the log that the agent is ready.
@@ -696,6 +750,8 @@ struct Listeners {
 struct Sockets {
     listeners: Listeners,
     api: UnixListener,
+    /// The read-only console's, when `api.console` is set.
+    console: Option<tokio::net::TcpListener>,
     /// Socket files this process created, removed at shutdown.
     created: Vec<PathBuf>,
 }
@@ -740,9 +796,22 @@ impl Sockets {
                 forward,
             },
             api,
+            console: cfg.console.map(console_listener).transpose()?,
             created,
         })
     }
+}
+
+/// The console's TCP listener on its loopback address.
+fn console_listener(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener, AgentError> {
+    let what = || format!("binding the console (api.console) at {addr}");
+    let l = std::net::TcpListener::bind(addr).map_err(io(what()))?;
+    l.set_nonblocking(true).map_err(io(what()))?;
+    let l = tokio::net::TcpListener::from_std(l).map_err(io(what()))?;
+    if let Ok(at) = l.local_addr() {
+        tracing::info!("read-only console on http://{at}/");
+    }
+    Ok(l)
 }
 
 /// The socket systemd passed under `name`, or a fresh one bound at `path`

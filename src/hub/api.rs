@@ -45,15 +45,11 @@ pub fn param<'a>(p: &'a [(String, String)], name: &str) -> Option<&'a str> {
 
 // ----- time -----
 
-const MILLIS: &[time::format_description::BorrowedFormatItem<'static>] = time::macros::format_description!(
-    "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
-);
-
 /// `2025-01-10T10:23:45.123Z`.
 pub fn rfc3339(ns: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(ns as i128)
         .ok()
-        .and_then(|t| t.format(MILLIS).ok())
+        .and_then(|t| t.format(crate::console::view::MILLIS).ok())
         .unwrap_or_else(|| ns.to_string())
 }
 

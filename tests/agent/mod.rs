@@ -1,6 +1,7 @@
 //! Integration tests of `logbookd` and the `logbook` CLI against it: a real
 //! daemon per test on a fresh directory, spoken to over its real sockets.
 
+mod console;
 mod faults;
 mod ingest;
 pub mod marks;

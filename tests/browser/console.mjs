@@ -1,7 +1,7 @@
 // Browser walkthrough of the operator console, run by tests/hub/console.rs
 // (browser_walkthrough) against a hub it started and seeded. Drives Debian's
 // Chromium headless through playwright-core; screenshots go to $SCREENSHOTS.
-import { chromium } from "playwright-core";
+import { launch, env as makeEnv } from "./chromium.mjs";
 import { createHash } from "node:crypto";
 import { readFile } from "node:fs/promises";
 import assert from "node:assert/strict";
@@ -15,24 +15,14 @@ async function ask(request) {
   assert.equal(value, "ok", `the test did not do: ${request}`);
 }
 
-const env = (name) => {
-  const v = process.env[name];
-  if (!v) throw new Error(`${name} is not set (run through cargo test browser_walkthrough)`);
-  return v;
-};
+const env = makeEnv("browser_walkthrough");
 const hub = env("HUB_URL");
 const session = env("SESSION_ID");
 const failed = env("FAILED_SESSION_ID");
 const running = env("LIVE_SESSION_ID");
 const shots = env("SCREENSHOTS");
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-  ],
-});
+const browser = await launch();
 
 // Any CSP violation or script error fails the run: the console must work
 // under its own policy.

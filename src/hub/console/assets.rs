@@ -25,7 +25,7 @@ const ASSETS: &[Asset] = &[
     Asset {
         name: "console.css",
         content_type: "text/css; charset=utf-8",
-        bytes: include_bytes!("assets/console.css"),
+        bytes: crate::console::STYLE,
     },
     Asset {
         name: "console.js",

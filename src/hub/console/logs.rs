@@ -4,8 +4,9 @@
 //! what is filtered.
 //!
 //! Invariant: filters are the API's logs-route parameters parsed by the
-//! API's `log_query`; a message reaches the page only as [`Part`]s the
-//! template escapes, so log text can never become markup.
+//! API's `log_query`; a message reaches the page only as
+//! [`crate::console::view::Part`]s the template escapes, so log text can
+//! never become markup.
 
 use std::sync::Arc;
 
@@ -22,87 +23,10 @@ use super::errors::ConsoleError;
 use super::signins::Operator;
 use super::view::{self, enc, qs, value, Layout};
 use super::{csrf, data, Console};
+use crate::console::view::{level_chips, terms, Chip, Line, Record};
 
 /// Filter fields echoed into links (paging keeps them).
 const FIELDS: [&str; 6] = ["level", "module", "search", "since", "until", "limit"];
-
-/// A piece of a message: marked when it matched the search.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Part<'a> {
-    pub text: &'a str,
-    pub hit: bool,
-}
-
-/// The words of a full-text search worth marking: FTS operators, quotes
-/// and prefix stars left out.
-fn terms(search: &str) -> Vec<String> {
-    search
-        .split_whitespace()
-        .map(|t| t.trim_matches(|c: char| matches!(c, '"' | '*' | '(' | ')' | '^')))
-        .filter(|t| !t.is_empty() && !matches!(*t, "AND" | "OR" | "NOT" | "NEAR"))
-        .map(str::to_ascii_lowercase)
-        .collect()
-}
-
-/// Splits `text` into parts, the (ASCII case-insensitive) occurrences of
-/// any term marked. UTF-8 needles only ever match at character
-/// boundaries, so every part is valid text.
-pub fn highlight<'a>(text: &'a str, terms: &[String]) -> Vec<Part<'a>> {
-    let lower = text.to_ascii_lowercase();
-    let mut parts = Vec::new();
-    let (mut pos, mut plain_from) = (0, 0);
-    while pos < text.len() {
-        let hit = terms
-            .iter()
-            .filter(|t| lower[pos..].starts_with(t.as_str()))
-            .map(String::len)
-            .max();
-        match hit {
-            Some(n) => {
-                if plain_from < pos {
-                    parts.push(Part {
-                        text: &text[plain_from..pos],
-                        hit: false,
-                    });
-                }
-                parts.push(Part {
-                    text: &text[pos..pos + n],
-                    hit: true,
-                });
-                pos += n;
-                plain_from = pos;
-            }
-            None => {
-                pos += text[pos..].chars().next().map_or(1, char::len_utf8);
-            }
-        }
-    }
-    if plain_from < text.len() || parts.is_empty() {
-        parts.push(Part {
-            text: &text[plain_from..],
-            hit: false,
-        });
-    }
-    parts
-}
-
-pub struct Line<'a> {
-    pub seq: u64,
-    pub permalink: String,
-    pub time: String,
-    pub level: &'static str,
-    pub level_class: &'static str,
-    pub module: &'a str,
-    pub parts: Vec<Part<'a>>,
-    pub metadata: &'a str,
-    pub process: String,
-}
-
-pub struct Chip {
-    pub label: &'static str,
-    pub href: String,
-    pub active: bool,
-}
 
 #[derive(Template)]
 #[template(path = "logs.html")]
@@ -128,26 +52,20 @@ pub struct LogsPage<'a> {
 }
 
 pub fn line<'a>(r: &'a LogRow, logs_href: &str, terms: &[String]) -> Line<'a> {
-    Line {
-        seq: r.seq,
-        permalink: format!("{logs_href}?before={}#l{}", r.seq.saturating_add(1), r.seq),
-        time: view::time(r.timestamp_ns),
-        level: r.level.as_upper(),
-        level_class: r.level.as_str(),
-        module: &r.module,
-        parts: highlight(&r.message, terms),
-        metadata: if r.metadata.is_empty() || r.metadata == "{}" {
-            ""
-        } else {
-            &r.metadata
+    Line::new(
+        Record {
+            seq: r.seq,
+            time: view::time(r.timestamp_ns),
+            level: r.level,
+            module: &r.module,
+            message: &r.message,
+            metadata: r.metadata.clone(),
+            process: r.process.as_deref(),
+            pid: r.pid,
         },
-        process: match (&r.process, r.pid) {
-            (Some(p), Some(pid)) => format!("{p}[{pid}]"),
-            (Some(p), None) => p.clone(),
-            (None, Some(pid)) => format!("[{pid}]"),
-            (None, None) => String::new(),
-        },
-    }
+        logs_href,
+        terms,
+    )
 }
 
 pub async fn page(
@@ -183,30 +101,7 @@ pub async fn page(
     });
     let paged = ["before", "after"].iter().any(|k| !value(&p, k).is_empty());
     let newest = paged.then(|| format!("{action}{}", qs(filters.iter().copied())));
-    let no_level: Vec<(&str, &str)> = filters
-        .iter()
-        .copied()
-        .filter(|(k, _)| *k != "level")
-        .collect();
-    let current = value(&p, "level").to_ascii_lowercase();
-    let chips = [
-        ("all", ""),
-        ("debug+", "debug"),
-        ("info+", "info"),
-        ("warn+", "warn"),
-        ("error+", "error"),
-    ]
-    .into_iter()
-    .map(|(label, level)| {
-        let mut pairs = no_level.clone();
-        pairs.push(("level", level));
-        Chip {
-            label,
-            href: format!("{action}{}", qs(pairs)),
-            active: current == level,
-        }
-    })
-    .collect();
+    let chips = level_chips(&action, &filters, value(&p, "level"));
     let export_base = format!("{action}/export");
     let with_format = |f: &'static str| {
         let mut pairs = no_limit(&filters);
@@ -275,37 +170,4 @@ pub async fn live(
 ) -> Result<Response, ConsoleError> {
     csrf::same_origin(&headers)?;
     Ok(stream::session_stream(c.hub.clone(), &org, &project, &id, &p, ws).await?)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn marked(text: &str, search: &str) -> String {
-        highlight(text, &terms(search))
-            .iter()
-            .map(|p| {
-                if p.hit {
-                    format!("[{}]", p.text)
-                } else {
-                    p.text.to_owned()
-                }
-            })
-            .collect()
-    }
-
-    #[test]
-    fn highlights() {
-        assert_eq!(
-            marked("Motor stalled on axis 2", "stalled"),
-            "Motor [stalled] on axis 2"
-        );
-        assert_eq!(marked("Motor STALLED", "stalled"), "Motor [STALLED]");
-        assert_eq!(marked("a b a", "a"), "[a] b [a]");
-        assert_eq!(marked("no match", "zzz"), "no match");
-        assert_eq!(marked("", "x"), "");
-        assert_eq!(marked("über straße", "straße"), "über [straße]");
-        assert_eq!(marked("temp high", "\"temp\" AND high*"), "[temp] [high]");
-        assert_eq!(marked("nothing", ""), "nothing");
-    }
 }

@@ -8,7 +8,7 @@
 //! API's store queries, no SQL of its own); every route but the sign-in
 //! page, sign-in and the assets takes a [`signins::Operator`]; every
 //! mutation passes [`csrf::check`]; every response carries the
-//! [`headers`] policy.
+//! [`crate::console::headers`] policy.
 
 mod assets;
 mod cookies;
@@ -16,7 +16,6 @@ mod csrf;
 mod data;
 mod devices;
 mod errors;
-mod headers;
 mod logs;
 mod projects;
 mod session;
@@ -60,7 +59,7 @@ pub(crate) fn router<S: Clone + Send + Sync + 'static>(hub: Arc<Hub>) -> Router<
         .route(&format!("{session}/logs"), get(logs::page))
         .route(&format!("{session}/logs/export"), get(logs::export))
         .route(&format!("{session}/logs/live"), get(logs::live))
-        .layer(axum::middleware::from_fn(headers::secure))
+        .layer(axum::middleware::from_fn(crate::console::headers::secure))
         .with_state(console)
 }
 

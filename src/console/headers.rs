@@ -8,7 +8,7 @@
 //! `Cache-Control` (the embedded assets) keeps it.
 
 use axum::extract::Request;
-use axum::http::{header, HeaderValue};
+use axum::http::{header, HeaderMap, HeaderValue};
 use axum::middleware::Next;
 use axum::response::Response;
 
@@ -18,7 +18,12 @@ pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; 
 
 pub async fn secure(req: Request, next: Next) -> Response {
     let mut resp = next.run(req).await;
-    let h = resp.headers_mut();
+    set(resp.headers_mut());
+    resp
+}
+
+/// Puts the policy on a response's headers (for a middleware of its own).
+pub fn set(h: &mut HeaderMap) {
     // A download keeps the stricter policy it set (`sandbox`).
     if !h.contains_key(header::CONTENT_SECURITY_POLICY) {
         h.insert(
@@ -38,5 +43,4 @@ pub async fn secure(req: Request, next: Next) -> Response {
     if !h.contains_key(header::CACHE_CONTROL) {
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     }
-    resp
 }
