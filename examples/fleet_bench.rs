@@ -201,6 +201,22 @@ fn tokens(db: &Database, data_dir: &Path, devices: &[String]) -> Vec<String> {
     })
 }
 
+/// Fails the bench unless the database holds every record it was sent,
+/// each once: a rate of batches answered but not stored would mean
+/// nothing.
+async fn stored_all(url: &str, records: u64) {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to the bench's database");
+    tokio::spawn(conn);
+    let stored: i64 = client
+        .query_one("SELECT count(*) FROM logs", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored as u64, records, "records stored");
+}
+
 /// Posts every batch through `clients` concurrent clients, client k to
 /// hub `k % hubs.len()`; records per second.
 async fn ingest(
@@ -340,6 +356,7 @@ async fn main() {
         "1 replica on PostgreSQL:  {one_rate:>10.0} rec/s = {:.2}x",
         one_rate / lite_rate
     );
+    stored_all(&url, total).await;
     drop(one);
 
     let url2 = testdb::fresh_database("fleet_bench").unwrap();
@@ -350,6 +367,7 @@ async fn main() {
         "2 replicas on PostgreSQL: {two_rate:>10.0} rec/s = {:.2}x",
         two_rate / lite_rate
     );
+    stored_all(&url2, total).await;
     drop(b);
 
     // Memory per connected devices, on replica `a` (it has ingested).
