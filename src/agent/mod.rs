@@ -796,22 +796,34 @@ impl Sockets {
                 forward,
             },
             api,
-            console: cfg.console.map(console_listener).transpose()?,
+            console: cfg.console.and_then(console_listener),
             created,
         })
     }
 }
 
-/// The console's TCP listener on its loopback address.
-fn console_listener(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener, AgentError> {
-    let what = || format!("binding the console (api.console) at {addr}");
-    let l = std::net::TcpListener::bind(addr).map_err(io(what()))?;
-    l.set_nonblocking(true).map_err(io(what()))?;
-    let l = tokio::net::TcpListener::from_std(l).map_err(io(what()))?;
-    if let Ok(at) = l.local_addr() {
-        tracing::info!("read-only console on http://{at}/");
+/// The console's TCP listener on its loopback address, or `None` (logged)
+/// when it cannot be bound: the console is for triage, and a port taken
+/// by something else must not stop the agent from taking logs.
+fn console_listener(addr: std::net::SocketAddr) -> Option<tokio::net::TcpListener> {
+    let bound = std::net::TcpListener::bind(addr)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .and_then(tokio::net::TcpListener::from_std);
+    match bound {
+        Ok(l) => {
+            if let Ok(at) = l.local_addr() {
+                tracing::info!("read-only console on http://{at}/");
+            }
+            Some(l)
+        }
+        Err(e) => {
+            tracing::error!(
+                "the read-only console (api.console) cannot listen on {addr}: {e}; \
+                 running without it"
+            );
+            None
+        }
     }
-    Ok(l)
 }
 
 /// The socket systemd passed under `name`, or a fresh one bound at `path`

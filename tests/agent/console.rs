@@ -243,3 +243,22 @@ fn agent_console_in_a_browser() {
     assert!(out.success(), "agent_console.mjs failed:\n{text}");
     assert!(text.contains("agent console walk: ok"), "{text}");
 }
+
+/// A console port something else holds costs the console, never the
+/// agent: it starts, says why there is no console, and takes logs.
+#[test]
+fn a_console_port_in_use_leaves_the_agent_running_without_it() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = TestDir::new("agent_console_port_taken");
+    let agent = Agent::start(&dir, &[("LOGBOOK_API_CONSOLE", &addr)]);
+    wait_for("the console's error", Duration::from_secs(20), || {
+        agent
+            .log_text()
+            .contains(&format!("cannot listen on {addr}"))
+            .then_some(())
+    });
+    send_lines(&agent, &[r#"{"msg":"still logging"}"#]);
+    assert_eq!(agent.flush(), 1);
+    drop(taken);
+}
