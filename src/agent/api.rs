@@ -93,12 +93,8 @@ impl ApiError {
         }
     }
 
-    fn bad(message: String) -> ApiError {
+    pub(crate) fn bad(message: String) -> ApiError {
         ApiError::new(400, "invalid", message)
-    }
-
-    pub(crate) fn invalid(message: String) -> ApiError {
-        ApiError::bad(message)
     }
 
     pub(crate) fn internal(message: &str) -> ApiError {

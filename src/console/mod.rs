@@ -12,6 +12,8 @@ pub mod view;
 
 use std::sync::LazyLock;
 
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 
 /// The console's one stylesheet (both consoles link it).
@@ -21,3 +23,16 @@ pub const STYLE: &[u8] = include_bytes!("console.css");
 /// (the hub's covers all of its assets).
 pub static STYLE_VERSION: LazyLock<String> =
     LazyLock::new(|| hex::encode(&Sha256::digest(STYLE)[..6]));
+
+/// An embedded file whose URL carries its digest: served as immutable for
+/// a year (a new build has a new URL, so it is never stale).
+pub fn immutable(content_type: &'static str, bytes: &'static [u8]) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "public, max-age=31536000, immutable"),
+        ],
+        bytes,
+    )
+        .into_response()
+}

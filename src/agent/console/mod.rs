@@ -28,7 +28,7 @@ use crate::agent::store::marks::MarkQuery;
 use crate::agent::sync::status::LinkState;
 use crate::agent::types::{ArtifactItem, MarkView, SessionView, Status};
 use crate::console::view::{self, enc, level_chips, qs, value, Chip, Line, Opt, Record};
-use crate::wire::SessionStatus;
+use crate::wire::{Level, SessionStatus};
 
 type St = State<Arc<ApiState>>;
 type Params = Query<Vec<(String, String)>>;
@@ -93,14 +93,7 @@ async fn style(Path(version): Path<String>) -> Response {
     if version != *crate::console::STYLE_VERSION {
         return Page::not_found("no such stylesheet".into());
     }
-    (
-        [
-            (header::CONTENT_TYPE, "text/css; charset=utf-8"),
-            (header::CACHE_CONTROL, "public, max-age=31536000, immutable"),
-        ],
-        crate::console::STYLE,
-    )
-        .into_response()
+    crate::console::immutable("text/css; charset=utf-8", crate::console::STYLE)
 }
 
 /// The parts of `agent_base.html` every page fills.
@@ -177,7 +170,7 @@ impl IntoResponse for Failed {
 }
 
 fn bad(message: String) -> Failed {
-    Failed(ApiError::invalid(message))
+    Failed(ApiError::bad(message))
 }
 
 fn session_id(s: &str) -> Result<Uuid, Failed> {
@@ -257,18 +250,15 @@ pub struct HomePage {
     pub newest: Option<String>,
 }
 
-fn gap_lines(status: &Status, only: Option<Uuid>) -> Vec<GapLine> {
-    status
-        .gaps
-        .iter()
-        .filter(|g| only.is_none() || g.session_id == only)
-        .map(|g| GapLine {
-            session: g.session_id.map(|s| s.to_string()),
-            level: g.level.as_str(),
-            reason: g.reason.clone(),
-            dropped: g.dropped,
-        })
-        .collect()
+impl GapLine {
+    fn new(session: Option<Uuid>, level: Level, reason: &str, dropped: u64) -> GapLine {
+        GapLine {
+            session: session.map(|s| s.to_string()),
+            level: level.as_str(),
+            reason: reason.to_owned(),
+            dropped,
+        }
+    }
 }
 
 /// Every count of something lost or refused that is not zero.
@@ -339,7 +329,11 @@ async fn home(State(st): St, Query(p): Params) -> Result<Html<String>, Failed> {
         }),
         sync_error: s.sync.last_error.clone(),
         losses: losses(&s),
-        gaps: gap_lines(&s, None),
+        gaps: s
+            .gaps
+            .iter()
+            .map(|g| GapLine::new(g.session_id, g.level, &g.reason, g.dropped))
+            .collect(),
         statuses: view::options(
             filter,
             &[
@@ -437,16 +431,16 @@ async fn session(State(st): St, Path(id): Path<String>) -> Result<Response, Fail
             limit: MARKS_SHOWN,
             before: None,
         })?;
-        Ok(Some((s, artifacts, marks)))
+        let gaps = st2.reader.gaps()?;
+        Ok(Some((s, artifacts, marks, gaps)))
     })
     .await?;
-    let Some((s, artifacts, marks)) = found else {
+    let Some((s, artifacts, marks, gaps)) = found else {
         return Ok(Page::not_found(format!("no session {id} in this buffer")));
     };
-    let status = api::gather(st.clone()).await?;
     let sid = s.id.to_string();
     let html = SessionPage {
-        layout: Layout::new(&status.device_name),
+        layout: Layout::new(&st.device_name),
         ended: s
             .ended_at
             .as_deref()
@@ -463,7 +457,11 @@ async fn session(State(st): St, Path(id): Path<String>) -> Result<Response, Fail
             "/logs{}",
             qs([("session", sid.as_str()), ("level", "error")])
         ),
-        gaps: gap_lines(&status, Some(s.id)),
+        gaps: gaps
+            .iter()
+            .filter(|g| g.session_id == Some(s.id))
+            .map(|g| GapLine::new(g.session_id, g.level, &g.reason, g.dropped))
+            .collect(),
         marks: marks.iter().map(|m| mark_line(m, &sid)).collect(),
         artifacts: artifacts.iter().map(artifact_line).collect(),
         s: session_line(&s),
@@ -508,6 +506,8 @@ async fn logs(State(st): St, Query(p): Params) -> Result<Html<String>, Failed> {
                 .map_err(|_| bad(format!("{name} {v:?} is not a record number"))),
         }
     };
+    let (before, after) = (number("before")?, number("after")?);
+    let paged = before.is_some() || after.is_some();
     let some = |name: &str| Some(value(&p, name).to_owned()).filter(|v| !v.is_empty());
     let q = LogsQuery {
         session: some("session"),
@@ -517,8 +517,8 @@ async fn logs(State(st): St, Query(p): Params) -> Result<Html<String>, Failed> {
         since: some("since"),
         until: some("until"),
         mark: some("mark"),
-        before: number("before")?,
-        after: number("after")?,
+        before,
+        after,
         limit: Some(LINES_PER_PAGE),
         ..LogsQuery::default()
     };
@@ -528,7 +528,6 @@ async fn logs(State(st): St, Query(p): Params) -> Result<Html<String>, Failed> {
     let device = st.device_name.clone();
     let filters: Vec<(&str, &str)> = FIELDS.iter().map(|f| (*f, value(&p, f))).collect();
     let here = format!("/logs{}", qs(filters.iter().copied()));
-    let paged = number("before")?.is_some() || number("after")?.is_some();
     let t = view::terms(value(&p, "search"));
     let session = value(&p, "session");
     let lines = page

@@ -9,8 +9,7 @@
 use std::sync::LazyLock;
 
 use axum::extract::Path;
-use axum::http::header;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use sha2::{Digest, Sha256};
 
 use super::errors::ConsoleError;
@@ -76,14 +75,7 @@ pub async fn serve(
         .find(|a| a.name == name)
         .filter(|_| version == *VERSION)
         .ok_or_else(|| ConsoleError::not_found(format!("no asset {name:?}")))?;
-    Ok((
-        [
-            (header::CONTENT_TYPE, asset.content_type),
-            (header::CACHE_CONTROL, "public, max-age=31536000, immutable"),
-        ],
-        asset.bytes,
-    )
-        .into_response())
+    Ok(crate::console::immutable(asset.content_type, asset.bytes))
 }
 
 #[cfg(test)]
