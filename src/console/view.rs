@@ -7,6 +7,8 @@
 //! message reaches a page only as [`Part`]s, so log text can never become
 //! markup.
 
+use std::borrow::Cow;
+
 use crate::wire::Level;
 
 /// Percent-encodes everything but RFC 3986's unreserved characters, so
@@ -196,7 +198,7 @@ pub struct Line<'a> {
     pub module: &'a str,
     pub parts: Vec<Part<'a>>,
     /// Empty when the record has none.
-    pub metadata: String,
+    pub metadata: Cow<'a, str>,
     pub process: String,
 }
 
@@ -210,7 +212,7 @@ pub struct Record<'a> {
     pub module: &'a str,
     pub message: &'a str,
     /// JSON text; empty or `{}` when there is none.
-    pub metadata: String,
+    pub metadata: Cow<'a, str>,
     pub process: Option<&'a str>,
     pub pid: Option<u32>,
 }
@@ -233,7 +235,7 @@ impl<'a> Line<'a> {
             module: r.module,
             parts: highlight(r.message, terms),
             metadata: if r.metadata == "{}" {
-                String::new()
+                Cow::Borrowed("")
             } else {
                 r.metadata
             },
@@ -347,14 +349,14 @@ mod tests {
             level: Level::Warn,
             module: "nav",
             message: "stalled",
-            metadata: "{}".into(),
+            metadata: Cow::Borrowed("{}"),
             process: Some("planner"),
             pid: Some(7),
         };
         let l = Line::new(r, "/logs?session=x", &[]);
         assert_eq!(l.permalink, "/logs?session=x&before=42#l41");
         assert_eq!(
-            (l.level, l.process.as_str(), l.metadata.as_str()),
+            (l.level, l.process.as_str(), l.metadata.as_ref()),
             ("WARN", "planner[7]", "")
         );
         let chips = level_chips("/logs", &[("level", "info"), ("module", "nav")], "INFO");

@@ -542,9 +542,11 @@ async fn logs(State(st): St, Query(p): Params) -> Result<Html<String>, Failed> {
                     module: &r.module,
                     message: &r.message,
                     metadata: if r.metadata.is_empty() {
-                        String::new()
+                        "".into()
                     } else {
-                        serde_json::Value::Object(r.metadata.clone()).to_string()
+                        serde_json::Value::Object(r.metadata.clone())
+                            .to_string()
+                            .into()
                     },
                     process: r.process.as_deref(),
                     pid: r.pid,

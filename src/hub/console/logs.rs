@@ -59,7 +59,7 @@ pub fn line<'a>(r: &'a LogRow, logs_href: &str, terms: &[String]) -> Line<'a> {
             level: r.level,
             module: &r.module,
             message: &r.message,
-            metadata: r.metadata.clone(),
+            metadata: std::borrow::Cow::Borrowed(&r.metadata),
             process: r.process.as_deref(),
             pid: r.pid,
         },
