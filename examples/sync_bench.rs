@@ -6,7 +6,7 @@
 //!    JSON lines);
 //! 2. drain: the agent restarts with the hub configured and the time until
 //!    the hub has acknowledged everything gives records/s, and the bytes on
-//!    the wire (gzip bodies) compare with the raw JSON lines. The backlog
+//!    the wire (compressed bodies, in the coding the status names) compare with the raw JSON lines. The backlog
 //!    belongs to one session; as the drain starts, a high mark is made
 //!    (`POST /v1/marks`) on the moment the record at `--mark-at` (a share of
 //!    the backlog, default 0.75) was written, 0.1 s before and after: mark
@@ -366,6 +366,10 @@ fn main() {
         "the hub lacks the newest record: {newest}"
     );
     let wire = status["sync"]["bytes_sent"].as_u64().unwrap();
+    let coding = status["sync"]["content_encoding"]
+        .as_str()
+        .unwrap_or("?")
+        .to_owned();
 
     // 3. Online: steady logging and the age of the newest record at the hub.
     let stop_flag = Arc::new(AtomicBool::new(false));
@@ -451,7 +455,7 @@ fn main() {
         hub_drain_cpu * per_million
     );
     println!(
-        "wire bytes          {wire} gzip vs {json_bytes} JSON lines: 1/{:.1}",
+        "wire bytes          {wire} {coding} vs {json_bytes} JSON lines: 1/{:.1}",
         json_bytes as f64 / wire as f64
     );
     println!(

@@ -1,7 +1,7 @@
 //! Benchmark of the sync wire encodings, in process: N records of the
 //! realistic robot mix (`common::line`, parsed the way `logbookd` parses
 //! JSON lines) are cut into batches as the uploader cuts them, and each
-//! encoding (batch version × gzip level) reports its bytes against the
+//! encoding (batch version × gzip or zstd level) reports its bytes against the
 //! same records as raw JSON lines, and its encode and decode CPU per
 //! million records. The baseline is v1 at gzip 6 (what agents sent before
 //! v2), measured in the same run.
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use common::arg;
 use logbook::agent::ingest::json::parse_line;
-use logbook::wire::{Batch, Device, Record};
+use logbook::wire::{Batch, Coding, Device, Record};
 
 /// The record `logbookd` stores for line `i` sent by one program over
 /// `ingest.sock`: stamped on arrival (about 2 µs apart, the agent's ingest
@@ -43,16 +43,6 @@ fn record(i: u64, line: &str) -> Record {
     }
 }
 
-fn gzip(raw: &[u8], level: u32) -> Vec<u8> {
-    use std::io::Write;
-    let mut gz = flate2::write::GzEncoder::new(
-        Vec::with_capacity(raw.len() / 4 + 64),
-        flate2::Compression::new(level),
-    );
-    gz.write_all(raw).unwrap();
-    gz.finish().unwrap()
-}
-
 struct Outcome {
     raw: u64,
     wire: u64,
@@ -60,7 +50,7 @@ struct Outcome {
     decode: Duration,
 }
 
-fn run(batches: &mut [Batch], version: u32, level: u32) -> Outcome {
+fn run(batches: &mut [Batch], version: u32, coding: Coding, level: i32) -> Outcome {
     let mut out = Outcome {
         raw: 0,
         wire: 0,
@@ -69,16 +59,16 @@ fn run(batches: &mut [Batch], version: u32, level: u32) -> Outcome {
     };
     for b in batches.iter_mut() {
         b.version = version;
-        // What the uploader does: serialize, then gzip.
+        // What the uploader does: serialize, then compress.
         let t = Instant::now();
         let raw = b.to_msgpack();
-        let body = gzip(&raw, level);
+        let body = coding.compress(&raw, level);
         out.encode += t.elapsed();
         let raw_len = raw.len();
         out.raw += raw_len as u64;
         out.wire += body.len() as u64;
         let t = Instant::now();
-        let back = Batch::decode(&body, 128 << 20).expect("a batch decodes");
+        let back = Batch::decode_as(&body, coding, 128 << 20).expect("a batch decodes");
         out.decode += t.elapsed();
         assert_eq!(back.records.len(), b.records.len());
         assert!(back == *b, "v{version} did not round-trip");
@@ -124,12 +114,24 @@ fn main() {
     );
     let per_m = |d: Duration| d.as_secs_f64() * 1e6 / records as f64;
     let mut baseline = None;
-    for (version, level) in [(1, 6), (1, 1), (2, 1), (2, 3), (2, 6), (2, 9)] {
-        let o = run(&mut batches, version, level);
+    let (gzip, zstd) = (Coding::Gzip, Coding::Zstd);
+    for (version, coding, level) in [
+        (1, gzip, 6),
+        (1, gzip, 1),
+        (2, gzip, 1),
+        (4, gzip, 3),
+        (2, gzip, 6),
+        (2, gzip, 9),
+        (4, zstd, 1),
+        (4, zstd, 2),
+        (4, zstd, 3),
+        (4, zstd, 6),
+    ] {
+        let o = run(&mut batches, version, coding, level);
         let base = *baseline.get_or_insert(o.wire);
         println!(
             "{:<14} {:>12} {:>12} {:>8} {:>8.2} {:>12.3} {:>12.3}",
-            format!("v{version} gzip {level}"),
+            format!("v{version} {} {level}", coding.as_str()),
             o.raw,
             o.wire,
             format!("1/{:.1}", json_bytes as f64 / o.wire as f64),

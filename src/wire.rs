@@ -46,6 +46,96 @@ pub const BATCHES_PATH: &str = "/api/v1/ingest/batches";
 pub const UPLOADS_PATH: &str = "/api/v1/ingest/uploads";
 /// `Content-Type` of a batch body.
 pub const CONTENT_TYPE_MSGPACK: &str = "application/msgpack";
+/// What a hub that reads zstd bodies says in the `Accept-Encoding` of its
+/// answers on [`BATCHES_PATH`] (RFC 7694): an agent sends gzip until a
+/// hub says this, so a hub from before zstd keeps getting gzip.
+pub const ACCEPT_ENCODING: &str = "zstd, gzip";
+/// Largest window a zstd body may make the hub's decoder hold: 2^23 bytes
+/// (8 MiB). The agent's levels use 2 MiB at most; a frame asking for more
+/// is refused as malformed instead of costing the hub its memory.
+pub const ZSTD_WINDOW_LOG_MAX: u32 = 23;
+
+/// How a batch body is compressed: its `Content-Encoding`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Coding {
+    /// No `Content-Encoding` (or `identity`): msgpack as it is.
+    Identity,
+    Gzip,
+    /// zstd, with a content checksum (as gzip carries its CRC).
+    Zstd,
+}
+
+impl Coding {
+    /// The coding a `Content-Encoding` value names (`None` for a header
+    /// that is absent); `None` for one this build does not read.
+    pub fn from_header(value: Option<&str>) -> Option<Coding> {
+        match value.map(str::trim) {
+            None | Some("identity") => Some(Coding::Identity),
+            Some(v) if v.eq_ignore_ascii_case("gzip") => Some(Coding::Gzip),
+            Some(v) if v.eq_ignore_ascii_case("zstd") => Some(Coding::Zstd),
+            Some(_) => None,
+        }
+    }
+
+    /// The `Content-Encoding` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Coding::Identity => "identity",
+            Coding::Gzip => "gzip",
+            Coding::Zstd => "zstd",
+        }
+    }
+
+    /// Whether an `Accept-Encoding` value (of an answer) lists this coding.
+    pub fn listed_in(self, accept: &str) -> bool {
+        accept.split(',').any(|item| {
+            let mut parts = item.split(';');
+            let name = parts.next().unwrap_or("").trim();
+            // `zstd;q=0` says "not this one".
+            let refused = parts.any(|p| {
+                p.trim()
+                    .strip_prefix("q=")
+                    .is_some_and(|q| q.trim().parse::<f32>().is_ok_and(|q| q <= 0.0))
+            });
+            name.eq_ignore_ascii_case(self.as_str()) && !refused
+        })
+    }
+
+    /// `raw` compressed: gzip at `level` 0-9, zstd at `level` 1-22.
+    pub fn compress(self, raw: &[u8], level: i32) -> Vec<u8> {
+        match self {
+            Coding::Identity => raw.to_vec(),
+            Coding::Gzip => {
+                let mut gz = flate2::write::GzEncoder::new(
+                    Vec::with_capacity(raw.len() / 4 + 64),
+                    flate2::Compression::new(level.clamp(0, 9) as u32),
+                );
+                gz.write_all(raw).expect("writing to a Vec cannot fail");
+                gz.finish().expect("writing to a Vec cannot fail")
+            }
+            Coding::Zstd => {
+                let zstd = || {
+                    let mut c = zstd::bulk::Compressor::new(level)?;
+                    c.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))?;
+                    c.compress(raw)
+                };
+                // Only an allocation failure could stop it, as for gzip.
+                zstd().expect("zstd compresses any input")
+            }
+        }
+    }
+
+    /// `body` decompressed, failing once the output would exceed `limit`
+    /// bytes (a bomb stops there, having cost at most that much).
+    pub fn decompress(self, body: &[u8], limit: usize) -> Result<Vec<u8>, WireError> {
+        match self {
+            Coding::Identity if body.len() > limit => Err(WireError::TooLarge { limit }),
+            Coding::Identity => Ok(body.to_vec()),
+            Coding::Gzip => gunzip_limited(body, limit),
+            Coding::Zstd => unzstd_limited(body, limit),
+        }
+    }
+}
 
 /// tus `Upload-Metadata` keys (values are base64 as tus requires).
 pub mod upload_meta {
@@ -449,6 +539,8 @@ pub struct ErrorDetail {
 pub enum WireError {
     #[error("body is not valid gzip: {0}")]
     Gzip(std::io::Error),
+    #[error("body is not valid zstd: {0}")]
+    Zstd(std::io::Error),
     #[error("decompressed body exceeds {limit} bytes")]
     TooLarge { limit: usize },
     #[error("unsupported batch version {found} (this hub understands {supported:?})")]
@@ -489,13 +581,7 @@ impl Batch {
     /// The request body: [`Batch::to_msgpack`], gzip-compressed at `level`
     /// (0-9).
     pub fn encode(&self, level: u32) -> Vec<u8> {
-        let raw = self.to_msgpack();
-        let mut gz = flate2::write::GzEncoder::new(
-            Vec::with_capacity(raw.len() / 4 + 64),
-            flate2::Compression::new(level),
-        );
-        gz.write_all(&raw).expect("writing to a Vec cannot fail");
-        gz.finish().expect("writing to a Vec cannot fail")
+        Coding::Gzip.compress(&self.to_msgpack(), level as i32)
     }
 
     /// Decodes a request body: gunzips at most `max_decompressed` bytes (a
@@ -503,7 +589,24 @@ impl Batch {
     /// much), checks the version, then decodes, materializing at most
     /// `max_decompressed` bytes of strings.
     pub fn decode(gzipped: &[u8], max_decompressed: usize) -> Result<Batch, WireError> {
-        let raw = gunzip_limited(gzipped, max_decompressed)?;
+        Batch::decode_as(gzipped, Coding::Gzip, max_decompressed)
+    }
+
+    /// [`Batch::decode`] for a body in any [`Coding`].
+    pub fn decode_as(
+        body: &[u8],
+        coding: Coding,
+        max_decompressed: usize,
+    ) -> Result<Batch, WireError> {
+        if coding == Coding::Identity {
+            if body.len() > max_decompressed {
+                return Err(WireError::TooLarge {
+                    limit: max_decompressed,
+                });
+            }
+            return Batch::from_msgpack_limited(body, max_decompressed);
+        }
+        let raw = coding.decompress(body, max_decompressed)?;
         Batch::from_msgpack_limited(&raw, max_decompressed)
     }
 
@@ -541,6 +644,28 @@ pub fn gunzip_limited(body: &[u8], limit: usize) -> Result<Vec<u8>, WireError> {
     Ok(out)
 }
 
+/// Decompresses zstd `body` (one frame or several), failing once the
+/// output would exceed `limit` bytes or a frame asks for a window larger
+/// than 2^[`ZSTD_WINDOW_LOG_MAX`].
+pub fn unzstd_limited(body: &[u8], limit: usize) -> Result<Vec<u8>, WireError> {
+    // The frame's own size, when it states one, sizes the output at once.
+    let stated = zstd::zstd_safe::get_frame_content_size(body)
+        .ok()
+        .flatten()
+        .unwrap_or(0);
+    let mut out = Vec::with_capacity(stated.min(limit as u64 + 1) as usize);
+    let mut dec = zstd::stream::read::Decoder::with_buffer(body).map_err(WireError::Zstd)?;
+    dec.window_log_max(ZSTD_WINDOW_LOG_MAX)
+        .map_err(WireError::Zstd)?;
+    dec.take(limit as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(WireError::Zstd)?;
+    if out.len() > limit {
+        return Err(WireError::TooLarge { limit });
+    }
+    Ok(out)
+}
+
 /// Reads the version, the first element of the batch (an array in the
 /// compact encoding, a map with `version` first in the named one).
 fn peek_version(raw: &[u8]) -> Result<u32, WireError> {
@@ -569,15 +694,16 @@ fn peek_version(raw: &[u8]) -> Result<u32, WireError> {
     }
 }
 
-/// One fuzz input (`fuzz/fuzz_targets/batch.rs`): `data` as a raw body and
-/// as a gzip body must decode to an error or a batch, never panic, and
-/// stay within a 1 MiB string budget; a batch that decodes must survive
-/// re-encoding in its own version unchanged.
+/// One fuzz input (`fuzz/fuzz_targets/batch.rs`): `data` as a raw body,
+/// a gzip body and a zstd body must decode to an error or a batch, never
+/// panic, and stay within a 1 MiB string budget; a batch that decodes must
+/// survive re-encoding in its own version unchanged.
 pub fn fuzz_one(data: &[u8]) {
     const LIMIT: usize = 1 << 20;
     let decoded = [
         Batch::from_msgpack_limited(data, LIMIT),
         Batch::decode(data, LIMIT),
+        Batch::decode_as(data, Coding::Zstd, LIMIT),
     ];
     for batch in decoded.into_iter().flatten() {
         let again = Batch::from_msgpack_limited(&batch.to_msgpack(), usize::MAX)
@@ -1151,6 +1277,75 @@ mod tests {
             b.gaps.clear();
             assert_eq!(Batch::decode(&b.encode(1), 1 << 20).unwrap(), b);
         }
+    }
+
+    #[test]
+    fn every_coding_round_trips() {
+        let mut b = sample_v(BATCH_VERSION);
+        b.records = varied();
+        let raw = b.to_msgpack();
+        for coding in [Coding::Identity, Coding::Gzip, Coding::Zstd] {
+            let body = coding.compress(&raw, 3);
+            assert_eq!(coding.decompress(&body, 1 << 20).unwrap(), raw);
+            assert_eq!(Batch::decode_as(&body, coding, 1 << 20).unwrap(), b);
+            let header = Some(coding.as_str());
+            assert_eq!(Coding::from_header(header), Some(coding));
+        }
+        // Two zstd frames one after the other are one body.
+        let mut two = Coding::Zstd.compress(&raw[..10], 1);
+        two.extend(Coding::Zstd.compress(&raw[10..], 1));
+        assert_eq!(unzstd_limited(&two, 1 << 20).unwrap(), raw);
+        assert_eq!(Coding::from_header(None), Some(Coding::Identity));
+        assert_eq!(Coding::from_header(Some(" ZSTD ")), Some(Coding::Zstd));
+        assert_eq!(Coding::from_header(Some("br")), None);
+        assert_eq!(Coding::from_header(Some("gzip, zstd")), None);
+    }
+
+    #[test]
+    fn zstd_bombs_wide_windows_and_garbage_are_refused() {
+        let bomb = Coding::Zstd.compress(&vec![0u8; 8 << 20], 3);
+        assert!(bomb.len() < 4 << 10, "{}", bomb.len());
+        assert!(matches!(
+            unzstd_limited(&bomb, 1 << 20),
+            Err(WireError::TooLarge { limit }) if limit == 1 << 20
+        ));
+        assert_eq!(unzstd_limited(&bomb, 8 << 20).unwrap().len(), 8 << 20);
+        // A frame asking for a window past 2^ZSTD_WINDOW_LOG_MAX.
+        let mut e = zstd::stream::write::Encoder::new(Vec::new(), 1).unwrap();
+        e.set_parameter(zstd::zstd_safe::CParameter::WindowLog(
+            ZSTD_WINDOW_LOG_MAX + 1,
+        ))
+        .unwrap();
+        e.write_all(b"a window too wide").unwrap();
+        let wide = e.finish().unwrap();
+        let err = unzstd_limited(&wide, 1 << 20).unwrap_err();
+        assert!(matches!(err, WireError::Zstd(_)), "{err}");
+        // Cut short, a flipped checksum, and not zstd at all.
+        let body = Coding::Zstd.compress(&sample_v(BATCH_VERSION).to_msgpack(), 3);
+        assert!(unzstd_limited(&body[..body.len() - 6], 1 << 20).is_err());
+        let mut flipped = body.clone();
+        *flipped.last_mut().unwrap() ^= 1;
+        assert!(unzstd_limited(&flipped, 1 << 20).is_err());
+        assert!(unzstd_limited(b"not zstd", 1 << 20).is_err());
+        // Identity is bounded too.
+        assert!(matches!(
+            Batch::decode_as(&[0x90; 64], Coding::Identity, 10),
+            Err(WireError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn accept_encoding_is_read_as_rfc_9110_writes_it() {
+        let zstd = |v: &str| Coding::Zstd.listed_in(v);
+        assert!(zstd(ACCEPT_ENCODING));
+        assert!(zstd("gzip,zstd"));
+        assert!(zstd("ZSTD;q=0.5, gzip"));
+        assert!(!zstd("gzip"));
+        assert!(!zstd(""));
+        assert!(!zstd("x-zstd, zstdx"));
+        assert!(!zstd("zstd;q=0, gzip"));
+        assert!(!zstd("zstd; q=0.0"));
+        assert!(Coding::Gzip.listed_in(ACCEPT_ENCODING));
     }
 
     /// The encoding must never drift silently: if this fails, the format

@@ -273,11 +273,14 @@ pub struct SyncStatus {
     pub backlog_bytes: u64,
     /// Upper bound of the current retry wait, while backing off.
     pub backoff_seconds: Option<f64>,
-    /// Bytes on the wire (gzip) of acknowledged batches.
+    /// Bytes on the wire (gzip or zstd) of acknowledged batches.
     pub bytes_sent: u64,
     pub bytes_uncompressed: u64,
     /// Uncompressed over compressed bytes (0 before the first batch).
     pub compression_ratio: f64,
+    /// The `Content-Encoding` of the batches sent now: `gzip`, or `zstd`
+    /// once the hub has said it reads it.
+    pub content_encoding: String,
     pub batches_sent: u64,
     pub records_sent: u64,
     /// Failed requests since start.
@@ -337,6 +340,7 @@ mod tests {
                 bytes_sent: 0,
                 bytes_uncompressed: 0,
                 compression_ratio: 0.0,
+                content_encoding: "gzip".into(),
                 batches_sent: 0,
                 records_sent: 0,
                 failures: 0,

@@ -2,30 +2,69 @@
 //! [`logbook::agent::run_with_reload`] until SIGTERM or SIGINT (SIGHUP
 //! reloads the configuration).
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::Parser;
 use logbook::agent::{self, config, systemd};
 
-/// The logbook agent: ingests logs over Unix sockets into a bounded SQLite
-/// ring buffer and manages sessions.
-#[derive(Debug, Parser)]
-#[command(name = "logbookd", version)]
+/// `logbookd --help`.
+const HELP: &str = "\
+The logbook agent: ingests logs over Unix sockets into a bounded SQLite
+ring buffer and manages sessions.
+
+Usage: logbookd [OPTIONS]
+
+Options:
+      --config <FILE>      Configuration file (default /etc/logbook/agent.toml, optional)
+      --state-dir <DIR>    Stands in for /var/lib/logbook (database, artifacts)
+      --runtime-dir <DIR>  Stands in for /run/logbook (sockets)
+      --print-config       Print the effective configuration as TOML and exit
+  -h, --help               Print help
+  -V, --version            Print version
+";
+
+/// The flags. Parsed with `lexopt`, not clap as `logbook` is: four flags
+/// are not worth clap's 250 KB in the robot's binary (BENCHMARKS.md,
+/// "zstd on the wire").
+#[derive(Debug, Default, PartialEq)]
 struct Args {
-    /// Configuration file (default /etc/logbook/agent.toml, optional).
-    #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Stands in for /var/lib/logbook (database, artifacts).
-    #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
-    /// Stands in for /run/logbook (sockets).
-    #[arg(long, value_name = "DIR")]
     runtime_dir: Option<PathBuf>,
-    /// Print the effective configuration as TOML and exit.
-    #[arg(long)]
     print_config: bool,
+}
+
+/// What the command line asks for.
+#[derive(Debug, PartialEq)]
+enum Command {
+    Run(Args),
+    /// Print this and exit 0 (`--help`, `--version`).
+    Print(String),
+}
+
+fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, lexopt::Error> {
+    use lexopt::prelude::*;
+    let mut out = Args::default();
+    let mut parser = lexopt::Parser::from_iter(std::iter::once("logbookd".into()).chain(args));
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Long("config") => out.config = Some(parser.value()?.into()),
+            Long("state-dir") => out.state_dir = Some(parser.value()?.into()),
+            Long("runtime-dir") => out.runtime_dir = Some(parser.value()?.into()),
+            Long("print-config") => out.print_config = true,
+            Short('h') | Long("help") => return Ok(Command::Print(HELP.to_owned())),
+            Short('V') | Long("version") => {
+                return Ok(Command::Print(format!(
+                    "logbookd {}\n",
+                    env!("CARGO_PKG_VERSION")
+                )))
+            }
+            _ => return Err(arg.unexpected()),
+        }
+    }
+    Ok(Command::Run(out))
 }
 
 fn main() -> ExitCode {
@@ -36,7 +75,15 @@ fn main() -> ExitCode {
 }
 
 fn run() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let args = match parse(std::env::args_os().skip(1))
+        .map_err(|e| anyhow::anyhow!("{e} (see logbookd --help)"))?
+    {
+        Command::Run(args) => args,
+        Command::Print(text) => {
+            print!("{text}");
+            return Ok(());
+        }
+    };
     let overrides = config::Overrides {
         state_dir: args.state_dir,
         runtime_dir: args.runtime_dir,
@@ -86,4 +133,62 @@ fn run() -> anyhow::Result<()> {
         logbook::exit::run_until_terminated(shutdown, agent, || {}).await
     })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(args: &[&str]) -> Result<Command, String> {
+        parse(args.iter().map(OsString::from)).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn flags_parse_as_documented() {
+        assert_eq!(parsed(&[]), Ok(Command::Run(Args::default())));
+        let want = Args {
+            config: Some("/etc/x.toml".into()),
+            state_dir: Some("/s".into()),
+            runtime_dir: Some("/r".into()),
+            print_config: true,
+        };
+        let spaced = [
+            "--config",
+            "/etc/x.toml",
+            "--state-dir",
+            "/s",
+            "--runtime-dir",
+            "/r",
+            "--print-config",
+        ];
+        assert_eq!(parsed(&spaced), Ok(Command::Run(want)));
+        let joined = parsed(&["--config=/etc/x.toml", "--state-dir=/s"]);
+        let Ok(Command::Run(a)) = joined else {
+            panic!("{joined:?}")
+        };
+        assert_eq!(a.config, Some("/etc/x.toml".into()));
+        assert_eq!(a.state_dir, Some("/s".into()));
+        for help in ["-h", "--help"] {
+            let Ok(Command::Print(text)) = parsed(&[help]) else {
+                panic!("{help}")
+            };
+            assert!(text.contains("--runtime-dir <DIR>"), "{text}");
+        }
+        let Ok(Command::Print(v)) = parsed(&["-V"]) else {
+            panic!("-V")
+        };
+        assert_eq!(v, format!("logbookd {}\n", env!("CARGO_PKG_VERSION")));
+    }
+
+    #[test]
+    fn a_bad_command_line_says_what_is_wrong() {
+        let e = parsed(&["--nope"]).unwrap_err();
+        assert!(e.contains("--nope"), "{e}");
+        let e = parsed(&["--config"]).unwrap_err();
+        assert!(e.contains("--config") && e.contains("missing"), "{e}");
+        let e = parsed(&["extra"]).unwrap_err();
+        assert!(e.contains("extra"), "{e}");
+        let e = parsed(&["--print-config=yes"]).unwrap_err();
+        assert!(e.contains("--print-config"), "{e}");
+    }
 }

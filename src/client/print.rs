@@ -382,10 +382,11 @@ fn sync(out: &mut impl Write, s: &SyncStatus) -> io::Result<()> {
     )?;
     writeln!(
         out,
-        "sent      {} records in {} batches, {:.1} MiB on the wire (compression {:.1}x)",
+        "sent      {} records in {} batches, {:.1} MiB on the wire ({}, compression {:.1}x)",
         s.records_sent,
         s.batches_sent,
         mib(s.bytes_sent),
+        s.content_encoding,
         s.compression_ratio
     )?;
     if s.set_aside_batches > 0 {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
@@ -24,7 +24,9 @@ use super::config::Limits;
 use super::error::ApiError;
 use super::metrics::Metrics;
 use super::{Hub, LiveEvent};
-use crate::wire::{error_code, Batch, Record, WireError, CONTENT_TYPE_MSGPACK};
+use crate::wire::{
+    error_code, Batch, Coding, Record, WireError, ACCEPT_ENCODING, CONTENT_TYPE_MSGPACK,
+};
 use tokio::sync::OwnedSemaphorePermit;
 
 /// One request's share of the hub's in-flight budget
@@ -321,19 +323,14 @@ pub fn replace_nul(batch: &mut Batch) {
 /// Most marks one batch may carry.
 pub const MAX_MARKS: usize = 10_000;
 
-/// Decodes a body (gzip unless `identity`), mapping wire errors to the
+/// Decodes a body in its `Content-Encoding`, mapping wire errors to the
 /// status the agent acts on.
-pub fn decode(body: &[u8], gzip: bool, limits: &Limits) -> Result<Batch, (ApiError, &'static str)> {
-    let decoded = if gzip {
-        Batch::decode(body, limits.max_decompressed_bytes)
-    } else if body.len() > limits.max_decompressed_bytes {
-        Err(WireError::TooLarge {
-            limit: limits.max_decompressed_bytes,
-        })
-    } else {
-        Batch::from_msgpack_limited(body, limits.max_decompressed_bytes)
-    };
-    decoded.map_err(|e| match e {
+pub fn decode(
+    body: &[u8],
+    coding: Coding,
+    limits: &Limits,
+) -> Result<Batch, (ApiError, &'static str)> {
+    Batch::decode_as(body, coding, limits.max_decompressed_bytes).map_err(|e| match e {
         WireError::TooLarge { .. } => (
             ApiError::too_large(format!("batch {e}; split it")),
             "decompressed_too_large",
@@ -349,11 +346,31 @@ pub fn decode(body: &[u8], gzip: bool, limits: &Limits) -> Result<Batch, (ApiErr
             "unsupported_version",
         ),
         WireError::Gzip(_) => (ApiError::bad_request(e.to_string()), "bad_gzip"),
+        WireError::Zstd(_) => (ApiError::bad_request(e.to_string()), "bad_zstd"),
         WireError::Malformed(_) => (ApiError::bad_request(e.to_string()), "malformed"),
     })
 }
 
+/// `POST /api/v1/ingest/batches`. Every answer, an acknowledgement or a
+/// refusal, lists the codings this hub reads in `Accept-Encoding` (RFC
+/// 7694): that is how an agent learns it may send zstd.
 pub async fn post_batch(
+    hub: State<Arc<Hub>>,
+    peer: Option<axum::Extension<super::listen::PeerCert>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let mut response = store_batch(hub, peer, headers, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response);
+    response.headers_mut().insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static(ACCEPT_ENCODING),
+    );
+    response
+}
+
+async fn store_batch(
     State(hub): State<Arc<Hub>>,
     peer: Option<axum::Extension<super::listen::PeerCert>>,
     headers: HeaderMap,
@@ -380,22 +397,21 @@ pub async fn post_batch(
             ),
         ));
     }
-    let gzip = match headers
+    let encoding = headers
         .get(header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-    {
-        Some("gzip") => true,
-        None | Some("identity") => false,
-        Some(other) => {
-            return Err(reject(
-                "content_encoding",
-                ApiError::new(
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    "unsupported_media_type",
-                    format!("Content-Encoding must be gzip, found {other:?}"),
+        .map(|v| v.to_str().unwrap_or("(not text)"));
+    let Some(coding) = Coding::from_header(encoding) else {
+        return Err(reject(
+            "content_encoding",
+            ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                format!(
+                    "Content-Encoding must be zstd or gzip, found {:?}",
+                    encoding.unwrap_or_default()
                 ),
-            ))
-        }
+            ),
+        ));
     };
     // Refuse a declared oversize body before reading any of it.
     if let Some(len) = headers
@@ -433,7 +449,7 @@ pub async fn post_batch(
         .expect("the semaphore is never closed");
     let checked = tokio::task::spawn_blocking(move || {
         let _decoder = decoder;
-        let mut batch = decode(&body, gzip, &limits)?;
+        let mut batch = decode(&body, coding, &limits)?;
         validate(&batch, &device_id, &limits).map_err(|e| {
             let reason = match e.status {
                 StatusCode::FORBIDDEN => "device_mismatch",
@@ -594,16 +610,13 @@ mod tests {
         let mut b = batch((0..20).map(record).collect());
         b.records[3].metadata = r#"{"k":1}"#.into();
         let raw = b.to_msgpack();
-        let gz = b.encode(6);
+        let bodies = [Coding::Identity, Coding::Gzip, Coding::Zstd]
+            .map(|c| (c.compress(&raw, if c == Coding::Zstd { 3 } else { 6 }), c));
         let lim = limits();
         let mut rng = crate::test_rng::Rng::new(0x9E37_79B9_7F4A_7C15);
         let mut next = || rng.next();
-        for round in 0..3000 {
-            let (src, gzip) = if round % 2 == 0 {
-                (&raw, false)
-            } else {
-                (&gz, true)
-            };
+        for round in 0..4500 {
+            let (src, coding) = &bodies[round % 3];
             let mut m = src.clone();
             match next() % 4 {
                 0 => {
@@ -620,7 +633,7 @@ mod tests {
                     m[i] = [0xc1, 0xdd, 0xdf, 0xff, 0x00][(next() % 5) as usize];
                 }
             }
-            if let Ok(batch) = decode(&m, gzip, &lim) {
+            if let Ok(batch) = decode(&m, *coding, &lim) {
                 let _ = validate(&batch, "robot-1", &lim);
             }
         }

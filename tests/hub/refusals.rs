@@ -1,7 +1,8 @@
 //! Everything the hub must refuse, with the status and JSON error a client
 //! can act on: missing and wrong tokens, device tokens reading, operator
 //! keys ingesting, other organizations, oversize and bomb bodies,
-//! malformed and unknown-version batches, hostile artifact paths.
+//! malformed and unknown-version batches, zstd bombs and unknown codings,
+//! hostile artifact paths.
 
 use std::io::Write;
 
@@ -228,4 +229,112 @@ async fn hostile_artifact_paths_are_refused() {
         .await
         .unwrap();
     assert_eq!(r.status(), 403);
+}
+
+/// Posts `body` as the device with `Content-Encoding: coding`: the status,
+/// the answer's `Accept-Encoding`, and its JSON.
+async fn post_coded(hub: &HubProc, coding: &str, body: Vec<u8>) -> (u16, String, Value) {
+    let r = hub
+        .http
+        .post(format!("{}{}", hub.url, logbook::wire::BATCHES_PATH))
+        .bearer_auth(&hub.device)
+        .header("content-type", "application/msgpack")
+        .header("content-encoding", coding)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let accept = r
+        .headers()
+        .get("accept-encoding")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let text = r.text().await.unwrap();
+    (
+        status,
+        accept,
+        serde_json::from_str(&text).unwrap_or(Value::Null),
+    )
+}
+
+/// zstd bodies: stored as gzip ones are (a batch sent again in the other
+/// coding is a duplicate), every answer names the codings the hub reads,
+/// and a zstd bomb, a frame asking for a window past 8 MiB, a truncated
+/// frame and an unknown coding are refused with a status the agent acts on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zstd_bodies_and_the_codings_the_hub_names() {
+    use logbook::wire::Coding;
+    let hub = HubProc::start_with(
+        "hub_zstd",
+        &[("LOGBOOK_INGEST_MAX_DECOMPRESSED_BYTES", "4MiB")],
+    );
+    let s = session_id(5);
+    let b = batch(
+        vec![state(s, 1, SessionStatus::Active, &["zstd"])],
+        (1..=50)
+            .map(|i| record(i, Some(s), Level::Info, "nav", &format!("step {i}")))
+            .collect(),
+        vec![],
+    );
+    let raw = b.to_msgpack();
+    let (st, accept, v) = post_coded(&hub, "zstd", Coding::Zstd.compress(&raw, 3)).await;
+    assert_eq!((st, accept.as_str()), (200, "zstd, gzip"), "{v}");
+    assert_eq!(
+        (v["stored"].as_u64(), v["duplicates"].as_u64()),
+        (Some(50), Some(0)),
+        "{v}"
+    );
+    let (st, _, v) = post_coded(&hub, "gzip", Coding::Gzip.compress(&raw, 6)).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(
+        (v["stored"].as_u64(), v["duplicates"].as_u64()),
+        (Some(0), Some(50)),
+        "{v}"
+    );
+    let (st, v) = hub
+        .get(&hub.api(&format!("/sessions/{s}/logs?limit=100")))
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["items"].as_array().unwrap().len(), 50, "{v}");
+    assert_eq!(v["items"][0]["message"], "step 50");
+
+    // A bomb: 100 MiB of zeros in a few KiB.
+    let bomb = Coding::Zstd.compress(&vec![0u8; 100 << 20], 3);
+    assert!(bomb.len() < 64 << 10, "{}", bomb.len());
+    let (st, accept, v) = post_coded(&hub, "zstd", bomb).await;
+    assert_eq!((st, code(&v)), (413, "payload_too_large"), "{v}");
+    assert_eq!(accept, "zstd, gzip");
+    // A frame that asks the decoder for a 16 MiB window.
+    let wide = {
+        let mut e = zstd::stream::write::Encoder::new(Vec::new(), 1).unwrap();
+        e.set_parameter(zstd::zstd_safe::CParameter::WindowLog(24))
+            .unwrap();
+        e.write_all(&raw).unwrap();
+        e.finish().unwrap()
+    };
+    let (st, _, v) = post_coded(&hub, "zstd", wide).await;
+    assert_eq!((st, code(&v)), (400, "bad_request"), "{v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains("zstd"), "{message}");
+    // Cut short, and gzip bytes labelled zstd.
+    let whole = Coding::Zstd.compress(&raw, 3);
+    let (st, _, v) = post_coded(&hub, "zstd", whole[..whole.len() / 2].to_vec()).await;
+    assert_eq!((st, code(&v)), (400, "bad_request"), "{v}");
+    let (st, _, v) = post_coded(&hub, "zstd", Coding::Gzip.compress(&raw, 6)).await;
+    assert_eq!((st, code(&v)), (400, "bad_request"), "{v}");
+    // A coding the hub does not read: 415, naming the ones it does.
+    let (st, accept, v) = post_coded(&hub, "br", raw.clone()).await;
+    assert_eq!((st, code(&v)), (415, "unsupported_media_type"), "{v}");
+    assert_eq!(accept, "zstd, gzip");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("zstd or gzip") && message.contains("br"),
+        "{message}"
+    );
+    // Still serving, and the refusals counted by reason.
+    let m = hub.metrics().await;
+    assert!(m.contains("reason=\"bad_zstd\"} 3"), "{m}");
+    assert!(m.contains("reason=\"decompressed_too_large\"} 1"), "{m}");
+    assert!(m.contains("reason=\"content_encoding\"} 1"), "{m}");
 }

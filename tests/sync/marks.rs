@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{assert_exact_seqs, hub_get, hub_logs, start_agent, sync_env, wait_synced};
+use super::{
+    assert_exact_seqs, forward, hub_get, hub_logs, start_agent, sync_env, wait_synced, BatchFront,
+};
 use crate::agent::send_lines;
 use crate::hub::HubProc;
 use crate::util::{run_ok, wait_for, TestDir};
@@ -161,28 +163,19 @@ struct Seen {
 /// it refuses a v3 batch with 400 `unsupported_batch_version` (the body an
 /// older hub sends) and passes every other batch through unchanged.
 struct OlderHub {
-    url: String,
+    front: BatchFront,
     seen: Arc<Seen>,
-    _runtime: tokio::runtime::Runtime,
 }
 
 impl OlderHub {
     fn start(upstream: &str) -> OlderHub {
         use axum::body::Bytes;
         use axum::http::{HeaderMap, StatusCode};
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
         let seen = Arc::new(Seen::default());
-        let (target, counts) = (
-            format!("{upstream}{}", logbook::wire::BATCHES_PATH),
-            seen.clone(),
-        );
+        let (upstream, counts) = (upstream.to_owned(), seen.clone());
         let client = reqwest::Client::new();
         let post = move |headers: HeaderMap, body: Bytes| {
-            let (target, counts, client) = (target.clone(), counts.clone(), client.clone());
+            let (upstream, counts, client) = (upstream.clone(), counts.clone(), client.clone());
             async move {
                 let version = logbook::wire::Batch::decode(&body, 64 << 20)
                     .map(|b| b.version)
@@ -198,13 +191,7 @@ impl OlderHub {
                     &counts.forwarded_other
                 };
                 n.fetch_add(1, Ordering::SeqCst);
-                let mut req = client.post(&target).body(body.to_vec());
-                for name in ["authorization", "content-type", "content-encoding"] {
-                    if let Some(v) = headers.get(name) {
-                        req = req.header(name, v.as_bytes());
-                    }
-                }
-                match req.send().await {
+                match forward(&client, &upstream, &headers, body).await {
                     Ok(r) => {
                         let status = StatusCode::from_u16(r.status().as_u16()).unwrap();
                         (status, r.text().await.unwrap_or_default())
@@ -213,16 +200,9 @@ impl OlderHub {
                 }
             }
         };
-        let app = axum::Router::new().route(logbook::wire::BATCHES_PATH, axum::routing::post(post));
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        runtime.spawn(async move { axum::serve(listener, app).await });
         OlderHub {
-            url,
+            front: BatchFront::start(post),
             seen,
-            _runtime: runtime,
         }
     }
 }
@@ -247,7 +227,7 @@ fn behind_a_v2_hub_marks_stay_pending_and_records_arrive_once() {
     let hub = HubProc::start("sync_marks_v2");
     let older = OlderHub::start(&hub.url);
     let dir = TestDir::new("sync-marks-v2");
-    let mut agent = start_agent(&dir, &sync_env(&older.url, &hub.device));
+    let mut agent = start_agent(&dir, &sync_env(&older.front.url, &hub.device));
     let session = agent.ok("POST", "/v1/sessions", Some("{}"))["id"]
         .as_str()
         .unwrap()

@@ -4,6 +4,7 @@
 
 mod artifacts;
 mod chaos;
+mod coding;
 mod crash;
 mod dev;
 pub(crate) mod faultproxy;
@@ -103,4 +104,56 @@ pub fn assert_exact_seqs(records: &[Value], expect: impl Iterator<Item = u64>) {
             &got[..got.len().min(20)]
         );
     }
+}
+
+/// A stand-in in front of a real hub's batch route (an older hub, a mixed
+/// set of replicas): `post` answers every `POST` of a batch, usually by
+/// passing it on with [`forward`]. It runs on its own runtime, which lives
+/// as long as the returned value.
+pub struct BatchFront {
+    pub url: String,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl BatchFront {
+    pub fn start<H, T>(post: H) -> BatchFront
+    where
+        H: axum::handler::Handler<T, ()>,
+        T: 'static,
+    {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let app = axum::Router::new().route(logbook::wire::BATCHES_PATH, axum::routing::post(post));
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        runtime.spawn(async move { axum::serve(listener, app).await });
+        BatchFront {
+            url,
+            _runtime: runtime,
+        }
+    }
+}
+
+/// Passes a batch on to the hub at `upstream` as the agent sent it (its
+/// token, type and coding).
+pub async fn forward(
+    client: &reqwest::Client,
+    upstream: &str,
+    headers: &axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> reqwest::Result<reqwest::Response> {
+    let mut req = client
+        .post(format!("{upstream}{}", logbook::wire::BATCHES_PATH))
+        .body(body);
+    for name in ["authorization", "content-type", "content-encoding"] {
+        if let Some(v) = headers.get(name) {
+            req = req.header(name, v.as_bytes());
+        }
+    }
+    req.send().await
 }

@@ -3,19 +3,21 @@
 //! (too large), set the batch aside (the hub says it is invalid), or
 //! encode it in an older version (the hub is older than this agent) —
 //! and the batch version this process sends, lowered once for good when
-//! the hub asks for it.
+//! the hub asks for it, and the body coding (gzip, or zstd once the hub
+//! says it reads it).
 //!
-//! Invariant: a refusal of the batch *version* never sets a batch aside:
-//! the records are resent in an older encoding, or retried until a hub
-//! that reads them answers.
+//! Invariant: a refusal of the batch *version* or of its *coding* never
+//! sets a batch aside: the records are resent in an older encoding or in
+//! gzip, or retried until a hub that reads them answers.
 
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, SystemTime};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
 
 use reqwest::header::{HeaderMap, RETRY_AFTER};
 use reqwest::StatusCode;
 
-use crate::wire::{error_code, BATCH_VERSION, SUPPORTED_BATCH_VERSIONS};
+use crate::wire::{error_code, Coding, BATCH_VERSION, SUPPORTED_BATCH_VERSIONS};
 
 /// What the uploader must do after a failed request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,6 +206,81 @@ impl Encoding {
     }
 }
 
+/// The coding of the batch bodies this process sends.
+pub static BODY_CODING: BodyCoding = BodyCoding::new();
+
+/// gzip until a hub's answer lists zstd in its `Accept-Encoding`, then
+/// zstd; back to gzip for [`BodyCoding::HOLD`] when a hub refuses a zstd
+/// body with 415 (one not yet upgraded, say a replica behind the same
+/// address), so a mixed fleet of hubs costs one refused request an hour.
+#[derive(Debug)]
+pub struct BodyCoding {
+    zstd: AtomicBool,
+    refused_at: Mutex<Option<Instant>>,
+}
+
+impl BodyCoding {
+    /// How long a refusal keeps zstd off.
+    pub const HOLD: Duration = Duration::from_secs(3600);
+
+    pub const fn new() -> BodyCoding {
+        BodyCoding {
+            zstd: AtomicBool::new(false),
+            refused_at: Mutex::new(None),
+        }
+    }
+
+    /// The coding to compress the next batch with.
+    pub fn current(&self) -> Coding {
+        if self.zstd.load(Ordering::Relaxed) {
+            Coding::Zstd
+        } else {
+            Coding::Gzip
+        }
+    }
+
+    /// Reads a hub answer's `Accept-Encoding`: one listing zstd turns it
+    /// on, unless a refusal holds it off.
+    pub fn offered(&self, accept: Option<&str>) {
+        if !accept.is_some_and(|a| Coding::Zstd.listed_in(a)) || self.zstd.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut refused = self.refused_at.lock().expect("coding lock");
+        if refused.is_some_and(|at| at.elapsed() < Self::HOLD) {
+            return;
+        }
+        *refused = None;
+        if !self.zstd.swap(true, Ordering::Relaxed) {
+            tracing::info!("the hub reads zstd: sending batches in zstd from now");
+        }
+    }
+
+    /// True when `err`, the answer to a body compressed as `sent`, refuses
+    /// its coding: zstd is off for [`BodyCoding::HOLD`], and the same
+    /// records go again in gzip (they are never set aside for it).
+    pub fn refused(&self, err: &SyncError, sent: Coding) -> bool {
+        let refusal = matches!(err, SyncError::Status { status, .. }
+            if *status == StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        if sent != Coding::Zstd || !refusal {
+            return false;
+        }
+        *self.refused_at.lock().expect("coding lock") = Some(Instant::now());
+        if self.zstd.swap(false, Ordering::Relaxed) {
+            tracing::warn!(
+                "the hub does not read zstd ({err}); sending gzip for the next {} minutes",
+                Self::HOLD.as_secs() / 60
+            );
+        }
+        true
+    }
+}
+
+impl Default for BodyCoding {
+    fn default() -> Self {
+        BodyCoding::new()
+    }
+}
+
 /// Maps an HTTP status to the action the design prescribes. `Retry-After`
 /// is taken from 429 and 503 only, the answers that define it as a delay
 /// (RFC 6585, RFC 9110); on any other status it is ignored.
@@ -237,6 +314,37 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zstd_once_offered_and_gzip_for_an_hour_after_a_refusal() {
+        let coding = BodyCoding::new();
+        assert_eq!(coding.current(), Coding::Gzip);
+        coding.offered(None);
+        coding.offered(Some("gzip"));
+        coding.offered(Some("zstd;q=0, gzip"));
+        assert_eq!(coding.current(), Coding::Gzip, "not offered");
+        coding.offered(Some("zstd, gzip"));
+        assert_eq!(coding.current(), Coding::Zstd);
+        let status = |code: u16| SyncError::Status {
+            status: StatusCode::from_u16(code).unwrap(),
+            message: "no".into(),
+            retry_after: None,
+        };
+        // Only a 415 to a zstd body is a refusal of the coding.
+        assert!(!coding.refused(&status(400), Coding::Zstd));
+        assert!(!coding.refused(&status(503), Coding::Zstd));
+        assert!(!coding.refused(&status(415), Coding::Gzip));
+        assert_eq!(coding.current(), Coding::Zstd);
+        assert!(coding.refused(&status(415), Coding::Zstd));
+        assert_eq!(coding.current(), Coding::Gzip);
+        // Offered again within the hold: still gzip.
+        coding.offered(Some("zstd, gzip"));
+        assert_eq!(coding.current(), Coding::Gzip);
+        // Once the hold is over, an offer turns it on again.
+        *coding.refused_at.lock().unwrap() = Instant::now().checked_sub(BodyCoding::HOLD);
+        coding.offered(Some("zstd, gzip"));
+        assert_eq!(coding.current(), Coding::Zstd);
+    }
 
     #[test]
     fn statuses_map_to_the_designed_actions() {

@@ -232,6 +232,7 @@ impl SyncShared {
             } else {
                 0.0
             },
+            content_encoding: super::error::BODY_CODING.current().as_str().to_owned(),
             batches_sent: get(&self.batches_sent),
             records_sent: get(&self.records_sent),
             failures: get(&self.failures),

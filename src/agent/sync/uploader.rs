@@ -1,12 +1,12 @@
 //! The batch uploader: reads what the hub has not acknowledged (session
 //! revisions first, then records — errors and fatals first when behind —
-//! then gap counters), packs a `wire::Batch`, gzips it, POSTs it with the
+//! then gap counters), packs a `wire::Batch`, compresses it, POSTs it with the
 //! device token, and marks synced exactly what the hub's `BatchAck` says,
 //! through the writer. A supervisor restarts it when it stops making
 //! progress.
 //!
 //! It is a pipeline: while a full batch is in flight, the next one is read,
-//! packed and gzipped on a blocking thread, leaving out what is in flight and
+//! packed and compressed on a blocking thread, leaving out what is in flight and
 //! what the writer is still marking; it is sent as soon as the hub acks the
 //! one before, and discarded if that one fails. The writer marks an ack while
 //! the next batch is already on the wire.
@@ -30,7 +30,7 @@ use reqwest::Method;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::error::{Action, SyncError, BATCH_ENCODING};
+use super::error::{Action, SyncError, BATCH_ENCODING, BODY_CODING};
 use super::link::{Link, LinkConfig};
 use super::status::SyncShared;
 use super::throttle::Throttle;
@@ -40,7 +40,7 @@ use crate::agent::store::sync::{Acked, PendingRecord, SetAside, SyncReader};
 use crate::agent::store::writer::Msg;
 use crate::agent::store::{now_ns, Stats, StoreError};
 use crate::wire::{
-    AgentReport, Batch, BatchAck, Device, BATCHES_PATH, BATCH_VERSION, CONTENT_TYPE_MSGPACK,
+    AgentReport, Batch, BatchAck, Coding, Device, BATCHES_PATH, BATCH_VERSION, CONTENT_TYPE_MSGPACK,
 };
 
 /// gzip level of batch bodies. Measured on a batch of 20,000 robot log
@@ -49,7 +49,10 @@ use crate::wire::{
 /// -> 709 KB. On batch v2, level 3 still sends under 1/9 of the bytes of
 /// JSON lines (see `examples/wire_bench.rs`), and encoding is the drain's
 /// CPU on a robot's small core.
-const GZIP_LEVEL: u32 = 3;
+const GZIP_LEVEL: i32 = 3;
+/// zstd level of batch bodies, once the hub reads zstd: see
+/// `examples/wire_bench.rs` for the bytes and CPU of each level.
+const ZSTD_LEVEL: i32 = 3;
 /// A batch packed longer ago than this (it waited for the bandwidth cap) is
 /// stamped with the robot's clock and packed again before it is sent.
 const RESTAMP_AFTER_NS: i64 = 1_000_000_000;
@@ -224,6 +227,7 @@ struct Work {
 struct Ready {
     work: Work,
     body: Vec<u8>,
+    coding: Coding,
     raw_len: usize,
     read_time: Duration,
     encode_time: Duration,
@@ -485,6 +489,7 @@ impl Uploader {
         let Ready {
             work,
             body,
+            coding,
             raw_len,
             read_time,
             encode_time,
@@ -498,7 +503,7 @@ impl Uploader {
             .request(Method::POST, &url)
             .timeout(POST_TIMEOUT)
             .header(CONTENT_TYPE, CONTENT_TYPE_MSGPACK)
-            .header(CONTENT_ENCODING, "gzip")
+            .header(CONTENT_ENCODING, coding.as_str())
             .body(body);
         let read_ahead = self.read_ahead(&work).await;
         let (result, read_ahead) = tokio::select! {
@@ -518,7 +523,7 @@ impl Uploader {
                 self.acknowledged(work, ack, prefetched, sizes, timing)
                     .await
             }
-            Err(e) => self.failed(work, e, shutdown).await,
+            Err(e) => self.failed(work, coding, e, shutdown).await,
         }
     }
 
@@ -631,10 +636,20 @@ impl Uploader {
     }
 
     /// The post failed: counts it, then does what its class says.
-    async fn failed(&mut self, work: Work, e: SyncError, shutdown: &CancellationToken) -> Step {
+    async fn failed(
+        &mut self,
+        work: Work,
+        coding: Coding,
+        e: SyncError,
+        shutdown: &CancellationToken,
+    ) -> Step {
         let shared = &self.ctx.shared;
         shared.failures.fetch_add(1, Ordering::Relaxed);
         shared.set_error(Some(e.to_string()));
+        if BODY_CODING.refused(&e, coding) {
+            // Nothing was marked: the next round sends them in gzip.
+            return Step::Next;
+        }
         let n_records = work.batch.records.len();
         match BATCH_ENCODING.decide(&e, work.batch.version) {
             // Nothing was marked: the next round reads the same records
@@ -759,7 +774,7 @@ fn covered(sorted: &[(u64, u64)], seq: u64) -> bool {
     i > 0 && sorted[i - 1].1 >= seq
 }
 
-/// Packs a batch for the wire: msgpack, then gzip. The clock it carries
+/// Packs a batch for the wire: msgpack, then gzip or zstd. The clock it carries
 /// is read here; for a batch read ahead that is up to one request earlier
 /// than it leaves, well within what the hub's skew figure can resolve.
 fn encode(mut work: Work, read_time: Duration) -> Ready {
@@ -777,10 +792,16 @@ fn encode(mut work: Work, read_time: Duration) -> Ready {
     }
     let raw = work.batch.to_msgpack();
     let raw_len = raw.len();
-    let body = gzip(&raw);
+    let coding = BODY_CODING.current();
+    let level = match coding {
+        Coding::Zstd => ZSTD_LEVEL,
+        _ => GZIP_LEVEL,
+    };
+    let body = coding.compress(&raw, level);
     Ready {
         work,
         body,
+        coding,
         raw_len,
         read_time,
         encode_time: start.elapsed(),
@@ -1144,6 +1165,11 @@ async fn post(request: reqwest::RequestBuilder) -> Result<BatchAck, SyncError> {
     let mut resp = request.send().await.map_err(SyncError::Transport)?;
     let status = resp.status();
     let headers = resp.headers().clone();
+    BODY_CODING.offered(
+        headers
+            .get(reqwest::header::ACCEPT_ENCODING)
+            .and_then(|v| v.to_str().ok()),
+    );
     let mut body = Vec::new();
     while let Some(chunk) = resp.chunk().await.map_err(SyncError::Transport)? {
         if body.len() + chunk.len() > MAX_ACK_BYTES {
@@ -1161,16 +1187,6 @@ async fn post(request: reqwest::RequestBuilder) -> Result<BatchAck, SyncError> {
             "status {status} with an unreadable acknowledgement: {e}"
         ))
     })
-}
-
-fn gzip(raw: &[u8]) -> Vec<u8> {
-    use std::io::Write;
-    let mut gz = flate2::write::GzEncoder::new(
-        Vec::with_capacity(raw.len() / 4 + 64),
-        flate2::Compression::new(GZIP_LEVEL),
-    );
-    gz.write_all(raw).expect("writing to a Vec cannot fail");
-    gz.finish().expect("writing to a Vec cannot fail")
 }
 
 fn join_err(e: tokio::task::JoinError) -> StoreError {
