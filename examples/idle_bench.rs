@@ -183,15 +183,12 @@ fn main() {
         "thread", "voluntary", "involunt.", "per s"
     );
     for (name, (v1, n1)) in &sw1 {
+        // Threads of one name are summed; one that ended in between (a
+        // blocking thread past its keep-alive) takes its count with it.
         let (v0, n0) = sw0.get(name).copied().unwrap_or_default();
-        let d = (v1 - v0) + (n1 - n0);
-        total += d;
-        println!(
-            "{name:<24} {:>10} {:>10} {:>8.2}",
-            v1 - v0,
-            n1 - n0,
-            d as f64 / took
-        );
+        let (v, n) = (v1.saturating_sub(v0), n1.saturating_sub(n0));
+        total += v + n;
+        println!("{name:<24} {v:>10} {n:>10} {:>8.2}", (v + n) as f64 / took);
     }
     println!(
         "all threads: {total} switches, {:.2} per second",

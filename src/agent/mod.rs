@@ -17,6 +17,7 @@ pub mod crash;
 pub mod formats;
 pub mod ingest;
 pub mod marks;
+pub mod memory;
 pub mod record;
 pub mod store;
 pub mod sync;
@@ -133,6 +134,8 @@ pub async fn run_with_reload(
     let api = start_api(state, sockets.api, &shutdown);
     let notifier = announce_ready(&cfg, notifier, &stats);
     let heartbeat = tokio::spawn(heartbeat(notifier.clone(), stats, shutdown.clone()));
+    // Ends by itself (once done, or at shutdown): nothing to join.
+    tokio::spawn(memory::release_after_start(shutdown.clone()));
 
     shutdown.cancelled().await;
     Running {

@@ -4,7 +4,8 @@
 //!
 //! Invariant: the only unsafe code here is `adopt::listener`, which takes
 //! ownership of a file descriptor systemd passed and nothing else owns (the
-//! crate's other unsafe code is in `ingest::mmsg` and `store::insert`).
+//! crate's other unsafe code is in `ingest::mmsg`, `store::insert` and
+//! `memory`).
 
 use std::collections::HashMap;
 use std::os::unix::net::UnixDatagram;
