@@ -17,6 +17,7 @@
 //! decoder checks each count and length against the input left before it
 //! allocates, so a hostile body costs at most a bounded multiple of its size.
 
+use std::borrow::Cow;
 use std::io::{Read, Write};
 
 use serde::{Deserialize, Serialize};
@@ -125,14 +126,15 @@ impl Coding {
         }
     }
 
-    /// `body` decompressed, failing once the output would exceed `limit`
-    /// bytes (a bomb stops there, having cost at most that much).
-    pub fn decompress(self, body: &[u8], limit: usize) -> Result<Vec<u8>, WireError> {
+    /// `body` decompressed (itself, uncopied, for identity), failing once
+    /// the output would exceed `limit` bytes (a bomb stops there, having
+    /// cost at most that much).
+    pub fn decompress(self, body: &[u8], limit: usize) -> Result<Cow<'_, [u8]>, WireError> {
         match self {
             Coding::Identity if body.len() > limit => Err(WireError::TooLarge { limit }),
-            Coding::Identity => Ok(body.to_vec()),
-            Coding::Gzip => gunzip_limited(body, limit),
-            Coding::Zstd => unzstd_limited(body, limit),
+            Coding::Identity => Ok(Cow::Borrowed(body)),
+            Coding::Gzip => gunzip_limited(body, limit).map(Cow::Owned),
+            Coding::Zstd => unzstd_limited(body, limit).map(Cow::Owned),
         }
     }
 }
@@ -598,14 +600,6 @@ impl Batch {
         coding: Coding,
         max_decompressed: usize,
     ) -> Result<Batch, WireError> {
-        if coding == Coding::Identity {
-            if body.len() > max_decompressed {
-                return Err(WireError::TooLarge {
-                    limit: max_decompressed,
-                });
-            }
-            return Batch::from_msgpack_limited(body, max_decompressed);
-        }
         let raw = coding.decompress(body, max_decompressed)?;
         Batch::from_msgpack_limited(&raw, max_decompressed)
     }
@@ -635,13 +629,12 @@ impl Batch {
 
 /// Gunzips `body`, failing once the output would exceed `limit` bytes.
 pub fn gunzip_limited(body: &[u8], limit: usize) -> Result<Vec<u8>, WireError> {
-    let mut out = Vec::new();
-    let mut dec = flate2::read::GzDecoder::new(body).take(limit as u64 + 1);
-    dec.read_to_end(&mut out).map_err(WireError::Gzip)?;
-    if out.len() > limit {
-        return Err(WireError::TooLarge { limit });
-    }
-    Ok(out)
+    read_limited(
+        flate2::read::GzDecoder::new(body),
+        limit,
+        0,
+        WireError::Gzip,
+    )
 }
 
 /// Decompresses zstd `body` (one frame or several), failing once the
@@ -653,13 +646,26 @@ pub fn unzstd_limited(body: &[u8], limit: usize) -> Result<Vec<u8>, WireError> {
         .ok()
         .flatten()
         .unwrap_or(0);
-    let mut out = Vec::with_capacity(stated.min(limit as u64 + 1) as usize);
+    let capacity = stated.min(limit as u64 + 1) as usize;
     let mut dec = zstd::stream::read::Decoder::with_buffer(body).map_err(WireError::Zstd)?;
     dec.window_log_max(ZSTD_WINDOW_LOG_MAX)
         .map_err(WireError::Zstd)?;
+    read_limited(dec, limit, capacity, WireError::Zstd)
+}
+
+/// Reads a decoder to its end into a buffer of `capacity`, stopping with
+/// [`WireError::TooLarge`] once the output would exceed `limit` bytes;
+/// `invalid` names the decoder's own errors.
+fn read_limited(
+    dec: impl Read,
+    limit: usize,
+    capacity: usize,
+    invalid: fn(std::io::Error) -> WireError,
+) -> Result<Vec<u8>, WireError> {
+    let mut out = Vec::with_capacity(capacity);
     dec.take(limit as u64 + 1)
         .read_to_end(&mut out)
-        .map_err(WireError::Zstd)?;
+        .map_err(invalid)?;
     if out.len() > limit {
         return Err(WireError::TooLarge { limit });
     }
