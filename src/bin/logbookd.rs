@@ -110,11 +110,15 @@ fn run() -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("log.level: {e}"))?;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .finish()
+    // A registry, not `fmt()`: its subscriber stops at INFO whatever the
+    // filter allows, which kept `log.level = "debug"` from showing debug.
+    tracing_subscriber::registry()
         .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(false),
+        )
         .init();
     // Before the runtime starts threads: adopting fds and clearing the
     // LISTEN_* variables is only sound while this is the only thread.
