@@ -12,6 +12,7 @@ mod limits;
 mod links;
 mod marks;
 mod powercut;
+mod search;
 mod tls;
 
 use std::time::Duration;
