@@ -819,14 +819,14 @@ mod v2 {
 
     /// Interns values in first-seen order; `index` is their position.
     struct Table<K> {
-        index: HashMap<K, u64>,
+        index: HashMap<K, u64, foldhash::fast::RandomState>,
         order: Vec<K>,
     }
 
     impl<K: std::hash::Hash + Eq + Copy> Table<K> {
         fn new() -> Self {
             Table {
-                index: HashMap::new(),
+                index: HashMap::default(),
                 order: Vec::new(),
             }
         }

@@ -338,12 +338,32 @@ impl SyncReader {
         let mut rows = stmt.query(args)?;
         let mut out = Vec::new();
         let mut bytes = 0usize;
+        // A run of records shares its session: its id is parsed once.
+        let mut last_id: Option<(String, Option<Uuid>)> = None;
         while let Some(r) = rows.next()? {
-            let id: Option<String> = r.get(1)?;
+            let text = r.get_ref(1)?.as_str_or_null();
+            let text = text.map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    1,
+                    rusqlite::types::Type::Text,
+                    Box::new(e),
+                )
+            })?;
+            let session_id = match text {
+                None => None,
+                Some(text) => match &last_id {
+                    Some((t, id)) if t == text => *id,
+                    _ => {
+                        let id = Uuid::parse_str(text).ok();
+                        last_id = Some((text.to_owned(), id));
+                        id
+                    }
+                },
+            };
             let level: i64 = r.get(3)?;
             let record = Record {
                 seq: r.get::<_, i64>(0)? as u64,
-                session_id: id.and_then(|s| Uuid::parse_str(&s).ok()),
+                session_id,
                 timestamp_ns: r.get(2)?,
                 level: Level::from_code(level as u8).unwrap_or(Level::Info),
                 module: r.get(4)?,

@@ -894,7 +894,7 @@ enum Step {
 /// The records of one batch, gathered by several reads in turn.
 struct Fill {
     records: Vec<PendingRecord>,
-    taken: HashSet<u64>,
+    taken: HashSet<u64, foldhash::fast::RandomState>,
     bytes: usize,
     limit: usize,
     max_bytes: usize,
@@ -966,7 +966,7 @@ fn build(reader: &SyncReader, plan: Plan) -> Result<Work, StoreError> {
     let mut next = start.clone();
     let mut fill = Fill {
         records: Vec::new(),
-        taken: HashSet::new(),
+        taken: HashSet::default(),
         bytes: 0,
         limit,
         max_bytes,
