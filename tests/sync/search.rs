@@ -79,7 +79,7 @@ fn what_the_hub_stores_is_searchable_at_once_during_a_sustained_drain() {
     proxy.set(Fault::Delay(Duration::from_millis(50)));
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicU64::new(BACKLOG));
-    let fresh = std::thread::scope(|scope| {
+    let (checks, seen) = std::thread::scope(|scope| {
         let writer = {
             let (stop, sent, agent) = (stop.clone(), sent.clone(), &agent);
             scope.spawn(move || {
@@ -91,7 +91,7 @@ fn what_the_hub_stores_is_searchable_at_once_during_a_sustained_drain() {
                 }
             })
         };
-        let _stop = StopOnDrop(stop.clone());
+        let stop_writer = StopOnDrop(stop.clone());
         let mut checks = 0u64;
         let mut seen = Vec::new();
         loop {
@@ -110,9 +110,9 @@ fn what_the_hub_stores_is_searchable_at_once_during_a_sustained_drain() {
                 let msg = newest["message"].as_str().unwrap();
                 let word = msg.split_whitespace().find(|w| w.starts_with('k')).unwrap();
                 let hit = page(&hub, &id, &format!("search={word}"));
-                let seqs: Vec<&Value> = hit["items"].as_array().unwrap().iter().collect();
+                let items = hit["items"].as_array().unwrap();
                 assert!(
-                    seqs.iter().any(|r| r["seq"] == newest["seq"]),
+                    items.iter().any(|r| r["seq"] == newest["seq"]),
                     "the newest stored record ({msg}) is not found by {word}: {hit}"
                 );
                 checks += 1;
@@ -126,11 +126,10 @@ fn what_the_hub_stores_is_searchable_at_once_during_a_sustained_drain() {
                 break;
             }
         }
-        stop.store(true, Ordering::Relaxed);
+        drop(stop_writer);
         writer.join().unwrap();
         (checks, seen)
     });
-    let (checks, seen) = fresh;
     // The checks saw the drain move, not only its end.
     assert!(
         seen.len() >= 3,
