@@ -68,6 +68,8 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, lexopt::Er
 }
 
 fn main() -> ExitCode {
+    // Before anything can load a library at run time (agent::memory).
+    logbook::agent::memory::note_start_mappings();
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => logbook::exit::report("logbookd", e.as_ref()),
