@@ -16,6 +16,16 @@
 //!   cargo run --profile bench --example console_bench -- 1000000  # a quick run
 //!
 //! `LOGBOOK_BENCH_DIR` keeps (and, when it holds a filled hub, reuses) the data.
+//!
+//! `LOGBOOK_BENCH_DATABASE=postgres` fills and serves a PostgreSQL store
+//! instead, on a throwaway cluster of Debian's server (as the tests start
+//! it: a temporary directory, a free port, `fsync=off`), removed when the
+//! bench ends; a `postgres://` URL there uses (and, when it holds records,
+//! reuses) that database. Besides the console's screens the bench times
+//! the Sessions API's JSON routes an operator's tools use: the first page
+//! of a session's logs, a filtered page, full-text searches (a common
+//! word, a rare one, one no record holds) and the session list; each page
+//! counts its whole match, as the API answers by default.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -23,12 +33,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use logbook::hub::store::{DeviceScope, SqliteStore, Store};
+use logbook::hub::config::Database;
+use logbook::hub::store::{DeviceScope, Store};
 use logbook::hub::{self, HubConfig};
 use logbook::wire::{
     Batch, Device, Level, Package, Record, SessionState, SessionStatus, BATCH_VERSION,
 };
 use uuid::Uuid;
+
+#[path = "../src/hub/store/postgres/testdb.rs"]
+#[allow(dead_code)]
+mod testdb;
 
 /// Sessions the records are spread over (100,000 records each at 10M).
 const SESSIONS: u64 = 100;
@@ -106,7 +121,7 @@ fn scope(d: u64) -> DeviceScope {
 
 /// Fills the store: `total` records over [`SESSIONS`] sessions, each
 /// session's records in batches of [`PER_BATCH`], one `ingest` each.
-async fn fill(store: &SqliteStore, total: u64) -> anyhow::Result<()> {
+async fn fill(store: &dyn Store, total: u64) -> anyhow::Result<()> {
     let per_session = (total / SESSIONS).max(1);
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let mut next_seq = vec![1u64; DEVICES as usize];
@@ -192,16 +207,17 @@ async fn fill(store: &SqliteStore, total: u64) -> anyhow::Result<()> {
 }
 
 /// One GET on a fresh connection: (time to first byte, time to the last
-/// byte, status line, body bytes).
+/// byte, status line, the rest of the answer after its first byte). `auth` is a whole header line: the
+/// console's cookie or the API's bearer token.
 fn get(
     addr: &str,
     path: &str,
-    cookie: &str,
-) -> anyhow::Result<(Duration, Duration, String, usize)> {
+    auth: &str,
+) -> anyhow::Result<(Duration, Duration, String, Vec<u8>)> {
     let mut s = TcpStream::connect(addr)?;
     s.set_nodelay(true)?;
     let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nCookie: {cookie}\r\nAccept: text/html\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}\r\nAccept: text/html\r\nConnection: close\r\n\r\n"
     );
     let t = Instant::now();
     s.write_all(req.as_bytes())?;
@@ -213,7 +229,7 @@ fn get(
     let total = t.elapsed();
     let text = String::from_utf8_lossy(&rest);
     let status = format!("{}{}", first[0] as char, text.lines().next().unwrap_or(""));
-    Ok((ttfb, total, status, rest.len() + 1))
+    Ok((ttfb, total, status, rest))
 }
 
 fn pct(mut v: Vec<Duration>, p: f64) -> f64 {
@@ -222,23 +238,38 @@ fn pct(mut v: Vec<Duration>, p: f64) -> f64 {
     v[i].as_secs_f64() * 1000.0
 }
 
+/// What [`measure`] found: the times, and the last answer's size and
+/// the `"total"` it counted (the API's log pages say how many match).
+struct Measured {
+    ttfb: Vec<Duration>,
+    all: Vec<Duration>,
+    bytes: usize,
+    total: Option<u64>,
+}
+
 /// [`RUNS`] timed GETs of `path` after [`WARMUP`] untimed ones.
-fn measure(
-    addr: &str,
-    path: &str,
-    cookie: &str,
-) -> anyhow::Result<(Vec<Duration>, Vec<Duration>, usize)> {
-    let (mut ttfb, mut total, mut bytes) = (Vec::new(), Vec::new(), 0);
+fn measure(addr: &str, path: &str, auth: &str) -> anyhow::Result<Measured> {
+    let mut m = Measured {
+        ttfb: Vec::new(),
+        all: Vec::new(),
+        bytes: 0,
+        total: None,
+    };
     for i in 0..WARMUP + RUNS {
-        let (first, all, status, n) = get(addr, path, cookie)?;
+        let (first, all, status, answer) = get(addr, path, auth)?;
         anyhow::ensure!(status.starts_with("HTTP/1.1 200"), "{path}: {status}");
         if i >= WARMUP {
-            ttfb.push(first);
-            total.push(all);
-            bytes = n;
+            m.ttfb.push(first);
+            m.all.push(all);
+            m.bytes = answer.len() + 1;
+            let text = String::from_utf8_lossy(&answer);
+            m.total = text.split_once("\"total\":").and_then(|(_, rest)| {
+                let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                digits.parse().ok()
+            });
         }
     }
-    Ok((ttfb, total, bytes))
+    Ok(m)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -258,27 +289,57 @@ fn main() -> anyhow::Result<()> {
         }
     };
     let data = dir.join("hub");
-    let filled = data.join("hub.db").exists();
-    let operator = hub::create_token(&data, "acme", Some("warehouse"), None)?;
+    std::fs::create_dir_all(&data)?;
+    // The database: SQLite in the data directory, or PostgreSQL.
+    let (database, filled, pg_url) = match std::env::var("LOGBOOK_BENCH_DATABASE").ok().as_deref() {
+        None | Some("" | "sqlite") => (
+            Database::SqliteInDataDir,
+            data.join("hub.db").exists(),
+            None,
+        ),
+        Some(v) => {
+            let url = if v == "postgres" {
+                testdb::fresh_database("console_bench")
+                    .context("LOGBOOK_BENCH_DATABASE=postgres: PostgreSQL is not installed")?
+            } else {
+                v.to_owned()
+            };
+            let env = vec![("LOGBOOK_STORAGE_DATABASE".to_owned(), url.clone())];
+            let database = HubConfig::load(None, env)?.database;
+            let held = testdb::psql(
+                &url,
+                "SELECT count(*) FROM information_schema.tables WHERE table_name = 'logs'",
+            );
+            let filled = held.trim() == "1"
+                && testdb::psql(&url, "SELECT EXISTS (SELECT 1 FROM logs)").trim() == "t";
+            (database, filled, Some(url))
+        }
+    };
+    let backend = match database {
+        Database::SqliteInDataDir => "SQLite",
+        Database::Postgres(_) => "PostgreSQL",
+    };
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     if filled {
-        eprintln!("reusing the hub in {}", data.display());
+        eprintln!("reusing the {backend} store of {}", data.display());
     } else {
-        eprintln!("filling the store with {total} records over {SESSIONS} sessions ...");
+        eprintln!("filling the {backend} store with {total} records over {SESSIONS} sessions ...");
         rt.block_on(async {
-            let store = SqliteStore::open(&data.join("hub.db"))?;
-            fill(&store, total).await
+            let store = hub::open_database(&database, &data).await?;
+            fill(store.as_ref(), total).await
         })?;
     }
+    let operator = hub::create_token_in(&database, &data, "acme", Some("warehouse"), None)?;
 
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
     let addr = listener.local_addr()?.to_string();
     let config = HubConfig {
         data_dir: data.clone(),
+        database,
         ..HubConfig::default()
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -288,14 +349,16 @@ fn main() -> anyhow::Result<()> {
     // Wait for the hub, then sign in (the cookie every console page needs).
     let mut ready = false;
     for _ in 0..2000 {
-        if get(&addr, "/healthz", "x=y").is_ok_and(|(_, _, s, _)| s.starts_with("HTTP/1.1 200")) {
+        if get(&addr, "/healthz", "Cookie: x=y")
+            .is_ok_and(|(_, _, s, _)| s.starts_with("HTTP/1.1 200"))
+        {
             ready = true;
             break;
         }
         std::thread::sleep(Duration::from_millis(5));
     }
     anyhow::ensure!(ready, "the hub did not answer");
-    let cookie = {
+    let cookie = format!("Cookie: {}", {
         let mut s = TcpStream::connect(&addr)?;
         let body = format!("key={operator}");
         write!(
@@ -314,10 +377,12 @@ fn main() -> anyhow::Result<()> {
                 l.split(';').next().map(str::to_owned)
             })
             .with_context(|| format!("no sign-in cookie in: {answer}"))?
-    };
+    });
+    let bearer = format!("Authorization: Bearer {operator}");
 
     let session = session_uuid(SESSIONS / 2);
     let base = "/o/acme/warehouse";
+    let api = "/api/v1/organizations/acme/projects/warehouse";
     let routes = [
         ("session screen", format!("{base}/sessions/{session}")),
         (
@@ -335,28 +400,70 @@ fn main() -> anyhow::Result<()> {
         ("sessions screen", format!("{base}/sessions")),
         ("devices screen", format!("{base}/devices")),
     ];
-    let (health, _, _) = measure(&addr, "/healthz", &cookie)?;
+    // The API's pages ask for the total too (the route's default), so a
+    // filter's whole match is counted, not only its first 100 rows.
+    let api_routes = [
+        (
+            "API: first page of a session's logs",
+            format!("{api}/sessions/{session}/logs"),
+        ),
+        (
+            "API: level=warn and module",
+            format!("{api}/sessions/{session}/logs?level=warn&module=perception"),
+        ),
+        (
+            "API: search, a common word (1 record in 6)",
+            format!("{api}/sessions/{session}/logs?search=obstacles"),
+        ),
+        (
+            "API: search, a rare word (a number)",
+            format!("{api}/sessions/{session}/logs?search=4321"),
+        ),
+        (
+            "API: search, a word no record holds",
+            format!("{api}/sessions/{session}/logs?search=nosuchword"),
+        ),
+        ("API: session list", format!("{api}/sessions")),
+        (
+            "API: session list, tag filter",
+            format!("{api}/sessions?tag=shift-1"),
+        ),
+    ];
+    let health = measure(&addr, "/healthz", &cookie)?.ttfb;
     let h50 = pct(health.clone(), 0.5);
     println!(
-        "console_bench: {total} records in the hub, {SESSIONS} sessions of {} records, {DEVICES} devices; {RUNS} runs each, fresh connection per request; hub on 2 worker threads",
+        "console_bench: {total} records in the hub ({backend}), {SESSIONS} sessions of {} records, {DEVICES} devices; {RUNS} runs each, fresh connection per request; hub on 2 worker threads",
         total / SESSIONS
     );
     println!(
         "baseline /healthz: TTFB p50 {h50:.2} ms, p95 {:.2} ms",
         pct(health, 0.95)
     );
-    for (name, path) in &routes {
-        let (ttfb, all, bytes) = measure(&addr, path, &cookie)?;
-        let (p50, p95) = (pct(ttfb.clone(), 0.5), pct(ttfb, 0.95));
+    let all_routes = routes
+        .iter()
+        .map(|(name, path)| (name, path, &cookie))
+        .chain(api_routes.iter().map(|(name, path)| (name, path, &bearer)));
+    for (name, path, auth) in all_routes {
+        let m = measure(&addr, path, auth)?;
+        let (p50, p95) = (pct(m.ttfb.clone(), 0.5), pct(m.ttfb, 0.95));
+        let matches = m.total.map(|n| format!(", {n} match")).unwrap_or_default();
         println!(
-            "{name}: TTFB p50 {p50:.2} ms, p95 {p95:.2} ms (goal < 100 ms) = {:.1}x /healthz; whole answer p50 {:.2} ms, {} KiB",
+            "{name}: TTFB p50 {p50:.2} ms, p95 {p95:.2} ms = {:.1}x /healthz; whole answer p50 {:.2} ms, {} KiB{matches}",
             p50 / h50,
-            pct(all, 0.5),
-            bytes >> 10
+            pct(m.all, 0.5),
+            m.bytes >> 10
         );
     }
     let _ = stop.send(());
     rt.block_on(server)??;
+    if let Some(url) = pg_url {
+        let size = testdb::psql(&url, "SELECT pg_database_size(current_database())");
+        println!(
+            "hub data in PostgreSQL: {} MiB",
+            size.trim().parse::<u64>()? >> 20
+        );
+        return Ok(());
+    }
     let size: u64 = std::fs::read_dir(&data)?
         .flatten()
         .filter_map(|e| e.metadata().ok())
