@@ -50,6 +50,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("006_first_errors.sql"),
     include_str!("007_scoped_keys.sql"),
     include_str!("008_finished_uploads.sql"),
+    include_str!("009_search_by_session.sql"),
 ];
 
 /// Advisory lock keys (`pg_advisory_xact_lock`), arbitrary but fixed: every
