@@ -682,6 +682,27 @@ pub struct LogQuery {
     pub want_total: bool,
 }
 
+impl LogQuery {
+    /// The lowest level code whose session counters answer this query's
+    /// total, when nothing but a level floor filters it: a session's
+    /// `n_<level>` counters grow in the transaction that stores its rows
+    /// and go only with them (the session's delete), so their sum is the
+    /// rows' count, read from one row instead of counted over all of them.
+    pub fn total_from_counters(&self) -> Option<usize> {
+        let searching = self.search.as_deref().is_some_and(|s| !s.trim().is_empty());
+        let filtered = self.module.is_some()
+            || searching
+            || self.since_ns.is_some()
+            || self.until_ns.is_some();
+        (!filtered).then(|| self.min_level.map_or(0, |l| usize::from(l.code())))
+    }
+}
+
+/// A session's stored counters per level, trace first (the columns
+/// [`LogQuery::total_from_counters`] sums from its floor up).
+pub const SESSION_COUNTERS_SQL: &str =
+    "SELECT n_trace, n_debug, n_info, n_warn, n_error, n_fatal FROM sessions WHERE pk = ";
+
 #[derive(Debug)]
 pub struct LogPage {
     pub items: Vec<LogRow>,

@@ -49,6 +49,7 @@ per_backend!(
     ingest_is_idempotent_per_device_and_seq,
     newest_revision_wins_and_gaps_keep_the_maximum,
     filters_search_and_cursors,
+    totals_count_exactly_what_matches,
     delete_removes_everything_and_stays_deleted,
     session_list_filters_sorts_and_pages,
     logs_after_an_id_page_through_one_session_in_commit_order,
@@ -571,6 +572,67 @@ async fn filters_search_and_cursors(store: &dyn Store) {
         .await
         .unwrap();
     assert_eq!((page.total, page.next_cursor), (Some(5), Some(4)));
+}
+
+/// A page's total is every record its filters match, whether the store
+/// counts rows or reads the session's counters (a level floor alone):
+/// after batches that repeat records, and beside another session and a
+/// device's records outside sessions.
+async fn totals_count_exactly_what_matches(store: &dyn Store) {
+    let (s, other) = (session_uuid(4), session_uuid(5));
+    let levels = [
+        Level::Trace,
+        Level::Debug,
+        Level::Info,
+        Level::Warn,
+        Level::Error,
+        Level::Fatal,
+    ];
+    let make = |seqs: std::ops::Range<u64>, session| {
+        seqs.map(|seq| {
+            let level = levels[(seq * 7 % 6) as usize];
+            rec(seq, session, level, "nav", "route planned")
+        })
+        .collect::<Vec<_>>()
+    };
+    // Seqs 1-40 in the session, 41-50 in another, 51-55 outside any;
+    // then 21-40 again with 56-70 (the repeats are not stored twice).
+    let first = [
+        make(1..41, Some(s)),
+        make(41..51, Some(other)),
+        make(51..56, None),
+    ]
+    .concat();
+    let second = [make(21..41, Some(s)), make(56..71, Some(s))].concat();
+    for recs in [first, second.clone(), second] {
+        store
+            .ingest(&scope("r1"), batch("r1", vec![], recs, vec![]), false)
+            .await
+            .unwrap();
+    }
+    let pk = store
+        .find_session("acme", "warehouse", &s.to_string())
+        .await
+        .unwrap()
+        .unwrap();
+    let stored: Vec<u64> = (1..41).chain(56..71).collect();
+    for floor in [None].into_iter().chain(levels.map(Some)) {
+        for module in [None, Some("nav".to_owned())] {
+            let q = LogQuery {
+                min_level: floor,
+                module: module.clone(),
+                limit: 3,
+                want_total: true,
+                ..Default::default()
+            };
+            let want = stored
+                .iter()
+                .filter(|&&seq| floor.is_none_or(|f| levels[(seq * 7 % 6) as usize] >= f))
+                .count() as u64;
+            let page = store.logs(LogScope::Session(pk), &q).await.unwrap();
+            assert_eq!(page.total, Some(want), "floor {floor:?}, module {module:?}");
+        }
+    }
 }
 
 async fn delete_removes_everything_and_stays_deleted(store: &dyn Store) {

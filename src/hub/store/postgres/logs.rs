@@ -6,7 +6,9 @@
 use deadpool_postgres::GenericClient;
 
 use super::rows::{log_row, Where, LOG_COLUMNS};
-use crate::hub::store::{Histogram, LogPage, LogQuery, LogRow, LogScope, StoreError};
+use crate::hub::store::{
+    Histogram, LogPage, LogQuery, LogRow, LogScope, StoreError, SESSION_COUNTERS_SQL,
+};
 
 /// The text-search vector of a message: the expression `logs_search`
 /// indexes, so it must stay the same as in the migration.
@@ -67,7 +69,21 @@ pub(super) async fn page(
     q: &LogQuery,
 ) -> Result<LogPage, StoreError> {
     let mut w = log_where(scope, q);
-    let total = if q.want_total {
+    let counters = match scope {
+        LogScope::Session(pk) => q.total_from_counters().map(|floor| (pk, floor)),
+        LogScope::Device(_) => None,
+    };
+    let total = if !q.want_total {
+        None
+    } else if let Some((pk, floor)) = counters {
+        let st = c
+            .prepare_cached(&format!("{SESSION_COUNTERS_SQL}$1"))
+            .await?;
+        let row = c.query_opt(&st, &[&pk]).await?;
+        Some(row.map_or(0, |r| {
+            (floor..6).map(|i| r.get::<_, i64>(i).max(0) as u64).sum()
+        }))
+    } else {
         let n: i64 = c
             .query_one(
                 &format!("SELECT count(*) FROM logs l WHERE {}", w.sql()),
@@ -76,8 +92,6 @@ pub(super) async fn page(
             .await?
             .get(0);
         Some(n as u64)
-    } else {
-        None
     };
     let (cmp, dir) = if q.ascending {
         (">", "ASC")

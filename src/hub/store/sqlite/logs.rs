@@ -7,7 +7,9 @@ use rusqlite::{Connection, OptionalExtension};
 
 use super::rows::{log_row, Where, LOG_COLUMNS};
 use super::Db;
-use crate::hub::store::{Histogram, LogPage, LogQuery, LogRow, LogScope, StoreError};
+use crate::hub::store::{
+    Histogram, LogPage, LogQuery, LogRow, LogScope, StoreError, SESSION_COUNTERS_SQL,
+};
 
 /// Turns a user's search text into an FTS5 query: every word must occur as
 /// a whole word (case-insensitive). Quotes keep FTS5 syntax out of user
@@ -216,13 +218,25 @@ fn log_where(
 
 fn logs_page(c: &Connection, scope: LogScope, q: &LogQuery) -> Result<LogPage, StoreError> {
     let (where_, mut args) = log_where(c, scope, q, true)?;
-    let total = if q.want_total {
+    let counters = match scope {
+        LogScope::Session(pk) => q.total_from_counters().map(|floor| (pk, floor)),
+        LogScope::Device(_) => None,
+    };
+    let total = if !q.want_total {
+        None
+    } else if let Some((pk, floor)) = counters {
+        let n = c
+            .prepare_cached(&format!("{SESSION_COUNTERS_SQL}?1"))?
+            .query_row([pk], |r| {
+                (floor..6).try_fold(0u64, |sum, i| Ok(sum + r.get::<_, i64>(i)?.max(0) as u64))
+            })
+            .optional()?;
+        Some(n.unwrap_or(0))
+    } else {
         let n: i64 = c
             .prepare_cached(&format!("SELECT count(*) FROM logs l WHERE {where_}"))?
             .query_row(rusqlite::params_from_iter(args.iter()), |r| r.get(0))?;
         Some(n as u64)
-    } else {
-        None
     };
     let (cmp, dir) = if q.ascending {
         (">", "ASC")
