@@ -683,18 +683,23 @@ pub struct LogQuery {
 }
 
 impl LogQuery {
-    /// The lowest level code whose session counters answer this query's
-    /// total, when nothing but a level floor filters it: a session's
-    /// `n_<level>` counters grow in the transaction that stores its rows
-    /// and go only with them (the session's delete), so their sum is the
-    /// rows' count, read from one row instead of counted over all of them.
-    pub fn total_from_counters(&self) -> Option<usize> {
+    /// The session and the lowest level code whose counters answer this
+    /// query's total, when it reads a session's records and nothing but a
+    /// level floor filters them: a session's `n_<level>` counters grow in
+    /// the transaction that stores its rows and go only with them (the
+    /// session's delete), so their sum is the rows' count, read from one
+    /// row instead of counted over all of them. `None` for a device's
+    /// records (no counters) or when another filter applies.
+    pub fn total_from_counters(&self, scope: LogScope) -> Option<(i64, usize)> {
+        let LogScope::Session(pk) = scope else {
+            return None;
+        };
         let searching = self.search.as_deref().is_some_and(|s| !s.trim().is_empty());
         let filtered = self.module.is_some()
             || searching
             || self.since_ns.is_some()
             || self.until_ns.is_some();
-        (!filtered).then(|| self.min_level.map_or(0, |l| usize::from(l.code())))
+        (!filtered).then(|| (pk, self.min_level.map_or(0, |l| usize::from(l.code()))))
     }
 }
 

@@ -580,14 +580,7 @@ async fn filters_search_and_cursors(store: &dyn Store) {
 /// device's records outside sessions.
 async fn totals_count_exactly_what_matches(store: &dyn Store) {
     let (s, other) = (session_uuid(4), session_uuid(5));
-    let levels = [
-        Level::Trace,
-        Level::Debug,
-        Level::Info,
-        Level::Warn,
-        Level::Error,
-        Level::Fatal,
-    ];
+    let levels = Level::ALL;
     let make = |seqs: std::ops::Range<u64>, session| {
         seqs.map(|seq| {
             let level = levels[(seq * 7 % 6) as usize];

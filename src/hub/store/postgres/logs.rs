@@ -69,13 +69,9 @@ pub(super) async fn page(
     q: &LogQuery,
 ) -> Result<LogPage, StoreError> {
     let mut w = log_where(scope, q);
-    let counters = match scope {
-        LogScope::Session(pk) => q.total_from_counters().map(|floor| (pk, floor)),
-        LogScope::Device(_) => None,
-    };
     let total = if !q.want_total {
         None
-    } else if let Some((pk, floor)) = counters {
+    } else if let Some((pk, floor)) = q.total_from_counters(scope) {
         let st = c
             .prepare_cached(&format!("{SESSION_COUNTERS_SQL}$1"))
             .await?;

@@ -218,13 +218,9 @@ fn log_where(
 
 fn logs_page(c: &Connection, scope: LogScope, q: &LogQuery) -> Result<LogPage, StoreError> {
     let (where_, mut args) = log_where(c, scope, q, true)?;
-    let counters = match scope {
-        LogScope::Session(pk) => q.total_from_counters().map(|floor| (pk, floor)),
-        LogScope::Device(_) => None,
-    };
     let total = if !q.want_total {
         None
-    } else if let Some((pk, floor)) = counters {
+    } else if let Some((pk, floor)) = q.total_from_counters(scope) {
         let n = c
             .prepare_cached(&format!("{SESSION_COUNTERS_SQL}?1"))?
             .query_row([pk], |r| {
