@@ -67,6 +67,31 @@ fn migrate_prints_the_schema_version_and_bad_databases_are_one_line() {
         assert!(err.contains(want), "{err}");
         assert!(!err.contains("wrong"), "password shown: {err}");
     }
+    // A role that may make tables but not create extensions in a database
+    // it does not own: the server's reason and hint, on one line.
+    let Some(theirs) = testdb::fresh_database("hub::postgres::migrate") else {
+        return;
+    };
+    testdb::psql(
+        &theirs,
+        &format!("GRANT CREATE ON SCHEMA public TO {}", testdb::PASSWORD_ROLE),
+    );
+    let name = theirs.rsplit('/').next().unwrap();
+    let as_role = format!(
+        "postgres://{}:right@127.0.0.1:{port}/{name}",
+        testdb::PASSWORD_ROLE
+    );
+    let out = migrate(&[("LOGBOOK_STORAGE_DATABASE", &as_role)]);
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("logbook-hub: cannot migrate: "), "{err}");
+    assert!(
+        err.contains(r#"permission denied to create extension "btree_gin""#),
+        "{err}"
+    );
+    assert!(err.contains("CREATE privilege"), "{err}");
+    assert!(!err.contains("right"), "password shown: {err}");
 }
 
 /// The same batches into a hub on each backend, then the same requests.

@@ -70,8 +70,11 @@ const POOL_SIZE: usize = 16;
 const LOCK_TAKERS: usize = 2;
 
 impl From<tokio_postgres::Error> for StoreError {
+    /// The server's own words on one line: a `tokio_postgres::Error` says
+    /// only "db error", and the message, detail and hint it wraps span
+    /// lines.
     fn from(e: tokio_postgres::Error) -> StoreError {
-        StoreError::Backend(Box::new(e))
+        StoreError::Backend(cause(&e).replace('\n', "; ").into())
     }
 }
 
