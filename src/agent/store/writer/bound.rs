@@ -21,8 +21,26 @@ use crate::agent::store::sync::{watermark, NOT_AHEAD};
 use crate::agent::store::StoreError;
 use crate::wire::{gap_reason, Level};
 
+/// At most this many evictions per bound check (see `enforce_bound`).
+const EVICTION_ROUNDS: usize = 4;
+
 const ADD_GAP: &str = "INSERT INTO gaps(session, level, reason, dropped) VALUES (?1, ?2, ?3, ?4) \
                        ON CONFLICT(session, level, reason) DO UPDATE SET dropped = dropped + excluded.dropped";
+
+/// Gives every free page back to the filesystem (`auto_vacuum` is
+/// incremental). The pragma frees one page per step, answering a row for
+/// each, so it is stepped to its end: run once (as `execute_batch` does) it
+/// freed one page, and the file kept its high-water size. Returns the
+/// pages freed.
+pub(super) fn give_back_free_pages(conn: &Connection) -> rusqlite::Result<u64> {
+    let mut stmt = conn.prepare_cached("PRAGMA incremental_vacuum")?;
+    let mut rows = stmt.query([])?;
+    let mut freed = 0;
+    while rows.next()?.is_some() {
+        freed += 1;
+    }
+    Ok(freed)
+}
 
 /// Counts `dropped` more records of `session` (0: device logs) and `level`
 /// lost for `reason`, in the open transaction.
@@ -73,28 +91,54 @@ impl Writer {
         let page_size: u64 = self
             .conn
             .pragma_query_value(None, "page_size", |r| r.get(0))?;
-        let pages: u64 = self
-            .conn
-            .pragma_query_value(None, "page_count", |r| r.get(0))?;
-        let free_pages: u64 = self
-            .conn
-            .pragma_query_value(None, "freelist_count", |r| r.get(0))?;
-        let used = (pages - free_pages) * page_size;
-        let file = pages * page_size;
-        if used <= budget && file <= budget {
-            return Ok(());
+        // Eviction sizes its first cut from the average record, and the
+        // records it takes (lowest level, oldest) may be smaller than that,
+        // or free fewer whole pages: it goes again until the pages fit, a
+        // few rounds at most, each sized by what the last one freed per
+        // record and at most twice the last one.
+        let mut last: Option<(u64, u64)> = None; // (used before, records gone)
+        for _ in 0..EVICTION_ROUNDS {
+            let pages: u64 = self
+                .conn
+                .pragma_query_value(None, "page_count", |r| r.get(0))?;
+            let free_pages: u64 = self
+                .conn
+                .pragma_query_value(None, "freelist_count", |r| r.get(0))?;
+            let used = (pages - free_pages) * page_size;
+            let file = pages * page_size;
+            if used <= budget && file <= budget {
+                break;
+            }
+            let mut gone = 0;
+            if used > budget {
+                // Evict down to 90% of the budget, so eviction runs in
+                // chunks rather than on every commit.
+                let target = budget / 10 * 9;
+                let stored = self.stats.records_stored.load(Ordering::Relaxed).max(1) as u64;
+                let n = match last {
+                    None => (used - target).div_ceil((used / stored).max(1)),
+                    // What the last round freed per record, but never more
+                    // than twice its count: the next records may be larger
+                    // (a higher level), and what goes is not coming back.
+                    Some((before, n)) => {
+                        let per_record = before.saturating_sub(used) / n;
+                        let want = match per_record {
+                            0 => u64::MAX,
+                            per => (used - target).div_ceil(per),
+                        };
+                        want.min(n * 2)
+                    }
+                };
+                gone = self.evict(n.min(stored))?;
+                last = Some((used, gone.max(1)));
+            }
+            give_back_free_pages(&self.conn)?;
+            self.checkpoint();
+            if gone == 0 {
+                // Nothing left to take (or only free pages to give back).
+                break;
+            }
         }
-        if used > budget {
-            // Evict down to 90% of the budget, so eviction runs in chunks
-            // rather than on every commit.
-            let target = budget / 10 * 9;
-            let stored = self.stats.records_stored.load(Ordering::Relaxed).max(1) as u64;
-            let per_record = (used / stored).max(1);
-            let n = (used - target).div_ceil(per_record).min(stored);
-            self.evict(n)?;
-        }
-        self.conn.execute_batch("PRAGMA incremental_vacuum")?;
-        self.checkpoint();
         let on_disk = self.file_len("") + self.file_len("-wal");
         self.stats.disk_bytes.store(on_disk, Ordering::Relaxed);
         Ok(())
@@ -102,10 +146,10 @@ impl Writer {
 
     /// Evicts `n` records: synced ones oldest first, then unsynced ones from
     /// the lowest level up, oldest first, counting those as gaps per
-    /// session and level.
-    pub(super) fn evict(&mut self, n: u64) -> Result<(), StoreError> {
+    /// session and level. Returns how many went.
+    pub(super) fn evict(&mut self, n: u64) -> Result<u64, StoreError> {
         if n == 0 {
-            return Ok(());
+            return Ok(0);
         }
         let tx = self.conn.transaction()?;
         super::pins::release_over(&tx, self.cfg.pinned_max)?;
@@ -158,7 +202,7 @@ impl Writer {
                 "buffer full: evicted {synced_gone} synced and {unsynced_gone} unsynced records (counted as gaps)"
             );
         }
-        Ok(())
+        Ok((synced_gone + unsynced_gone) as u64)
     }
 }
 
@@ -264,6 +308,60 @@ mod tests {
 
     use super::super::tests::{gaps, put, rows, seqs, writer};
     use crate::wire::Level;
+
+    /// The records eviction takes first can be far smaller than the
+    /// average one: the bound still holds after one check.
+    #[test]
+    fn the_bound_holds_when_the_evicted_records_are_smaller_than_the_average() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = writer(dir.path());
+        let pragma = |w: &super::Writer, p: &str| -> u64 {
+            w.conn.pragma_query_value(None, p, |r| r.get(0)).unwrap()
+        };
+        let used = |w: &super::Writer| {
+            (pragma(w, "page_count") - pragma(w, "freelist_count")) * pragma(w, "page_size")
+        };
+        let mut big = rows(Level::Error, 300);
+        for r in &mut big {
+            r.message = "x".repeat(3000);
+        }
+        put(&mut w, big);
+        let errors_only = used(&w);
+        for _ in 0..10 {
+            put(&mut w, rows(Level::Debug, 1000));
+        }
+        let headroom = w.wal_limit + 2 * w.tx_bytes as u64;
+        // A budget that eviction of part of the small debug records meets,
+        // while their average with the big error records is far larger.
+        let budget = errors_only + (used(&w) - errors_only) / 2;
+        w.cfg.max_bytes = headroom + budget;
+        w.enforce_bound().unwrap();
+        assert!(
+            used(&w) <= budget,
+            "{} bytes used, budget {budget}",
+            used(&w)
+        );
+        assert!(pragma(&w, "page_count") * pragma(&w, "page_size") <= budget);
+        // Only debug records went, and not all of them.
+        let left: i64 = w
+            .conn
+            .query_row(
+                "SELECT count(*) FROM records WHERE level = ?1",
+                [Level::Error.code()],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(left, 300);
+        let debug_left: i64 = w
+            .conn
+            .query_row(
+                "SELECT count(*) FROM records WHERE level = ?1",
+                [Level::Debug.code()],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(debug_left > 0 && debug_left < 10_000, "{debug_left}");
+    }
 
     #[test]
     fn eviction_takes_synced_first_then_lowest_level_oldest_first() {

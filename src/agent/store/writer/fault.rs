@@ -144,7 +144,7 @@ impl Writer {
         if let Err(e) = self.evict(n) {
             tracing::warn!("evicting on a full disk failed: {e}");
         }
-        if let Err(e) = self.conn.execute_batch("PRAGMA incremental_vacuum") {
+        if let Err(e) = super::bound::give_back_free_pages(&self.conn) {
             tracing::warn!("giving pages back on a full disk failed: {e}");
         }
         self.checkpoint();
