@@ -21,9 +21,6 @@ use crate::agent::store::sync::{watermark, NOT_AHEAD};
 use crate::agent::store::StoreError;
 use crate::wire::{gap_reason, Level};
 
-/// At most this many evictions per bound check (see `enforce_bound`).
-const EVICTION_ROUNDS: usize = 4;
-
 const ADD_GAP: &str = "INSERT INTO gaps(session, level, reason, dropped) VALUES (?1, ?2, ?3, ?4) \
                        ON CONFLICT(session, level, reason) DO UPDATE SET dropped = dropped + excluded.dropped";
 
@@ -91,54 +88,28 @@ impl Writer {
         let page_size: u64 = self
             .conn
             .pragma_query_value(None, "page_size", |r| r.get(0))?;
-        // Eviction sizes its first cut from the average record, and the
-        // records it takes (lowest level, oldest) may be smaller than that,
-        // or free fewer whole pages: it goes again until the pages fit, a
-        // few rounds at most, each sized by what the last one freed per
-        // record and at most twice the last one.
-        let mut last: Option<(u64, u64)> = None; // (used before, records gone)
-        for _ in 0..EVICTION_ROUNDS {
-            let pages: u64 = self
-                .conn
-                .pragma_query_value(None, "page_count", |r| r.get(0))?;
-            let free_pages: u64 = self
-                .conn
-                .pragma_query_value(None, "freelist_count", |r| r.get(0))?;
-            let used = (pages - free_pages) * page_size;
-            let file = pages * page_size;
-            if used <= budget && file <= budget {
-                break;
-            }
-            let mut gone = 0;
-            if used > budget {
-                // Evict down to 90% of the budget, so eviction runs in
-                // chunks rather than on every commit.
-                let target = budget / 10 * 9;
-                let stored = self.stats.records_stored.load(Ordering::Relaxed).max(1) as u64;
-                let n = match last {
-                    None => (used - target).div_ceil((used / stored).max(1)),
-                    // What the last round freed per record, but never more
-                    // than twice its count: the next records may be larger
-                    // (a higher level), and what goes is not coming back.
-                    Some((before, n)) => {
-                        let per_record = before.saturating_sub(used) / n;
-                        let want = match per_record {
-                            0 => u64::MAX,
-                            per => (used - target).div_ceil(per),
-                        };
-                        want.min(n * 2)
-                    }
-                };
-                gone = self.evict(n.min(stored))?;
-                last = Some((used, gone.max(1)));
-            }
-            give_back_free_pages(&self.conn)?;
-            self.checkpoint();
-            if gone == 0 {
-                // Nothing left to take (or only free pages to give back).
-                break;
-            }
+        let pages: u64 = self
+            .conn
+            .pragma_query_value(None, "page_count", |r| r.get(0))?;
+        let free_pages: u64 = self
+            .conn
+            .pragma_query_value(None, "freelist_count", |r| r.get(0))?;
+        let used = (pages - free_pages) * page_size;
+        let file = pages * page_size;
+        if used <= budget && file <= budget {
+            return Ok(());
         }
+        if used > budget {
+            // Evict down to 90% of the budget, so eviction runs in chunks
+            // rather than on every commit.
+            let target = budget / 10 * 9;
+            let stored = self.stats.records_stored.load(Ordering::Relaxed).max(1) as u64;
+            let per_record = (used / stored).max(1);
+            let n = (used - target).div_ceil(per_record).min(stored);
+            self.evict(n)?;
+        }
+        give_back_free_pages(&self.conn)?;
+        self.checkpoint();
         let on_disk = self.file_len("") + self.file_len("-wal");
         self.stats.disk_bytes.store(on_disk, Ordering::Relaxed);
         Ok(())
@@ -146,10 +117,10 @@ impl Writer {
 
     /// Evicts `n` records: synced ones oldest first, then unsynced ones from
     /// the lowest level up, oldest first, counting those as gaps per
-    /// session and level. Returns how many went.
-    pub(super) fn evict(&mut self, n: u64) -> Result<u64, StoreError> {
+    /// session and level.
+    pub(super) fn evict(&mut self, n: u64) -> Result<(), StoreError> {
         if n == 0 {
-            return Ok(0);
+            return Ok(());
         }
         let tx = self.conn.transaction()?;
         super::pins::release_over(&tx, self.cfg.pinned_max)?;
@@ -202,7 +173,7 @@ impl Writer {
                 "buffer full: evicted {synced_gone} synced and {unsynced_gone} unsynced records (counted as gaps)"
             );
         }
-        Ok((synced_gone + unsynced_gone) as u64)
+        Ok(())
     }
 }
 
@@ -309,58 +280,35 @@ mod tests {
     use super::super::tests::{gaps, put, rows, seqs, writer};
     use crate::wire::Level;
 
-    /// The records eviction takes first can be far smaller than the
-    /// average one: the bound still holds after one check.
+    /// Eviction frees pages, and the bound gives every one of them back:
+    /// the file is no larger than the pages in use.
     #[test]
-    fn the_bound_holds_when_the_evicted_records_are_smaller_than_the_average() {
+    fn the_bound_gives_every_free_page_back() {
         let dir = tempfile::tempdir().unwrap();
         let mut w = writer(dir.path());
         let pragma = |w: &super::Writer, p: &str| -> u64 {
             w.conn.pragma_query_value(None, p, |r| r.get(0)).unwrap()
         };
-        let used = |w: &super::Writer| {
-            (pragma(w, "page_count") - pragma(w, "freelist_count")) * pragma(w, "page_size")
-        };
-        let mut big = rows(Level::Error, 300);
-        for r in &mut big {
-            r.message = "x".repeat(3000);
-        }
-        put(&mut w, big);
-        let errors_only = used(&w);
         for _ in 0..10 {
-            put(&mut w, rows(Level::Debug, 1000));
+            let mut big = rows(Level::Debug, 100);
+            for r in &mut big {
+                r.message = "x".repeat(2000);
+            }
+            put(&mut w, big);
         }
-        let headroom = w.wal_limit + 2 * w.tx_bytes as u64;
-        // A budget that eviction of part of the small debug records meets,
-        // while their average with the big error records is far larger.
-        let budget = errors_only + (used(&w) - errors_only) / 2;
-        w.cfg.max_bytes = headroom + budget;
+        let pages = pragma(&w, "page_count");
+        let page_size = pragma(&w, "page_size");
+        // Room for about half of them.
+        w.cfg.max_bytes = w.wal_limit + 2 * w.tx_bytes as u64 + pages * page_size / 2;
         w.enforce_bound().unwrap();
-        assert!(
-            used(&w) <= budget,
-            "{} bytes used, budget {budget}",
-            used(&w)
+        assert!(seqs(&w).len() < 1000, "the bound evicted");
+        assert_eq!(pragma(&w, "freelist_count"), 0, "no free page kept");
+        assert!(pragma(&w, "page_count") < pages / 2 + pages / 10);
+        assert_eq!(
+            w.file_len(""),
+            pragma(&w, "page_count") * page_size,
+            "the file is the pages in use (after the checkpoint)"
         );
-        assert!(pragma(&w, "page_count") * pragma(&w, "page_size") <= budget);
-        // Only debug records went, and not all of them.
-        let left: i64 = w
-            .conn
-            .query_row(
-                "SELECT count(*) FROM records WHERE level = ?1",
-                [Level::Error.code()],
-                |r| r.get(0),
-            )
-            .unwrap();
-        assert_eq!(left, 300);
-        let debug_left: i64 = w
-            .conn
-            .query_row(
-                "SELECT count(*) FROM records WHERE level = ?1",
-                [Level::Debug.code()],
-                |r| r.get(0),
-            )
-            .unwrap();
-        assert!(debug_left > 0 && debug_left < 10_000, "{debug_left}");
     }
 
     #[test]
