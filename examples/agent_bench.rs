@@ -17,6 +17,10 @@
 //! target/release/examples/agent_bench --protocol all --records 400000 --rounds 3
 //! ```
 //!
+//! `--buffer-max` (default `1GiB`) bounds the agent's buffer: a bound
+//! smaller than the records measures ingest into a full buffer, evicting
+//! as it goes (the bare baseline keeps everything).
+//!
 //! With syslog among the protocols, each round also measures the bare
 //! datagram rate: the same datagrams from the same clients, received and
 //! discarded, the kernel's own ceiling for `syslog.sock`.
@@ -158,7 +162,7 @@ fn run_agent(logbookd: &Path, name: &str, clients: usize, records: usize) -> Run
     let run = dir.path().join("run");
     let api = run.join("api.sock");
 
-    let mut child = common::logbookd(logbookd, &state, &run, "1GiB")
+    let mut child = common::logbookd(logbookd, &state, &run, &arg("--buffer-max", "1GiB"))
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {}: {e}", logbookd.display()));
     common::wait_for_api(&run, Duration::from_secs(20));
