@@ -683,6 +683,11 @@ pub struct LogQuery {
 }
 
 impl LogQuery {
+    /// The search text, when it filters: a blank one does not.
+    pub fn search_text(&self) -> Option<&str> {
+        self.search.as_deref().filter(|s| !s.trim().is_empty())
+    }
+
     /// The session and the lowest level code whose counters answer this
     /// query's total, when it reads a session's records and nothing but a
     /// level floor filters them: a session's `n_<level>` counters grow in
@@ -694,9 +699,8 @@ impl LogQuery {
         let LogScope::Session(pk) = scope else {
             return None;
         };
-        let searching = self.search.as_deref().is_some_and(|s| !s.trim().is_empty());
         let filtered = self.module.is_some()
-            || searching
+            || self.search_text().is_some()
             || self.since_ns.is_some()
             || self.until_ns.is_some();
         (!filtered).then(|| (pk, self.min_level.map_or(0, |l| usize::from(l.code()))))

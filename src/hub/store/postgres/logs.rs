@@ -47,7 +47,7 @@ fn log_where(scope: LogScope, q: &LogQuery) -> Where {
     }
     w.and_some("l.ts >= ?", q.since_ns);
     w.and_some("l.ts < ?", q.until_ns);
-    if let Some(search) = q.search.as_deref().filter(|s| !s.trim().is_empty()) {
+    if let Some(search) = q.search_text() {
         if let Some(words) = ts_query(search) {
             w.and(
                 &format!("{SEARCH_VECTOR} @@ to_tsquery('simple', ?)"),

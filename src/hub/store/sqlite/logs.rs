@@ -181,7 +181,7 @@ fn log_where(
     }
     w.and_some("l.ts >= ?", q.since_ns);
     w.and_some("l.ts < ?", q.until_ns);
-    if let Some(search) = q.search.as_deref().filter(|s| !s.trim().is_empty()) {
+    if let Some(search) = q.search_text() {
         if let Some(fts) = fts_query(search) {
             // Narrow the index scan to the session's id range: FTS5 applies
             // rowid bounds inside the index, so a common word costs the
