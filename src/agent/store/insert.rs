@@ -1,61 +1,85 @@
-//! The writer's record INSERT, bound without copies: rusqlite binds every
-//! text with `SQLITE_TRANSIENT`, so SQLite allocates and copies the module,
-//! message, metadata and process name of every row before it copies them
-//! again into the row's record. Here they are bound `SQLITE_STATIC`,
-//! borrowed for the one `sqlite3_step` that reads them.
+//! The writer's connection, with its record INSERT prepared once and bound
+//! without copies: rusqlite binds every text with `SQLITE_TRANSIENT`, so
+//! SQLite allocates and copies the module, message, metadata and process
+//! name of every row before it copies them again into the row's record.
+//! Here they are bound `SQLITE_STATIC`, borrowed for the one `sqlite3_step`
+//! that reads them. The statement lives as long as the connection: prepared
+//! for every batch of rows, its compilation was a fifth of the writer's CPU
+//! at a steady 2,000 records/s (BENCHMARKS.md, "The writer's INSERT,
+//! prepared once").
 //!
 //! Invariant: one of the crate's three unsafe modules, with
 //! `systemd::adopt` and `ingest::mmsg`. A bound pointer is only ever read
-//! inside [`Insert::row`], while the `&Row` it came from is borrowed, and
-//! every binding is cleared before `row` returns; the statement is
-//! finalized when the [`Insert`] drops, which the borrow of its
-//! `Connection` keeps before the connection closes.
+//! inside [`WriteConn::insert`], while the `&Row` it came from is borrowed,
+//! and every binding is cleared before `insert` returns; the statement is
+//! finalized when the [`WriteConn`] drops, before its connection closes
+//! (the connection is only ever lent out shared, so it cannot be swapped
+//! from under the statement).
 
 use std::ffi::{c_char, c_int, CStr};
-use std::marker::PhantomData;
+use std::ops::Deref;
 use std::ptr::NonNull;
 
 use rusqlite::{ffi, Connection};
 
 use super::Row;
 
-/// The columns, in the order [`Insert::row`] binds them.
+/// The columns, in the order [`WriteConn::insert`] binds them.
 const SQL: &CStr = c"INSERT INTO records(seq, session, ts_ns, level, module, message, metadata, pid, uid, gid, process) \
                       VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)";
 
-/// The prepared INSERT of one record row, on a borrowed connection.
-pub struct Insert<'c> {
-    db: *mut ffi::sqlite3,
+/// The writer's connection and its prepared record INSERT. Everything else
+/// uses the connection through `Deref`.
+pub struct WriteConn {
+    conn: Connection,
     stmt: NonNull<ffi::sqlite3_stmt>,
-    conn: PhantomData<&'c Connection>,
 }
 
-impl<'c> Insert<'c> {
-    /// Prepares the statement on `conn`.
+// SAFETY: the statement is only used through `&mut WriteConn`, on whichever
+// thread holds it, together with its connection; rusqlite moves a
+// `Connection` between threads with its cached statements the same way.
+#[allow(unsafe_code)]
+unsafe impl Send for WriteConn {}
+
+impl Deref for WriteConn {
+    type Target = Connection;
+
+    fn deref(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+impl WriteConn {
+    /// Takes `conn` and prepares the INSERT on it.
     #[allow(unsafe_code)]
-    pub fn new(conn: &'c Connection) -> rusqlite::Result<Insert<'c>> {
-        // SAFETY: the handle is only used while `conn` is borrowed ('c).
+    pub fn new(conn: Connection) -> rusqlite::Result<WriteConn> {
+        // SAFETY: the handle is used while `conn` lives, which it does until
+        // after the statement is finalized (see `Drop`).
         let db = unsafe { conn.handle() };
         let mut stmt = std::ptr::null_mut();
         // SAFETY: `SQL` is NUL-terminated (length -1); `stmt` is written by
-        // SQLite.
+        // SQLite. PERSISTENT: it is kept for the connection's life.
         let rc = unsafe {
-            ffi::sqlite3_prepare_v3(db, SQL.as_ptr(), -1, 0, &mut stmt, std::ptr::null_mut())
+            ffi::sqlite3_prepare_v3(
+                db,
+                SQL.as_ptr(),
+                -1,
+                ffi::SQLITE_PREPARE_PERSISTENT as _,
+                &mut stmt,
+                std::ptr::null_mut(),
+            )
         };
         if rc != ffi::SQLITE_OK {
             return Err(error(db, rc));
         }
         let stmt = NonNull::new(stmt).ok_or_else(|| error(db, ffi::SQLITE_MISUSE))?;
-        Ok(Insert {
-            db,
-            stmt,
-            conn: PhantomData,
-        })
+        Ok(WriteConn { conn, stmt })
     }
 
-    /// Inserts `row` in `session` as record `seq`.
+    /// Inserts `row` in `session` as record `seq`, in whatever transaction
+    /// the connection has open.
     #[allow(unsafe_code)]
-    pub fn row(&mut self, seq: i64, session: Option<i64>, row: &Row) -> rusqlite::Result<()> {
+    pub fn insert(&mut self, seq: i64, session: Option<i64>, row: &Row) -> rusqlite::Result<()> {
         let s = self.stmt.as_ptr();
         let t = &row.trusted;
         let process = t.process.as_deref();
@@ -87,16 +111,23 @@ impl<'c> Insert<'c> {
         };
         match rc {
             ffi::SQLITE_DONE => Ok(()),
-            ffi::SQLITE_OK | ffi::SQLITE_ROW => Err(error(self.db, ffi::SQLITE_MISUSE)),
-            rc => Err(error(self.db, rc)),
+            ffi::SQLITE_OK | ffi::SQLITE_ROW => Err(self.error(ffi::SQLITE_MISUSE)),
+            rc => Err(self.error(rc)),
         }
+    }
+
+    #[allow(unsafe_code)]
+    fn error(&self, rc: c_int) -> rusqlite::Error {
+        // SAFETY: the connection is live while `self` is.
+        error(unsafe { self.conn.handle() }, rc)
     }
 }
 
-impl Drop for Insert<'_> {
+impl Drop for WriteConn {
     #[allow(unsafe_code)]
     fn drop(&mut self) {
-        // SAFETY: the statement is live and finalized only here.
+        // SAFETY: the statement is live and finalized only here, before the
+        // connection (a field) closes.
         unsafe { ffi::sqlite3_finalize(self.stmt.as_ptr()) };
     }
 }
@@ -233,16 +264,14 @@ mod tests {
     #[test]
     fn stores_what_rusqlite_binding_stores() {
         let dir = tempfile::tempdir().unwrap();
-        let ours = schema::open_writer(&dir.path().join("ours.db"), false).unwrap();
+        let mut ours =
+            WriteConn::new(schema::open_writer(&dir.path().join("ours.db"), false).unwrap())
+                .unwrap();
         let theirs = schema::open_writer(&dir.path().join("theirs.db"), false).unwrap();
         let rows = rows();
-        {
-            let mut insert = Insert::new(&ours).unwrap();
-            for (i, r) in rows.iter().enumerate() {
-                insert
-                    .row(i as i64 + 1, (i % 2 == 0).then_some(3), r)
-                    .unwrap();
-            }
+        for (i, r) in rows.iter().enumerate() {
+            ours.insert(i as i64 + 1, (i % 2 == 0).then_some(3), r)
+                .unwrap();
         }
         for (i, r) in rows.iter().enumerate() {
             theirs
@@ -277,24 +306,53 @@ mod tests {
     #[test]
     fn a_failed_insert_is_reported_with_its_code_and_the_next_one_works() {
         let dir = tempfile::tempdir().unwrap();
-        let conn = schema::open_writer(&dir.path().join("a.db"), false).unwrap();
+        let mut conn =
+            WriteConn::new(schema::open_writer(&dir.path().join("a.db"), false).unwrap()).unwrap();
         let rows = rows();
-        let mut insert = Insert::new(&conn).unwrap();
-        insert.row(1, None, &rows[1]).unwrap();
-        let e = insert.row(1, None, &rows[2]).unwrap_err();
+        conn.insert(1, None, &rows[1]).unwrap();
+        let e = conn.insert(1, None, &rows[2]).unwrap_err();
         assert_eq!(
             e.sqlite_error().map(|e| e.extended_code),
             Some(ffi::SQLITE_CONSTRAINT_PRIMARYKEY),
             "{e}"
         );
         assert!(e.to_string().contains("UNIQUE constraint failed"), "{e}");
-        insert.row(2, None, &rows[2]).unwrap();
-        drop(insert);
+        conn.insert(2, None, &rows[2]).unwrap();
         let got = stored(&conn);
         assert_eq!(
             got.iter().map(|((seq, ..), _)| *seq).collect::<Vec<_>>(),
             [1, 2]
         );
         assert_eq!(got[1].0 .6, rows[2].metadata);
+    }
+
+    #[test]
+    fn the_statement_serves_every_transaction_and_a_changed_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn =
+            WriteConn::new(schema::open_writer(&dir.path().join("a.db"), false).unwrap()).unwrap();
+        let rows = rows();
+        conn.execute_batch("BEGIN").unwrap();
+        conn.insert(1, None, &rows[1]).unwrap();
+        conn.execute_batch("COMMIT; BEGIN").unwrap();
+        conn.insert(2, None, &rows[2]).unwrap();
+        conn.execute_batch("ROLLBACK").unwrap();
+        // SQLite prepares it again by itself after a schema change.
+        conn.execute_batch("CREATE INDEX records_by_module ON records(module)")
+            .unwrap();
+        conn.insert(3, Some(4), &rows[3]).unwrap();
+        let got = stored(&conn);
+        assert_eq!(
+            got.iter().map(|((seq, ..), _)| *seq).collect::<Vec<_>>(),
+            [1, 3]
+        );
+        let by_module: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM records INDEXED BY records_by_module WHERE module = ?1",
+                [&rows[3].module],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(by_module, 1);
     }
 }

@@ -85,15 +85,14 @@ impl Writer {
             .min((on_disk + free).saturating_sub(self.cfg.min_free_bytes));
         // Room for a full WAL and one more transaction on top of the pages.
         let budget = limit.saturating_sub(self.wal_limit + self.tx_bytes as u64 * 2);
-        let page_size: u64 = self
-            .conn
-            .pragma_query_value(None, "page_size", |r| r.get(0))?;
-        let pages: u64 = self
-            .conn
-            .pragma_query_value(None, "page_count", |r| r.get(0))?;
-        let free_pages: u64 = self
-            .conn
-            .pragma_query_value(None, "freelist_count", |r| r.get(0))?;
+        // Asked after every commit: prepared once (a pragma compiles like
+        // any other statement).
+        let pragma = |name: &str| -> rusqlite::Result<u64> {
+            self.conn.prepare_cached(name)?.query_row([], |r| r.get(0))
+        };
+        let page_size = pragma("PRAGMA page_size")?;
+        let pages = pragma("PRAGMA page_count")?;
+        let free_pages = pragma("PRAGMA freelist_count")?;
         let used = (pages - free_pages) * page_size;
         let file = pages * page_size;
         if used <= budget && file <= budget {
@@ -122,7 +121,7 @@ impl Writer {
         if n == 0 {
             return Ok(());
         }
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.unchecked_transaction()?;
         super::pins::release_over(&tx, self.cfg.pinned_max)?;
         // Unpinned records first, then (only if still needed) pinned ones.
         let unpinned = format!(" AND NOT ({PINNED})");

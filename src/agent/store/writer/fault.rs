@@ -320,7 +320,7 @@ impl Writer {
         session: Option<SessionRow>,
         lost: i64,
     ) -> rusqlite::Result<Option<i64>> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.unchecked_transaction()?;
         tx.execute(
             "INSERT INTO meta(key, value) VALUES ('next_seq', ?1) \
              ON CONFLICT(key) DO UPDATE SET value = excluded.value",

@@ -29,6 +29,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
+use super::insert::WriteConn;
 use super::read::ViewCtx;
 use super::{schema, Row, Stats, StoreError};
 use crate::agent::types::{OpenSession, SessionError, SessionView, Target};
@@ -110,7 +111,7 @@ pub struct WriterConfig {
 }
 
 pub struct Writer {
-    conn: Connection,
+    conn: WriteConn,
     cfg: WriterConfig,
     stats: Arc<Stats>,
     /// The active session: (pk, id).
@@ -213,14 +214,14 @@ impl Writer {
     }
 
     /// Opens the write connection and sets what the writer relies on.
-    fn open_conn(cfg: &WriterConfig, wal_limit: u64) -> Result<Connection, StoreError> {
+    fn open_conn(cfg: &WriterConfig, wal_limit: u64) -> Result<WriteConn, StoreError> {
         let conn = schema::open_writer(&cfg.db_path, cfg.synchronous_full)?;
         super::sync::create_tables(&conn)?;
         conn.pragma_update(None, "journal_size_limit", wal_limit as i64)?;
         // Checkpoints run on their own thread (see `checkpointer`); the
         // writer only truncates a WAL that outgrew its limit.
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-        Ok(conn)
+        Ok(WriteConn::new(conn)?)
     }
 
     /// The active session, if any (after the boot-id rule).
@@ -503,14 +504,12 @@ impl Writer {
 
     /// Inserts `rows` into the open transaction, in `session` (a pk).
     fn insert_in(&mut self, session: Option<i64>, rows: &[Row]) -> rusqlite::Result<()> {
-        let mut insert = super::insert::Insert::new(&self.conn)?;
         let mut dropped: u64 = 0;
         for r in rows {
-            insert.row(self.next_seq, session, r)?;
+            self.conn.insert(self.next_seq, session, r)?;
             self.next_seq += 1;
             dropped += r.client_dropped;
         }
-        drop(insert);
         for m in rows.iter().filter_map(|r| r.mark.as_deref()) {
             self.mark_of_record(m);
         }
@@ -588,13 +587,14 @@ impl Writer {
             // only on an error, which left `broken` set).
             return Ok(());
         }
-        for (pk, n) in self.log_counts.drain() {
-            self.conn
-                .execute(
-                    "UPDATE sessions SET log_count = log_count + ?2 WHERE pk = ?1",
-                    params![pk, n as i64],
-                )
+        if !self.log_counts.is_empty() {
+            let mut count = self
+                .conn
+                .prepare_cached("UPDATE sessions SET log_count = log_count + ?2 WHERE pk = ?1")
                 .map_err(tx)?;
+            for (pk, n) in self.log_counts.drain() {
+                count.execute(params![pk, n as i64]).map_err(tx)?;
+            }
         }
         for (&(session, level, reason), &n) in &self.pending_gaps {
             bound::add_gap(&self.conn, session, level, reason, n).map_err(tx)?;
@@ -759,11 +759,11 @@ const SEQ_BLOCK: i64 = 1 << 16;
 
 /// Sets `meta.key` to `value`.
 fn set_meta(conn: &Connection, key: &str, value: i64) -> rusqlite::Result<()> {
-    conn.execute(
+    conn.prepare_cached(
         "INSERT INTO meta(key, value) VALUES (?1, ?2) \
          ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-        params![key, value],
-    )
+    )?
+    .execute(params![key, value])
     .map(drop)
 }
 
