@@ -489,8 +489,9 @@ async fn store_batch(
     if hub.shared {
         // This replica's streams at once; the others through the store's
         // notification, which carries this process's origin so it is not
-        // heard twice here.
-        if streams && !ingested.changed.is_empty() {
+        // heard twice here. Asked after the commit: a stream that
+        // subscribed meanwhile may have read the store before it.
+        if !ingested.changed.is_empty() && hub.live.receiver_count() > 0 {
             let _ = hub
                 .live
                 .send(Arc::new(LiveEvent::Changed(ingested.changed)));
@@ -500,6 +501,11 @@ async fn store_batch(
             records: ingested.live,
             ended: ingested.changed.ended,
         }));
+    } else if !streams && !ingested.changed.is_empty() && hub.live.receiver_count() > 0 {
+        // A stream subscribed while this batch was being stored, after it
+        // was decided that nobody watched: its snapshot may predate the
+        // commit, and no copies were made, so it reads them from the store.
+        let _ = hub.live.send(Arc::new(LiveEvent::Resync));
     }
     tracing::debug!(
         device = %scope.device_id,

@@ -207,11 +207,15 @@ async fn follow_misses_nothing_that_arrived_while_the_link_was_cut() {
     let since = std::time::Instant::now();
     let deadline = since + Duration::from_secs(30);
     while printed_seqs(&run).len() < last as usize {
+        let printed = printed_seqs(&run);
         assert!(
             std::time::Instant::now() < deadline,
-            "after {:?}, {} of {last} records printed; stderr:\n{}",
+            "after {:?}, {} of {last} records printed, missing {:?}; stderr:\n{}",
             since.elapsed(),
-            printed_seqs(&run).len(),
+            printed.len(),
+            (1..=last)
+                .filter(|s| !printed.contains(s))
+                .collect::<Vec<_>>(),
             run.stderr()
         );
         std::thread::sleep(Duration::from_millis(10));
