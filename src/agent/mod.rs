@@ -372,6 +372,7 @@ fn start_uploader(
         shared: sync.shared.clone(),
         throttle: sync.throttle.clone(),
         buffer_max_bytes: cfg.max_bytes,
+        commit_interval: cfg.commit_interval,
     });
     Some(tokio::spawn(sync::uploader::run(ctx, shutdown.clone())))
 }

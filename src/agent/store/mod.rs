@@ -132,6 +132,10 @@ pub struct Stats {
     /// Woken after every commit, so the uploader is driven by new input as
     /// well as by its timer.
     pub committed_notify: tokio::sync::Notify,
+    /// When the last committed transaction that stored records began (its
+    /// first message reached the writer): how long the newest records the
+    /// uploader finds have waited, for `sync.linger`.
+    pub records_began: Mutex<Option<std::time::Instant>>,
     /// Woken after a session opens, ends or changes, so the artifact
     /// watcher refreshes the directories it watches then, not by polling.
     pub sessions_changed: tokio::sync::Notify,

@@ -81,6 +81,9 @@ pub struct UploaderCtx {
     pub throttle: Arc<Throttle>,
     /// `buffer.max_bytes`, for the report each batch carries.
     pub buffer_max_bytes: u64,
+    /// `buffer.commit_interval`: how far apart the writer commits under
+    /// steady logging (see [`Uploader::linger`]).
+    pub commit_interval: Duration,
 }
 
 /// Runs the uploader under its supervisor until `shutdown`.
@@ -267,8 +270,9 @@ struct Uploader {
     /// Records per batch after 413s and 400s (halved to isolate a poisoned
     /// record; grows back after successes).
     limit: usize,
-    /// When the oldest unsent change was first seen (for the linger).
-    pending_since: Option<Instant>,
+    /// When the batch that is filling is due: `sync.linger` after its
+    /// first records reached the writer (or earlier, see [`linger`]).
+    due_at: Option<tokio::time::Instant>,
     last_post: Option<Instant>,
     /// The last acknowledgement handed to the writer and not yet committed
     /// (its reply, and its seq ranges): the next batch is read and sent
@@ -306,7 +310,7 @@ impl Uploader {
             reader: std::sync::Mutex::new(None),
             scan: Scan::default(),
             prefetched: None,
-            pending_since: None,
+            due_at: None,
             last_post: None,
             marking: None,
             fresh_due: true,
@@ -364,13 +368,23 @@ impl Uploader {
             return self.idle(shutdown).await;
         }
         if !work.is_empty() && !work.full {
-            // Let a batch fill for up to `linger` after its first change.
-            let since = *self.pending_since.get_or_insert_with(Instant::now);
-            let left = self.ctx.cfg.linger.saturating_sub(since.elapsed());
-            if !left.is_zero() {
-                return match sleep_or_cancel(left, shutdown).await {
-                    true => Turn::Shutdown,
-                    false => Turn::Again,
+            // Let a batch fill for up to `linger` after its first records
+            // came in.
+            let due = match self.due_at {
+                Some(due) => due,
+                None => *self
+                    .due_at
+                    .insert(self.first_pending() + self.ctx.cfg.linger),
+            };
+            if tokio::time::Instant::now() < due {
+                let (committed, every) =
+                    (&self.ctx.stats.committed_notify, self.ctx.commit_interval);
+                return match linger(due, every, committed, shutdown).await {
+                    None => Turn::Shutdown,
+                    Some(due) => {
+                        self.due_at = Some(due);
+                        Turn::Again
+                    }
                 };
             }
         }
@@ -384,6 +398,20 @@ impl Uploader {
         }
     }
 
+    /// When the records just found began to come in: the start of the last
+    /// transaction that committed records (they were found after it), or
+    /// now if none is known.
+    fn first_pending(&self) -> tokio::time::Instant {
+        let now = tokio::time::Instant::now();
+        let began = *self
+            .ctx
+            .stats
+            .records_began
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        began.map_or(now, |b| tokio::time::Instant::from_std(b).min(now))
+    }
+
     /// Nothing to send: hears the writer out (so a failed marking brings
     /// its records back now), then waits for a commit (the writer wakes it
     /// after every one, a wake-up kept if it is not waiting yet), the next
@@ -391,7 +419,7 @@ impl Uploader {
     /// watch), whichever comes first: an idle agent does not poll
     /// (BENCHMARKS.md, "Idle").
     async fn idle(&mut self, shutdown: &CancellationToken) -> Turn {
-        self.pending_since = None;
+        self.due_at = None;
         match self.settle_marking().await {
             Settled::Ok => {}
             Settled::Failed => return Turn::Again,
@@ -617,7 +645,7 @@ impl Uploader {
         shared.bytes_raw.fetch_add(raw_len, Ordering::Relaxed);
         shared.batches_sent.fetch_add(1, Ordering::Relaxed);
         shared.records_sent.fetch_add(acked_all, Ordering::Relaxed);
-        self.pending_since = None;
+        self.due_at = None;
         if self.limit < self.ctx.cfg.batch_records {
             self.limit = (self.limit * 2).min(self.ctx.cfg.batch_records);
         }
@@ -751,6 +779,33 @@ impl Uploader {
             return Settled::WriterGone;
         }
         settled(rx.await)
+    }
+}
+
+/// Waits for a batch to fill until `due`; returns when it is due (`None`
+/// on shutdown). Records become readable a commit at a time, `every`
+/// (`buffer.commit_interval`) apart under steady logging: once a commit
+/// leaves less than that before `due`, the next one would come after it,
+/// so the batch is due now, with the records it would have had at `due`
+/// (whatever comes in meanwhile goes in the next batch). Sent right after
+/// a commit, the newest records are not left waiting for the clock.
+async fn linger(
+    due: tokio::time::Instant,
+    every: Duration,
+    committed: &tokio::sync::Notify,
+    shutdown: &CancellationToken,
+) -> Option<tokio::time::Instant> {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep_until(due) => return Some(due),
+            _ = committed.notified() => {
+                let now = tokio::time::Instant::now();
+                if due.saturating_duration_since(now) < every {
+                    return Some(now);
+                }
+            }
+        }
     }
 }
 
@@ -1209,6 +1264,46 @@ mod tests {
     use super::*;
     use crate::wire::{Device, Level};
 
+    /// When [`linger`] says a batch is due, with the writer committing at
+    /// the times given (ms after the start; paused clock), a linger of
+    /// 500 ms and commits 200 ms apart.
+    async fn due_with_commits_at(commits: &[u64], shutdown_at: Option<u64>) -> Option<u64> {
+        let ms = Duration::from_millis;
+        let start = tokio::time::Instant::now();
+        let committed = tokio::sync::Notify::new();
+        let shutdown = CancellationToken::new();
+        let writer = async {
+            for &at in commits {
+                tokio::time::sleep_until(start + ms(at)).await;
+                committed.notify_one();
+            }
+            if let Some(at) = shutdown_at {
+                tokio::time::sleep_until(start + ms(at)).await;
+                shutdown.cancel();
+            }
+            std::future::pending::<()>().await
+        };
+        tokio::select! {
+            at = linger(start + ms(500), ms(200), &committed, &shutdown) => {
+                at.map(|at| (at - start).as_millis() as u64)
+            }
+            _ = writer => unreachable!(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lingering_batch_goes_right_after_the_last_commit_before_it_is_due() {
+        // Less than a commit interval left: the next commit comes too late.
+        assert_eq!(due_with_commits_at(&[100, 310, 480], None).await, Some(310));
+        assert_eq!(due_with_commits_at(&[200, 400], None).await, Some(400));
+        // Exactly one left: the next can still make it.
+        assert_eq!(due_with_commits_at(&[100, 300, 480], None).await, Some(480));
+        // No commit close to it (logging stopped): at the linger's end.
+        assert_eq!(due_with_commits_at(&[50], None).await, Some(500));
+        assert_eq!(due_with_commits_at(&[], None).await, Some(500));
+        assert_eq!(due_with_commits_at(&[100], Some(250)).await, None);
+    }
+
     #[test]
     fn a_batch_that_leaves_out_records_in_flight_still_counts_as_full() {
         let dir = tempfile::tempdir().unwrap();
@@ -1499,6 +1594,7 @@ mod tests {
             shared,
             throttle: Arc::new(Throttle::new(None)),
             buffer_max_bytes: 1 << 20,
+            commit_interval: Duration::from_millis(5),
         }))
         .unwrap();
         let seqs = |w: &Work| w.batch.records.iter().map(|r| r.seq).collect::<Vec<_>>();

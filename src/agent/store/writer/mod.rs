@@ -283,7 +283,8 @@ impl Writer {
             if let Err(e) = self.conn.execute_batch("BEGIN") {
                 tracing::error!("cannot begin a transaction: {e}");
             }
-            let deadline = Instant::now() + self.cfg.commit_interval;
+            let began = Instant::now();
+            let deadline = began + self.cfg.commit_interval;
             let (mut records, mut bytes) = (0usize, 0usize);
             let mut must_commit = self.handle(first, &mut flushes, &mut records, &mut bytes);
             while !must_commit && records < self.cfg.commit_records && bytes < self.tx_bytes {
@@ -324,6 +325,13 @@ impl Writer {
             // The bound first, so whoever waits on a flush sees it held.
             if let Err(e) = self.enforce_bound() {
                 self.bound_failed(e);
+            }
+            if records > 0 {
+                *self
+                    .stats
+                    .records_began
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(began);
             }
             self.stats.committed_notify.notify_one();
             self.stats.committed();
