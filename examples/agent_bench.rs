@@ -162,9 +162,10 @@ fn run_agent(logbookd: &Path, name: &str, clients: usize, records: usize) -> Run
     let run = dir.path().join("run");
     let api = run.join("api.sock");
 
-    let mut child = common::logbookd(logbookd, &state, &run, &arg("--buffer-max", "1GiB"))
+    let child = common::logbookd(logbookd, &state, &run, &arg("--buffer-max", "1GiB"))
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {}: {e}", logbookd.display()));
+    let child = common::Reaped(child);
     common::wait_for_api(&run, Duration::from_secs(20));
     let pid = child.id();
     std::thread::sleep(Duration::from_millis(500));
@@ -239,8 +240,7 @@ fn run_agent(logbookd: &Path, name: &str, clients: usize, records: usize) -> Run
         assert_eq!(stored + evicted, total, "not every record was stored: {v}");
     }
     let stored = stored + evicted;
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     Run {
         protocol: name.to_owned(),
         total,

@@ -120,9 +120,9 @@ fn main() {
         let (child, url, token) = hub(Path::new(&hub_bin), &dir.path().join("hub"));
         cmd.env("LOGBOOK_SYNC_HUB", url)
             .env("LOGBOOK_SYNC_TOKEN", token);
-        hub_proc = Some(child);
+        hub_proc = Some(common::Reaped(child));
     }
-    let mut agent = cmd.spawn().unwrap();
+    let agent = common::Reaped(cmd.spawn().unwrap());
     common::wait_for_api(&run, Duration::from_secs(30));
     // An active session (its artifact directory watched), a few records.
     let mut api = UnixStream::connect(run.join("api.sock")).unwrap();
@@ -194,10 +194,6 @@ fn main() {
         "all threads: {total} switches, {:.2} per second",
         total as f64 / took
     );
-    let _ = agent.kill();
-    let _ = agent.wait();
-    if let Some(mut h) = hub_proc {
-        let _ = h.kill();
-        let _ = h.wait();
-    }
+    drop(agent);
+    drop(hub_proc);
 }

@@ -39,7 +39,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{arg, cpu_secs, line};
+use common::{arg, cpu_secs, line, Reaped};
 
 fn body_json(resp: &str) -> serde_json::Value {
     let body = resp.split_once("\r\n\r\n").map_or("", |(_, b)| b);
@@ -137,7 +137,7 @@ fn start_agent(
     run: &Path,
     sync: Option<(&str, &str)>,
     ca_file: Option<&str>,
-) -> Child {
+) -> Reaped {
     let mut cmd = common::logbookd(logbookd, state, run, "2GiB");
     cmd.env(
         "LOGBOOK_LOG_LEVEL",
@@ -153,6 +153,7 @@ fn start_agent(
     let child = cmd
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {}: {e}", logbookd.display()));
+    let child = Reaped(child);
     common::wait_for_api(run, Duration::from_secs(60));
     child
 }
@@ -194,7 +195,7 @@ fn main() {
         hub.env("LOGBOOK_SERVER_TLS_CERT", chain)
             .env("LOGBOOK_SERVER_TLS_KEY", key);
     }
-    let mut hub = hub.spawn().unwrap();
+    let hub = Reaped(hub.spawn().unwrap());
     let addr_file = data.join("hub.addr");
     let start = Instant::now();
     let addr = loop {
@@ -419,8 +420,7 @@ fn main() {
     stop_flag.store(true, Ordering::SeqCst);
     logger.join().unwrap();
     stop(&mut agent);
-    let _ = hub.kill();
-    let _ = hub.wait();
+    drop(hub);
     ages.sort_by(f64::total_cmp);
     let pct = |p: f64| ages[((ages.len() - 1) as f64 * p) as usize];
 

@@ -7,9 +7,10 @@
 //! rest is unused there.
 #![allow(dead_code)]
 
+use std::ops::{Deref, DerefMut};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// The value after flag `name` on the command line, or `default`.
@@ -80,6 +81,33 @@ pub fn logbookd(bin: &Path, state: &Path, run: &Path, buffer_max: &str) -> Comma
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
     cmd
+}
+
+/// A process the bench started, killed and reaped when this drops: a
+/// bench that panics does not leave its agent or hub running (holding the
+/// bench's stdout, so that a `| tee` would wait forever).
+pub struct Reaped(pub Child);
+
+impl Deref for Reaped {
+    type Target = Child;
+
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        // Ok if it was stopped and reaped already.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Waits until the agent's `api.sock` in `run` accepts a connection;
