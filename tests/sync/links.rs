@@ -5,7 +5,7 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use super::faultproxy::{Fault, FaultProxy};
+use super::faultproxy::Fault;
 use super::{
     assert_exact_seqs, hub_get, hub_logs, hub_session, start_agent, sync_env, wait_synced,
 };
@@ -116,9 +116,7 @@ fn logs_and_sessions_reach_the_hub_within_seconds() {
 fn an_agent_that_starts_offline_catches_up_once_and_in_order() {
     // The proxy stands in for a hub that does not exist yet: every
     // connection fails until the hub is there.
-    let proxy = FaultProxy::start("127.0.0.1:9".parse().unwrap());
-    proxy.set(Fault::Refuse);
-    let hub = HubProc::start("sync_offline");
+    let (proxy, hub) = super::offline_hub("sync_offline");
     let dir = TestDir::new("sync_offline");
     let agent = start_agent(&dir, &sync_env(&proxy.url(), &hub.device));
     send_lines(&agent, &[&line(1, "info")]); // a device log, no session
@@ -140,8 +138,7 @@ fn an_agent_that_starts_offline_catches_up_once_and_in_order() {
     assert_eq!(agent.status()["sync"]["backlog_records"], 2001);
     assert!(hub_session(&hub, &id).is_none());
 
-    proxy.set_upstream(hub.addr.parse().unwrap());
-    proxy.set(Fault::Pass);
+    super::bring_online(&proxy, &hub, Fault::Pass);
     let s = wait_for("the session at the hub", Duration::from_secs(20), || {
         hub_session(&hub, &id).filter(|s| s["log_count"] == 2000 && s["status"] == "failed")
     });

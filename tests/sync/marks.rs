@@ -324,12 +324,10 @@ fn arrivals(hub: &HubProc, session: &str) -> Vec<(i64, String)> {
 /// newest records, and the old backlog last; every record once.
 #[test]
 fn after_an_outage_marks_errors_failed_sessions_and_fresh_records_go_first() {
-    use super::faultproxy::{Fault, FaultProxy};
+    use super::faultproxy::Fault;
     use crate::agent::marks::at;
 
-    let proxy = FaultProxy::start("127.0.0.1:9".parse().unwrap());
-    proxy.set(Fault::Refuse);
-    let hub = HubProc::start("sync_sent_first");
+    let (proxy, hub) = super::offline_hub("sync_sent_first");
     let dir = TestDir::new("sync-sent-first");
     let mut env = sync_env(&proxy.url(), &hub.device);
     env.push(("LOGBOOK_SYNC_BATCH_RECORDS".into(), "200".into()));
@@ -387,8 +385,7 @@ fn after_an_outage_marks_errors_failed_sessions_and_fresh_records_go_first() {
         (s["link"] == "offline" && s["failures"].as_u64() > Some(1)).then_some(())
     });
 
-    proxy.set_upstream(hub.addr.parse().unwrap());
-    proxy.set(Fault::Pass);
+    super::bring_online(&proxy, &hub, Fault::Pass);
     wait_synced(&agent, Duration::from_secs(60));
 
     // Every record once.

@@ -40,6 +40,22 @@ pub fn sync_env(hub_url: &str, token: &str) -> Vec<(String, String)> {
     .collect()
 }
 
+/// A hub the agent cannot reach yet: a proxy in front of nothing that
+/// refuses every connection, and the hub that [`bring_online`] puts
+/// behind it. The agent goes at `proxy.url()`.
+pub fn offline_hub(name: &str) -> (faultproxy::FaultProxy, HubProc) {
+    let proxy = faultproxy::FaultProxy::start("127.0.0.1:9".parse().unwrap());
+    proxy.set(faultproxy::Fault::Refuse);
+    (proxy, HubProc::start(name))
+}
+
+/// The link of [`offline_hub`] comes up, with `fault` on it
+/// (`Fault::Pass` for a plain one).
+pub fn bring_online(proxy: &faultproxy::FaultProxy, hub: &HubProc, fault: faultproxy::Fault) {
+    proxy.set_upstream(hub.addr.parse().unwrap());
+    proxy.set(fault);
+}
+
 /// Starts an agent on `dir` with `env` (pairs of owned strings).
 pub fn start_agent(dir: &TestDir, env: &[(String, String)]) -> Agent {
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::faultproxy::{Fault, FaultProxy};
-use super::{hub_get, hub_session, start_agent, sync_env, wait_synced};
+use super::faultproxy::Fault;
+use super::{bring_online, hub_get, hub_session, offline_hub, start_agent, sync_env, wait_synced};
 use crate::agent::send_lines;
 use crate::hub::HubProc;
 use crate::util::{wait_for, TestDir};
@@ -46,9 +46,7 @@ impl Drop for StopOnDrop {
 #[test]
 fn what_the_hub_stores_is_searchable_at_once_during_a_sustained_drain() {
     const BACKLOG: u64 = 20_000;
-    let proxy = FaultProxy::start("127.0.0.1:9".parse().unwrap());
-    proxy.set(Fault::Refuse);
-    let hub = HubProc::start("sync_search_bound");
+    let (proxy, hub) = offline_hub("sync_search_bound");
     let dir = TestDir::new("sync_search_bound");
     let mut env = sync_env(&proxy.url(), &hub.device);
     // Small batches held up on the link: the drain is many commits long,
@@ -75,8 +73,7 @@ fn what_the_hub_stores_is_searchable_at_once_during_a_sustained_drain() {
     );
 
     // The link comes up slow, and the robot keeps logging while it drains.
-    proxy.set_upstream(hub.addr.parse().unwrap());
-    proxy.set(Fault::Delay(Duration::from_millis(50)));
+    bring_online(&proxy, &hub, Fault::Delay(Duration::from_millis(50)));
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicU64::new(BACKLOG));
     let (checks, seen) = std::thread::scope(|scope| {
