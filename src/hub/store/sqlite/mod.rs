@@ -24,6 +24,7 @@ use super::{
 use crate::wire::{Batch, Level};
 
 mod artifacts;
+mod checkpoint;
 mod fts;
 mod ingest;
 mod logs;
@@ -72,6 +73,7 @@ pub(super) struct Db {
     path: PathBuf,
     writer: Mutex<Connection>,
     readers: Mutex<Vec<Connection>>,
+    checkpoints: checkpoint::Checkpoints,
 }
 
 /// How long a statement waits for another connection's lock.
@@ -140,6 +142,12 @@ pub(super) fn level_of(code: i64) -> Level {
 impl Db {
     /// Opens (creating if needed) the database at `path` and migrates it.
     pub fn open(path: &Path) -> Result<Db, StoreError> {
+        Db::open_with(path, checkpoint::WAL_LIMIT)
+    }
+
+    /// [`Db::open`], the writer checkpointing itself past `wal_limit`
+    /// bytes of WAL.
+    fn open_with(path: &Path, wal_limit: u64) -> Result<Db, StoreError> {
         let open_err = |source: rusqlite::Error| StoreError::Open {
             what: path.display().to_string(),
             reason: Box::new(source),
@@ -147,10 +155,17 @@ impl Db {
         let mut conn = Connection::open(path).map_err(open_err)?;
         pragmas(&conn).map_err(open_err)?;
         // The writer keeps the hot index pages of every device and session
-        // in memory (64 MiB), and checkpoints less often, so a page written
-        // by many batches reaches the database file once per checkpoint.
+        // in memory (64 MiB). It does not checkpoint in its commits: the
+        // checkpointer thread does (`checkpoint`).
         conn.pragma_update(None, "cache_size", -65536)
-            .and_then(|()| conn.pragma_update(None, "wal_autocheckpoint", 8192))
+            .and_then(|()| conn.pragma_update(None, "wal_autocheckpoint", 0))
+            .and_then(|()| {
+                conn.pragma_update(
+                    None,
+                    "journal_size_limit",
+                    wal_limit.min(i64::MAX as u64) as i64,
+                )
+            })
             .and_then(|()| conn.pragma_update(None, "temp_store", "MEMORY"))
             .map_err(open_err)?;
         migrate(&mut conn, path)?;
@@ -158,6 +173,7 @@ impl Db {
             path: path.to_owned(),
             writer: Mutex::new(conn),
             readers: Mutex::new(Vec::new()),
+            checkpoints: checkpoint::Checkpoints::start(path, wal_limit),
         })
     }
 
@@ -169,6 +185,7 @@ impl Db {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let out = f(&tx)?;
         tx.commit()?;
+        self.checkpoints.committed(&conn);
         Ok(out)
     }
 

@@ -30,6 +30,50 @@ fn migrations_run_once_and_newer_schema_is_refused() {
     );
 }
 
+/// Writes `n` transactions of about 64 KiB each through the writer,
+/// calling `after` with the WAL's size after each.
+fn write_blobs(db: &Db, n: usize, mut after: impl FnMut(u64)) {
+    let wal = db.path.with_file_name("hub.db-wal");
+    db.write(|tx| Ok(tx.execute_batch("CREATE TABLE IF NOT EXISTS blobs (b BLOB)")?))
+        .unwrap();
+    for _ in 0..n {
+        db.write(|tx| Ok(tx.execute("INSERT INTO blobs VALUES (randomblob(65536))", [])?))
+            .unwrap();
+        after(std::fs::metadata(&wal).map_or(0, |m| m.len()));
+    }
+}
+
+#[test]
+fn commits_are_checkpointed_on_another_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hub.db");
+    // A limit never reached: only the checkpointer thread copies pages.
+    let db = Db::open_with(&path, u64::MAX).unwrap();
+    let before = std::fs::metadata(&path).unwrap().len();
+    write_blobs(&db, 64, |_| {});
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::fs::metadata(&path).unwrap().len() < before + (4 << 20) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the 4 MiB committed never reached the database file"
+        );
+        // Each commit wakes it; it copies what is committed by then.
+        write_blobs(&db, 1, |_| {});
+    }
+}
+
+#[test]
+fn the_wal_stays_within_its_limit_however_fast_commits_come() {
+    let dir = tempfile::tempdir().unwrap();
+    let limit = 1 << 20;
+    let db = Db::open_with(&dir.path().join("hub.db"), limit).unwrap();
+    let mut most = 0;
+    write_blobs(&db, 200, |wal| most = most.max(wal));
+    // Past the limit by at most the transaction that crossed it (and
+    // SQLite's page headers).
+    assert!(most <= limit + (80 << 10), "the WAL reached {most} bytes");
+}
+
 /// Keys made before keys could be scoped (schema 8) read their whole
 /// organization after the migration, whatever project they name; device
 /// tokens stay bound to theirs.
