@@ -82,7 +82,7 @@ pub struct UploaderCtx {
     /// `buffer.max_bytes`, for the report each batch carries.
     pub buffer_max_bytes: u64,
     /// `buffer.commit_interval`: how far apart the writer commits under
-    /// steady logging (see [`Uploader::linger`]).
+    /// steady logging (see [`linger`]).
     pub commit_interval: Duration,
 }
 
