@@ -39,6 +39,22 @@ pub(super) fn give_back_free_pages(conn: &Connection) -> rusqlite::Result<u64> {
     Ok(freed)
 }
 
+/// The bytes of the pages in use and of all pages, the WAL's included
+/// (most may not be in the file yet). Asked after every commit, so each
+/// pragma is prepared once (a pragma compiles like any other statement).
+pub(super) fn page_bytes(conn: &Connection) -> rusqlite::Result<(u64, u64)> {
+    let pragma = |name: &str| -> rusqlite::Result<u64> {
+        conn.prepare_cached(name)?.query_row([], |r| r.get(0))
+    };
+    let page_size = pragma("PRAGMA page_size")?;
+    let pages = pragma("PRAGMA page_count")?;
+    let free_pages = pragma("PRAGMA freelist_count")?;
+    Ok((
+        pages.saturating_sub(free_pages) * page_size,
+        pages * page_size,
+    ))
+}
+
 /// Counts `dropped` more records of `session` (0: device logs) and `level`
 /// lost for `reason`, in the open transaction.
 pub(super) fn add_gap(
@@ -85,16 +101,7 @@ impl Writer {
             .min((on_disk + free).saturating_sub(self.cfg.min_free_bytes));
         // Room for a full WAL and one more transaction on top of the pages.
         let budget = limit.saturating_sub(self.wal_limit + self.tx_bytes as u64 * 2);
-        // Asked after every commit: prepared once (a pragma compiles like
-        // any other statement).
-        let pragma = |name: &str| -> rusqlite::Result<u64> {
-            self.conn.prepare_cached(name)?.query_row([], |r| r.get(0))
-        };
-        let page_size = pragma("PRAGMA page_size")?;
-        let pages = pragma("PRAGMA page_count")?;
-        let free_pages = pragma("PRAGMA freelist_count")?;
-        let used = (pages - free_pages) * page_size;
-        let file = pages * page_size;
+        let (used, file) = page_bytes(&self.conn)?;
         if used <= budget && file <= budget {
             return Ok(());
         }

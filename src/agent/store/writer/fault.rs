@@ -130,14 +130,7 @@ impl Writer {
         let released = self.reserve.release();
         self.checkpoint();
         let stored = self.stats.records_stored.load(Ordering::Relaxed).max(1) as u64;
-        // The pages in use, the WAL's included (most may not be in the file yet).
-        let pragma = |name: &str| -> u64 {
-            self.conn
-                .pragma_query_value(None, name, |r| r.get(0))
-                .unwrap_or(0)
-        };
-        let used =
-            pragma("page_count").saturating_sub(pragma("freelist_count")) * pragma("page_size");
+        let used = super::bound::page_bytes(&self.conn).map_or(0, |(used, _)| used);
         let per_record = (used / stored).max(64);
         let held: u64 = self.held.iter().map(|(_, r)| r.len() as u64).sum();
         let n = held + self.reserve.bytes / 2 / per_record;
