@@ -370,22 +370,18 @@ impl Uploader {
         if !work.is_empty() && !work.full {
             // Let a batch fill for up to `linger` after its first records
             // came in.
-            let due = match self.due_at {
-                Some(due) => due,
-                None => *self
-                    .due_at
-                    .insert(self.first_pending() + self.ctx.cfg.linger),
-            };
+            let due = self
+                .due_at
+                .unwrap_or_else(|| self.first_pending() + self.ctx.cfg.linger);
+            self.due_at = Some(due);
             if tokio::time::Instant::now() < due {
                 let (committed, every) =
                     (&self.ctx.stats.committed_notify, self.ctx.commit_interval);
-                return match linger(due, every, committed, shutdown).await {
-                    None => Turn::Shutdown,
-                    Some(due) => {
-                        self.due_at = Some(due);
-                        Turn::Again
-                    }
+                let Some(due) = linger(due, every, committed, shutdown).await else {
+                    return Turn::Shutdown;
                 };
+                self.due_at = Some(due);
+                return Turn::Again;
             }
         }
         let read_time = gather_start.elapsed();
