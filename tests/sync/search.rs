@@ -1,8 +1,10 @@
 //! Issue 18's search bound: a record the hub has stored is searchable at
-//! once, also while a backlog drains and fresh records keep coming. The
-//! hub indexes a batch's text in the transaction that stores its rows and
-//! acknowledges it, so the bound stated in ARCHITECTURE.md is zero: no
-//! query can see a record that a search would miss.
+//! once, also while a backlog drains and fresh records keep coming. On
+//! SQLite the full-text index is written after the acknowledging
+//! transaction, by a thread of its own, and a search reads the records
+//! past its watermark one by one; on PostgreSQL the index is the table's.
+//! Either way the bound stated in ARCHITECTURE.md is zero: no query can
+//! see a record that a search would miss.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

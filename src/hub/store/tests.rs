@@ -60,6 +60,7 @@ per_backend!(
     marks_are_kept_once_at_their_newest_revision_and_filter_sessions,
     the_latest_agent_report_is_kept_per_device,
     a_sessions_unfinished_uploads_by_path,
+    every_record_is_found_once_its_batch_is_stored,
 );
 
 pub(super) fn scope(device: &str) -> DeviceScope {
@@ -263,6 +264,63 @@ async fn all_logs(store: &dyn Store, pk: i64, q: LogQuery) -> Vec<u64> {
         .iter()
         .map(|r| r.seq)
         .collect()
+}
+
+/// The search bound (issue 18): under sustained ingest from two devices,
+/// a search right after a batch is stored finds every record of it, and
+/// every record stored before, whatever the full-text index has reached
+/// (on SQLite its indexer works beside ingest, behind it).
+async fn every_record_is_found_once_its_batch_is_stored(store: &dyn Store) {
+    const BATCHES: u64 = 60;
+    const PER_BATCH: u64 = 50;
+    let (a, b) = (session_uuid(40), session_uuid(41));
+    let load = |device: &'static str, s: Uuid| async move {
+        for n in 0..BATCHES {
+            let recs = (1..=PER_BATCH)
+                .map(|i| {
+                    let seq = n * PER_BATCH + i;
+                    rec(
+                        seq,
+                        Some(s),
+                        Level::Info,
+                        "nav",
+                        &format!("ok batch{n} step {seq}"),
+                    )
+                })
+                .collect();
+            let states = vec![state(s, 1, SessionStatus::Active, &[])];
+            store
+                .ingest(&scope(device), batch(device, states, recs, vec![]), false)
+                .await
+                .unwrap();
+            let pk = store
+                .find_session("acme", "warehouse", &s.to_string())
+                .await
+                .unwrap()
+                .unwrap();
+            let search = |text: String| {
+                all_logs(
+                    store,
+                    pk,
+                    LogQuery {
+                        search: Some(text),
+                        ..Default::default()
+                    },
+                )
+            };
+            let found = search(format!("OK Batch{n}")).await;
+            let want: Vec<u64> = (n * PER_BATCH + 1..=(n + 1) * PER_BATCH).rev().collect();
+            assert_eq!(found, want, "{device}: batch {n} right after it was stored");
+            let step = n * PER_BATCH / 2 + 1;
+            let found = search(format!("step {step}")).await;
+            assert_eq!(
+                found,
+                vec![step],
+                "{device}: an older record after batch {n}"
+            );
+        }
+    };
+    tokio::join!(load("r1", a), load("r2", b));
 }
 
 async fn ingest_is_idempotent_per_device_and_seq(store: &dyn Store) {

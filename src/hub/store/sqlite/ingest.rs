@@ -79,7 +79,6 @@ impl Db {
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
                      ON CONFLICT (device_pk, seq) DO NOTHING",
                 )?;
-                let mut fts = super::fts::Blocks::new(tx)?;
                 for rec in &batch.records {
                     let session_pk = match rec.session_id {
                         Some(id) => match ing.session_for_record(id, rec.timestamp_ns)? {
@@ -113,7 +112,6 @@ impl Db {
                     }
                     stored += 1;
                     let id = tx.last_insert_rowid();
-                    fts.add(session_pk, id, &rec.message)?;
                     device_records |= session_pk.is_none();
                     if let Some(pk) = session_pk {
                         let t = touched.entry(pk).or_insert(([0; 6], id, id));
@@ -131,7 +129,6 @@ impl Db {
                         ));
                     }
                 }
-                fts.flush()?;
             }
             {
                 let mut bump = tx.prepare_cached(

@@ -190,19 +190,28 @@ fn log_where(
                 LogScope::Session(pk) => session_log_ids(c, pk)?,
                 LogScope::Device(_) => (None, None),
             };
+            let (lo, hi) = (range.0.unwrap_or(i64::MIN), range.1.unwrap_or(i64::MAX));
             // A document is a block of records (`fts`): the ids of the
-            // matching blocks' records, then only the records that hold
-            // the words themselves.
+            // matching blocks' records, and of the records past the
+            // index's watermark that hold the words; then only the
+            // records that hold the words themselves.
             w.and(
-                "l.id IN (SELECT x.id FROM logs_fts f
-                   LEFT JOIN fts_blocks b ON b.first = f.rowid
-                   JOIN logs x ON x.id BETWEEN f.rowid AND coalesce(b.last, f.rowid)
-                   WHERE logs_fts MATCH ? AND f.rowid >= ? AND f.rowid <= ?)
+                "l.id IN (SELECT x.id FROM search.logs_fts f
+                   JOIN search.fts_blocks b ON b.first = f.rowid
+                   JOIN logs x ON x.id BETWEEN b.first AND b.last
+                   WHERE logs_fts MATCH ? AND f.rowid >= ? AND f.rowid <= ?
+                   UNION ALL
+                   SELECT t.id FROM logs t
+                   WHERE t.id > (SELECT indexed FROM search.state) AND t.id >= ? AND t.id <= ?
+                     AND logbook_words(t.message, ?))
                  AND logbook_words(l.message, ?)",
                 [
                     fts.into(),
-                    range.0.unwrap_or(i64::MIN).into(),
-                    range.1.unwrap_or(i64::MAX).into(),
+                    lo.into(),
+                    hi.into(),
+                    lo.into(),
+                    hi.into(),
+                    search.to_owned().into(),
                     search.to_owned().into(),
                 ],
             );

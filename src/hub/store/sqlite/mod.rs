@@ -1,6 +1,7 @@
 //! The SQLite backend of the hub's store ([`SqliteStore`]): one database
 //! file in WAL mode, one writer connection behind a mutex and a small pool
-//! of readers; the numbered migrations (`001_initial.sql`, ...) under
+//! of readers, and the full-text index in a file of its own with its own
+//! writer (`fts`); the numbered migrations (`001_initial.sql`, ...) under
 //! `PRAGMA user_version`. The blocking methods of [`Db`] are split by
 //! domain: `tokens`, `ingest`, `sessions`, `logs`, `artifacts`, `uploads`;
 //! `rows` maps result rows to the domain types. [`SqliteStore`] runs each
@@ -46,6 +47,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("008_fts_blocks.sql"),
     include_str!("009_scoped_keys.sql"),
     include_str!("010_finished_uploads.sql"),
+    include_str!("011_search_file.sql"),
 ];
 
 /// Reader connections kept open between requests.
@@ -74,6 +76,8 @@ pub(super) struct Db {
     writer: Mutex<Connection>,
     readers: Mutex<Vec<Connection>>,
     checkpoints: checkpoint::Checkpoints,
+    /// The full-text index, its own file and writer (`fts`).
+    index: fts::Index,
 }
 
 /// How long a statement waits for another connection's lock.
@@ -169,11 +173,13 @@ impl Db {
             .and_then(|()| conn.pragma_update(None, "temp_store", "MEMORY"))
             .map_err(open_err)?;
         migrate(&mut conn, path)?;
+        let index = fts::Index::open(path, &conn)?;
         Ok(Db {
             path: path.to_owned(),
             writer: Mutex::new(conn),
             readers: Mutex::new(Vec::new()),
             checkpoints: checkpoint::Checkpoints::start(path, wal_limit),
+            index,
         })
     }
 
@@ -186,6 +192,7 @@ impl Db {
         let out = f(&tx)?;
         tx.commit()?;
         self.checkpoints.committed(&conn);
+        self.index.committed();
         Ok(out)
     }
 
@@ -199,6 +206,7 @@ impl Db {
             None => {
                 let c = Connection::open(&self.path)?;
                 pragmas(&c)?;
+                self.index.attach(&c)?;
                 c
             }
         };
@@ -228,6 +236,13 @@ impl SqliteStore {
             writes: Arc::new(Semaphore::new(WRITE_THREADS)),
             reads: Arc::new(Semaphore::new(READ_THREADS)),
         })
+    }
+
+    /// Indexes every stored record now (tests: the indexer's work, done
+    /// here rather than waited for).
+    #[cfg(test)]
+    fn catch_up(&self) {
+        self.db.index.catch_up(&self.db.path);
     }
 
     /// The schema version (`user_version`) this binary migrates to.

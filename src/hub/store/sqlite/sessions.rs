@@ -185,7 +185,10 @@ impl Db {
         project: &str,
         id: &str,
     ) -> Result<Option<Deleted>, StoreError> {
-        self.write(|tx| {
+        // The index's writer first (`fts`): no pass of the indexer runs
+        // between the delete here and the index forgetting it.
+        let mut index = self.index.lock();
+        let done = self.write(|tx| {
             let Some(pk): Option<i64> = tx
                 .query_row(
                     "SELECT pk FROM sessions WHERE org = ?1 AND project = ?2 AND id = ?3",
@@ -207,7 +210,11 @@ impl Db {
                     .query_map([pk], |r| r.get(0))?
                     .collect::<Result<_, _>>()?;
             }
-            super::fts::delete_session(tx, pk)?;
+            let ids: Option<(i64, i64)> = tx.query_row(
+                "SELECT first_log_id, last_log_id FROM sessions WHERE pk = ?1",
+                [pk],
+                |r| Ok(Option::zip(r.get(0)?, r.get(1)?)),
+            )?;
             tx.execute("DELETE FROM logs WHERE session_pk = ?1", [pk])?;
             for table in ["session_tags", "gaps", "artifacts", "uploads", "marks"] {
                 tx.execute(&format!("DELETE FROM {table} WHERE session_pk = ?1"), [pk])?;
@@ -217,8 +224,24 @@ impl Db {
                 "INSERT OR IGNORE INTO deleted_sessions (org, project, id) VALUES (?1, ?2, ?3)",
                 [org, project, id],
             )?;
-            Ok(Some(deleted))
-        })
+            let epoch: i64 = tx.query_row(
+                "UPDATE search_epoch SET epoch = epoch + 1 RETURNING epoch",
+                [],
+                |r| r.get(0),
+            )?;
+            let max_left: i64 =
+                tx.query_row("SELECT coalesce(max(id), 0) FROM logs", [], |r| r.get(0))?;
+            Ok(Some((deleted, pk, ids, epoch, max_left)))
+        })?;
+        let Some((deleted, pk, ids, epoch, max_left)) = done else {
+            return Ok(None);
+        };
+        // Should this fail, the index's epoch is behind the database's and
+        // it is rebuilt at the next start.
+        if let Err(e) = super::fts::forget(&mut index, pk, ids, epoch, max_left) {
+            tracing::error!("the full-text index did not forget a deleted session: {e}");
+        }
+        Ok(Some(deleted))
     }
 
     /// Adds an operator tag; false if the session does not exist.

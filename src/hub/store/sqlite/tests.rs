@@ -2,7 +2,7 @@
 //! `user_version`, its FTS5 queries and index. The behaviour every backend
 //! shares is tested in `hub::store::tests`, through the trait.
 
-use rusqlite::{params, Connection};
+use rusqlite::Connection;
 use uuid::Uuid;
 
 use super::logs::fts_query;
@@ -122,14 +122,14 @@ fn openers_racing_on_a_fresh_file_all_succeed() {
     }
 }
 
-/// Migration 7: the index merges 16 segments at a time (issue 18), a
-/// setting FTS5 keeps in the index's own config table.
+/// The index merges 16 segments at a time (issue 18), a setting FTS5
+/// keeps in the index's own config table.
 #[test]
 fn the_fts_index_merges_sixteen_segments_at_a_time() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("hub.db");
     drop(Db::open(&path).unwrap());
-    let conn = Connection::open(&path).unwrap();
+    let conn = Connection::open(dir.path().join("hub-search.db")).unwrap();
     let v: i64 = conn
         .query_row(
             "SELECT v FROM logs_fts_config WHERE k = 'automerge'",
@@ -160,6 +160,7 @@ async fn a_deleted_session_leaves_nothing_in_the_full_text_index() {
         .ingest(&scope("r1"), batch("r1", states, recs, vec![]), false)
         .await
         .unwrap();
+    store.catch_up();
     let count = |sql| count(&store, sql);
     let indexed = "SELECT count(*) FROM logs_fts WHERE logs_fts MATCH 'gone'";
     assert_eq!(count(indexed), 1);
@@ -226,8 +227,7 @@ async fn found(store: &SqliteStore, pk: i64, search: &str) -> Vec<u64> {
         .collect()
 }
 
-/// Migration 8: a batch's runs of one session's records are indexed as
-/// blocks of at most 64; a search still answers per record and per whole
+/// Runs of one session's records are indexed as blocks of at most 64; a search still answers per record and per whole
 /// word, and deleting a session forgets its blocks word for word.
 #[tokio::test]
 async fn blocks_of_records_answer_searches_as_records_do() {
@@ -259,6 +259,7 @@ async fn blocks_of_records_answer_searches_as_records_do() {
         .ingest(&scope("r1"), batch("r1", states, recs, vec![]), false)
         .await
         .unwrap();
+    store.catch_up();
     let count = |sql| count(&store, sql);
     assert_eq!(count("SELECT count(*) FROM fts_blocks"), 5);
     assert_eq!(
@@ -308,67 +309,197 @@ async fn blocks_of_records_answer_searches_as_records_do() {
     );
     store
         .db
-        .write(|tx| {
-            tx.execute_batch("INSERT INTO logs_fts (logs_fts) VALUES ('integrity-check')")?;
-            Ok(())
-        })
+        .index
+        .lock()
+        .execute_batch("INSERT INTO logs_fts (logs_fts) VALUES ('integrity-check')")
         .unwrap();
     assert_eq!(found(&store, pb, "step 102").await, vec![102]);
 }
 
-/// Documents written before migration 8 (one per record, no block row)
-/// are still found, and removed with their session.
-#[tokio::test]
-async fn documents_of_one_record_from_before_blocks_still_work() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(&dir.path().join("hub.db")).unwrap();
-    let s = session_uuid(7);
-    let recs = vec![rec(1, Some(s), Level::Info, "m", "fresh block")];
+/// The index's watermark and the highest record id.
+fn watermark(store: &SqliteStore) -> (i64, i64) {
+    (
+        count(store, "SELECT indexed FROM search.state"),
+        count(store, "SELECT coalesce(max(id), 0) FROM logs"),
+    )
+}
+
+/// Stores `messages` as seqs `from..` of session `s` on device r1.
+async fn store_in(store: &SqliteStore, s: Uuid, from: u64, messages: &[&str]) -> i64 {
+    let recs = (from..)
+        .zip(messages)
+        .map(|(seq, m)| rec(seq, Some(s), Level::Info, "m", m))
+        .collect();
     let states = vec![state(s, 1, SessionStatus::Active, &[])];
     store
         .ingest(&scope("r1"), batch("r1", states, recs, vec![]), false)
         .await
         .unwrap();
+    store
+        .find_session("acme", "warehouse", &s.to_string())
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+/// A record is found from the moment its batch is stored, whether the
+/// indexer has reached it or not: past the watermark, searches read the
+/// records one by one.
+#[tokio::test]
+// Held on purpose: ingest and search never take the index's writer.
+#[allow(clippy::await_holding_lock)]
+async fn records_the_indexer_has_not_reached_are_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("hub.db")).unwrap();
+    let s = session_uuid(8);
+    let pk = store_in(&store, s, 1, &["motor stalled", "motor ok"]).await;
+    store.catch_up();
+    assert_eq!(watermark(&store), (2, 2));
+    {
+        // The indexer cannot pass while its writer is held.
+        let _held = store.db.index.lock();
+        store_in(&store, s, 3, &["motor stalled again", "lidar ok"]).await;
+        assert_eq!(watermark(&store), (2, 4), "the tail is not indexed");
+        assert_eq!(found(&store, pk, "stalled").await, vec![3, 1]);
+        assert_eq!(found(&store, pk, "ok").await, vec![4, 2]);
+        assert_eq!(found(&store, pk, "lidar").await, vec![4]);
+        assert_eq!(found(&store, pk, "Motor STALLED").await, vec![3, 1]);
+        assert_eq!(found(&store, pk, "stall").await, Vec::<u64>::new());
+    }
+    store.catch_up();
+    assert_eq!(watermark(&store), (4, 4));
+    assert_eq!(found(&store, pk, "stalled").await, vec![3, 1]);
+    assert_eq!(found(&store, pk, "lidar").await, vec![4]);
+}
+
+/// Deleting the newest session frees its ids, and SQLite hands them out
+/// again: the watermark falls below them, so the records that take them
+/// are searched as the tail, then indexed, never taken for indexed.
+#[tokio::test]
+// Held on purpose: ingest and search never take the index's writer.
+#[allow(clippy::await_holding_lock)]
+async fn ids_freed_by_a_delete_and_taken_again_are_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("hub.db")).unwrap();
+    let (a, b) = (session_uuid(9), session_uuid(10));
+    store_in(&store, a, 1, &["first words", "first words too"]).await;
+    store.catch_up();
+    assert_eq!(watermark(&store), (2, 2));
+    store
+        .delete_session("acme", "warehouse", &a.to_string())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(watermark(&store), (0, 0));
+    let _held = store.db.index.lock();
+    let pb = store_in(&store, b, 1, &["second run", "second words"]).await;
+    assert_eq!(watermark(&store), (0, 2), "the freed ids were taken again");
+    assert_eq!(found(&store, pb, "second").await, vec![2, 1]);
+    assert_eq!(found(&store, pb, "first").await, Vec::<u64>::new());
+    drop(_held);
+    store.catch_up();
+    assert_eq!(found(&store, pb, "words").await, vec![2]);
+    assert_eq!(
+        count(
+            &store,
+            "SELECT count(*) FROM logs_fts WHERE logs_fts MATCH 'first'"
+        ),
+        0,
+        "A's words left the index"
+    );
+}
+
+/// The index is derived from the database and rebuilt when it is not the
+/// database's: here the database is restored from a backup taken before
+/// a session's delete and more records, while the index saw both.
+#[tokio::test]
+async fn an_index_ahead_of_a_restored_database_is_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hub.db");
+    let backup = dir.path().join("backup.db");
+    let (a, b) = (session_uuid(11), session_uuid(12));
+    {
+        let store = SqliteStore::open(&path).unwrap();
+        store_in(&store, a, 1, &["alpha one", "alpha two"]).await;
+        store.catch_up();
+        let sql = format!("VACUUM INTO '{}'", backup.display());
+        store.db.read(|c| Ok(c.execute_batch(&sql)?)).unwrap();
+        store
+            .delete_session("acme", "warehouse", &a.to_string())
+            .await
+            .unwrap()
+            .unwrap();
+        store_in(&store, b, 1, &["beta one", "beta two", "beta three"]).await;
+        store.catch_up();
+        assert_eq!(watermark(&store), (3, 3));
+    }
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+    std::fs::rename(&backup, &path).unwrap();
+    let store = SqliteStore::open(&path).unwrap();
+    let pa = store
+        .find_session("acme", "warehouse", &a.to_string())
+        .await
+        .unwrap()
+        .unwrap();
+    // Before and after the rebuild reaches the records.
+    assert_eq!(found(&store, pa, "alpha").await, vec![2, 1]);
+    store.catch_up();
+    assert_eq!(watermark(&store), (2, 2));
+    assert_eq!(found(&store, pa, "alpha").await, vec![2, 1]);
+    assert_eq!(found(&store, pa, "two").await, vec![2]);
+    assert_eq!(
+        count(
+            &store,
+            "SELECT count(*) FROM logs_fts WHERE logs_fts MATCH 'beta'"
+        ),
+        0
+    );
+}
+
+/// A hub upgraded from schema 10 (the index inside the database) keeps
+/// its records searchable: migration 11 drops the old index, and the new
+/// one is built from the records.
+#[tokio::test]
+async fn a_hub_from_before_the_index_file_is_searchable() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hub.db");
+    let s = session_uuid(13);
+    {
+        let store = SqliteStore::open(&path).unwrap();
+        store_in(&store, s, 1, &["old record", "older record"]).await;
+    }
+    {
+        // Back to schema 10: the index in the database, as it was.
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "DROP TABLE search_epoch;
+             CREATE VIRTUAL TABLE logs_fts USING fts5 (message, content = '', columnsize = 0, detail = none);
+             CREATE TABLE fts_blocks (first INTEGER PRIMARY KEY, last INTEGER NOT NULL);
+             INSERT INTO logs_fts (rowid, message) SELECT id, message FROM logs;
+             PRAGMA user_version = 10;",
+        )
+        .unwrap();
+    }
+    std::fs::remove_file(dir.path().join("hub-search.db")).unwrap();
+    let store = SqliteStore::open(&path).unwrap();
     let pk = store
         .find_session("acme", "warehouse", &s.to_string())
         .await
         .unwrap()
         .unwrap();
-    // Three records indexed as migration 7 did: a document each.
-    store
-        .db
-        .write(|tx| {
-            for (seq, message) in [(2, "legacy alpha"), (3, "legacy beta"), (4, "alphas")] {
-                tx.execute(
-                    "INSERT INTO logs (device_pk, seq, session_pk, ts, level, module, message, metadata)
-                     SELECT device_pk, ?2, session_pk, ts, level, module, ?3, metadata
-                     FROM logs WHERE session_pk = ?1 AND seq = 1",
-                    params![pk, seq, message],
-                )?;
-                tx.execute(
-                    "INSERT INTO logs_fts (rowid, message) VALUES (?1, ?2)",
-                    params![tx.last_insert_rowid(), message],
-                )?;
-            }
-            tx.execute(
-                "UPDATE sessions SET last_log_id = (SELECT max(id) FROM logs WHERE session_pk = ?1)
-                 WHERE pk = ?1",
-                [pk],
-            )?;
-            Ok(())
-        })
-        .unwrap();
-    assert_eq!(found(&store, pk, "legacy").await, vec![3, 2]);
-    assert_eq!(found(&store, pk, "alpha").await, vec![2]);
-    assert_eq!(found(&store, pk, "block").await, vec![1]);
-    store
-        .delete_session("acme", "warehouse", &s.to_string())
-        .await
+    assert_eq!(found(&store, pk, "record").await, vec![2, 1]);
+    store.catch_up();
+    assert_eq!(watermark(&store), (2, 2));
+    assert_eq!(found(&store, pk, "older").await, vec![2]);
+    let old: i64 = Connection::open(&path)
         .unwrap()
+        .query_row(
+            "SELECT count(*) FROM sqlite_schema WHERE name IN ('logs_fts', 'fts_blocks')",
+            [],
+            |r| r.get(0),
+        )
         .unwrap();
-    let left = count(
-        &store,
-        "SELECT count(*) FROM logs_fts WHERE logs_fts MATCH 'legacy OR alpha OR alphas OR fresh'",
-    );
-    assert_eq!(left, 0);
+    assert_eq!(old, 0, "the old index is gone from the database");
 }
