@@ -45,6 +45,8 @@ pub(super) const BLOCK_RECORDS: usize = 64;
 const BLOCK_BYTES: usize = 16 * 1024;
 /// Records the indexer reads and indexes in one transaction at most.
 const PASS_RECORDS: i64 = 16_384;
+/// Least time between two warnings of a failing indexer.
+const TELL_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 /// The index file's layout (`user_version`); any other is rebuilt.
 const INDEX_VERSION: i64 = 1;
 
@@ -107,9 +109,29 @@ impl Index {
             [],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
-        let mut conn = Connection::open(&path).map_err(open_err)?;
-        super::pragmas(&conn).map_err(open_err)?;
-        prepare(&mut conn, epoch, max_id).map_err(open_err)?;
+        let conn = match open_index(&path, epoch, max_id) {
+            // Derived data: a damaged file is replaced, never a reason to
+            // keep the hub from starting.
+            Err(e) if damaged(&e) => {
+                tracing::warn!(
+                    "the full-text index {} is damaged ({e}): rebuilding it from the records",
+                    path.display()
+                );
+                for suffix in ["", "-wal", "-shm"] {
+                    let mut file = path.clone().into_os_string();
+                    file.push(suffix);
+                    match std::fs::remove_file(&file) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                            return Err(open_err(rusqlite::Error::InvalidPath(file.into())));
+                        }
+                        _ => {}
+                    }
+                }
+                open_index(&path, epoch, max_id)
+            }
+            r => r,
+        }
+        .map_err(open_err)?;
         let writer = Arc::new(Mutex::new(conn));
         let (wake, woken) = std::sync::mpsc::sync_channel(1);
         let thread = {
@@ -171,13 +193,30 @@ impl Drop for Index {
     }
 }
 
+/// Opens the index file at `path` and readies its tables ([`prepare`]).
+fn open_index(path: &Path, epoch: i64, max_id: i64) -> rusqlite::Result<Connection> {
+    let mut conn = Connection::open(path)?;
+    super::pragmas(&conn)?;
+    prepare(&mut conn, epoch, Some(max_id))?;
+    Ok(conn)
+}
+
+/// Whether `e` says the file is not a sound SQLite database.
+fn damaged(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
+    )
+}
+
 /// Creates the index's tables, or recreates them (empty, to be rebuilt
 /// from the records) when the file's layout, epoch or watermark does not
-/// fit the database of `epoch` whose highest record id is `max_id`.
-fn prepare(conn: &mut Connection, epoch: i64, max_id: i64) -> rusqlite::Result<()> {
+/// fit the database of `epoch` whose highest record id is `max_id` (none:
+/// recreates them whatever they hold).
+fn prepare(conn: &mut Connection, epoch: i64, max_id: Option<i64>) -> rusqlite::Result<()> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    let state: Option<(i64, i64)> = if version == INDEX_VERSION {
+    let state: Option<(i64, i64)> = if version == INDEX_VERSION && max_id.is_some() {
         tx.query_row("SELECT indexed, epoch FROM state", [], |r| {
             Ok((r.get(0)?, r.get(1)?))
         })
@@ -186,13 +225,13 @@ fn prepare(conn: &mut Connection, epoch: i64, max_id: i64) -> rusqlite::Result<(
         None
     };
     match state {
-        Some((indexed, e)) if e == epoch && indexed <= max_id => return Ok(()),
+        Some((indexed, e)) if e == epoch && Some(indexed) <= max_id => return Ok(()),
         Some(_) => tracing::warn!(
             "the full-text index is not this database's (restored from a backup, or a \
              session's delete did not reach it): rebuilding it; searches read the records \
              not indexed yet one by one meanwhile"
         ),
-        None if version != 0 => {
+        None if version != 0 && max_id.is_some() => {
             tracing::warn!("the full-text index has another layout: rebuilding it")
         }
         None => {}
@@ -215,19 +254,34 @@ fn indexer(db: &Path, writer: &Mutex<Connection>, woken: &Receiver<()>) {
             return;
         }
     };
+    // When a failure was last told (they repeat at every commit while,
+    // say, the disk is full).
+    let mut told: Option<std::time::Instant> = None;
     while woken.recv().is_ok() {
         loop {
-            let n = pass(&main, &mut writer.lock().unwrap_or_else(|p| p.into_inner()));
-            match n {
+            let mut index = writer.lock().unwrap_or_else(|p| p.into_inner());
+            match pass(&main, &mut index) {
                 Ok(n) if n as i64 == PASS_RECORDS => {}
                 Ok(_) => break,
                 Err(e) => {
                     // Tried again at the next commit; searches read the
-                    // tail meanwhile.
-                    tracing::warn!("the full-text indexer failed: {e}");
+                    // tail meanwhile. A damaged index starts again empty.
+                    if damaged(&e) {
+                        tracing::error!("the full-text index is damaged ({e}): rebuilding it");
+                        if let Err(e) = main
+                            .query_row("SELECT epoch FROM search_epoch", [], |r| r.get(0))
+                            .and_then(|epoch| prepare(&mut index, epoch, None))
+                        {
+                            tracing::error!("the full-text index cannot be rebuilt: {e}");
+                        }
+                    } else if told.is_none_or(|t| t.elapsed() >= TELL_EVERY) {
+                        tracing::warn!("the full-text indexer failed: {e}");
+                        told = Some(std::time::Instant::now());
+                    }
                     break;
                 }
             }
+            drop(index);
             if let Err(TryRecvError::Disconnected) = woken.try_recv() {
                 return;
             }

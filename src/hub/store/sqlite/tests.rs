@@ -503,3 +503,29 @@ async fn a_hub_from_before_the_index_file_is_searchable() {
         .unwrap();
     assert_eq!(old, 0, "the old index is gone from the database");
 }
+
+/// A damaged index file does not keep the hub from starting: it is
+/// replaced and rebuilt from the records.
+#[tokio::test]
+async fn a_damaged_index_file_is_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hub.db");
+    let s = session_uuid(14);
+    {
+        let store = SqliteStore::open(&path).unwrap();
+        store_in(&store, s, 1, &["kept words", "more kept words"]).await;
+        store.catch_up();
+    }
+    let index = dir.path().join("hub-search.db");
+    std::fs::write(&index, vec![0x5a; 64 * 1024]).unwrap();
+    let store = SqliteStore::open(&path).unwrap();
+    let pk = store
+        .find_session("acme", "warehouse", &s.to_string())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(found(&store, pk, "kept").await, vec![2, 1]);
+    store.catch_up();
+    assert_eq!(watermark(&store), (2, 2));
+    assert_eq!(found(&store, pk, "more").await, vec![2]);
+}
