@@ -122,7 +122,10 @@ impl Index {
                     file.push(suffix);
                     match std::fs::remove_file(&file) {
                         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                            return Err(open_err(rusqlite::Error::InvalidPath(file.into())));
+                            return Err(StoreError::Open {
+                                what: PathBuf::from(file).display().to_string(),
+                                reason: format!("cannot remove the damaged index: {e}").into(),
+                            });
                         }
                         _ => {}
                     }
