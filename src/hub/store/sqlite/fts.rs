@@ -180,7 +180,7 @@ impl Index {
     #[cfg(test)]
     pub(super) fn catch_up(&self, db: &Path) {
         let main = Connection::open(db).unwrap();
-        while pass(&main, &mut self.lock()).unwrap() as i64 == PASS_RECORDS {}
+        while step(&main, &mut self.lock(), &mut None) != Step::Done {}
     }
 }
 
@@ -194,6 +194,12 @@ impl Drop for Index {
             }
         }
     }
+}
+
+/// Empties the index (of the database of `epoch`), to be built again from
+/// the first record.
+pub(super) fn rebuild(index: &mut Connection, epoch: i64) -> rusqlite::Result<()> {
+    prepare(index, epoch, None)
 }
 
 /// Opens the index file at `path` and readies its tables ([`prepare`]).
@@ -257,37 +263,65 @@ fn indexer(db: &Path, writer: &Mutex<Connection>, woken: &Receiver<()>) {
             return;
         }
     };
-    // When a failure was last told (they repeat at every commit while,
-    // say, the disk is full).
-    let mut told: Option<std::time::Instant> = None;
+    let mut told = None;
     while woken.recv().is_ok() {
+        // One rebuild per wake-up at most: a second would loop.
+        let mut rebuilt = false;
         loop {
             let mut index = writer.lock().unwrap_or_else(|p| p.into_inner());
-            match pass(&main, &mut index) {
-                Ok(n) if n as i64 == PASS_RECORDS => {}
-                Ok(_) => break,
-                Err(e) => {
-                    // Tried again at the next commit; searches read the
-                    // tail meanwhile. A damaged index starts again empty.
-                    if damaged(&e) {
-                        tracing::error!("the full-text index is damaged ({e}): rebuilding it");
-                        if let Err(e) = main
-                            .query_row("SELECT epoch FROM search_epoch", [], |r| r.get(0))
-                            .and_then(|epoch| prepare(&mut index, epoch, None))
-                        {
-                            tracing::error!("the full-text index cannot be rebuilt: {e}");
-                        }
-                    } else if told.is_none_or(|t| t.elapsed() >= TELL_EVERY) {
-                        tracing::warn!("the full-text indexer failed: {e}");
-                        told = Some(std::time::Instant::now());
-                    }
-                    break;
-                }
+            match step(&main, &mut index, &mut told) {
+                Step::More => {}
+                Step::Rebuilt if !rebuilt => rebuilt = true,
+                Step::Rebuilt | Step::Done => break,
             }
             drop(index);
             if let Err(TryRecvError::Disconnected) = woken.try_recv() {
                 return;
             }
+        }
+    }
+}
+
+/// What a [`step`] left.
+#[derive(Debug, PartialEq)]
+enum Step {
+    /// More records wait past the watermark.
+    More,
+    /// Caught up, or failed (tried again at the next commit).
+    Done,
+    /// The index was emptied, to be built again from the first record.
+    Rebuilt,
+}
+
+/// One pass, and what its failure calls for: searches read the tail
+/// meanwhile, so a failure is told (at most every [`TELL_EVERY`], as one
+/// repeats at every commit while, say, the disk is full, `told` keeping
+/// when it last was) and tried again later. A damaged index, or one that
+/// holds a block where the records say there is none (its first id
+/// taken), starts again empty.
+fn step(main: &Connection, index: &mut Connection, told: &mut Option<std::time::Instant>) -> Step {
+    let e = match pass(main, index) {
+        Ok(n) if n as i64 == PASS_RECORDS => return Step::More,
+        Ok(_) => return Step::Done,
+        Err(e) => e,
+    };
+    let disagrees = e.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation);
+    if !damaged(&e) && !disagrees {
+        if told.is_none_or(|t| t.elapsed() >= TELL_EVERY) {
+            tracing::warn!("the full-text indexer failed: {e}");
+            *told = Some(std::time::Instant::now());
+        }
+        return Step::Done;
+    }
+    tracing::error!("the full-text index is damaged ({e}): rebuilding it");
+    match main
+        .query_row("SELECT epoch FROM search_epoch", [], |r| r.get(0))
+        .and_then(|epoch| rebuild(index, epoch))
+    {
+        Ok(()) => Step::Rebuilt,
+        Err(e) => {
+            tracing::error!("the full-text index cannot be rebuilt: {e}");
+            Step::Done
         }
     }
 }

@@ -236,10 +236,18 @@ impl Db {
         let Some((deleted, pk, ids, epoch, max_left)) = done else {
             return Ok(None);
         };
-        // Should this fail, the index's epoch is behind the database's and
-        // it is rebuilt at the next start.
+        // Should this fail, the index is emptied to be built again; should
+        // that fail too, its epoch is behind the database's and it is
+        // rebuilt at the next start.
         if let Err(e) = super::fts::forget(&mut index, pk, ids, epoch, max_left) {
-            tracing::error!("the full-text index did not forget a deleted session: {e}");
+            tracing::error!(
+                "the full-text index did not forget a deleted session ({e}): rebuilding it"
+            );
+            if let Err(e) = super::fts::rebuild(&mut index, epoch) {
+                tracing::error!(
+                    "the full-text index cannot be rebuilt now ({e}): it will be at the next start"
+                );
+            }
         }
         Ok(Some(deleted))
     }

@@ -529,3 +529,35 @@ async fn a_damaged_index_file_is_rebuilt() {
     assert_eq!(watermark(&store), (2, 2));
     assert_eq!(found(&store, pk, "more").await, vec![2]);
 }
+
+/// An index holding a block where the records say there is none (here
+/// planted at the next record's id) is emptied and built again when a
+/// pass runs into it, rather than failing at every commit.
+#[tokio::test]
+async fn an_index_that_disagrees_with_the_records_is_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("hub.db")).unwrap();
+    let s = session_uuid(15);
+    let pk = store_in(&store, s, 1, &["first one"]).await;
+    store.catch_up();
+    store
+        .db
+        .index
+        .lock()
+        .execute_batch(
+            "INSERT INTO logs_fts (rowid, message) VALUES (2, 'planted');
+             INSERT INTO fts_blocks VALUES (2, 2, NULL);",
+        )
+        .unwrap();
+    store_in(&store, s, 2, &["second one"]).await;
+    store.catch_up();
+    assert_eq!(watermark(&store), (2, 2));
+    assert_eq!(found(&store, pk, "one").await, vec![2, 1]);
+    assert_eq!(
+        count(
+            &store,
+            "SELECT count(*) FROM logs_fts WHERE logs_fts MATCH 'planted'"
+        ),
+        0
+    );
+}
