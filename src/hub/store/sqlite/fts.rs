@@ -45,6 +45,8 @@ pub(super) const BLOCK_RECORDS: usize = 64;
 const BLOCK_BYTES: usize = 16 * 1024;
 /// Records the indexer reads and indexes in one transaction at most.
 const PASS_RECORDS: i64 = 16_384;
+/// Catch-ups at least this long are told when they end.
+const TELL_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(5);
 /// Least time between two warnings of a failing indexer.
 const TELL_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 /// The index file's layout (`user_version`); any other is rebuilt.
@@ -180,7 +182,10 @@ impl Index {
     #[cfg(test)]
     pub(super) fn catch_up(&self, db: &Path) {
         let main = Connection::open(db).unwrap();
-        while step(&main, &mut self.lock(), &mut None) != Step::Done {}
+        while matches!(
+            step(&main, &mut self.lock(), &mut None),
+            Step::More | Step::Rebuilt
+        ) {}
     }
 }
 
@@ -267,12 +272,25 @@ fn indexer(db: &Path, writer: &Mutex<Connection>, woken: &Receiver<()>) {
     while woken.recv().is_ok() {
         // One rebuild per wake-up at most: a second would loop.
         let mut rebuilt = false;
+        let (since, mut passes) = (std::time::Instant::now(), 1u64);
         loop {
             let mut index = writer.lock().unwrap_or_else(|p| p.into_inner());
             match step(&main, &mut index, &mut told) {
-                Step::More => {}
+                Step::More => passes += 1,
                 Step::Rebuilt if !rebuilt => rebuilt = true,
-                Step::Rebuilt | Step::Done => break,
+                Step::Done => {
+                    // A long catch-up (a rebuild, an upgrade) is told
+                    // when it ends; a drain's passes take moments.
+                    if since.elapsed() >= TELL_CATCH_UP {
+                        tracing::info!(
+                            "the full-text index holds every record again, after {:.0} s \
+                             ({passes} passes of up to {PASS_RECORDS} records)",
+                            since.elapsed().as_secs_f64()
+                        );
+                    }
+                    break;
+                }
+                Step::Rebuilt | Step::Failed => break,
             }
             drop(index);
             if let Err(TryRecvError::Disconnected) = woken.try_recv() {
@@ -283,12 +301,13 @@ fn indexer(db: &Path, writer: &Mutex<Connection>, woken: &Receiver<()>) {
 }
 
 /// What a [`step`] left.
-#[derive(Debug, PartialEq)]
 enum Step {
     /// More records wait past the watermark.
     More,
-    /// Caught up, or failed (tried again at the next commit).
+    /// Caught up.
     Done,
+    /// Failed; tried again at the next commit.
+    Failed,
     /// The index was emptied, to be built again from the first record.
     Rebuilt,
 }
@@ -311,7 +330,7 @@ fn step(main: &Connection, index: &mut Connection, told: &mut Option<std::time::
             tracing::warn!("the full-text indexer failed: {e}");
             *told = Some(std::time::Instant::now());
         }
-        return Step::Done;
+        return Step::Failed;
     }
     tracing::error!("the full-text index is damaged ({e}): rebuilding it");
     match main
@@ -321,7 +340,7 @@ fn step(main: &Connection, index: &mut Connection, told: &mut Option<std::time::
         Ok(()) => Step::Rebuilt,
         Err(e) => {
             tracing::error!("the full-text index cannot be rebuilt: {e}");
-            Step::Done
+            Step::Failed
         }
     }
 }
